@@ -1,0 +1,138 @@
+"""The trainer config file: one versioned YAML/JSON document, read by every trainer process.
+
+    apiVersion: kubetune.io/v1alpha1
+    kind: TrainerConfig
+    jobName: support-bot
+    baseModel: {uri: s3://models/tiny/}
+    dataset: {train: s3://data/train.jsonl, format: auto}
+    ...                      # the same sections as a FineTuneJob spec (see spec.py)
+    metrics: {port: 9400}
+    workDir: /tmp/kubetune
+
+The operator writes it into a ConfigMap from the FineTuneJob spec (TrainerConfig.from_job); `kubetune run`
+does the same locally. Credentials never appear here: boto3 reads them from the environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from .errors import ConfigError
+from .spec import (
+    BaseModelSpec,
+    CheckpointSpec,
+    DatasetSpec,
+    EvaluationSpec,
+    FineTuneJob,
+    FineTuneJobSpec,
+    Hyperparameters,
+    MethodSpec,
+    Model,
+    OutputSpec,
+    StorageSpec,
+)
+
+CONFIG_VERSION = "kubetune.io/v1alpha1"
+
+
+class MetricsSpec(Model):
+    enabled: bool = True
+    port: int = Field(9400, ge=0, le=65535, description="Prometheus endpoint on rank 0; 0 picks a free port")
+
+
+class StorageEndpoint(Model):
+    """StorageSpec less the Kubernetes-only fields (the operator turns those into env vars)."""
+
+    endpoint: str | None = None
+    region: str = "us-east-1"
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+
+
+class TrainerConfig(Model):
+    api_version: Literal["kubetune.io/v1alpha1"] = CONFIG_VERSION
+    kind: Literal["TrainerConfig"] = "TrainerConfig"
+    job_name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    base_model: BaseModelSpec
+    dataset: DatasetSpec
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    output: OutputSpec
+    storage: StorageEndpoint = Field(default_factory=StorageEndpoint)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    work_dir: str = "/tmp/kubetune"
+
+    @property
+    def checkpoint_uri(self) -> str:
+        return self.checkpoint.uri or join_uri(self.output.uri, "checkpoints/")
+
+    @classmethod
+    def from_job(cls, name: str, spec: FineTuneJobSpec, **overrides) -> TrainerConfig:
+        storage: StorageSpec = spec.storage
+        return cls(
+            job_name=name,
+            base_model=spec.base_model,
+            dataset=spec.dataset,
+            method=spec.method,
+            hyperparameters=spec.hyperparameters,
+            evaluation=spec.evaluation,
+            checkpoint=spec.checkpoint,
+            output=spec.output,
+            storage=StorageEndpoint(
+                endpoint=storage.endpoint, region=storage.region, addressing_style=storage.addressing_style
+            ),
+            **overrides,
+        )
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.dump(), sort_keys=False)
+
+
+def join_uri(prefix: str, name: str) -> str:
+    return prefix.rstrip("/") + "/" + name.lstrip("/")
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    problems = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(document)"
+        problems.append(f"{field}: {e['msg']}")
+    return f"{source}: invalid config: " + "; ".join(problems)
+
+
+def _read_document(path: Path) -> dict:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: file not found") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML/JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return doc
+
+
+def load_config(path: str | Path) -> TrainerConfig:
+    """Read a TrainerConfig file, or a FineTuneJob manifest (turned into a TrainerConfig)."""
+    path = Path(path)
+    doc = _read_document(path)
+    try:
+        if doc.get("kind") == "FineTuneJob":
+            job = FineTuneJob.model_validate(doc)
+            return TrainerConfig.from_job(job.metadata.name, job.spec)
+        return TrainerConfig.model_validate(doc)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, str(path))) from e
+
+
+def load_job(path: str | Path) -> FineTuneJob:
+    path = Path(path)
+    try:
+        return FineTuneJob.model_validate(_read_document(path))
+    except ValidationError as e:
+        raise ConfigError(_describe(e, str(path))) from e
