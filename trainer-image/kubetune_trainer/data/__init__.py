@@ -1,0 +1,17 @@
+"""The trainer's data stage: read records, check them, tokenize them with loss masks, pack and collate.
+
+See docs/data-formats.md for the formats, the loss masking and the validation rules.
+"""
+
+from .formats import INSTRUCTION_TEMPLATE, INSTRUCTION_WITH_INPUT_TEMPLATE, detect_format
+from .packing import PackedExample, collate, pack_examples
+from .records import Record, load_records
+from .tokenize import IGNORE, Example, tokenize_record
+from .tokenizer import train_tokenizer
+from .validate import DatasetReport, tokenize_dataset, validate_dataset
+
+__all__ = [
+    "IGNORE", "INSTRUCTION_TEMPLATE", "INSTRUCTION_WITH_INPUT_TEMPLATE", "DatasetReport", "Example",
+    "PackedExample", "Record", "collate", "detect_format", "load_records", "pack_examples",
+    "tokenize_dataset", "tokenize_record", "train_tokenizer", "validate_dataset",
+]

@@ -1,0 +1,128 @@
+"""Reading dataset files into records: JSONL, JSON arrays and Parquet, one file or a directory of them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import DatasetError
+
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+PARQUET_MAGIC = b"PAR1"
+
+
+@dataclass
+class Record:
+    line: int  # 1-based: the JSONL line, JSON array index + 1, or Parquet row + 1
+    value: Any
+    file: str = ""  # display name of the file the record came from
+
+
+def load_records(path: Path, display_name: str | None = None) -> Iterator[Record]:
+    """Every record of a data file, or of every data file under a directory in sorted order.
+
+    Errors name `display_name` (e.g. the s3:// URI the file was fetched from), the line and the problem.
+    """
+    path = Path(path)
+    name = display_name or str(path)
+    if not path.exists():
+        raise DatasetError(name, 0, "no such file or directory", "check the dataset URI")
+    if not path.is_dir():
+        yield from _load_file(path, name)
+        return
+    files = data_files(path)
+    if not files:
+        raise DatasetError(name, 0, f"no data files ({', '.join(DATA_SUFFIXES)}) in this directory",
+                           "point the dataset at JSONL, JSON or Parquet files")
+    for file in files:
+        yield from _load_file(file, name.rstrip("/") + "/" + file.relative_to(path).as_posix())
+
+
+def data_files(directory: Path) -> list[Path]:
+    """Data files under a directory, sorted, skipping hidden and marker files (.x, _SUCCESS)."""
+    return sorted(
+        p for p in directory.rglob("*")
+        if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
+        and not any(part.startswith((".", "_")) for part in p.relative_to(directory).parts)
+    )
+
+
+def _load_file(path: Path, name: str) -> Iterator[Record]:
+    with path.open("rb") as f:
+        head = f.read(4)
+        f.seek(0)
+        first = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
+    if path.suffix.lower() == ".parquet" or head == PARQUET_MAGIC:
+        yield from _load_parquet(path, name)
+    elif first == b"[":
+        yield from _load_json_array(path, name)
+    else:
+        yield from _load_jsonl(path, name)
+
+
+def _load_jsonl(path: Path, name: str) -> Iterator[Record]:
+    with path.open("rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DatasetError(name, line, f"not valid UTF-8 (byte {e.start + 1} of the line)",
+                                   "save the file as UTF-8") from None
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DatasetError(name, line, f"invalid JSON: {e.msg} at column {e.colno}",
+                                   "each line must be one complete JSON object") from None
+            yield _object(Record(line, value, name))
+
+
+def _load_json_array(path: Path, name: str) -> Iterator[Record]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DatasetError(name, line, "not valid UTF-8", "save the file as UTF-8") from None
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(name, e.lineno, f"invalid JSON: {e.msg} at column {e.colno}",
+                           "the file must be one JSON array of objects, or JSONL") from None
+    if not isinstance(values, list):
+        raise DatasetError(name, 0, "a JSON file must hold an array of records", "or use JSONL")
+    for index, value in enumerate(values):
+        yield _object(Record(index + 1, value, name))
+
+
+def _load_parquet(path: Path, name: str) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DatasetError(name, 0, f"not a readable Parquet file: {e}", "re-export the dataset") from None
+    line = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for value in batch.to_pylist():
+            line += 1
+            yield Record(line, value, name)
+
+
+def _object(record: Record) -> Record:
+    if not isinstance(record.value, dict):
+        kind = type(record.value).__name__ if record.value is not None else "null"
+        problem = f"record is a JSON {_json_type(kind)}, expected an object"
+        raise DatasetError(record.file, record.line, problem,
+                           'write one object per record, e.g. {"text": "..."}')
+    return record
+
+
+def _json_type(python_type: str) -> str:
+    return {"list": "array", "str": "string", "int": "number", "float": "number", "bool": "boolean"}.get(
+        python_type, python_type)
