@@ -59,7 +59,8 @@ class Scheduler(StrEnum):
 
 
 class BaseModelSpec(Model):
-    uri: str = Field(description="Hugging Face model folder: s3://bucket/prefix/, hf://org/name, pvc://claim/path or a local path")
+    uri: str = Field(description="Hugging Face model folder: s3://bucket/prefix/, hf://org/name, "
+                                 "pvc://claim/path or a local path")
     revision: str | None = Field(None, description="Hub revision, for hf:// only")
 
 
@@ -141,7 +142,8 @@ class StorageSpec(Model):
     secret_ref: SecretRef | None = Field(
         None, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optional AWS_SESSION_TOKEN)"
     )
-    service_account_name: str | None = Field(None, description="Workload identity (IRSA and the like) instead of a secret")
+    service_account_name: str | None = Field(
+        None, description="Workload identity (IRSA and the like) instead of a secret")
 
 
 class Toleration(Model):

@@ -1,0 +1,166 @@
+"""Acceptance tests of the trainer against the embedded S3 server over HTTP (boto3), on CPU."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import torch
+from kubetune_trainer import checkpoint
+from kubetune_trainer.data import pack_examples, tokenize_dataset
+from kubetune_trainer.errors import EXIT_CONFIG_INVALID, EXIT_DATA_INVALID
+from kubetune_trainer.evaluate import evaluate
+from kubetune_trainer.pipeline import run
+from kubetune_trainer.spec import DataFormat
+from kubetune_trainer.storage import read_published
+from kubetune_trainer.train import eval_batches
+
+pytestmark = pytest.mark.slow
+RECORDED: list[dict] = []
+
+
+@pytest.fixture(scope="module")
+def trained(make_config):
+    """One complete run, shared by the tests that inspect its result."""
+    config = make_config("support-lora")
+    manifest = run(config, report=RECORDED.append)
+    return config, manifest
+
+
+def test_tiny_model_trains_and_loss_falls(trained, storage):
+    config, manifest = trained
+    losses = [e["loss"] for e in manifest["history"]]
+    assert manifest["steps"] == manifest["totalSteps"] == 24
+    assert losses[-1] < losses[0] * 0.9, losses
+    validations = [e["loss"] for e in RECORDED if e["event"] == "validation"]
+    assert validations[-1] < validations[0]
+    test = manifest["metrics"]["test"]
+    assert test["perplexity"] == pytest.approx(torch.tensor(test["loss"]).exp().item(), rel=1e-6)
+    assert 0 < test["token_accuracy"] <= 1
+    assert manifest["tokensTrained"] > 0 and manifest["baseModel"]["sha256"]
+    assert set(manifest["datasets"]) == {"train", "validation", "test"}
+    names = {f["path"] for f in manifest["files"]}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
+    # Checkpoints every 8 steps, the newest `keep` kept; the final step has no checkpoint (the adapter is final).
+    assert checkpoint.complete_steps(storage, config.checkpoint_uri) == [16, 8]
+
+
+def test_metrics_endpoint_exports_the_run(trained):
+    port = next(e["port"] for e in RECORDED if e["event"] == "metrics")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'kubetune_trainer_step{finetunejob="support-lora"} 24.0' in text
+    assert 'kubetune_trainer_phase{finetunejob="support-lora",phase="done"} 1.0' in text
+    for name in ("kubetune_trainer_tokens_trained_total", "kubetune_trainer_checkpoints_total",
+                 "kubetune_trainer_test_loss", "kubetune_trainer_validation_loss",
+                 "kubetune_trainer_tokens_per_second", "kubetune_trainer_eta_seconds"):
+        assert f'{name}{{finetunejob="support-lora"}}' in text
+
+
+def test_adapter_reloads_with_peft_and_reproduces_the_trained_model(trained, storage, tiny_base, tmp_path):
+    from accelerate import Accelerator
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config, manifest = trained
+    adapter = tmp_path / "adapter"
+    read_published(storage, config.output.uri, adapter)  # verifies size and sha256 of every file
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapter).eval()
+
+    test_file = tmp_path / "test.jsonl"
+    storage.download("s3://data/support/test.jsonl", tmp_path)
+    seqs = pack_examples(tokenize_dataset(test_file, "test", fmt=DataFormat.chat, tokenizer=tokenizer,
+                                          max_seq_length=128), 128, seed=config.hyperparameters.seed)
+    again = evaluate(model, eval_batches(seqs, 0, 1, 4, tokenizer.pad_token_id), Accelerator(cpu=True))
+    assert again["loss"] == pytest.approx(manifest["metrics"]["test"]["loss"], abs=1e-4)
+
+    ids = tokenizer("How do I reset my password?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        adapted = model(ids).logits
+        merged = model.merge_and_unload()(ids).logits
+    torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
+
+
+def test_rerun_of_a_published_job_does_nothing(trained):
+    config, manifest = trained
+    events = []
+    assert run(config, report=events.append) == manifest
+    assert events[0]["event"] == "already_published"
+
+
+def _config_file(config, tmp_path):
+    path = tmp_path / f"{config.job_name}.yaml"
+    path.write_text(config.to_yaml())
+    return path
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_finishes(make_config, storage, trainer_env, tmp_path):
+    config = make_config("resume", checkpoint={"everySteps": 4, "keep": 3})
+    path = _config_file(config, tmp_path)
+    cmd = [sys.executable, "-m", "kubetune_trainer", "train", "--config", str(path)]
+    first = subprocess.Popen(cmd, env=trainer_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not checkpoint.complete_steps(storage, config.checkpoint_uri):
+        assert first.poll() is None, first.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    time.sleep(random.uniform(0, 2))  # a random moment after the first checkpoint
+    first.kill()
+    first.wait()
+    killed_at = checkpoint.complete_steps(storage, config.checkpoint_uri)[0]
+    assert storage.get_json(config.output.uri + "manifest.json") is None
+
+    second = subprocess.run(cmd, env=trainer_env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert '"event": "resumed"' in second.stdout
+    manifest = storage.get_json(config.output.uri + "manifest.json")
+    assert manifest["steps"] == manifest["totalSteps"] == 24
+    steps = [e["step"] for e in manifest["history"]]
+    assert steps == sorted(set(steps)) and steps[-1] == 24  # one continuous curve, no step twice
+    assert min(steps) <= killed_at  # the history from before the kill is carried over
+    losses = [e["loss"] for e in manifest["history"]]
+    assert losses[-1] < losses[0]
+
+
+def test_two_processes_with_gloo_through_accelerate_launch(make_config, storage, trainer_env, tmp_path):
+    config = make_config("ddp", hyperparameters={"maxSteps": 8}, evaluation={"everySteps": 4},
+                         checkpoint={"everySteps": 4})
+    path = _config_file(config, tmp_path)
+    # `--multi_gpu` selects accelerate's torchrun launcher; without a GPU the trainer joins with gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "kubetune_trainer", "train", "--config", str(path)]
+    done = subprocess.run(cmd, env=trainer_env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    manifest = storage.get_json(config.output.uri + "manifest.json")
+    assert manifest["processes"] == 2 and manifest["steps"] == 8
+    assert done.stdout.count('"event": "published"') == 1  # only rank 0 reports and publishes
+
+
+def test_validate_cli_bad_dataset_is_permanent(make_config, storage, trainer_env, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    storage.upload_file(bad, "s3://data/bad/train.jsonl")
+    config = make_config("bad-data", dataset={"train": "s3://data/bad/train.jsonl", "validation": None,
+                                              "test": None})
+    done = subprocess.run([sys.executable, "-m", "kubetune_trainer", "validate", "--config",
+                           str(_config_file(config, tmp_path))], env=trainer_env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == EXIT_DATA_INVALID, done.stderr
+    assert "s3://data/bad/train.jsonl:1" in done.stderr and "assistant" in done.stderr
+
+
+def test_qlora_without_gpu_is_a_clear_permanent_error(make_config, trainer_env, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    config = make_config("qlora-cpu", method={"type": "qlora"})
+    done = subprocess.run([sys.executable, "-m", "kubetune_trainer", "train", "--config",
+                           str(_config_file(config, tmp_path))], env=trainer_env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == EXIT_CONFIG_INVALID
+    assert "qlora needs a CUDA GPU" in done.stderr

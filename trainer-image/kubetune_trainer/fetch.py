@@ -1,0 +1,103 @@
+"""Stage 1, fetch: bring the base model and the dataset splits to local disk.
+
+Model URIs: `s3://bucket/prefix/` (a Hugging Face model folder), `hf://org/name` (the Hub, for real
+clusters), `pvc://claim/path` (a volume the operator mounts under $KUBETUNE_PVC_ROOT, default /mnt/pvc),
+`file://` or a plain local path. Dataset URIs: an s3:// object or prefix, pvc:// or a local path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import TrainerConfig
+from .errors import ConfigError
+from .storage import Storage, is_remote, sha256_file
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class Fetched:
+    model_dir: Path
+    splits: dict[str, Path]  # split name -> local file or directory
+    uris: dict[str, str]  # split name -> URI as the user wrote it
+
+
+def local_path(uri: str) -> Path:
+    """pvc:// and file:// URIs and plain paths, as a local path."""
+    if uri.startswith("pvc://"):
+        return Path(os.environ.get("KUBETUNE_PVC_ROOT", "/mnt/pvc")) / uri.removeprefix("pvc://")
+    return Path(uri.removeprefix("file://"))
+
+
+def fetch_model(storage: Storage, uri: str, dest: Path, *, weights: bool = True, revision: str | None = None) -> Path:
+    """The model folder on local disk; with weights=False only its config and tokenizer files."""
+    if uri.startswith("hf://"):
+        from huggingface_hub import snapshot_download
+
+        patterns = None if weights else ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+        return Path(snapshot_download(uri.removeprefix("hf://"), revision=revision, allow_patterns=patterns))
+    if is_remote(uri):
+        prefix = uri.rstrip("/") + "/"
+        dest.mkdir(parents=True, exist_ok=True)
+        objects = storage.list(prefix)
+        if not objects:
+            raise ConfigError(f"baseModel.uri: no objects under {prefix}; upload a Hugging Face model folder there")
+        for obj in objects:
+            rel = obj.removeprefix(prefix)
+            if not weights and rel.endswith(WEIGHT_SUFFIXES):
+                continue
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            storage.download(obj, target.parent)
+        return dest
+    path = local_path(uri)
+    if not (path / "config.json").exists():
+        raise ConfigError(f"baseModel.uri: {uri} is not a Hugging Face model folder (no config.json)")
+    return path
+
+
+def fetch_dataset(storage: Storage, uri: str, dest: Path) -> Path:
+    if is_remote(uri):
+        return storage.download(uri, dest)
+    path = local_path(uri)
+    if not path.exists():
+        raise ConfigError(f"dataset: {uri} does not exist")
+    return path
+
+
+def fetch(config: TrainerConfig, storage: Storage, *, weights: bool = True) -> Fetched:
+    """Download what the config names, once: a marker file lets the other local processes reuse it."""
+    work = Path(config.work_dir) / config.job_name
+    work.mkdir(parents=True, exist_ok=True)
+    marker = work / ("fetched.json" if weights else "fetched-no-weights.json")
+    key = {"model": config.base_model.uri, **config.dataset.dump()}
+    if marker.exists():
+        saved = json.loads(marker.read_text())
+        if saved["key"] == key:
+            return Fetched(Path(saved["model_dir"]), {s: Path(p) for s, p in saved["splits"].items()}, saved["uris"])
+    model_dir = fetch_model(
+        storage, config.base_model.uri, work / "model", weights=weights, revision=config.base_model.revision
+    )
+    uris = {s: getattr(config.dataset, s) for s in SPLITS if getattr(config.dataset, s)}
+    splits = {s: fetch_dataset(storage, uri, work / "data" / s) for s, uri in uris.items()}
+    marker.write_text(json.dumps({"key": key, "model_dir": str(model_dir), "uris": uris,
+                                  "splits": {s: str(p) for s, p in splits.items()}}))
+    return Fetched(model_dir=model_dir, splits=splits, uris=uris)
+
+
+def tree_sha256(path: Path, *, skip_weights: bool = False) -> str:
+    """One hash for a file or a folder: sha256 over the sorted (relative path, file sha256) pairs."""
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        if skip_weights and f.name.endswith(WEIGHT_SUFFIXES):
+            continue
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()

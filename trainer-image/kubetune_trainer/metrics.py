@@ -1,0 +1,105 @@
+"""Prometheus metrics of a trainer process (served on rank 0 only).
+
+Names follow Prometheus conventions: the `kubetune_trainer_` prefix, base units, `_total` for counters.
+Every series carries the `finetunejob` label so one Prometheus can tell runs apart. The list is a
+contract with the dashboard and alerts in charts/kubetune; trainer-image/README.md documents it.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+PHASES = ("downloading", "validating", "tokenizing", "training", "evaluating", "uploading", "done", "failed")
+
+_GAUGES = {
+    "step": "Optimizer steps completed",
+    "total_steps": "Optimizer steps the run will take",
+    "epoch": "Epochs completed, fractional",
+    "progress_ratio": "step / total_steps",
+    "eta_seconds": "Estimated seconds until training ends",
+    "train_loss": "Mean training loss over the last logging window",
+    "validation_loss": "Loss on the validation split at the last evaluation",
+    "test_loss": "Loss on the test split",
+    "test_perplexity": "Perplexity on the test split",
+    "test_token_accuracy": "Share of trained test tokens predicted exactly (argmax)",
+    "learning_rate": "Current learning rate",
+    "grad_norm": "Gradient norm before clipping at the last step",
+    "tokens_per_second": "Non-padding tokens processed per second, all workers",
+    "samples_per_second": "Training samples processed per second, all workers",
+    "last_checkpoint_timestamp_seconds": "Unix time of the last uploaded checkpoint",
+}
+
+
+class TrainerMetrics:
+    def __init__(self, job: str, method: str, base_model: str):
+        self.registry = CollectorRegistry()
+        self.job = job
+        labels = ["finetunejob"]
+        self.gauges = {
+            name: Gauge(f"kubetune_trainer_{name}", doc, labels, registry=self.registry)
+            for name, doc in _GAUGES.items()
+        }
+        self.tokens_trained = Counter(
+            "kubetune_trainer_tokens_trained", "Trained (loss-bearing) tokens processed", labels,
+            registry=self.registry,
+        )
+        self.checkpoints = Counter(
+            "kubetune_trainer_checkpoints", "Checkpoints uploaded", labels, registry=self.registry
+        )
+        self._phase = Gauge(
+            "kubetune_trainer_phase", "1 for the phase the trainer is in", ["finetunejob", "phase"],
+            registry=self.registry,
+        )
+        self.gpu_memory = Gauge(
+            "kubetune_trainer_gpu_memory_used_bytes", "GPU memory allocated by the trainer",
+            ["finetunejob", "gpu"], registry=self.registry,
+        )
+        self.gpu_utilization = Gauge(
+            "kubetune_trainer_gpu_utilization_ratio", "GPU utilization, 0..1", ["finetunejob", "gpu"],
+            registry=self.registry,
+        )
+        info = Gauge(
+            "kubetune_trainer_info", "Constant 1, labelled with what this run trains",
+            ["finetunejob", "method", "base_model"], registry=self.registry,
+        )
+        info.labels(job, method, base_model).set(1)
+        for name in ("tokens_trained", "checkpoints"):
+            getattr(self, name).labels(job)  # export 0 from the start
+        self.set_phase("downloading")
+        self.port: int | None = None
+
+    def serve(self, port: int) -> int:
+        """Start the HTTP endpoint; returns the bound port (useful with port 0)."""
+        server, _ = start_http_server(port, registry=self.registry)
+        self.port = server.server_address[1]
+        return self.port
+
+    def set(self, **values: float | None) -> None:
+        for name, value in values.items():
+            if value is not None:
+                self.gauges[name].labels(self.job).set(value)
+
+    def set_phase(self, phase: str) -> None:
+        for p in PHASES:
+            self._phase.labels(self.job, p).set(1 if p == phase else 0)
+
+    def add_tokens(self, n: int) -> None:
+        self.tokens_trained.labels(self.job).inc(n)
+
+    def checkpoint_done(self) -> None:
+        self.checkpoints.labels(self.job).inc()
+        self.set(last_checkpoint_timestamp_seconds=time.time())
+
+    def sample_gpus(self) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        for i in range(torch.cuda.device_count()):
+            self.gpu_memory.labels(self.job, str(i)).set(torch.cuda.memory_allocated(i))
+            try:
+                self.gpu_utilization.labels(self.job, str(i)).set(torch.cuda.utilization(i) / 100)
+            except Exception:  # needs NVML; memory alone is still useful
+                pass

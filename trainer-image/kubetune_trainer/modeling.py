@@ -1,0 +1,113 @@
+"""Load the base model and tokenizer and wrap the model for the chosen method (lora, qlora, full)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+from .spec import MethodSpec, MethodType, Precision
+
+
+def resolve_precision(precision: Precision) -> str:
+    """accelerate's mixed_precision value: bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU."""
+    if precision == Precision.auto:
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if precision in (Precision.bf16, Precision.fp16) and not torch.cuda.is_available():
+        if precision == Precision.fp16:
+            raise ConfigError("hyperparameters.precision: fp16 needs a GPU; use auto, bf16 or fp32 on CPU")
+    return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision.value]
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"baseModel: cannot load a tokenizer from the model folder: {e}") from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, gradient_checkpointing: bool):
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"attn_implementation": "sdpa"}
+    if method.type == MethodType.qlora:
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "method.type qlora needs a CUDA GPU (bitsandbytes 4-bit); none is visible. "
+                "Use method.type lora on CPU, or request GPUs with resources.gpusPerWorker"
+            )
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        )
+        kwargs["dtype"] = compute
+    elif method.type == MethodType.lora and mixed_precision == "bf16":
+        kwargs["dtype"] = torch.bfloat16  # frozen base weights in bf16; LoRA weights are made fp32 below
+    else:
+        kwargs["dtype"] = torch.float32  # full fine-tuning keeps fp32 master weights under autocast
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"baseModel: cannot load the model folder: {e}") from e
+    model.config.use_cache = False
+
+    if method.type == MethodType.full:
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method.type == MethodType.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    lora = method.lora
+    targets = lora.target_modules
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as e:
+        raise ConfigError(f"method.lora.targetModules: {e}") from e
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    """What a checkpoint must keep: the adapter weights for LoRA/QLoRA, everything for full."""
+    if hasattr(model, "peft_config"):
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model)
+    return model.state_dict()
+
+
+def load_trainable_state_dict(model, state: dict[str, torch.Tensor]) -> None:
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        if getattr(result, "unexpected_keys", None):
+            raise ConfigError(f"checkpoint does not match the model: unexpected keys {result.unexpected_keys[:3]}")
+        return
+    model.load_state_dict(state)

@@ -1,0 +1,28 @@
+"""Stage 6, publish: write the adapter (or full model) folder and its manifest to the output URI.
+
+The folder loads with `peft.PeftModel.from_pretrained(base, folder)` (lora/qlora) or
+`AutoModelForCausalLM.from_pretrained(folder)` (full). Files go up first and manifest.json last, so
+a reader that trusts only prefixes with a manifest never sees a half-written adapter.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .storage import Storage, publish
+
+MANIFEST_VERSION = "kubetune.io/v1alpha1"
+
+
+def save_output(model, tokenizer, directory: Path) -> Path:
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def publish_output(storage: Storage, directory: Path, uri: str, manifest: dict) -> dict:
+    return publish(storage, directory, uri, {"apiVersion": MANIFEST_VERSION, "kind": "FineTuneResult", **manifest})
