@@ -1,0 +1,170 @@
+"""python -m kubetune_cluster up|down|status: a local cluster in the background.
+
+`up` starts a daemon that runs the control plane and (when available) the process node agent, waits
+until it is ready, and prints `export KUBECONFIG=...`. `down` stops it, `status` tells.
+State (pid, kubeconfig, logs) lives in ${KUBETUNE_STATE:-$HOME/.cache/kubetune/cluster}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .controlplane import ControlPlane, ControlPlaneError, _get, find_bin_dir
+
+NODE_NAME = "kubetune-node"
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("KUBETUNE_STATE") or Path.home() / ".cache" / "kubetune" / "cluster")
+
+
+def read_state() -> dict | None:
+    """The running daemon's state, or None when no daemon is alive."""
+    try:
+        state = json.loads((state_dir() / "state.json").read_text())
+        os.kill(state["pid"], 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return state
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
+
+
+def up(args) -> int:
+    if state := read_state():
+        print(f"# already running (pid {state['pid']})\nexport KUBECONFIG={state['kubeconfig']}")
+        return 0
+    find_bin_dir()  # fail early, with the `make control-plane` hint
+    sd = state_dir()
+    shutil.rmtree(sd, ignore_errors=True)
+    sd.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "kubetune_cluster", "serve", "--gpus", str(args.gpus)]
+    if args.no_agent:
+        cmd.append("--no-agent")
+    with open(sd / "daemon.log", "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + args.timeout
+    while not (state := read_state()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(60)
+            print(f"cluster did not start; {sd / 'daemon.log'}:\n{tail(sd / 'daemon.log')}", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    print(f"# kubernetes {state['version']} at {state['api_url']} (pid {state['pid']}); "
+          f"logs in {sd}\nexport KUBECONFIG={state['kubeconfig']}")
+    return 0
+
+
+def down(args) -> int:
+    state = read_state()
+    if not state:
+        print("not running")
+        return 0
+    pid = state["pid"]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + args.timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if alive(pid):  # the components die with it (parent-death signal)
+        os.kill(pid, signal.SIGKILL)
+    print(f"stopped (pid {pid})")
+    return 0
+
+
+def status(args) -> int:
+    state = read_state()
+    if not state:
+        print("not running")
+        return 1
+    code, body = _get(f"{state['api_url']}/readyz", state["token"])
+    print(f"running (pid {state['pid']}): kubernetes {state['version']} at {state['api_url']}, "
+          f"readyz {code} {body.strip()[:40]}; node agent: {state.get('node') or 'none'}\n"
+          f"export KUBECONFIG={state['kubeconfig']}")
+    return 0 if code == 200 else 1
+
+
+def serve(args) -> int:
+    """The daemon: run the cluster until SIGTERM/SIGINT."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    sd = state_dir()
+    cp = ControlPlane(workdir=sd / "controlplane")
+    agent = None
+    try:
+        cp.start()
+        shutil.copy(cp.kubeconfig, sd / "kubeconfig")
+        if not args.no_agent:
+            agent = start_agent(sd, args.gpus)
+        state = {"pid": os.getpid(), "kubeconfig": str(sd / "kubeconfig"), "api_url": cp.api_url,
+                 "token": cp.admin_token, "version": cp.version["gitVersion"],
+                 "node": agent and agent.node_name}
+        (sd / "state.tmp").write_text(json.dumps(state))
+        (sd / "state.tmp").chmod(0o600)  # it holds the admin token
+        (sd / "state.tmp").rename(sd / "state.json")
+        print(f"ready: {cp.api_url} {cp.version['gitVersion']}, node agent: {state['node']}", flush=True)
+        stop.wait()
+    finally:
+        (sd / "state.json").unlink(missing_ok=True)
+        (sd / "kubeconfig").unlink(missing_ok=True)
+        if agent:
+            agent.stop()
+        cp.stop()
+        print("stopped", flush=True)
+    return 0
+
+
+def start_agent(sd: Path, gpus: int):
+    try:
+        from .agent import GPU, NodeAgent
+    except ImportError as e:
+        print(f"no node agent ({e}); pods will stay Pending", flush=True)
+        return None
+    capacity = {GPU: str(gpus)} if gpus else {}
+    return NodeAgent(str(sd / "kubeconfig"), node_name=NODE_NAME, capacity=capacity,
+                     state_dir=str(sd / "agent")).start(timeout=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kubetune_cluster", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    commands = (("up", up, "start the cluster in the background"), ("down", down, "stop it"),
+                ("status", status, "is it running?"), ("serve", serve, "run it in the foreground"))
+    for name, fn, helptext in commands:
+        sp = sub.add_parser(name, help=helptext)
+        sp.set_defaults(fn=fn)
+        if name in ("up", "serve"):
+            sp.add_argument("--gpus", type=int, default=2, help="nvidia.com/gpu the node advertises")
+            sp.add_argument("--no-agent", action="store_true", help="control plane only (no Node)")
+        if name in ("up", "down"):
+            sp.add_argument("--timeout", type=float, default=300 if name == "up" else 60)
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ControlPlaneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
