@@ -1,0 +1,16 @@
+# The operator: CRD generation and its end-to-end tests (included by the top-level Makefile).
+.PHONY: crds e2e operator-test run-operator
+
+crds: venv ## Regenerate crds/ (and the chart's copy) from the typed API (trainer-image/kubetune_trainer/spec.py)
+	$(PY) -m kubetune_operator.crd > crds/kubetune.io_finetunejobs.yaml.tmp
+	mv crds/kubetune.io_finetunejobs.yaml.tmp crds/kubetune.io_finetunejobs.yaml
+	$(MAKE) --no-print-directory chart-crds
+
+operator-test: venv ## The operator's unit tests (no cluster)
+	$(PY) -m pytest -q tests/operator -m "not cluster"
+
+e2e: venv control-plane ## The operator against the local control plane and node agent
+	$(PY) -m pytest -q tests/operator -m e2e
+
+run-operator: venv ## Run the operator against $$KUBECONFIG, every namespace
+	$(PY) -m kubetune_operator --all-namespaces

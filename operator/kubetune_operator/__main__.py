@@ -1,0 +1,50 @@
+"""python -m kubetune_operator [--namespace NS ...|--all-namespaces] [--standalone] [--verbose]
+
+Runs the kopf operator. Environment: KUBETUNE_TRAINER_IMAGE (default ghcr.io/kubetune/trainer:0.1.0),
+KUBETUNE_HEALTH_PORT (8081, liveness at /healthz), KUBETUNE_METRICS_PORT (8080, /metrics; 0 turns it off),
+KUBETUNE_RESYNC_SECONDS (10), KUBECONFIG outside a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+import kopf
+
+from . import handlers, metrics
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kubetune_operator", description="The Kubetune operator")
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", "-n", action="append", default=[],
+                       help="watch this namespace (repeatable)")
+    scope.add_argument("--all-namespaces", "-A", action="store_true",
+                       help="watch every namespace (the default)")
+    p.add_argument("--standalone", action="store_true", help="never peer, even if kopf's peering CRDs exist")
+    p.add_argument("--verbose", "-v", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    kopf.configure(verbose=args.verbose)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)  # one GET per child per resync otherwise
+    metrics_port = int(os.environ.get("KUBETUNE_METRICS_PORT", "8080"))
+    if metrics_port:
+        metrics.serve(metrics_port)
+    health_port = int(os.environ.get("KUBETUNE_HEALTH_PORT", "8081"))
+    clusterwide = not args.namespace
+    assert handlers.FTJ  # the import registers the handlers
+    asyncio.run(kopf.operator(
+        clusterwide=clusterwide, namespaces=args.namespace,
+        standalone=True if args.standalone else None,
+        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
+    ))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""FineTuneJob spec -> the child objects the operator wants (plain dicts, as the API server takes them).
+
+Pure functions: no API calls, no clock. Names are deterministic, so creating a child twice is a 409, never a
+duplicate. Every child carries the FineTuneJob's labels and a controller ownerReference, so deleting the
+FineTuneJob garbage-collects them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.errors import PERMANENT_EXIT_CODES
+from kubetune_trainer.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+
+DEFAULT_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
+CONFIG_DIR = "/etc/kubetune"
+CONFIG_FILE = "trainer.yaml"
+CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
+PVC_ROOT = "/mnt/pvc"
+RENDEZVOUS_PORT = 29500
+TRAINER_CONTAINER = "trainer"
+VALIDATE_CONTAINER = "validate"
+
+LABEL_JOB = "kubetune.io/finetunejob"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+MANAGED_BY = "kubetune-operator"
+
+POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+                "seccompProfile": {"type": "RuntimeDefault"}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+SECRET_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
+
+
+def default_image() -> str:
+    return os.environ.get("KUBETUNE_TRAINER_IMAGE", DEFAULT_IMAGE)
+
+
+@dataclass(frozen=True)
+class Names:
+    """Child names, all derived from the FineTuneJob's name (at most 50 characters, see the CRD)."""
+
+    job: str
+
+    @property
+    def config_map(self) -> str:
+        return f"{self.job}-config"
+
+    @property
+    def validation(self) -> str:
+        return f"{self.job}-validate"
+
+    @property
+    def service(self) -> str:
+        return f"{self.job}-workers"
+
+    @property
+    def training(self) -> str:
+        return f"{self.job}-train"
+
+    def worker_host(self, index: int) -> str:
+        """DNS name of worker `index`: an Indexed Job's pod <job>-<index>, under subdomain <service>."""
+        return f"{self.training}-{index}.{self.service}"
+
+
+def labels(name: str, component: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/instance": name,
+            "app.kubernetes.io/managed-by": MANAGED_BY, LABEL_COMPONENT: component, LABEL_JOB: name}
+
+
+def owner_reference(meta: dict) -> dict:
+    return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": meta["name"],
+            "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+
+
+def child_meta(meta: dict, name: str, component: str, extra_labels: dict | None = None) -> dict:
+    return {"name": name, "namespace": meta.get("namespace"),
+            "labels": {**labels(meta["name"], component), **(extra_labels or {})},
+            "ownerReferences": [owner_reference(meta)]}
+
+
+def trainer_config(name: str, spec: FineTuneJobSpec) -> TrainerConfig:
+    return TrainerConfig.from_job(name, spec)
+
+
+def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
+    """PersistentVolumeClaims named by pvc://claim/path URIs; each is mounted at /mnt/pvc/<claim>."""
+    uris = [spec.base_model.uri, spec.dataset.train, spec.dataset.validation, spec.dataset.test,
+            spec.output.uri, spec.checkpoint.uri]
+    return sorted({u.removeprefix("pvc://").split("/")[0] for u in uris if u and u.startswith("pvc://")})
+
+
+def config_map(meta: dict, spec: FineTuneJobSpec) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": child_meta(meta, Names(meta["name"]).config_map, "config"),
+            "data": {CONFIG_FILE: trainer_config(meta["name"], spec).to_yaml()}}
+
+
+def _storage_env(spec: FineTuneJobSpec) -> list[dict]:
+    env = [{"name": "HOME", "value": "/tmp"}, {"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT}]
+    ref = spec.storage.secret_ref
+    if ref:
+        env += [{"name": key,
+                 "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key, "optional": optional}}}
+                for key, optional in SECRET_KEYS]
+    return env
+
+
+def _volumes(meta: dict, spec: FineTuneJobSpec, shm: bool) -> tuple[list[dict], list[dict]]:
+    work_dir = trainer_config(meta["name"], spec).work_dir  # model, data and checkpoint cache
+    volumes = [{"name": "config", "configMap": {"name": Names(meta["name"]).config_map}},
+               {"name": "work", "emptyDir": {}}]
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+              {"name": "work", "mountPath": work_dir}]
+    if shm:  # NCCL and dataloader workers use shared memory
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    for claim in pvc_claims(spec):
+        volumes.append({"name": f"pvc-{claim}"[:63], "persistentVolumeClaim": {"claimName": claim}})
+        mounts.append({"name": f"pvc-{claim}"[:63], "mountPath": f"{PVC_ROOT}/{claim}"})
+    return volumes, mounts
+
+
+def _pod_spec(meta: dict, spec: FineTuneJobSpec, container: dict, shm: bool) -> dict:
+    volumes, mounts = _volumes(meta, spec, shm)
+    sa = spec.storage.service_account_name
+    pod = {"restartPolicy": "Never", "securityContext": POD_SECURITY,
+           "automountServiceAccountToken": bool(sa), "enableServiceLinks": False,
+           "containers": [{**container, "volumeMounts": mounts, "securityContext": CONTAINER_SECURITY,
+                           "terminationMessagePolicy": "FallbackToLogsOnError"}],
+           "volumes": volumes}
+    if sa:
+        pod["serviceAccountName"] = sa
+    if spec.scheduling.priority_class_name:
+        pod["priorityClassName"] = spec.scheduling.priority_class_name
+    return pod
+
+
+def _failure_policy(container: str) -> dict:
+    """Exit codes 65/78 (data or config invalid) fail the Job at once; preemptions are not failures."""
+    return {"rules": [
+        {"action": "FailJob",
+         "onExitCodes": {"containerName": container, "operator": "In", "values": list(PERMANENT_EXIT_CODES)}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
+def validation_job(meta: dict, spec: FineTuneJobSpec, image: str) -> dict:
+    """One CPU pod running `kubetune validate`: bad data fails here, before any GPU is requested."""
+    name = meta["name"]
+    container = {"name": VALIDATE_CONTAINER, "image": spec.image or image,
+                 "command": ["kubetune", "validate", "--config", CONFIG_PATH],
+                 "env": _storage_env(spec),
+                 "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}}
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": child_meta(meta, Names(name).validation, "validation"),
+            "spec": {"backoffLimit": 2, "activeDeadlineSeconds": 3600,
+                     "podFailurePolicy": _failure_policy(VALIDATE_CONTAINER),
+                     "template": {"metadata": {"labels": labels(name, "validation")},
+                                  "spec": _pod_spec(meta, spec, container, shm=False)}}}
+
+
+def service(meta: dict, spec: FineTuneJobSpec) -> dict:
+    """Headless Service: gives each worker pod a stable DNS name for the rendezvous."""
+    name = meta["name"]
+    return {"apiVersion": "v1", "kind": "Service",
+            "metadata": child_meta(meta, Names(name).service, "workers"),
+            "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                     "selector": {LABEL_JOB: name, LABEL_COMPONENT: "workers"},
+                     "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT},
+                               {"name": "metrics", "port": trainer_config(name, spec).metrics.port}]}}
+
+
+def world_size(spec: FineTuneJobSpec) -> int:
+    return spec.resources.workers * max(spec.resources.gpus_per_worker, 1)
+
+
+def accelerate_args(name: str, spec: FineTuneJobSpec) -> list[str]:
+    """`accelerate launch` flags (the image's entrypoint), then the trainer command."""
+    workers, gpus = spec.resources.workers, spec.resources.gpus_per_worker
+    args = ["--num_machines", str(workers), "--num_processes", str(world_size(spec))]
+    if workers > 1:
+        args += ["--machine_rank", "$(JOB_COMPLETION_INDEX)", "--main_process_ip", Names(name).worker_host(0),
+                 "--main_process_port", str(RENDEZVOUS_PORT)]
+    if gpus == 0:
+        args.append("--cpu")  # one process per worker; RANK/LOCAL_RANK env make it MULTI_CPU (gloo)
+    elif world_size(spec) > 1:
+        args.append("--multi_gpu")  # torchrun: one process per GPU
+    return [*args, "-m", "kubetune_trainer", "train", "--config", CONFIG_PATH]
+
+
+def _resources(spec: FineTuneJobSpec) -> dict:
+    r = spec.resources
+    requests = {k: v for k, v in (("cpu", r.cpu), ("memory", r.memory)) if v}
+    limits = {"memory": r.memory} if r.memory else {}
+    if r.gpus_per_worker:
+        limits[r.gpu_resource_name] = str(r.gpus_per_worker)
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def training_job(meta: dict, spec: FineTuneJobSpec, image: str) -> dict:
+    """The Indexed Job: one pod per worker, rank = completion index, rank 0 is the rendezvous host."""
+    name, names, res, run = meta["name"], Names(meta["name"]), spec.resources, spec.run_policy
+    env = [
+        {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
+            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
+        {"name": "NODE_RANK", "value": "$(JOB_COMPLETION_INDEX)"},
+        {"name": "MASTER_ADDR", "value": names.worker_host(0)},
+        {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": "WORLD_SIZE", "value": str(world_size(spec))},
+        {"name": "KUBETUNE_JOB", "value": name},
+        *_storage_env(spec),
+    ]
+    if res.gpus_per_worker == 0 and res.workers > 1:  # torchrun sets these itself for GPU workers
+        env += [{"name": "RANK", "value": "$(JOB_COMPLETION_INDEX)"}, {"name": "LOCAL_RANK", "value": "0"}]
+    metrics_port = trainer_config(name, spec).metrics.port
+    container = {"name": TRAINER_CONTAINER, "image": spec.image or image, "args": accelerate_args(name, spec),
+                 "env": env, "resources": _resources(spec),
+                 "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
+                           {"name": "metrics", "containerPort": metrics_port}]}
+    pod = _pod_spec(meta, spec, container, shm=True)
+    pod["subdomain"] = names.service
+    for key, value in (("nodeSelector", res.node_selector), ("affinity", res.affinity),
+                       ("tolerations", [t.dump() for t in res.tolerations or []] or None)):
+        if value:
+            pod[key] = value
+    queue = spec.scheduling.queue_name
+    job_spec = {"completions": res.workers, "parallelism": res.workers, "completionMode": "Indexed",
+                "backoffLimit": run.backoff_limit, "podFailurePolicy": _failure_policy(TRAINER_CONTAINER),
+                "suspend": bool(run.suspend or queue),  # Kueue admits a queued Job by unsuspending it
+                "template": {"metadata": {"labels": labels(name, "workers")}, "spec": pod}}
+    for key, value in (("activeDeadlineSeconds", run.active_deadline_seconds),
+                       ("ttlSecondsAfterFinished", run.ttl_seconds_after_finished)):
+        if value is not None:
+            job_spec[key] = value
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": child_meta(meta, names.training, "workers", {LABEL_QUEUE: queue} if queue else None),
+            "spec": job_spec}

@@ -1,0 +1,189 @@
+"""Generate the FineTuneJob CustomResourceDefinition from the typed API (kubetune_trainer.spec).
+
+    python -m kubetune_operator.crd > crds/kubetune.io_finetunejobs.yaml      (make crds)
+
+Pydantic's JSON Schema is turned into a structural OpenAPI v3 schema: $refs inlined, `anyOf [X, null]`
+collapsed to X (unset means omitted), exclusive bounds in OpenAPI 3.0 form, defaults kept (`{}` for
+nested objects, so the API server fills their defaults), free-form maps marked
+x-kubernetes-preserve-unknown-fields. Cross-field rules are CEL (x-kubernetes-validations).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import yaml
+from kubetune_trainer.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema
+
+from .status import FineTuneJobStatus
+
+PLURAL = "finetunejobs"
+MAX_NAME = 50
+MAX_URI = 2048  # <name>-train-<index> must stay a 63-character hostname
+
+S3_OR_PVC = r"^(s3|pvc)://.+"
+
+
+def _uri_rule(pattern: str, field: str, schemes: str) -> dict:
+    return {"rule": f"self.matches('{pattern}')", "message": f"{field} must be an {schemes} URI"}
+
+
+# CEL rules, by path under spec ("" is spec itself). Scalar rules sit on the field they check.
+RULES: dict[str, list[dict]] = {
+    "": [
+        {"rule": "!has(self.method) || !has(self.method.type) || self.method.type != 'qlora' || "
+                 "!has(self.resources) || !has(self.resources.gpusPerWorker) || "
+                 "self.resources.gpusPerWorker >= 1",
+         "message": "method.type qlora needs GPUs: set resources.gpusPerWorker to 1 or more, or use lora",
+         "fieldPath": ".method.type"},
+        {"rule": "!has(self.evaluation) || !has(self.evaluation.earlyStopping) || "
+                 "has(self.dataset.validation)",
+         "message": "evaluation.earlyStopping needs a validation split: set dataset.validation",
+         "fieldPath": ".evaluation.earlyStopping"},
+    ],
+    "baseModel": [{"rule": "!has(self.revision) || self.uri.startsWith('hf://')",
+                   "message": "baseModel.revision applies to hf:// models only", "fieldPath": ".revision"}],
+    "baseModel.uri": [_uri_rule(r"^(s3|hf|pvc)://.+", "baseModel.uri", "s3://, hf:// or pvc://")],
+    "dataset.train": [_uri_rule(S3_OR_PVC, "dataset.train", "s3:// or pvc://")],
+    "dataset.validation": [_uri_rule(S3_OR_PVC, "dataset.validation", "s3:// or pvc://")],
+    "dataset.test": [_uri_rule(S3_OR_PVC, "dataset.test", "s3:// or pvc://")],
+    "output.uri": [_uri_rule(S3_OR_PVC, "output.uri", "s3:// or pvc://")],
+    "checkpoint.uri": [_uri_rule(S3_OR_PVC, "checkpoint.uri", "s3:// or pvc://")],
+    "hyperparameters": [{"rule": "!(has(self.epochs) && has(self.maxSteps))",
+                         "message": "hyperparameters: set either epochs or maxSteps, not both"}],
+    "storage": [{"rule": "!(has(self.secretRef) && has(self.serviceAccountName))",
+                 "message": "storage: set either secretRef or serviceAccountName, not both"}],
+}
+
+ROOT_RULES = [{
+    "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && "
+            f"size(self.metadata.name) <= {MAX_NAME}",
+    "message": "metadata.name must start with a letter, be a DNS label and have at most "
+               f"{MAX_NAME} characters (it names the worker Service and pods)",
+}]
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.text"},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.trainLoss"},
+    {"name": "Eval Loss", "type": "number", "jsonPath": ".status.evalLoss"},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
+]
+
+
+class _Generator(GenerateJsonSchema):
+    """Also emit defaults given by default_factory: `{}` for nested models, the value otherwise."""
+
+    def default_schema(self, schema):
+        json_schema = super().default_schema(schema)
+        factory = schema.get("default_factory")
+        if factory and "default" not in json_schema and not schema.get("default_factory_takes_data"):
+            value = factory()
+            json_schema["default"] = {} if isinstance(value, BaseModel) else self.encode_default(value)
+        return json_schema
+
+
+def openapi(node: dict, defs: dict) -> dict:
+    """One pydantic JSON Schema node -> a structural OpenAPI v3 node."""
+    node = dict(node)
+    if "$ref" in node:
+        node = {**openapi(defs[node.pop("$ref").split("/")[-1]], defs), **node}
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"cannot express anyOf {options} structurally")
+        node = {**openapi(options[0], defs), **node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key in ("title", "$defs") or (key == "default" and value is None):
+            continue
+        if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
+        elif key == "properties":
+            out[key] = {name: openapi(prop, defs) for name, prop in value.items()}
+        elif key == "items":
+            out[key] = openapi(value, defs)
+        elif key == "additionalProperties":
+            if value is True:
+                out["x-kubernetes-preserve-unknown-fields"] = True
+            elif isinstance(value, dict):
+                out[key] = openapi(value, defs)
+            # False: the API server prunes unknown fields and `kubectl apply` (strict validation) rejects them
+        else:
+            out[key] = value
+    first = [k for k in ("type", "description") if k in out]
+    return {k: out[k] for k in [*first, *(k for k in out if k not in first)]}
+
+
+def model_schema(model: type[BaseModel]) -> dict:
+    schema = model.model_json_schema(by_alias=True, schema_generator=_Generator)
+    return openapi(schema, schema.get("$defs", {}))
+
+
+def _add_rules(schema: dict, rules: dict[str, list[dict]]) -> dict:
+    for path, path_rules in rules.items():
+        node = schema
+        for part in filter(None, path.split(".")):
+            node = node["properties"][part]
+        node["x-kubernetes-validations"] = path_rules
+        if node.get("type") == "string":
+            node.setdefault("maxLength", MAX_URI)  # bounds the CEL cost estimate
+    return schema
+
+
+def spec_schema() -> dict:
+    schema = _add_rules(model_schema(FineTuneJobSpec), RULES)
+    schema["description"] = "What to fine-tune, on what data, how, and where to publish the result"
+    return schema
+
+
+def status_schema() -> dict:
+    schema = model_schema(FineTuneJobStatus)
+    schema["description"] = "Written by the operator"
+    conditions = schema["properties"]["conditions"]
+    conditions.update({"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+    return schema
+
+
+def crd() -> dict:
+    root = {
+        "type": "object",
+        "description": "A fine-tuning run: a base model, datasets and hyperparameters in; an adapter out",
+        "required": ["spec"],
+        "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                       "metadata": {"type": "object"}, "spec": spec_schema(), "status": status_schema()},
+        "x-kubernetes-validations": ROOT_RULES,
+    }
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{API_GROUP}", "labels": {"app.kubernetes.io/name": "kubetune"}},
+        "spec": {
+            "group": API_GROUP,
+            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": KIND.lower(),
+                      "shortNames": ["ftj"], "categories": ["kubetune", "ml"]},
+            "scope": "Namespaced",
+            "versions": [{"name": API_VERSION, "served": True, "storage": True,
+                          "subresources": {"status": {}}, "additionalPrinterColumns": PRINTER_COLUMNS,
+                          "schema": {"openAPIV3Schema": root}}],
+        },
+    }
+
+
+HEADER = ("# Generated by `python -m kubetune_operator.crd` (make crds) from kubetune_trainer/spec.py. "
+          "Do not edit.\n")
+
+
+def render() -> str:
+    return HEADER + yaml.safe_dump(crd(), sort_keys=False, width=120)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())

@@ -1,0 +1,67 @@
+"""The operator's own Prometheus metrics (served on $KUBETUNE_METRICS_PORT, default 8080, at /metrics)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .status import Phase
+
+REGISTRY = CollectorRegistry()
+JOBS = Gauge("kubetune_operator_finetunejobs", "FineTuneJobs seen by this operator, by phase", ["phase"],
+             registry=REGISTRY)
+RECONCILES = Counter("kubetune_operator_reconciles", "Reconciles run", ["handler"], registry=REGISTRY)
+ERRORS = Counter("kubetune_operator_reconcile_errors", "Reconciles that raised", ["handler"],
+                 registry=REGISTRY)
+DURATION = Histogram("kubetune_operator_reconcile_duration_seconds", "Reconcile duration", ["handler"],
+                     registry=REGISTRY)
+GPUS = Gauge("kubetune_operator_gpus_in_use", "GPUs requested by running training workers",
+             registry=REGISTRY)
+FAILURES = Counter("kubetune_operator_finetunejob_failures", "FineTuneJobs that failed, by reason",
+                   ["reason"], registry=REGISTRY)
+
+for _phase in Phase:
+    JOBS.labels(_phase.value)
+
+_jobs: dict[str, tuple[str, int]] = {}  # uid -> (phase, GPUs in use); a metrics cache only, never state
+_lock = threading.Lock()
+
+
+def serve(port: int) -> None:
+    start_http_server(port, registry=REGISTRY)
+
+
+@contextmanager
+def track(handler: str):
+    RECONCILES.labels(handler).inc()
+    start = time.monotonic()
+    try:
+        yield
+    except Exception:
+        ERRORS.labels(handler).inc()
+        raise
+    finally:
+        DURATION.labels(handler).observe(time.monotonic() - start)
+
+
+def record(uid: str, old_phase: str | None, phase: str | None, reason: str | None, gpus: int) -> None:
+    if phase == Phase.Failed and old_phase != Phase.Failed:
+        FAILURES.labels(reason or "Unknown").inc()
+    with _lock:
+        _jobs[uid] = (phase or Phase.Pending.value, gpus)
+        _refresh()
+
+
+def forget(uid: str) -> None:
+    with _lock:
+        _jobs.pop(uid, None)
+        _refresh()
+
+
+def _refresh() -> None:
+    for p in Phase:
+        JOBS.labels(p.value).set(sum(1 for phase, _ in _jobs.values() if phase == p))
+    GPUS.set(sum(g for _, g in _jobs.values()))

@@ -1,0 +1,258 @@
+"""The FineTuneJob status: its typed model (the CRD's status schema is generated from it) and pure helpers
+that summarise observed child objects and the trainer's metrics. No API calls here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Literal
+
+from kubetune_trainer.errors import EXIT_CONFIG_INVALID, EXIT_DATA_INVALID
+from kubetune_trainer.spec import Model
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import Field
+
+
+class Phase(StrEnum):
+    Pending = "Pending"
+    Validating = "Validating"
+    Queued = "Queued"
+    Running = "Running"
+    Suspended = "Suspended"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+
+
+TERMINAL = (Phase.Succeeded, Phase.Failed)
+CONDITION_TYPES = ("Validated", "Running", "Suspended", "Succeeded", "Failed")
+
+
+class Condition(Model):
+    type: str = Field(description="Validated, Running, Suspended, Succeeded or Failed")
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(description="CamelCase reason, e.g. DatasetInvalid, BackoffLimitExceeded, Hung")
+    message: str = ""
+    last_transition_time: str = Field(description="RFC 3339 time the status last changed")
+    observed_generation: int | None = None
+
+
+class Progress(Model):
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0
+    percent: float = Field(0, ge=0, le=100)
+    eta_seconds: int | None = None
+    eta: str | None = Field(None, description="etaSeconds, for people: 1h02m")
+    text: str | None = Field(None, description="step/totalSteps (percent), for kubectl get")
+
+
+class LastCheckpoint(Model):
+    time: str = Field(description="RFC 3339 time of the last uploaded checkpoint")
+    count: int = Field(0, description="Checkpoints uploaded by the current workers")
+    uri: str = Field(description="Checkpoint prefix; runs resume from its newest complete step-* folder")
+
+
+class Result(Model):
+    adapter_uri: str = Field(description="Where the adapter (or full model) was published")
+    manifest_uri: str
+    sha256: str | None = Field(None, description="sha256 of manifest.json, when the trainer reported it")
+
+
+class FineTuneJobStatus(Model):
+    phase: Phase | None = None
+    reason: str | None = Field(None, description="Why the job is in its phase, e.g. DatasetInvalid")
+    message: str | None = None
+    observed_generation: int | None = None
+    conditions: list[Condition] | None = None
+    start_time: str | None = Field(None, description="When the first training worker started running")
+    completion_time: str | None = None
+    restarts: int | None = Field(None, description="Failed worker pods, retried up to runPolicy.backoffLimit")
+    hang_restarts: int | None = Field(None, description="Restarts after hangTimeoutSeconds with no step")
+    restarting_workers: bool | None = Field(None, description="A hang restart is suspending the workers")
+    progress: Progress | None = None
+    last_progress_time: str | None = Field(None, description="When the step count last increased")
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    tokens_per_second: float | None = None
+    tokens_trained: int | None = None
+    gpu_seconds: float | None = Field(None, description="GPU time of running workers, sampled at each resync")
+    gpu_accounted_at: str | None = None
+    last_checkpoint: LastCheckpoint | None = None
+    result: Result | None = None
+
+
+# -- time ---------------------------------------------------------------------------------------------------
+
+
+def rfc3339(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def human_duration(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+# -- conditions ---------------------------------------------------------------------------------------------
+
+
+def get_condition(status: dict, type_: str) -> dict | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
+
+
+def set_condition(status: dict, type_: str, value: bool | None, reason: str, message: str, generation: int,
+                  now: datetime) -> None:
+    """Set one condition in place; lastTransitionTime only moves when the True/False/Unknown value does."""
+    new = {"type": type_, "status": {True: "True", False: "False", None: "Unknown"}[value], "reason": reason,
+           "message": message, "observedGeneration": generation}
+    old = get_condition(status, type_)
+    same = old and old["status"] == new["status"]
+    new["lastTransitionTime"] = old["lastTransitionTime"] if same else rfc3339(now)
+    others = [c for c in status.get("conditions") or [] if c.get("type") != type_]
+    status["conditions"] = sorted([*others, new], key=lambda c: CONDITION_TYPES.index(c["type"])
+                                  if c["type"] in CONDITION_TYPES else len(CONDITION_TYPES))
+
+
+# -- child objects ------------------------------------------------------------------------------------------
+
+
+def job_finished(job: dict | None) -> dict | None:
+    """The Complete or Failed condition of a batch/v1 Job, if it has finished."""
+    for c in (job or {}).get("status", {}).get("conditions") or []:
+        if c.get("type") in ("Complete", "Failed") and c.get("status") == "True":
+            return c
+    return None
+
+
+def terminations(pods: list[dict], container: str) -> list[dict]:
+    """`state.terminated` (or lastState) of `container` in each pod, newest first."""
+    found = []
+    for pod in pods:
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            if cs.get("name") != container:
+                continue
+            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+            if term:
+                found.append({**term, "pod": pod["metadata"]["name"], "index": completion_index(pod)})
+    return sorted(found, key=lambda t: t.get("finishedAt") or "", reverse=True)
+
+
+def completion_index(pod: dict) -> str | None:
+    meta = pod.get("metadata", {})
+    return (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index") or (
+        meta.get("labels") or {}).get("batch.kubernetes.io/job-completion-index")
+
+
+PERMANENT_REASONS = {EXIT_DATA_INVALID: "DatasetInvalid", EXIT_CONFIG_INVALID: "ConfigInvalid"}
+
+
+def failure_reason(term: dict) -> str | None:
+    """DatasetInvalid/ConfigInvalid when the trainer failed on purpose: by exit code (`kubetune validate`),
+    or by its termination message's prefix, because `accelerate launch` turns every child failure into
+    exit 1."""
+    reason = PERMANENT_REASONS.get(term.get("exitCode"))
+    message = (term.get("message") or "").strip()
+    return reason or next((r for r in PERMANENT_REASONS.values() if message.startswith(f"{r}:")), None)
+
+
+def permanent_failure(pods: list[dict], container: str) -> tuple[str, str] | None:
+    """(reason, message) of the newest purposeful trainer failure among the pods, if any."""
+    for t in terminations(pods, container):
+        reason = t.get("exitCode") and failure_reason(t)
+        if reason:
+            return reason, _message(t)
+    return None
+
+
+def explain_failure(job: dict, pods: list[dict], container: str) -> tuple[str, str]:
+    """(reason, message) for a failed Job: the trainer's own reason and one-line message when it exited on
+    purpose (65/78), else the Job controller's reason with the last termination message."""
+    cond = job_finished(job) or {}
+    permanent = permanent_failure(pods, container)
+    if permanent:
+        return permanent[0], permanent[1] or cond.get("message", "")
+    ends = [t for t in terminations(pods, container) if t.get("exitCode")]
+    reason = cond.get("reason") or "Failed"
+    detail = _message(ends[0]) if ends else ""
+    message = cond.get("message") or reason
+    return reason, f"{message}: {detail}" if detail else message
+
+
+def _message(term: dict) -> str:
+    text = (term.get("message") or "").strip()
+    return text.splitlines()[-1][:1000] if text else ""
+
+
+def result_from_pods(pods: list[dict], container: str, output_uri: str) -> dict:
+    """status.result once training succeeded; the sha256 comes from rank 0's termination message when the
+    trainer writes one as JSON ({"manifestSha256": ...})."""
+    res = {"adapterUri": output_uri, "manifestUri": output_uri.rstrip("/") + "/manifest.json"}
+    for t in terminations(pods, container):
+        if t.get("exitCode") == 0 and t.get("index") in ("0", None):
+            try:
+                doc = json.loads(t.get("message") or "")
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and (doc.get("manifestSha256") or doc.get("sha256")):
+                res["sha256"] = doc.get("manifestSha256") or doc["sha256"]
+                break
+    return res
+
+
+# -- trainer metrics ----------------------------------------------------------------------------------------
+
+TRAINER_PREFIX = "kubetune_trainer_"
+
+
+def parse_trainer_metrics(text: str, job_name: str) -> dict[str, float | str]:
+    """The rank-0 trainer's /metrics text -> {"step": 12.0, ..., "phase": "training"} for this job."""
+    values: dict[str, float | str] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("finetunejob") != job_name or not sample.name.startswith(TRAINER_PREFIX):
+                continue
+            name = sample.name.removeprefix(TRAINER_PREFIX)
+            if name == "phase":
+                if sample.value == 1:
+                    values["phase"] = sample.labels.get("phase", "")
+            elif name.endswith("_created") or "gpu" in sample.labels or math.isnan(sample.value):
+                continue
+            else:
+                values[name] = sample.value
+    return values
+
+
+def apply_metrics(status: dict, m: dict, checkpoint_uri: str, now: datetime) -> None:
+    """Copy what the trainer reported into status (in place). Zero losses mean "not measured yet"."""
+    step, total = int(m.get("step", 0)), int(m.get("total_steps", 0))
+    old = status.get("progress") or {}
+    percent = round(100 * min(m.get("progress_ratio", step / total if total else 0), 1.0), 1)
+    progress = {"step": step, "totalSteps": total, "epoch": round(m.get("epoch", 0), 3), "percent": percent,
+                "text": f"{step}/{total} ({percent:g}%)" if total else None}
+    if m.get("eta_seconds") is not None and total:
+        progress["etaSeconds"] = int(m["eta_seconds"])
+        progress["eta"] = human_duration(m["eta_seconds"])
+    status["progress"] = {k: v for k, v in progress.items() if v is not None}
+    if step > old.get("step", 0) or not status.get("lastProgressTime"):
+        status["lastProgressTime"] = rfc3339(now)
+    for key, metric, cast in (("trainLoss", "train_loss", float), ("evalLoss", "validation_loss", float),
+                              ("tokensPerSecond", "tokens_per_second", float),
+                              ("tokensTrained", "tokens_trained_total", int)):
+        value = m.get(metric)
+        if value is not None and (value > 0 or key == "tokensTrained"):
+            status[key] = round(cast(value), 4) if cast is float else cast(value)
+    stamp = m.get("last_checkpoint_timestamp_seconds")
+    if stamp:
+        status["lastCheckpoint"] = {"time": rfc3339(datetime.fromtimestamp(stamp, UTC)),
+                                    "count": int(m.get("checkpoints_total", 0)), "uri": checkpoint_uri}

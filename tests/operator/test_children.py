@@ -1,0 +1,211 @@
+"""spec -> desired child objects: pure, so every contract detail is checked directly."""
+
+from __future__ import annotations
+
+import yaml
+from kubetune_operator import children
+from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.spec import FineTuneJobSpec
+
+from .builders import UID, ftj
+
+IMAGE = "registry.local/trainer:test"
+
+
+def build(spec_updates: dict | None = None, name: str = "demo"):
+    body = ftj(spec_updates, name=name)
+    return body["metadata"], FineTuneJobSpec.model_validate(body["spec"])
+
+
+def container(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(obj: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(obj)["env"]}
+
+
+def test_every_child_is_labelled_and_owned():
+    meta, spec = build()
+    objs = [
+        children.config_map(meta, spec),
+        children.validation_job(meta, spec, IMAGE),
+        children.service(meta, spec),
+        children.training_job(meta, spec, IMAGE),
+    ]
+    assert [o["metadata"]["name"] for o in objs] == [
+        "demo-config",
+        "demo-validate",
+        "demo-workers",
+        "demo-train",
+    ]
+    for obj in objs:
+        assert obj["metadata"]["namespace"] == "ml"
+        assert obj["metadata"]["labels"][children.LABEL_JOB] == "demo"
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert ref == {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "name": "demo",
+            "uid": UID,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def test_config_map_holds_the_trainer_config_and_no_secret():
+    meta, spec = build()
+    cm = children.config_map(meta, spec)
+    config = TrainerConfig.model_validate(yaml.safe_load(cm["data"]["trainer.yaml"]))
+    assert config.job_name == "demo" and config.dataset.train == "s3://data/train.jsonl"
+    assert config.storage.endpoint == "http://minio:9000"
+    assert (
+        "secretRef" not in cm["data"]["trainer.yaml"] and "s3-credentials" not in cm["data"]["trainer.yaml"]
+    )
+
+
+def test_validation_job_is_one_cpu_pod_running_kubetune_validate():
+    meta, spec = build()
+    vj = children.validation_job(meta, spec, IMAGE)
+    c, pod = container(vj), vj["spec"]["template"]["spec"]
+    assert c["command"] == ["kubetune", "validate", "--config", "/etc/kubetune/trainer.yaml"]
+    assert c["image"] == IMAGE
+    assert "nvidia.com/gpu" not in str(c["resources"])
+    assert vj["spec"].get("completions", 1) == 1 and vj["spec"]["backoffLimit"] <= 3
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    rules = vj["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "validate", "operator": "In", "values": [65, 78]},
+    }
+    assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_credentials_come_from_the_secret_as_env():
+    meta, spec = build()
+    e = env(children.validation_job(meta, spec, IMAGE))
+    assert e["AWS_ACCESS_KEY_ID"] == {
+        "secretKeyRef": {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID", "optional": False}
+    }
+    assert e["AWS_SESSION_TOKEN"]["secretKeyRef"]["optional"] is True
+
+
+def test_service_account_replaces_the_secret_and_mounts_its_token():
+    meta, spec = build({"storage": {"secretRef": None, "serviceAccountName": "trainer"}})
+    pod = children.training_job(meta, spec, IMAGE)["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "trainer" and pod["automountServiceAccountToken"] is True
+    assert "AWS_ACCESS_KEY_ID" not in env(children.training_job(meta, spec, IMAGE))
+
+
+def test_headless_service_selects_the_workers():
+    meta, spec = build()
+    svc = children.service(meta, spec)
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {children.LABEL_JOB: "demo", children.LABEL_COMPONENT: "workers"}
+    tj = children.training_job(meta, spec, IMAGE)
+    assert svc["spec"]["selector"].items() <= tj["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_training_job_is_indexed_with_rendezvous_env():
+    meta, spec = build()
+    tj = children.training_job(meta, spec, IMAGE)
+    s, pod = tj["spec"], tj["spec"]["template"]["spec"]
+    assert (s["completions"], s["parallelism"], s["completionMode"]) == (2, 2, "Indexed")
+    assert pod["subdomain"] == "demo-workers" and pod["restartPolicy"] == "Never"
+    e = env(tj)
+    assert e["MASTER_ADDR"] == "demo-train-0.demo-workers" and e["MASTER_PORT"] == "29500"
+    assert e["WORLD_SIZE"] == "2" and e["NODE_RANK"] == "$(JOB_COMPLETION_INDEX)"
+    assert "job-completion-index" in e["JOB_COMPLETION_INDEX"]["fieldRef"]["fieldPath"]
+    assert container(tj)["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert {"name": "metrics", "containerPort": 9400} in container(tj)["ports"]
+    assert pod["automountServiceAccountToken"] is False and pod["securityContext"]["runAsNonRoot"] is True
+    assert s["suspend"] is False and s["backoffLimit"] == 3
+    rules = s["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [65, 78]
+    assert rules[1] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+
+
+def test_accelerate_args():
+    args = children.accelerate_args("demo", build()[1])
+    assert args[:4] == ["--num_machines", "2", "--num_processes", "2"]
+    assert args[args.index("--machine_rank") + 1] == "$(JOB_COMPLETION_INDEX)"
+    assert args[args.index("--main_process_ip") + 1] == "demo-train-0.demo-workers"
+    assert "--main_process_port" in args and "--multi_gpu" in args
+    assert args[-5:] == ["-m", "kubetune_trainer", "train", "--config", "/etc/kubetune/trainer.yaml"]
+    one = children.accelerate_args("demo", build({"resources": {"workers": 1, "gpusPerWorker": 1}})[1])
+    assert "--multi_gpu" not in one and "--machine_rank" not in one
+    four = children.accelerate_args("demo", build({"resources": {"workers": 2, "gpusPerWorker": 4}})[1])
+    assert four[3] == "8" and "--multi_gpu" in four
+    cpu = children.accelerate_args("demo", build({"resources": {"workers": 1, "gpusPerWorker": 0}})[1])
+    assert "--cpu" in cpu
+    meta, spec = build({"resources": {"workers": 2, "gpusPerWorker": 0}})
+    cpus = children.accelerate_args("demo", spec)
+    assert "--cpu" in cpus and "--multi_gpu" not in cpus and cpus[3] == "2"
+    e = env(children.training_job(meta, spec, IMAGE))
+    assert e["RANK"] == "$(JOB_COMPLETION_INDEX)" and e["LOCAL_RANK"] == "0" and e["WORLD_SIZE"] == "2"
+    assert "RANK" not in env(children.training_job(*build(), IMAGE))
+
+
+def test_scheduling_run_policy_and_kueue():
+    meta, spec = build(
+        {
+            "resources": {
+                "workers": 1,
+                "gpusPerWorker": 8,
+                "gpuResourceName": "amd.com/gpu",
+                "cpu": "16",
+                "memory": "128Gi",
+                "nodeSelector": {"gpu": "h100"},
+                "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "affinity": {"nodeAffinity": {}},
+            },
+            "runPolicy": {"backoffLimit": 1, "activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 60},
+            "scheduling": {"priorityClassName": "training", "queueName": "team-a"},
+        }
+    )
+    tj = children.training_job(meta, spec, IMAGE)
+    s, pod = tj["spec"], tj["spec"]["template"]["spec"]
+    assert container(tj)["resources"] == {
+        "requests": {"cpu": "16", "memory": "128Gi"},
+        "limits": {"memory": "128Gi", "amd.com/gpu": "8"},
+    }
+    assert pod["nodeSelector"] == {"gpu": "h100"} and pod["affinity"] == {"nodeAffinity": {}}
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["priorityClassName"] == "training"
+    assert tj["metadata"]["labels"][children.LABEL_QUEUE] == "team-a"
+    assert s["suspend"] is True  # Kueue admits it by unsuspending
+    assert (s["backoffLimit"], s["activeDeadlineSeconds"], s["ttlSecondsAfterFinished"]) == (1, 7200, 60)
+
+
+def test_user_suspend_creates_a_suspended_job():
+    meta, spec = build({"runPolicy": {"suspend": True}})
+    assert children.training_job(meta, spec, IMAGE)["spec"]["suspend"] is True
+
+
+def test_spec_image_overrides_the_default():
+    meta, spec = build({"image": "my/trainer:1"})
+    assert container(children.training_job(meta, spec, IMAGE))["image"] == "my/trainer:1"
+
+
+def test_default_image_from_env(monkeypatch):
+    monkeypatch.delenv("KUBETUNE_TRAINER_IMAGE", raising=False)
+    assert children.default_image() == "ghcr.io/kubetune/trainer:0.1.0"
+    monkeypatch.setenv("KUBETUNE_TRAINER_IMAGE", "x/y:z")
+    assert children.default_image() == "x/y:z"
+
+
+def test_pvc_uris_mount_their_claims():
+    meta, spec = build(
+        {"dataset": {"train": "pvc://datasets/support/train.jsonl"}, "output": {"uri": "pvc://outputs/demo/"}}
+    )
+    assert children.pvc_claims(spec) == ["datasets", "outputs"]
+    pod = children.training_job(meta, spec, IMAGE)["spec"]["template"]["spec"]
+    mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert {"/mnt/pvc/datasets", "/mnt/pvc/outputs", "/etc/kubetune", "/tmp/kubetune", "/dev/shm"} <= mounts
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {"datasets", "outputs"}

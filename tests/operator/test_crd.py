@@ -1,0 +1,128 @@
+"""The CRD: generated from the typed API, committed, structural, with CEL rules and printer columns."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from kubetune_operator import crd
+from kubetune_trainer.spec import FineTuneJob
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
+INVALID = sorted((ROOT / "examples" / "invalid").glob("*.yaml"))
+
+
+def walk(node: dict, path: str = ""):
+    yield path, node
+    for name, child in (node.get("properties") or {}).items():
+        yield from walk(child, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        yield from walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def version() -> dict:
+    return crd.crd()["spec"]["versions"][0]
+
+
+def test_committed_crd_matches_the_generator():
+    assert CRD_FILE.read_text() == crd.render(), "crds/ is stale: run `make crds`"
+
+
+def test_schema_is_structural():
+    root = version()["schema"]["openAPIV3Schema"]
+    for path, node in walk(root):
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"{path}: no type"
+        for banned in ("$ref", "anyOf", "oneOf", "allOf", "$defs", "title", "nullable"):
+            assert banned not in node, f"{path}: {banned}"
+        assert not ("additionalProperties" in node and "properties" in node), path
+        if "default" in node:
+            assert node["default"] is not None, path
+        for key in ("exclusiveMinimum", "exclusiveMaximum"):
+            assert isinstance(node.get(key, True), bool), f"{path}: {key} must be a boolean in OpenAPI v3.0"
+        for rule in node.get("x-kubernetes-validations", []):
+            assert rule["rule"] and rule["message"], path
+
+
+def test_names_scope_subresources_and_columns():
+    spec = crd.crd()["spec"]
+    assert spec["group"] == "kubetune.io" and spec["scope"] == "Namespaced"
+    assert spec["names"]["shortNames"] == ["ftj"] and spec["names"]["categories"]
+    v = version()
+    assert v["name"] == "v1alpha1" and v["storage"] and v["subresources"] == {"status": {}}
+    names = [c["name"] for c in v["additionalPrinterColumns"] if not c.get("priority")]
+    assert names == ["Phase", "Progress", "Loss", "Eval Loss", "ETA", "Age"]
+    status = v["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
+    for column in v["additionalPrinterColumns"]:
+        parts = column["jsonPath"].lstrip(".").split(".")
+        if parts[0] == "status":  # every column points at a field the status schema declares
+            node = {"properties": status}
+            for part in parts[1:]:
+                node = node["properties"][part]
+
+
+def test_defaults_enums_bounds_and_descriptions():
+    spec = version()["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert spec["method"]["default"] == {}
+    assert spec["method"]["properties"]["type"]["enum"] == ["lora", "qlora", "full"]
+    assert spec["method"]["properties"]["lora"]["properties"]["targetModules"]["default"] == ["all-linear"]
+    keep = spec["checkpoint"]["properties"]["keep"]
+    assert keep["minimum"] == 1 and keep["default"] == 2
+    lr = spec["hyperparameters"]["properties"]["learningRate"]
+    assert lr["minimum"] == 0 and lr["exclusiveMinimum"] is True and lr["maximum"] == 1
+    assert spec["resources"]["properties"]["affinity"]["x-kubernetes-preserve-unknown-fields"] is True
+    assert "description" in spec["dataset"]["properties"]["train"]
+    assert "nvidia.com/gpu" == spec["resources"]["properties"]["gpuResourceName"]["default"]
+
+
+def test_cel_rules_cover_the_cross_field_contract():
+    rules = " ".join(
+        r["message"]
+        for _, node in walk(version()["schema"]["openAPIV3Schema"])
+        for r in node.get("x-kubernetes-validations", [])
+    )
+    for needle in (
+        "epochs or maxSteps",
+        "qlora needs GPUs",
+        "baseModel.uri must be an s3://, hf:// or pvc://",
+        "dataset.train must be an s3:// or pvc://",
+        "output.uri must be an s3:// or pvc://",
+        "secretRef or serviceAccountName",
+        "metadata.name",
+    ):
+        assert needle in rules
+
+
+def test_status_conditions_are_a_map_list():
+    status = version()["schema"]["openAPIV3Schema"]["properties"]["status"]
+    conditions = status["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map" and conditions["x-kubernetes-list-map-keys"] == [
+        "type"
+    ]
+    assert status["properties"]["phase"]["enum"][0] == "Pending"
+
+
+def test_valid_example_parses_with_the_typed_api():
+    FineTuneJob.model_validate(yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text()))
+
+
+@pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_examples_say_what_the_api_server_answers(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# Refused by the API server: "), "first line names the expected message"
+    assert yaml.safe_load(path.read_text())["kind"] == "FineTuneJob"
+
+
+def test_openapi_collapses_optional_and_refs():
+    defs = {"Thing": {"type": "object", "title": "Thing", "properties": {"a": {"type": "integer"}}}}
+    node = {"anyOf": [{"$ref": "#/$defs/Thing"}, {"type": "null"}], "default": None, "description": "d"}
+    assert crd.openapi(node, defs) == {
+        "type": "object",
+        "description": "d",
+        "properties": {"a": {"type": "integer"}},
+    }
+    with pytest.raises(ValueError):
+        crd.openapi({"anyOf": [{"type": "string"}, {"type": "integer"}]}, {})

@@ -1,0 +1,429 @@
+"""The operator end to end: the real API server (CEL, defaults, status subresource), the process node agent,
+the operator as `python -m kubetune_operator` and the trainer's `kubetune validate` in a pod.
+
+Needs the control plane binaries (`make control-plane`). Training runs use tests/operator/fake_trainer.py
+as the image's entrypoint (see the `fake_trainer` fixture); the run with the real trainer goes next to them,
+with a rule mapping the trainer image to `accelerate launch` (and `submit()`, `wait_phase()`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from kubetune_trainer.config import StorageEndpoint
+from kubetune_trainer.s3server import FAKE_CREDENTIALS
+from kubetune_trainer.storage import Storage
+
+from tests.datafixtures import tiny_tokenizer
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+pytest_plugins = ["kubetune_cluster.pytest_plugin", "kubetune_cluster.agent_fixtures", "tests.s3fixtures"]
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD = ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
+INVALID = sorted((ROOT / "examples" / "invalid").glob("*.yaml"))
+KUBECTL = shutil.which("kubectl", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+IMAGE = "ghcr.io/kubetune/trainer:e2e"  # the node agent runs every image from this repo's .venv
+
+
+def kubectl(cp, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run([KUBECTL, "--kubeconfig", str(cp.kubeconfig), *args], input=stdin,
+                         capture_output=True, text=True, timeout=120)
+    if check and out.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)}: {out.stderr}")
+    return out
+
+
+def get_json(cp, *args: str) -> dict:
+    return json.loads(kubectl(cp, "get", *args, "-o", "json").stdout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            return resp.status, resp.read().decode()
+    except OSError:
+        return 0, ""
+
+
+def wait_for(what: str, predicate, timeout: float = 180, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+@pytest.fixture(scope="module")
+def crd(control_plane):
+    kubectl(control_plane, "apply", "--server-side", "-f", str(CRD))
+    def established() -> bool:
+        crd = get_json(control_plane, "crd", "finetunejobs.kubetune.io")
+        return any(c["type"] == "Established" and c["status"] == "True"
+                   for c in crd.get("status", {}).get("conditions", []))
+
+    wait_for("the CRD to be established", established, timeout=60)
+
+
+class Operator:
+    """`python -m kubetune_operator` as a subprocess; restart() kills it and starts a new one."""
+
+    def __init__(self, env: dict, log: Path):
+        self.env, self.log = env, log
+        self.health = f"http://127.0.0.1:{env['KUBETUNE_HEALTH_PORT']}/healthz"
+        self.metrics = f"http://127.0.0.1:{env['KUBETUNE_METRICS_PORT']}/metrics"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("a") as out:
+            cmd = [sys.executable, "-m", "kubetune_operator", "--all-namespaces", "-v"]
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        wait_for("the operator's liveness endpoint", lambda: self.proc.poll() is not None or
+                 http_get(self.health)[0] == 200, timeout=60)
+        assert self.proc.poll() is None, self.log.read_text()[-3000:]
+
+    def stop(self, kill: bool = False) -> None:
+        if kill:
+            self.proc.kill()
+        else:
+            self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def metrics_text(self) -> str:
+        return http_get(self.metrics)[1]
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, crd, tmp_path_factory):
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    env = {**control_plane.env(), "KUBETUNE_HEALTH_PORT": str(free_port()),
+           "KUBETUNE_METRICS_PORT": str(free_port()), "KUBETUNE_RESYNC_SECONDS": "1",
+           "KUBETUNE_TRAINER_IMAGE": IMAGE}
+    op = Operator(env, log)
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        print(f"operator log: {log}")
+
+
+def submit(cp, namespace: str, name: str, spec: dict) -> None:
+    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
+           "spec": spec}
+    kubectl(cp, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(doc))
+
+
+def wait_phase(cp, namespace: str, name: str, phases: tuple[str, ...], timeout: float = 240) -> dict:
+    def reached():
+        ftj = get_json(cp, "ftj", "-n", namespace, name)
+        return ftj if ftj.get("status", {}).get("phase") in phases else None
+
+    return wait_for(f"FineTuneJob {name} to reach {phases}", reached, timeout=timeout)
+
+
+# -- the API: CRD schema and CEL -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_manifests_are_refused_with_the_cel_message(control_plane, crd, namespace, path):
+    expected = path.read_text().splitlines()[0].removeprefix("# Refused by the API server: ")
+    out = kubectl(control_plane, "apply", "-n", namespace, "-f", str(path), check=False)
+    assert out.returncode != 0, f"{path.name} was accepted"
+    assert expected in out.stderr, out.stderr
+
+
+def test_valid_example_is_accepted_and_defaulted(control_plane, crd, namespace):
+    out = kubectl(control_plane, "apply", "-n", namespace, "--dry-run=server", "-o", "json",
+                  "-f", str(ROOT / "examples" / "finetunejob.yaml"))
+    spec = json.loads(out.stdout)["spec"]
+    assert spec["hyperparameters"]["scheduler"] == "cosine" and spec["hyperparameters"]["epochs"] == 3
+    assert spec["runPolicy"]["suspend"] is False and spec["scheduling"] == {}
+    assert spec["resources"]["gpuResourceName"] == "nvidia.com/gpu"
+    assert spec["method"]["lora"]["targetModules"] == ["all-linear"]
+
+
+def test_printer_columns(control_plane, crd, namespace):
+    doc = yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())
+    kubectl(control_plane, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(doc))
+    header = kubectl(control_plane, "get", "ftj", "-n", namespace).stdout.splitlines()[0].split()
+    assert header[:5] == ["NAME", "PHASE", "PROGRESS", "LOSS", "EVAL"]
+
+
+# -- the operator -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_inputs(s3_server, bucket, tmp_path):
+    """A tokenizer-only base model (validation loads no weights) and a training split with a bad line 2."""
+    storage = Storage(StorageEndpoint(endpoint=s3_server.endpoint))
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    storage.upload_dir(tmp_path / "model", f"s3://{bucket}/model/")
+    bad, good = tmp_path / "bad.jsonl", tmp_path / "good.jsonl"
+    bad.write_text('{"text": "a fine record"}\nthis is not json\n')
+    good.write_text("".join(json.dumps({"text": f"record number {i} is fine"}) + "\n" for i in range(8)))
+    storage.upload_file(bad, f"s3://{bucket}/data/bad.jsonl")
+    storage.upload_file(good, f"s3://{bucket}/data/good.jsonl")
+    return {"model": f"s3://{bucket}/model/", "bad": f"s3://{bucket}/data/bad.jsonl",
+            "good": f"s3://{bucket}/data/good.jsonl", "output": f"s3://{bucket}/out/",
+            "endpoint": s3_server.endpoint}
+
+
+def credentials(cp, namespace: str) -> None:
+    literals = [f"--from-literal={k}={v}" for k, v in FAKE_CREDENTIALS.items() if k.startswith("AWS_")]
+    kubectl(cp, "create", "secret", "generic", "s3-credentials", "-n", namespace, *literals)
+
+
+def test_bad_dataset_fails_on_cpu_without_a_gpu_job(control_plane, node_agent, namespace, operator,
+                                                    s3_inputs):
+    credentials(control_plane, namespace)
+    submit(control_plane, namespace, "bad-data", {
+        "baseModel": {"uri": s3_inputs["model"]}, "dataset": {"train": s3_inputs["bad"]},
+        "output": {"uri": s3_inputs["output"]}, "hyperparameters": {"maxSteps": 4},
+        "storage": {"endpoint": s3_inputs["endpoint"], "secretRef": {"name": "s3-credentials"}},
+        "resources": {"workers": 1, "gpusPerWorker": 1},
+    })
+    ftj = wait_phase(control_plane, namespace, "bad-data", ("Failed", "Succeeded", "Running"))
+    status = ftj["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "DatasetInvalid"), status
+    assert "bad.jsonl:2" in status["message"] and "invalid JSON" in status["message"]
+    validated = next(c for c in status["conditions"] if c["type"] == "Validated")
+    assert (validated["status"], validated["reason"]) == ("False", "DatasetInvalid")
+    assert status["observedGeneration"] == ftj["metadata"]["generation"]
+
+    jobs = [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"]]
+    assert jobs == ["bad-data-validate"], "no training Job (no GPU) for invalid data"
+    time.sleep(3)  # a few more resyncs: still none
+    jobs = [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"]]
+    assert jobs == ["bad-data-validate"]
+    vjob = get_json(control_plane, "job", "-n", namespace, "bad-data-validate")
+    assert vjob["metadata"]["ownerReferences"][0]["uid"] == ftj["metadata"]["uid"]
+
+    events = get_json(control_plane, "events", "-n", namespace,
+                      "--field-selector", "involvedObject.name=bad-data")["items"]
+    assert any(e["reason"] == "DatasetInvalid" and e["type"] == "Warning" for e in events)
+    cm = get_json(control_plane, "configmap", "-n", namespace, "bad-data-config")
+    assert FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(cm)
+    assert FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(ftj)
+    assert 'kubetune_operator_finetunejob_failures_total{reason="DatasetInvalid"}' in operator.metrics_text()
+
+
+def test_deleting_the_job_collects_its_children(control_plane, node_agent, namespace, operator):
+    submit(control_plane, namespace, "short-lived", {
+        "baseModel": {"uri": "s3://nowhere/model/"}, "dataset": {"train": "s3://nowhere/train.jsonl"},
+        "output": {"uri": "s3://nowhere/out/"}, "runPolicy": {"suspend": True}})
+    wait_for("the ConfigMap", lambda: kubectl(control_plane, "get", "configmap", "-n", namespace,
+                                              "short-lived-config", check=False).returncode == 0)
+    kubectl(control_plane, "delete", "ftj", "-n", namespace, "short-lived", "--wait=true")
+    wait_for("garbage collection", lambda: kubectl(control_plane, "get", "configmap", "-n", namespace,
+                                                   "short-lived-config", check=False).returncode != 0)
+
+
+# -- training, with a stand-in trainer (tests/operator/fake_trainer.py) --------------------------------------
+
+FAKE_IMAGE = "ghcr.io/kubetune/trainer:fake"
+
+
+@pytest.fixture
+def fake_trainer(node_agent):
+    """Map FAKE_IMAGE to fake_trainer.py on the node agent for this test (the real image runs
+    `accelerate launch`; the full run with the real trainer replaces this in its own test)."""
+    from kubetune_cluster.agent_pod import ImageRule
+
+    rule = ImageRule(match=FAKE_IMAGE, path=[str(Path(sys.executable).parent)], working_dir=str(ROOT),
+                     entrypoint=[sys.executable, str(Path(__file__).with_name("fake_trainer.py"))])
+    node_agent.image_rules.insert(0, rule)
+    yield FAKE_IMAGE
+    node_agent.image_rules.remove(rule)
+
+
+def training_spec(s3_inputs: dict, image: str, **extra) -> dict:
+    return {"baseModel": {"uri": s3_inputs["model"]}, "dataset": {"train": s3_inputs["good"]},
+            "output": {"uri": s3_inputs["output"]}, "image": image,
+            "storage": {"endpoint": s3_inputs["endpoint"], "secretRef": {"name": "s3-credentials"}},
+            "resources": {"workers": 2, "gpusPerWorker": 1}, **extra}
+
+
+def training_job_pods(cp, namespace: str, name: str) -> list[dict]:
+    selector = f"kubetune.io/finetunejob={name},app.kubernetes.io/component=workers"
+    return get_json(cp, "pods", "-n", namespace, "-l", selector)["items"]
+
+
+def test_training_runs_reports_progress_and_succeeds(control_plane, node_agent, namespace, operator,
+                                                     s3_inputs, fake_trainer):
+    credentials(control_plane, namespace)
+    submit(control_plane, namespace, "train-ok",
+           training_spec(s3_inputs, fake_trainer, hyperparameters={"maxSteps": 8}))
+    running = wait_phase(control_plane, namespace, "train-ok", ("Running", "Failed"))
+    assert running["status"]["phase"] == "Running", running["status"]
+    validated = next(c for c in running["status"]["conditions"] if c["type"] == "Validated")
+    assert validated["status"] == "True" and "samples" in validated["message"]
+
+    def progressed():
+        status = get_json(control_plane, "ftj", "-n", namespace, "train-ok")["status"]
+        return status if status.get("progress", {}).get("step", 0) >= 2 else None
+
+    status = wait_for("progress from the trainer's metrics", progressed, timeout=60)
+    assert status["progress"]["totalSteps"] == 8 and status["trainLoss"] > 0
+    assert status["tokensTrained"] > 0 and status["startTime"]
+    assert "/8 (" in kubectl(control_plane, "get", "ftj", "-n", namespace, "train-ok").stdout
+    assert "kubetune_operator_gpus_in_use 2.0" in operator.metrics_text()
+
+    done = wait_phase(control_plane, namespace, "train-ok", ("Succeeded", "Failed"), timeout=120)
+    status = done["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["result"] == {"adapterUri": s3_inputs["output"], "sha256": "0" * 63 + "1",
+                                "manifestUri": s3_inputs["output"] + "manifest.json"}
+    assert status["progress"]["step"] == 8 and status["evalLoss"] == 2.5
+    assert status["lastCheckpoint"]["count"] == 1 and status["gpuSeconds"] > 0 and status["completionTime"]
+    jobs = sorted(j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"])
+    assert jobs == ["train-ok-train", "train-ok-validate"]
+    pods = training_job_pods(control_plane, namespace, "train-ok")
+    assert sorted(p["spec"]["hostname"] for p in pods) == ["train-ok-train-0", "train-ok-train-1"]
+    logs = node_agent.logs(namespace, next(p["metadata"]["name"] for p in pods
+                                           if p["spec"]["hostname"].endswith("-1")))
+    start = json.loads(logs.splitlines()[0])
+    assert start["rank"] == 1 and start["env"]["MASTER_ADDR"] == "train-ok-train-0.train-ok-workers"
+    assert start["env"]["NODE_RANK"] == "1" and start["env"]["AWS_ACCESS_KEY_ID"] == "kubetune-local"
+    reasons = {e["reason"] for e in get_json(control_plane, "events", "-n", namespace,
+                                             "--field-selector", "involvedObject.name=train-ok")["items"]}
+    assert {"Created", "Training", "Completed"} <= reasons
+
+
+def test_suspend_stops_the_workers_and_resume_restarts_them(control_plane, node_agent, namespace, operator,
+                                                            s3_inputs, fake_trainer):
+    credentials(control_plane, namespace)
+    submit(control_plane, namespace, "pausable",
+           training_spec(s3_inputs, fake_trainer, hyperparameters={"maxSteps": 600}))
+    wait_phase(control_plane, namespace, "pausable", ("Running", "Failed"))
+    kubectl(control_plane, "patch", "ftj", "-n", namespace, "pausable", "--type=merge",
+            "-p", '{"spec": {"runPolicy": {"suspend": true}}}')
+    wait_phase(control_plane, namespace, "pausable", ("Suspended",), timeout=60)
+    wait_for("the workers to stop", lambda: not [
+        p for p in training_job_pods(control_plane, namespace, "pausable")
+        if p.get("status", {}).get("phase") in ("Running", "Pending")], timeout=60)
+    job = get_json(control_plane, "job", "-n", namespace, "pausable-train")
+    assert job["spec"]["suspend"] is True and not job["status"].get("failed")
+    kubectl(control_plane, "patch", "ftj", "-n", namespace, "pausable", "--type=merge",
+            "-p", '{"spec": {"runPolicy": {"suspend": false}}}')
+    status = wait_phase(control_plane, namespace, "pausable", ("Running",), timeout=90)["status"]
+    assert get_json(control_plane, "job", "-n", namespace, "pausable-train")["spec"]["suspend"] is False
+    assert next(c for c in status["conditions"] if c["type"] == "Suspended")["status"] == "False"
+    kubectl(control_plane, "delete", "ftj", "-n", namespace, "pausable", "--wait=true")
+
+
+def test_hung_workers_are_restarted_once_then_the_job_fails(control_plane, node_agent, namespace, operator,
+                                                            s3_inputs, fake_trainer):
+    credentials(control_plane, namespace)
+    submit(control_plane, namespace, "hang-twice", training_spec(
+        s3_inputs, fake_trainer, hyperparameters={"maxSteps": 50}, runPolicy={"hangTimeoutSeconds": 30}))
+    wait_for("a hang restart", lambda: get_json(control_plane, "ftj", "-n", namespace, "hang-twice")
+             .get("status", {}).get("hangRestarts") == 1, timeout=180)
+    status = wait_phase(control_plane, namespace, "hang-twice", ("Failed", "Succeeded"), 180)["status"]
+    assert (status["phase"], status["reason"], status["hangRestarts"]) == ("Failed", "Hung", 1), status
+    job = get_json(control_plane, "job", "-n", namespace, "hang-twice-train")
+    assert job["spec"]["suspend"] is True and not job["status"].get("failed")  # not counted as failures
+    reasons = [e["reason"] for e in get_json(control_plane, "events", "-n", namespace,
+                                             "--field-selector", "involvedObject.name=hang-twice")["items"]]
+    assert "WorkersHung" in reasons and "Hung" in reasons
+
+
+def test_an_operator_restart_creates_no_duplicates(control_plane, node_agent, namespace, operator,
+                                                   s3_inputs, fake_trainer):
+    credentials(control_plane, namespace)
+    submit(control_plane, namespace, "survivor",
+           training_spec(s3_inputs, fake_trainer, hyperparameters={"maxSteps": 12}))
+    wait_phase(control_plane, namespace, "survivor", ("Running", "Failed"))
+    before = {j["metadata"]["name"]: j["metadata"]["uid"]
+              for j in get_json(control_plane, "jobs", "-n", namespace)["items"]}
+    operator.stop(kill=True)  # mid-run, no goodbye
+    operator.start()
+    status = wait_phase(control_plane, namespace, "survivor", ("Succeeded", "Failed"), 120)["status"]
+    assert status["phase"] == "Succeeded", status
+    after = {j["metadata"]["name"]: j["metadata"]["uid"]
+             for j in get_json(control_plane, "jobs", "-n", namespace)["items"]}
+    assert after == before and sorted(after) == ["survivor-train", "survivor-validate"]
+    for kind in ("configmaps", "services"):
+        selector = "kubetune.io/finetunejob=survivor"
+        assert len(get_json(control_plane, kind, "-n", namespace, "-l", selector)["items"]) == 1
+
+
+# -- the real trainer ---------------------------------------------------------------------------------------
+
+REAL_IMAGE = "ghcr.io/kubetune/trainer:local"
+
+
+@pytest.fixture
+def real_trainer(node_agent):
+    """The trainer image's entrypoint, `kubetune launch` (accelerate launch), from this repo's .venv."""
+    from kubetune_cluster.agent_pod import ImageRule
+
+    venv_bin = Path(sys.executable).parent
+    rule = ImageRule(match=REAL_IMAGE, path=[str(venv_bin)], working_dir=str(ROOT),
+                     entrypoint=[str(venv_bin / "kubetune"), "launch"])
+    node_agent.image_rules.insert(0, rule)
+    yield REAL_IMAGE
+    node_agent.image_rules.remove(rule)
+
+
+@pytest.fixture
+def tiny_model(s3_server, bucket, tmp_path):
+    from kubetune_trainer.demo_data import generic_texts, write_support_dataset
+    from kubetune_trainer.tiny import make_tiny_base
+
+    storage = Storage(StorageEndpoint(endpoint=s3_server.endpoint))
+    base = make_tiny_base(tmp_path / "tiny", generic_texts(50), vocab_size=512, hidden_size=32, layers=1,
+                          heads=2)
+    storage.upload_dir(base, f"s3://{bucket}/model/")
+    data = write_support_dataset(tmp_path / "data", train=32, validation=8, test=8)
+    for split, path in data.items():
+        storage.upload_file(path, f"s3://{bucket}/data/{split}.jsonl")
+    return {"model": f"s3://{bucket}/model/", "data": f"s3://{bucket}/data/", "output": f"s3://{bucket}/out/",
+            "endpoint": s3_server.endpoint}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_real_training_on_cpu_workers(control_plane, node_agent, namespace, operator, tiny_model,
+                                      real_trainer, workers):
+    credentials(control_plane, namespace)
+    d = tiny_model["data"]
+    submit(control_plane, namespace, "real", {
+        "baseModel": {"uri": tiny_model["model"]}, "image": real_trainer,
+        "dataset": {"train": f"{d}train.jsonl", "validation": f"{d}validation.jsonl",
+                    "test": f"{d}test.jsonl"},
+        "hyperparameters": {"maxSteps": 4, "batchSize": 2, "maxSeqLength": 256, "loggingSteps": 1},
+        "checkpoint": {"everySteps": 2}, "output": {"uri": tiny_model["output"]},
+        "storage": {"endpoint": tiny_model["endpoint"], "secretRef": {"name": "s3-credentials"}},
+        "resources": {"workers": workers, "gpusPerWorker": 0},
+    })
+    status = wait_phase(control_plane, namespace, "real", ("Succeeded", "Failed"), timeout=420)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["result"]["manifestUri"] == tiny_model["output"] + "manifest.json"
+    manifest = Storage(StorageEndpoint(endpoint=tiny_model["endpoint"])).get_json(
+        status["result"]["manifestUri"])
+    assert manifest["steps"] == 4 and manifest["processes"] == workers
+    assert status["startTime"] and status["completionTime"] and status["restarts"] == 0
