@@ -1,0 +1,107 @@
+{{/* Chart name. */}}
+{{- define "kubetune.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: <release>-<chart>, or <release> when it already contains the chart name. */}}
+{{- define "kubetune.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetune.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Common labels. */}}
+{{- define "kubetune.labels" -}}
+helm.sh/chart: {{ include "kubetune.chart" . }}
+{{ include "kubetune.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubetune
+{{- end }}
+
+{{/* Selector labels of the operator pods. */}}
+{{- define "kubetune.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "kubetune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kubetune.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the metrics Service; also the `job` label Prometheus gives the operator's series. */}}
+{{- define "kubetune.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "kubetune.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* image reference from {repository, tag, digest} and a default tag. */}}
+{{- define "kubetune.imageRef" -}}
+{{- $image := index . 0 }}
+{{- $defaultTag := index . 1 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default $defaultTag $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetune.operatorImage" -}}
+{{- include "kubetune.imageRef" (list .Values.image .Chart.AppVersion) }}
+{{- end }}
+
+{{- define "kubetune.trainerImage" -}}
+{{- include "kubetune.imageRef" (list .Values.trainer.image .Chart.AppVersion) }}
+{{- end }}
+
+{{/* Namespaces whose trainer pods the PodMonitor scrapes: [] means all. */}}
+{{- define "kubetune.podMonitorNamespaces" -}}
+{{- toJson (default .Values.watchNamespaces .Values.podMonitor.namespaces) }}
+{{- end }}
+
+{{/*
+RBAC rules on namespaced resources: in a ClusterRole (all namespaces) or in a Role per watched namespace.
+Exactly the calls the operator makes: docs/operator.md, section RBAC (a test keeps the two equal).
+*/}}
+{{- define "kubetune.namespacedRules" -}}
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs/status"]
+  verbs: ["get", "patch", "update"]
+# children carry blockOwnerDeletion owner references
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "create"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}

@@ -1,0 +1,33 @@
+# Helm chart, Grafana dashboard, alerts and container images (included by the top-level Makefile).
+HELM ?= $(VENV)/bin/helm
+HADOLINT ?= $(VENV)/bin/hadolint
+PROMTOOL ?= promtool
+CHART := charts/kubetune
+ALERTS_DIR := .work/alerts
+
+.PHONY: chart-crds dashboard alerts lint-chart lint-images
+
+# The chart's crds/ = the generated crds/ + kopf's peering CRDs (kopf.dev_peerings.yaml, vendored).
+chart-crds: ## Copy the generated CRDs (crds/) into the chart (charts/kubetune/crds/)
+	find $(CHART)/crds -name '*.yaml' ! -name kopf.dev_peerings.yaml -delete
+	cp crds/*.yaml $(CHART)/crds/
+
+dashboard: venv ## Regenerate the Grafana dashboard JSON from operator/kubetune_dashboard
+	$(PY) -m kubetune_dashboard > $(CHART)/dashboards/kubetune.json.tmp
+	mv $(CHART)/dashboards/kubetune.json.tmp $(CHART)/dashboards/kubetune.json
+
+alerts: venv ## Render the chart's alerts as a plain rules file and check them with promtool (check + unit tests)
+	@mkdir -p $(ALERTS_DIR)
+	$(PY) -m kubetune_dashboard.alerts > $(ALERTS_DIR)/kubetune.rules.yaml
+	cp tests/chart/alerts_test.yaml $(ALERTS_DIR)/
+	$(PROMTOOL) check rules $(ALERTS_DIR)/kubetune.rules.yaml
+	cd $(ALERTS_DIR) && $(PROMTOOL) test rules alerts_test.yaml
+
+lint-chart: venv ## helm lint the chart (default and every optional part on)
+	$(HELM) lint --strict $(CHART)
+	$(HELM) lint --strict $(CHART) --set replicas=2 --set peering.create=true \
+	  --set 'watchNamespaces={team-a,team-b}' --set serviceMonitor.enabled=true \
+	  --set podMonitor.enabled=true --set prometheusRule.enabled=true
+
+lint-images: venv ## hadolint both Dockerfiles
+	$(HADOLINT) Dockerfile trainer-image/Dockerfile
