@@ -164,3 +164,20 @@ def test_qlora_without_gpu_is_a_clear_permanent_error(make_config, trainer_env, 
                           timeout=300)
     assert done.returncode == EXIT_CONFIG_INVALID
     assert "qlora needs a CUDA GPU" in done.stderr
+
+
+def test_run_cli_trains_a_finetunejob_manifest(uploaded, s3, storage, trainer_env, tmp_path):
+    import yaml
+
+    manifest = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "local-run"},
+                "spec": {"baseModel": {"uri": uploaded["model"]}, "dataset": uploaded["data"],
+                         "hyperparameters": {"maxSteps": 4, "batchSize": 4, "maxSeqLength": 128},
+                         "output": {"uri": "s3://adapters/local-run/"}, "storage": {"endpoint": s3.endpoint}}}
+    path = tmp_path / "finetunejob.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    done = subprocess.run([sys.executable, "-m", "kubetune_trainer", "run", str(path), "--work-dir",
+                           str(tmp_path / "work"), "--metrics-port", "-1"], env=trainer_env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "published s3://adapters/local-run/ (4 steps, test loss" in done.stdout
+    assert storage.get_json("s3://adapters/local-run/manifest.json")["steps"] == 4
