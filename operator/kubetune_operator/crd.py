@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 import yaml
-from kubetune_trainer.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+from kubetune_trainer.spec import API_GROUP, API_VERSION, KIND, QLORA_FSDP, FineTuneJobSpec
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
 
@@ -39,6 +39,10 @@ RULES: dict[str, list[dict]] = {
                  "self.resources.gpusPerWorker >= 1",
          "message": "method.type qlora needs GPUs: set resources.gpusPerWorker to 1 or more, or use lora",
          "fieldPath": ".method.type"},
+        {"rule": "!has(self.method) || !has(self.method.type) || self.method.type != 'qlora' || "
+                 "!has(self.hyperparameters) || !has(self.hyperparameters.strategy) || "
+                 "self.hyperparameters.strategy != 'fsdp'",
+         "message": QLORA_FSDP, "fieldPath": ".hyperparameters.strategy"},
         {"rule": "!has(self.evaluation) || !has(self.evaluation.earlyStopping) || "
                  "has(self.dataset.validation)",
          "message": "evaluation.earlyStopping needs a validation split: set dataset.validation",

@@ -61,23 +61,27 @@ def test_metrics_endpoint_exports_the_run(trained):
         assert f'{name}{{finetunejob="support-lora"}}' in text
 
 
-def test_adapter_reloads_with_peft_and_reproduces_the_trained_model(trained, storage, tiny_base, tmp_path):
+def reload_published(storage, config, tiny_base, tmp_path):
+    """The published adapter on the base with peft, and its loss on the test split (token-weighted)."""
     from accelerate import Accelerator
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config, manifest = trained
     adapter = tmp_path / "adapter"
     read_published(storage, config.output.uri, adapter)  # verifies size and sha256 of every file
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapter).eval()
-
-    test_file = tmp_path / "test.jsonl"
     storage.download("s3://data/support/test.jsonl", tmp_path)
-    seqs = pack_examples(tokenize_dataset(test_file, "test", fmt=DataFormat.chat, tokenizer=tokenizer,
+    seqs = pack_examples(tokenize_dataset(tmp_path / "test.jsonl", "test", fmt=DataFormat.chat, tokenizer=tokenizer,
                                           max_seq_length=128), 128, seed=config.hyperparameters.seed)
-    again = evaluate(model, eval_batches(seqs, 0, 1, 4, tokenizer.pad_token_id), Accelerator(cpu=True))
-    assert again["loss"] == pytest.approx(manifest["metrics"]["test"]["loss"], abs=1e-4)
+    loss = evaluate(model, eval_batches(seqs, 0, 1, 4, tokenizer.pad_token_id), Accelerator(cpu=True))["loss"]
+    return model, tokenizer, loss
+
+
+def test_adapter_reloads_with_peft_and_reproduces_the_trained_model(trained, storage, tiny_base, tmp_path):
+    config, manifest = trained
+    model, tokenizer, loss = reload_published(storage, config, tiny_base, tmp_path)
+    assert loss == pytest.approx(manifest["metrics"]["test"]["loss"], abs=1e-4)
 
     ids = tokenizer("How do I reset my password?", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -127,19 +131,48 @@ def test_killed_run_resumes_from_its_checkpoint_and_finishes(make_config, storag
     assert losses[-1] < losses[0]
 
 
+def launch_two_processes(config_file) -> list[str]:
+    # `--multi_gpu` selects accelerate's torchrun launcher; without a GPU the trainer joins with gloo.
+    return [sys.executable, "-m", "kubetune_trainer", "launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "-m", "kubetune_trainer", "train", "--config", str(config_file)]
+
+
 def test_two_processes_with_gloo_through_accelerate_launch(make_config, storage, trainer_env, tmp_path):
     config = make_config("ddp", hyperparameters={"maxSteps": 8}, evaluation={"everySteps": 4},
                          checkpoint={"everySteps": 4})
-    path = _config_file(config, tmp_path)
-    # `--multi_gpu` selects accelerate's torchrun launcher; without a GPU the trainer joins with gloo.
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "kubetune_trainer", "train", "--config", str(path)]
-    done = subprocess.run(cmd, env=trainer_env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(launch_two_processes(_config_file(config, tmp_path)), env=trainer_env, capture_output=True,
+                          text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     manifest = storage.get_json(config.output.uri + "manifest.json")
     assert manifest["processes"] == 2 and manifest["steps"] == 8
     assert done.stdout.count('"event": "published"') == 1  # only rank 0 reports and publishes
+
+
+def test_fsdp_shards_over_two_processes_checkpoints_resumes_and_publishes(make_config, storage, trainer_env,
+                                                                         tiny_base, tmp_path):
+    config = make_config("fsdp", hyperparameters={"maxSteps": 8, "strategy": "fsdp"}, evaluation={"everySteps": 4},
+                         checkpoint={"everySteps": 4, "keep": 3})
+    cmd = launch_two_processes(_config_file(config, tmp_path))
+    first = subprocess.run(cmd, env=trainer_env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert '"processes": 2, "strategy": "fsdp"' in first.stdout
+    manifest = storage.get_json(config.output.uri + "manifest.json")
+    assert manifest["processes"] == 2 and manifest["steps"] == 8
+    assert checkpoint.complete_steps(storage, config.checkpoint_uri) == [4]
+    # The adapter gathered from the shards reloads with peft and gives the test loss the run reported.
+    _, _, loss = reload_published(storage, config, tiny_base, tmp_path)
+    assert loss == pytest.approx(manifest["metrics"]["test"]["loss"], abs=1e-4)
+
+    # Unpublished again, the job resumes from its sharded step-4 checkpoint and ends where it ended.
+    storage.delete(config.output.uri + "manifest.json")
+    second = subprocess.run(cmd, env=trainer_env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert '"event": "resumed", "step": 4' in second.stdout
+    again = storage.get_json(config.output.uri + "manifest.json")
+    assert again["steps"] == 8
+    assert again["history"][-1]["loss"] == pytest.approx(manifest["history"][-1]["loss"], rel=1e-3)
+    assert again["metrics"]["test"]["loss"] == pytest.approx(manifest["metrics"]["test"]["loss"], rel=1e-3)
 
 
 def test_validate_cli_bad_dataset_is_permanent(make_config, storage, trainer_env, tmp_path):

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .modeling import load_trainable_state_dict, trainable_state_dict
 from .storage import Storage, publish, read_published
 
 STEP_DIR = re.compile(r"step-(\d{8})/manifest\.json$")
@@ -38,11 +37,12 @@ def step_uri(prefix: str, step: int) -> str:
     return f"{prefix.rstrip('/')}/step-{step:08d}/"
 
 
-def save(directory: Path, model, optimizer, scheduler, state: TrainState) -> Path:
+def save(directory: Path, weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler,
+         state: TrainState) -> Path:
+    """Write a checkpoint folder: the trainable weights, optimizer and scheduler state, RNG, data position."""
     directory.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in trainable_state_dict(model).items()}
-    save_file(weights, directory / "trainable.safetensors")
-    torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / "trainable.safetensors")
+    torch.save(optimizer_state, directory / "optimizer.pt")
     torch.save(scheduler.state_dict(), directory / "scheduler.pt")
     rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -52,16 +52,17 @@ def save(directory: Path, model, optimizer, scheduler, state: TrainState) -> Pat
     return directory
 
 
-def load(directory: Path, model, optimizer, scheduler) -> TrainState:
-    load_trainable_state_dict(model, load_file(directory / "trainable.safetensors"))
-    optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+def load(directory: Path, scheduler) -> tuple[dict[str, torch.Tensor], dict, TrainState]:
+    """Restore the scheduler and RNG; return the weights and optimizer state for the caller to load."""
     scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
     rng = torch.load(directory / "rng.pt", weights_only=False)
     random.setstate(rng["python"])
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return TrainState(**json.loads((directory / "trainer_state.json").read_text()))
+    state = TrainState(**json.loads((directory / "trainer_state.json").read_text()))
+    optimizer_state = torch.load(directory / "optimizer.pt", weights_only=False)
+    return load_file(directory / "trainable.safetensors"), optimizer_state, state
 
 
 def upload(storage: Storage, directory: Path, prefix: str, step: int) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
-from .spec import MethodSpec, MethodType, Precision
+from .spec import QLORA_FSDP, MethodSpec, MethodType, Precision
 
 
 def resolve_precision(precision: Precision) -> str:
@@ -34,10 +34,14 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, gradient_checkpointing: bool):
+def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, gradient_checkpointing: bool,
+               sharded: bool = False):
+    """The model to train. `sharded` (FSDP): every weight in fp32, one dtype per shard group."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict = {"attn_implementation": "sdpa"}
+    if method.type == MethodType.qlora and sharded:
+        raise ConfigError(QLORA_FSDP)
     if method.type == MethodType.qlora:
         if not torch.cuda.is_available():
             raise ConfigError(
@@ -52,7 +56,7 @@ def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, gradie
             bnb_4bit_compute_dtype=compute,
         )
         kwargs["dtype"] = compute
-    elif method.type == MethodType.lora and mixed_precision == "bf16":
+    elif method.type == MethodType.lora and mixed_precision == "bf16" and not sharded:
         kwargs["dtype"] = torch.bfloat16  # frozen base weights in bf16; LoRA weights are made fp32 below
     else:
         kwargs["dtype"] = torch.float32  # full fine-tuning keeps fp32 master weights under autocast

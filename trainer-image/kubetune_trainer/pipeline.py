@@ -17,8 +17,9 @@ from .evaluate import evaluate
 from .fetch import Fetched, fetch, tree_sha256
 from .metrics import TrainerMetrics
 from .publish import publish_output, save_output
+from .sharding import full_trainable_state
 from .storage import Storage
-from .train import Reporter, eval_batches, train
+from .train import Reporter, eval_batches, is_sharded, train
 
 
 def json_reporter(event: dict) -> None:
@@ -95,7 +96,8 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
 
     phase("training")
     precision = accelerator.mixed_precision
-    model = load_model(fetched.model_dir, config.method, precision, config.hyperparameters.gradient_checkpointing)
+    model = load_model(fetched.model_dir, config.method, precision, config.hyperparameters.gradient_checkpointing,
+                       sharded=is_sharded(config, accelerator))
     model, state, plan = train(config, model, splits["train"], splits.get("validation"), accelerator, storage,
                                metrics, report, tokenizer.pad_token_id)
 
@@ -115,10 +117,12 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
         metrics.set(validation_loss=results["validation"]["loss"])
 
     manifest: dict = {}
+    # Under FSDP every process helps gather the trained weights in full (a collective); rank 0 saves them.
+    weights = full_trainable_state(model) if is_sharded(config, accelerator) else None
     if main:
         phase("uploading")
         work = Path(config.work_dir) / config.job_name
-        out = save_output(model, tokenizer, work / "output")
+        out = save_output(model, tokenizer, work / "output", weights)
         last = state.history[-1] if state.history else {}
         manifest = publish_output(storage, out, config.output.uri, {
             "job": config.job_name,

@@ -15,11 +15,12 @@ from .storage import Storage, publish
 MANIFEST_VERSION = "kubetune.io/v1alpha1"
 
 
-def save_output(model, tokenizer, directory: Path) -> Path:
+def save_output(model, tokenizer, directory: Path, state_dict: dict | None = None) -> Path:
+    """The adapter (or model) folder; `state_dict`: the weights gathered in full when the model is sharded."""
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    model.save_pretrained(directory, safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(directory)
     return directory
 

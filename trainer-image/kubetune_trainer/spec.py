@@ -58,6 +58,14 @@ class Scheduler(StrEnum):
     constant_with_warmup = "constant_with_warmup"
 
 
+QLORA_FSDP = "hyperparameters.strategy fsdp does not support method.type qlora: use lora with fsdp, or qlora with ddp"
+
+
+class Strategy(StrEnum):
+    ddp = "ddp"  # every process holds the whole model; gradients are averaged (DistributedDataParallel)
+    fsdp = "fsdp"  # parameters, gradients and optimizer state sharded over the processes (FSDP2)
+
+
 class BaseModelSpec(Model):
     uri: str = Field(description="Hugging Face model folder: s3://bucket/prefix/, hf://org/name, "
                                  "pvc://claim/path or a local path")
@@ -100,6 +108,9 @@ class Hyperparameters(Model):
     precision: Precision = Precision.auto
     gradient_checkpointing: bool = False
     logging_steps: int = Field(10, ge=1)
+    strategy: Strategy = Field(
+        Strategy.ddp, description="Across several processes: ddp replicates the model in each; fsdp shards it "
+        "(parameters, gradients, optimizer state) for models too large for one GPU")
 
     @model_validator(mode="after")
     def _epochs_xor_max_steps(self) -> Hyperparameters:
@@ -197,6 +208,8 @@ class FineTuneJobSpec(Model):
     def _qlora_needs_gpus(self) -> FineTuneJobSpec:
         if self.method.type == MethodType.qlora and self.resources.gpus_per_worker < 1:
             raise ValueError("method.type qlora needs GPUs: set resources.gpusPerWorker to 1 or more, or use lora")
+        if self.method.type == MethodType.qlora and self.hyperparameters.strategy == Strategy.fsdp:
+            raise ValueError(QLORA_FSDP)
         return self
 
 

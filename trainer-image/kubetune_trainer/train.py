@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, sharding
 from .config import TrainerConfig
 from .data import PackedExample, collate
 from .evaluate import evaluate, forward_loss
 from .metrics import TrainerMetrics
+from .modeling import load_trainable_state_dict, trainable_state_dict
+from .spec import Strategy
 from .storage import Storage
 
 Reporter = Callable[[dict], None]
@@ -67,9 +69,29 @@ def samples_in(sequence) -> int:
 
 
 def eval_batches(sequences: list, rank: int, processes: int, batch_size: int, pad_id: int):
-    mine = sequences[rank::processes]
-    for i in range(0, len(mine), batch_size):
-        yield collate(mine[i : i + batch_size], pad_id)
+    """This process's share of an evaluation split, in batches. Every process yields as many batches as
+    rank 0 (the largest share), topping up with a batch that counts no token: a sharded forward is a
+    collective that all processes must join."""
+    mine, most = sequences[rank::processes], len(sequences[0::processes])
+    for i in range(0, most, batch_size):
+        if i < len(mine):
+            yield collate(mine[i : i + batch_size], pad_id)
+        else:
+            batch = collate(sequences[:1], pad_id)
+            batch["labels"].fill_(-100)
+            yield batch
+
+
+def is_sharded(config: TrainerConfig, accelerator) -> bool:
+    return config.hyperparameters.strategy == Strategy.fsdp and accelerator.num_processes > 1
+
+
+def gradient_sync(model, accelerator, sharded: bool, sync: bool):
+    """A context that skips the gradient reduction unless `sync` (the last micro-batch of a step)."""
+    if sharded:
+        model.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return nullcontext() if sync else accelerator.no_sync(model)
 
 
 def make_optimizer(model, config: TrainerConfig, total_steps: int):
@@ -101,6 +123,9 @@ def train(
     hp, ckpt = config.hyperparameters, config.checkpoint
     rank, processes = accelerator.process_index, accelerator.num_processes
     plan = Plan.make(len(train_seqs), config, processes)
+    sharded = is_sharded(config, accelerator)
+    if sharded:  # FSDP: shard first; the optimizer then works on this process's shards only
+        model = sharding.shard(model, accelerator.device)
     optimizer, scheduler = make_optimizer(model, config, plan.total_steps)
     torch.manual_seed(hp.seed + rank)
     work = Path(config.work_dir) / config.job_name
@@ -109,14 +134,20 @@ def train(
     state = checkpoint.TrainState()
     restored = checkpoint.download_latest(storage, config.checkpoint_uri, work / "resume")
     if restored is not None:
-        state = checkpoint.load(restored, model, optimizer, scheduler)
+        weights, optimizer_state, state = checkpoint.load(restored, scheduler)
+        if sharded:
+            sharding.load_full_state(model, optimizer, weights, optimizer_state)
+        else:
+            load_trainable_state_dict(model, weights)
+            optimizer.load_state_dict(optimizer_state)
         report({"event": "resumed", "step": state.step, "checkpoint": str(restored.name)})
 
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:  # DDP (or a single process): accelerate wraps the model and moves it to the device
+        model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     report({"event": "plan", "total_steps": plan.total_steps, "sequences": plan.sequences,
-            "processes": processes, "start_step": state.step})
+            "processes": processes, "strategy": "fsdp" if sharded else "ddp", "start_step": state.step})
     if metrics:
         metrics.set_phase("training")
         metrics.set(total_steps=plan.total_steps, step=state.step)
@@ -140,14 +171,16 @@ def train(
         step_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=device), reduction="sum")
         for k, batch in enumerate(micro):
             batch = {n: t.to(device) for n, t in batch.items()}
-            sync = nullcontext() if k == plan.accumulation - 1 else accelerator.no_sync(model)
+            sync = gradient_sync(model, accelerator, sharded, sync=k == plan.accumulation - 1)
             with sync, accelerator.autocast():
                 loss_sum, tokens, _ = forward_loss(model, batch)
-                # DDP averages gradients over processes; scale back so the step loss is a global token mean.
+                # DDP and FSDP average gradients over processes; scale back so the step loss is a global token mean.
                 loss = loss_sum * processes / step_tokens.clamp(min=1)
             accelerator.backward(loss)
             window_loss += torch.stack([loss_sum.detach().double(), tokens.double()])
         grad_norm = accelerator.clip_grad_norm_(trainable, hp.max_grad_norm)
+        if isinstance(grad_norm, sharding.DTensor):
+            grad_norm = grad_norm.full_tensor()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -200,10 +233,11 @@ def train(
         due_steps = ckpt.every_steps and state.step % ckpt.every_steps == 0
         due_time = ckpt.every_minutes and time.monotonic() - last_checkpoint >= ckpt.every_minutes * 60
         if (due_steps or due_time) and state.step < plan.total_steps:
-            _checkpoint(config, accelerator, model, optimizer, scheduler, state, storage, metrics, report, work)
+            _checkpoint(config, accelerator, model, optimizer, scheduler, state, storage, metrics, report, work,
+                        sharded)
             last_checkpoint = time.monotonic()
 
-    return accelerator.unwrap_model(model), state, plan
+    return (model if sharded else accelerator.unwrap_model(model)), state, plan
 
 
 def _evaluate_and_check_patience(config, model, val_seqs, accelerator, state, metrics, report, pad_id) -> bool:
@@ -227,12 +261,17 @@ def _evaluate_and_check_patience(config, model, val_seqs, accelerator, state, me
     return bool(stopping and state.evals_without_improvement >= stopping.patience)
 
 
-def _checkpoint(config, accelerator, model, optimizer, scheduler, state, storage, metrics, report, work):
-    """Rank 0 saves and uploads; the others carry on (nothing here is a collective)."""
+def _checkpoint(config, accelerator, model, optimizer, scheduler, state, storage, metrics, report, work, sharded):
+    """Rank 0 saves and uploads. Under FSDP every process first helps gather the shards (a collective)."""
+    if sharded:
+        weights = sharding.full_trainable_state(model)
+        optimizer_state = sharding.full_optimizer_state(model, optimizer)
     if not accelerator.is_main_process:
         return
-    directory = checkpoint.save(work / "checkpoint" / f"step-{state.step:08d}", accelerator.unwrap_model(model),
-                                optimizer, scheduler, state)
+    if not sharded:
+        weights, optimizer_state = trainable_state_dict(accelerator.unwrap_model(model)), optimizer.state_dict()
+    directory = checkpoint.save(work / "checkpoint" / f"step-{state.step:08d}", weights, optimizer_state,
+                                scheduler, state)
     uri = checkpoint.upload(storage, directory, config.checkpoint_uri, state.step)
     checkpoint.prune(storage, config.checkpoint_uri, config.checkpoint.keep)
     if metrics:

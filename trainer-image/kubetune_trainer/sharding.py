@@ -1,0 +1,62 @@
+"""`hyperparameters.strategy: fsdp`: the model sharded over the processes with PyTorch's FSDP2 (`fully_shard`).
+
+Each decoder layer (the classes a Hugging Face model lists in `_no_split_modules`) is one shard group, and
+the whole model the root group: a process holds 1/N of every parameter, gradient and optimizer state, and
+all-gathers a layer's weights just before using it. Works on GPUs (NCCL) and on CPUs (gloo).
+
+Sharded tensors are DTensors; the functions below that gather them in full are collectives: every process
+calls them, in the same order, and gets the full tensors (on CPU) back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def shard(model, device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer_classes = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    if not layers:
+        raise ValueError(f"{type(base).__name__} names no decoder layer classes (_no_split_modules) to shard")
+    # Parameters stay fp32 (one dtype per shard group); autocast computes in bf16/fp16 as configured.
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def full_trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trainable parameters in full, by their names in the unwrapped model (a collective)."""
+    state = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.detach()
+            state[name] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu()
+    return state
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """The optimizer state in full, keyed by parameter name (a collective; complete on rank 0 only)."""
+    return get_optimizer_state_dict(model, optimizer, options=FULL)
+
+
+def load_full_state(model, optimizer, weights: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+    """Load trainable weights and optimizer state saved by the two functions above into the sharded model."""
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(model, optimizer, optimizer_state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
