@@ -68,6 +68,9 @@ def read_logs(state_dir: str | Path, namespace: str, pod: str, container: str | 
               previous: bool = False) -> str:
     """A container's log as kept by the agent (the only container's if `container` is None)."""
     folder = Path(state_dir) / "logs" / namespace / pod
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no logs for {namespace}/{pod} under {Path(state_dir) / 'logs'}: "
+                                "not a pod this node agent ran (check the name, -n and --state-dir)")
     if container is None:
         names = sorted(p.name[:-4] for p in folder.glob("*.log") if not p.name.endswith(".previous.log"))
         if len(names) != 1:
