@@ -33,7 +33,8 @@ console = Console()
 
 
 def job_manifest() -> dict:
-    """The FineTuneJob the demo runs. storage.endpoint is left out: the demo points it at its own server."""
+    """The FineTuneJob the demo runs. Its storage is the dev cluster's (`make dev-cluster`: an S3 server as
+    the Service minio.minio:9000, Secret s3-credentials); the demo points it at its own server instead."""
     data = BUCKETS["data"]
     return {
         "apiVersion": "kubetune.io/v1alpha1",
@@ -51,30 +52,30 @@ def job_manifest() -> dict:
             "evaluation": {"everySteps": 20},
             "checkpoint": {"everySteps": 40, "keep": 1},
             "output": {"uri": BUCKETS["output"]},
+            "storage": {"endpoint": "http://minio.minio:9000", "region": "us-east-1",
+                        "secretRef": {"name": "s3-credentials"}},
             "resources": {"workers": 1, "gpusPerWorker": 0, "cpu": "2", "memory": "4Gi"},
         },
     }
 
 
 def write_manifest() -> Path:
-    header = ("# The FineTuneJob that `make demo` runs (hack/demo.py writes this file).\n"
-              "# On a cluster, upload the model and data to these URIs and set spec.storage\n"
-              "# (endpoint, secretRef) for your S3-compatible store, then `kubectl apply -f` it.\n")
+    header = ("# The FineTuneJob that `make demo` runs (hack/demo.py writes this file) and `make dev-cluster`\n"
+              "# seeds and prints: on the dev cluster `kubectl apply -f` it as it is. On another cluster, upload\n"
+              "# the model and data to these URIs and set spec.storage for your S3-compatible store.\n")
     MANIFEST.parent.mkdir(parents=True, exist_ok=True)
     MANIFEST.write_text(header + yaml.safe_dump(job_manifest(), sort_keys=False))
     return MANIFEST
 
 
 def build_inputs(work: Path, pretrain_steps: int) -> tuple[Path, dict[str, Path]]:
-    from kubetune_trainer.demo_data import chat_texts, generic_texts, support_records, write_support_dataset
+    from kubetune_trainer.demo_data import demo_base_texts, write_support_dataset
     from kubetune_trainer.tiny import make_tiny_base
 
     splits = write_support_dataset(work / "data")
-    # The base reads generic English and support conversations as plain text, never in the chat format.
-    texts = generic_texts(1500) + chat_texts(support_records(600, seed=7))
     started = time.monotonic()
     with console.status("pre-training the tiny base model") as status:
-        base = make_tiny_base(work / "base", texts, pretrain_steps=pretrain_steps,
+        base = make_tiny_base(work / "base", demo_base_texts(), pretrain_steps=pretrain_steps,
                               log=lambda line: status.update(line))
     took = time.monotonic() - started
     console.print(f"[green]base model[/] {base} (2-layer Llama, {pretrain_steps} pre-training steps, "

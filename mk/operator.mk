@@ -1,5 +1,5 @@
 # The operator: CRD generation and its end-to-end tests (included by the top-level Makefile).
-.PHONY: crds e2e operator-test run-operator
+.PHONY: crds e2e operator-test run-operator dev-cluster dev-cluster-down
 
 crds: venv ## Regenerate crds/ (and the chart's copy) from the typed API (trainer-image/kubetune_trainer/spec.py)
 	$(PY) -m kubetune_operator.crd > crds/kubetune.io_finetunejobs.yaml.tmp
@@ -14,3 +14,9 @@ e2e: venv control-plane ## The operator against the local control plane and node
 
 run-operator: venv ## Run the operator against $$KUBECONFIG, every namespace
 	$(PY) -m kubetune_operator --all-namespaces
+
+dev-cluster: venv control-plane ## Cluster + node agent + seeded S3 server + operator, in the background; prints what to type
+	$(PY) -m kubetune_cluster up --dev --gpus $(CLUSTER_GPUS)
+
+dev-cluster-down: ## Stop the dev cluster (everything `make dev-cluster` started)
+	$(PY) -m kubetune_cluster down

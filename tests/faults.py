@@ -4,10 +4,13 @@
         proxy.inject("GET", "big.bin", "truncate", times=2)   # the next 2 GETs of a path containing big.bin
         proxy.inject("PUT", "partNumber=2", "status", status=503)
         proxy.inject("*", "", "delay", delay=2.0, times=None)  # every request, forever
+        proxy.inject("PUT", "step-00000004/manifest.json", "hold")  # parks the request until clear()
 
 Kinds: "status" answers `status` with an S3 error document without forwarding; "drop" closes the connection
 without an answer; "delay" waits `delay` seconds, then forwards; "truncate" forwards, then sends the full
-Content-Length but only half the body and closes; "corrupt" forwards and flips one byte of the body.
+Content-Length but only half the body and closes; "corrupt" forwards and flips one byte of the body;
+"hold" keeps the request waiting until clear() (or `delay` seconds, when set), then closes the connection
+without forwarding it, so a client that is stopped meanwhile never reaches the server.
 `match` is a substring of the request path and query; times=None means every matching request.
 """
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 import http.client
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -34,6 +37,7 @@ class Fault:
     status: int = 500
     delay: float = 0.0
     hits: int = 0
+    released: threading.Event = field(default_factory=threading.Event)  # ends a "hold"
 
 
 class FaultProxy:
@@ -51,7 +55,7 @@ class FaultProxy:
 
     def inject(self, method: str, match: str, kind: str, *, times: int | None = 1, status: int = 500,
                delay: float = 0.0) -> Fault:
-        assert kind in ("status", "drop", "delay", "truncate", "corrupt"), kind
+        assert kind in ("status", "drop", "delay", "truncate", "corrupt", "hold"), kind
         fault = Fault(method.upper(), match, kind, times, status, delay)
         with self._lock:
             self.faults.append(fault)
@@ -59,6 +63,8 @@ class FaultProxy:
 
     def clear(self) -> None:
         with self._lock:
+            for fault in self.faults:
+                fault.released.set()
             self.faults.clear()
 
     def _take(self, method: str, path: str) -> Fault | None:
@@ -78,6 +84,7 @@ class FaultProxy:
         return self
 
     def stop(self) -> None:
+        self.clear()  # no request stays on hold
         if self._server:
             self._server.shutdown()
             self._server.server_close()
@@ -112,7 +119,9 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             body = self._read_body()
             fault = proxy._take(self.command, self.path)
             kind = fault.kind if fault else ""
-            if kind == "drop":
+            if kind == "hold":
+                fault.released.wait(fault.delay or None)
+            if kind in ("drop", "hold"):
                 self.close_connection = True
                 return
             if kind == "status":

@@ -1,8 +1,9 @@
 """python -m kubetune_cluster up|down|status: a local cluster in the background.
 
 `up` starts a daemon that runs the control plane and (when available) the process node agent, waits
-until it is ready, and prints `export KUBECONFIG=...`. `down` stops it, `status` tells.
-State (pid, kubeconfig, logs) lives in ${KUBETUNE_STATE:-$HOME/.cache/kubetune/cluster}.
+until it is ready, and prints `export KUBECONFIG=...`; `up --dev` adds the CRD, an S3 server seeded with
+the demo model and data, and the operator (see dev.py) and prints what to type next. `down` stops it all,
+`status` tells. State (pid, kubeconfig, logs) lives in ${KUBETUNE_STATE:-$HOME/.cache/kubetune/cluster}.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-from .controlplane import ControlPlane, ControlPlaneError, _get, find_bin_dir
+from . import dev
+from .controlplane import REPO_ROOT, ControlPlane, ControlPlaneError, _get, find_bin_dir
 
 NODE_NAME = "kubetune-node"
 
@@ -48,9 +50,20 @@ def tail(path: Path, lines: int = 30) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
 
 
+def ready_message(state: dict) -> str:
+    if state.get("dev"):
+        return dev.instructions(state)
+    return (f"# kubernetes {state['version']} at {state['api_url']} (pid {state['pid']}); logs in {state_dir()}\n"
+            f"export KUBECONFIG={state['kubeconfig']}")
+
+
 def up(args) -> int:
     if state := read_state():
-        print(f"# already running (pid {state['pid']})\nexport KUBECONFIG={state['kubeconfig']}")
+        if args.dev and not state.get("dev"):
+            print(f"error: a cluster without the dev extras is running (pid {state['pid']}); stop it first "
+                  "(make cluster-down)", file=sys.stderr)
+            return 1
+        print(f"# already running (pid {state['pid']})\n{ready_message(state)}")
         return 0
     find_bin_dir()  # fail early, with the `make control-plane` hint
     sd = state_dir()
@@ -59,9 +72,13 @@ def up(args) -> int:
     cmd = [sys.executable, "-m", "kubetune_cluster", "serve", "--gpus", str(args.gpus)]
     if args.no_agent:
         cmd.append("--no-agent")
+    if args.dev:
+        cmd += ["--dev", "--pretrain-steps", str(args.pretrain_steps)]
+        print("# starting the control plane, node agent, S3 server and operator, and building the demo model "
+              "(a minute or two)", flush=True)
     with open(sd / "daemon.log", "ab") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + args.timeout
+    deadline = time.monotonic() + (args.timeout or (900 if args.dev else 300))
     while not (state := read_state()):
         if proc.poll() is not None or time.monotonic() > deadline:
             if proc.poll() is None:
@@ -70,8 +87,7 @@ def up(args) -> int:
             print(f"cluster did not start; {sd / 'daemon.log'}:\n{tail(sd / 'daemon.log')}", file=sys.stderr)
             return 1
         time.sleep(0.5)
-    print(f"# kubernetes {state['version']} at {state['api_url']} (pid {state['pid']}); "
-          f"logs in {sd}\nexport KUBECONFIG={state['kubeconfig']}")
+    print(ready_message(state))
     return 0
 
 
@@ -110,7 +126,7 @@ def serve(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     sd = state_dir()
     cp = ControlPlane(workdir=sd / "controlplane")
-    agent = None
+    agent = extras = None
     try:
         cp.start()
         shutil.copy(cp.kubeconfig, sd / "kubeconfig")
@@ -119,6 +135,9 @@ def serve(args) -> int:
         state = {"pid": os.getpid(), "kubeconfig": str(sd / "kubeconfig"), "api_url": cp.api_url,
                  "token": cp.admin_token, "version": cp.version["gitVersion"],
                  "node": agent and agent.node_name}
+        if args.dev:
+            extras = dev.DevCluster(sd, sd / "kubeconfig")
+            state["dev"] = extras.start(args.pretrain_steps)
         (sd / "state.tmp").write_text(json.dumps(state))
         (sd / "state.tmp").chmod(0o600)  # it holds the admin token
         (sd / "state.tmp").rename(sd / "state.json")
@@ -127,6 +146,8 @@ def serve(args) -> int:
     finally:
         (sd / "state.json").unlink(missing_ok=True)
         (sd / "kubeconfig").unlink(missing_ok=True)
+        if extras:
+            extras.stop()
         if agent:
             agent.stop()
         cp.stop()
@@ -137,11 +158,16 @@ def serve(args) -> int:
 def start_agent(sd: Path, gpus: int):
     try:
         from .agent import GPU, NodeAgent
+        from .agent_pod import ImageRule
     except ImportError as e:
         print(f"no node agent ({e}); pods will stay Pending", flush=True)
         return None
+    venv = Path(sys.executable).parent  # any tag of the trainer image runs its entrypoint from this venv
+    trainer = ImageRule(match="ghcr.io/kubetune/trainer*", path=[str(venv)], working_dir=str(REPO_ROOT),
+                        env={"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"},
+                        entrypoint=[str(venv / "kubetune"), "launch"])
     capacity = {GPU: str(gpus)} if gpus else {}
-    return NodeAgent(str(sd / "kubeconfig"), node_name=NODE_NAME, capacity=capacity,
+    return NodeAgent(str(sd / "kubeconfig"), node_name=NODE_NAME, capacity=capacity, image_map=[trainer],
                      state_dir=str(sd / "agent")).start(timeout=120)
 
 
@@ -156,9 +182,16 @@ def main(argv: list[str] | None = None) -> int:
         if name in ("up", "serve"):
             sp.add_argument("--gpus", type=int, default=2, help="nvidia.com/gpu the node advertises")
             sp.add_argument("--no-agent", action="store_true", help="control plane only (no Node)")
+            sp.add_argument("--dev", action="store_true",
+                            help="also the CRD, a seeded S3 server and the operator (make dev-cluster)")
+            sp.add_argument("--pretrain-steps", type=int, default=300,
+                            help="--dev: pre-training steps of the demo base model (as make demo)")
         if name in ("up", "down"):
-            sp.add_argument("--timeout", type=float, default=300 if name == "up" else 60)
+            sp.add_argument("--timeout", type=float, default=None if name == "up" else 60,
+                            help="seconds (up: 300, 900 with --dev)")
     args = p.parse_args(argv)
+    if getattr(args, "dev", False) and args.no_agent:
+        p.error("--dev needs the node agent (leave out --no-agent)")
     try:
         return args.fn(args)
     except ControlPlaneError as e:

@@ -28,6 +28,7 @@ from .status import (
     apply_metrics,
     completion_index,
     explain_failure,
+    final_progress,
     get_condition,
     job_finished,
     parse_time,
@@ -35,6 +36,7 @@ from .status import (
     result_from_pods,
     rfc3339,
     set_condition,
+    success_report,
     terminations,
 )
 
@@ -146,6 +148,7 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
     done = job_finished(job)
     if done and done["type"] == "Complete":
         d.status["result"] = result_from_pods(pods, children.TRAINER_CONTAINER, spec.output.uri)
+        final_progress(d.status, success_report(pods, children.TRAINER_CONTAINER))
         _finish(d, Phase.Succeeded, "Completed", f"published to {spec.output.uri}", generation, now)
         return
     if done:

@@ -194,20 +194,41 @@ def _message(term: dict) -> str:
     return text.splitlines()[-1][:1000] if text else ""
 
 
-def result_from_pods(pods: list[dict], container: str, output_uri: str) -> dict:
-    """status.result once training succeeded; the sha256 comes from rank 0's termination message when the
-    trainer writes one as JSON ({"manifestSha256": ...})."""
-    res = {"adapterUri": output_uri, "manifestUri": output_uri.rstrip("/") + "/manifest.json"}
+def success_report(pods: list[dict], container: str) -> dict:
+    """Rank 0's termination message after a successful run, when the trainer wrote it as JSON
+    ({"manifestUri", "manifestSha256", "steps", "totalSteps"}); {} otherwise."""
     for t in terminations(pods, container):
         if t.get("exitCode") == 0 and t.get("index") in ("0", None):
             try:
                 doc = json.loads(t.get("message") or "")
             except ValueError:
                 continue
-            if isinstance(doc, dict) and (doc.get("manifestSha256") or doc.get("sha256")):
-                res["sha256"] = doc.get("manifestSha256") or doc["sha256"]
-                break
+            if isinstance(doc, dict):
+                return doc
+    return {}
+
+
+def result_from_pods(pods: list[dict], container: str, output_uri: str) -> dict:
+    """status.result once training succeeded; the sha256 comes from rank 0's success report."""
+    res = {"adapterUri": output_uri, "manifestUri": output_uri.rstrip("/") + "/manifest.json"}
+    report = success_report(pods, container)
+    if report.get("manifestSha256") or report.get("sha256"):
+        res["sha256"] = report.get("manifestSha256") or report["sha256"]
     return res
+
+
+def final_progress(status: dict, report: dict) -> None:
+    """On success, status.progress and tokensTrained say where the run ended (rank 0's success report), not
+    what the last scrape saw, which may be many steps earlier or count only the tokens since a resume; no ETA."""
+    if isinstance(report.get("tokensTrained"), int):
+        status["tokensTrained"] = report["tokensTrained"]
+    progress = {k: v for k, v in (status.get("progress") or {}).items() if k not in ("eta", "etaSeconds")}
+    step, total = report.get("steps"), report.get("totalSteps")
+    if isinstance(step, int) and isinstance(total, int) and total > 0:
+        percent = round(100 * min(step / total, 1.0), 1)
+        progress.update(step=step, totalSteps=total, percent=percent, text=f"{step}/{total} ({percent:g}%)")
+    if progress:
+        status["progress"] = progress
 
 
 # -- trainer metrics ----------------------------------------------------------------------------------------

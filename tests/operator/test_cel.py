@@ -68,8 +68,9 @@ def test_each_invalid_example_breaks_its_rule(path):
     assert len(found) == 1 and expected in found[0], found
 
 
-def test_valid_example_breaks_nothing():
-    assert check(yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text())) == []
+@pytest.mark.parametrize("example", ["finetunejob.yaml", "demo-finetunejob.yaml"])
+def test_valid_examples_break_nothing(example):
+    assert check(yaml.safe_load((ROOT / "examples" / example).read_text())) == []
 
 
 @pytest.mark.parametrize("spec", [

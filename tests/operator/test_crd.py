@@ -105,8 +105,9 @@ def test_status_conditions_are_a_map_list():
     assert status["properties"]["phase"]["enum"][0] == "Pending"
 
 
-def test_valid_example_parses_with_the_typed_api():
-    FineTuneJob.model_validate(yaml.safe_load((ROOT / "examples" / "finetunejob.yaml").read_text()))
+@pytest.mark.parametrize("example", ["finetunejob.yaml", "demo-finetunejob.yaml"])
+def test_valid_examples_parse_with_the_typed_api(example):
+    FineTuneJob.model_validate(yaml.safe_load((ROOT / "examples" / example).read_text()))
 
 
 @pytest.mark.parametrize("path", INVALID, ids=[p.stem for p in INVALID])

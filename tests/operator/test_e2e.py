@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubetune_trainer import checkpoint
 from kubetune_trainer.config import StorageEndpoint
 from kubetune_trainer.s3server import FAKE_CREDENTIALS
 from kubetune_trainer.storage import Storage
@@ -228,7 +229,7 @@ def test_bad_dataset_fails_on_cpu_without_a_gpu_job(control_plane, node_agent, n
     cm = get_json(control_plane, "configmap", "-n", namespace, "bad-data-config")
     assert FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(cm)
     assert FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(ftj)
-    assert 'kubetune_operator_finetunejob_failures_total{reason="DatasetInvalid"}' in operator.metrics_text()
+    assert 'kubetune_operator_finetunejob_failures_total{reason="DatasetInvalid"} 1.0' in operator.metrics_text()
 
 
 def test_deleting_the_job_collects_its_children(control_plane, node_agent, namespace, operator):
@@ -427,3 +428,52 @@ def test_real_training_on_cpu_workers(control_plane, node_agent, namespace, oper
         status["result"]["manifestUri"])
     assert manifest["steps"] == 4 and manifest["processes"] == workers
     assert status["startTime"] and status["completionTime"] and status["restarts"] == 0
+
+
+def trainer_events(log: str) -> list[dict]:
+    """The trainer's JSON event lines in a pod log (the other lines are accelerate's and transformers')."""
+    return [json.loads(line) for line in log.splitlines() if line.startswith('{"event"')]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_the_checkpoint(control_plane, node_agent, namespace, operator, tiny_model,
+                                                     real_trainer, proxy):
+    """Delete the worker pod mid-run: the Job's replacement resumes from the newest complete checkpoint and the
+    run ends with one loss curve. The trainer talks to S3 through a proxy that holds the second checkpoint's
+    manifest upload, so the kill lands between two checkpoints however fast the machine is."""
+    credentials(control_plane, namespace)
+    held = proxy.inject("PUT", "checkpoints/step-00000004/manifest.json", "hold")
+    d = tiny_model["data"]
+    submit(control_plane, namespace, "killed", {
+        "baseModel": {"uri": tiny_model["model"]}, "image": real_trainer,
+        "dataset": {"train": f"{d}train.jsonl", "validation": f"{d}validation.jsonl"},
+        "hyperparameters": {"maxSteps": 12, "batchSize": 2, "maxSeqLength": 256, "loggingSteps": 1},
+        "checkpoint": {"everySteps": 2}, "output": {"uri": tiny_model["output"]},
+        "storage": {"endpoint": proxy.endpoint, "secretRef": {"name": "s3-credentials"}},
+        "resources": {"workers": 1, "gpusPerWorker": 0},
+    })
+    wait_for("the trainer to upload its second checkpoint", lambda: held.hits, timeout=300)
+    storage = Storage(StorageEndpoint(endpoint=tiny_model["endpoint"]))
+    prefix = tiny_model["output"] + "checkpoints/"
+    assert checkpoint.complete_steps(storage, prefix) == [2]  # step 4's files are there, its manifest is not
+    [first] = [p["metadata"]["name"] for p in training_job_pods(control_plane, namespace, "killed")]
+    kubectl(control_plane, "delete", "pod", "-n", namespace, first, "--grace-period=0", "--force")
+    wait_for("a replacement worker", lambda: [p for p in training_job_pods(control_plane, namespace, "killed")
+                                              if p["metadata"]["name"] != first], timeout=120)
+    proxy.clear()  # the killed trainer's held request is dropped, never forwarded
+
+    status = wait_phase(control_plane, namespace, "killed", ("Succeeded", "Failed"), timeout=420)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["restarts"] == 1, "the deleted pod counts as one restart of the workers"
+    assert status["progress"]["text"] == "12/12 (100%)", status["progress"]
+    manifest = storage.get_json(status["result"]["manifestUri"])
+    assert manifest["steps"] == manifest["totalSteps"] == 12
+    assert [e["step"] for e in manifest["history"]] == list(range(1, 13))
+    before = [e for e in trainer_events(node_agent.logs(namespace, first)) if e["event"] == "train"]
+    assert [e["step"] for e in before] == [1, 2, 3, 4]
+    assert manifest["history"][:2] == before[:2], "steps 1-2 in the manifest are the killed pod's"
+
+    [second] = [p["metadata"]["name"] for p in training_job_pods(control_plane, namespace, "killed")]
+    events = trainer_events(kubectl(control_plane, "logs", "-n", namespace, second).stdout)
+    assert {"event": "resumed", "step": 2, "checkpoint": "step-00000002"} in events
+    assert next(e["step"] for e in events if e["event"] == "train") == 3

@@ -230,6 +230,21 @@ def test_success_publishes_the_result():
     assert d.events[0][:2] == ("Normal", "Completed")
 
 
+def test_success_reports_the_final_step_not_the_last_scrape():
+    stale = {"step": 30, "totalSteps": 60, "epoch": 1.5, "percent": 50.0, "etaSeconds": 2, "eta": "2s",
+             "text": "30/60 (50%)"}
+    body = validated(ftj(), phase="Running", progress=stale)
+    observed, tj = training_observed(body, finished="Complete")
+    body["status"]["tokensTrained"] = 900  # the resumed pod's counter: only the tokens since the resume
+    report = '{"manifestSha256": "ab12", "steps": 60, "totalSteps": 60, "tokensTrained": 1800}'
+    observed.training_pods = [pod(tj, 0, phase="Succeeded", exit_code=0, message=report)]
+    d = run(body, observed)
+    assert d.phase == "Succeeded"
+    assert d.status["tokensTrained"] == 1800
+    assert d.status["progress"] == {"step": 60, "totalSteps": 60, "epoch": 1.5, "percent": 100.0,
+                                    "text": "60/60 (100%)"}
+
+
 def test_permanent_trainer_exit_names_the_reason():
     body = validated(ftj(), phase="Running")
     observed, tj = training_observed(

@@ -4,6 +4,7 @@ paths, which must behave the same."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import subprocess
 import sys
@@ -268,6 +269,10 @@ def test_s3server_command_line(monkeypatch):
         client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                               aws_access_key_id="any", aws_secret_access_key="any")
         assert {b["Name"] for b in client.list_buckets()["Buckets"]} >= {"models", "data"}
+        # reached by a host name (a Service, minio.minio:9000), the bucket is still the path's first part
+        conn = http.client.HTTPConnection(endpoint.removeprefix("http://"), timeout=10)
+        conn.request("GET", "/models?list-type=2", headers={"Host": "minio.minio:9000"})
+        assert conn.getresponse().status == 200
     finally:
         server.terminate()
         assert server.wait(timeout=30) == 0

@@ -84,7 +84,9 @@ def train(config: ConfigOption) -> None:
         fail(e)
     if manifest:  # rank 0: the operator copies this termination message into status.result
         termination_log(json.dumps({"manifestUri": join_uri(cfg.output.uri, "manifest.json"),
-                                    "manifestSha256": manifest_sha256(manifest)}))
+                                    "manifestSha256": manifest_sha256(manifest),
+                                    "steps": manifest.get("steps"), "totalSteps": manifest.get("totalSteps"),
+                                    "tokensTrained": manifest.get("tokensTrained")}))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,

@@ -142,6 +142,12 @@ def chat_texts(records: list[dict]) -> list[str]:
     return [m["content"] for r in records for m in r["messages"]]
 
 
+def demo_base_texts() -> list[str]:
+    """What the demo's tiny base reads in pre-training: generic English and support conversations as plain
+    text, never in the chat format (`make demo` and `make dev-cluster` build the same base)."""
+    return generic_texts(1500) + chat_texts(support_records(600, seed=7))
+
+
 def write_pretraining_text(out_dir: Path, n: int = 1500, seed: int = 0) -> Path:
     """pretrain.jsonl: {"text": ...} records of generic text."""
     return write_jsonl(Path(out_dir) / "pretrain.jsonl", [{"text": t} for t in generic_texts(n, seed)])

@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buckets", default="", help="comma-separated buckets to create")
     parser.add_argument("--access-log", action="store_true", help="log every request")
     args = parser.parse_args(argv)
+    # Path-style requests only: moto otherwise takes the first label of a host name as the bucket, so a
+    # client reaching this server by name (a Service such as minio.minio:9000) would get NoSuchBucket.
+    os.environ.setdefault("S3_IGNORE_SUBDOMAIN_BUCKETNAME", "true")  # read when moto is imported
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

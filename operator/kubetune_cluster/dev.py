@@ -1,0 +1,151 @@
+"""The dev cluster (`make dev-cluster`: `python -m kubetune_cluster up --dev`): the local cluster plus what a
+FineTuneJob needs, so that `kubectl apply -f examples/demo-finetunejob.yaml` trains on this machine's CPU.
+
+The cluster daemon runs `DevCluster.start()` once the control plane and the node agent are up: it installs the
+FineTuneJob CRD, starts an S3 server in the cluster as the Service minio.minio:9000 (hack/dev-cluster-s3.yaml,
+the endpoint the examples name), creates the `s3-credentials` Secret in `default`, uploads the demo's tiny base
+model and support-bot data to the URIs the example names, and starts the operator as a child process. All of
+it stops with the daemon (`make dev-cluster-down`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+from kubetune_trainer.s3server import FAKE_CREDENTIALS
+
+from .controlplane import REPO_ROOT, ControlPlaneError, _die_with_parent, free_port
+
+EXAMPLE = REPO_ROOT / "examples" / "demo-finetunejob.yaml"
+S3_MANIFEST = REPO_ROOT / "hack" / "dev-cluster-s3.yaml"
+CRD = REPO_ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
+SECRET = "s3-credentials"
+VENV_BIN = Path(sys.executable).parent
+
+
+def wait_for(what: str, predicate, timeout: float):
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise ControlPlaneError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.5)
+    return value
+
+
+def answers(url: str) -> bool:
+    """Does an HTTP server answer at url (any status)?"""
+    try:
+        urllib.request.urlopen(url, timeout=3).close()
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def example_spec() -> dict:
+    return yaml.safe_load(EXAMPLE.read_text())["spec"]
+
+
+def seed(endpoint: str, work: Path, pretrain_steps: int) -> None:
+    """Upload the demo's tiny base model and support-bot splits to the URIs the example names (creating its
+    buckets). The server takes any credentials; this process (the daemon) uses the placeholder ones."""
+    from kubetune_trainer.config import StorageEndpoint
+    from kubetune_trainer.demo_data import demo_base_texts, write_support_dataset
+    from kubetune_trainer.storage import Storage
+    from kubetune_trainer.tiny import make_tiny_base
+
+    os.environ.update(FAKE_CREDENTIALS)
+    spec, storage = example_spec(), Storage(StorageEndpoint(endpoint=endpoint))
+    splits = write_support_dataset(work / "data")
+    uris = [spec["baseModel"]["uri"], spec["output"]["uri"], *(spec["dataset"][s] for s in splits)]
+    for bucket in sorted({uri.removeprefix("s3://").split("/")[0] for uri in uris}):
+        storage.client.create_bucket(Bucket=bucket)
+    print(f"building the demo base model ({pretrain_steps} pre-training steps)", flush=True)
+    base = make_tiny_base(work / "base", demo_base_texts(), pretrain_steps=pretrain_steps, log=print)
+    storage.upload_dir(base, spec["baseModel"]["uri"])
+    for split, path in splits.items():
+        storage.upload_file(path, spec["dataset"][split])
+
+
+class DevCluster:
+    """The extras on a running cluster; `start()` returns what `instructions()` prints, `stop()` undoes it."""
+
+    def __init__(self, state_dir: Path, kubeconfig: Path):
+        self.state_dir, self.kubeconfig = state_dir, kubeconfig
+        self.operator: subprocess.Popen | None = None
+
+    def kubectl(self, *args: str) -> str:
+        kubectl = shutil.which("kubectl", path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+        if not kubectl:
+            raise ControlPlaneError("kubectl not found (it comes with the venv: make venv)")
+        out = subprocess.run([kubectl, "--kubeconfig", str(self.kubeconfig), *args], capture_output=True,
+                             text=True, timeout=180)
+        if out.returncode:
+            raise ControlPlaneError(f"kubectl {' '.join(args)}: {out.stderr.strip()}")
+        return out.stdout
+
+    def start(self, pretrain_steps: int) -> dict:
+        self.kubectl("apply", "--server-side", "-f", str(CRD))
+        self.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+        endpoint = self.start_s3()
+        keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        self.kubectl("create", "secret", "generic", SECRET, "-n", "default",
+                     *(f"--from-literal={k}={FAKE_CREDENTIALS[k]}" for k in keys))
+        seed(endpoint, self.state_dir / "seed", pretrain_steps)
+        log = self.state_dir / "operator.log"
+        self.start_operator(log)
+        return {"s3": endpoint, "operatorPid": self.operator.pid, "operatorLog": str(log), "example": str(EXAMPLE)}
+
+    def start_s3(self) -> str:
+        """The in-cluster S3 server; returns its endpoint as this machine reaches it (the pod's IP)."""
+        self.kubectl("apply", "-f", str(S3_MANIFEST))
+        self.kubectl("wait", "--for=condition=Ready", "pod/s3", "-n", "minio", "--timeout=120s")
+        endpoint = f"http://{self.kubectl('get', 'pod', 's3', '-n', 'minio', '-o', 'jsonpath={.status.podIP}')}:9000"
+        wait_for(f"the S3 server at {endpoint}", lambda: answers(endpoint), timeout=60)
+        return endpoint
+
+    def start_operator(self, log: Path) -> None:
+        health = free_port()
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBETUNE_HEALTH_PORT": str(health),
+               "KUBETUNE_METRICS_PORT": str(free_port())}
+        with log.open("ab") as out:
+            self.operator = subprocess.Popen(
+                [sys.executable, "-m", "kubetune_operator", "--all-namespaces"], env=env, cwd=REPO_ROOT,
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        wait_for("the operator's /healthz", lambda: self.operator.poll() is not None or
+                 answers(f"http://127.0.0.1:{health}/healthz"), timeout=60)
+        if self.operator.poll() is not None:
+            raise ControlPlaneError(f"the operator exited with code {self.operator.returncode}; see {log}")
+
+    def stop(self) -> None:
+        if self.operator and self.operator.poll() is None:
+            self.operator.terminate()
+            try:
+                self.operator.wait(20)
+            except subprocess.TimeoutExpired:
+                self.operator.kill()
+                self.operator.wait()
+
+
+def instructions(state: dict) -> str:
+    """What `make dev-cluster` prints: what to type next."""
+    dev, job = state["dev"], yaml.safe_load(EXAMPLE.read_text())
+    name, output = job["metadata"]["name"], job["spec"]["output"]["uri"]
+    return (f"# Kubetune dev cluster: Kubernetes {state['version']}, node {state['node']}, the operator "
+            f"(log {dev['operatorLog']}),\n# S3 at minio.minio:9000 in the cluster, {dev['s3']} from here "
+            f"(any credentials), seeded with the demo model and data.\n"
+            f"export KUBECONFIG={state['kubeconfig']}\n"
+            f"kubectl apply -f {os.path.relpath(dev['example'])}\n"
+            f"kubectl get ftj -w\n"
+            f"# The adapter lands in {output} (manifest.json last); once Succeeded:\n"
+            f"#   kubectl get ftj {name} -o jsonpath='{{.status.result}}'\n"
+            f"# Stop everything: make dev-cluster-down")
