@@ -5,7 +5,7 @@ PROMTOOL ?= promtool
 CHART := charts/kubetune
 ALERTS_DIR := .work/alerts
 
-.PHONY: chart-crds dashboard alerts lint-chart lint-images
+.PHONY: chart-crds dashboard alerts lint-chart lint-images chart-e2e
 
 # The chart's crds/ = the generated crds/ + kopf's peering CRDs (kopf.dev_peerings.yaml, vendored).
 chart-crds: ## Copy the generated CRDs (crds/) into the chart (charts/kubetune/crds/)
@@ -31,3 +31,6 @@ lint-chart: venv ## helm lint the chart (default and every optional part on)
 
 lint-images: venv ## hadolint both Dockerfiles
 	$(HADOLINT) Dockerfile trainer-image/Dockerfile
+
+chart-e2e: venv control-plane ## helm install into the local cluster, train a job, check RBAC, Prometheus and every dashboard panel
+	$(PYTEST) tests/chart/test_install.py

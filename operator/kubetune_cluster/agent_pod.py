@@ -446,12 +446,17 @@ class PodWorker(threading.Thread):
         q = shlex.quote
         lines = ["set -e"]
         if self.agent.isolate:
+            # Sources relative to the state dir (the shell's cwd, uncanonicalized), so that a volume mounted over an
+            # ancestor of the state dir (an emptyDir at /tmp when the state dir is under /tmp) hides no later source.
+            state = self.agent.state_dir
+            lines.append(f"cd {q(str(state))}")
             for src, dst, ro in sorted(mounts, key=lambda m: m[1].count("/")):
                 if Path(src).is_dir():
                     lines.append(f"mkdir -p {q(dst)}")
                 else:
                     lines.append(f"mkdir -p {q(os.path.dirname(dst))}; [ -e {q(dst)} ] || : > {q(dst)}")
-                lines.append(f"mount --bind {q(str(src))} {q(dst)}")
+                source = Path(src).relative_to(state) if Path(src).is_relative_to(state) else src
+                lines.append(f"mount --no-canonicalize --bind {q(str(source))} {q(dst)}")
                 if ro:
                     lines.append(f"mount -o remount,bind,ro {q(dst)}")
             lines.append(f"echo {q(self.hostname)} > /proc/sys/kernel/hostname")

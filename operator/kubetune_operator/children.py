@@ -38,6 +38,22 @@ def default_image() -> str:
     return os.environ.get("KUBETUNE_TRAINER_IMAGE", DEFAULT_IMAGE)
 
 
+def with_storage_defaults(spec: dict) -> dict:
+    """The spec with the operator's storage defaults (KUBETUNE_STORAGE_*, the Helm chart's `storage.*`) filled in:
+    endpoint and region for a job without `storage.endpoint`; the credentials Secret for a job with neither
+    `secretRef` nor `serviceAccountName`."""
+    storage = dict(spec.get("storage") or {})
+    env = os.environ.get
+    if not storage.get("endpoint"):
+        for key, var in (("endpoint", "KUBETUNE_STORAGE_ENDPOINT"), ("region", "KUBETUNE_STORAGE_REGION")):
+            if env(var):
+                storage[key] = env(var)
+    secret = env("KUBETUNE_STORAGE_SECRET_NAME")
+    if secret and not (storage.get("secretRef") or storage.get("serviceAccountName")):
+        storage["secretRef"] = {"name": secret}
+    return {**spec, "storage": storage}
+
+
 @dataclass(frozen=True)
 class Names:
     """Child names, all derived from the FineTuneJob's name (at most 50 characters, see the CRD)."""

@@ -57,6 +57,7 @@ def forget(uid: str, **_) -> None:
 
 def reconcile(handler: str, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger) -> None:
     raw = copy.deepcopy(dict(body))
+    raw["spec"] = children.with_storage_defaults(raw.get("spec") or {})
     old = raw.get("status") or {}
     if old.get("phase") in TERMINAL:  # final: only counted (on resume, after an operator restart)
         metrics.record(raw["metadata"]["uid"], old["phase"], old["phase"], old.get("reason"), 0)

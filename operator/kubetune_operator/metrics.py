@@ -23,8 +23,18 @@ GPUS = Gauge("kubetune_operator_gpus_in_use", "GPUs requested by running trainin
 FAILURES = Counter("kubetune_operator_finetunejob_failures", "FineTuneJobs that failed, by reason",
                    ["reason"], registry=REGISTRY)
 
+# Export every known label value from the start (0), so dashboards and rate() have series before the first
+# reconcile error or failure.
+HANDLERS = ("change", "resync")
+FAILURE_REASONS = ("DatasetInvalid", "ConfigInvalid", "ValidationFailed", "BackoffLimitExceeded",
+                   "DeadlineExceeded", "Hung")
 for _phase in Phase:
     JOBS.labels(_phase.value)
+for _handler in HANDLERS:
+    for _metric in (RECONCILES, ERRORS, DURATION):
+        _metric.labels(_handler)
+for _reason in FAILURE_REASONS:
+    FAILURES.labels(_reason)
 
 _jobs: dict[str, tuple[str, int]] = {}  # uid -> (phase, GPUs in use); a metrics cache only, never state
 _lock = threading.Lock()

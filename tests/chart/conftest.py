@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -37,6 +38,24 @@ def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def documented_rbac() -> dict[tuple[str, str], set[str]]:
+    """The RBAC table of docs/operator.md: | `group` | `resource` | verbs | why |"""
+    text = (ROOT / "docs" / "operator.md").read_text()
+    section = text.split("## RBAC", 1)[1].split("\n## ", 1)[0]
+    rules: dict[tuple[str, str], set[str]] = {}
+    for row in re.findall(r"^\| `([^`]*)`[^|]*\| `([^`]+)` \| ([^|]+) \|", section, flags=re.MULTILINE):
+        group, resource, verbs = row
+        group = "" if group == '""' else group
+        rules.setdefault((group, resource), set()).update(v.strip() for v in verbs.split(","))
+    return rules
+
+
+def entrypoint(dockerfile: Path) -> list[str]:
+    """A Dockerfile's (last) ENTRYPOINT, exec form."""
+    lines = [line for line in dockerfile.read_text().splitlines() if line.startswith("ENTRYPOINT ")]
+    return json.loads(lines[-1].removeprefix("ENTRYPOINT "))
 
 
 def set_args(values: dict[str, str]) -> list[str]:
@@ -120,6 +139,12 @@ class Prometheus:
             pytest.fail(f"query {expr!r} failed: {err.read().decode()}")
         assert body["status"] == "success", body
         return body["data"]["result"]
+
+    def label_values(self, label: str, match: str) -> list[str]:
+        """What Grafana's label_values(match, label) lists."""
+        query = urllib.parse.urlencode({"match[]": match})
+        with urllib.request.urlopen(f"{self.url}/api/v1/label/{label}/values?{query}", timeout=10) as resp:
+            return json.load(resp)["data"]
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -8,7 +8,18 @@ import re
 import pytest
 import yaml
 
-from tests.chart.conftest import CHART, FULL_VALUES, ROOT, find, helm_template, render, run, set_args, tool
+from tests.chart.conftest import (
+    CHART,
+    FULL_VALUES,
+    ROOT,
+    documented_rbac,
+    find,
+    helm_template,
+    render,
+    run,
+    set_args,
+    tool,
+)
 
 CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", "CustomResourceDefinition"}
 
@@ -42,6 +53,7 @@ def test_default_render():
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["KUBETUNE_TRAINER_IMAGE"] == "ghcr.io/kubetune/trainer:0.1.0"
     assert env["KUBETUNE_METRICS_PORT"] == "8080" and env["KUBETUNE_HEALTH_PORT"] == "8081"
+    assert env["KUBETUNE_RESYNC_SECONDS"] == "10"
     assert "KUBETUNE_STORAGE_ENDPOINT" not in env
     assert deploy["spec"]["replicas"] == 1
     # Optional parts stay off
@@ -107,6 +119,18 @@ def test_full_values_render():
     assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
 
 
+def test_the_operator_applies_the_storage_defaults_the_chart_sets(monkeypatch):
+    from kubetune_operator.children import with_storage_defaults
+
+    (deploy,) = find(render(FULL_VALUES), "Deployment")
+    for var in deploy["spec"]["template"]["spec"]["containers"][0]["env"]:
+        monkeypatch.setenv(var["name"], var["value"])
+    assert with_storage_defaults({})["storage"] == {
+        "endpoint": "http://minio.minio:9000", "region": "eu-west-1", "secretRef": {"name": "s3-credentials"}}
+    own = {"endpoint": "http://s3.local", "region": "us-east-1", "serviceAccountName": "irsa"}
+    assert with_storage_defaults({"storage": own})["storage"] == own  # a job's own storage wins, as a whole
+
+
 def test_image_digest_wins_over_tag():
     (deploy,) = find(render({"image.digest": "sha256:" + "a" * 64, "image.tag": "x"}), "Deployment")
     assert deploy["spec"]["template"]["spec"]["containers"][0]["image"] == (
@@ -123,21 +147,18 @@ def _rules(role: dict) -> dict[tuple[str, str], set[str]]:
 
 
 NAMESPACED_RULES = {
-    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch"},
-    ("kubetune.io", "finetunejobs/status"): {"get", "patch", "update"},
+    ("kubetune.io", "finetunejobs"): {"list", "watch", "patch"},
+    ("kubetune.io", "finetunejobs/status"): {"patch"},
     ("kubetune.io", "finetunejobs/finalizers"): {"update"},
     ("", "configmaps"): {"get", "create", "patch"},
     ("", "services"): {"get", "create"},
     ("batch", "jobs"): {"get", "create", "patch"},
     ("", "pods"): {"list"},
-    ("", "events"): {"create", "patch"},
+    ("", "events"): {"create"},
 }
 CRD_RULE = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
-CLUSTER_WIDE_ONLY = {
-    ("", "namespaces"): {"list", "watch"},
-    ("kopf.dev", "clusterkopfpeerings"): {"get", "list", "watch", "patch"},
-}
-PER_NAMESPACE_ONLY = {("kopf.dev", "kopfpeerings"): {"get", "list", "watch", "patch"}}
+CLUSTER_WIDE_ONLY = {("kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch"}}
+PER_NAMESPACE_ONLY = {("kopf.dev", "kopfpeerings"): {"list", "watch", "patch"}}
 
 
 def test_rbac_cluster_wide_is_least_privilege():
@@ -168,22 +189,10 @@ def test_rbac_per_namespace_when_watching_a_list():
             assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
 
 
-def _documented_rbac() -> dict[tuple[str, str], set[str]]:
-    """The RBAC table of docs/operator.md: | `group` | `resource` | verbs | why |"""
-    text = (ROOT / "docs" / "operator.md").read_text()
-    section = text.split("## RBAC", 1)[1].split("\n## ", 1)[0]
-    rules: dict[tuple[str, str], set[str]] = {}
-    for row in re.findall(r"^\| `([^`]*)`[^|]*\| `([^`]+)` \| ([^|]+) \|", section, flags=re.MULTILINE):
-        group, resource, verbs = row
-        group = "" if group == '""' else group
-        rules.setdefault((group, resource), set()).update(v.strip() for v in verbs.split(","))
-    return rules
-
-
 def test_rbac_equals_docs_operator_md():
     """docs/operator.md (by the operator's author) lists exactly what the operator calls; the chart grants
     exactly that: all of it cluster-wide, or split between the ClusterRole and per-namespace Roles."""
-    documented = _documented_rbac()
+    documented = documented_rbac()
     assert documented, "no RBAC table in docs/operator.md"
     (role,) = find(render(), "ClusterRole")
     assert {**_rules(role), **PER_NAMESPACE_ONLY} == documented
@@ -195,6 +204,7 @@ def test_rbac_equals_docs_operator_md():
 
 @pytest.mark.parametrize("values, message", [
     ({"replicas": "two"}, "replicas"),
+    ({"resyncSeconds": "0"}, "resyncSeconds"),
     ({"image.pullPolicy": "Sometimes"}, "pullPolicy"),
     ({"watchNamespaces": "{Team_A}"}, "watchNamespaces"),
     ({"prometheusRule.trainingStalledFor": "fifteen minutes"}, "trainingStalledFor"),

@@ -7,10 +7,12 @@ contract with the dashboard and alerts in charts/kubetune; trainer-image/README.
 
 from __future__ import annotations
 
+import os
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+LINGER_ENV = "KUBETUNE_METRICS_LINGER_SECONDS"
 PHASES = ("downloading", "validating", "tokenizing", "training", "evaluating", "uploading", "done", "failed")
 
 _GAUGES = {
@@ -75,6 +77,13 @@ class TrainerMetrics:
         server, _ = start_http_server(port, registry=self.registry)
         self.port = server.server_address[1]
         return self.port
+
+    def linger(self) -> None:
+        """Keep serving the final values for $KUBETUNE_METRICS_LINGER_SECONDS (the image sets 30) before the process
+        exits, so that Prometheus scrapes them (test results, phase done) at least once."""
+        seconds = float(os.environ.get(LINGER_ENV) or 0)
+        if self.port is not None and seconds > 0:
+            time.sleep(seconds)
 
     def set(self, **values: float | None) -> None:
         for name, value in values.items():

@@ -150,6 +150,8 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
         report({"event": "published", "uri": config.output.uri, "manifest": manifest_uri})
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if metrics:
+        metrics.linger()
     return manifest
 
 

@@ -81,10 +81,10 @@ Exactly the calls the operator makes: docs/operator.md, section RBAC (a test kee
 {{- define "kubetune.namespacedRules" -}}
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch", "patch"]
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status"]
-  verbs: ["get", "patch", "update"]
+  verbs: ["patch"]
 # children carry blockOwnerDeletion owner references
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/finalizers"]
@@ -103,5 +103,5 @@ Exactly the calls the operator makes: docs/operator.md, section RBAC (a test kee
   verbs: ["list"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- end }}
