@@ -3,13 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -17,19 +12,17 @@ from kubetune_cluster import agent_fixtures
 from kubetune_cluster.agent_fixtures import NODE_GPUS, NODE_NAME
 from kubetune_cluster.agent_pod import expand, load_image_map, resolve_image
 
+from tests import kube
+from tests.kube import free_port, wait_for
+
 pytestmark = pytest.mark.cluster
 node_agent = agent_fixtures.node_agent  # the session fixture, used by name below
 
-KUBECTL = shutil.which("kubectl", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 IMAGE = "ghcr.io/kubetune/trainer:test"
 
 
 def kubectl(cp, *args: str, stdin: str | None = None, check: bool = True) -> str:
-    out = subprocess.run([KUBECTL, "--kubeconfig", str(cp.kubeconfig), *args], input=stdin,
-                         capture_output=True, text=True, timeout=400)
-    if check and out.returncode != 0:
-        raise AssertionError(f"kubectl {' '.join(args)}: {out.stderr}")
-    return out.stdout
+    return kube.kubectl(cp, *args, stdin=stdin, check=check, timeout=400).stdout
 
 
 def apply(cp, namespace: str, *objects: dict) -> None:
@@ -40,17 +33,6 @@ def apply(cp, namespace: str, *objects: dict) -> None:
 def get(cp, namespace: str, kind: str, name: str = "", selector: str = "") -> dict:
     args = ["get", kind, "-n", namespace, "-o", "json"] + ([name] if name else ["-l", selector])
     return json.loads(kubectl(cp, *args))
-
-
-def wait_for(what: str, predicate, timeout: float = 120, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 def template(script: str, container: dict | None = None, metadata: dict | None = None, **spec) -> dict:
@@ -68,12 +50,6 @@ def pod(name: str, script: str, **kw) -> dict:
 
 def phase(cp, namespace: str, name: str) -> str:
     return get(cp, namespace, "pod", name).get("status", {}).get("phase", "")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(pid: int) -> bool:

@@ -4,37 +4,18 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import shutil
-import subprocess
-import sys
-import time
 from functools import partial
-from pathlib import Path
 
 import pytest
 from kubetune_cluster.controlplane import pinned_version
 
+from tests.kube import kubectl, wait_for
+
 pytestmark = pytest.mark.cluster
 
-KUBECTL = shutil.which("kubectl", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
 
-def kubectl(cp, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([KUBECTL, "--kubeconfig", str(cp.kubeconfig), *args], input=stdin,
-                         capture_output=True, text=True, timeout=120)
-    if check and out.returncode != 0:
-        raise AssertionError(f"kubectl {' '.join(args)}: {out.stderr}")
-    return out
 
-
-def eventually(what: str, predicate, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.5)
-    return value
 
 
 def jwt_claims(token: str) -> dict:
@@ -79,7 +60,7 @@ def test_crd_cel_rule_refuses_bad_object(control_plane, namespace):
     k("apply", "-f", "-", stdin=json.dumps(CRD))
     k("wait", "--for=condition=Established", "crd/widgets.test.kubetune.io", "--timeout=60s")
     # The discovery cache may lag the Established condition for a moment.
-    eventually("the widget resource", lambda: k(
+    wait_for("the widget resource", lambda: k(
         "apply", "-n", namespace, "-f", "-", stdin=widget("good", 1, 2), check=False).returncode == 0)
     bad = k("apply", "-n", namespace, "-f", "-", stdin=widget("bad", 3, 2), check=False)
     assert bad.returncode != 0
@@ -93,14 +74,14 @@ def test_deleting_owner_garbage_collects_children(control_plane, namespace):
         {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"]}]}}
     k("apply", "-f", "-", stdin=json.dumps(child))
     k("delete", "configmap", "owner", "--cascade=background")
-    eventually("the child to be garbage-collected",
+    wait_for("the child to be garbage-collected",
                lambda: "NotFound" in k("get", "configmap", "child", check=False).stderr)
 
 
 def test_service_account_tokens_are_issued(control_plane, namespace):
     k = partial(kubectl, control_plane, "-n", namespace)
     subject = f"system:serviceaccount:{namespace}:default"
-    eventually("the default service account", lambda: k("get", "sa", "default", check=False).returncode == 0)
+    wait_for("the default service account", lambda: k("get", "sa", "default", check=False).returncode == 0)
     # TokenRequest API: signed by the API server's --service-account-signing-key-file.
     token = k("create", "token", "default").stdout.strip()
     claims = jwt_claims(token)
@@ -114,9 +95,9 @@ def test_service_account_tokens_are_issued(control_plane, namespace):
               "metadata": {"name": "legacy",
                            "annotations": {"kubernetes.io/service-account.name": "default"}}}
     k("apply", "-f", "-", stdin=json.dumps(secret))
-    data = eventually("the token controller to fill the Secret", lambda: json.loads(
+    data = wait_for("the token controller to fill the Secret", lambda: json.loads(
         k("get", "secret", "legacy", "-o", "json").stdout).get("data", {}).get("token"))
     assert jwt_claims(base64.b64decode(data).decode())["sub"] == subject
-    ca = eventually("kube-root-ca.crt", lambda: k(
+    ca = wait_for("kube-root-ca.crt", lambda: k(
         "get", "configmap", "kube-root-ca.crt", "-o", "json", check=False).stdout)
     assert "BEGIN CERTIFICATE" in ca

@@ -19,7 +19,7 @@ from kubetune_trainer.config import StorageEndpoint
 from kubetune_trainer.s3server import FAKE_CREDENTIALS
 from kubetune_trainer.storage import Storage
 
-from tests.operator.test_e2e import KUBECTL, wait_for
+from tests.kube import KUBECTL, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

@@ -9,13 +9,9 @@ with a rule mapping the trainer image to `accelerate launch` (and `submit()`, `w
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,6 +22,7 @@ from kubetune_trainer.s3server import FAKE_CREDENTIALS
 from kubetune_trainer.storage import Storage
 
 from tests.datafixtures import tiny_tokenizer
+from tests.kube import free_port, get_json, http_get, kubectl, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 pytest_plugins = ["kubetune_cluster.pytest_plugin", "kubetune_cluster.agent_fixtures", "tests.s3fixtures"]
@@ -33,45 +30,7 @@ pytest_plugins = ["kubetune_cluster.pytest_plugin", "kubetune_cluster.agent_fixt
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
 INVALID = sorted((ROOT / "examples" / "invalid").glob("*.yaml"))
-KUBECTL = shutil.which("kubectl", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 IMAGE = "ghcr.io/kubetune/trainer:e2e"  # the node agent runs every image from this repo's .venv
-
-
-def kubectl(cp, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([KUBECTL, "--kubeconfig", str(cp.kubeconfig), *args], input=stdin,
-                         capture_output=True, text=True, timeout=120)
-    if check and out.returncode != 0:
-        raise AssertionError(f"kubectl {' '.join(args)}: {out.stderr}")
-    return out
-
-
-def get_json(cp, *args: str) -> dict:
-    return json.loads(kubectl(cp, "get", *args, "-o", "json").stdout)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=3) as resp:
-            return resp.status, resp.read().decode()
-    except OSError:
-        return 0, ""
-
-
-def wait_for(what: str, predicate, timeout: float = 180, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 @pytest.fixture(scope="module")
