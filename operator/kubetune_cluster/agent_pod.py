@@ -65,6 +65,15 @@ def default_image_rule() -> ImageRule:
     return ImageRule(match="*", path=[str(Path(sys.executable).parent)], working_dir=os.getcwd())
 
 
+def image_paths(rule: ImageRule) -> list[str]:
+    """The host folders an image rule's processes need: its working dir, and its PATH entries (a venv's whole
+    folder when the entry is a venv's bin/)."""
+    paths = [rule.working_dir] if rule.working_dir else []
+    for entry in map(Path, rule.path):
+        paths.append(str(entry.parent if (entry.parent / "pyvenv.cfg").is_file() else entry))
+    return [p for p in dict.fromkeys(paths) if Path(p).is_absolute() and Path(p).is_dir()]
+
+
 def load_image_map(spec=None) -> list[ImageRule]:
     """`spec`: None, a YAML file path, a list of rule dicts, or a dict {match: rule} / {"images": [...]}.
 
@@ -426,7 +435,7 @@ class PodWorker(threading.Thread):
             self.agent.claim_mount_points(self.uid, [(dst, Path(src).is_dir()) for src, dst, _ in mounts])
         script = self.dir / "run" / f"{c.name}.sh"
         script.parent.mkdir(exist_ok=True)
-        script.write_text(self._script(mounts, workdir, env))
+        script.write_text(self._script(mounts, workdir, env, image_paths(rule)))
         logfile = self.log_dir / f"{c.name}.log"
         if logfile.exists():  # an earlier run of this container, or of a pod with the same name
             logfile.replace(self.log_dir / f"{c.name}.previous.log")
@@ -442,7 +451,7 @@ class PodWorker(threading.Thread):
         log.info("pod %s/%s: started %s (pid %d): %s", self.ns, self.pod_name, c.name, c.proc.pid,
                  shlex.join(argv)[:200])
 
-    def _script(self, mounts, workdir: str, env: dict) -> str:
+    def _script(self, mounts, workdir: str, env: dict, image: list[str]) -> str:
         q = shlex.quote
         lines = ["set -e"]
         if self.agent.isolate:
@@ -450,6 +459,13 @@ class PodWorker(threading.Thread):
             # ancestor of the state dir (an emptyDir at /tmp when the state dir is under /tmp) hides no later source.
             state = self.agent.state_dir
             lines.append(f"cd {q(str(state))}")
+            # The image's files (the image map's venv and working dir) are host paths; a volume over one of their
+            # ancestors (an emptyDir at /tmp, a checkout under /tmp) must not hide them: keep a handle on each
+            # first, and bind it back over the volume afterwards, as a container's image files would be there.
+            covered = [p for p in image if any(Path(p).is_relative_to(dst) for _, dst, _ in mounts)]
+            kept = [(p, (self.dir / "image" / str(i)).relative_to(state)) for i, p in enumerate(covered)]
+            for path, handle in kept:
+                lines.append(f"mkdir -p {q(str(handle))}; mount --bind {q(path)} {q(str(handle))}")
             for src, dst, ro in sorted(mounts, key=lambda m: m[1].count("/")):
                 if Path(src).is_dir():
                     lines.append(f"mkdir -p {q(dst)}")
@@ -459,6 +475,8 @@ class PodWorker(threading.Thread):
                 lines.append(f"mount --no-canonicalize --bind {q(str(source))} {q(dst)}")
                 if ro:
                     lines.append(f"mount -o remount,bind,ro {q(dst)}")
+            for path, handle in kept:
+                lines.append(f"mkdir -p {q(path)}; mount --no-canonicalize --bind {q(str(handle))} {q(path)}")
             lines.append(f"echo {q(self.hostname)} > /proc/sys/kernel/hostname")
         else:  # fallback: no mount namespace; volumes are reachable through KUBETUNE_VOLUME_<NAME>
             for name, path in self.volumes.items():

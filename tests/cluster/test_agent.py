@@ -371,3 +371,31 @@ def test_image_map_and_variable_expansion(tmp_path):
     assert other.match == "*" and other.path == [str(Path(sys.executable).parent)]
     assert resolve_image(load_image_map({"busy": {"entrypoint": ["sh"]}}), "busybox:1").entrypoint == ["sh"]
     assert expand("$(A)-$(B)-$$(A)", {"A": "1"}) == "1-$(B)-$(A)"
+
+
+def test_an_emptydir_over_an_ancestor_does_not_hide_the_images_files(control_plane, node_agent, namespace,
+                                                                     tmp_path):
+    """Like the chart's emptyDir at /tmp with a checkout under /tmp: the image map's working dir stays visible."""
+    from kubetune_cluster.agent_pod import ImageRule
+
+    if not node_agent.isolate:
+        pytest.skip("no private mount namespaces on this machine: volumes are not mounted at their paths")
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "marker.txt").write_text("image file\n")
+    rule = ImageRule(match="example.com/covered:*", path=[str(Path(sys.executable).parent)], working_dir=str(app))
+    node_agent.image_rules.insert(0, rule)
+    try:
+        p = pod("covered", """
+            import os
+            print(open("marker.txt").read().strip(), "|", sorted(os.listdir(os.path.dirname(os.getcwd()))))
+        """, container={"image": "example.com/covered:1", "volumeMounts": [{"name": "tmp",
+                                                                          "mountPath": str(tmp_path)}]},
+                volumes=[{"name": "tmp", "emptyDir": {}}])
+        apply(control_plane, namespace, p)
+        wait_for("covered to end", lambda: phase(control_plane, namespace, "covered") in ("Succeeded", "Failed"))
+        out = _logs(node_agent, namespace, "covered")
+        assert phase(control_plane, namespace, "covered") == "Succeeded", out
+        assert out.strip() == "image file | ['app']", "the working dir is there, the rest of tmp_path is the emptyDir"
+    finally:
+        node_agent.image_rules.remove(rule)

@@ -20,6 +20,8 @@ from kubetune_trainer.spec import DataFormat
 from kubetune_trainer.storage import read_published
 from kubetune_trainer.train import eval_batches
 
+from tests.faults import FaultProxy
+
 pytestmark = pytest.mark.slow
 RECORDED: list[dict] = []
 
@@ -103,25 +105,31 @@ def _config_file(config, tmp_path):
     return path
 
 
-def test_killed_run_resumes_from_its_checkpoint_and_finishes(make_config, storage, trainer_env, tmp_path):
-    config = make_config("resume", checkpoint={"everySteps": 4, "keep": 3})
-    path = _config_file(config, tmp_path)
-    cmd = [sys.executable, "-m", "kubetune_trainer", "train", "--config", str(path)]
-    first = subprocess.Popen(cmd, env=trainer_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while not checkpoint.complete_steps(storage, config.checkpoint_uri):
-        assert first.poll() is None, first.stdout.read()
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.2)
-    time.sleep(random.uniform(0, 2))  # a random moment after the first checkpoint
-    first.kill()
-    first.wait()
+def test_killed_run_resumes_from_its_checkpoint_and_finishes(make_config, s3, storage, trainer_env, tmp_path):
+    """Kill the trainer while it uploads a checkpoint picked at random: the S3 traffic goes through a proxy that
+    holds that checkpoint's manifest, so the kill lands mid-run however fast the machine is."""
+    held_step = random.choice([8, 12, 16, 20])
+    with FaultProxy(s3.endpoint) as proxy:
+        held = proxy.inject("PUT", f"step-{held_step:08d}/manifest.json", "hold")
+        config = make_config("resume", checkpoint={"everySteps": 4, "keep": 3}, storage={"endpoint": proxy.endpoint})
+        cmd = [sys.executable, "-m", "kubetune_trainer", "train", "--config", str(_config_file(config, tmp_path))]
+        first = subprocess.Popen(cmd, env=trainer_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while not held.hits:
+            assert first.poll() is None, first.stdout.read()
+            assert time.monotonic() < deadline, f"no upload of checkpoint {held_step} within 300 s"
+            time.sleep(0.1)
+        first.kill()
+        first.wait()
     killed_at = checkpoint.complete_steps(storage, config.checkpoint_uri)[0]
+    assert killed_at == held_step - 4  # the held checkpoint has its files but no manifest: incomplete
     assert storage.get_json(config.output.uri + "manifest.json") is None
 
+    config = make_config("resume", checkpoint={"everySteps": 4, "keep": 3})  # straight to S3 this time
+    cmd = [sys.executable, "-m", "kubetune_trainer", "train", "--config", str(_config_file(config, tmp_path))]
     second = subprocess.run(cmd, env=trainer_env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert '"event": "resumed"' in second.stdout
+    assert f'"event": "resumed", "step": {killed_at}' in second.stdout
     manifest = storage.get_json(config.output.uri + "manifest.json")
     assert manifest["steps"] == manifest["totalSteps"] == 24
     steps = [e["step"] for e in manifest["history"]]
