@@ -26,8 +26,8 @@ class TrainState:
     step: int = 0  # optimizer steps done
     micro_batch: int = 0  # global micro-batches consumed since the start of the run (the data position)
     tokens_trained: int = 0
-    tokens_seen: int = 0
     best_validation_loss: float | None = None
+    last_validation: dict | None = None  # the newest validation result, with its "step"
     evals_without_improvement: int = 0
     train_time_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)  # one entry per logging step

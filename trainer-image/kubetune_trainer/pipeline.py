@@ -103,8 +103,11 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
 
     phase("evaluating")
     results = {}
+    recent = state.last_validation
+    if recent and recent["step"] == state.step:  # the loop has just evaluated this very model
+        results["validation"] = {k: v for k, v in recent.items() if k != "step"}
     for split in ("validation", "test"):
-        if split in splits:
+        if split in splits and split not in results:
             results[split] = evaluate(model, eval_batches(splits[split], accelerator.process_index,
                                                           accelerator.num_processes,
                                                           config.hyperparameters.batch_size,

@@ -246,7 +246,8 @@ def _evaluate_and_check_patience(config, model, val_seqs, accelerator, state, me
         metrics.set_phase("evaluating")
     result = evaluate(model, eval_batches(val_seqs, accelerator.process_index, accelerator.num_processes,
                                           config.hyperparameters.batch_size, pad_id), accelerator)
-    report({"event": "validation", "step": state.step, **result})
+    state.last_validation = {"step": state.step, **result}
+    report({"event": "validation", **state.last_validation})
     if metrics:
         metrics.set(validation_loss=result["loss"])
         metrics.set_phase("training")
