@@ -7,10 +7,10 @@ crds: venv ## Regenerate crds/ (and the chart's copy) from the typed API (traine
 	$(MAKE) --no-print-directory chart-crds
 
 operator-test: venv ## The operator's unit tests (no cluster)
-	$(PY) -m pytest -q tests/operator -m "not cluster"
+	$(PY) -m pytest -q tests/operator_tests -m "not cluster"
 
 e2e: venv control-plane ## The operator against the local control plane and node agent
-	$(PY) -m pytest -q tests/operator -m e2e
+	$(PY) -m pytest -q tests/operator_tests -m e2e
 
 run-operator: venv ## Run the operator against $$KUBECONFIG, every namespace
 	$(PY) -m kubetune_operator --all-namespaces

@@ -41,6 +41,19 @@ def wait_for(what: str, predicate, timeout: float = 180, every: float = 0.5):
         time.sleep(every)
 
 
+def stop_process(proc: subprocess.Popen, kill: bool = False, grace: float = 20) -> None:
+    """SIGTERM (or SIGKILL at once), wait up to `grace` seconds, then SIGKILL."""
+    if kill:
+        proc.kill()
+    else:
+        proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

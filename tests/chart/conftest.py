@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.kube import free_port, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "kubetune"
@@ -102,9 +103,7 @@ class Prometheus:
     """A real Prometheus server (the Debian package's binary) on a free local port, for queries."""
 
     def __init__(self, data_dir: Path, config: str = "global: {scrape_interval: 15s}\n"):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config_file = data_dir.parent / "prometheus.yml"
         config_file.write_text(config)
@@ -147,10 +146,5 @@ class Prometheus:
             return json.load(resp)["data"]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         self.log.close()

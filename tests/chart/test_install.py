@@ -37,7 +37,7 @@ from kubetune_trainer.storage import Storage
 from tests.chart.conftest import CHART, ROOT, Prometheus, documented_rbac, entrypoint, tool
 from tests.chart.monitoring import KubernetesTargets, scrape_config
 from tests.kube import free_port, get_json, kubectl, wait_for
-from tests.operator.test_e2e import credentials, submit, wait_phase
+from tests.operator_tests.test_e2e import credentials, submit, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 pytest_plugins = ["kubetune_cluster.pytest_plugin", "kubetune_cluster.agent_fixtures", "tests.s3fixtures"]

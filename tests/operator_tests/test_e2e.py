@@ -1,7 +1,7 @@
 """The operator end to end: the real API server (CEL, defaults, status subresource), the process node agent,
 the operator as `python -m kubetune_operator` and the trainer's `kubetune validate` in a pod.
 
-Needs the control plane binaries (`make control-plane`). Training runs use tests/operator/fake_trainer.py
+Needs the control plane binaries (`make control-plane`). Training runs use tests/operator_tests/fake_trainer.py
 as the image's entrypoint (see the `fake_trainer` fixture); the run with the real trainer goes next to them,
 with a rule mapping the trainer image to `accelerate launch` (and `submit()`, `wait_phase()`).
 """
@@ -22,7 +22,7 @@ from kubetune_trainer.s3server import FAKE_CREDENTIALS
 from kubetune_trainer.storage import Storage
 
 from tests.datafixtures import tiny_tokenizer
-from tests.kube import free_port, get_json, http_get, kubectl, wait_for
+from tests.kube import free_port, get_json, http_get, kubectl, stop_process, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 pytest_plugins = ["kubetune_cluster.pytest_plugin", "kubetune_cluster.agent_fixtures", "tests.s3fixtures"]
@@ -62,15 +62,7 @@ class Operator:
         assert self.proc.poll() is None, self.log.read_text()[-3000:]
 
     def stop(self, kill: bool = False) -> None:
-        if kill:
-            self.proc.kill()
-        else:
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, kill)
 
     def metrics_text(self) -> str:
         return http_get(self.metrics)[1]
@@ -95,6 +87,11 @@ def submit(cp, namespace: str, name: str, spec: dict) -> None:
     doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
            "spec": spec}
     kubectl(cp, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(doc))
+
+
+def events_of(cp, namespace: str, name: str) -> list[dict]:
+    """The Kubernetes Events about the object called `name`."""
+    return get_json(cp, "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")["items"]
 
 
 def wait_phase(cp, namespace: str, name: str, phases: tuple[str, ...], timeout: float = 240) -> dict:
@@ -182,9 +179,8 @@ def test_bad_dataset_fails_on_cpu_without_a_gpu_job(control_plane, node_agent, n
     vjob = get_json(control_plane, "job", "-n", namespace, "bad-data-validate")
     assert vjob["metadata"]["ownerReferences"][0]["uid"] == ftj["metadata"]["uid"]
 
-    events = get_json(control_plane, "events", "-n", namespace,
-                      "--field-selector", "involvedObject.name=bad-data")["items"]
-    assert any(e["reason"] == "DatasetInvalid" and e["type"] == "Warning" for e in events)
+    assert any(e["reason"] == "DatasetInvalid" and e["type"] == "Warning"
+               for e in events_of(control_plane, namespace, "bad-data"))
     cm = get_json(control_plane, "configmap", "-n", namespace, "bad-data-config")
     assert FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(cm)
     assert FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(ftj)
@@ -202,7 +198,7 @@ def test_deleting_the_job_collects_its_children(control_plane, node_agent, names
                                                    "short-lived-config", check=False).returncode != 0)
 
 
-# -- training, with a stand-in trainer (tests/operator/fake_trainer.py) --------------------------------------
+# -- training, with a stand-in trainer (tests/operator_tests/fake_trainer.py) --------------------------------------
 
 FAKE_IMAGE = "ghcr.io/kubetune/trainer:fake"
 
@@ -268,8 +264,7 @@ def test_training_runs_reports_progress_and_succeeds(control_plane, node_agent, 
     start = json.loads(logs.splitlines()[0])
     assert start["rank"] == 1 and start["env"]["MASTER_ADDR"] == "train-ok-train-0.train-ok-workers"
     assert start["env"]["NODE_RANK"] == "1" and start["env"]["AWS_ACCESS_KEY_ID"] == "kubetune-local"
-    reasons = {e["reason"] for e in get_json(control_plane, "events", "-n", namespace,
-                                             "--field-selector", "involvedObject.name=train-ok")["items"]}
+    reasons = {e["reason"] for e in events_of(control_plane, namespace, "train-ok")}
     assert {"Created", "Training", "Completed"} <= reasons
 
 
@@ -306,8 +301,7 @@ def test_hung_workers_are_restarted_once_then_the_job_fails(control_plane, node_
     assert (status["phase"], status["reason"], status["hangRestarts"]) == ("Failed", "Hung", 1), status
     job = get_json(control_plane, "job", "-n", namespace, "hang-twice-train")
     assert job["spec"]["suspend"] is True and not job["status"].get("failed")  # not counted as failures
-    reasons = [e["reason"] for e in get_json(control_plane, "events", "-n", namespace,
-                                             "--field-selector", "involvedObject.name=hang-twice")["items"]]
+    reasons = [e["reason"] for e in events_of(control_plane, namespace, "hang-twice")]
     assert "WorkersHung" in reasons and "Hung" in reasons
 
 
