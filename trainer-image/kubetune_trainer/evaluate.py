@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .metrics import TrainerMetrics
 
 
 def forward_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -21,8 +25,8 @@ def forward_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def evaluate(model, batches, accelerator) -> dict[str, float]:
-    """Token-weighted metrics over this process's batches, summed across all processes."""
+def evaluate(model, batches, accelerator, metrics: TrainerMetrics | None = None) -> dict[str, float]:
+    """Token-weighted metrics over this process's batches, summed across all processes; beats per batch."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
@@ -31,6 +35,8 @@ def evaluate(model, batches, accelerator) -> dict[str, float]:
         with accelerator.autocast():
             loss_sum, tokens, correct = forward_loss(model, batch)
         totals += torch.stack([loss_sum.double(), tokens.double(), correct.double()])
+        if metrics:
+            metrics.beat()
     totals = accelerator.reduce(totals, reduction="sum")
     model.train(was_training)
     loss_sum, tokens, correct = totals.tolist()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,8 +92,10 @@ def fetch(config: TrainerConfig, storage: Storage, *, weights: bool = True) -> F
     return Fetched(model_dir=model_dir, splits=splits, uris=uris)
 
 
-def tree_sha256(path: Path, *, skip_weights: bool = False) -> str:
-    """One hash for a file or a folder: sha256 over the sorted (relative path, file sha256) pairs."""
+def tree_sha256(path: Path, *, skip_weights: bool = False, beat: Callable[[], None] | None = None) -> str:
+    """One hash for a file or a folder: sha256 over the sorted (relative path, file sha256) pairs.
+
+    `beat` (TrainerMetrics.beat) is called per file hashed: a base model can be hundreds of GB."""
     if path.is_file():
         return sha256_file(path)
     h = hashlib.sha256()
@@ -100,4 +103,6 @@ def tree_sha256(path: Path, *, skip_weights: bool = False) -> str:
         if skip_weights and f.name.endswith(WEIGHT_SUFFIXES):
             continue
         h.update(f"{f.relative_to(path).as_posix()}\0{sha256_file(f)}\n".encode())
+        if beat:
+            beat()
     return h.hexdigest()

@@ -31,6 +31,8 @@ _GAUGES = {
     "tokens_per_second": "Non-padding tokens processed per second, all workers",
     "samples_per_second": "Training samples processed per second, all workers",
     "last_checkpoint_timestamp_seconds": "Unix time of the last uploaded checkpoint",
+    "heartbeat_timestamp_seconds": "Unix time of the trainer's last sign of life (a step, an evaluation batch, "
+                                   "a storage transfer making progress)",
 }
 
 
@@ -69,6 +71,8 @@ class TrainerMetrics:
         info.labels(job, method, base_model).set(1)
         for name in ("tokens_trained", "checkpoints"):
             getattr(self, name).labels(job)  # export 0 from the start
+        self._heartbeat = self.gauges["heartbeat_timestamp_seconds"].labels(job)
+        self._last_beat = 0.0
         self.set_phase("downloading")
         self.port: int | None = None
 
@@ -93,6 +97,16 @@ class TrainerMetrics:
     def set_phase(self, phase: str) -> None:
         for p in PHASES:
             self._phase.labels(self.job, p).set(1 if p == phase else 0)
+        self.beat()
+
+    def beat(self, min_interval: float = 0.0) -> None:
+        """A sign of life: set the heartbeat gauge to now. Call it where work completes (a step, a batch, a file,
+        bytes moving), never from a timer, so that a hung process (a stuck collective, storage that moves
+        nothing) stops beating. Cheap; `min_interval` (seconds) rate-limits very frequent callers."""
+        now = time.time()
+        if abs(now - self._last_beat) >= min_interval:  # abs: a clock stepped back beats rather than stalls
+            self._last_beat = now
+            self._heartbeat.set(now)
 
     def add_tokens(self, n: int) -> None:
         self.tokens_trained.labels(self.job).inc(n)
@@ -100,6 +114,7 @@ class TrainerMetrics:
     def checkpoint_done(self) -> None:
         self.checkpoints.labels(self.job).inc()
         self.set(last_checkpoint_timestamp_seconds=time.time())
+        self.beat()
 
     def sample_gpus(self) -> None:
         import torch

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import TrainerConfig, join_uri
@@ -26,8 +27,9 @@ def json_reporter(event: dict) -> None:
     print(json.dumps(event, default=str), flush=True)
 
 
-def validate_splits(config: TrainerConfig, fetched: Fetched, tokenizer) -> dict[str, DatasetReport]:
-    """Check every record of every split; the first bad one raises DatasetError (exit 65)."""
+def validate_splits(config: TrainerConfig, fetched: Fetched, tokenizer,
+                    beat: Callable[[], None] | None = None) -> dict[str, DatasetReport]:
+    """Check every record of every split; the first bad one raises DatasetError (exit 65). Beats per split."""
     reports: dict[str, DatasetReport] = {}
     for split, path in fetched.splits.items():
         fmt = reports["train"].format if reports else config.dataset.format
@@ -39,6 +41,8 @@ def validate_splits(config: TrainerConfig, fetched: Fetched, tokenizer) -> dict[
         if reports[split].format != reports["train"].format:
             raise DatasetError(fetched.uris[split], 0, f"{split} split is {reports[split].format.value} but "
                                f"train is {reports['train'].format.value}", "use one format for all splits")
+        if beat:
+            beat()
     return reports
 
 
@@ -74,6 +78,8 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
         metrics = TrainerMetrics(config.job_name, config.method.type.value, config.base_model.uri)
         port = metrics.serve(config.metrics.port)
         report({"event": "metrics", "port": port})
+        storage = storage.with_heartbeat(metrics.beat)  # uploads and downloads beat per file and as bytes move
+    beat: Callable[[], None] = metrics.beat if metrics else (lambda: None)  # a sign of life, where work completes
 
     def phase(name: str) -> None:
         report({"event": "phase", "phase": name})
@@ -86,13 +92,16 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
     tokenizer = load_tokenizer(fetched.model_dir)
 
     phase("validating")
-    reports = validate_splits(config, fetched, tokenizer)
+    reports = validate_splits(config, fetched, tokenizer, beat)
     fmt = reports["train"].format
     report({"event": "validated", **{s: {"samples": r.samples, "tokens": r.tokens, "truncated": r.truncated}
                                      for s, r in reports.items()}})
 
     phase("tokenizing")
-    splits = {s: sequences(p, fetched.uris[s], config, tokenizer, fmt) for s, p in fetched.splits.items()}
+    splits = {}
+    for s, p in fetched.splits.items():
+        splits[s] = sequences(p, fetched.uris[s], config, tokenizer, fmt)
+        beat()
 
     phase("training")
     precision = accelerator.mixed_precision
@@ -111,7 +120,7 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
             results[split] = evaluate(model, eval_batches(splits[split], accelerator.process_index,
                                                           accelerator.num_processes,
                                                           config.hyperparameters.batch_size,
-                                                          tokenizer.pad_token_id), accelerator)
+                                                          tokenizer.pad_token_id), accelerator, metrics)
             report({"event": split, "step": state.step, **results[split]})
     if metrics and "test" in results:
         t = results["test"]
@@ -126,13 +135,15 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
         phase("uploading")
         work = Path(config.work_dir) / config.job_name
         out = save_output(model, tokenizer, work / "output", weights)
+        beat()
         last = state.history[-1] if state.history else {}
         manifest = publish_output(storage, out, config.output.uri, {
             "job": config.job_name,
             "method": config.method.type.value,
-            "baseModel": {"uri": config.base_model.uri, "sha256": tree_sha256(fetched.model_dir)},
-            "datasets": {s: {"uri": fetched.uris[s], "sha256": tree_sha256(p), "samples": reports[s].samples,
-                             "tokens": reports[s].tokens} for s, p in fetched.splits.items()},
+            "baseModel": {"uri": config.base_model.uri, "sha256": tree_sha256(fetched.model_dir, beat=beat)},
+            "datasets": {s: {"uri": fetched.uris[s], "sha256": tree_sha256(p, beat=beat),
+                             "samples": reports[s].samples, "tokens": reports[s].tokens}
+                         for s, p in fetched.splits.items()},
             "format": fmt.value,
             "hyperparameters": config.hyperparameters.dump(),
             "lora": config.method.lora.dump() if config.method.type.value != "full" else None,

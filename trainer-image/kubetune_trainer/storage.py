@@ -12,11 +12,16 @@ raises ConfigError (permanent).
 
 `publish` writes a folder under a prefix and manifest.json last: readers that trust only prefixes with a
 manifest never see a half-written adapter or checkpoint.
+
+Heartbeat: `with_heartbeat(metrics.beat)` gives a Storage that reports progress: after every S3 request and
+local copy that succeeds, and (at most once a second) from boto3's transfer callback while the bytes of a large
+file move. Storage that moves nothing never beats, so the operator can tell a hung upload from a slow one.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import os
@@ -156,6 +161,7 @@ class Storage:
     """Read and write s3:// URIs and local paths alike. Thread-safe; the S3 client is created on first use."""
 
     retry_backoff = 0.5  # seconds, doubled per attempt, for whole-object retries (tests make it small)
+    heartbeat: Callable[..., None] | None = None  # TrainerMetrics.beat(min_interval=...); see with_heartbeat
 
     def __init__(
         self,
@@ -177,6 +183,22 @@ class Storage:
         self._retry_mode = retry_mode
         self._client = None
         self._lock = threading.Lock()
+
+    def with_heartbeat(self, beat: Callable[..., None] | None) -> Storage:
+        """A copy (sharing the client) that calls beat() per request or file done and beat(min_interval=1.0)
+        while a transfer's bytes move; beat is TrainerMetrics.beat."""
+        clone = copy.copy(self)
+        clone.heartbeat = beat
+        return clone
+
+    def _beat(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat()
+
+    def _progress(self) -> Callable[[int], None] | None:
+        """boto3's transfer Callback (called per chunk of bytes moved, from its worker threads): rate-limited beats."""
+        beat = self.heartbeat
+        return None if beat is None else (lambda _bytes: beat(min_interval=1.0))
 
     # -- S3 plumbing ---------------------------------------------------------------------------------
 
@@ -225,7 +247,9 @@ class Storage:
 
         for attempt in range(1, self.max_attempts + 1):
             try:
-                return fn()
+                result = fn()
+                self._beat()
+                return result
             except (_Corrupt, IncompleteReadError, ResponseStreamingError) as e:
                 if attempt == self.max_attempts:
                     raise _classify(e, uri, action) from None
@@ -264,7 +288,8 @@ class Storage:
             if sha256_file(target) == expected_sha:
                 return target  # already here, intact
         target.parent.mkdir(parents=True, exist_ok=True)
-        self.client.download_file(bucket, key, str(target), Config=self._transfer_config())
+        self.client.download_file(bucket, key, str(target), Callback=self._progress(),
+                                  Config=self._transfer_config())
         try:
             _verify(target, size, expected_sha, _plain_md5(head))
         except _Corrupt:
@@ -312,12 +337,13 @@ class Storage:
         entry = FileEntry(path=PurePosixPath(uri).name, size=size, sha256=sha)
         if not is_remote(uri):
             _atomic_copy(src, _local(uri))
+            self._beat()
             return entry
         bucket, key = _split(uri)
 
         def put() -> None:
             self.client.upload_file(str(src), bucket, key, ExtraArgs={"Metadata": {"sha256": sha}},
-                                    Config=self._transfer_config())
+                                    Callback=self._progress(), Config=self._transfer_config())
             head = self._head(bucket, key)
             if head is None:
                 raise _Corrupt(f"{uri}: not found right after upload")
@@ -443,6 +469,7 @@ class Storage:
             if not _local(uri).is_file():
                 raise ConfigError(f"{uri}: no such file")
             _atomic_copy(_local(uri), target)
+            self._beat()
             return target
         bucket, key = _split(uri)
         return self._call(uri, "download", lambda: self._get_object(bucket, key, target))

@@ -189,7 +189,8 @@ def train(
         state.tokens_trained += int(step_tokens.item())
         steps_this_run += 1
         if metrics:
-            metrics.add_tokens(int(step_tokens.item()))
+            metrics.add_tokens(int(step_tokens.item()))  # .item() waited for the step: a real sign of life
+            metrics.beat()
 
         if state.step % hp.logging_steps == 0 or state.step == plan.total_steps:
             totals = accelerator.reduce(
@@ -245,7 +246,7 @@ def _evaluate_and_check_patience(config, model, val_seqs, accelerator, state, me
     if metrics:
         metrics.set_phase("evaluating")
     result = evaluate(model, eval_batches(val_seqs, accelerator.process_index, accelerator.num_processes,
-                                          config.hyperparameters.batch_size, pad_id), accelerator)
+                                          config.hyperparameters.batch_size, pad_id), accelerator, metrics)
     state.last_validation = {"step": state.step, **result}
     report({"event": "validation", **state.last_validation})
     if metrics:
@@ -271,8 +272,12 @@ def _checkpoint(config, accelerator, model, optimizer, scheduler, state, storage
         return
     if not sharded:
         weights, optimizer_state = trainable_state_dict(accelerator.unwrap_model(model)), optimizer.state_dict()
+    if metrics:
+        metrics.beat()  # the gather (a collective under FSDP) is done
     directory = checkpoint.save(work / "checkpoint" / f"step-{state.step:08d}", weights, optimizer_state,
                                 scheduler, state)
+    if metrics:
+        metrics.beat()  # written locally; the upload beats per file and while bytes move (storage heartbeat)
     uri = checkpoint.upload(storage, directory, config.checkpoint_uri, state.step)
     checkpoint.prune(storage, config.checkpoint_uri, config.checkpoint.keep)
     if metrics:

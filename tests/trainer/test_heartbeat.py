@@ -1,0 +1,145 @@
+"""The trainer's heartbeat gauge: set where work completes (steps, evaluation batches, storage transfers), so the
+operator can tell a hung trainer (no beats) from a slow one."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+import urllib.request
+from collections import Counter
+
+import pytest
+from kubetune_trainer import metrics as metrics_module
+from kubetune_trainer.config import StorageEndpoint
+from kubetune_trainer.errors import TransientError
+from kubetune_trainer.metrics import TrainerMetrics
+from kubetune_trainer.pipeline import run
+from kubetune_trainer.storage import Storage, publish, read_published
+
+HEARTBEAT = "kubetune_trainer_heartbeat_timestamp_seconds"
+MiB = 1024 * 1024
+
+
+def heartbeat(m: TrainerMetrics) -> float | None:
+    return m.registry.get_sample_value(HEARTBEAT, {"finetunejob": m.job})
+
+
+class Recorder:
+    """Stands in for TrainerMetrics.beat: records every call and its min_interval."""
+
+    def __init__(self):
+        self.calls: list[float] = []
+
+    def __call__(self, min_interval: float = 0.0) -> None:
+        self.calls.append(min_interval)
+
+    @property
+    def per_request(self) -> int:  # beats after a request or file completed
+        return self.calls.count(0.0)
+
+    @property
+    def while_moving(self) -> int:  # rate-limited beats from boto3's transfer callback
+        return self.calls.count(1.0)
+
+
+def test_beat_sets_the_gauge_and_rate_limits(monkeypatch):
+    clock = iter([1000.0, 1000.5, 1000.7, 1001.2, 1001.8, 500.0])
+    m = TrainerMetrics("hb", "lora", "s3://models/tiny/")
+    assert heartbeat(m) == pytest.approx(time.time(), abs=60)  # beats from the start (phase downloading)
+    monkeypatch.setattr(metrics_module.time, "time", lambda: next(clock))
+    m.beat(min_interval=1.0)
+    assert heartbeat(m) == 1000.0
+    m.beat(min_interval=1.0)  # 0.5 s later: skipped
+    assert heartbeat(m) == 1000.0
+    m.beat()  # no limit: always
+    assert heartbeat(m) == 1000.7
+    m.beat(min_interval=1.0)  # 0.5 s after the last beat
+    assert heartbeat(m) == 1000.7
+    m.beat(min_interval=1.0)
+    assert heartbeat(m) == 1001.8
+    m.beat(min_interval=1.0)  # the clock stepped back: beat rather than stall
+    assert heartbeat(m) == 500.0
+
+
+def test_storage_beats_per_file_and_while_bytes_move(s3, tmp_path):
+    storage = Storage(StorageEndpoint(endpoint=s3.endpoint), multipart_threshold=5 * MiB,
+                      multipart_chunksize=5 * MiB, max_concurrency=2)
+    beats = Recorder()
+    beating = storage.with_heartbeat(beats)
+    assert storage.heartbeat is None and beating.heartbeat is beats  # a copy; the original stays silent
+
+    big = tmp_path / "out" / "adapter_model.safetensors"
+    big.parent.mkdir()
+    big.write_bytes(b"\1" * (11 * MiB))  # 3 parts
+    (tmp_path / "out" / "adapter_config.json").write_text("{}")
+    (tmp_path / "out" / "tokenizer.json").write_text("{}")
+    publish(beating, tmp_path / "out", "s3://adapters/heartbeat/", {"kind": "test"})
+    assert beats.while_moving >= 3, beats.calls  # the multipart upload beat as its parts went up
+    assert beats.per_request >= 3 + 1, beats.calls  # each file, and the manifest
+
+    beats.calls.clear()
+    read_published(beating, "s3://adapters/heartbeat/", tmp_path / "back")
+    assert beats.while_moving >= 1 and beats.per_request >= 3, beats.calls
+    assert (tmp_path / "back" / big.name).stat().st_size == 11 * MiB
+
+    beats.calls.clear()
+    publish(Storage().with_heartbeat(beats), tmp_path / "out", str(tmp_path / "local"), {"kind": "test"})
+    assert beats.per_request >= 3, beats.calls  # local copies beat per file too
+
+
+def test_storage_that_moves_nothing_does_not_beat(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = Storage(StorageEndpoint(endpoint=f"http://127.0.0.1:{port}"), max_attempts=1, connect_timeout=1)
+    beats = Recorder()
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"x" * 1024)
+    with pytest.raises(TransientError):
+        dead.with_heartbeat(beats).upload_file(src, "s3://adapters/f.bin")
+    assert beats.calls == []
+
+
+@pytest.mark.slow
+def test_a_tiny_run_beats_at_every_step_and_through_uploads(make_config, monkeypatch):
+    instances: list[TrainerMetrics] = []
+    callers: Counter[str] = Counter()
+    original = TrainerMetrics.beat
+
+    def spy(self, min_interval: float = 0.0) -> None:
+        if not instances:
+            instances.append(self)
+        callers[sys._getframe(1).f_code.co_name] += 1
+        original(self, min_interval)
+
+    monkeypatch.setattr(TrainerMetrics, "beat", spy)
+    seen: list[tuple[str, float]] = []
+
+    def report(event: dict) -> None:
+        if instances:
+            seen.append((event["event"], heartbeat(instances[0])))
+        if event["event"] == "published":  # the endpoint exports it, labelled like the other gauges
+            port = instances[0].port
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            assert f'{HEARTBEAT}{{finetunejob="heartbeat-lora"}}' in text
+
+    started = time.time()
+    config = make_config("heartbeat-lora", hyperparameters={"maxSteps": 8}, evaluation={"everySteps": 4},
+                         checkpoint={"everySteps": 4, "keep": 1})
+    manifest = run(config, report=report)
+    assert manifest["steps"] == 8
+
+    values = [v for _, v in seen]
+    assert values == sorted(values), seen  # never goes back
+    train_values = [v for e, v in seen if e == "train"]
+    assert len(train_values) == 2 and train_values[0] < train_values[1]  # advances step by step
+    assert started <= values[0] and values[-1] <= time.time()
+    assert heartbeat(instances[0]) >= values[-1]
+
+    assert callers["train"] == 8, callers  # once per optimizer step
+    assert callers["evaluate"] >= 3, callers  # per batch: validation at steps 4 and 8, then test
+    assert callers["_checkpoint"] == 2, callers  # the checkpoint at step 4, around its local save
+    assert callers["_beat"] > 10, callers  # storage: fetch, resume check, checkpoint and adapter uploads
+    assert callers["<lambda>"] >= 1, callers  # boto3's transfer callback while bytes moved
+    assert callers["tree_sha256"] >= 2 and callers["validate_splits"] == 3, callers
