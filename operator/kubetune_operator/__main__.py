@@ -1,8 +1,10 @@
 """python -m kubetune_operator [--namespace NS ...|--all-namespaces] [--standalone] [--verbose]
 
 Runs the kopf operator. Environment: KUBETUNE_TRAINER_IMAGE (default ghcr.io/kubetune/trainer:0.1.0),
-KUBETUNE_HEALTH_PORT (8081, liveness at /healthz), KUBETUNE_METRICS_PORT (8080, /metrics; 0 turns it off),
-KUBETUNE_RESYNC_SECONDS (10), KUBECONFIG outside a cluster.
+KUBETUNE_HEALTH_PORT (8081, liveness at /healthz), KUBETUNE_READY_PORT (8082, readiness at /readyz: 200 `active`,
+503 `standby` while another replica works, or `starting`; 0 turns it off), KUBETUNE_METRICS_PORT (8080, /metrics;
+0 turns it off), KUBETUNE_RESYNC_SECONDS, KUBETUNE_VALIDATION_{CPU,MEMORY,EPHEMERAL_STORAGE,DEADLINE_SECONDS},
+KUBECONFIG outside a cluster.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 
 import kopf
 
-from . import handlers, metrics
+from . import handlers, metrics, peering
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,8 +39,12 @@ def main(argv: list[str] | None = None) -> None:
     if metrics_port:
         metrics.serve(metrics_port)
     health_port = int(os.environ.get("KUBETUNE_HEALTH_PORT", "8081"))
+    ready_port = int(os.environ.get("KUBETUNE_READY_PORT", "8082"))
+    if ready_port:
+        peering.serve(ready_port)
     clusterwide = not args.namespace
     assert handlers.FTJ  # the import registers the handlers
+    peering.prepare(namespaces=args.namespace, standalone=args.standalone)
     asyncio.run(kopf.operator(
         clusterwide=clusterwide, namespaces=args.namespace,
         standalone=True if args.standalone else None,

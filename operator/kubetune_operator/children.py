@@ -27,6 +27,7 @@ LABEL_JOB = "kubetune.io/finetunejob"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 MANAGED_BY = "kubetune-operator"
+JOB_FINALIZER = "kubetune.io/outcome"  # on the training Job: kept until its outcome is in the FineTuneJob's status
 
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
                 "seccompProfile": {"type": "RuntimeDefault"}}
@@ -163,19 +164,40 @@ def _failure_policy(container: str) -> dict:
     ]}
 
 
+VALIDATION_DEFAULTS = {"cpu": "500m", "memory": "1Gi", "ephemeral_storage": "10Gi", "active_deadline_seconds": 3600}
+
+
+def validation_settings(spec: FineTuneJobSpec) -> dict:
+    """The validation Job's CPU, memory, scratch size and deadline: spec.validation, else the operator's
+    KUBETUNE_VALIDATION_* (the chart's `validation.*`), else VALIDATION_DEFAULTS."""
+    own = getattr(spec, "validation", None)
+    out = {}
+    for key, default in VALIDATION_DEFAULTS.items():
+        env = os.environ.get("KUBETUNE_VALIDATION_" + key.upper().replace("ACTIVE_", ""))
+        out[key] = getattr(own, key, None) or env or default
+    out["active_deadline_seconds"] = int(out["active_deadline_seconds"])
+    return out
+
+
 def validation_job(meta: dict, spec: FineTuneJobSpec, image: str) -> dict:
-    """One CPU pod running `kubetune validate`: bad data fails here, before any GPU is requested."""
-    name = meta["name"]
+    """One CPU pod running `kubetune validate`: bad data fails here, before any GPU is requested. One pod per
+    Job (backoffLimit 0): the operator retries transient failures itself, with a growing delay."""
+    name, v = meta["name"], validation_settings(spec)
+    scratch = {"ephemeral-storage": v["ephemeral_storage"]}
     container = {"name": VALIDATE_CONTAINER, "image": spec.image or image,
                  "command": ["kubetune", "validate", "--config", CONFIG_PATH],
                  "env": _storage_env(spec),
-                 "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}}
+                 "resources": {"requests": {"cpu": v["cpu"], "memory": v["memory"], **scratch},
+                               "limits": {"memory": v["memory"], **scratch}}}
+    pod = _pod_spec(meta, spec, container, shm=False)
+    for volume in pod["volumes"]:
+        if volume["name"] == "work":
+            volume["emptyDir"] = {"sizeLimit": v["ephemeral_storage"]}
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": child_meta(meta, Names(name).validation, "validation"),
-            "spec": {"backoffLimit": 2, "activeDeadlineSeconds": 3600,
+            "spec": {"backoffLimit": 0, "activeDeadlineSeconds": v["active_deadline_seconds"],
                      "podFailurePolicy": _failure_policy(VALIDATE_CONTAINER),
-                     "template": {"metadata": {"labels": labels(name, "validation")},
-                                  "spec": _pod_spec(meta, spec, container, shm=False)}}}
+                     "template": {"metadata": {"labels": labels(name, "validation")}, "spec": pod}}}
 
 
 def service(meta: dict, spec: FineTuneJobSpec) -> dict:
@@ -244,13 +266,17 @@ def training_job(meta: dict, spec: FineTuneJobSpec, image: str) -> dict:
             pod[key] = value
     queue = spec.scheduling.queue_name
     job_spec = {"completions": res.workers, "parallelism": res.workers, "completionMode": "Indexed",
-                "backoffLimit": run.backoff_limit, "podFailurePolicy": _failure_policy(TRAINER_CONTAINER),
+                "podFailurePolicy": _failure_policy(TRAINER_CONTAINER),
                 "suspend": bool(run.suspend or queue),  # Kueue admits a queued Job by unsuspending it
                 "template": {"metadata": {"labels": labels(name, "workers")}, "spec": pod}}
-    for key, value in (("activeDeadlineSeconds", run.active_deadline_seconds),
-                       ("ttlSecondsAfterFinished", run.ttl_seconds_after_finished)):
-        if value is not None:
-            job_spec[key] = value
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": child_meta(meta, names.training, "workers", {LABEL_QUEUE: queue} if queue else None),
+    job_spec.update({k: v for k, v in mutable_job_spec(spec).items() if v is not None})
+    job_meta = child_meta(meta, names.training, "workers", {LABEL_QUEUE: queue} if queue else None)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {**job_meta, "finalizers": [JOB_FINALIZER]},
             "spec": job_spec}
+
+
+def mutable_job_spec(spec: FineTuneJobSpec) -> dict:
+    """The training Job's fields that follow edits of spec.runPolicy while it runs (None: unset)."""
+    run = spec.run_policy
+    return {"backoffLimit": run.backoff_limit, "activeDeadlineSeconds": run.active_deadline_seconds,
+            "ttlSecondsAfterFinished": run.ttl_seconds_after_finished}

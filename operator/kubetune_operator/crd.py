@@ -5,7 +5,8 @@
 Pydantic's JSON Schema is turned into a structural OpenAPI v3 schema: $refs inlined, `anyOf [X, null]`
 collapsed to X (unset means omitted), exclusive bounds in OpenAPI 3.0 form, defaults kept (`{}` for
 nested objects, so the API server fills their defaults), free-form maps marked
-x-kubernetes-preserve-unknown-fields. Cross-field rules are CEL (x-kubernetes-validations).
+x-kubernetes-preserve-unknown-fields. Cross-field rules, value syntaxes (spec.SYNTAX, with the messages pydantic
+gives) and the immutability of the fields that determine what is trained are CEL (x-kubernetes-validations).
 """
 
 from __future__ import annotations
@@ -14,7 +15,20 @@ import sys
 from typing import Any
 
 import yaml
-from kubetune_trainer.spec import API_GROUP, API_VERSION, KIND, QLORA_FSDP, FineTuneJobSpec
+from kubetune_trainer.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    LABEL_VALUE,
+    NODE_SELECTOR_KEYS,
+    NODE_SELECTOR_VALUES,
+    QLORA_FSDP,
+    QUALIFIED_NAME,
+    QUANTITY,
+    SYNTAX,
+    TOLERATION_EXISTS_VALUE,
+    FineTuneJobSpec,
+)
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
 
@@ -29,6 +43,31 @@ S3_OR_PVC = r"^(s3|pvc)://.+"
 
 def _uri_rule(pattern: str, field: str, schemes: str) -> dict:
     return {"rule": f"self.matches('{pattern}')", "message": f"{field} must be an {schemes} URI"}
+
+
+def _cel_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _syntax_rule(pattern: str, message: str) -> dict:
+    """A SYNTAX entry of the typed API as CEL: the same check, the same message. Quantities must also parse
+    (isQuantity); the pattern keeps out what isQuantity alone takes for zero, such as `Mi` or `.`."""
+    rule = f"self.matches({_cel_string(pattern)})"
+    return {"rule": f"{rule} && isQuantity(self)" if pattern == QUANTITY else rule, "message": message}
+
+
+def immutable(field: str) -> str:
+    return (f"spec.{field} is immutable once the FineTuneJob exists: create a new FineTuneJob "
+            "(or delete and re-create this one) to train with other values")
+
+
+# What determines what is trained cannot change (transition rules: they run on updates only). runPolicy and
+# validation stay mutable; `image` is optional, so its rule sits on spec to also see it added or removed.
+IMMUTABLE = ("baseModel", "dataset", "method", "hyperparameters", "evaluation", "checkpoint", "output", "storage",
+             "resources", "scheduling")
+MUTABLE = ("runPolicy", "validation")
+IMAGE_UNCHANGED = {"rule": "has(self.image) == has(oldSelf.image) && (!has(self.image) || self.image == oldSelf.image)",
+                   "message": immutable("image"), "fieldPath": ".image"}
 
 
 # CEL rules, by path under spec ("" is spec itself). Scalar rules sit on the field they check.
@@ -60,6 +99,14 @@ RULES: dict[str, list[dict]] = {
                          "message": "hyperparameters: set either epochs or maxSteps, not both"}],
     "storage": [{"rule": "!(has(self.secretRef) && has(self.serviceAccountName))",
                  "message": "storage: set either secretRef or serviceAccountName, not both"}],
+    "resources.nodeSelector": [
+        {"rule": f"self.all(k, size(k) <= 317 && k.matches({_cel_string(QUALIFIED_NAME)}))",
+         "message": NODE_SELECTOR_KEYS},
+        {"rule": f"self.all(k, self[k].matches({_cel_string(LABEL_VALUE)}))", "message": NODE_SELECTOR_VALUES},
+    ],
+    "resources.tolerations[]": [{"rule": "!has(self.operator) || self.operator != 'Exists' || "
+                                         "!has(self.value) || self.value == ''",
+                                 "message": TOLERATION_EXISTS_VALUE, "fieldPath": ".value"}],
 }
 
 ROOT_RULES = [{
@@ -105,8 +152,8 @@ def openapi(node: dict, defs: dict) -> dict:
         node = {**openapi(options[0], defs), **node}
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key in ("title", "$defs") or (key == "default" and value is None):
-            continue
+        if key in ("title", "$defs", "propertyNames") or (key == "default" and value is None):
+            continue  # propertyNames: not in structural schemas; map keys are checked by CEL
         if key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
             out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
             out[key] = True
@@ -131,11 +178,23 @@ def model_schema(model: type[BaseModel]) -> dict:
     return openapi(schema, schema.get("$defs", {}))
 
 
+def all_rules() -> dict[str, list[dict]]:
+    """RULES, the SYNTAX rules and the immutability rules, by path under spec ("name[]": the list's items)."""
+    rules = {path: list(path_rules) for path, path_rules in RULES.items()}
+    for path, (pattern, message) in SYNTAX.items():
+        rules.setdefault(path, []).append(_syntax_rule(pattern, message))
+    for field in IMMUTABLE:
+        rules.setdefault(field, []).append({"rule": "self == oldSelf", "message": immutable(field)})
+    rules[""].append(IMAGE_UNCHANGED)
+    return rules
+
+
 def _add_rules(schema: dict, rules: dict[str, list[dict]]) -> dict:
     for path, path_rules in rules.items():
         node = schema
         for part in filter(None, path.split(".")):
-            node = node["properties"][part]
+            node = node["properties"][part.removesuffix("[]")]
+            node = node["items"] if part.endswith("[]") else node
         node["x-kubernetes-validations"] = path_rules
         if node.get("type") == "string":
             node.setdefault("maxLength", MAX_URI)  # bounds the CEL cost estimate
@@ -143,7 +202,7 @@ def _add_rules(schema: dict, rules: dict[str, list[dict]]) -> dict:
 
 
 def spec_schema() -> dict:
-    schema = _add_rules(model_schema(FineTuneJobSpec), RULES)
+    schema = _add_rules(model_schema(FineTuneJobSpec), all_rules())
     schema["description"] = "What to fine-tune, on what data, how, and where to publish the result"
     return schema
 

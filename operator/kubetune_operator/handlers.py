@@ -1,103 +1,75 @@
-"""kopf handlers: thin. Each one observes the API, asks `reconcile.decide` what to do, applies it and
-patches the status. create/resume/update react at once; the timer is the resync that follows the
-children (validation, training, metrics, hangs). All of them run the same idempotent reconcile.
+"""kopf handlers: thin. Watches feed indexes of each FineTuneJob's children; any change wakes the
+FineTuneJob's supervisor (loop.py), a daemon that reconciles one object at a time. See docs/operator.md.
 """
 
 from __future__ import annotations
 
-import copy
+import asyncio
 import logging
-import os
-from datetime import UTC, datetime
 
 import kopf
-from kubetune_trainer.spec import FineTuneJobSpec
 
-from . import GROUP, PLURAL, VERSION, children, kube, metrics
-from .reconcile import decide, running_pods
-from .status import TERMINAL
+from . import GROUP, PLURAL, VERSION, children, kube, loop, metrics, peering
 
 FTJ = (GROUP, VERSION, PLURAL)
-RESYNC_SECONDS = float(os.environ.get("KUBETUNE_RESYNC_SECONDS", "10"))
+CHILDREN = {"jobs": ("batch", "v1", "jobs"), "pods": ("", "v1", "pods"), "services": ("", "v1", "services"),
+            "config_maps": ("", "v1", "configmaps")}
+OURS = f"app.kubernetes.io/managed-by={children.MANAGED_BY}"
+LABELS = {children.LABEL_JOB: kopf.PRESENT}
 
 
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_) -> None:
-    # Handler progress in annotations: the status schema is structural and owned by reconcile.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.posting.level = logging.WARNING  # our own Events tell the story; kopf adds only problems
-    # Peering "kubetune": used when kopf's peering CRDs exist, standalone otherwise (see docs/operator.md).
-    settings.peering.name = "kubetune"
-    settings.peering.mandatory = False
+    peering.configure(settings)
     settings.watching.server_timeout = 300
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+    for resource in CHILDREN.values():  # server-side: only our children are listed and watched
+        settings.watching.label_selectors[resource[2]] = OURS
 
 
-@kopf.on.resume(*FTJ)
-@kopf.on.create(*FTJ)
-@kopf.on.update(*FTJ, field="spec")
-def reconcile_on_change(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_) -> None:
-    reconcile("change", body, patch, logger)
+@kopf.index(*FTJ)
+def finetunejobs(namespace, name, uid, **_) -> dict:
+    return {(namespace, name): uid}
 
 
-@kopf.timer(*FTJ, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS,
-            when=lambda status, **_: status.get("phase") not in TERMINAL)
-def resync(body: kopf.Body, patch: kopf.Patch, logger: logging.Logger, **_) -> None:
-    reconcile("resync", body, patch, logger)
+def by_finetunejob(body, labels, namespace, **_) -> dict:
+    return {(namespace, labels[children.LABEL_JOB]): loop.trim(body)}
 
 
-@kopf.on.delete(*FTJ, optional=True)
-def forget(uid: str, **_) -> None:
-    """Children go with ownerReferences GC; only the metrics cache needs cleaning."""
-    metrics.forget(uid)
+for _index, _resource in CHILDREN.items():  # indexes `jobs`, `pods`, `services`, `config_maps`
+    kopf.index(*_resource, id=_index, labels=LABELS)(by_finetunejob)
 
 
-def reconcile(handler: str, body: kopf.Body, patch: kopf.Patch, logger: logging.Logger) -> None:
-    raw = copy.deepcopy(dict(body))
-    raw["spec"] = children.with_storage_defaults(raw.get("spec") or {})
-    old = raw.get("status") or {}
-    if old.get("phase") in TERMINAL:  # final: only counted (on resume, after an operator restart)
-        metrics.record(raw["metadata"]["uid"], old["phase"], old["phase"], old.get("reason"), 0)
-        return
-    with metrics.track(handler):
-        api = kube.client()
-        try:
-            port = _metrics_port(raw)
-            observed = kube.observe(api, raw, port)
-            decision = decide(raw, observed, datetime.now(UTC), children.default_image())
-            created = kube.act(api, raw["metadata"], decision)
-        except kube.ApiError as e:
-            raise kopf.TemporaryError(str(e), delay=5) from e
-    for what in created:
-        kopf.event(body, type="Normal", reason="Created", message=f"created {what}")
-    for type_, reason, message in decision.events:
-        kopf.event(body, type=type_, reason=reason, message=message[:1000])
-    patch_status(old, decision.status, patch)
-    new = decision.status
-    if new.get("phase") != old.get("phase"):
-        logger.info("phase %s -> %s: %s", old.get("phase"), new.get("phase"), new.get("message"))
-    gpus = len(running_pods(observed.training_pods)) * _gpus_per_worker(raw)
-    metrics.record(raw["metadata"]["uid"], old.get("phase"), new.get("phase"), new.get("reason"), gpus)
+@kopf.on.event(*CHILDREN["pods"], labels=LABELS)
+@kopf.on.event(*CHILDREN["services"], labels=LABELS)
+@kopf.on.event(*CHILDREN["config_maps"], labels=LABELS)
+def child_changed(labels, namespace, **_) -> None:
+    loop.wake(namespace, labels[children.LABEL_JOB])
 
 
-def patch_status(old: dict, new: dict, patch: kopf.Patch) -> None:
-    """Only the keys that changed; removed keys become null (JSON merge patch)."""
-    for key in new.keys() | old.keys():
-        if new.get(key) != old.get(key):
-            patch.status[key] = new.get(key)
+@kopf.on.event(*CHILDREN["jobs"], labels=LABELS)
+async def job_changed(body, labels, namespace, finetunejobs: kopf.Index, **_) -> None:
+    name = labels[children.LABEL_JOB]
+    loop.wake(namespace, name)
+    if body["metadata"].get("deletionTimestamp"):
+        live = set(finetunejobs.get((namespace, name), []))
+        await asyncio.to_thread(loop.release_orphans, kube.client(), [loop.trim(body)], live)
 
 
-def _metrics_port(body: dict) -> int | None:
-    try:
-        spec = FineTuneJobSpec.model_validate(body["spec"])
-        config = children.trainer_config(body["metadata"]["name"], spec)
-    except ValueError:
-        return None
-    return config.metrics.port if config.metrics.enabled else None
+@kopf.on.event(*FTJ)
+async def finetunejob_changed(type, body, namespace, name, uid, jobs: kopf.Index, **_) -> None:
+    loop.wake(namespace, name, body["metadata"].get("resourceVersion"))
+    if type == "DELETED":
+        metrics.forget(uid)
+        await asyncio.to_thread(loop.release_orphans, kube.client(), list(jobs.get((namespace, name), [])), set())
 
 
-def _gpus_per_worker(body: dict) -> int:
-    return int(((body.get("spec") or {}).get("resources") or {}).get("gpusPerWorker", 1))
+@kopf.daemon(*FTJ, cancellation_timeout=10)
+async def supervise(body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger, jobs: kopf.Index,
+                    pods: kopf.Index, services: kopf.Index, config_maps: kopf.Index, **_) -> None:
+    await loop.Supervisor(body, logger).run(stopped, loop.Indexes(jobs, pods, services, config_maps))

@@ -1,24 +1,44 @@
 """The operator's API calls: a small dict-in, dict-out client over the `kubernetes` package's ApiClient
-(in-cluster config, else $KUBECONFIG), plus observing one FineTuneJob's children and scraping its trainer.
+(in-cluster config, else $KUBECONFIG), and applying a Decision: children first, then the status (guarded by
+the FineTuneJob's resourceVersion), then what may only happen once the status holds the outcome.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import urllib.request
 
 import kubernetes
 
-from .children import LABEL_COMPONENT, LABEL_JOB, Names
-from .reconcile import Decision, Observed, rank0_pod
-from .status import parse_trainer_metrics
+from .children import JOB_FINALIZER, Names
+from .reconcile import Decision
 
 
 class ApiError(Exception):
     def __init__(self, status: int, body: str):
-        super().__init__(f"HTTP {status}: {body[:500]}")
-        self.status = status
+        self.status, self.body = status, body
+        try:
+            self.message = json.loads(body).get("message") or body
+        except (ValueError, AttributeError):
+            self.message = body
+        self.message = str(self.message)[:1000]
+        super().__init__(f"HTTP {status}: {self.message}")
+
+
+class Refused(Exception):
+    """The API server refused to create a child (4xx other than 404/409)."""
+
+    def __init__(self, obj: dict, error: ApiError):
+        super().__init__(str(error))
+        self.obj, self.status, self.message = obj, error.status, error.message
+
+
+class Conflict(Exception):
+    """A child's name is taken by an object this FineTuneJob does not own."""
+
+    def __init__(self, obj: dict, owner: str):
+        super().__init__(f"{obj['kind']} {obj['metadata']['name']}: {owner}")
+        self.obj, self.owner = obj, owner
 
 
 class Kube:
@@ -52,21 +72,53 @@ class Kube:
                 return None
             raise
 
-    def list(self, path: str, selector: str) -> list[dict]:
-        return self.call("GET", path, query={"labelSelector": selector})["items"]
-
-    def create(self, obj: dict) -> bool:
-        """Create; False when it already exists (names are deterministic, so never a duplicate)."""
+    def create(self, obj: dict, uid: str) -> dict | None:
+        """Create a child of the FineTuneJob `uid`: the new object, or None when ours already exists (names
+        are deterministic, so never a duplicate). Raises Refused or Conflict."""
         try:
-            self.call("POST", collection_path(obj), obj)
+            return self.call("POST", collection_path(obj), obj)
         except ApiError as e:
             if e.status == 409:
-                return False
+                found = self.get(object_path(obj))
+                if found is None or owned_by(found, uid):
+                    return None
+                refs = found["metadata"].get("ownerReferences") or []
+                owner = ", ".join(f"owned by {r['kind']} {r['name']}" for r in refs) or "it has no owner"
+                raise Conflict(obj, owner) from e
+            if 400 <= e.status < 500 and e.status != 404:
+                raise Refused(obj, e) from e
             raise
-        return True
+
+    def delete(self, obj: dict) -> None:
+        try:
+            self.call("DELETE", object_path(obj), {"propagationPolicy": "Background"})
+        except ApiError as e:
+            if e.status != 404:
+                raise
+
+    def release(self, obj: dict) -> None:
+        """Remove JOB_FINALIZER, with a test of its position so that no other finalizer is touched."""
+        finalizers = obj["metadata"].get("finalizers") or []
+        if JOB_FINALIZER not in finalizers:
+            return
+        i = finalizers.index(JOB_FINALIZER)
+        patch = [{"op": "test", "path": f"/metadata/finalizers/{i}", "value": JOB_FINALIZER},
+                 {"op": "remove", "path": f"/metadata/finalizers/{i}"}]
+        try:
+            self.call("PATCH", object_path(obj), patch, content_type="application/json-patch+json")
+        except ApiError as e:
+            if e.status not in (404, 422):  # gone, or the list moved (the next event retries)
+                raise
 
     def merge_patch(self, obj_path: str, patch: dict) -> dict:
         return self.call("PATCH", obj_path, patch, content_type="application/merge-patch+json")
+
+    def patch_status(self, body: dict, changes: dict) -> dict:
+        """Merge-patch status keys, only if the FineTuneJob is still at the resourceVersion the decision was
+        made from (else ApiError 409: a stale copy never overwrites a newer decision)."""
+        meta = body["metadata"]
+        patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": changes}
+        return self.merge_patch(object_path(body) + "/status", patch)
 
 
 def collection_path(obj: dict) -> str:
@@ -83,60 +135,47 @@ def _path(api: str, kind: str, namespace: str, name: str) -> str:
     return object_path({"apiVersion": api, "kind": kind, "metadata": {"namespace": namespace, "name": name}})
 
 
+def training_job_path(meta: dict) -> str:
+    return _path("batch/v1", "Job", meta["namespace"], Names(meta["name"]).training)
+
+
 def owned_by(obj: dict | None, uid: str) -> dict | None:
     """The object if its controller is this FineTuneJob, else None (a leftover of a deleted namesake)."""
     refs = (obj or {}).get("metadata", {}).get("ownerReferences") or []
     return obj if any(r.get("uid") == uid and r.get("controller") for r in refs) else None
 
 
-def scrape(ip: str, port: int, job_name: str, timeout: float = 3.0) -> dict | None:
-    try:
-        with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=timeout) as resp:  # noqa: S310
-            return parse_trainer_metrics(resp.read().decode(), job_name)
-    except (OSError, ValueError):
-        return None
-
-
-def observe(kube: Kube, body: dict, metrics_port: int | None) -> Observed:
-    meta = body["metadata"]
-    ns, name, uid = meta["namespace"], meta["name"], meta["uid"]
-    names = Names(name)
-
-    def pods_of(job: dict | None, component: str) -> list[dict]:
-        if job is None:
-            return []
-        pods = kube.list(f"/api/v1/namespaces/{ns}/pods", f"{LABEL_JOB}={name},{LABEL_COMPONENT}={component}")
-        return [p for p in pods if owned_by(p, job["metadata"]["uid"])]
-
-    o = Observed(
-        config_map=owned_by(kube.get(_path("v1", "ConfigMap", ns, names.config_map)), uid),
-        validation_job=owned_by(kube.get(_path("batch/v1", "Job", ns, names.validation)), uid),
-        service=owned_by(kube.get(_path("v1", "Service", ns, names.service)), uid),
-        training_job=owned_by(kube.get(_path("batch/v1", "Job", ns, names.training)), uid),
-    )
-    o.validation_pods = pods_of(o.validation_job, "validation")
-    o.training_pods = pods_of(o.training_job, "workers")
-    rank0 = rank0_pod(o.training_pods)
-    if rank0 and metrics_port:
-        o.trainer_metrics = scrape(rank0["status"]["podIP"], metrics_port, name)
-    return o
-
-
-def act(kube: Kube, meta: dict, decision: Decision) -> list[str]:
-    """Apply a Decision's child changes; returns what it created, for events."""
+def act(kube: Kube, meta: dict, decision: Decision) -> list[dict]:
+    """Apply a Decision's child changes (before the status); returns the objects it created."""
     created = []
     for obj in decision.create:
-        if kube.create(obj):
-            created.append(f"{obj['kind']} {obj['metadata']['name']}")
+        new = kube.create(obj, meta["uid"])
+        if new:
+            created.append(new)
     for obj in decision.update:
         kube.merge_patch(object_path(obj), {"data": obj["data"]})
     if decision.suspend_training is not None:
-        job = _path("batch/v1", "Job", meta["namespace"], Names(meta["name"]).training)
-        kube.merge_patch(job, {"spec": {"suspend": decision.suspend_training}})
+        kube.merge_patch(training_job_path(meta), {"spec": {"suspend": decision.suspend_training}})
+    if decision.training_spec:
+        try:
+            kube.merge_patch(training_job_path(meta), {"spec": decision.training_spec})
+        except ApiError as e:
+            if e.status != 422:
+                raise
+            decision.events.append(("Warning", "RunPolicyNotApplied",
+                                    f"the training Job did not take the runPolicy change: {e.message}"))
     return created
+
+
+def after_status(kube: Kube, decision: Decision) -> None:
+    """What may only happen once the status holds the outcome: delete finished validation Jobs, release
+    deleted training Jobs."""
+    for obj in decision.delete:
+        kube.delete(obj)
+    for obj in decision.release:
+        kube.release(obj)
 
 
 @functools.cache
 def client() -> Kube:
     return Kube.from_environment()
-

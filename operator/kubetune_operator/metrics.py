@@ -25,7 +25,7 @@ FAILURES = Counter("kubetune_operator_finetunejob_failures", "FineTuneJobs that 
 
 # Export every known label value from the start (0), so dashboards and rate() have series before the first
 # reconcile error or failure.
-HANDLERS = ("change", "resync")
+HANDLERS = ("reconcile",)
 FAILURE_REASONS = ("DatasetInvalid", "ConfigInvalid", "ValidationFailed", "BackoffLimitExceeded",
                    "DeadlineExceeded", "Hung")
 for _phase in Phase:
@@ -75,3 +75,7 @@ def _refresh() -> None:
     for p in Phase:
         JOBS.labels(p.value).set(sum(1 for phase, _ in _jobs.values() if phase == p))
     GPUS.set(sum(g for _, g in _jobs.values()))
+
+
+ACTIVE = Gauge("kubetune_operator_active", "1 while this replica reconciles; 0 on standby (peering) or starting",
+               registry=REGISTRY)

@@ -8,14 +8,17 @@ from operator memory, so a restarted operator picks up where the last one stoppe
                    v            |  v       v
                  Failed      Suspended   Failed (BackoffLimitExceeded, DeadlineExceeded, Hung, ...)
 
-Succeeded and Failed are sticky: the training Job may be garbage-collected by its TTL afterwards.
+Succeeded and Failed are sticky. The training Job carries the finalizer `kubetune.io/outcome`, so a Job
+deleted by its TTL, by hand or by the garbage collector stays readable until its outcome is in the status;
+`status.trainingJob` records what was created, so "created, then gone" is told from "not created yet".
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from kubetune_trainer.config import join_uri
 from kubetune_trainer.spec import FineTuneJobSpec
@@ -33,12 +36,17 @@ from .status import (
     job_finished,
     parse_time,
     permanent_failure,
+    pod_problem,
     result_from_pods,
     rfc3339,
     set_condition,
     success_report,
     terminations,
 )
+
+GPU_ACCOUNTING_SECONDS = 30  # gpuSeconds is brought up to date at most this often while running
+VALIDATION_RETRY_SECONDS = (10, 300)  # first and longest delay before a transient validation failure is retried
+MAX_RECREATIONS = 1  # a running run's training Job that vanished is recreated this often, then the run fails
 
 
 @dataclass
@@ -51,16 +59,22 @@ class Observed:
     service: dict | None = None
     training_job: dict | None = None
     training_pods: list[dict] = field(default_factory=list)
-    trainer_metrics: dict | None = None  # rank 0's /metrics, parsed; None when not scraped or unreachable
+    trainer_metrics: dict | None = None  # rank 0's /metrics, parsed, from a recent scrape that succeeded
+    scrape_failures: int = 0  # scrapes of rank 0 that failed in a row
+    scrape_error: str | None = None
 
 
 @dataclass
 class Decision:
     status: dict
-    create: list[dict] = field(default_factory=list)  # create if absent (a 409 is fine)
+    create: list[dict] = field(default_factory=list)  # create if absent (a 409 on our own object is fine)
     update: list[dict] = field(default_factory=list)  # replace (the ConfigMap, when its data changed)
     suspend_training: bool | None = None  # set the training Job's spec.suspend
+    training_spec: dict = field(default_factory=dict)  # mutable runPolicy fields to patch into the Job's spec
+    delete: list[dict] = field(default_factory=list)  # after the status is written: finished validation Jobs
+    release: list[dict] = field(default_factory=list)  # after the status is written: drop the Job's finalizer
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
+    requeue_after: float | None = None  # reconcile again after this many seconds (a retry is due)
 
     @property
     def phase(self) -> str | None:
@@ -78,18 +92,25 @@ def rank0_pod(pods: list[dict]) -> dict | None:
                  if completion_index(p) == "0" and p["status"].get("podIP")), None)
 
 
+def deleting(obj: dict | None) -> bool:
+    return bool(obj and obj["metadata"].get("deletionTimestamp"))
+
+
 def decide(body: dict, observed: Observed, now: datetime, image: str | None = None) -> Decision:
     meta, old = body["metadata"], body.get("status") or {}
     generation = meta.get("generation", 1)
     d = Decision(status=copy.deepcopy(old))
     d.status["observedGeneration"] = generation
     if old.get("phase") in TERMINAL:
+        _clean_up(d, observed)
         return d
+    if get_condition(old, "Blocked"):  # a refused create is retried by the loop; this reconcile clears it
+        set_condition(d.status, "Blocked", False, "Created", "", generation, now)
     try:
         spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        _finish(d, Phase.Failed, "ConfigInvalid", problems, generation, now)
+        _unreadable(d, body, observed, problems, generation, now)
         return _transition(d, old, now)
 
     cm = children.config_map(meta, spec)
@@ -102,31 +123,75 @@ def decide(body: dict, observed: Observed, now: datetime, image: str | None = No
     validated = get_condition(old, "Validated") or {}
     if validated.get("status") == "True" or _validate(d, meta, spec, observed, generation, now, image):
         _train(d, old, meta, spec, observed, generation, now, image)
+    _clean_up(d, observed)
     return _transition(d, old, now)
 
 
-def _validate(d: Decision, meta, spec, observed: Observed, generation: int, now, image: str) -> bool:
-    """Run the CPU validation Job; True once the data is known good."""
+def _clean_up(d: Decision, observed: Observed) -> None:
+    """Once the status holds the outcome: delete the validation Job, let go of a deleted training Job."""
+    validated = (get_condition(d.status, "Validated") or {}).get("status")
     job = observed.validation_job
-    if job is None:
-        d.create.append(children.validation_job(meta, spec, image))
-        _set(d, Phase.Pending, "Accepted", "validating the dataset on CPU", generation, now)
-        set_condition(d.status, "Validated", None, "Pending", "validation Job created", generation, now)
+    if job and not deleting(job) and job_finished(job) and validated in ("True", "False") and job not in d.delete:
+        d.delete.append(job)
+    job = observed.training_job
+    held = job and children.JOB_FINALIZER in (job["metadata"].get("finalizers") or [])
+    if held and deleting(job) and (d.phase in TERMINAL or not job_finished(job)) and job not in d.release:
+        d.release.append(job)
+
+
+def _validate(d: Decision, meta, spec, observed: Observed, generation: int, now, image: str) -> bool:
+    """Run the CPU validation Job; True once the data is known good. Transient failures are retried."""
+    job, old = observed.validation_job, d.status
+    attempts = old.get("validationAttempts", 0)
+    retry_at = parse_time(old.get("validationRetryTime"))
+    if job is None or (deleting(job) and retry_at):
+        if retry_at and now < retry_at:
+            d.requeue_after = (retry_at - now).total_seconds()
+            return False
+        if job is None:
+            d.create.append(children.validation_job(meta, spec, image))
+            d.status["validationAttempts"] = attempts + 1
+            d.status.pop("validationRetryTime", None)
+            again = f" (attempt {attempts + 1})" if attempts else ""
+            _set(d, Phase.Pending, "Accepted", f"validating the dataset on CPU{again}", generation, now)
+            set_condition(d.status, "Validated", None, "Pending", "validation Job created", generation, now)
         return False
     done = job_finished(job)
     if done is None:
-        _set(d, Phase.Validating, "Validating", "checking every record on CPU", generation, now)
+        problem = pod_problem(observed.validation_pods, children.VALIDATE_CONTAINER)
+        if problem:
+            _set(d, Phase.Pending, *problem, generation, now)
+        elif running_pods(observed.validation_pods) or terminations(observed.validation_pods,
+                                                                   children.VALIDATE_CONTAINER):
+            _set(d, Phase.Validating, "Validating", "checking every record on CPU", generation, now)
+        else:
+            _set(d, Phase.Pending, "ValidationPending", "waiting for the validation pod to start", generation, now)
         set_condition(d.status, "Validated", None, "Validating", "validation Job running", generation, now)
         return False
     if done["type"] == "Failed":
         reason, message = explain_failure(job, observed.validation_pods, children.VALIDATE_CONTAINER)
-        reason = reason if reason in ("DatasetInvalid", "ConfigInvalid") else "ValidationFailed"
-        set_condition(d.status, "Validated", False, reason, message, generation, now)
-        _finish(d, Phase.Failed, reason, message, generation, now)
+        if reason in ("DatasetInvalid", "ConfigInvalid"):
+            set_condition(d.status, "Validated", False, reason, message, generation, now)
+            _finish(d, Phase.Failed, reason, message, generation, now)
+            return False
+        if retry_at:  # this failure was handled: its Job is being deleted, the retry is scheduled
+            d.requeue_after = max((retry_at - now).total_seconds(), 1)
+            d.delete.append(job)
+            return False
+        first, longest = VALIDATION_RETRY_SECONDS
+        delay = min(first * 2 ** max(attempts - 1, 0), longest)
+        message = f"attempt {max(attempts, 1)} failed ({message}); retrying in {delay}s"
+        d.status["validationRetryTime"] = rfc3339(now + timedelta(seconds=delay))
+        set_condition(d.status, "Validated", None, "ValidationRetrying", message, generation, now)
+        _set(d, Phase.Pending, "ValidationRetrying", message, generation, now)
+        d.events.append(("Warning", "ValidationRetrying", message))
+        d.delete.append(job)
+        d.requeue_after = delay
         return False
     ends = terminations(observed.validation_pods, children.VALIDATE_CONTAINER)
     message = (ends[0].get("message") or "").strip() if ends else ""
     set_condition(d.status, "Validated", True, "DatasetValid", message or "dataset valid", generation, now)
+    d.status.pop("validationRetryTime", None)
     return True
 
 
@@ -137,33 +202,35 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
         d.create.append(children.service(meta, spec))
     job = observed.training_job
     if job is None:
-        d.create.append(children.training_job(meta, spec, image))
-        if run.suspend:
-            _set(d, Phase.Suspended, "Suspended", "spec.runPolicy.suspend is true", generation, now)
-        else:
-            _set(d, Phase.Queued, "TrainingJobCreated", "training Job created", generation, now)
+        _create_training_job(d, old, meta, spec, generation, now, image)
         return
     pods = observed.training_pods
     d.status["restarts"] = (job.get("status") or {}).get("failed", 0)
     done = job_finished(job)
     if done and done["type"] == "Complete":
-        d.status["result"] = result_from_pods(pods, children.TRAINER_CONTAINER, spec.output.uri)
-        final_progress(d.status, success_report(pods, children.TRAINER_CONTAINER))
-        _finish(d, Phase.Succeeded, "Completed", f"published to {spec.output.uri}", generation, now)
+        _succeed(d, pods, spec.output.uri, generation, now)
         return
     if done:
         reason, message = explain_failure(job, pods, children.TRAINER_CONTAINER)
         _finish(d, Phase.Failed, reason, message, generation, now)
+        return
+    if deleting(job):
+        message = (f"training Job {job['metadata']['name']} was deleted before the run finished; it is "
+                   "recreated once and resumes from the last checkpoint")
+        d.events.append(("Warning", "TrainingJobDeleted", message))
+        _set(d, Phase.Queued, "TrainingJobDeleted", message, generation, now)
         return
     permanent = permanent_failure(pods, children.TRAINER_CONTAINER)
     if permanent:  # exit 1 through accelerate launch: the Job would retry; stop it (frees the GPUs)
         d.suspend_training = True
         _finish(d, Phase.Failed, *permanent, generation, now)
         return
+    d.training_spec = {k: v for k, v in children.mutable_job_spec(spec).items() if job["spec"].get(k) != v}
 
     job_suspended = bool(job["spec"].get("suspend"))
     active = (job.get("status") or {}).get("active", 0)
     running = running_pods(pods)
+    problem = pod_problem(pods, children.TRAINER_CONTAINER)
     if run.suspend:
         if not job_suspended:
             d.suspend_training = True
@@ -183,18 +250,19 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
     elif job_suspended:
         d.suspend_training = False
         _set(d, Phase.Queued, "Resuming", "resuming from the last checkpoint", generation, now)
+    elif problem:
+        phase = Phase.Running if running else Phase.Queued
+        _set(d, phase, problem[0], problem[1], generation, now)
     elif running:
         _set(d, Phase.Running, "Training", f"{len(running)}/{spec.resources.workers} workers running",
+             generation, now)
+    elif (job.get("status") or {}).get("succeeded"):
+        _set(d, Phase.Running, "Finishing", "the workers have finished; waiting for the Job to complete",
              generation, now)
     else:
         _set(d, Phase.Queued, "WaitingForWorkers", "waiting for worker pods to start", generation, now)
 
-    gpus = spec.resources.gpus_per_worker
-    accounted = parse_time(d.status.get("gpuAccountedAt"))
-    if running and gpus and accounted:
-        d.status["gpuSeconds"] = round(d.status.get("gpuSeconds", 0) + len(running) * gpus *
-                                       (now - accounted).total_seconds(), 1)
-    d.status["gpuAccountedAt"] = rfc3339(now) if running and gpus else None
+    _account_gpus(d, len(running) * spec.resources.gpus_per_worker, now)
     if d.phase != Phase.Running:
         return
     d.status.setdefault("startTime", rfc3339(now))
@@ -203,16 +271,93 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
     if observed.trainer_metrics:
         checkpoint_uri = spec.checkpoint.uri or join_uri(spec.output.uri, "checkpoints/")
         apply_metrics(d.status, observed.trainer_metrics, checkpoint_uri, now)
-    _check_hang(d, run.hang_timeout_seconds, generation, now)
+    _scrape_health(d, observed)
+    if observed.trainer_metrics:  # positive evidence only: an unreachable trainer is never called hung
+        _check_hang(d, run.hang_timeout_seconds, generation, now)
+
+
+def _create_training_job(d: Decision, old: dict, meta, spec, generation: int, now, image: str) -> None:
+    """The training Job is absent: not created yet, or created and then deleted before its outcome was read."""
+    record = old.get("trainingJob") or {}
+    name = children.Names(meta["name"]).training
+    if record.get("uid"):
+        recreations = record.get("recreations", 0)
+        if recreations >= MAX_RECREATIONS:
+            _finish(d, Phase.Failed, "TrainingJobLost",
+                    f"training Job {name} was deleted before the run finished, again after it was recreated; "
+                    "create a new FineTuneJob to train again", generation, now)
+            return
+        message = (f"training Job {name} is gone before its outcome was seen; recreating it once (the trainer "
+                   "resumes from the last checkpoint, or reports the adapter it already published)")
+        d.events.append(("Warning", "TrainingJobRecreated", message))
+        d.status["trainingJob"] = {"name": name, "recreations": recreations + 1}
+    d.create.append(children.training_job(meta, spec, image))
+    if spec.run_policy.suspend:
+        _set(d, Phase.Suspended, "Suspended", "spec.runPolicy.suspend is true", generation, now)
+    else:
+        _set(d, Phase.Queued, "TrainingJobCreated", "training Job created", generation, now)
+
+
+def _succeed(d: Decision, pods: list[dict], output_uri: str, generation: int, now) -> None:
+    d.status["result"] = result_from_pods(pods, children.TRAINER_CONTAINER, output_uri)
+    final_progress(d.status, success_report(pods, children.TRAINER_CONTAINER))
+    _finish(d, Phase.Succeeded, "Completed", f"published to {output_uri}", generation, now)
+
+
+def _unreadable(d: Decision, body: dict, observed: Observed, problems: str, generation: int, now) -> None:
+    """A spec this operator cannot parse (say, a newer CRD). Without workers the job fails ConfigInvalid;
+    running workers are never abandoned: their Job is still followed to its end, and the status says so."""
+    job = observed.training_job
+    if job is None or deleting(job):
+        _finish(d, Phase.Failed, "ConfigInvalid", problems, generation, now)
+        return
+    done = job_finished(job)
+    output = ((body.get("spec") or {}).get("output") or {}).get("uri", "")
+    if done and done["type"] == "Complete":
+        _succeed(d, observed.training_pods, output, generation, now)
+    elif done:
+        _finish(d, Phase.Failed, *explain_failure(job, observed.training_pods, children.TRAINER_CONTAINER),
+                generation, now)
+    else:
+        message = (f"the operator cannot read this spec ({problems}); the workers keep running and their Job "
+                   "is still supervised to its end (no spec changes are applied)")
+        d.status.update(reason="SpecUnreadable", message=message)
+        if (get_condition(body.get("status") or {}, "Running") or {}).get("reason") != "SpecUnreadable":
+            d.events.append(("Warning", "SpecUnreadable", message))
+        set_condition(d.status, "Running", d.phase == Phase.Running, "SpecUnreadable", message, generation, now)
+
+
+def _account_gpus(d: Decision, gpus: int, now: datetime) -> None:
+    """gpuSeconds += gpusInUse x the time since gpuAccountedAt, brought up to date when the number of GPUs in
+    use changes and every GPU_ACCOUNTING_SECONDS (not at every reconcile, which would rewrite the status)."""
+    accounted, before = parse_time(d.status.get("gpuAccountedAt")), d.status.get("gpusInUse") or 0
+    elapsed = (now - accounted).total_seconds() if accounted else 0
+    if accounted and (gpus == before and elapsed < GPU_ACCOUNTING_SECONDS):
+        return
+    if accounted and before:
+        d.status["gpuSeconds"] = round(d.status.get("gpuSeconds", 0) + before * elapsed, 1)
+    d.status["gpusInUse"] = gpus or None
+    d.status["gpuAccountedAt"] = rfc3339(now) if gpus else None
+
+
+def _scrape_health(d: Decision, observed: Observed) -> None:
+    if observed.scrape_failures:
+        d.status["metricsScrape"] = {"failures": observed.scrape_failures,
+                                     "lastError": (observed.scrape_error or "")[:300]}
+    else:
+        d.status.pop("metricsScrape", None)
 
 
 def _check_hang(d: Decision, timeout: int | None, generation: int, now: datetime) -> None:
-    """No step for hangTimeoutSeconds: restart the workers once (suspend, then resume), then fail."""
-    last = parse_time(d.status.get("lastProgressTime"))
+    """No heartbeat and no step for hangTimeoutSeconds from a reachable trainer: restart the workers once
+    (suspend, then resume), then fail."""
+    seen = [t for t in (parse_time(d.status.get("lastProgressTime")), parse_time(d.status.get("lastHeartbeatTime")))
+            if t]
+    last = max(seen) if seen else None
     if not timeout or not last or (now - last).total_seconds() <= timeout:
         return
     d.suspend_training = True
-    message = f"no training step for {int((now - last).total_seconds())}s (hangTimeoutSeconds {timeout})"
+    message = f"no heartbeat from the trainer for {int((now - last).total_seconds())}s (hangTimeoutSeconds {timeout})"
     if d.status.get("hangRestarts", 0) < 1:
         d.status["hangRestarts"] = d.status.get("hangRestarts", 0) + 1
         d.status["restartingWorkers"] = True
@@ -223,6 +368,35 @@ def _check_hang(d: Decision, timeout: int | None, generation: int, now: datetime
         _finish(d, Phase.Failed, "Hung", message + " after a restart", generation, now)
 
 
+# -- what the loop reports when acting on a Decision failed ------------------------------------------------
+
+
+def refused(body: dict, d: Decision, obj: dict, status: int, message: str, now: datetime) -> Decision:
+    """A child create the API server refused. 400/422 (only the child's own validation catches it, e.g. an
+    invalid toleration) end the job InvalidChildSpec; 403 (RBAC, quota, admission) is retried by the loop
+    with a growing delay and shown as the Blocked condition and a Warning Event."""
+    what, generation = f"{obj['kind']} {obj['metadata']['name']}", body["metadata"].get("generation", 1)
+    if status in (400, 422):
+        _finish(d, Phase.Failed, "InvalidChildSpec", f"the API server refused the {what}: {message}",
+                generation, now)
+    else:
+        reason = "QuotaExceeded" if "quota" in message.lower() else "CreateForbidden"
+        text = f"the API server refused to create the {what} (HTTP {status}): {message}; retrying"
+        set_condition(d.status, "Blocked", True, reason, text, generation, now)
+        d.status.update(reason=reason, message=text)
+        d.events.append(("Warning", reason, text))
+    return _transition(d, body.get("status") or {}, now)
+
+
+def conflict(body: dict, d: Decision, obj: dict, owner: str, now: datetime) -> Decision:
+    """A child's name is taken by an object this FineTuneJob does not own."""
+    what = f"{obj['kind']} {obj['metadata']['name']}"
+    _finish(d, Phase.Failed, "ChildConflict",
+            f"{what} already exists and is not owned by this FineTuneJob ({owner}); delete it, or create the "
+            "FineTuneJob under another name", body["metadata"].get("generation", 1), now)
+    return _transition(d, body.get("status") or {}, now)
+
+
 def _set(d: Decision, phase: Phase, reason: str, message: str, generation: int, now: datetime) -> None:
     d.status.update(phase=phase.value, reason=reason, message=message)
     for type_, value in (("Running", phase == Phase.Running), ("Suspended", phase == Phase.Suspended)):
@@ -231,15 +405,25 @@ def _set(d: Decision, phase: Phase, reason: str, message: str, generation: int, 
 
 def _finish(d: Decision, phase: Phase, reason: str, message: str, generation: int, now: datetime) -> None:
     _set(d, phase, reason, message, generation, now)
+    _account_gpus(d, 0, now)
     d.status["completionTime"] = rfc3339(now)
-    d.status["gpuAccountedAt"] = None
+    d.status.pop("validationRetryTime", None)
     set_condition(d.status, "Succeeded", phase == Phase.Succeeded, reason, message, generation, now)
     set_condition(d.status, "Failed", phase == Phase.Failed, reason, message, generation, now)
 
 
+def _finite(value):
+    """The value with NaN and infinities dropped: they never reach the status patch."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items() if not (isinstance(v, float) and not math.isfinite(v))}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _transition(d: Decision, old: dict, now: datetime) -> Decision:
     """One Kubernetes Event per phase change."""
-    d.status = {k: v for k, v in d.status.items() if v is not None}
+    d.status = _finite({k: v for k, v in d.status.items() if v is not None})
     if d.phase != old.get("phase") and not any(e[1] == d.status.get("reason") for e in d.events):
         kind = "Warning" if d.phase == Phase.Failed else "Normal"
         message = f"{d.phase}: {d.status.get('message', '')}"

@@ -27,11 +27,11 @@ class Phase(StrEnum):
 
 
 TERMINAL = (Phase.Succeeded, Phase.Failed)
-CONDITION_TYPES = ("Validated", "Running", "Suspended", "Succeeded", "Failed")
+CONDITION_TYPES = ("Validated", "Blocked", "Running", "Suspended", "Succeeded", "Failed")
 
 
 class Condition(Model):
-    type: str = Field(description="Validated, Running, Suspended, Succeeded or Failed")
+    type: str = Field(description="Validated, Blocked, Running, Suspended, Succeeded or Failed")
     status: Literal["True", "False", "Unknown"]
     reason: str = Field(description="CamelCase reason, e.g. DatasetInvalid, BackoffLimitExceeded, Hung")
     message: str = ""
@@ -61,6 +61,17 @@ class Result(Model):
     sha256: str | None = Field(None, description="sha256 of manifest.json, when the trainer reported it")
 
 
+class ChildRef(Model):
+    name: str
+    uid: str | None = None
+    recreations: int | None = Field(None, description="Times it was recreated after it vanished mid-run")
+
+
+class MetricsScrape(Model):
+    failures: int = Field(0, description="Scrapes of rank 0's /metrics that failed in a row")
+    last_error: str | None = None
+
+
 class FineTuneJobStatus(Model):
     phase: Phase | None = None
     reason: str | None = Field(None, description="Why the job is in its phase, e.g. DatasetInvalid")
@@ -74,11 +85,18 @@ class FineTuneJobStatus(Model):
     restarting_workers: bool | None = Field(None, description="A hang restart is suspending the workers")
     progress: Progress | None = None
     last_progress_time: str | None = Field(None, description="When the step count last increased")
+    last_heartbeat_time: str | None = Field(
+        None, description="The trainer's last heartbeat (every step, evaluation batch, checkpoint and upload)")
+    metrics_scrape: MetricsScrape | None = Field(None, description="Set while scrapes of rank 0 fail")
+    training_job: ChildRef | None = Field(None, description="The training Job this operator created")
+    validation_attempts: int | None = Field(None, description="Validation Jobs started; transient failures retry")
+    validation_retry_time: str | None = Field(None, description="When a failed validation is retried")
     train_loss: float | None = None
     eval_loss: float | None = None
     tokens_per_second: float | None = None
     tokens_trained: int | None = None
-    gpu_seconds: float | None = Field(None, description="GPU time of running workers, sampled at each resync")
+    gpu_seconds: float | None = Field(None, description="GPU time of running workers, brought up to date every 30 s")
+    gpus_in_use: int | None = Field(None, description="GPUs of running workers since gpuAccountedAt")
     gpu_accounted_at: str | None = None
     last_checkpoint: LastCheckpoint | None = None
     result: Result | None = None
@@ -152,6 +170,28 @@ def completion_index(pod: dict) -> str | None:
     meta = pod.get("metadata", {})
     return (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index") or (
         meta.get("labels") or {}).get("batch.kubernetes.io/job-completion-index")
+
+
+STARTING = {"ContainerCreating", "PodInitializing"}
+
+
+def pod_problem(pods: list[dict], container: str) -> tuple[str, str] | None:
+    """(reason, message) of the first pod that cannot start: a waiting container (ImagePullBackOff,
+    CreateContainerConfigError for a missing Secret, ...) or a pod the scheduler cannot place."""
+    for pod in pods:
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        name = pod["metadata"]["name"]
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if cs.get("name") == container and waiting.get("reason") and waiting["reason"] not in STARTING:
+                detail = f": {waiting['message']}" if waiting.get("message") else ""
+                return waiting["reason"], f"pod {name}: {waiting['reason']}{detail}"[:1000]
+        for c in (pod.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False":
+                reason = c.get("reason") or "Unschedulable"
+                return reason, f"pod {name} cannot be scheduled: {c.get('message') or reason}"[:1000]
+    return None
 
 
 PERMANENT_REASONS = {EXIT_DATA_INVALID: "DatasetInvalid", EXIT_CONFIG_INVALID: "ConfigInvalid"}
@@ -247,7 +287,7 @@ def parse_trainer_metrics(text: str, job_name: str) -> dict[str, float | str]:
             if name == "phase":
                 if sample.value == 1:
                     values["phase"] = sample.labels.get("phase", "")
-            elif name.endswith("_created") or "gpu" in sample.labels or math.isnan(sample.value):
+            elif name.endswith("_created") or "gpu" in sample.labels or not math.isfinite(sample.value):
                 continue
             else:
                 values[name] = sample.value
@@ -273,6 +313,9 @@ def apply_metrics(status: dict, m: dict, checkpoint_uri: str, now: datetime) -> 
         value = m.get(metric)
         if value is not None and (value > 0 or key == "tokensTrained"):
             status[key] = round(cast(value), 4) if cast is float else cast(value)
+    beat = m.get("heartbeat_timestamp_seconds")
+    if beat:
+        status["lastHeartbeatTime"] = rfc3339(datetime.fromtimestamp(beat, UTC))
     stamp = m.get("last_checkpoint_timestamp_seconds")
     if stamp:
         status["lastCheckpoint"] = {"time": rfc3339(datetime.fromtimestamp(stamp, UTC)),

@@ -53,7 +53,13 @@ def test_default_render():
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["KUBETUNE_TRAINER_IMAGE"] == "ghcr.io/kubetune/trainer:0.1.0"
     assert env["KUBETUNE_METRICS_PORT"] == "8080" and env["KUBETUNE_HEALTH_PORT"] == "8081"
-    assert env["KUBETUNE_RESYNC_SECONDS"] == "10"
+    assert env["KUBETUNE_READY_PORT"] == "8082"
+    assert env["KUBETUNE_RESYNC_SECONDS"] == "60"
+    assert (env["KUBETUNE_VALIDATION_CPU"], env["KUBETUNE_VALIDATION_MEMORY"],
+            env["KUBETUNE_VALIDATION_EPHEMERAL_STORAGE"], env["KUBETUNE_VALIDATION_DEADLINE_SECONDS"]) == (
+        "500m", "1Gi", "10Gi", "3600")
+    pod_id = next(e for e in container["env"] if e["name"] == "POD_ID")  # kopf's identity among its peers
+    assert pod_id["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert "KUBETUNE_STORAGE_ENDPOINT" not in env
     assert deploy["spec"]["replicas"] == 1
     # Optional parts stay off
@@ -75,10 +81,10 @@ def test_operator_pod_is_locked_down():
         assert sc["allowPrivilegeEscalation"] is False
         assert sc["capabilities"]["drop"] == ["ALL"]
         assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
-        for probe in ("livenessProbe", "readinessProbe"):
-            assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ready"}
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"metrics": 8080, "health": 8081}
+        assert ports == {"metrics": 8080, "health": 8081, "ready": 8082}
         assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
 
 
@@ -124,11 +130,36 @@ def test_the_operator_applies_the_storage_defaults_the_chart_sets(monkeypatch):
 
     (deploy,) = find(render(FULL_VALUES), "Deployment")
     for var in deploy["spec"]["template"]["spec"]["containers"][0]["env"]:
-        monkeypatch.setenv(var["name"], var["value"])
+        if "value" in var:  # not POD_ID (the pod's name)
+            monkeypatch.setenv(var["name"], var["value"])
     assert with_storage_defaults({})["storage"] == {
         "endpoint": "http://minio.minio:9000", "region": "eu-west-1", "secretRef": {"name": "s3-credentials"}}
     own = {"endpoint": "http://s3.local", "region": "us-east-1", "serviceAccountName": "irsa"}
     assert with_storage_defaults({"storage": own})["storage"] == own  # a job's own storage wins, as a whole
+
+
+def test_the_operator_applies_the_validation_defaults_the_chart_sets(monkeypatch):
+    from types import SimpleNamespace
+
+    from kubetune_operator.children import validation_settings
+
+    values = {"validation.cpu": "2", "validation.memory": "4Gi", "validation.ephemeralStorage": "50Gi",
+              "validation.activeDeadlineSeconds": "600"}
+    (deploy,) = find(render(values), "Deployment")
+    for var in deploy["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if "value" in var:
+            monkeypatch.setenv(var["name"], var["value"])
+    assert validation_settings(SimpleNamespace(validation=None)) == {
+        "cpu": "2", "memory": "4Gi", "ephemeral_storage": "50Gi", "active_deadline_seconds": 600}
+
+
+def test_the_probes_ask_the_ports_the_operator_serves():
+    (deploy,) = find(render({"healthPort": "9001", "readyPort": "9002"}), "Deployment")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    ports = {p["name"]: str(p["containerPort"]) for p in container["ports"]}
+    assert ports["health"] == env["KUBETUNE_HEALTH_PORT"] == "9001"
+    assert ports["ready"] == env["KUBETUNE_READY_PORT"] == "9002"
 
 
 def test_image_digest_wins_over_tag():
@@ -147,13 +178,13 @@ def _rules(role: dict) -> dict[tuple[str, str], set[str]]:
 
 
 NAMESPACED_RULES = {
-    ("kubetune.io", "finetunejobs"): {"list", "watch", "patch"},
+    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch"},
     ("kubetune.io", "finetunejobs/status"): {"patch"},
     ("kubetune.io", "finetunejobs/finalizers"): {"update"},
-    ("", "configmaps"): {"get", "create", "patch"},
-    ("", "services"): {"get", "create"},
-    ("batch", "jobs"): {"get", "create", "patch"},
-    ("", "pods"): {"list"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
+    ("", "services"): {"get", "list", "watch", "create"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create"},
 }
 CRD_RULE = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
@@ -205,6 +236,10 @@ def test_rbac_equals_docs_operator_md():
 @pytest.mark.parametrize("values, message", [
     ({"replicas": "two"}, "replicas"),
     ({"resyncSeconds": "0"}, "resyncSeconds"),
+    ({"readyPort": "0"}, "readyPort"),
+    ({"validation.memory": "lots"}, "memory"),
+    ({"validation.activeDeadlineSeconds": "30"}, "activeDeadlineSeconds"),  # the CRD: at least 60
+    ({"validation.gpu": "1"}, "gpu"),
     ({"image.pullPolicy": "Sometimes"}, "pullPolicy"),
     ({"watchNamespaces": "{Team_A}"}, "watchNamespaces"),
     ({"prometheusRule.trainingStalledFor": "fifteen minutes"}, "trainingStalledFor"),

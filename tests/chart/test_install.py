@@ -97,6 +97,7 @@ def release(control_plane, node_agent, s3_server) -> list[str]:
     node_agent.image_rules[:0] = rules
     crds = {c["metadata"]["name"] for c in get_json(cp, "crds")["items"]}
     values = ["-f", str(VALUES), "--set", f"metricsPort={free_port()}", "--set", f"healthPort={free_port()}",
+              "--set", f"readyPort={free_port()}",
               "--set", f"storage.endpoint={s3_server.endpoint}"]
     try:
         for ns in (JOB_NS, TEAM_NS):
@@ -222,7 +223,8 @@ def test_the_operator_can_do_what_docs_operator_md_lists(control_plane, release)
     assert not refused
 
 
-# Things the operator never needs: Secrets, pods of its own, exec/logs, nodes, RBAC, tokens, deletes, CRD writes.
+# Things the operator never needs: Secrets, pods of its own, exec/logs, nodes, RBAC, tokens, deletes (but of Jobs),
+# CRD writes.
 NEVER = [
     ("get", "secrets"), ("list", "secrets"), ("watch", "secrets"),
     ("create", "pods"), ("delete", "pods"), ("create", "pods", "--subresource=exec"),
@@ -231,8 +233,9 @@ NEVER = [
     ("escalate", "roles.rbac.authorization.k8s.io"), ("create", "clusterrolebindings.rbac.authorization.k8s.io"),
     ("impersonate", "serviceaccounts"), ("create", "serviceaccounts", "--subresource=token"),
     ("create", "finetunejobs.kubetune.io"), ("update", "finetunejobs.kubetune.io"),
-    ("delete", "finetunejobs.kubetune.io"), ("get", "finetunejobs.kubetune.io"),
-    ("delete", "jobs.batch"), ("delete", "configmaps"), ("update", "configmaps"), ("delete", "services"),
+    ("delete", "finetunejobs.kubetune.io"), ("patch", "services"), ("patch", "events"),
+    ("update", "jobs.batch"), ("deletecollection", "jobs.batch"), ("delete", "configmaps"),
+    ("update", "configmaps"), ("delete", "services"), ("update", "services"), ("delete", "events"),
     ("list", "namespaces"), ("create", "customresourcedefinitions.apiextensions.k8s.io"),
     ("delete", "clusterkopfpeerings.kopf.dev"), ("*", "*"),
 ]
@@ -240,6 +243,7 @@ NEVER = [
 SCOPED_NEVER = [
     ("list", "finetunejobs.kubetune.io", "--all-namespaces"), ("create", "jobs.batch", "-n", JOB_NS),
     ("list", "pods", "-n", "default"), ("create", "events", "-n", JOB_NS), ("patch", "configmaps", "-n", JOB_NS),
+    ("watch", "jobs.batch", "-n", JOB_NS), ("delete", "jobs.batch", "-n", JOB_NS),
     ("patch", "clusterkopfpeerings.kopf.dev"), ("list", "kopfpeerings.kopf.dev", "--all-namespaces"),
 ]
 

@@ -83,6 +83,24 @@ def test_validation_job_is_one_cpu_pod_running_kubetune_validate():
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
+def test_validation_resources_come_from_the_job_else_the_operator_else_defaults(monkeypatch):
+    def settings(vj: dict) -> tuple:
+        c, pod = container(vj), vj["spec"]["template"]["spec"]
+        work = next(v for v in pod["volumes"] if v["name"] == "work")
+        return c["resources"], vj["spec"]["activeDeadlineSeconds"], work["emptyDir"]
+
+    resources, deadline, scratch = settings(children.validation_job(*build(), IMAGE))
+    assert resources == {"requests": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "10Gi"},
+                         "limits": {"memory": "1Gi", "ephemeral-storage": "10Gi"}}
+    assert deadline == 3600 and scratch == {"sizeLimit": "10Gi"}
+    monkeypatch.setenv("KUBETUNE_VALIDATION_MEMORY", "2Gi")
+    monkeypatch.setenv("KUBETUNE_VALIDATION_DEADLINE_SECONDS", "600")
+    meta, spec = build({"validation": {"cpu": "2", "ephemeralStorage": "50Gi"}})
+    resources, deadline, scratch = settings(children.validation_job(meta, spec, IMAGE))
+    assert resources["requests"] == {"cpu": "2", "memory": "2Gi", "ephemeral-storage": "50Gi"}
+    assert deadline == 600 and scratch == {"sizeLimit": "50Gi"}
+
+
 def test_credentials_come_from_the_secret_as_env():
     meta, spec = build()
     e = env(children.validation_job(meta, spec, IMAGE))

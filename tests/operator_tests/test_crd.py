@@ -7,11 +7,30 @@ from pathlib import Path
 import pytest
 import yaml
 from kubetune_operator import crd
-from kubetune_trainer.spec import FineTuneJob
+from kubetune_trainer.spec import (
+    NODE_SELECTOR_KEYS,
+    NODE_SELECTOR_VALUES,
+    QLORA_FSDP,
+    SYNTAX,
+    TOLERATION_EXISTS_VALUE,
+    FineTuneJob,
+)
+from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
 INVALID = sorted((ROOT / "examples" / "invalid").glob("*.yaml"))
+
+
+def expected_message(path: Path) -> str:
+    return path.read_text().splitlines()[0].removeprefix("# Refused by the API server: ")
+
+
+# The rules the typed API (`kubetune run`) checks with the API server's message; the others are cluster-only
+# (URIs, metadata.name) or carry the API server's own wording (bounds, enums), which pydantic words its way.
+TYPED_MESSAGES = [m for _, m in SYNTAX.values()] + [NODE_SELECTOR_KEYS, NODE_SELECTOR_VALUES,
+                                                     TOLERATION_EXISTS_VALUE, QLORA_FSDP]
+SAME_MESSAGE = [p for p in INVALID if any(expected_message(p) in m for m in TYPED_MESSAGES)]
 
 
 def walk(node: dict, path: str = ""):
@@ -36,7 +55,7 @@ def test_schema_is_structural():
     root = version()["schema"]["openAPIV3Schema"]
     for path, node in walk(root):
         assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"{path}: no type"
-        for banned in ("$ref", "anyOf", "oneOf", "allOf", "$defs", "title", "nullable"):
+        for banned in ("$ref", "anyOf", "oneOf", "allOf", "$defs", "title", "nullable", "propertyNames"):
             assert banned not in node, f"{path}: {banned}"
         assert not ("additionalProperties" in node and "properties" in node), path
         if "default" in node:
@@ -76,6 +95,12 @@ def test_defaults_enums_bounds_and_descriptions():
     assert spec["resources"]["properties"]["affinity"]["x-kubernetes-preserve-unknown-fields"] is True
     assert "description" in spec["dataset"]["properties"]["train"]
     assert "nvidia.com/gpu" == spec["resources"]["properties"]["gpuResourceName"]["default"]
+    tolerations = spec["resources"]["properties"]["tolerations"]["items"]["properties"]
+    assert tolerations["operator"]["enum"] == ["Exists", "Equal"]
+    assert tolerations["effect"]["enum"] == ["NoSchedule", "PreferNoSchedule", "NoExecute"]
+    assert spec["validation"]["default"] == {}
+    assert spec["validation"]["properties"]["activeDeadlineSeconds"]["minimum"] == 60
+    assert "sizeLimit" in spec["validation"]["properties"]["ephemeralStorage"]["description"]
 
 
 def test_cel_rules_cover_the_cross_field_contract():
@@ -92,8 +117,39 @@ def test_cel_rules_cover_the_cross_field_contract():
         "output.uri must be an s3:// or pvc://",
         "secretRef or serviceAccountName",
         "metadata.name",
+        "resources.cpu must be a Kubernetes quantity",
+        "scheduling.queueName must be a label value",
+        "image must be an image reference",
+        "spec.hyperparameters is immutable once the FineTuneJob exists",
     ):
         assert needle in rules
+
+
+def test_every_spec_field_is_immutable_or_deliberately_mutable():
+    spec = version()["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert set(spec["properties"]) == {*crd.IMMUTABLE, "image", *crd.MUTABLE}
+    for field in crd.IMMUTABLE:
+        assert {"rule": "self == oldSelf", "message": crd.immutable(field)} in \
+            spec["properties"][field]["x-kubernetes-validations"]
+    assert crd.IMAGE_UNCHANGED in spec["x-kubernetes-validations"]
+
+
+def test_cel_cost_is_bounded():
+    """The API server refuses a CRD whose rules' estimated cost is too high: bound the strings, lists and maps."""
+    for path, node in walk(version()["schema"]["openAPIV3Schema"]["properties"]["spec"], "spec"):
+        if node.get("type") == "array":
+            assert "maxItems" in node, path
+        if node.get("x-kubernetes-validations") and node.get("type") == "string":
+            assert "maxLength" in node, path
+        if isinstance(node.get("additionalProperties"), dict):
+            assert "maxProperties" in node, path
+
+
+@pytest.mark.parametrize("path", SAME_MESSAGE, ids=[p.stem for p in SAME_MESSAGE])
+def test_the_typed_api_refuses_with_the_api_servers_message(path):
+    with pytest.raises(ValidationError) as refused:
+        FineTuneJob.model_validate(yaml.safe_load(path.read_text()))
+    assert expected_message(path) in str(refused.value)
 
 
 def test_status_conditions_are_a_map_list():

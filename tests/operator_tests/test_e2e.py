@@ -72,7 +72,8 @@ class Operator:
 def operator(control_plane, crd, tmp_path_factory):
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     env = {**control_plane.env(), "KUBETUNE_HEALTH_PORT": str(free_port()),
-           "KUBETUNE_METRICS_PORT": str(free_port()), "KUBETUNE_RESYNC_SECONDS": "1",
+           "KUBETUNE_METRICS_PORT": str(free_port()), "KUBETUNE_READY_PORT": str(free_port()),
+           "KUBETUNE_RESYNC_SECONDS": "1", "KUBETUNE_SCRAPE_SECONDS": "1",
            "KUBETUNE_TRAINER_IMAGE": IMAGE}
     op = Operator(env, log)
     op.start()
@@ -171,13 +172,14 @@ def test_bad_dataset_fails_on_cpu_without_a_gpu_job(control_plane, node_agent, n
     assert (validated["status"], validated["reason"]) == ("False", "DatasetInvalid")
     assert status["observedGeneration"] == ftj["metadata"]["generation"]
 
-    jobs = [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"]]
-    assert jobs == ["bad-data-validate"], "no training Job (no GPU) for invalid data"
-    time.sleep(3)  # a few more resyncs: still none
-    jobs = [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"]]
-    assert jobs == ["bad-data-validate"]
-    vjob = get_json(control_plane, "job", "-n", namespace, "bad-data-validate")
-    assert vjob["metadata"]["ownerReferences"][0]["uid"] == ftj["metadata"]["uid"]
+    def jobs() -> list[str]:
+        return [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"]]
+
+    assert "bad-data-train" not in jobs(), "no training Job (no GPU) for invalid data"
+    # the validation Job is deleted once its result is in the status; and no training Job comes later
+    wait_for("the validation Job to be cleaned up", lambda: jobs() == [], timeout=30)
+    time.sleep(3)
+    assert jobs() == []
 
     assert any(e["reason"] == "DatasetInvalid" and e["type"] == "Warning"
                for e in events_of(control_plane, namespace, "bad-data"))
@@ -256,7 +258,7 @@ def test_training_runs_reports_progress_and_succeeds(control_plane, node_agent, 
     assert status["progress"]["step"] == 8 and status["evalLoss"] == 2.5
     assert status["lastCheckpoint"]["count"] == 1 and status["gpuSeconds"] > 0 and status["completionTime"]
     jobs = sorted(j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"])
-    assert jobs == ["train-ok-train", "train-ok-validate"]
+    assert jobs == ["train-ok-train"]  # the validation Job is cleaned up once it has passed
     pods = training_job_pods(control_plane, namespace, "train-ok")
     assert sorted(p["spec"]["hostname"] for p in pods) == ["train-ok-train-0", "train-ok-train-1"]
     logs = node_agent.logs(namespace, next(p["metadata"]["name"] for p in pods
@@ -319,7 +321,7 @@ def test_an_operator_restart_creates_no_duplicates(control_plane, node_agent, na
     assert status["phase"] == "Succeeded", status
     after = {j["metadata"]["name"]: j["metadata"]["uid"]
              for j in get_json(control_plane, "jobs", "-n", namespace)["items"]}
-    assert after == before and sorted(after) == ["survivor-train", "survivor-validate"]
+    assert after == before and sorted(after) == ["survivor-train"]  # the validation Job was cleaned up
     for kind in ("configmaps", "services"):
         selector = "kubetune.io/finetunejob=survivor"
         assert len(get_json(control_plane, kind, "-n", namespace, "-l", selector)["items"]) == 1

@@ -1,98 +1,171 @@
-"""The kopf layer against a fake API: idempotent creates, status patches, events, operator metrics."""
+"""The loop's apply step against a fake API: idempotent creates, a status guarded by resourceVersion,
+refusals as status, work that waits for the status, orphaned finalizers, operator metrics."""
 
 from __future__ import annotations
 
 import logging
+import time
 
 import kopf
 import pytest
-from kubetune_operator import handlers, kube, metrics
+from kubetune_operator import children, kube, loop, metrics
 from kubetune_operator.__main__ import parse_args
+from kubetune_operator.reconcile import Observed
+from kubetune_trainer.spec import FineTuneJobSpec
 from prometheus_client import generate_latest
 
 from .builders import ftj
 
+LOG = logging.getLogger("test")
 
-class FakeKube:
-    """Holds objects by API path, like the API server (409 on a second create)."""
+
+class FakeKube(kube.Kube):
+    """Holds objects by API path, like the API server: 409 on a second create, a resourceVersion check on
+    status patches, and a log of every call in order."""
 
     def __init__(self):
         self.objects: dict[str, dict] = {}
-        self.patches: list[tuple[str, dict]] = []
+        self.calls: list[tuple[str, str]] = []
+        self.rv = "1"
+        self.refuse: dict[str, tuple[int, str]] = {}  # name -> (status, message)
 
-    def get(self, path):
-        return self.objects.get(path)
-
-    def list(self, path, selector):
-        return []
-
-    def create(self, obj):
-        path = kube.object_path(obj)
-        if path in self.objects:
-            return False
-        self.objects[path] = {**obj, "metadata": {**obj["metadata"], "uid": "uid-" + obj["metadata"]["name"]}}
-        return True
-
-    def merge_patch(self, path, patch):
-        self.patches.append((path, patch))
+    def call(self, method, path, body=None, query=None, content_type="application/json"):
+        self.calls.append((method, path))
+        name = path.rsplit("/", 1)[-1]
+        if method == "POST":
+            name = body["metadata"]["name"]
+            if name in self.refuse:
+                status, message = self.refuse[name]
+                raise kube.ApiError(status, f'{{"kind": "Status", "message": "{message}"}}')
+            full = kube.object_path(body)
+            if full in self.objects:
+                raise kube.ApiError(409, "exists")
+            self.objects[full] = {**body, "metadata": {**body["metadata"], "uid": "uid-" + name}}
+            return self.objects[full]
+        if method == "GET":
+            if path not in self.objects:
+                raise kube.ApiError(404, "not found")
+            return self.objects[path]
+        if method == "PATCH" and path.endswith("/status"):
+            if body["metadata"]["resourceVersion"] != self.rv:
+                raise kube.ApiError(409, "the object has been modified")
+            self.status = body["status"]
+            return {"metadata": {"resourceVersion": str(int(self.rv) + 1)}, "status": body["status"]}
+        if method == "DELETE":
+            self.objects.pop(path, None)
+        return {}
 
 
 @pytest.fixture
 def fake(monkeypatch):
     api = FakeKube()
-    monkeypatch.setattr(kube, "client", lambda: api)
     events = []
     monkeypatch.setattr(kopf, "event", lambda body, type, reason, message: events.append((type, reason)))
-    monkeypatch.setattr(kopf, "info", lambda body, reason, message: events.append(("Normal", reason)))
     api.events = events
     return api
 
 
-def reconcile(body: dict) -> kopf.Patch:
-    patch = kopf.Patch()
-    handlers.reconcile("test", kopf.Body(body), patch, logging.getLogger("test"))
-    return patch
+def body(**kw) -> dict:
+    b = ftj(**kw)
+    b["metadata"]["resourceVersion"] = "1"
+    return b
 
 
-def test_reconcile_creates_children_once(fake):
-    body = ftj()
-    patch = reconcile(body)
+def test_apply_creates_children_once_and_writes_the_status(fake):
+    b = body()
+    d, written = loop.apply(fake, b, Observed(), LOG)
+    assert written["metadata"]["resourceVersion"] == "2"
     assert sorted(fake.objects) == [
         "/api/v1/namespaces/ml/configmaps/demo-config",
         "/apis/batch/v1/namespaces/ml/jobs/demo-validate",
     ]
-    assert patch["status"]["phase"] == "Pending"
+    assert fake.status["phase"] == "Pending" and d.phase == "Pending"
     assert ("Normal", "Created") in fake.events
-    body["status"] = dict(patch["status"])
-    patch = reconcile(body)  # a restarted operator, or the next resync: nothing new
-    assert len(fake.objects) == 2
-    assert patch["status"]["phase"] == "Validating"
+    b["status"] = dict(fake.status)
+    fake.calls.clear()
+    loop.apply(fake, b, Observed(), LOG)  # the index has not caught up: 409s on our own objects are fine
+    assert len(fake.objects) == 2 and [m for m, _ in fake.calls].count("POST") == 2
 
 
-def test_children_of_a_deleted_namesake_are_not_ours(fake):
-    body = ftj()
-    reconcile(body)
-    for obj in fake.objects.values():
-        obj["metadata"]["ownerReferences"][0]["uid"] = "someone-else"
-    patch = reconcile(body)
-    assert patch["status"]["phase"] == "Pending"  # absent, as far as this FineTuneJob is concerned
+def test_a_stale_copy_never_overwrites_a_newer_status(fake):
+    b = body()
+    fake.rv = "2"
+    fake.objects[kube.object_path(b)] = {**b, "metadata": {**b["metadata"], "resourceVersion": "2"},
+                                         "status": {"phase": "Validating"}}  # someone else decided since
+    assert loop.apply(fake, b, Observed(), LOG) == (None, None)
 
 
-def test_terminal_jobs_are_left_alone(fake):
-    reconcile(ftj(status={"phase": "Failed"}))
-    assert fake.objects == {}
+def test_a_conflict_on_metadata_only_still_writes_the_status(fake):
+    b = body()
+    fake.rv = "2"  # kopf added its finalizer meanwhile: the status the decision was made from is unchanged
+    fake.objects[kube.object_path(b)] = {**b, "metadata": {**b["metadata"], "resourceVersion": "2"}}
+    assert loop.apply(fake, b, Observed(), LOG)[0] is not None
+    assert fake.status["validationAttempts"] == 1
 
 
-def test_patch_status_sends_only_changes():
-    patch = kopf.Patch()
-    handlers.patch_status(
-        {"phase": "Running", "restarts": 0, "gpuAccountedAt": "t"}, {"phase": "Running", "restarts": 1}, patch
-    )
-    assert dict(patch["status"]) == {"restarts": 1, "gpuAccountedAt": None}
+def test_the_training_job_is_recorded_with_its_uid(fake):
+    b = body(status={"phase": "Queued", "conditions": [{"type": "Validated", "status": "True", "reason": "ok",
+                                                         "lastTransitionTime": "2026-01-01T10:00:00Z"}]})
+    loop.apply(fake, b, Observed(), LOG)
+    assert fake.status["trainingJob"] == {"name": "demo-train", "uid": "uid-demo-train"}
+    job = fake.objects["/apis/batch/v1/namespaces/ml/jobs/demo-train"]
+    assert job["metadata"]["finalizers"] == [children.JOB_FINALIZER]
+
+
+def test_a_recorded_job_missing_from_the_index_is_asked_for_not_recreated(fake):
+    b = body(status={"phase": "Queued", "trainingJob": {"name": "demo-train", "uid": "uid-demo-train"},
+                     "conditions": [{"type": "Validated", "status": "True", "reason": "ok",
+                                     "lastTransitionTime": "2026-01-01T10:00:00Z"}]})
+    path = "/apis/batch/v1/namespaces/ml/jobs/demo-train"
+    fake.objects[path] = {"apiVersion": "batch/v1", "kind": "Job", "spec": {}, "status": {}, "metadata": {
+        "name": "demo-train", "namespace": "ml", "uid": "uid-demo-train",
+        "ownerReferences": [{"uid": b["metadata"]["uid"], "controller": True}]}}
+    d, _ = loop.apply(fake, b, Observed(), LOG)
+    assert ("POST", "/apis/batch/v1/namespaces/ml/jobs") not in fake.calls
+    assert d.status["reason"] == "WaitingForWorkers"
+
+
+def test_an_invalid_child_fails_the_job_with_the_api_message(fake):
+    fake.refuse["demo-validate"] = (422, "spec.template.spec.containers[0].resources.requests: Invalid value")
+    loop.apply(fake, body(), Observed(), LOG)
+    assert (fake.status["phase"], fake.status["reason"]) == ("Failed", "InvalidChildSpec")
+    assert "Invalid value" in fake.status["message"]
+
+
+def test_a_foreign_namesake_is_reported(fake):
+    fake.objects["/apis/batch/v1/namespaces/ml/jobs/demo-validate"] = {"metadata": {
+        "name": "demo-validate", "ownerReferences": [{"kind": "CronJob", "name": "nightly", "uid": "x"}]}}
+    loop.apply(fake, body(), Observed(), LOG)
+    assert fake.status["reason"] == "ChildConflict" and "owned by CronJob nightly" in fake.status["message"]
+
+
+def test_deletes_wait_for_the_status(fake):
+    from .builders import job
+
+    b = body()
+    vj = job(children.validation_job(b["metadata"], FineTuneJobSpec.model_validate(b["spec"]), "img"),
+             finished="Complete")
+    fake.objects[kube.object_path(vj)] = vj
+    loop.apply(fake, b, Observed(validation_job=vj), LOG)
+    methods = [m for m, p in fake.calls if not p.endswith(("/configmaps", "/services", "/jobs"))]
+    assert methods.index("PATCH") < methods.index("DELETE")
+
+
+def test_orphaned_jobs_are_released():
+    released = []
+
+    class Api:
+        def release(self, obj):
+            released.append(obj["metadata"]["name"])
+
+    mine = {"metadata": {"name": "a", "deletionTimestamp": "t", "ownerReferences": [{"uid": "live"}]}}
+    orphan = {"metadata": {"name": "b", "deletionTimestamp": "t", "ownerReferences": [{"uid": "gone"}]}}
+    loop.release_orphans(Api(), [mine, orphan], {"live"})
+    assert released == ["b"]
 
 
 def test_operator_metrics_are_exported(fake):
-    reconcile(ftj())
+    loop.apply(fake, body(), Observed(), LOG)
     text = generate_latest(metrics.REGISTRY).decode()
     for name in (
         'kubetune_operator_finetunejobs{phase="Pending"}',
@@ -109,6 +182,7 @@ def test_operator_metrics_are_exported(fake):
         in generate_latest(metrics.REGISTRY).decode()
     )
     metrics.forget("u1")
+    assert 'kubetune_operator_finetunejobs{phase="Failed"} 0.0' in generate_latest(metrics.REGISTRY).decode()
 
 
 def test_cli_scope():
@@ -116,3 +190,17 @@ def test_cli_scope():
     assert parse_args(["-n", "a", "-n", "b"]).namespace == ["a", "b"]
     with pytest.raises(SystemExit):
         parse_args(["-n", "a", "--all-namespaces"])
+
+
+def test_the_supervisor_decides_from_its_own_write_until_the_watch_brings_it_back():
+    """Else a reconcile woken by a child's event, before the FineTuneJob's own watch event arrives, would act
+    on the status as it was before the last decision (resume workers that a hang restart just stopped)."""
+    live = body(status={"phase": "Running"})
+    supervisor = loop.Supervisor(kopf.Body(live), LOG)
+    supervisor.written = ({**live, "metadata": {**live["metadata"], "resourceVersion": "5"},
+                           "status": {"phase": "Queued", "restartingWorkers": True}}, time.monotonic())
+    assert supervisor.current()["status"]["restartingWorkers"] is True
+    supervisor.seen("4")
+    assert supervisor.current()["status"]["restartingWorkers"] is True
+    supervisor.seen("5")  # the watch has caught up: kopf's live body is the newest again
+    assert supervisor.current()["status"] == {"phase": "Running"}

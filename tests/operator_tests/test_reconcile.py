@@ -71,8 +71,30 @@ def test_new_job_creates_config_and_validation_only():
 def test_second_reconcile_creates_nothing_more():
     body = ftj()
     c = desired(body)
-    d = run(body, Observed(config_map=c["cm"], validation_job=job(c["validation"], active=1)))
-    assert d.create == [] and d.update == [] and d.phase == "Validating"
+    vj = job(c["validation"], active=1)
+    d = run(body, Observed(config_map=c["cm"], validation_job=vj))
+    assert d.create == [] and d.update == [] and (d.phase, d.status["reason"]) == ("Pending", "ValidationPending")
+    d = run(body, Observed(config_map=c["cm"], validation_job=vj,
+                           validation_pods=[pod(vj, container="validate")]))
+    assert d.create == [] and d.phase == "Validating"
+
+
+def test_a_validation_pod_that_cannot_start_says_why():
+    body = ftj()
+    c = desired(body)
+    vj = job(c["validation"], active=1)
+    stuck = pod(vj, phase="Pending", container="validate")
+    stuck["status"]["containerStatuses"] = []
+    stuck["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                      "message": "0/1 nodes are available: 1 Insufficient memory."}]
+    d = run(body, Observed(config_map=c["cm"], validation_job=vj, validation_pods=[stuck]))
+    assert (d.phase, d.status["reason"]) == ("Pending", "Unschedulable")
+    assert "cannot be scheduled: 0/1 nodes are available" in d.status["message"]
+    waiting = pod(vj, phase="Pending", container="validate")
+    waiting["status"]["containerStatuses"][0]["state"] = {"waiting": {
+        "reason": "CreateContainerConfigError", "message": 'secret "s3-credentials" not found'}}
+    d = run(body, Observed(config_map=c["cm"], validation_job=vj, validation_pods=[waiting]))
+    assert d.status["reason"] == "CreateContainerConfigError" and "s3-credentials" in d.status["message"]
 
 
 def test_config_map_drift_is_repaired():
@@ -110,21 +132,31 @@ def test_invalid_dataset_fails_without_a_gpu_job():
     assert d.status["completionTime"]
 
 
-def test_validator_crash_is_validation_failed():
-    body = ftj()
+def test_a_transient_validation_failure_is_retried_with_a_growing_delay():
+    body = ftj(status={"validationAttempts": 1})
     c = desired(body)
     vj = job(
         c["validation"], finished="Failed", reason="BackoffLimitExceeded", message="Job has reached the limit"
     )
-    d = run(
-        body,
-        Observed(
-            config_map=c["cm"],
-            validation_job=vj,
-            validation_pods=[pod(vj, exit_code=1, message="boom", container="validate")],
-        ),
-    )
-    assert d.status["reason"] == "ValidationFailed" and "boom" in d.status["message"]
+    crashed = Observed(config_map=c["cm"], validation_job=vj,
+                       validation_pods=[pod(vj, exit_code=75, message="storage unreachable", container="validate")])
+    d = run(body, crashed)
+    assert (d.phase, d.status["reason"]) == ("Pending", "ValidationRetrying") and "unreachable" in d.status["message"]
+    assert d.delete == [vj] and d.requeue_after == 10 and d.events[0][:2] == ("Warning", "ValidationRetrying")
+    assert d.status["validationRetryTime"] == "2026-01-01T12:00:10Z"
+    assert get_condition(d.status, "Validated")["status"] == "Unknown"
+
+    body["status"] = d.status  # the same failed Job, still being deleted: handled once, not twice
+    assert run(body, crashed).status["validationRetryTime"] == "2026-01-01T12:00:10Z"
+    gone = Observed(config_map=c["cm"])
+    assert run(body, gone, NOW + timedelta(seconds=5)).create == []  # not yet
+    d = run(body, gone, NOW + timedelta(seconds=10))
+    assert kinds(d) == ["demo-validate"] and d.status["validationAttempts"] == 2
+    assert "validationRetryTime" not in d.status
+
+    body["status"] = d.status  # the second attempt fails too: twice the delay
+    d = run(body, crashed, NOW + timedelta(seconds=60))
+    assert d.requeue_after == 20 and d.phase == "Pending"
 
 
 def test_valid_dataset_starts_training():
@@ -198,7 +230,7 @@ def test_running_workers_report_progress_from_metrics():
 
 
 def test_gpu_seconds_accumulate_while_running():
-    body = validated(ftj(), phase="Running", gpuAccountedAt="2026-01-01T11:59:00Z", gpuSeconds=10.0)
+    body = validated(ftj(), phase="Running", gpuAccountedAt="2026-01-01T11:59:00Z", gpusInUse=2, gpuSeconds=10.0)
     observed, tj = training_observed(body, active=2)
     observed.training_pods = [pod(tj, 0), pod(tj, 1)]
     d = run(body, observed)
@@ -336,8 +368,9 @@ def test_hang_restarts_workers_once_then_fails():
     d = run(body, observed, NOW + timedelta(seconds=20))
     assert d.phase == "Running" and d.status["lastProgressTime"] == "2026-01-01T12:00:20Z"
 
-    # and hangs again: fail
+    # and hangs again (the trainer answers, but neither steps nor beats): fail
     body["status"] = d.status
+    observed.trainer_metrics = {"step": 10, "total_steps": 100}
     d = run(body, observed, NOW + timedelta(seconds=700))
     assert (d.phase, d.status["reason"]) == ("Failed", "Hung") and d.suspend_training is True
 
@@ -381,3 +414,187 @@ def test_other_worker_failures_are_retried():
                               pod(tj, 0), pod(tj, 1)]
     d = run(body, observed)
     assert d.phase == "Running" and d.suspend_training is None and d.status["restarts"] == 1
+
+
+# -- the control loop's honesty: created-then-gone, finalizers, refusals, positive evidence ---------------
+
+
+def test_the_training_job_holds_the_outcome_finalizer():
+    job_obj = desired(ftj())["training"]
+    assert job_obj["metadata"]["finalizers"] == [children.JOB_FINALIZER]
+
+
+def test_a_job_deleted_by_its_ttl_still_reports_success_then_is_released():
+    body = validated(ftj({"runPolicy": {"ttlSecondsAfterFinished": 0}}), phase="Running",
+                     trainingJob={"name": "demo-train", "uid": "job-demo-train"})
+    observed, tj = training_observed(body, finished="Complete")
+    tj["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:00Z"
+    d = run(body, observed)
+    assert d.phase == "Succeeded" and d.create == [] and d.release == [tj]
+
+
+def test_a_finished_job_deleted_later_keeps_the_phase_and_is_released():
+    body = validated(ftj(), phase="Succeeded")
+    observed, tj = training_observed(body, finished="Complete")
+    tj["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:00Z"
+    d = run(body, observed)
+    assert d.phase == "Succeeded" and d.release == [tj] and d.create == []
+
+
+def test_a_running_job_deleted_by_hand_is_released_and_recreated_once():
+    record = {"name": "demo-train", "uid": "job-demo-train"}
+    body = validated(ftj(), phase="Running", trainingJob=record)
+    observed, tj = training_observed(body, active=2)
+    tj["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:00Z"
+    d = run(body, observed)
+    assert d.release == [tj] and d.status["reason"] == "TrainingJobDeleted" and d.create == []
+
+    body["status"] = d.status
+    observed.training_job = None  # gone
+    d = run(body, observed)
+    assert kinds(d) == ["demo-train"] and d.status["trainingJob"] == {"name": "demo-train", "recreations": 1}
+    assert ("Warning", "TrainingJobRecreated") in [e[:2] for e in d.events]
+
+    body["status"] = {**d.status, "trainingJob": {**d.status["trainingJob"], "uid": "second"}}
+    d = run(body, observed)  # gone again
+    assert (d.phase, d.status["reason"]) == ("Failed", "TrainingJobLost") and d.create == []
+
+
+def test_a_job_never_created_is_created_without_an_event():
+    body = validated(ftj())
+    observed, _ = training_observed(body)
+    observed.training_job = None
+    d = run(body, observed)
+    assert kinds(d) == ["demo-train"] and "trainingJob" not in d.status
+
+
+def test_the_validation_job_is_deleted_once_its_result_is_recorded():
+    body = ftj()
+    c = desired(body)
+    vj = job(c["validation"], finished="Complete")
+    d = run(body, Observed(config_map=c["cm"], validation_job=vj))
+    assert d.delete == [vj] and get_condition(d.status, "Validated")["status"] == "True"
+
+
+def test_unschedulable_workers_say_why():
+    body = validated(ftj({"resources": {"nodeSelector": {"gpu": "h100"}}}))
+    observed, tj = training_observed(body, active=2)
+    stuck = pod(tj, 0, phase="Pending")
+    stuck["status"] = {"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector."}]}
+    observed.training_pods = [stuck]
+    d = run(body, observed)
+    assert (d.phase, d.status["reason"]) == ("Queued", "Unschedulable") and "node affinity" in d.status["message"]
+
+
+def test_run_policy_edits_reach_the_running_job():
+    body = validated(ftj({"runPolicy": {"activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 60}}))
+    observed, _ = training_observed(validated(ftj()), active=2)
+    d = run(body, observed)
+    assert d.training_spec == {"activeDeadlineSeconds": 7200, "ttlSecondsAfterFinished": 60}
+    observed, _ = training_observed(body, active=2)
+    assert run(body, observed).training_spec == {}
+
+
+def test_a_child_the_api_refuses_ends_the_job_with_the_api_message():
+    from kubetune_operator.reconcile import refused
+
+    body = validated(ftj())
+    observed, _ = training_observed(body)
+    d = run(body, observed)
+    message = 'Job.batch "demo-train" is invalid: spec.template.spec.tolerations[0].effect: Unsupported value'
+    d = refused(body, d, desired(body)["training"], 422, message, NOW)
+    assert (d.phase, d.status["reason"]) == ("Failed", "InvalidChildSpec") and message in d.status["message"]
+    assert ("Warning", "InvalidChildSpec") in [e[:2] for e in d.events]
+
+
+def test_a_forbidden_create_is_blocked_and_then_cleared():
+    from kubetune_operator.reconcile import refused
+
+    body = ftj()
+    d = run(body, Observed())
+    d = refused(body, d, desired(body)["validation"], 403, 'jobs "demo-validate" is forbidden: exceeded quota',
+                NOW)
+    assert d.phase == "Pending" and d.status["reason"] == "QuotaExceeded"
+    assert get_condition(d.status, "Blocked")["status"] == "True"
+    assert ("Warning", "QuotaExceeded") in [e[:2] for e in d.events]
+    body["status"] = d.status
+    assert get_condition(run(body, Observed()).status, "Blocked")["status"] == "False"
+
+
+def test_a_foreign_namesake_is_a_clear_failure():
+    from kubetune_operator.reconcile import conflict
+
+    body = ftj()
+    d = conflict(body, run(body, Observed()), desired(body)["validation"], "owned by Job other", NOW)
+    assert (d.phase, d.status["reason"]) == ("Failed", "ChildConflict")
+    assert "Job demo-validate already exists and is not owned by this FineTuneJob (owned by Job other)" in \
+        d.status["message"]
+
+
+def test_an_unreachable_trainer_is_never_called_hung():
+    body = validated(ftj({"runPolicy": {"hangTimeoutSeconds": 600}}), phase="Running",
+                     lastProgressTime="2026-01-01T11:00:00Z")
+    observed, tj = training_observed(body, active=2)
+    observed.training_pods = [pod(tj, 0), pod(tj, 1)]
+    observed.scrape_failures, observed.scrape_error = 7, "TimeoutError"
+    d = run(body, observed)
+    assert d.phase == "Running" and d.suspend_training is None
+    assert d.status["metricsScrape"] == {"failures": 7, "lastError": "TimeoutError"}
+
+
+def test_a_heartbeat_without_steps_is_alive():
+    """A long evaluation or upload: no new step, but the trainer beats."""
+    body = validated(ftj({"runPolicy": {"hangTimeoutSeconds": 600}}), phase="Running",
+                     lastProgressTime="2026-01-01T11:00:00Z", progress={"step": 10, "totalSteps": 100})
+    observed, tj = training_observed(body, active=2)
+    observed.training_pods = [pod(tj, 0), pod(tj, 1)]
+    observed.trainer_metrics = {"step": 10, "total_steps": 100, "heartbeat_timestamp_seconds": NOW.timestamp() - 5}
+    d = run(body, observed)
+    assert d.phase == "Running" and d.suspend_training is None
+    assert d.status["lastHeartbeatTime"] == "2026-01-01T11:59:55Z"
+
+
+def test_non_finite_trainer_values_never_reach_the_status():
+    body = validated(ftj(), phase="Running")
+    observed, tj = training_observed(body, active=2)
+    observed.training_pods = [pod(tj, 0), pod(tj, 1)]
+    observed.trainer_metrics = {"step": 3, "total_steps": 10, "train_loss": float("nan"),
+                                "tokens_per_second": float("inf")}
+    d = run(body, observed)
+    assert "trainLoss" not in d.status and "tokensPerSecond" not in d.status
+
+
+def test_an_unreadable_spec_keeps_running_workers_supervised():
+    body = validated(ftj(), phase="Running")
+    observed, tj = training_observed(body, active=2)
+    observed.training_pods = [pod(tj, 0), pod(tj, 1)]
+    finished, _ = training_observed(body, finished="Complete")
+    body["spec"]["hyperparameters"] = {"futureField": 1}  # a newer CRD, an older operator
+    d = run(body, observed)
+    assert d.phase == "Running" and d.status["reason"] == "SpecUnreadable" and d.suspend_training is None
+    assert "workers keep running" in d.status["message"] and d.events[0][:2] == ("Warning", "SpecUnreadable")
+    assert run(body, finished).phase == "Succeeded"
+
+
+def test_gpu_seconds_are_brought_up_to_date_when_the_gpus_in_use_change():
+    body = validated(ftj(), phase="Running", gpuAccountedAt="2026-01-01T11:59:50Z", gpusInUse=2)
+    observed, tj = training_observed(body, active=1)
+    observed.training_pods = [pod(tj, 0), pod(tj, 1, phase="Succeeded")]
+    d = run(body, observed)  # one worker is done: 10 s at 2 GPUs, then 1
+    assert d.status["gpuSeconds"] == 20 and d.status["gpusInUse"] == 1
+    assert d.status["gpuAccountedAt"] == "2026-01-01T12:00:00Z"
+    body["status"] = d.status
+    observed, _ = training_observed(body, finished="Complete")
+    d = run(body, observed, NOW + timedelta(seconds=5))  # the run ends: 5 s more at 1 GPU
+    assert d.phase == "Succeeded" and d.status["gpuSeconds"] == 25
+    assert "gpuAccountedAt" not in d.status and "gpusInUse" not in d.status
+
+
+def test_gpu_accounting_does_not_rewrite_the_status_every_reconcile():
+    body = validated(ftj(), phase="Running", gpuAccountedAt="2026-01-01T11:59:50Z", gpusInUse=2, gpuSeconds=5.0)
+    observed, tj = training_observed(body, active=2)
+    observed.training_pods = [pod(tj, 0), pod(tj, 1)]
+    d = run(body, observed)
+    assert d.status["gpuSeconds"] == 5.0 and d.status["gpuAccountedAt"] == "2026-01-01T11:59:50Z"

@@ -7,10 +7,11 @@ thing on a cluster and in `kubetune run`.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "kubetune.io"
@@ -18,6 +19,64 @@ API_VERSION = "v1alpha1"
 KIND = "FineTuneJob"
 
 URI_SCHEMES = ("s3://", "hf://", "pvc://", "file://", "/")
+
+# Value syntaxes. pydantic checks them here (so `kubetune run` refuses what the cluster refuses) and the CRD's CEL
+# rules (kubetune_operator.crd) on the API server, with the same messages. The patterns mean the same in Python's
+# re and in CEL's RE2. Quantities are non-negative, like a pod's; the API server also parses them (isQuantity).
+QUANTITY = r"^\+?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+QUALIFIED_NAME = rf"^({DNS_SUBDOMAIN[1:-1]}/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+HTTP_URL = r"^https?://[^\s/?#]+([/?#]\S*)?$"
+_COMPONENT = r"[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*"  # of a repository path: lowercase
+IMAGE_REFERENCE = (rf"^([a-z0-9][-a-z0-9.]*(:[0-9]+)?/)?{_COMPONENT}(/{_COMPONENT})*"
+                   r"(:[A-Za-z0-9_][-A-Za-z0-9_.]{0,127})?(@sha256:[a-f0-9]{64})?$")
+LABEL_VALUE_IS = ("a label value (at most 63 characters: letters, digits, '-', '_' and '.', "
+                  "beginning and ending with a letter or digit)")
+DNS_SUBDOMAIN_IS = "a DNS subdomain (lowercase letters, digits, '-' and '.')"
+
+SYNTAX: dict[str, tuple[str, str]] = {  # field path under spec -> (pattern, message)
+    "image": (IMAGE_REFERENCE, "image must be an image reference such as ghcr.io/kubetune/trainer:0.1.0 "
+                               "(a lowercase repository path, an optional :tag and @sha256:digest)"),
+    "storage.endpoint": (HTTP_URL, "storage.endpoint must be an http:// or https:// URL "
+                                   "such as http://minio.minio:9000"),
+    "storage.secretRef.name": (DNS_SUBDOMAIN, f"storage.secretRef.name must be {DNS_SUBDOMAIN_IS}, "
+                                              "such as s3-credentials"),
+    "storage.serviceAccountName": (DNS_SUBDOMAIN, f"storage.serviceAccountName must be {DNS_SUBDOMAIN_IS}, "
+                                                  "such as trainer"),
+    "resources.gpuResourceName": (QUALIFIED_NAME, "resources.gpuResourceName must be a resource name such as "
+                                                  "nvidia.com/gpu or amd.com/gpu"),
+    "resources.cpu": (QUANTITY, "resources.cpu must be a Kubernetes quantity such as 500m or 4"),
+    "resources.memory": (QUANTITY, "resources.memory must be a Kubernetes quantity such as 512Mi or 16Gi"),
+    "validation.cpu": (QUANTITY, "validation.cpu must be a Kubernetes quantity such as 500m or 2"),
+    "validation.memory": (QUANTITY, "validation.memory must be a Kubernetes quantity such as 512Mi or 4Gi"),
+    "validation.ephemeralStorage": (QUANTITY, "validation.ephemeralStorage must be a Kubernetes quantity "
+                                              "such as 10Gi"),
+    "scheduling.priorityClassName": (DNS_SUBDOMAIN, f"scheduling.priorityClassName must be {DNS_SUBDOMAIN_IS}, "
+                                                    "such as high-priority"),
+    "scheduling.queueName": (LABEL_VALUE, f"scheduling.queueName must be {LABEL_VALUE_IS}, such as team-a"),
+}
+NODE_SELECTOR_KEYS = "resources.nodeSelector keys must be label keys such as gpu or kubernetes.io/arch"
+NODE_SELECTOR_VALUES = f"resources.nodeSelector values must be {LABEL_VALUE_IS}"
+TOLERATION_EXISTS_VALUE = ("resources.tolerations: a toleration with operator Exists matches every value: "
+                           "leave value unset")
+MAX_STRING = 2048
+MAX_LIST = 64  # tolerations, target modules, node selector entries: bounds the CEL cost estimate
+
+
+def _matching(pattern: str, message: str, max_length: int = MAX_STRING) -> Any:
+    """A string type that must match `pattern` (and have at most max_length characters)."""
+    def check(value: str) -> str:
+        if not re.fullmatch(pattern, value):
+            raise ValueError(message)
+        return value
+
+    return Annotated[str, Field(max_length=max_length), AfterValidator(check)]
+
+
+def _checked(field: str, max_length: int = MAX_STRING) -> Any:
+    """The type of the field at `field` (a path under spec): its SYNTAX entry."""
+    return _matching(*SYNTAX[field], max_length)
 
 
 class Model(BaseModel):
@@ -84,7 +143,8 @@ class LoraSpec(Model):
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
+    target_modules: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=lambda: ["all-linear"], min_length=1, max_length=MAX_LIST)
 
 
 class MethodSpec(Model):
@@ -143,37 +203,46 @@ class OutputSpec(Model):
 
 
 class SecretRef(Model):
-    name: str
+    name: _checked("storage.secretRef.name", 253)
 
 
 class StorageSpec(Model):
-    endpoint: str | None = Field(None, description="S3-compatible endpoint URL (MinIO, Ceph, R2); AWS when unset")
+    endpoint: _checked("storage.endpoint") | None = Field(
+        None, description="S3-compatible endpoint URL (MinIO, Ceph, R2); AWS when unset")
     region: str = "us-east-1"
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
     secret_ref: SecretRef | None = Field(
         None, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optional AWS_SESSION_TOKEN)"
     )
-    service_account_name: str | None = Field(
+    service_account_name: _checked("storage.serviceAccountName", 253) | None = Field(
         None, description="Workload identity (IRSA and the like) instead of a secret")
 
 
 class Toleration(Model):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
-    key: str | None = None
-    operator: str | None = None
-    value: str | None = None
-    effect: str | None = None
+    key: str | None = Field(None, max_length=317)
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Equal when unset")
+    value: str | None = Field(None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Every effect when unset")
     toleration_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _exists_without_value(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError(TOLERATION_EXISTS_VALUE)
+        return self
 
 
 class ResourcesSpec(Model):
     workers: int = Field(1, ge=1, le=512)
     gpus_per_worker: int = Field(1, ge=0, le=16)
-    gpu_resource_name: str = "nvidia.com/gpu"
-    cpu: str | None = None
-    memory: str | None = None
-    node_selector: dict[str, str] | None = None
-    tolerations: list[Toleration] | None = None
+    gpu_resource_name: _checked("resources.gpuResourceName", 317) = "nvidia.com/gpu"
+    cpu: _checked("resources.cpu", 64) | None = None
+    memory: _checked("resources.memory", 64) | None = None
+    node_selector: dict[_matching(QUALIFIED_NAME, NODE_SELECTOR_KEYS, 317),
+                        _matching(LABEL_VALUE, NODE_SELECTOR_VALUES, 63)] | None = Field(None, max_length=MAX_LIST)
+    tolerations: list[Toleration] | None = Field(None, max_length=MAX_LIST)
     affinity: dict[str, Any] | None = None
 
 
@@ -186,8 +255,23 @@ class RunPolicy(Model):
 
 
 class SchedulingSpec(Model):
-    priority_class_name: str | None = None
-    queue_name: str | None = Field(None, description="Kueue LocalQueue; set as the kueue.x-k8s.io/queue-name label")
+    priority_class_name: _checked("scheduling.priorityClassName", 253) | None = None
+    queue_name: _checked("scheduling.queueName", 63) | None = Field(
+        None, description="Kueue LocalQueue; set as the kueue.x-k8s.io/queue-name label")
+
+
+class ValidationSpec(Model):
+    """The CPU validation Job (`kubetune validate`) of this FineTuneJob; unset fields take the operator's defaults."""
+
+    active_deadline_seconds: int | None = Field(
+        None, ge=60, description="How long validation may run before it fails; the operator's default when unset")
+    cpu: _checked("validation.cpu", 64) | None = Field(
+        None, description="CPU request of the validation pod; the operator's default when unset")
+    memory: _checked("validation.memory", 64) | None = Field(
+        None, description="Memory request and limit of the validation pod; the operator's default when unset")
+    ephemeral_storage: _checked("validation.ephemeralStorage", 64) | None = Field(
+        None, description="Ephemeral storage of the validation pod, also the sizeLimit of its scratch emptyDir "
+        "(where the dataset is downloaded); the operator's default when unset")
 
 
 class FineTuneJobSpec(Model):
@@ -200,9 +284,13 @@ class FineTuneJobSpec(Model):
     output: OutputSpec
     storage: StorageSpec = Field(default_factory=StorageSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    image: str | None = Field(None, description="Trainer image; the operator's default when unset")
+    image: _checked("image", 512) | None = Field(None, description="Trainer image; the operator's default when unset")
     run_policy: RunPolicy = Field(default_factory=RunPolicy)
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    validation: ValidationSpec = Field(
+        default_factory=ValidationSpec,
+        description="The CPU validation Job that checks the data and config before training; the operator's "
+        "defaults for unset fields")
 
     @model_validator(mode="after")
     def _qlora_needs_gpus(self) -> FineTuneJobSpec:

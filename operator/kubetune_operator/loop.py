@@ -1,0 +1,245 @@
+"""The control loop, informer-style: kopf's watches keep indexes of the children (Jobs, Pods, Services,
+ConfigMaps labelled with their FineTuneJob), a change to any of them wakes that FineTuneJob's supervisor,
+and the supervisor (one kopf daemon per FineTuneJob, so one reconcile at a time per object) runs:
+
+    observe (the indexes, no API call) -> decide (reconcile.decide, pure) -> act (children)
+      -> status (merge patch guarded by resourceVersion) -> after_status (deletes, finalizers) -> events
+
+A resync every KUBETUNE_RESYNC_SECONDS (60) is only a safety net; rank 0's metrics are scraped by a task of
+their own (scrape.py). Errors are retried with a growing delay and logged; API refusals become status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import kopf
+from kubetune_trainer.spec import FineTuneJobSpec
+
+from . import children, kube, metrics, reconcile
+from .reconcile import Decision, Observed, decide, rank0_pod, running_pods
+from .scrape import Scraper
+
+RESYNC_SECONDS = float(os.environ.get("KUBETUNE_RESYNC_SECONDS", "60"))
+ERROR_DELAYS = (1, 2, 5, 10, 30, 60)
+WRITTEN_TTL = 10.0  # seconds our own status write stands in for a watch that has not brought it back yet
+SUPERVISORS: dict[tuple[str, str], Supervisor] = {}  # (namespace, name) -> its supervisor
+
+
+def wake(namespace: str | None, name: str | None, resource_version: str | None = None) -> None:
+    """A watch event about a FineTuneJob or one of its children: wake its supervisor (and tell it which
+    version of the FineTuneJob the watch has brought, when it is one)."""
+    supervisor = SUPERVISORS.get((namespace, name))
+    if supervisor:
+        if resource_version:
+            supervisor.seen(resource_version)
+        supervisor.event.set()
+
+
+@dataclass
+class Indexes:
+    """kopf indexes, each (namespace, FineTuneJob name) -> the children's bodies (trimmed)."""
+
+    jobs: kopf.Index
+    pods: kopf.Index
+    services: kopf.Index
+    config_maps: kopf.Index
+
+    def observe(self, body: dict) -> Observed:
+        meta = body["metadata"]
+        key, uid, names = (meta["namespace"], meta["name"]), meta["uid"], children.Names(meta["name"])
+
+        def named(index: kopf.Index, name: str) -> dict | None:
+            return next((o for o in index.get(key, []) if o["metadata"]["name"] == name and kube.owned_by(o, uid)),
+                        None)
+
+        def pods_of(job: dict | None) -> list[dict]:
+            return [p for p in self.pods.get(key, []) if job and kube.owned_by(p, job["metadata"]["uid"])]
+
+        o = Observed(config_map=named(self.config_maps, names.config_map),
+                     validation_job=named(self.jobs, names.validation), service=named(self.services, names.service),
+                     training_job=named(self.jobs, names.training))
+        o.validation_pods, o.training_pods = pods_of(o.validation_job), pods_of(o.training_job)
+        return copy.deepcopy(o)
+
+
+def trim(body: kopf.Body) -> dict:
+    """What the reconcile reads of a child: metadata, spec (Jobs: suspend and the mutable fields), status."""
+    meta = body.get("metadata", {})
+    keep = ("name", "namespace", "uid", "labels", "annotations", "ownerReferences", "finalizers",
+            "deletionTimestamp", "resourceVersion")
+    out = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+           "metadata": {k: copy.deepcopy(meta[k]) for k in keep if k in meta},
+           "status": copy.deepcopy(dict(body.get("status") or {}))}
+    if body.get("kind") == "Job":
+        out["spec"] = {k: body["spec"].get(k) for k in
+                       ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")}
+    if body.get("kind") == "ConfigMap":
+        out["data"] = dict(body.get("data") or {})
+    return out
+
+
+class Supervisor:
+    """One FineTuneJob's loop: woken by its own and its children's watch events, its scraper, a retry or the
+    resync. The `body` kopf gives a daemon is live: it always holds the newest FineTuneJob seen."""
+
+    def __init__(self, body: kopf.Body, logger: logging.Logger):
+        self.body, self.logger = body, logger
+        self.key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        self.event = asyncio.Event()
+        self.scraper = Scraper(self.key[1], self.event)
+        self.errors = 0
+        # Our last status write, until the FineTuneJob's watch brings that version: deciding from the live
+        # body before then would act on the status as it was before our own decision.
+        self.written: tuple[dict, float] | None = None
+        self.versions: collections.deque[str] = collections.deque(maxlen=32)  # seen by the watch, newest last
+
+    def seen(self, resource_version: str) -> None:
+        self.versions.append(resource_version)
+        if self.written and self.written[0]["metadata"]["resourceVersion"] == resource_version:
+            self.written = None
+
+    def current(self) -> dict:
+        """The newest FineTuneJob known: kopf's live body, or our own write while the watch lags behind it."""
+        if self.written and time.monotonic() - self.written[1] < WRITTEN_TTL:
+            return copy.deepcopy(self.written[0])
+        self.written = None
+        return copy.deepcopy(dict(self.body))
+
+    async def run(self, stopped: kopf.DaemonStopped, indexes: Indexes) -> None:
+        SUPERVISORS[self.key] = self
+        scraping = asyncio.create_task(self.scraper.run())
+        try:
+            while not stopped:
+                self.event.clear()
+                await _sleep(self.event, stopped, await self.step(indexes))
+        finally:
+            scraping.cancel()
+            if SUPERVISORS.get(self.key) is self:
+                del SUPERVISORS[self.key]
+
+    async def step(self, indexes: Indexes) -> float:
+        """One reconcile; returns how long to sleep unless woken: a retry's delay, else at most the resync."""
+        raw = self.current()
+        raw["spec"] = children.with_storage_defaults(raw.get("spec") or {})
+        observed = indexes.observe(raw)
+        observed.trainer_metrics = self.scraper.fresh()
+        observed.scrape_failures, observed.scrape_error = self.scraper.failures, self.scraper.error
+        try:
+            with metrics.track("reconcile"):
+                d, written = await asyncio.to_thread(apply, kube.client(), raw, observed, self.logger)
+        except Exception as e:  # noqa: BLE001 -- logged, counted and retried with a growing delay
+            self.errors += 1
+            delay = ERROR_DELAYS[min(self.errors, len(ERROR_DELAYS)) - 1]
+            self.logger.warning("reconcile failed (retrying in %ss): %s", delay, e)
+            return delay
+        if written and written["metadata"]["resourceVersion"] not in self.versions:
+            self.written = (written, time.monotonic())
+        if d is None:  # the FineTuneJob changed under us: the watch brings the new version
+            return 1
+        rank0 = rank0_pod(observed.training_pods)
+        port = _metrics_port(raw)
+        running = d.phase == "Running" and rank0 and port
+        self.scraper.target = f"http://{rank0['status']['podIP']}:{port}/metrics" if running else None
+        if d.status.get("reason") in ("CreateForbidden", "QuotaExceeded"):  # retried with a growing delay
+            self.errors += 1
+            return ERROR_DELAYS[min(self.errors, len(ERROR_DELAYS)) - 1] * 5
+        self.errors = 0
+        return min(d.requeue_after or RESYNC_SECONDS, RESYNC_SECONDS)
+
+
+async def _sleep(event: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:
+    waits = [asyncio.ensure_future(event.wait()), asyncio.ensure_future(stopped.wait())]
+    try:
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+
+
+def apply(api: kube.Kube, body: dict, observed: Observed,
+          logger: logging.Logger) -> tuple[Decision | None, dict | None]:
+    """One reconcile, in a worker thread: the decision (None when the status write lost to a newer
+    FineTuneJob) and the FineTuneJob as our status write left it (None when nothing was written)."""
+    meta, old = body["metadata"], body.get("status") or {}
+    now = datetime.now(UTC)
+    if (old.get("trainingJob") or {}).get("uid") and observed.training_job is None and old.get("phase") not in \
+            reconcile.TERMINAL:  # the index may lag behind our own create: ask the API before calling it gone
+        observed.training_job = kube.owned_by(api.get(kube.training_job_path(meta)), meta["uid"])
+    d = decide(body, observed, now, children.default_image())
+    created: list[dict] = []
+    try:
+        created = kube.act(api, meta, d)
+    except kube.Refused as e:
+        d = reconcile.refused(body, d, e.obj, e.status, e.message, now)
+    except kube.Conflict as e:
+        d = reconcile.conflict(body, d, e.obj, e.owner, now)
+    for obj in created:
+        if obj["metadata"]["name"] == children.Names(meta["name"]).training:
+            d.status["trainingJob"] = {**d.status.get("trainingJob", {}), "name": obj["metadata"]["name"],
+                                       "uid": obj["metadata"]["uid"]}
+    changes = {k: d.status.get(k) for k in d.status.keys() | old.keys() if d.status.get(k) != old.get(k)}
+    written = _write_status(api, body, changes) if changes else None
+    if changes and written is None:
+        return None, None
+    kube.after_status(api, d)
+    for obj in created:
+        kopf.event(body, type="Normal", reason="Created", message=f"created {obj['kind']} {obj['metadata']['name']}")
+    for type_, reason, message in d.events:
+        kopf.event(body, type=type_, reason=reason, message=message[:1000])
+    if d.phase != old.get("phase"):
+        logger.info("phase %s -> %s: %s", old.get("phase"), d.phase, d.status.get("message"))
+    gpus = len(running_pods(observed.training_pods)) * _gpus_per_worker(body)
+    metrics.record(meta["uid"], old.get("phase"), d.phase, d.status.get("reason"), gpus)
+    return d, written
+
+
+def _write_status(api: kube.Kube, body: dict, changes: dict) -> dict | None:
+    """Patch the status at the resourceVersion the decision was made from; the object as written. On a
+    conflict, the decision still holds if only metadata moved (kopf's finalizer, an annotation): same
+    generation, same status; then it is written at the new resourceVersion. Otherwise None: the next
+    reconcile decides again."""
+    try:
+        return api.patch_status(body, changes)
+    except kube.ApiError as e:
+        if e.status != 409:
+            raise
+    fresh = api.get(kube.object_path(body))
+    same = fresh and fresh.get("status") == body.get("status") and \
+        fresh["metadata"].get("generation") == body["metadata"].get("generation")
+    if not same:
+        return None
+    try:
+        return api.patch_status(fresh, changes)
+    except kube.ApiError as e:
+        if e.status != 409:
+            raise
+        return None
+
+
+def release_orphans(api: kube.Kube, jobs: list[dict], live_uids: set[str]) -> None:
+    """Training Jobs being deleted whose FineTuneJob is gone: nothing is left to record, let them go."""
+    for job in jobs:
+        owners = {r.get("uid") for r in job["metadata"].get("ownerReferences") or []}
+        if reconcile.deleting(job) and not owners & live_uids:
+            api.release(job)
+
+
+def _metrics_port(body: dict) -> int | None:
+    try:
+        spec = FineTuneJobSpec.model_validate(body["spec"])
+        config = children.trainer_config(body["metadata"]["name"], spec)
+    except ValueError:
+        return None
+    return config.metrics.port if config.metrics.enabled else None
+
+
+def _gpus_per_worker(body: dict) -> int:
+    return int(((body.get("spec") or {}).get("resources") or {}).get("gpusPerWorker", 1))
