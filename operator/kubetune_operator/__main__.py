@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 
 import kopf
 
@@ -31,10 +32,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _quiet(record: logging.LogRecord) -> bool:
+    return not re.fullmatch(r"(Handler|Indexer) '[\w/.]+' succeeded\.", record.getMessage())
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     kopf.configure(verbose=args.verbose)
-    logging.getLogger("urllib3").setLevel(logging.WARNING)  # one GET per child per resync otherwise
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    if not args.verbose:  # kopf logs every index update and event handler call: two lines per watch event
+        logging.getLogger("kopf.objects").addFilter(_quiet)
     metrics_port = int(os.environ.get("KUBETUNE_METRICS_PORT", "8080"))
     if metrics_port:
         metrics.serve(metrics_port)

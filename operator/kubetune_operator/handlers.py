@@ -1,11 +1,14 @@
 """kopf handlers: thin. Watches feed indexes of each FineTuneJob's children; any change wakes the
 FineTuneJob's supervisor (loop.py), a daemon that reconciles one object at a time. See docs/operator.md.
+Every handler is async: it runs on the event loop (a sync one would hop to a thread for each watch event, and
+could not wake an asyncio.Event safely).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import kopf
 
@@ -23,7 +26,7 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration")
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.finalizer = loop.KOPF_FINALIZER
     settings.posting.level = logging.WARNING  # our own Events tell the story; kopf adds only problems
     peering.configure(settings)
     settings.watching.server_timeout = 300
@@ -33,11 +36,17 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
 
 
 @kopf.index(*FTJ)
-def finetunejobs(namespace, name, uid, **_) -> dict:
+async def finetunejobs(namespace, name, uid, **_) -> dict:
     return {(namespace, name): uid}
 
 
-def by_finetunejob(body, labels, namespace, **_) -> dict:
+@kopf.on.startup()
+async def more_threads(**_) -> None:
+    """Reconciles wait on the API server in worker threads: more of them than asyncio's default (CPUs + 4)."""
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(loop.THREADS, "reconcile"))
+
+
+async def by_finetunejob(body, labels, namespace, **_) -> dict:
     return {(namespace, labels[children.LABEL_JOB]): loop.trim(body)}
 
 
@@ -48,7 +57,7 @@ for _index, _resource in CHILDREN.items():  # indexes `jobs`, `pods`, `services`
 @kopf.on.event(*CHILDREN["pods"], labels=LABELS)
 @kopf.on.event(*CHILDREN["services"], labels=LABELS)
 @kopf.on.event(*CHILDREN["config_maps"], labels=LABELS)
-def child_changed(labels, namespace, **_) -> None:
+async def child_changed(labels, namespace, **_) -> None:
     loop.wake(namespace, labels[children.LABEL_JOB])
 
 

@@ -13,6 +13,8 @@ import kubernetes
 from .children import JOB_FINALIZER, Names
 from .reconcile import Decision
 
+POOL_SIZE = 16  # connections: one per reconcile thread (loop.THREADS)
+
 
 class ApiError(Exception):
     def __init__(self, status: int, body: str):
@@ -51,7 +53,9 @@ class Kube:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config()
-        return cls(kubernetes.client.ApiClient())
+        config = kubernetes.client.Configuration.get_default_copy()
+        config.connection_pool_maxsize = POOL_SIZE
+        return cls(kubernetes.client.ApiClient(config))
 
     def call(self, method: str, path: str, body=None, query=None, content_type="application/json"):
         headers = {"Accept": "application/json", "Content-Type": content_type}

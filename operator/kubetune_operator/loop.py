@@ -29,7 +29,9 @@ from .scrape import Scraper
 
 RESYNC_SECONDS = float(os.environ.get("KUBETUNE_RESYNC_SECONDS", "60"))
 ERROR_DELAYS = (1, 2, 5, 10, 30, 60)
-WRITTEN_TTL = 10.0  # seconds our own status write stands in for a watch that has not brought it back yet
+THREADS = 16  # worker threads for the API calls of reconciles (and as many pooled connections)
+WRITTEN_TTL = 10.0  # seconds our own writes stand in for a watch that has not brought them back yet
+KOPF_FINALIZER = "kubetune.io/finalizer"  # kopf's, on each FineTuneJob, for its daemon
 SUPERVISORS: dict[tuple[str, str], Supervisor] = {}  # (namespace, name) -> its supervisor
 
 
@@ -52,13 +54,19 @@ class Indexes:
     services: kopf.Index
     config_maps: kopf.Index
 
-    def observe(self, body: dict) -> Observed:
+    def observe(self, body: dict, expected: dict[str, dict]) -> Observed:
+        """The children as the indexes hold them; `expected` (by name) are children this supervisor has just
+        created that the watch has not brought yet (controller-runtime's "expectations"). Names found in the
+        index are removed from `expected`."""
         meta = body["metadata"]
         key, uid, names = (meta["namespace"], meta["name"]), meta["uid"], children.Names(meta["name"])
 
         def named(index: kopf.Index, name: str) -> dict | None:
-            return next((o for o in index.get(key, []) if o["metadata"]["name"] == name and kube.owned_by(o, uid)),
-                        None)
+            found = next((o for o in index.get(key, []) if o["metadata"]["name"] == name and kube.owned_by(o, uid)),
+                         None)
+            if found:
+                expected.pop(name, None)
+            return found or expected.get(name)
 
         def pods_of(job: dict | None) -> list[dict]:
             return [p for p in self.pods.get(key, []) if job and kube.owned_by(p, job["metadata"]["uid"])]
@@ -99,6 +107,7 @@ class Supervisor:
         # Our last status write, until the FineTuneJob's watch brings that version: deciding from the live
         # body before then would act on the status as it was before our own decision.
         self.written: tuple[dict, float] | None = None
+        self.expected: dict[str, tuple[dict, float]] = {}  # children created, by name, until the index has them
         self.versions: collections.deque[str] = collections.deque(maxlen=32)  # seen by the watch, newest last
 
     def seen(self, resource_version: str) -> None:
@@ -117,6 +126,12 @@ class Supervisor:
         SUPERVISORS[self.key] = self
         scraping = asyncio.create_task(self.scraper.run())
         try:
+            for _ in range(40):  # kopf adds its finalizer as it spawns the daemon: decide after it, not against it
+                if KOPF_FINALIZER in (self.body["metadata"].get("finalizers") or []) or \
+                        self.body["metadata"].get("deletionTimestamp"):
+                    break
+                self.event.clear()
+                await _sleep(self.event, stopped, 0.25)
             while not stopped:
                 self.event.clear()
                 await _sleep(self.event, stopped, await self.step(indexes))
@@ -129,17 +144,22 @@ class Supervisor:
         """One reconcile; returns how long to sleep unless woken: a retry's delay, else at most the resync."""
         raw = self.current()
         raw["spec"] = children.with_storage_defaults(raw.get("spec") or {})
-        observed = indexes.observe(raw)
+        now = time.monotonic()
+        expected = {name: obj for name, (obj, at) in self.expected.items() if now - at < WRITTEN_TTL}
+        observed = indexes.observe(raw, expected)
+        self.expected = {name: self.expected[name] for name in expected}
         observed.trainer_metrics = self.scraper.fresh()
         observed.scrape_failures, observed.scrape_error = self.scraper.failures, self.scraper.error
         try:
             with metrics.track("reconcile"):
-                d, written = await asyncio.to_thread(apply, kube.client(), raw, observed, self.logger)
+                d, written, created = await asyncio.to_thread(apply, kube.client(), raw, observed, self.logger)
         except Exception as e:  # noqa: BLE001 -- logged, counted and retried with a growing delay
             self.errors += 1
             delay = ERROR_DELAYS[min(self.errors, len(ERROR_DELAYS)) - 1]
             self.logger.warning("reconcile failed (retrying in %ss): %s", delay, e)
             return delay
+        for obj in created:
+            self.expected[obj["metadata"]["name"]] = (trim(obj), time.monotonic())
         if written and written["metadata"]["resourceVersion"] not in self.versions:
             self.written = (written, time.monotonic())
         if d is None:  # the FineTuneJob changed under us: the watch brings the new version
@@ -165,9 +185,10 @@ async def _sleep(event: asyncio.Event, stopped: kopf.DaemonStopped, timeout: flo
 
 
 def apply(api: kube.Kube, body: dict, observed: Observed,
-          logger: logging.Logger) -> tuple[Decision | None, dict | None]:
+          logger: logging.Logger) -> tuple[Decision | None, dict | None, list[dict]]:
     """One reconcile, in a worker thread: the decision (None when the status write lost to a newer
-    FineTuneJob) and the FineTuneJob as our status write left it (None when nothing was written)."""
+    FineTuneJob), the FineTuneJob as our status write left it (None when nothing was written) and the
+    children it created."""
     meta, old = body["metadata"], body.get("status") or {}
     now = datetime.now(UTC)
     if (old.get("trainingJob") or {}).get("uid") and observed.training_job is None and old.get("phase") not in \
@@ -188,17 +209,18 @@ def apply(api: kube.Kube, body: dict, observed: Observed,
     changes = {k: d.status.get(k) for k in d.status.keys() | old.keys() if d.status.get(k) != old.get(k)}
     written = _write_status(api, body, changes) if changes else None
     if changes and written is None:
-        return None, None
+        return None, None, created
     kube.after_status(api, d)
     for obj in created:
-        kopf.event(body, type="Normal", reason="Created", message=f"created {obj['kind']} {obj['metadata']['name']}")
+        if obj["kind"] == "Job":
+            kopf.event(body, type="Normal", reason="Created", message=f"created Job {obj['metadata']['name']}")
     for type_, reason, message in d.events:
         kopf.event(body, type=type_, reason=reason, message=message[:1000])
     if d.phase != old.get("phase"):
         logger.info("phase %s -> %s: %s", old.get("phase"), d.phase, d.status.get("message"))
     gpus = len(running_pods(observed.training_pods)) * _gpus_per_worker(body)
     metrics.record(meta["uid"], old.get("phase"), d.phase, d.status.get("reason"), gpus)
-    return d, written
+    return d, written, created
 
 
 def _write_status(api: kube.Kube, body: dict, changes: dict) -> dict | None:

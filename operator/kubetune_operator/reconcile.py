@@ -164,7 +164,7 @@ def _validate(d: Decision, meta, spec, observed: Observed, generation: int, now,
         elif running_pods(observed.validation_pods) or terminations(observed.validation_pods,
                                                                    children.VALIDATE_CONTAINER):
             _set(d, Phase.Validating, "Validating", "checking every record on CPU", generation, now)
-        else:
+        elif d.status.get("reason") != "Accepted":  # just created: "Accepted" says enough until the pod runs
             _set(d, Phase.Pending, "ValidationPending", "waiting for the validation pod to start", generation, now)
         set_condition(d.status, "Validated", None, "Validating", "validation Job running", generation, now)
         return False

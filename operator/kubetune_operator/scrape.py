@@ -15,24 +15,27 @@ from .status import parse_trainer_metrics
 SCRAPE_SECONDS = float(os.environ.get("KUBETUNE_SCRAPE_SECONDS", "10"))
 TIMEOUT_SECONDS = 3.0
 MAX_BYTES = 1 << 20
-_session: aiohttp.ClientSession | None = None
+_sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}  # one per event loop (the operator has one)
 
 
 def _client() -> aiohttp.ClientSession:
-    global _session
-    if _session is None or _session.closed:
-        _session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT_SECONDS))
-    return _session
+    loop = asyncio.get_running_loop()
+    session = _sessions.get(loop)
+    if session is None or session.closed:
+        session = _sessions[loop] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT_SECONDS))
+    return session
 
 
 async def fetch(url: str, job_name: str) -> dict:
     """The parsed metrics; raises on anything else (slow, too big, not Prometheus text)."""
+    data = bytearray()
     async with _client().get(url) as resp:
         resp.raise_for_status()
-        data = await resp.content.read(MAX_BYTES + 1)
-    if len(data) > MAX_BYTES:
-        raise ValueError(f"more than {MAX_BYTES} bytes")
-    return await asyncio.to_thread(parse_trainer_metrics, data.decode(), job_name)
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            data += chunk
+            if len(data) > MAX_BYTES:
+                raise ValueError(f"more than {MAX_BYTES} bytes")
+    return await asyncio.to_thread(parse_trainer_metrics, bytes(data).decode(), job_name)
 
 
 class Scraper:

@@ -73,7 +73,8 @@ def body(**kw) -> dict:
 
 def test_apply_creates_children_once_and_writes_the_status(fake):
     b = body()
-    d, written = loop.apply(fake, b, Observed(), LOG)
+    d, written, created = loop.apply(fake, b, Observed(), LOG)
+    assert [o["metadata"]["name"] for o in created] == ["demo-config", "demo-validate"]
     assert written["metadata"]["resourceVersion"] == "2"
     assert sorted(fake.objects) == [
         "/api/v1/namespaces/ml/configmaps/demo-config",
@@ -92,7 +93,7 @@ def test_a_stale_copy_never_overwrites_a_newer_status(fake):
     fake.rv = "2"
     fake.objects[kube.object_path(b)] = {**b, "metadata": {**b["metadata"], "resourceVersion": "2"},
                                          "status": {"phase": "Validating"}}  # someone else decided since
-    assert loop.apply(fake, b, Observed(), LOG) == (None, None)
+    assert loop.apply(fake, b, Observed(), LOG)[:2] == (None, None)
 
 
 def test_a_conflict_on_metadata_only_still_writes_the_status(fake):
@@ -120,7 +121,7 @@ def test_a_recorded_job_missing_from_the_index_is_asked_for_not_recreated(fake):
     fake.objects[path] = {"apiVersion": "batch/v1", "kind": "Job", "spec": {}, "status": {}, "metadata": {
         "name": "demo-train", "namespace": "ml", "uid": "uid-demo-train",
         "ownerReferences": [{"uid": b["metadata"]["uid"], "controller": True}]}}
-    d, _ = loop.apply(fake, b, Observed(), LOG)
+    d, _, _ = loop.apply(fake, b, Observed(), LOG)
     assert ("POST", "/apis/batch/v1/namespaces/ml/jobs") not in fake.calls
     assert d.status["reason"] == "WaitingForWorkers"
 
@@ -204,3 +205,17 @@ def test_the_supervisor_decides_from_its_own_write_until_the_watch_brings_it_bac
     assert supervisor.current()["status"]["restartingWorkers"] is True
     supervisor.seen("5")  # the watch has caught up: kopf's live body is the newest again
     assert supervisor.current()["status"] == {"phase": "Running"}
+
+
+def test_a_child_just_created_counts_as_observed_until_the_index_has_it():
+    """controller-runtime's expectations: no second create (a 409) and no second validation attempt while the
+    watch is behind the operator's own create."""
+    b = body()
+    created = {"apiVersion": "batch/v1", "kind": "Job", "spec": {}, "status": {}, "metadata": {
+        "name": "demo-validate", "uid": "v1", "ownerReferences": [{"uid": b["metadata"]["uid"], "controller": True}]}}
+    empty = loop.Indexes(jobs={}, pods={}, services={}, config_maps={})
+    expected = {"demo-validate": created}
+    assert empty.observe(b, expected).validation_job == created and expected
+    key = ("ml", "demo")
+    caught_up = loop.Indexes(jobs={key: [created]}, pods={}, services={}, config_maps={})
+    assert caught_up.observe(b, expected).validation_job == created and expected == {}
