@@ -4,6 +4,7 @@ is retried, and pods that cannot start say why. Fixtures and helpers come from t
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -147,3 +148,29 @@ def test_workers_that_cannot_be_scheduled_say_why(control_plane, node_agent, nam
     status = wait_for("the scheduler's reason in the status", explained, timeout=120)
     assert status["phase"] == "Queued" and "cannot be scheduled" in status["message"]
     assert "node affinity/selector" in status["message"] or "nodes are available" in status["message"]
+
+
+def test_a_quota_refusal_is_shown_and_retried_until_the_quota_allows(control_plane, node_agent, namespace,
+                                                                     operator):
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-jobs"},
+             "spec": {"hard": {"count/jobs.batch": "0"}}}
+    kubectl(control_plane, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(quota))
+    wait_for("the quota to be counted", lambda: get_json(control_plane, "resourcequota", "-n", namespace,
+                                                         "no-jobs").get("status", {}).get("hard"), timeout=60)
+    submit(control_plane, namespace, "over-quota", {
+        "baseModel": {"uri": "s3://nowhere/model/"}, "dataset": {"train": "s3://nowhere/train.jsonl"},
+        "output": {"uri": "s3://nowhere/out/"}})
+
+    def blocked():
+        status = get_json(control_plane, "ftj", "-n", namespace, "over-quota").get("status", {})
+        return status if status.get("reason") == "QuotaExceeded" else None
+
+    status = wait_for("the quota refusal in the status", blocked, timeout=30)
+    assert "exceeded quota" in status["message"] and status["phase"] == "Pending"
+    condition = next(c for c in status["conditions"] if c["type"] == "Blocked")
+    assert condition["status"] == "True" and "count/jobs.batch" in condition["message"]
+    assert any(e["reason"] == "QuotaExceeded" and e["type"] == "Warning"
+               for e in events_of(control_plane, namespace, "over-quota"))
+    kubectl(control_plane, "delete", "resourcequota", "-n", namespace, "no-jobs")
+    wait_for("the validation Job once the quota allows it", lambda: "over-quota-validate" in
+             job_names(control_plane, namespace), timeout=120)

@@ -8,6 +8,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 from kubetune_trainer import metrics as metrics_module
@@ -47,7 +48,7 @@ def test_beat_sets_the_gauge_and_rate_limits(monkeypatch):
     clock = iter([1000.0, 1000.5, 1000.7, 1001.2, 1001.8, 500.0])
     m = TrainerMetrics("hb", "lora", "s3://models/tiny/")
     assert heartbeat(m) == pytest.approx(time.time(), abs=60)  # beats from the start (phase downloading)
-    monkeypatch.setattr(metrics_module.time, "time", lambda: next(clock))
+    monkeypatch.setattr(metrics_module, "time", SimpleNamespace(time=lambda: next(clock)))  # this module only
     m.beat(min_interval=1.0)
     assert heartbeat(m) == 1000.0
     m.beat(min_interval=1.0)  # 0.5 s later: skipped
