@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import kopf
-from kubetune_trainer.spec import FineTuneJobSpec
 
 from . import children, kube, metrics, reconcile
-from .reconcile import Decision, Observed, decide, rank0_pod, running_pods
+from .reconcile import Decision, Observed, decide
 from .scrape import Scraper
 
 RESYNC_SECONDS = float(os.environ.get("KUBETUNE_RESYNC_SECONDS", "60"))
@@ -164,10 +163,7 @@ class Supervisor:
             self.written = (written, time.monotonic())
         if d is None:  # the FineTuneJob changed under us: the watch brings the new version
             return 1
-        rank0 = rank0_pod(observed.training_pods)
-        port = _metrics_port(raw)
-        running = d.phase == "Running" and rank0 and port
-        self.scraper.target = f"http://{rank0['status']['podIP']}:{port}/metrics" if running else None
+        self.scraper.target = d.metrics_url
         if d.status.get("reason") in ("CreateForbidden", "QuotaExceeded"):  # retried with a growing delay
             self.errors += 1
             return ERROR_DELAYS[min(self.errors, len(ERROR_DELAYS)) - 1] * 5
@@ -218,8 +214,7 @@ def apply(api: kube.Kube, body: dict, observed: Observed,
         kopf.event(body, type=type_, reason=reason, message=message[:1000])
     if d.phase != old.get("phase"):
         logger.info("phase %s -> %s: %s", old.get("phase"), d.phase, d.status.get("message"))
-    gpus = len(running_pods(observed.training_pods)) * _gpus_per_worker(body)
-    metrics.record(meta["uid"], old.get("phase"), d.phase, d.status.get("reason"), gpus)
+    metrics.record(meta["uid"], old.get("phase"), d.phase, d.status.get("reason"), d.status.get("gpusInUse", 0))
     return d, written, created
 
 
@@ -253,15 +248,3 @@ def release_orphans(api: kube.Kube, jobs: list[dict], live_uids: set[str]) -> No
         if reconcile.deleting(job) and not owners & live_uids:
             api.release(job)
 
-
-def _metrics_port(body: dict) -> int | None:
-    try:
-        spec = FineTuneJobSpec.model_validate(body["spec"])
-        config = children.trainer_config(body["metadata"]["name"], spec)
-    except ValueError:
-        return None
-    return config.metrics.port if config.metrics.enabled else None
-
-
-def _gpus_per_worker(body: dict) -> int:
-    return int(((body.get("spec") or {}).get("resources") or {}).get("gpusPerWorker", 1))

@@ -75,6 +75,7 @@ class Decision:
     release: list[dict] = field(default_factory=list)  # after the status is written: drop the Job's finalizer
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (Normal|Warning, reason, message)
     requeue_after: float | None = None  # reconcile again after this many seconds (a retry is due)
+    metrics_url: str | None = None  # rank 0's /metrics while the workers run: the loop scrapes it
 
     @property
     def phase(self) -> str | None:
@@ -265,6 +266,10 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
     _account_gpus(d, len(running) * spec.resources.gpus_per_worker, now)
     if d.phase != Phase.Running:
         return
+    metrics = children.trainer_config(meta["name"], spec).metrics
+    rank0 = rank0_pod(pods)
+    if rank0 and metrics.enabled:
+        d.metrics_url = f"http://{rank0['status']['podIP']}:{metrics.port}/metrics"
     d.status.setdefault("startTime", rfc3339(now))
     if old.get("phase") != Phase.Running or not d.status.get("lastProgressTime"):
         d.status["lastProgressTime"] = rfc3339(now)  # the hang clock starts when the workers do

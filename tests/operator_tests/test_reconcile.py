@@ -598,3 +598,12 @@ def test_gpu_accounting_does_not_rewrite_the_status_every_reconcile():
     observed.training_pods = [pod(tj, 0), pod(tj, 1)]
     d = run(body, observed)
     assert d.status["gpuSeconds"] == 5.0 and d.status["gpuAccountedAt"] == "2026-01-01T11:59:50Z"
+
+
+def test_rank_0_is_scraped_only_while_the_workers_run():
+    body = validated(ftj(), phase="Running")
+    observed, tj = training_observed(body, active=2)
+    observed.training_pods = [pod(tj, 0), pod(tj, 1)]
+    assert run(body, observed).metrics_url == "http://10.0.0.5:9400/metrics"
+    observed.training_pods = []
+    assert run(body, observed).metrics_url is None
