@@ -164,17 +164,19 @@ def _failure_policy(container: str) -> dict:
     ]}
 
 
-VALIDATION_DEFAULTS = {"cpu": "500m", "memory": "1Gi", "ephemeral_storage": "10Gi", "active_deadline_seconds": 3600}
+VALIDATION_DEFAULTS = {  # spec.validation field -> (the operator's variable, the chart's `validation.*`), default
+    "cpu": ("KUBETUNE_VALIDATION_CPU", "500m"),
+    "memory": ("KUBETUNE_VALIDATION_MEMORY", "1Gi"),
+    "ephemeral_storage": ("KUBETUNE_VALIDATION_EPHEMERAL_STORAGE", "10Gi"),
+    "active_deadline_seconds": ("KUBETUNE_VALIDATION_DEADLINE_SECONDS", "3600"),
+}
 
 
 def validation_settings(spec: FineTuneJobSpec) -> dict:
     """The validation Job's CPU, memory, scratch size and deadline: spec.validation, else the operator's
-    KUBETUNE_VALIDATION_* (the chart's `validation.*`), else VALIDATION_DEFAULTS."""
-    own = getattr(spec, "validation", None)
-    out = {}
-    for key, default in VALIDATION_DEFAULTS.items():
-        env = os.environ.get("KUBETUNE_VALIDATION_" + key.upper().replace("ACTIVE_", ""))
-        out[key] = getattr(own, key, None) or env or default
+    environment (the chart's `validation.*`), else VALIDATION_DEFAULTS."""
+    out = {key: getattr(spec.validation, key) or os.environ.get(var) or default
+           for key, (var, default) in VALIDATION_DEFAULTS.items()}
     out["active_deadline_seconds"] = int(out["active_deadline_seconds"])
     return out
 
