@@ -142,6 +142,7 @@ def test_the_operator_applies_the_validation_defaults_the_chart_sets(monkeypatch
     from types import SimpleNamespace
 
     from kubetune_operator.children import validation_settings
+    from kubetune_trainer.spec import ValidationSpec
 
     values = {"validation.cpu": "2", "validation.memory": "4Gi", "validation.ephemeralStorage": "50Gi",
               "validation.activeDeadlineSeconds": "600"}
@@ -149,7 +150,7 @@ def test_the_operator_applies_the_validation_defaults_the_chart_sets(monkeypatch
     for var in deploy["spec"]["template"]["spec"]["containers"][0]["env"]:
         if "value" in var:
             monkeypatch.setenv(var["name"], var["value"])
-    assert validation_settings(SimpleNamespace(validation=None)) == {
+    assert validation_settings(SimpleNamespace(validation=ValidationSpec())) == {
         "cpu": "2", "memory": "4Gi", "ephemeral_storage": "50Gi", "active_deadline_seconds": 600}
 
 
