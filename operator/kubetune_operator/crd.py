@@ -18,6 +18,7 @@ import yaml
 from kubetune_trainer.spec import (
     API_GROUP,
     API_VERSION,
+    FSDP_FP16,
     KIND,
     LABEL_VALUE,
     NODE_SELECTOR_KEYS,
@@ -82,6 +83,10 @@ RULES: dict[str, list[dict]] = {
                  "!has(self.hyperparameters) || !has(self.hyperparameters.strategy) || "
                  "self.hyperparameters.strategy != 'fsdp'",
          "message": QLORA_FSDP, "fieldPath": ".hyperparameters.strategy"},
+        {"rule": "!has(self.hyperparameters) || !has(self.hyperparameters.precision) || "
+                 "self.hyperparameters.precision != 'fp16' || !has(self.hyperparameters.strategy) || "
+                 "self.hyperparameters.strategy != 'fsdp'",
+         "message": FSDP_FP16, "fieldPath": ".hyperparameters.precision"},
         {"rule": "!has(self.evaluation) || !has(self.evaluation.earlyStopping) || "
                  "has(self.dataset.validation)",
          "message": "evaluation.earlyStopping needs a validation split: set dataset.validation",

@@ -56,6 +56,8 @@ class TrainerConfig(Model):
     api_version: Literal["kubetune.io/v1alpha1"] = CONFIG_VERSION
     kind: Literal["TrainerConfig"] = "TrainerConfig"
     job_name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    run_id: str | None = Field(None, max_length=128, description="Which run this is: the FineTuneJob's uid (the "
+                               "operator sets it); `kubetune run`: a hash of the manifest")
     base_model: BaseModelSpec
     dataset: DatasetSpec
     method: MethodSpec = Field(default_factory=MethodSpec)

@@ -5,8 +5,12 @@ trainer-image/README.md:
 
 * 0  - success
 * 65 - EX_DATAERR: the dataset is invalid. Permanent: retrying cannot help.
+* 73 - EX_CANTCREAT: the output (or checkpoint) prefix holds another run's files. Permanent.
 * 78 - EX_CONFIG: the trainer config, model or environment is invalid. Permanent.
-* 75 - EX_TEMPFAIL: a transient failure (object storage, network). Retryable.
+* 75 - EX_TEMPFAIL: a transient failure (object storage, network), or stopped by SIGTERM after writing a
+  checkpoint (preemption, eviction, suspend). Retryable.
+* 76 - EX_PROTOCOL: a peer worker stopped or failed, so a collective could not complete. Not the failure
+  itself: the operator's podFailurePolicy does not charge it to backoffLimit (the failing worker is charged).
 * 1  - anything unexpected (a bug, an out-of-memory error). Retried within the backoff limit.
 """
 
@@ -15,9 +19,11 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_DATA_INVALID = 65
+EXIT_OUTPUT_IN_USE = 73
 EXIT_RETRYABLE = 75
+EXIT_PEER_LOST = 76
 EXIT_CONFIG_INVALID = 78
-PERMANENT_EXIT_CODES = (EXIT_DATA_INVALID, EXIT_CONFIG_INVALID)
+PERMANENT_EXIT_CODES = (EXIT_DATA_INVALID, EXIT_OUTPUT_IN_USE, EXIT_CONFIG_INVALID)
 
 
 class KubetuneError(Exception):
@@ -58,3 +64,24 @@ class TransientError(KubetuneError):
 
     exit_code = EXIT_RETRYABLE
     reason = "StorageUnavailable"
+
+
+class OutputInUseError(KubetuneError):
+    """The output or checkpoint prefix holds another run's manifest or checkpoints. Permanent."""
+
+    exit_code = EXIT_OUTPUT_IN_USE
+    reason = "OutputInUse"
+
+
+class Preempted(KubetuneError):
+    """SIGTERM arrived (eviction, preemption, drain, suspend); a checkpoint was written. Retryable."""
+
+    exit_code = EXIT_RETRYABLE
+    reason = "Preempted"
+
+
+class PeerLost(KubetuneError):
+    """Another worker stopped or failed, so this one cannot go on alone. Retryable, not charged."""
+
+    exit_code = EXIT_PEER_LOST
+    reason = "PeerLost"

@@ -191,15 +191,25 @@ class EvaluationSpec(Model):
     early_stopping: EarlyStoppingSpec | None = None
 
 
+DEFAULT_CHECKPOINT_MINUTES = 30.0
+FSDP_FP16 = ("hyperparameters.precision fp16 does not work with strategy fsdp (gradients would need a sharded "
+             "scaler): use bf16 or auto (bf16 where the GPU has it, else fp32), or strategy ddp")
+
+
 class CheckpointSpec(Model):
     every_steps: int | None = Field(None, ge=1)
-    every_minutes: float | None = Field(None, gt=0)
+    every_minutes: float | None = Field(
+        DEFAULT_CHECKPOINT_MINUTES, gt=0,
+        description="Checkpoint at least this often (on by default, so a preempted run never restarts from step 0)")
     keep: int = Field(2, ge=1, description="Checkpoints kept in object storage")
     uri: str | None = Field(None, description="Defaults to <output.uri>checkpoints/")
 
 
 class OutputSpec(Model):
     uri: str = Field(description="s3:// prefix (or local path) where the adapter and manifest.json are published")
+    overwrite: bool = Field(
+        False, description="Publish even if the prefix holds another run's output: the old files are moved aside "
+        "to <uri>.replaced-<time>/ first, never deleted")
 
 
 class SecretRef(Model):
@@ -252,6 +262,10 @@ class RunPolicy(Model):
     ttl_seconds_after_finished: int | None = Field(None, ge=0)
     suspend: bool = False
     hang_timeout_seconds: int | None = Field(None, ge=30, description="Restart workers after this long without a step")
+    termination_grace_period_seconds: int = Field(
+        300, ge=1, le=86400, description="How long a stopped worker has (SIGTERM: eviction, preemption, suspend) "
+        "to write its checkpoint before it is killed; size it for the checkpoint upload (a full fine-tune writes "
+        "the whole model and optimizer state)")
 
 
 class SchedulingSpec(Model):
@@ -298,6 +312,8 @@ class FineTuneJobSpec(Model):
             raise ValueError("method.type qlora needs GPUs: set resources.gpusPerWorker to 1 or more, or use lora")
         if self.method.type == MethodType.qlora and self.hyperparameters.strategy == Strategy.fsdp:
             raise ValueError(QLORA_FSDP)
+        if self.hyperparameters.precision == Precision.fp16 and self.hyperparameters.strategy == Strategy.fsdp:
+            raise ValueError(FSDP_FP16)
         return self
 
 
