@@ -5,7 +5,7 @@ import yaml
 from kubetune_trainer.config import TrainerConfig, load_config
 from kubetune_trainer.errors import EXIT_CONFIG_INVALID, ConfigError
 from kubetune_trainer.spec import FineTuneJobSpec
-from kubetune_trainer.train import Plan, micro_batch_indices
+from kubetune_trainer.train import Plan, step_indices
 
 JOB = {
     "apiVersion": "kubetune.io/v1alpha1",
@@ -78,12 +78,28 @@ def test_plan_and_data_order_are_deterministic():
     config = TrainerConfig.model_validate(
         {"jobName": "j", "baseModel": {"uri": "/m"}, "dataset": {"train": "/d"}, "output": {"uri": "/o"},
          "hyperparameters": {"epochs": 2, "batchSize": 3, "gradientAccumulationSteps": 2}})
-    plan = Plan.make(sequences=20, config=config, processes=2)
-    assert plan.micro_per_epoch == 3  # 20 // (3 * 2)
-    assert plan.total_steps == 3  # ceil(2 epochs * 3 micro-batches / 2 accumulation)
-    a = micro_batch_indices(plan, 42, 4, rank=0, batch_size=3)
-    assert a == micro_batch_indices(plan, 42, 4, rank=0, batch_size=3)
-    b = micro_batch_indices(plan, 42, 4, rank=1, batch_size=3)
-    assert not set(a) & set(b)  # processes see different sequences in the same micro-batch
-    epoch0 = [i for m in range(3) for r in (0, 1) for i in micro_batch_indices(plan, 42, m, r, 3)]
-    assert len(set(epoch0)) == 18  # no sequence twice within an epoch
+    plan = Plan.make(sequences=40, config=config, processes=2)
+    assert plan.step_samples == 12 and plan.accumulation == 2
+    assert plan.steps_per_epoch == 3  # 40 // 12
+    assert plan.total_steps == 6
+    a = step_indices(plan, 42, 4, rank=0)
+    assert a == step_indices(plan, 42, 4, rank=0) and [len(m) for m in a] == [3, 3]
+    b = step_indices(plan, 42, 4, rank=1)
+    assert not {i for m in a for i in m} & {i for m in b for i in m}  # processes see different sequences
+    epoch0 = [i for step in range(3) for r in (0, 1) for m in step_indices(plan, 42, step, r) for i in m]
+    assert len(set(epoch0)) == 36  # no sequence twice within an epoch
+
+
+def test_a_step_has_the_same_samples_whatever_the_number_of_processes():
+    config = TrainerConfig.model_validate(
+        {"jobName": "j", "baseModel": {"uri": "/m"}, "dataset": {"train": "/d"}, "output": {"uri": "/o"},
+         "hyperparameters": {"maxSteps": 10, "batchSize": 2, "gradientAccumulationSteps": 2}})
+    two = Plan.make(sequences=64, config=config, processes=2)  # 8 samples a step
+    for processes in (1, 3, 4):
+        other = Plan.make(64, config, processes, step_samples=two.step_samples)
+        for step in (0, 5, 9):
+            def samples(plan, step=step):
+                return sorted(i for r in range(plan.processes) for m in step_indices(plan, 7, step, r) for i in m)
+            assert samples(other) == samples(two)
+    three = Plan.make(64, config, 3, step_samples=8)
+    assert three.accumulation == 2 and [len(m) for m in step_indices(three, 7, 0, 2)] == [2, 0]

@@ -138,7 +138,7 @@ def test_a_tiny_run_beats_at_every_step_and_through_uploads(make_config, monkeyp
     assert started <= values[0] and values[-1] <= time.time()
     assert heartbeat(instances[0]) >= values[-1]
 
-    assert callers["train"] == 8, callers  # once per optimizer step
+    assert callers["_train"] == 8, callers  # once per optimizer step (train's loop)
     assert callers["evaluate"] >= 3, callers  # per batch: validation at steps 4 and 8, then test
     assert callers["_checkpoint"] == 2, callers  # the checkpoint at step 4, around its local save
     assert callers["_beat"] > 10, callers  # storage: fetch, resume check, checkpoint and adapter uploads

@@ -6,7 +6,13 @@ import subprocess
 import sys
 
 import pytest
-from kubetune_trainer.errors import EXIT_CONFIG_INVALID, EXIT_DATA_INVALID, EXIT_RETRYABLE
+from kubetune_trainer.errors import (
+    EXIT_CONFIG_INVALID,
+    EXIT_DATA_INVALID,
+    EXIT_OUTPUT_IN_USE,
+    EXIT_PEER_LOST,
+    EXIT_RETRYABLE,
+)
 from kubetune_trainer.launch import child_exit_code
 
 
@@ -16,6 +22,9 @@ def test_child_exit_code():
     assert child_exit_code([0, EXIT_CONFIG_INVALID]) == EXIT_CONFIG_INVALID
     assert child_exit_code([-9]) == 137  # killed by SIGKILL
     assert child_exit_code([]) == 1
+    assert child_exit_code([EXIT_PEER_LOST, 1]) == 1  # this pod's own failure, not the peer's, is charged
+    assert child_exit_code([0, EXIT_PEER_LOST]) == EXIT_PEER_LOST
+    assert child_exit_code([EXIT_PEER_LOST, EXIT_OUTPUT_IN_USE]) == EXIT_OUTPUT_IN_USE
 
 
 @pytest.mark.parametrize("code", [0, EXIT_DATA_INVALID, EXIT_RETRYABLE])
@@ -26,3 +35,37 @@ def test_launch_passes_the_child_exit_code_through(tmp_path, code):
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                            str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == code, done.stderr[-2000:]
+
+
+def test_sigterm_reaches_the_trainer_which_decides_the_exit_code(tmp_path):
+    """Kubernetes signals only the container's first process (the launcher): the trainer must get it too, and
+    the pod must exit with the trainer's code (75 after its checkpoint), not die with the launcher."""
+    import signal
+    import time
+
+    script = tmp_path / "child.py"
+    script.write_text("import signal, sys, time\n"
+                      "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+                      "print('ready', flush=True)\n"
+                      "time.sleep(60)\nsys.exit(3)\n")
+    launcher = subprocess.Popen([sys.executable, "-m", "kubetune_trainer", "launch", "--cpu", "--num_processes",
+                                 "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                                 str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert launcher.stdout.readline().strip() == "ready"
+        time.sleep(0.2)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=30) == EXIT_RETRYABLE, launcher.stderr.read()[-2000:]
+    finally:
+        launcher.kill()
+
+
+def test_an_error_message_with_brackets_is_printed_as_it_is():
+    """A gloo error names its source file in brackets, which rich would read as markup (and crash, exit 1)."""
+    import typer
+    from kubetune_trainer.cli import fail
+    from kubetune_trainer.errors import PeerLost
+
+    with pytest.raises(typer.Exit) as done:
+        fail(PeerLost("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Connection closed by peer"))
+    assert done.value.exit_code == EXIT_PEER_LOST

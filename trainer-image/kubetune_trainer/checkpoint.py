@@ -1,8 +1,13 @@
-"""Checkpoints: the trainable weights, optimizer, scheduler, RNG and data position of a run.
+"""Checkpoints: the trainable weights, optimizer, scheduler, per-rank RNG and data position of a run.
 
 Each checkpoint is published like an adapter (files first, manifest.json last) under
-`<checkpoint uri>step-00000040/`, so a checkpoint without a manifest is incomplete and ignored.
-On start the trainer resumes from the newest complete one; older ones beyond `keep` are deleted.
+`<checkpoint uri>step-00000040/`, so a checkpoint without a manifest is incomplete and ignored. Its manifest
+says which run wrote it (`run`) and with what inputs (`fingerprint`): a run resumes only from its own
+checkpoints, and only when the data, tokenizer and batch shape are the ones it was written with.
+
+On start the trainer resumes from the newest complete checkpoint that loads; a corrupt one is reported and the
+one before it is tried. Older ones beyond `keep` are deleted. Nothing here runs code from storage: weights and
+RNG are safetensors, the optimizer state is read with `torch.load(weights_only=True)`, the rest is JSON.
 """
 
 from __future__ import annotations
@@ -10,12 +15,15 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import OutputInUseError, TransientError
+from .identity import RunIdentity
 from .storage import Storage, publish, read_published
 
 STEP_DIR = re.compile(r"step-(\d{8})/manifest\.json$")
@@ -24,7 +32,7 @@ STEP_DIR = re.compile(r"step-(\d{8})/manifest\.json$")
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
-    micro_batch: int = 0  # global micro-batches consumed since the start of the run (the data position)
+    samples: int = 0  # training sequences consumed since the start of the run (the data position)
     tokens_trained: int = 0
     best_validation_loss: float | None = None
     last_validation: dict | None = None  # the newest validation result, with its "step"
@@ -33,41 +41,92 @@ class TrainState:
     history: list[dict] = field(default_factory=list)  # one entry per logging step
 
 
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a checkpoint's step and data position mean. Resuming with other values would train on other data
+    or with another step size, so it is refused; only the number of processes may change (the step keeps its
+    size in samples, `step_samples`, and is dealt out to however many processes there are)."""
+
+    datasets: dict[str, str]  # split -> sha256
+    tokenizer: str  # sha256 of the tokenizer files
+    max_seq_length: int
+    packing: bool
+    batch_size: int
+    accumulation: int
+    strategy: str
+    processes: int
+    step_samples: int  # sequences per optimizer step, over all processes
+
+    def differences(self, saved: dict) -> list[str]:
+        """The fields (but `processes`, `step_samples`) in which a saved fingerprint differs from this one."""
+        return [f"{f.name} {saved.get(f.name)!r} (now {getattr(self, f.name)!r})" for f in fields(self)
+                if f.name not in ("processes", "step_samples") and saved.get(f.name) != getattr(self, f.name)]
+
+
+@dataclass
+class Restored:
+    """A checkpoint read back: everything the loop needs to continue where it stopped."""
+
+    uri: str
+    weights: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    state: TrainState
+    rng: list[dict]  # per rank, as saved
+    fingerprint: dict
+
+
 def step_uri(prefix: str, step: int) -> str:
     return f"{prefix.rstrip('/')}/step-{step:08d}/"
 
 
+def rng_state() -> dict:
+    """This process's random number generators."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def save(directory: Path, weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler,
-         state: TrainState) -> Path:
-    """Write a checkpoint folder: the trainable weights, optimizer and scheduler state, RNG, data position."""
+         state: TrainState, rng: list[dict]) -> Path:
+    """Write a checkpoint folder: weights, optimizer and scheduler state, every rank's RNG, data position."""
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / "trainable.safetensors")
     torch.save(optimizer_state, directory / "optimizer.pt")
-    torch.save(scheduler.state_dict(), directory / "scheduler.pt")
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, directory / "rng.pt")
+    (directory / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+    tensors = {f"{rank}.{name}": s[name] for rank, s in enumerate(rng) for name in ("torch", "cuda") if name in s}
+    save_file(tensors, directory / "rng.safetensors")
+    (directory / "rng.json").write_text(json.dumps([s["python"] for s in rng]))
     (directory / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
     return directory
 
 
-def load(directory: Path, scheduler) -> tuple[dict[str, torch.Tensor], dict, TrainState]:
-    """Restore the scheduler and RNG; return the weights and optimizer state for the caller to load."""
-    scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))
-    rng = torch.load(directory / "rng.pt", weights_only=False)
-    random.setstate(rng["python"])
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    state = TrainState(**json.loads((directory / "trainer_state.json").read_text()))
-    optimizer_state = torch.load(directory / "optimizer.pt", weights_only=False)
-    return load_file(directory / "trainable.safetensors"), optimizer_state, state
+def load(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict, TrainState, list[dict]]:
+    """Read a checkpoint folder back (weights, optimizer, scheduler, state, per-rank RNG)."""
+    python = json.loads((directory / "rng.json").read_text())
+    tensors = load_file(directory / "rng.safetensors")
+    rng = [{"python": p, **{name: tensors[f"{rank}.{name}"] for name in ("torch", "cuda")
+                            if f"{rank}.{name}" in tensors}} for rank, p in enumerate(python)]
+    return (load_file(directory / "trainable.safetensors"),
+            torch.load(directory / "optimizer.pt", weights_only=True),
+            json.loads((directory / "scheduler.json").read_text()),
+            TrainState(**json.loads((directory / "trainer_state.json").read_text())), rng)
 
 
-def upload(storage: Storage, directory: Path, prefix: str, step: int) -> str:
+def upload(storage: Storage, directory: Path, prefix: str, step: int, run: RunIdentity,
+           fingerprint: Fingerprint) -> str:
     uri = step_uri(prefix, step)
-    publish(storage, directory, uri, {"kind": "checkpoint", "step": step})
+    publish(storage, directory, uri, {"kind": "checkpoint", "step": step, "run": run.dump(),
+                                      "fingerprint": asdict(fingerprint)})
     return uri
 
 
@@ -81,14 +140,32 @@ def complete_steps(storage: Storage, prefix: str) -> list[int]:
     return sorted(steps, reverse=True)
 
 
-def download_latest(storage: Storage, prefix: str, dest: Path) -> Path | None:
-    """The newest complete checkpoint, verified against its manifest, on local disk; None if there is none."""
-    steps = complete_steps(storage, prefix)
-    if not steps:
-        return None
-    target = dest / f"step-{steps[0]:08d}"
-    read_published(storage, step_uri(prefix, steps[0]), target)
-    return target
+def restore_latest(storage: Storage, prefix: str, dest: Path, run: RunIdentity,
+                   warn: Callable[[dict], None]) -> Restored | None:
+    """The newest complete checkpoint of this run that downloads intact and loads; None if there is none.
+
+    A checkpoint of another run is refused (OutputInUseError). A corrupt one (files that do not match its
+    manifest, or do not parse) is reported through `warn` and the previous one is tried."""
+    for step in complete_steps(storage, prefix):
+        uri = step_uri(prefix, step)
+        manifest = storage.get_json(uri + "manifest.json") or {}
+        if not run.matches(manifest.get("run")):
+            other = (manifest.get("run") or {}).get("uid", "a run from before run identity")
+            raise OutputInUseError(
+                f"{uri}: checkpoint of another run ({other}), not of this {run}; set checkpoint.uri (or "
+                "output.uri) to a prefix of its own, or output.overwrite: true to move the old one aside")
+        target = dest / f"step-{step:08d}"
+        try:
+            read_published(storage, uri, target)
+            weights, optimizer, scheduler, state, rng = load(target)
+        except TransientError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever a corrupt file raises, the previous checkpoint is tried
+            warn({"event": "checkpoint_unusable", "uri": uri, "error": str(e)[:500],
+                  "action": "trying the previous checkpoint"})
+            continue
+        return Restored(uri, weights, optimizer, scheduler, state, rng, manifest.get("fingerprint") or {})
+    return None
 
 
 def prune(storage: Storage, prefix: str, keep: int) -> None:

@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -45,7 +46,7 @@ def fail(e: BaseException) -> None:
         message, code = f"{e.reason}: {e.message}", e.exit_code
     else:
         message, code = f"Unexpected: {type(e).__name__}: {e}", EXIT_UNEXPECTED
-    err.print(f"[bold red]error[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error[/] {escape(message)}", highlight=False, soft_wrap=True)
     termination_log(message)
     raise typer.Exit(code)
 
@@ -66,7 +67,7 @@ def validate(config: ConfigOption) -> None:
     out.print(table)
     for r in reports.values():
         for w in r.warnings:
-            err.print(f"[yellow]warning[/] {r.file}: {w}", highlight=False)
+            err.print(f"[yellow]warning[/] {escape(f'{r.file}: {w}')}", highlight=False)
     termination_log("dataset valid: " + ", ".join(f"{s} {r.samples} samples" for s, r in reports.items()))
 
 
@@ -114,9 +115,16 @@ def logs(
     try:
         text = read_logs(state_dir or cluster_state_dir() / "agent", namespace, pod, container, previous)
     except (ValueError, FileNotFoundError) as e:
-        err.print(f"[bold red]error[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from e
     sys.stdout.write(text)
+
+
+def _human(value) -> str:
+    """An event's value for people: numbers rounded, nested values as JSON (no Python reprs)."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
 class ProgressReporter:
@@ -125,6 +133,7 @@ class ProgressReporter:
     def __init__(self, progress: Progress, verbose: bool):
         self.progress, self.verbose = progress, verbose
         self.task = progress.add_task("starting", total=None, loss="")
+        self.already_published = False
 
     def __call__(self, event: dict) -> None:
         kind = event["event"]
@@ -136,9 +145,12 @@ class ProgressReporter:
             self.progress.update(self.task, total=event["total_steps"], completed=event["start_step"])
         elif kind == "train":
             self.progress.update(self.task, completed=event["step"], loss=f"loss {event['loss']:.4f}")
-        elif kind in ("validation", "test", "checkpoint", "resumed", "early_stopping", "published", "metrics"):
-            details = {k: v for k, v in event.items() if k != "event"}
-            self.progress.console.print(f"[cyan]{kind}[/] {details}", highlight=False)
+        elif kind == "already_published":
+            self.already_published = True
+        elif kind in ("validation", "test", "checkpoint", "resumed", "early_stopping", "published", "metrics",
+                      "output_moved_aside"):
+            details = ", ".join(f"{k} {_human(v)}" for k, v in event.items() if k != "event")
+            self.progress.console.print(f"[cyan]{kind}[/] {escape(details)}", highlight=False)
 
 
 @app.command("run")
@@ -149,7 +161,10 @@ def run_local(
     metrics_port: Annotated[int, typer.Option(help="Prometheus port; 0 picks a free one, -1 turns it off")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print every event as JSON")] = False,
 ) -> None:
-    """Train a FineTuneJob's spec on this machine, with a progress bar."""
+    """Train a FineTuneJob's spec on this machine, with a progress bar.
+
+    The run's identity is a hash of the manifest: the same manifest again is the same run (already published:
+    nothing to do); an edited one is another run, refused on a prefix this one used (exit 73)."""
     from .pipeline import run
 
     try:
@@ -162,12 +177,14 @@ def run_local(
         columns = (TextColumn("{task.description:>11}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[loss]}"), TimeRemainingColumn())
         with Progress(*columns, console=err) as progress:
-            manifest_doc = run(config, report=ProgressReporter(progress, verbose))
+            reporter = ProgressReporter(progress, verbose)
+            manifest_doc = run(config, report=reporter)
     except Exception as e:  # noqa: BLE001
         fail(e)
     test = manifest_doc.get("metrics", {}).get("test")
-    out.print(f"[green]published[/] {config.output.uri} ({manifest_doc.get('steps')} steps"
-              + (f", test loss {test['loss']:.4f}" if test else "") + ")")
+    verb = "already published" if reporter.already_published else "published"
+    out.print(f"[green]{verb}[/] {config.output.uri} ({manifest_doc.get('steps')} steps"
+              + (f", test loss {test['loss']:.4f}" if test else "") + ")", soft_wrap=True)  # one line, for grep
 
 
 def main() -> None:  # pragma: no cover

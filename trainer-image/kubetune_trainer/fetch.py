@@ -106,3 +106,16 @@ def tree_sha256(path: Path, *, skip_weights: bool = False, beat: Callable[[], No
         if beat:
             beat()
     return h.hexdigest()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja")
+
+
+def tokenizer_sha256(model_dir: Path) -> str:
+    """One hash of the tokenizer's files in a model folder: what turns the records into the trained tokens."""
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            h.update(f"{name}\0{sha256_file(model_dir / name)}\n".encode())
+    return h.hexdigest()

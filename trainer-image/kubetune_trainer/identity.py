@@ -1,19 +1,34 @@
 """Run identity: which run made an object in storage.
 
-A run is (uid, specHash): the FineTuneJob's uid (`kubetune run`: a hash of the whole config) and a hash of the
+A run is (uid, specHash): the FineTuneJob's uid (`kubetune run`: a hash of the config) and a hash of the
 fields that determine what is trained (base model, data, method, hyperparameters). The published manifest and
 every checkpoint carry it, so a run never mistakes another run's output or checkpoints for its own.
+
+`claim` runs before any GPU work (and in `kubetune validate`): a prefix that holds another run's manifest,
+checkpoints or claim marker is refused (OutputInUseError, exit 73) unless `output.overwrite: true`, which moves
+the old files aside to `<prefix>.replaced-<UTC time>/` (never deletes them). A first claim writes the marker
+`run.json` (the identity, the job, the time) at the output prefix, and at the checkpoint prefix when that lies
+outside it, so two runs that start on a fresh prefix are told apart before either has written a checkpoint.
+The marker is not part of the adapter: the manifest's `files` lists only what `publish` uploaded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import TrainerConfig
+from .errors import OutputInUseError
+from .storage import MANIFEST, Storage
 
 TRAINING_FIELDS = ("baseModel", "dataset", "method", "hyperparameters")
+MARKER = "run.json"
+_CHECKPOINT_MANIFEST = re.compile(r"step-\d{8}/manifest\.json$")  # checkpoint.py's layout
 
 
 def _sha256(doc) -> str:
@@ -31,7 +46,9 @@ class RunIdentity:
         spec_hash = _sha256({k: doc.get(k) for k in TRAINING_FIELDS})
         if config.run_id:
             return cls(config.run_id, spec_hash)
-        local = {k: v for k, v in doc.items() if k not in ("workDir", "metrics", "runId")}
+        # The manifest, less where it runs (work dir, metrics port, storage endpoint) and output.overwrite.
+        local = {k: v for k, v in doc.items() if k not in ("workDir", "metrics", "runId", "storage")}
+        local["output"] = {k: v for k, v in local["output"].items() if k != "overwrite"}
         return cls("local-" + _sha256(local)[:32], spec_hash)
 
     def dump(self) -> dict:
@@ -44,3 +61,97 @@ class RunIdentity:
 
     def __str__(self) -> str:
         return f"run {self.uid} (spec {self.spec_hash[:12]})"
+
+
+def _folder(uri: str) -> str:
+    return uri.rstrip("/") + "/"
+
+
+def _markers(config: TrainerConfig) -> list[str]:
+    """Where a run's claim marker goes: the output prefix, and the checkpoint prefix when that lies outside it."""
+    out, ckpt = _folder(config.output.uri), _folder(config.checkpoint_uri)
+    return [out + MARKER] + ([] if ckpt.startswith(out) else [ckpt + MARKER])
+
+
+def _log(event: dict) -> None:
+    print(json.dumps(event), file=sys.stderr, flush=True)
+
+
+def aside_uri(storage: Storage, prefix: str) -> str:
+    """Where output.overwrite moves a prefix: `<prefix>.replaced-<UTC time>/`, with -2, -3... if that is taken."""
+    base = prefix.rstrip("/") + ".replaced-" + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    uri, n = base + "/", 1
+    while storage.exists(uri):
+        n += 1
+        uri = f"{base}-{n}/"
+    return uri
+
+
+def _others(storage: Storage, config: TrainerConfig, identity: RunIdentity) -> list[tuple[str, dict]]:
+    """(uri, document) of each manifest, checkpoint manifest and claim marker that another run wrote."""
+    uris = [_folder(config.output.uri) + MANIFEST, *_markers(config)]
+    uris += [uri for uri in storage.list(_folder(config.checkpoint_uri)) if _CHECKPOINT_MANIFEST.search(uri)]
+    docs = ((uri, storage.get_json(uri)) for uri in uris)
+    return [(uri, doc) for uri, doc in docs if doc is not None and not identity.matches(doc.get("run"))]
+
+
+def _refusal(config: TrainerConfig, identity: RunIdentity, uri: str, doc: dict) -> str:
+    out = _folder(config.output.uri)
+    field, prefix = ("output.uri", out) if uri.startswith(out) else ("checkpoint.uri", _folder(config.checkpoint_uri))
+    what = ("published output" if uri == out + MANIFEST else "claim marker" if uri.endswith("/" + MARKER)
+            else "checkpoint")
+    run = doc.get("run")
+    other = (f"run {run.get('uid')} (spec {str(run.get('specHash'))[:12]})" if run
+             else "a run that recorded no identity (from before run identity)")
+    job = f" of job {doc['job']!r}" if doc.get("job") else ""
+    return (f"{field} {prefix} holds another run's files: {uri} is the {what} of {other}{job}, not of this "
+            f"{identity}. Refusing to publish over it or resume from its checkpoints: set a new {field}, or set "
+            f"output.overwrite: true to move the old files aside to {prefix.rstrip('/')}.replaced-<UTC time>/ "
+            "(nothing is deleted)")
+
+
+def claim(storage: Storage, config: TrainerConfig, identity: RunIdentity, *, write: bool = True,
+          report: Callable[[dict], None] = _log) -> dict | None:
+    """Make the output and checkpoint prefixes this run's, before any GPU work.
+
+    Returns the published manifest when this very run already published (nothing to do). Raises
+    OutputInUseError when another run's files are there, unless output.overwrite is set: then they are moved
+    aside (event `output_moved_aside`). write=False only checks (`kubetune validate`, the non-main processes):
+    nothing is moved or written, an overwrite to come is reported as `output_will_move_aside`."""
+    out, ckpt = _folder(config.output.uri), _folder(config.checkpoint_uri)
+    published = storage.get_json(out + MANIFEST)
+    if published is not None and identity.matches(published.get("run")):
+        return published
+    others = _others(storage, config, identity)
+    if others and not config.output.overwrite:
+        raise OutputInUseError(_refusal(config, identity, *others[0]))
+    prefixes = list(dict.fromkeys(out if uri.startswith(out) else ckpt for uri, _ in others))
+    for prefix in prefixes:
+        run = next(doc.get("run") for uri, doc in others if uri.startswith(prefix))
+        if not write:
+            report({"event": "output_will_move_aside", "from": prefix, "run": run})
+            continue
+        aside = aside_uri(storage, prefix)
+        moved = storage.move_prefix(prefix, aside)
+        report({"event": "output_moved_aside", "from": prefix, "to": aside, "objects": moved, "run": run})
+    if write:
+        marker = {"kind": "RunClaim", "job": config.job_name, "run": identity.dump(),
+                  "claimedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for uri in _markers(config):
+            if storage.get_json(uri) is None:
+                storage.put_json(uri, marker)
+        check_claim(storage, config, identity)
+    return None
+
+
+def check_claim(storage: Storage, config: TrainerConfig, identity: RunIdentity) -> None:
+    """Raise OutputInUseError unless this run's claim marker is still in place (another run may have claimed or
+    moved the prefix since): call before writing a checkpoint or publishing."""
+    for uri in _markers(config):
+        marker = storage.get_json(uri)
+        if marker is None:
+            raise OutputInUseError(f"{uri}: the claim marker of this {identity} is gone: another run moved or "
+                                   "deleted its files; stopping rather than mixing two runs' files. Set a new "
+                                   "output.uri")
+        if not identity.matches(marker.get("run")):
+            raise OutputInUseError(_refusal(config, identity, uri, marker))

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 
 from .errors import ConfigError
-from .spec import QLORA_FSDP, MethodSpec, MethodType, Precision
+from .spec import FSDP_FP16, QLORA_FSDP, MethodSpec, MethodType, Precision
 
 
-def resolve_precision(precision: Precision) -> str:
-    """accelerate's mixed_precision value: bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU."""
+def resolve_precision(precision: Precision, fsdp: bool = False) -> str:
+    """accelerate's mixed_precision value: bf16 where the GPU has it, fp16 on older GPUs (fp32 with FSDP, which
+    has no sharded gradient scaler here), fp32 on CPU."""
+    if precision == Precision.fp16 and fsdp:
+        raise ConfigError(FSDP_FP16)
     if precision == Precision.auto:
         if torch.cuda.is_available():
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if torch.cuda.is_bf16_supported() else ("no" if fsdp else "fp16")
         return "no"
     if precision in (Precision.bf16, Precision.fp16) and not torch.cuda.is_available():
         if precision == Precision.fp16:
@@ -35,10 +39,13 @@ def load_tokenizer(model_dir: Path):
 
 
 def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, gradient_checkpointing: bool,
-               sharded: bool = False):
-    """The model to train. `sharded` (FSDP): every weight in fp32, one dtype per shard group."""
+               sharded: bool = False, seed: int = 42):
+    """The model to train. `sharded` (FSDP): every weight in fp32, one dtype per shard group. The adapter is
+    initialised from `seed` (hyperparameters.seed) alone: the same seed gives the same adapter, in every process."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # "Loading weights", "Writing model shards": not for pod logs
     kwargs: dict = {"attn_implementation": "sdpa"}
     if method.type == MethodType.qlora and sharded:
         raise ConfigError(QLORA_FSDP)
@@ -87,8 +94,11 @@ def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, gradie
         target_modules="all-linear" if targets == ["all-linear"] else targets,
         task_type="CAUSAL_LM",
     )
+    torch.manual_seed(seed)
     try:
-        model = get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            model = get_peft_model(model, config)
     except ValueError as e:
         raise ConfigError(f"method.lora.targetModules: {e}") from e
     for p in model.parameters():

@@ -16,6 +16,10 @@ manifest never see a half-written adapter or checkpoint.
 Heartbeat: `with_heartbeat(metrics.beat)` gives a Storage that reports progress: after every S3 request and
 local copy that succeeds, and (at most once a second) from boto3's transfer callback while the bytes of a large
 file move. Storage that moves nothing never beats, so the operator can tell a hung upload from a slow one.
+
+Run metadata: `with_run(uid)` gives a Storage whose uploads say which run made them (x-amz-meta-kubetune-run;
+local files have no metadata, their manifests say it). `move_prefix` moves a prefix aside: a server-side copy
+of every object, each verified, then the originals are deleted; nothing is deleted that was not copied.
 """
 
 from __future__ import annotations
@@ -162,6 +166,7 @@ class Storage:
 
     retry_backoff = 0.5  # seconds, doubled per attempt, for whole-object retries (tests make it small)
     heartbeat: Callable[..., None] | None = None  # TrainerMetrics.beat(min_interval=...); see with_heartbeat
+    run: str | None = None  # the run whose objects this Storage writes (x-amz-meta-kubetune-run); see with_run
 
     def __init__(
         self,
@@ -190,6 +195,15 @@ class Storage:
         clone = copy.copy(self)
         clone.heartbeat = beat
         return clone
+
+    def with_run(self, uid: str | None) -> Storage:
+        """A copy (sharing the client) whose uploads carry the metadata kubetune-run=uid."""
+        clone = copy.copy(self)
+        clone.run = uid
+        return clone
+
+    def _metadata(self, sha256: str) -> dict[str, str]:
+        return {"sha256": sha256, **({"kubetune-run": self.run} if self.run else {})}
 
     def _beat(self) -> None:
         if self.heartbeat is not None:
@@ -342,7 +356,7 @@ class Storage:
         bucket, key = _split(uri)
 
         def put() -> None:
-            self.client.upload_file(str(src), bucket, key, ExtraArgs={"Metadata": {"sha256": sha}},
+            self.client.upload_file(str(src), bucket, key, ExtraArgs={"Metadata": self._metadata(sha)},
                                     Callback=self._progress(), Config=self._transfer_config())
             head = self._head(bucket, key)
             if head is None:
@@ -372,7 +386,7 @@ class Storage:
         md5 = base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode()
         self._call(uri, "upload", lambda: self.client.put_object(
             Bucket=bucket, Key=key, Body=body, ContentMD5=md5, ContentType="application/json",
-            Metadata={"sha256": hashlib.sha256(body).hexdigest()}))
+            Metadata=self._metadata(hashlib.sha256(body).hexdigest())))
 
     def get_json(self, uri: str) -> dict | None:
         """The parsed JSON document, or None when the object (or file) does not exist."""
@@ -451,17 +465,58 @@ class Storage:
         if not key.strip("/"):
             raise ConfigError(f"delete {uri_prefix}: refusing to delete a whole bucket")
         prefix = _folder(key)
+        self._call(uri_prefix, "delete", lambda: self._delete_keys(bucket, self._keys(bucket, prefix), uri_prefix))
 
-        def delete() -> None:
-            keys = self._keys(bucket, prefix)
-            for i in range(0, len(keys), 1000):
-                batch = [{"Key": k} for k in keys[i:i + 1000]]
-                errors = self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
-                if errors.get("Errors"):
-                    first = errors["Errors"][0]
-                    raise TransientError(f"delete {uri_prefix}: {first.get('Key')}: {first.get('Code')}")
+    def _delete_keys(self, bucket: str, keys: list[str], uri: str) -> None:
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[i:i + 1000]]
+            errors = self.client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+            if errors.get("Errors"):
+                first = errors["Errors"][0]
+                raise TransientError(f"delete {uri}: {first.get('Key')}: {first.get('Code')}")
 
-        self._call(uri_prefix, "delete", delete)
+    def move_prefix(self, src: str, dst: str) -> int:
+        """Move everything under src to dst (both folders) and return how many objects moved.
+
+        S3: a server-side copy of each object (metadata kept), checked against the original's size, sha256
+        metadata and plain-MD5 ETag, then the copied originals are deleted. Local: a rename. Refuses a whole
+        bucket, and a dst that already holds anything."""
+        src, dst = _folder(src), _folder(dst)
+        if is_remote(src) != is_remote(dst):
+            raise ConfigError(f"move {src} to {dst}: both must be s3:// URIs or both local paths")
+        if self.exists(dst):
+            raise ConfigError(f"move {src} to {dst}: the destination is not empty; nothing was moved")
+        if not is_remote(src):
+            source = _local(src)
+            if not source.is_dir():
+                return 0
+            count = len(_files(source))
+            _local(dst).parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(source, _local(dst))
+            return count
+        (src_bucket, src_key), (dst_bucket, dst_key) = _split(src), _split(dst)
+        if not src_key.strip("/") or not dst_key.strip("/"):
+            raise ConfigError(f"move {src} to {dst}: refusing to move a whole bucket; use a prefix")
+        keys = self._call(src, "list", lambda: self._keys(src_bucket, src_key))
+
+        def one(key: str) -> None:
+            target = dst_key + key[len(src_key):]
+
+            def copy_verified() -> None:
+                head = self._head(src_bucket, key)
+                self.client.copy({"Bucket": src_bucket, "Key": key}, dst_bucket, target,
+                                 Config=self._transfer_config())
+                copied = self._head(dst_bucket, target)
+                etags = _plain_md5(head), _plain_md5(copied or {})
+                if (copied is None or copied["ContentLength"] != head["ContentLength"]
+                        or copied.get("Metadata") != head.get("Metadata") or (all(etags) and len(set(etags)) > 1)):
+                    raise _Corrupt(f"s3://{dst_bucket}/{target}: the copy does not match s3://{src_bucket}/{key}")
+
+            self._call(f"s3://{dst_bucket}/{target}", "copy", copy_verified)
+
+        _parallel(one, keys, self.max_concurrency)
+        self._call(src, "delete", lambda: self._delete_keys(src_bucket, keys, src))
+        return len(keys)
 
     def _fetch_to(self, uri: str, target: Path) -> Path:
         """One object or local file to exactly `target` (a copy for local paths)."""

@@ -1,21 +1,30 @@
 """Stage 4, train: the training loop, top to bottom.
 
-Data order is a pure function of (seed, epoch), and the loop consumes "global micro-batches" one after
-another, so the data position is one number (`TrainState.micro_batch`). That is what makes resume
-exact: a restarted run skips the micro-batches it already trained on and ends at the same step.
+Data order is a pure function of (seed, epoch), and one optimizer step always consumes the same number of
+sequences (`Plan.step_samples`, fixed when the run starts), so the data position is one number of samples
+(`TrainState.samples`). That is what makes resume exact, even with another number of processes: a restarted
+run skips the samples it already trained on, deals each step's samples out to however many processes it has,
+and ends at the same step.
 
-One optimizer step = `gradientAccumulationSteps` micro-batches per process. The loss is summed over
-trained tokens and divided by the trained tokens of the whole step across all processes, so every
-token weighs the same whatever the padding, packing or number of workers.
+One optimizer step = the step's samples, in `batchSize` micro-batches per process. The loss is summed over
+trained tokens and divided by the trained tokens of the whole step across all processes, so every token weighs
+the same whatever the padding, packing, accumulation or number of workers.
+
+Stopping: SIGTERM (eviction, preemption, node drain, suspend) sets a flag; at the next step every process
+learns of it (one all-reduce per step carries it, with the step's token count and rank 0's "a timed checkpoint
+is due"), rank 0 writes a checkpoint, and the run exits 75 (retryable) in the process that was signalled and 76
+(a peer stopped) in the others.
 """
 
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -23,7 +32,9 @@ import torch
 from . import checkpoint, sharding
 from .config import TrainerConfig
 from .data import PackedExample, collate
+from .errors import ConfigError, PeerLost, Preempted
 from .evaluate import evaluate, forward_loss
+from .identity import RunIdentity, check_claim
 from .metrics import TrainerMetrics
 from .modeling import load_trainable_state_dict, trainable_state_dict
 from .spec import Strategy
@@ -34,33 +45,50 @@ Reporter = Callable[[dict], None]
 
 @dataclass
 class Plan:
-    """How many micro-batches and steps the run takes; fixed by the data and hyperparameters."""
+    """How many samples each step takes and how many steps the run has; fixed by the data and hyperparameters
+    of the run's first start (a resumed run keeps `step_samples` whatever its number of processes)."""
 
     sequences: int
-    global_batch: int  # sequences per global micro-batch (batch size x processes)
-    micro_per_epoch: int
-    accumulation: int
+    step_samples: int  # sequences per optimizer step, over all processes
+    steps_per_epoch: int
     total_steps: int
+    batch_size: int  # per process and micro-batch
+    processes: int
 
     @classmethod
-    def make(cls, sequences: int, config: TrainerConfig, processes: int) -> Plan:
+    def make(cls, sequences: int, config: TrainerConfig, processes: int, step_samples: int | None = None) -> Plan:
         hp = config.hyperparameters
-        global_batch = hp.batch_size * processes
-        micro_per_epoch = max(1, sequences // global_batch)
-        steps_per_epoch = micro_per_epoch / hp.gradient_accumulation_steps
+        step_samples = step_samples or hp.batch_size * hp.gradient_accumulation_steps * processes
+        steps_per_epoch = max(1, sequences // step_samples)
         total = hp.max_steps or max(1, math.ceil(hp.epochs * steps_per_epoch))
-        return cls(sequences, global_batch, micro_per_epoch, hp.gradient_accumulation_steps, total)
+        return cls(sequences, step_samples, steps_per_epoch, total, hp.batch_size, processes)
 
-    def epoch(self, micro_batch: int) -> float:
-        return micro_batch / self.micro_per_epoch
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per process per step (the last may be short, or empty, for some processes)."""
+        return math.ceil(self.step_samples / (self.batch_size * self.processes))
+
+    def epoch(self, step: int) -> float:
+        return step / self.steps_per_epoch
 
 
-def micro_batch_indices(plan: Plan, seed: int, micro_batch: int, rank: int, batch_size: int) -> list[int]:
-    """The sequences this process trains on in global micro-batch number `micro_batch`."""
-    epoch, m = divmod(micro_batch, plan.micro_per_epoch)
-    order = torch.randperm(plan.sequences, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    start = m * plan.global_batch + rank * batch_size
-    return [order[(start + i) % plan.sequences] for i in range(batch_size)]
+@lru_cache(maxsize=2)
+def _epoch_order(sequences: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(sequences, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
+
+
+def step_indices(plan: Plan, seed: int, step: int, rank: int) -> list[list[int]]:
+    """The sequences this process trains on in step number `step`, as its micro-batches.
+
+    The step's samples are the next `step_samples` of the epoch's order, dealt out round by round: in each
+    round, process r takes `batch_size` of them after the r processes before it."""
+    epoch, s = divmod(step, plan.steps_per_epoch)
+    order = _epoch_order(plan.sequences, seed, epoch)
+    start = s * plan.step_samples
+    samples = [order[(start + j) % plan.sequences] for j in range(plan.step_samples)]
+    per_round = plan.batch_size * plan.processes
+    return [samples[k * per_round + rank * plan.batch_size:][:plan.batch_size]
+            for k in range(plan.accumulation)]
 
 
 def samples_in(sequence) -> int:
@@ -109,6 +137,61 @@ def make_optimizer(model, config: TrainerConfig, total_steps: int):
     return optimizer, scheduler
 
 
+@dataclass
+class Loop:
+    """What every part of the loop shares: the run, where it reports, and how it is spread over processes."""
+
+    config: TrainerConfig
+    accelerator: object
+    storage: Storage
+    metrics: TrainerMetrics | None
+    report: Reporter
+    pad_id: int
+    sharded: bool
+    run: RunIdentity
+    work: Path
+
+
+class StopSignal:
+    """SIGTERM sets `requested`; the loop acts on it at the next step. The previous handler is restored after."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        self.requested = True
+
+    @contextmanager
+    def installed(self):
+        previous = signal.signal(signal.SIGTERM, self)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def is_collective_error(e: BaseException) -> bool:
+    """A failed collective (a peer process died, its connection closed or timed out)."""
+    if isinstance(e, torch.distributed.DistError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "NCCL", "gloo", "ProcessGroup", "Broken pipe"))
+
+
+@contextmanager
+def collective_failures_are_peer_lost(accelerator):
+    """With several processes, a failed collective means a peer stopped or failed: raise PeerLost (exit 76, not
+    charged to backoffLimit; the failing worker itself is)."""
+    try:
+        yield
+    except Exception as e:
+        if accelerator.num_processes > 1 and not isinstance(e, (Preempted, PeerLost)) and is_collective_error(e):
+            raise PeerLost(f"a collective failed, so a peer worker stopped or failed ({str(e)[:300]}); the "
+                           "workers restart from the last checkpoint") from e
+        raise
+
+
 def train(
     config: TrainerConfig,
     model,
@@ -119,38 +202,81 @@ def train(
     metrics: TrainerMetrics | None,
     report: Reporter,
     pad_id: int,
+    inputs: dict | None = None,
+    stop: StopSignal | None = None,
 ) -> tuple[object, checkpoint.TrainState, Plan]:
+    """Train to the plan's last step (or early stopping). `inputs`: {"datasets": {split: sha256}, "tokenizer":
+    sha256}, what the checkpoints' fingerprint records. `stop`: an installed StopSignal (else one is installed
+    for the loop). Raises Preempted/PeerLost when stopped (see above)."""
+    loop = Loop(config, accelerator, storage, metrics, report, pad_id, is_sharded(config, accelerator),
+                RunIdentity.of(config), Path(config.work_dir) / config.job_name)
+    if stop is not None:
+        return _train(loop, model, train_seqs, val_seqs, inputs or {}, stop)
+    with StopSignal().installed() as stop, collective_failures_are_peer_lost(accelerator):
+        return _train(loop, model, train_seqs, val_seqs, inputs or {}, stop)
+
+
+def _train(loop: Loop, model, train_seqs: list, val_seqs: list | None, inputs: dict, stop: StopSignal):
+    config, accelerator, report, metrics = loop.config, loop.accelerator, loop.report, loop.metrics
     hp, ckpt = config.hyperparameters, config.checkpoint
-    rank, processes = accelerator.process_index, accelerator.num_processes
-    plan = Plan.make(len(train_seqs), config, processes)
-    sharded = is_sharded(config, accelerator)
+    rank, processes, sharded = accelerator.process_index, accelerator.num_processes, loop.sharded
+
+    # The newest complete checkpoint of this run, if any: it fixes the step size (in samples).
+    restored = checkpoint.restore_latest(loop.storage, config.checkpoint_uri, loop.work / "resume", loop.run,
+                                         report)
+    saved = restored.fingerprint if restored else {}
+    plan = Plan.make(len(train_seqs), config, processes, saved.get("step_samples"))
+    fingerprint = checkpoint.Fingerprint(
+        datasets=inputs.get("datasets", {}), tokenizer=inputs.get("tokenizer", ""),
+        max_seq_length=hp.max_seq_length, packing=hp.packing, batch_size=hp.batch_size,
+        accumulation=hp.gradient_accumulation_steps, strategy=hp.strategy.value, processes=processes,
+        step_samples=plan.step_samples)
+    if restored and fingerprint.differences(saved):
+        changed = "; ".join(fingerprint.differences(saved))
+        raise ConfigError(
+            f"{restored.uri}: this checkpoint was written with other inputs: {changed}. Resuming would not "
+            "continue the same run: restore those inputs, or set checkpoint.uri to a new "
+            "prefix to start over")
+
     if sharded:  # FSDP: shard first; the optimizer then works on this process's shards only
         model = sharding.shard(model, accelerator.device)
     optimizer, scheduler = make_optimizer(model, config, plan.total_steps)
-    torch.manual_seed(hp.seed + rank)
-    work = Path(config.work_dir) / config.job_name
-
-    # Resume from the newest complete checkpoint of this job, if any.
     state = checkpoint.TrainState()
-    restored = checkpoint.download_latest(storage, config.checkpoint_uri, work / "resume")
+    torch.manual_seed(hp.seed + rank)  # dropout; the adapter was initialised from hp.seed alone (load_model)
     if restored is not None:
-        weights, optimizer_state, state = checkpoint.load(restored, scheduler)
+        state = restored.state
+        scheduler.load_state_dict(restored.scheduler)
         if sharded:
-            sharding.load_full_state(model, optimizer, weights, optimizer_state)
+            sharding.load_full_state(model, optimizer, restored.weights, restored.optimizer)
         else:
-            load_trainable_state_dict(model, weights)
-            optimizer.load_state_dict(optimizer_state)
-        report({"event": "resumed", "step": state.step, "checkpoint": str(restored.name)})
+            load_trainable_state_dict(model, restored.weights)
+            optimizer.load_state_dict(restored.optimizer)
+        if len(restored.rng) == processes:
+            checkpoint.set_rng_state(restored.rng[rank])
+        else:  # resharded: a fresh, still deterministic, stream per process
+            torch.manual_seed(hp.seed + rank + 1000 * state.step)
+        report({"event": "resumed", "step": state.step, "checkpoint": restored.uri,
+                **({"processes": {"before": saved.get("processes"), "now": processes}}
+                   if saved.get("processes") != processes else {})})
 
     if not sharded:  # DDP (or a single process): accelerate wraps the model and moves it to the device
         model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     report({"event": "plan", "total_steps": plan.total_steps, "sequences": plan.sequences,
-            "processes": processes, "strategy": "fsdp" if sharded else "ddp", "start_step": state.step})
+            "step_samples": plan.step_samples, "processes": processes, "strategy": "fsdp" if sharded else "ddp",
+            "start_step": state.step})
     if metrics:
         metrics.set_phase("training")
         metrics.set(total_steps=plan.total_steps, step=state.step)
+
+    saved_at = state.step  # the step of the newest checkpoint (or 0): where a restart would resume
+
+    def save_checkpoint() -> None:
+        nonlocal saved_at
+        if state.step != saved_at:
+            _checkpoint(loop, model, optimizer, scheduler, state, fingerprint)
+            saved_at = state.step
 
     device = accelerator.device
     window_loss = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, trained tokens
@@ -160,18 +286,28 @@ def train(
     last_checkpoint = time.monotonic()
 
     while state.step < plan.total_steps:
-        micro = [
-            [train_seqs[i] for i in micro_batch_indices(plan, hp.seed, state.micro_batch + k, rank, hp.batch_size)]
-            for k in range(plan.accumulation)
-        ]
+        micro = [[train_seqs[i] for i in indices] for indices in step_indices(plan, hp.seed, state.step, rank)]
         window_seen += sum(len(s.input_ids) for seqs in micro for s in seqs)
         window_samples += sum(samples_in(s) for seqs in micro for s in seqs)
-        micro = [collate(seqs, pad_id) for seqs in micro]
+        micro = [collate(seqs, loop.pad_id) if seqs else _no_tokens(train_seqs[0], loop.pad_id) for seqs in micro]
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        step_tokens = accelerator.reduce(torch.tensor(float(local_tokens), device=device), reduction="sum")
+        # One all-reduce: the step's trained tokens, whether any process got SIGTERM, and rank 0's clock
+        # deciding a timed checkpoint (so every process takes the same decision about a collective).
+        due = bool(ckpt.every_minutes) and time.monotonic() - last_checkpoint >= ckpt.every_minutes * 60
+        signals = accelerator.reduce(torch.tensor(
+            [float(local_tokens), float(stop.requested), float(due and accelerator.is_main_process)],
+            device=device), reduction="sum")
+        step_tokens, stopping, due_time = signals[0], bool(signals[1].item()), bool(signals[2].item())
+        if stopping:
+            save_checkpoint()  # unless the newest checkpoint (or step 0) is where this run stands already
+            report({"event": "stopped", "step": state.step, "reason": "SIGTERM" if stop.requested else "peer"})
+            if stop.requested:
+                raise Preempted(f"stopped by SIGTERM at step {state.step}; checkpoint written, the run resumes "
+                                "from it")
+            raise PeerLost(f"a peer worker was stopped at step {state.step}; the workers resume from its checkpoint")
         for k, batch in enumerate(micro):
             batch = {n: t.to(device) for n, t in batch.items()}
-            sync = gradient_sync(model, accelerator, sharded, sync=k == plan.accumulation - 1)
+            sync = gradient_sync(model, accelerator, sharded, sync=k == len(micro) - 1)
             with sync, accelerator.autocast():
                 loss_sum, tokens, _ = forward_loss(model, batch)
                 # DDP and FSDP average gradients over processes; scale back so the step loss is a global token mean.
@@ -185,7 +321,7 @@ def train(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.micro_batch += plan.accumulation
+        state.samples += plan.step_samples
         state.tokens_trained += int(step_tokens.item())
         steps_this_run += 1
         if metrics:
@@ -202,7 +338,7 @@ def train(
                 "event": "train",
                 "step": state.step,
                 "total_steps": plan.total_steps,
-                "epoch": round(plan.epoch(state.micro_batch), 4),
+                "epoch": round(plan.epoch(state.step), 4),
                 "loss": totals[0] / max(totals[1], 1),
                 "learning_rate": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
@@ -225,34 +361,39 @@ def train(
             window_start = time.monotonic()
 
         if val_seqs and config.evaluation.every_steps and state.step % config.evaluation.every_steps == 0:
-            if _evaluate_and_check_patience(config, model, val_seqs, accelerator, state, metrics, report,
-                                            pad_id):
+            if _evaluate_and_check_patience(loop, model, val_seqs, state):
                 report({"event": "early_stopping", "step": state.step,
                         "best_validation_loss": state.best_validation_loss})
                 break
 
         due_steps = ckpt.every_steps and state.step % ckpt.every_steps == 0
-        due_time = ckpt.every_minutes and time.monotonic() - last_checkpoint >= ckpt.every_minutes * 60
         if (due_steps or due_time) and state.step < plan.total_steps:
-            _checkpoint(config, accelerator, model, optimizer, scheduler, state, storage, metrics, report, work,
-                        sharded)
+            save_checkpoint()
             last_checkpoint = time.monotonic()
 
     return (model if sharded else accelerator.unwrap_model(model)), state, plan
 
 
-def _evaluate_and_check_patience(config, model, val_seqs, accelerator, state, metrics, report, pad_id) -> bool:
+def _no_tokens(sequence, pad_id: int) -> dict:
+    """A micro-batch that trains on nothing: a process whose share of a step ran out still joins its collectives."""
+    batch = collate([sequence], pad_id)
+    batch["labels"].fill_(-100)
+    return batch
+
+
+def _evaluate_and_check_patience(loop: Loop, model, val_seqs, state) -> bool:
     """Evaluate on the validation split; True when early stopping says to stop."""
+    accelerator, metrics = loop.accelerator, loop.metrics
     if metrics:
         metrics.set_phase("evaluating")
     result = evaluate(model, eval_batches(val_seqs, accelerator.process_index, accelerator.num_processes,
-                                          config.hyperparameters.batch_size, pad_id), accelerator, metrics)
+                                          loop.config.hyperparameters.batch_size, loop.pad_id), accelerator, metrics)
     state.last_validation = {"step": state.step, **result}
-    report({"event": "validation", **state.last_validation})
+    loop.report({"event": "validation", **state.last_validation})
     if metrics:
         metrics.set(validation_loss=result["loss"])
         metrics.set_phase("training")
-    stopping = config.evaluation.early_stopping
+    stopping = loop.config.evaluation.early_stopping
     best = state.best_validation_loss
     min_delta = stopping.min_delta if stopping else 0.0
     if best is None or result["loss"] < best - min_delta:
@@ -263,23 +404,30 @@ def _evaluate_and_check_patience(config, model, val_seqs, accelerator, state, me
     return bool(stopping and state.evals_without_improvement >= stopping.patience)
 
 
-def _checkpoint(config, accelerator, model, optimizer, scheduler, state, storage, metrics, report, work, sharded):
-    """Rank 0 saves and uploads. Under FSDP every process first helps gather the shards (a collective)."""
-    if sharded:
+def _checkpoint(loop: Loop, model, optimizer, scheduler, state, fingerprint: checkpoint.Fingerprint) -> None:
+    """Rank 0 saves and uploads. Every process first sends it its RNG state, and under FSDP helps gather the
+    shards (collectives)."""
+    from accelerate.utils import gather_object
+
+    accelerator, config = loop.accelerator, loop.config
+    rng = gather_object([checkpoint.rng_state()]) if accelerator.num_processes > 1 else [checkpoint.rng_state()]
+    if loop.sharded:
         weights = sharding.full_trainable_state(model)
         optimizer_state = sharding.full_optimizer_state(model, optimizer)
     if not accelerator.is_main_process:
         return
-    if not sharded:
+    if not loop.sharded:
         weights, optimizer_state = trainable_state_dict(accelerator.unwrap_model(model)), optimizer.state_dict()
+    metrics = loop.metrics
     if metrics:
         metrics.beat()  # the gather (a collective under FSDP) is done
-    directory = checkpoint.save(work / "checkpoint" / f"step-{state.step:08d}", weights, optimizer_state,
-                                scheduler, state)
+    directory = checkpoint.save(loop.work / "checkpoint" / f"step-{state.step:08d}", weights, optimizer_state,
+                                scheduler, state, rng)
     if metrics:
         metrics.beat()  # written locally; the upload beats per file and while bytes move (storage heartbeat)
-    uri = checkpoint.upload(storage, directory, config.checkpoint_uri, state.step)
-    checkpoint.prune(storage, config.checkpoint_uri, config.checkpoint.keep)
+    check_claim(loop.storage, config, loop.run)  # the prefix is still this run's: nobody moved it meanwhile
+    uri = checkpoint.upload(loop.storage, directory, config.checkpoint_uri, state.step, loop.run, fingerprint)
+    checkpoint.prune(loop.storage, config.checkpoint_uri, config.checkpoint.keep)
     if metrics:
         metrics.checkpoint_done()
-    report({"event": "checkpoint", "step": state.step, "uri": uri})
+    loop.report({"event": "checkpoint", "step": state.step, "uri": uri})
