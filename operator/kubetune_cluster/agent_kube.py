@@ -50,9 +50,11 @@ class Kube:
     def replace(self, path: str, body: dict):
         return self.call("PUT", path, body)
 
-    def patch(self, path: str, body: dict):
-        """JSON merge patch (lists are replaced as a whole)."""
-        return self.call("PATCH", path, body, content_type="application/merge-patch+json")
+    def patch(self, path: str, body: dict, strategic: bool = False):
+        """JSON merge patch (lists are replaced as a whole); `strategic`: a strategic merge patch, which merges
+        lists such as a pod's conditions by their key (built-in kinds only)."""
+        kind = "strategic-merge-patch" if strategic else "merge-patch"
+        return self.call("PATCH", path, body, content_type=f"application/{kind}+json")
 
     def delete(self, path: str, body: dict | None = None):
         return self.call("DELETE", path, body)

@@ -684,8 +684,9 @@ class PodWorker(threading.Thread):
         if status == self.reported:
             return
         path = f"/api/v1/namespaces/{self.ns}/pods/{self.pod_name}/status"
-        try:
-            self.pod = self.agent.kube.patch(path, {"metadata": {"uid": self.uid}, "status": status})
+        try:  # strategic, as the kubelet's: a condition set meanwhile (DisruptionTarget: an eviction) stays
+            self.pod = self.agent.kube.patch(path, {"metadata": {"uid": self.uid}, "status": patchable(status)},
+                                             strategic=True)
             self.reported = status
         except ApiError as e:
             if e.status in (404, 409):
@@ -740,6 +741,17 @@ class PodWorker(threading.Thread):
     def _release_resources(self) -> None:
         self.agent.ips.release(self.uid)
         self.agent.gpus.release(self.uid)
+
+
+def patchable(status: dict) -> dict:
+    """The status as a strategic merge patch: lists merge by key (conditions by type, containers by name), so
+    each container's state names its other kinds null, or the API server would merge `terminated` into the
+    `running` it holds."""
+    def states(c: dict) -> dict:
+        return {**c, **{key: {kind: c[key].get(kind) for kind in ("waiting", "running", "terminated")}
+                        for key in ("state", "lastState")}}
+    return {**status, **{key: [states(c) for c in status[key]]
+                         for key in ("containerStatuses", "initContainerStatuses") if key in status}}
 
 
 def unknown_state(message: str) -> dict:

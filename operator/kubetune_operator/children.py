@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.errors import PERMANENT_EXIT_CODES
+from kubetune_trainer.errors import EXIT_PEER_LOST, PERMANENT_EXIT_CODES
 from kubetune_trainer.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
 
 DEFAULT_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
@@ -37,6 +37,12 @@ SECRET_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), (
 
 def default_image() -> str:
     return os.environ.get("KUBETUNE_TRAINER_IMAGE", DEFAULT_IMAGE)
+
+
+def rendezvous_port() -> int:
+    """KUBETUNE_RENDEZVOUS_PORT, else 29500: pods that share the host's network (the process node agent, in
+    tests) need a port no other program there listens on."""
+    return int(os.environ.get("KUBETUNE_RENDEZVOUS_PORT") or RENDEZVOUS_PORT)
 
 
 def with_storage_defaults(spec: dict) -> dict:
@@ -98,8 +104,10 @@ def child_meta(meta: dict, name: str, component: str, extra_labels: dict | None 
             "ownerReferences": [owner_reference(meta)]}
 
 
-def trainer_config(name: str, spec: FineTuneJobSpec) -> TrainerConfig:
-    return TrainerConfig.from_job(name, spec)
+def trainer_config(name: str, spec: FineTuneJobSpec, run_id: str | None = None) -> TrainerConfig:
+    """The trainer's config; `run_id` (the FineTuneJob's uid) tells this run's output and checkpoints from
+    another run's."""
+    return TrainerConfig.from_job(name, spec, run_id=run_id)
 
 
 def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
@@ -112,7 +120,7 @@ def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
 def config_map(meta: dict, spec: FineTuneJobSpec) -> dict:
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": child_meta(meta, Names(meta["name"]).config_map, "config"),
-            "data": {CONFIG_FILE: trainer_config(meta["name"], spec).to_yaml()}}
+            "data": {CONFIG_FILE: trainer_config(meta["name"], spec, meta["uid"]).to_yaml()}}
 
 
 def _storage_env(spec: FineTuneJobSpec) -> list[dict]:
@@ -155,13 +163,20 @@ def _pod_spec(meta: dict, spec: FineTuneJobSpec, container: dict, shm: bool) -> 
     return pod
 
 
-def _failure_policy(container: str) -> dict:
-    """Exit codes 65/78 (data or config invalid) fail the Job at once; preemptions are not failures."""
-    return {"rules": [
+def _failure_policy(container: str, peers: bool = False) -> dict:
+    """Rules, first match wins: exit codes 65/73/78 (data invalid, output in use, config invalid) fail the Job at
+    once; a disruption (eviction, preemption, drain: DisruptionTarget) is not a failure; with `peers`, neither is
+    exit 76 (PeerLost: another worker stopped, so this one could not go on), so one incident is charged to
+    backoffLimit at most once, for the worker that failed, and not at all for a disruption."""
+    rules = [
         {"action": "FailJob",
          "onExitCodes": {"containerName": container, "operator": "In", "values": list(PERMANENT_EXIT_CODES)}},
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-    ]}
+    ]
+    if peers:
+        rules.append({"action": "Ignore",
+                      "onExitCodes": {"containerName": container, "operator": "In", "values": [EXIT_PEER_LOST]}})
+    return {"rules": rules}
 
 
 VALIDATION_DEFAULTS = {  # spec.validation field -> (the operator's variable, the chart's `validation.*`), default
@@ -209,7 +224,7 @@ def service(meta: dict, spec: FineTuneJobSpec) -> dict:
             "metadata": child_meta(meta, Names(name).service, "workers"),
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
                      "selector": {LABEL_JOB: name, LABEL_COMPONENT: "workers"},
-                     "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT},
+                     "ports": [{"name": "rendezvous", "port": rendezvous_port()},
                                {"name": "metrics", "port": trainer_config(name, spec).metrics.port}]}}
 
 
@@ -223,7 +238,7 @@ def accelerate_args(name: str, spec: FineTuneJobSpec) -> list[str]:
     args = ["--num_machines", str(workers), "--num_processes", str(world_size(spec))]
     if workers > 1:
         args += ["--machine_rank", "$(JOB_COMPLETION_INDEX)", "--main_process_ip", Names(name).worker_host(0),
-                 "--main_process_port", str(RENDEZVOUS_PORT)]
+                 "--main_process_port", str(rendezvous_port())]
     if gpus == 0:
         args.append("--cpu")  # one process per worker; RANK/LOCAL_RANK env make it MULTI_CPU (gloo)
     elif world_size(spec) > 1:
@@ -248,9 +263,10 @@ def training_job(meta: dict, spec: FineTuneJobSpec, image: str) -> dict:
             "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
         {"name": "NODE_RANK", "value": "$(JOB_COMPLETION_INDEX)"},
         {"name": "MASTER_ADDR", "value": names.worker_host(0)},
-        {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": "MASTER_PORT", "value": str(rendezvous_port())},
         {"name": "WORLD_SIZE", "value": str(world_size(spec))},
         {"name": "KUBETUNE_JOB", "value": name},
+        {"name": "KUBETUNE_TERMINATION_GRACE_SECONDS", "value": str(run.termination_grace_period_seconds)},
         *_storage_env(spec),
     ]
     if res.gpus_per_worker == 0 and res.workers > 1:  # torchrun sets these itself for GPU workers
@@ -258,17 +274,19 @@ def training_job(meta: dict, spec: FineTuneJobSpec, image: str) -> dict:
     metrics_port = trainer_config(name, spec).metrics.port
     container = {"name": TRAINER_CONTAINER, "image": spec.image or image, "args": accelerate_args(name, spec),
                  "env": env, "resources": _resources(spec),
-                 "ports": [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT},
+                 "ports": [{"name": "rendezvous", "containerPort": rendezvous_port()},
                            {"name": "metrics", "containerPort": metrics_port}]}
     pod = _pod_spec(meta, spec, container, shm=True)
     pod["subdomain"] = names.service
+    # Time to write a checkpoint after SIGTERM. Read when the Job is created: a Job's pod template is immutable.
+    pod["terminationGracePeriodSeconds"] = run.termination_grace_period_seconds
     for key, value in (("nodeSelector", res.node_selector), ("affinity", res.affinity),
                        ("tolerations", [t.dump() for t in res.tolerations or []] or None)):
         if value:
             pod[key] = value
     queue = spec.scheduling.queue_name
     job_spec = {"completions": res.workers, "parallelism": res.workers, "completionMode": "Indexed",
-                "podFailurePolicy": _failure_policy(TRAINER_CONTAINER),
+                "podFailurePolicy": _failure_policy(TRAINER_CONTAINER, peers=True),
                 "suspend": bool(run.suspend or queue),  # Kueue admits a queued Job by unsuspending it
                 "template": {"metadata": {"labels": labels(name, "workers")}, "spec": pod}}
     job_spec.update({k: v for k, v in mutable_job_spec(spec).items() if v is not None})

@@ -26,15 +26,20 @@ from pydantic import ValidationError
 
 from . import children
 from .status import (
+    PERMANENT,
     TERMINAL,
     Phase,
     apply_metrics,
+    charged,
     completion_index,
+    disruption,
     explain_failure,
     final_progress,
     get_condition,
     job_finished,
+    last_line,
     parse_time,
+    peer_lost,
     permanent_failure,
     pod_problem,
     result_from_pods,
@@ -47,6 +52,7 @@ from .status import (
 GPU_ACCOUNTING_SECONDS = 30  # gpuSeconds is brought up to date at most this often while running
 VALIDATION_RETRY_SECONDS = (10, 300)  # first and longest delay before a transient validation failure is retried
 MAX_RECREATIONS = 1  # a running run's training Job that vanished is recreated this often, then the run fails
+PEER_LOST_ROUNDS = 3  # restarts of all the workers that neither a failure nor a preemption explains, then fail
 
 
 @dataclass
@@ -171,7 +177,7 @@ def _validate(d: Decision, meta, spec, observed: Observed, generation: int, now,
         return False
     if done["type"] == "Failed":
         reason, message = explain_failure(job, observed.validation_pods, children.VALIDATE_CONTAINER)
-        if reason in ("DatasetInvalid", "ConfigInvalid"):
+        if reason in PERMANENT:
             set_condition(d.status, "Validated", False, reason, message, generation, now)
             _finish(d, Phase.Failed, reason, message, generation, now)
             return False
@@ -206,7 +212,7 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
         _create_training_job(d, old, meta, spec, generation, now, image)
         return
     pods = observed.training_pods
-    d.status["restarts"] = (job.get("status") or {}).get("failed", 0)
+    d.status["restarts"] = (job.get("status") or {}).get("failed") or 0
     done = job_finished(job)
     if done and done["type"] == "Complete":
         _succeed(d, pods, spec.output.uri, generation, now)
@@ -225,6 +231,12 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
     if permanent:  # exit 1 through accelerate launch: the Job would retry; stop it (frees the GPUs)
         d.suspend_training = True
         _finish(d, Phase.Failed, *permanent, generation, now)
+        return
+    stopping = _worker_ends(d, old, pods, spec)
+    loop = _peer_lost_loop(d, meta, spec)
+    if loop:  # nobody is charged for these restarts, so the Job alone would retry them forever
+        d.suspend_training = True
+        _finish(d, Phase.Failed, "PeerLostLoop", loop, generation, now)
         return
     d.training_spec = {k: v for k, v in children.mutable_job_spec(spec).items() if job["spec"].get(k) != v}
 
@@ -251,6 +263,12 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
     elif job_suspended:
         d.suspend_training = False
         _set(d, Phase.Queued, "Resuming", "resuming from the last checkpoint", generation, now)
+    elif stopping:
+        p, cond = stopping[0], disruption(stopping[0])
+        message = (f"worker {completion_index(p)} (pod {p['metadata']['name']}) is being stopped "
+                   f"({cond.get('reason') or 'DisruptionTarget'}); the workers write a checkpoint and resume from it "
+                   f"({len(running)}/{spec.resources.workers} workers running)")
+        _set(d, Phase.Running if running else Phase.Queued, "WorkerPreempted", message, generation, now)
     elif problem:
         phase = Phase.Running if running else Phase.Queued
         _set(d, phase, problem[0], problem[1], generation, now)
@@ -259,6 +277,10 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
              generation, now)
     elif (job.get("status") or {}).get("succeeded"):
         _set(d, Phase.Running, "Finishing", "the workers have finished; waiting for the Job to complete",
+             generation, now)
+    elif pods and all(p.get("status", {}).get("phase") in ("Succeeded", "Failed") for p in pods):
+        _set(d, Phase.Queued, "WaitingForWorkers", "waiting for the Job controller to recreate the workers: it "
+             "backs off 10 s, doubling with every failed pod (preempted and PeerLost ones too), up to 10 min",
              generation, now)
     else:
         _set(d, Phase.Queued, "WaitingForWorkers", "waiting for worker pods to start", generation, now)
@@ -279,6 +301,56 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
     _scrape_health(d, observed)
     if observed.trainer_metrics:  # positive evidence only: an unreachable trainer is never called hung
         _check_hang(d, run.hang_timeout_seconds, generation, now)
+
+
+def _worker_ends(d: Decision, old: dict, pods: list[dict], spec: FineTuneJobSpec) -> list[dict]:
+    """Count and announce how workers ended while the Job replaces them; returns the preempted workers still
+    there. Preemptions (DisruptionTarget) are counted once per pod: status.preemptedPods names the counted
+    ones while they exist. PeerLost exits (76) are the Job's Failed pods that say so (not those being deleted:
+    a suspend, say, stopped them); `restarts` (the Job's status.failed) are the charged failures."""
+    container = children.TRAINER_CONTAINER
+    step = (old.get("progress") or {}).get("step")
+    at = f" at step {step}" if step else ""
+    counted = set(old.get("preemptedPods") or [])
+    stopping = [p for p in pods if disruption(p)]
+    for p in (p for p in stopping if p["metadata"]["name"] not in counted):
+        cond = disruption(p)
+        why = cond.get("reason") or "DisruptionTarget"
+        why += f" ({cond['message']})" if cond.get("message") else ""
+        d.status["preemptions"] = d.status.get("preemptions", 0) + 1
+        d.events.append(("Normal", "WorkerPreempted", (
+            f"worker {completion_index(p)} (pod {p['metadata']['name']}) is being stopped{at}: {why}; it writes a "
+            "checkpoint and the workers resume from it (not charged to backoffLimit)")))
+    d.status["preemptedPods"] = sorted(p["metadata"]["name"] for p in stopping) or None
+    lost = [t for t in terminations([p for p in pods if not deleting(p)], container) if peer_lost(t)]
+    for t in lost[:max(len(lost) - old.get("peerLost", 0), 0)]:
+        d.events.append(("Normal", "PeerLost", (
+            f"worker {t['index']} (pod {t['pod']}) stopped because another worker did (exit 76); it restarts "
+            "with the others, not charged to backoffLimit")))
+    d.status["peerLost"] = len(lost) or None
+    failed = [t for t in terminations(pods, container) if charged(t)]
+    if d.status["restarts"] > old.get("restarts", 0) and failed:
+        t, limit = failed[0], spec.run_policy.backoff_limit
+        detail = f": {last_line(t)}" if last_line(t) else ""
+        d.events.append(("Warning", "WorkerFailed", (
+            f"worker {t['index']} (pod {t['pod']}) failed with exit code {t['exitCode']}{detail}; restart "
+            f"{d.status['restarts']} of runPolicy.backoffLimit {limit}; the workers resume from the last checkpoint")))
+    return stopping
+
+
+def _peer_lost_loop(d: Decision, meta: dict, spec: FineTuneJobSpec) -> str | None:
+    """Why the workers are failed for restarting in a loop, if they are. Each failure or preemption makes the
+    other workers exit PeerLost (76) once each, uncharged; PeerLost exits beyond that, for PEER_LOST_ROUNDS
+    restarts of all the workers, have no cause the Job counts (say, the rendezvous host is unreachable)."""
+    workers = spec.resources.workers
+    lost, causes = d.status.get("peerLost") or 0, d.status.get("restarts", 0) + d.status.get("preemptions", 0)
+    if lost - (workers - 1) * causes < workers * PEER_LOST_ROUNDS:
+        return None
+    rendezvous = f"{children.Names(meta['name']).worker_host(0)}:{children.rendezvous_port()}"
+    return (f"{lost} worker exits with PeerLost (76: another worker stopped) that no failure or preemption "
+            f"explains ({d.status.get('restarts', 0)} charged failures, {d.status.get('preemptions', 0)} "
+            f"preemptions): the workers keep losing each other (is the rendezvous {rendezvous} reachable?); "
+            "see the worker logs")
 
 
 def _create_training_job(d: Decision, old: dict, meta, spec, generation: int, now, image: str) -> None:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Literal
 
-from kubetune_trainer.errors import EXIT_CONFIG_INVALID, EXIT_DATA_INVALID
+from kubetune_trainer.errors import EXIT_CONFIG_INVALID, EXIT_DATA_INVALID, EXIT_OUTPUT_IN_USE, EXIT_PEER_LOST
 from kubetune_trainer.spec import Model
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import Field
@@ -80,7 +80,16 @@ class FineTuneJobStatus(Model):
     conditions: list[Condition] | None = None
     start_time: str | None = Field(None, description="When the first training worker started running")
     completion_time: str | None = None
-    restarts: int | None = Field(None, description="Failed worker pods, retried up to runPolicy.backoffLimit")
+    restarts: int | None = Field(
+        None, description="Worker failures charged to runPolicy.backoffLimit (the training Job's status.failed); "
+        "preemptions and PeerLost exits are not charged")
+    preemptions: int | None = Field(
+        None, description="Workers stopped by an eviction, a preemption or a node drain (DisruptionTarget); not "
+        "charged: the workers checkpoint on SIGTERM and resume")
+    peer_lost: int | None = Field(
+        None, description="Workers of the training Job that stopped because another one did (exit 76); not charged")
+    preempted_pods: list[str] | None = Field(
+        None, description="Bookkeeping: the stopping workers already counted in preemptions")
     hang_restarts: int | None = Field(None, description="Restarts after hangTimeoutSeconds with no step")
     restarting_workers: bool | None = Field(None, description="A hang restart is suspending the workers")
     progress: Progress | None = None
@@ -154,7 +163,8 @@ def job_finished(job: dict | None) -> dict | None:
 
 
 def terminations(pods: list[dict], container: str) -> list[dict]:
-    """`state.terminated` (or lastState) of `container` in each pod, newest first."""
+    """`state.terminated` (or lastState) of `container` in each pod, newest first; `disrupted`: the pod was
+    stopped by an eviction, a preemption or a drain."""
     found = []
     for pod in pods:
         for cs in pod.get("status", {}).get("containerStatuses") or []:
@@ -162,8 +172,26 @@ def terminations(pods: list[dict], container: str) -> list[dict]:
                 continue
             term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
             if term:
-                found.append({**term, "pod": pod["metadata"]["name"], "index": completion_index(pod)})
+                found.append({**term, "pod": pod["metadata"]["name"], "index": completion_index(pod),
+                              "disrupted": disruption(pod) is not None})
     return sorted(found, key=lambda t: t.get("finishedAt") or "", reverse=True)
+
+
+def disruption(pod: dict) -> dict | None:
+    """The pod's DisruptionTarget condition: the API server, the scheduler or the kubelet is stopping it (an
+    eviction, a preemption, a node drain). The Job's podFailurePolicy does not count such a pod as failed."""
+    return next((c for c in (pod.get("status") or {}).get("conditions") or []
+                 if c.get("type") == "DisruptionTarget" and c.get("status") == "True"), None)
+
+
+def peer_lost(term: dict) -> bool:
+    """The worker stopped because another one did (exit 76), and not for a disruption of its own."""
+    return term.get("exitCode") == EXIT_PEER_LOST and not term.get("disrupted")
+
+
+def charged(term: dict) -> bool:
+    """A worker failure that the training Job counts against backoffLimit (see children._failure_policy)."""
+    return bool(term.get("exitCode")) and not term.get("disrupted") and term.get("exitCode") != EXIT_PEER_LOST
 
 
 def completion_index(pod: dict) -> str | None:
@@ -194,13 +222,15 @@ def pod_problem(pods: list[dict], container: str) -> tuple[str, str] | None:
     return None
 
 
-PERMANENT_REASONS = {EXIT_DATA_INVALID: "DatasetInvalid", EXIT_CONFIG_INVALID: "ConfigInvalid"}
+PERMANENT_REASONS = {EXIT_DATA_INVALID: "DatasetInvalid", EXIT_OUTPUT_IN_USE: "OutputInUse",
+                     EXIT_CONFIG_INVALID: "ConfigInvalid"}
+PERMANENT = frozenset(PERMANENT_REASONS.values())  # reasons no retry can help with
 
 
 def failure_reason(term: dict) -> str | None:
-    """DatasetInvalid/ConfigInvalid when the trainer failed on purpose: by exit code (`kubetune validate`),
-    or by its termination message's prefix, because `accelerate launch` turns every child failure into
-    exit 1."""
+    """DatasetInvalid/OutputInUse/ConfigInvalid when the trainer failed on purpose: by exit code (`kubetune
+    validate`, `kubetune launch`), or by its termination message's prefix, because plain `accelerate launch`
+    turns every child failure into exit 1."""
     reason = PERMANENT_REASONS.get(term.get("exitCode"))
     message = (term.get("message") or "").strip()
     return reason or next((r for r in PERMANENT_REASONS.values() if message.startswith(f"{r}:")), None)
@@ -211,25 +241,27 @@ def permanent_failure(pods: list[dict], container: str) -> tuple[str, str] | Non
     for t in terminations(pods, container):
         reason = t.get("exitCode") and failure_reason(t)
         if reason:
-            return reason, _message(t)
+            return reason, last_line(t)
     return None
 
 
 def explain_failure(job: dict, pods: list[dict], container: str) -> tuple[str, str]:
     """(reason, message) for a failed Job: the trainer's own reason and one-line message when it exited on
-    purpose (65/78), else the Job controller's reason with the last termination message."""
+    purpose (65/73/78), else the Job controller's reason with the last termination message of a worker that
+    failed itself (not one that stopped because a peer did)."""
     cond = job_finished(job) or {}
     permanent = permanent_failure(pods, container)
     if permanent:
         return permanent[0], permanent[1] or cond.get("message", "")
     ends = [t for t in terminations(pods, container) if t.get("exitCode")]
+    ends = [t for t in ends if charged(t)] or ends
     reason = cond.get("reason") or "Failed"
-    detail = _message(ends[0]) if ends else ""
+    detail = last_line(ends[0]) if ends else ""
     message = cond.get("message") or reason
     return reason, f"{message}: {detail}" if detail else message
 
 
-def _message(term: dict) -> str:
+def last_line(term: dict) -> str:
     text = (term.get("message") or "").strip()
     return text.splitlines()[-1][:1000] if text else ""
 

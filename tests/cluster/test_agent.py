@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,85 @@ def test_deleting_a_running_pod_sends_sigterm(control_plane, node_agent, namespa
     assert (tmp_path / "sigterm").read_text() == str(pid)
     assert not alive(pid)
     assert not kubectl(control_plane, "get", "pods", "-n", namespace, "-o", "name").strip()
+
+
+def evict(cp, namespace: str, name: str) -> None:
+    """POST pods/<name>/eviction (policy/v1), as `kubectl drain` and the cluster autoscaler do."""
+    body = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name, "namespace": namespace}}
+    kubectl(cp, "create", "--raw", f"/api/v1/namespaces/{namespace}/pods/{name}/eviction", "-f", "-",
+            stdin=json.dumps(body))
+
+
+CHECKPOINT_ON_SIGTERM = """
+    import os, signal, sys, time
+    if os.path.exists("/out/checkpoint"):
+        print("resumed"); sys.exit(0)
+    def on_term(signum, frame):
+        time.sleep(2)  # "writing a checkpoint": longer than no grace, shorter than the pod's 30 s
+        open("/out/checkpoint", "w").write(str(time.time()))
+        sys.exit(75)
+    signal.signal(signal.SIGTERM, on_term)
+    print("ready", flush=True)
+    while True:
+        time.sleep(0.1)
+"""
+HOLD = "kubetune.io/test-hold"  # keeps the evicted pod's object readable after the agent deletes it
+
+
+def test_an_evicted_pod_checkpoints_fails_with_disruption_target_and_is_replaced(control_plane, node_agent,
+                                                                                 namespace, tmp_path):
+    """The eviction API sets DisruptionTarget and deletes the pod with its grace period: SIGTERM, time to
+    finish, then the terminal status (Failed, the container's exit code, DisruptionTarget kept), so the Job's
+    podFailurePolicy ignores it and the Job creates a replacement without charging backoffLimit."""
+    out = {"volumes": [{"name": "out", "hostPath": {"path": str(tmp_path)}}]}
+    mount = {"volumeMounts": [{"name": "out", "mountPath": "/out"}]}
+    ignore = {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]}
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "evictee"},
+           "spec": {"backoffLimit": 0, "podFailurePolicy": ignore,
+                    "template": template(CHECKPOINT_ON_SIGTERM, container=mount, **out)}}
+    stubborn = pod("stubborn", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                   "print('ready', flush=True); time.sleep(3600)", metadata={"finalizers": [HOLD]},
+                   terminationGracePeriodSeconds=2)
+    apply(control_plane, namespace, job, stubborn)
+    [first] = wait_for("the Job's pod", lambda: get(control_plane, namespace, "pods", selector="job-name=evictee")
+                       ["items"])
+    name = first["metadata"]["name"]
+    kubectl(control_plane, "patch", "pod", "-n", namespace, name, "--type=merge",
+            "-p", json.dumps({"metadata": {"finalizers": [HOLD]}}))
+    try:
+        for p in (name, "stubborn"):
+            wait_for(f"{p} to run", lambda p=p: _logs(node_agent, namespace, p).startswith("ready"))
+        started = time.monotonic()
+        evict(control_plane, namespace, name)
+        evict(control_plane, namespace, "stubborn")
+
+        def failed(pod_name: str) -> dict | None:
+            status = get(control_plane, namespace, "pod", pod_name)["status"]
+            return status if status["phase"] == "Failed" else None
+
+        status = wait_for("the stubborn pod to be killed", lambda: failed("stubborn"), every=0.2)
+        assert 2 <= time.monotonic() - started < 15, "SIGKILL after the pod's grace period (2 s), not 30 s"
+        assert any(c["type"] == "DisruptionTarget" and c["status"] == "True" for c in status["conditions"])
+        assert status["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 128 + 9
+
+        status = wait_for("the evicted pod's terminal status", lambda: failed(name))
+        assert time.monotonic() - started >= 2, "the agent waited for the process to finish its work"
+        assert (tmp_path / "checkpoint").exists(), "SIGTERM was delivered and handled"
+        disruption = next(c for c in status["conditions"] if c["type"] == "DisruptionTarget")
+        assert (disruption["status"], disruption["reason"]) == ("True", "EvictionByEvictionAPI")
+        state = status["containerStatuses"][0]["state"]
+        assert list(state) == ["terminated"] and state["terminated"]["exitCode"] == 75
+
+        kubectl(control_plane, "wait", "-n", namespace, "--for=condition=Complete", "job/evictee", "--timeout=120s")
+        job_status = get(control_plane, namespace, "job", "evictee")["status"]
+        assert not job_status.get("failed"), "an eviction is not charged to backoffLimit (here 0)"
+        replacement = next(p for p in get(control_plane, namespace, "pods", selector="job-name=evictee")["items"]
+                           if p["metadata"]["name"] != name)
+        assert _logs(node_agent, namespace, replacement["metadata"]["name"]).strip() == "resumed"
+    finally:
+        for p in (name, "stubborn"):
+            kubectl(control_plane, "patch", "pod", "-n", namespace, p, "--type=merge",
+                    "-p", json.dumps({"metadata": {"finalizers": None}}), check=False)
 
 
 def _logs(agent, namespace: str, pod_name: str) -> str:

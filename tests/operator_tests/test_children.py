@@ -58,6 +58,7 @@ def test_config_map_holds_the_trainer_config_and_no_secret():
     cm = children.config_map(meta, spec)
     config = TrainerConfig.model_validate(yaml.safe_load(cm["data"]["trainer.yaml"]))
     assert config.job_name == "demo" and config.dataset.train == "s3://data/train.jsonl"
+    assert config.run_id == UID  # the FineTuneJob's uid: this run's output and checkpoints are told from others'
     assert config.storage.endpoint == "http://minio:9000"
     assert (
         "secretRef" not in cm["data"]["trainer.yaml"] and "s3-credentials" not in cm["data"]["trainer.yaml"]
@@ -76,10 +77,10 @@ def test_validation_job_is_one_cpu_pod_running_kubetune_validate():
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     rules = vj["spec"]["podFailurePolicy"]["rules"]
-    assert rules[0] == {
-        "action": "FailJob",
-        "onExitCodes": {"containerName": "validate", "operator": "In", "values": [65, 78]},
-    }
+    assert rules == [
+        {"action": "FailJob", "onExitCodes": {"containerName": "validate", "operator": "In", "values": [65, 73, 78]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
@@ -140,12 +141,22 @@ def test_training_job_is_indexed_with_rendezvous_env():
     assert {"name": "metrics", "containerPort": 9400} in container(tj)["ports"]
     assert pod["automountServiceAccountToken"] is False and pod["securityContext"]["runAsNonRoot"] is True
     assert s["suspend"] is False and s["backoffLimit"] == 3
-    rules = s["podFailurePolicy"]["rules"]
-    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [65, 78]
-    assert rules[1] == {
-        "action": "Ignore",
-        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
-    }
+    assert s["podFailurePolicy"]["rules"] == [  # in order: the first rule that matches decides
+        {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [65, 73, 78]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [76]}},
+    ]
+    assert pod["terminationGracePeriodSeconds"] == 300 and e["KUBETUNE_TERMINATION_GRACE_SECONDS"] == "300"
+
+
+def test_the_rendezvous_port_can_be_moved(monkeypatch):
+    monkeypatch.setenv("KUBETUNE_RENDEZVOUS_PORT", "31234")
+    meta, spec = build()
+    tj, svc = children.training_job(meta, spec, IMAGE), children.service(meta, spec)
+    assert env(tj)["MASTER_PORT"] == "31234"
+    assert {"name": "rendezvous", "containerPort": 31234} in container(tj)["ports"]
+    assert container(tj)["args"][container(tj)["args"].index("--main_process_port") + 1] == "31234"
+    assert {"name": "rendezvous", "port": 31234} in svc["spec"]["ports"]
 
 
 def test_accelerate_args():
@@ -198,6 +209,14 @@ def test_scheduling_run_policy_and_kueue():
     assert tj["metadata"]["labels"][children.LABEL_QUEUE] == "team-a"
     assert s["suspend"] is True  # Kueue admits it by unsuspending
     assert (s["backoffLimit"], s["activeDeadlineSeconds"], s["ttlSecondsAfterFinished"]) == (1, 7200, 60)
+
+
+def test_the_grace_period_comes_from_the_run_policy_when_the_job_is_created():
+    meta, spec = build({"runPolicy": {"terminationGracePeriodSeconds": 1800}})
+    tj = children.training_job(meta, spec, IMAGE)
+    assert tj["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 1800
+    assert env(tj)["KUBETUNE_TERMINATION_GRACE_SECONDS"] == "1800"
+    assert "terminationGracePeriodSeconds" not in children.mutable_job_spec(spec)  # the pod template is immutable
 
 
 def test_user_suspend_creates_a_suspended_job():

@@ -39,7 +39,7 @@ def crd(control_plane):
     def established() -> bool:
         crd = get_json(control_plane, "crd", "finetunejobs.kubetune.io")
         return any(c["type"] == "Established" and c["status"] == "True"
-                   for c in crd.get("status", {}).get("conditions", []))
+                   for c in (crd.get("status") or {}).get("conditions") or [])  # null right after the apply
 
     wait_for("the CRD to be established", established, timeout=60)
 
@@ -74,7 +74,8 @@ def operator(control_plane, crd, tmp_path_factory):
     env = {**control_plane.env(), "KUBETUNE_HEALTH_PORT": str(free_port()),
            "KUBETUNE_METRICS_PORT": str(free_port()), "KUBETUNE_READY_PORT": str(free_port()),
            "KUBETUNE_RESYNC_SECONDS": "1", "KUBETUNE_SCRAPE_SECONDS": "1",
-           "KUBETUNE_TRAINER_IMAGE": IMAGE}
+           "KUBETUNE_TRAINER_IMAGE": IMAGE,
+           "KUBETUNE_RENDEZVOUS_PORT": str(free_port())}  # pods share the host's ports: not torch's default 29500
     op = Operator(env, log)
     op.start()
     try:
@@ -187,6 +188,32 @@ def test_bad_dataset_fails_on_cpu_without_a_gpu_job(control_plane, node_agent, n
     assert FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(cm)
     assert FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(ftj)
     assert 'kubetune_operator_finetunejob_failures_total{reason="DatasetInvalid"} 1.0' in operator.metrics_text()
+
+
+def test_an_output_holding_another_runs_manifest_fails_in_validation(control_plane, node_agent, namespace,
+                                                                     operator, s3_inputs):
+    """Run identity: the output prefix holds a manifest that another run published. `kubetune validate` exits 73
+    (OutputInUse) on CPU; the FineTuneJob fails with that reason and no training Job is ever created."""
+    credentials(control_plane, namespace)
+    storage = Storage(StorageEndpoint(endpoint=s3_inputs["endpoint"]))
+    storage.put_json(s3_inputs["output"] + "manifest.json", {
+        "job": "someone-elses", "run": {"uid": "another-run", "specHash": "0" * 64}, "files": []})
+    submit(control_plane, namespace, "taken", {
+        "baseModel": {"uri": s3_inputs["model"]}, "dataset": {"train": s3_inputs["good"]},
+        "output": {"uri": s3_inputs["output"]}, "hyperparameters": {"maxSteps": 4},
+        "storage": {"endpoint": s3_inputs["endpoint"], "secretRef": {"name": "s3-credentials"}},
+        "resources": {"workers": 1, "gpusPerWorker": 1},
+    })
+    status = wait_phase(control_plane, namespace, "taken", ("Failed", "Succeeded", "Running"))["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "OutputInUse"), status
+    assert "another-run" in status["message"] and s3_inputs["output"] in status["message"]
+    validated = next(c for c in status["conditions"] if c["type"] == "Validated")
+    assert (validated["status"], validated["reason"]) == ("False", "OutputInUse")
+    assert status.get("validationAttempts") == 1, "a permanent failure: validation is not retried"
+    time.sleep(3)
+    jobs = [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"]]
+    assert "taken-train" not in jobs, "no training Job (no GPU) for an output that is another run's"
+    assert storage.get_json(s3_inputs["output"] + "manifest.json")["run"]["uid"] == "another-run", "left as it was"
 
 
 def test_deleting_the_job_collects_its_children(control_plane, node_agent, namespace, operator):
@@ -430,5 +457,6 @@ def test_a_killed_worker_resumes_from_the_checkpoint(control_plane, node_agent, 
 
     [second] = [p["metadata"]["name"] for p in training_job_pods(control_plane, namespace, "killed")]
     events = trainer_events(kubectl(control_plane, "logs", "-n", namespace, second).stdout)
-    assert {"event": "resumed", "step": 2, "checkpoint": "step-00000002"} in events
+    [resumed] = [e for e in events if e["event"] == "resumed"]
+    assert resumed["step"] == 2 and resumed["checkpoint"].rstrip("/").endswith("step-00000002"), resumed
     assert next(e["step"] for e in events if e["event"] == "train") == 3

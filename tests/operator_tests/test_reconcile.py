@@ -607,3 +607,132 @@ def test_rank_0_is_scraped_only_while_the_workers_run():
     assert run(body, observed).metrics_url == "http://10.0.0.5:9400/metrics"
     observed.training_pods = []
     assert run(body, observed).metrics_url is None
+
+
+# -- preemption-safe runs: one incident is one retry at most; OutputInUse ----------------------------------
+
+
+def evicted(p: dict, reason: str = "EvictionByEvictionAPI") -> dict:
+    """The pod as the API server leaves it after POST pods/<name>/eviction: DisruptionTarget, being deleted."""
+    p["metadata"]["deletionTimestamp"] = "2026-01-01T11:59:00Z"
+    p["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": reason,
+                                  "message": "Eviction API: evicting"}]
+    return p
+
+
+def named(p: dict, name: str) -> dict:
+    p["metadata"]["name"] = name
+    return p
+
+
+def test_output_in_use_fails_in_validation_without_a_gpu_job():
+    body = ftj()
+    c = desired(body)
+    vj = job(c["validation"], finished="Failed", reason="PodFailurePolicy",
+             message="Container validate for pod ml/demo-validate-x failed with exit code 73")
+    message = "OutputInUse: s3://adapters/demo/ holds run 0000 (spec 12ab); set output.overwrite or another uri"
+    d = run(body, Observed(config_map=c["cm"], validation_job=vj,
+                           validation_pods=[pod(vj, phase="Failed", exit_code=73, message=message,
+                                                container="validate")]))
+    assert (d.phase, d.status["reason"], d.status["message"]) == ("Failed", "OutputInUse", message)
+    validated = get_condition(d.status, "Validated")
+    assert (validated["status"], validated["reason"]) == ("False", "OutputInUse")
+    assert "demo-train" not in kinds(d) and "demo-workers" not in kinds(d) and d.requeue_after is None
+    assert d.events == [("Warning", "OutputInUse", f"Failed: {message}")]
+
+
+def test_a_worker_exiting_output_in_use_is_permanent():
+    body = validated(ftj(), phase="Running")
+    observed, tj = training_observed(body, finished="Failed", reason="PodFailurePolicy", message="exit code 73")
+    observed.training_pods = [pod(tj, 0, phase="Failed", exit_code=73, message="OutputInUse: another run's")]
+    d = run(body, observed)
+    assert (d.phase, d.status["reason"], d.status["message"]) == ("Failed", "OutputInUse", "OutputInUse: another run's")
+    # through plain `accelerate launch` (exit 1), before the Job has failed: stopped at once
+    observed, tj = training_observed(body, active=1, failed=1)
+    observed.training_pods = [pod(tj, 0, phase="Failed", exit_code=1, message="OutputInUse: another run's"),
+                              pod(tj, 1)]
+    d = run(body, observed)
+    assert (d.phase, d.status["reason"]) == ("Failed", "OutputInUse") and d.suspend_training is True
+
+
+def test_a_preempted_worker_is_counted_once_and_announced():
+    body = validated(ftj({"resources": {"workers": 3, "gpusPerWorker": 1}}), phase="Running",
+                     progress={"step": 12, "totalSteps": 100})
+    observed, tj = training_observed(body, active=3)
+    observed.training_pods = [pod(tj, 0), evicted(pod(tj, 1)), pod(tj, 2)]
+    d = run(body, observed)
+    assert d.status["preemptions"] == 1 and d.status["preemptedPods"] == ["demo-train-1-abcde"]
+    assert d.status.get("restarts") == 0 and (d.phase, d.status["reason"]) == ("Running", "WorkerPreempted")
+    assert "worker 1 (pod demo-train-1-abcde) is being stopped (EvictionByEvictionAPI)" in d.status["message"]
+    [event] = [e for e in d.events if e[1] == "WorkerPreempted"]
+    assert event[0] == "Normal"
+    assert "is being stopped at step 12: EvictionByEvictionAPI (Eviction API: evicting)" in event[2]
+    assert "resume from it (not charged to backoffLimit)" in event[2]
+
+    body["status"] = d.status  # the pod writes its checkpoint and exits 75; its peers exit 76 (PeerLost)
+    observed.training_pods = [pod(tj, 0, phase="Failed", exit_code=76), named(evicted(
+        pod(tj, 1, phase="Failed", exit_code=75, message="Preempted")), "demo-train-1-abcde"),
+        named(pod(tj, 2, phase="Failed", exit_code=76), "demo-train-2-abcde")]
+    d = run(body, observed)
+    assert d.status["preemptions"] == 1 and d.status["peerLost"] == 2
+    assert [e[1] for e in d.events] == ["PeerLost", "PeerLost", "WorkerPreempted"]  # the last: Running -> Queued
+    assert d.phase == "Queued" and d.events[2][2].startswith("Queued: worker 1 (pod demo-train-1-abcde) is being")
+    assert "worker 0 (pod demo-train-0-abcde) stopped because another worker did (exit 76)" in d.events[0][2]
+
+    body["status"] = d.status  # the evicted pod is gone; the Job controller backs off before replacing them
+    lost = [observed.training_pods[0], observed.training_pods[2]]
+    observed.training_pods = lost
+    d = run(body, observed)
+    assert d.status["reason"] == "WaitingForWorkers" and "backs off 10 s" in d.status["message"]
+
+    body["status"] = d.status  # and creates the replacements
+    observed.training_pods = [*lost,
+                              named(pod(tj, 0, phase="Pending"), "r0"), named(pod(tj, 1, phase="Pending"), "r1"),
+                              named(pod(tj, 2, phase="Pending"), "r2")]
+    d = run(body, observed)
+    assert (d.status["preemptions"], d.status["peerLost"]) == (1, 2) and "preemptedPods" not in d.status
+    assert (d.phase, d.status["reason"], d.events, d.suspend_training) == ("Queued", "WaitingForWorkers", [], None)
+
+
+def test_a_failed_worker_is_one_charged_restart_and_its_peers_none():
+    body = validated(ftj({"resources": {"workers": 3, "gpusPerWorker": 1}}), phase="Running")
+    observed, tj = training_observed(body, active=1, failed=1)
+    observed.training_pods = [pod(tj, 0, phase="Failed", exit_code=76, message="PeerLost: rank 1 is gone"),
+                              named(pod(tj, 1, phase="Failed", exit_code=1, message="Unexpected: CUDA error"), "x1"),
+                              pod(tj, 2)]
+    d = run(body, observed)
+    assert (d.status["restarts"], d.status["peerLost"]) == (1, 1) and "preemptions" not in d.status
+    failed = [e for e in d.events if e[1] == "WorkerFailed"]
+    assert failed == [("Warning", "WorkerFailed", "worker 1 (pod x1) failed with exit code 1: Unexpected: CUDA error; "
+                                                  "restart 1 of runPolicy.backoffLimit 3; the workers resume from the "
+                                                  "last checkpoint")]
+    body["status"] = d.status
+    assert [e for e in run(body, observed).events if e[1] in ("WorkerFailed", "PeerLost")] == []  # once each
+
+    observed, tj = training_observed(body, finished="Failed", reason="BackoffLimitExceeded",
+                                     message="Job has reached the specified backoff limit", failed=4)
+    observed.training_pods = [named(pod(tj, 1, phase="Failed", exit_code=1, message="Unexpected: CUDA error"), "x"),
+                              pod(tj, 0, phase="Failed", exit_code=76, message="PeerLost: rank 1 is gone")]
+    observed.training_pods[1]["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = \
+        "2026-01-01T11:31:00Z"  # the peer ends last; the message names the worker that failed
+    d = run(body, observed)
+    assert (d.phase, d.status["reason"]) == ("Failed", "BackoffLimitExceeded") and "CUDA error" in d.status["message"]
+
+
+def test_workers_that_only_lose_each_other_fail_after_three_rounds():
+    body = validated(ftj({"resources": {"workers": 2, "gpusPerWorker": 1}}), phase="Queued")
+    observed, tj = training_observed(body, active=2)
+    lost = [named(pod(tj, i % 2, phase="Failed", exit_code=76), f"lost-{i}") for i in range(6)]
+    observed.training_pods = lost[:5] + [pod(tj, 0, phase="Pending"), pod(tj, 1, phase="Pending")]
+    d = run(body, observed)
+    assert d.phase == "Queued" and d.status["peerLost"] == 5  # two rounds and a half: not yet
+    observed.training_pods = lost + observed.training_pods[5:]
+    d = run(body, observed)
+    assert (d.phase, d.status["reason"]) == ("Failed", "PeerLostLoop") and d.suspend_training is True
+    assert "6 worker exits with PeerLost" in d.status["message"]
+    assert "demo-train-0.demo-workers:29500" in d.status["message"]
+
+    body = validated(ftj({"resources": {"workers": 2, "gpusPerWorker": 1}}), phase="Queued", preemptions=3)
+    observed, tj = training_observed(body, active=2)
+    observed.training_pods = lost  # three preemptions explain three of them: 3 unexplained are not 3 rounds
+    assert run(body, observed).phase == "Queued"

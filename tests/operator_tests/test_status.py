@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from kubetune_operator.status import (
+    PERMANENT,
+    charged,
     explain_failure,
+    failure_reason,
     human_duration,
     parse_trainer_metrics,
+    peer_lost,
     result_from_pods,
     set_condition,
 )
@@ -70,3 +74,18 @@ def test_explain_failure_uses_the_newest_termination_message():
     )
     reason, message = explain_failure(tj, [], "trainer")
     assert reason == "DeadlineExceeded" and message == "Job was active longer than specified deadline"
+
+
+def test_permanent_reasons_by_exit_code_or_message_prefix():
+    assert PERMANENT == {"DatasetInvalid", "OutputInUse", "ConfigInvalid"}
+    assert failure_reason({"exitCode": 73}) == "OutputInUse"
+    assert failure_reason({"exitCode": 1, "message": "OutputInUse: s3://out/ holds another run's files"}) == \
+        "OutputInUse"
+    assert failure_reason({"exitCode": 76, "message": "PeerLost: a peer worker was stopped"}) is None
+
+
+def test_who_is_charged():
+    assert charged({"exitCode": 1}) and charged({"exitCode": 75}) and charged({"exitCode": 137})
+    assert not charged({"exitCode": 0}) and not charged({"exitCode": 76})
+    assert not charged({"exitCode": 75, "disrupted": True}) and not charged({"exitCode": 137, "disrupted": True})
+    assert peer_lost({"exitCode": 76}) and not peer_lost({"exitCode": 76, "disrupted": True})
