@@ -10,11 +10,11 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-venv: $(VENV)/.installed ## Create .venv and install the project with every extra
-$(VENV)/.installed: pyproject.toml
+venv: $(VENV)/.installed ## Create .venv and install the project with every extra, the trainer image's versions
+$(VENV)/.installed: pyproject.toml trainer-image/constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check uv
-	$(VENV)/bin/uv pip install --python $(PY) -e '.[dev]'
+	$(VENV)/bin/uv pip install --python $(PY) -c trainer-image/constraints.txt -e '.[dev]'
 	@touch $@
 
 test-unit: venv ## Fast tests: no control plane needed
