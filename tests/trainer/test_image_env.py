@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CONSTRAINTS = ROOT / "trainer-image" / "constraints.txt"
 DOCKERFILE = ROOT / "trainer-image" / "Dockerfile"
 TORCH_RUNTIME = re.compile(r"(cuda-|nvidia-|triton$)")  # torch's own CUDA wheels, which torch pins itself
+
 # Run in the fresh venv, in one process (importing torch and transformers takes most of the time): a tiny base
 # model and a dataset, then the installed `kubetune` command's `run` on a FineTuneJob manifest of local paths.
 TRAIN = """
@@ -69,6 +70,12 @@ def test_torch_is_the_base_images():
     assert pins()["torch"] == base[1], "run `make constraints` after changing the base image"
 
 
+def test_the_image_build_sees_the_constraints():
+    """.dockerignore is an allow-list: what the Dockerfile copies must be on it."""
+    assert "COPY trainer-image/constraints.txt" in DOCKERFILE.read_text()
+    assert "!trainer-image/constraints.txt" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
 def test_every_requirement_is_pinned_within_its_bounds():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     locked = pins()
@@ -79,8 +86,16 @@ def test_every_requirement_is_pinned_within_its_bounds():
         assert req.specifier.contains(locked[name], prereleases=True), f"{name}=={locked[name]} outside {req}"
 
 
+@pytest.fixture
+def venv(tmp_path):
+    """A place for a fresh venv, removed afterwards: its files are hard links into uv's cache, or copies (GiBs)
+    where the cache is on another file system."""
+    yield tmp_path / "venv"
+    shutil.rmtree(tmp_path / "venv", ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_the_locked_versions_train_together(tmp_path):
+def test_the_locked_versions_train_together(tmp_path, venv):
     uv = shutil.which("uv", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     assert uv, "uv not found: run `make venv`"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -100,7 +115,6 @@ def test_the_locked_versions_train_together(tmp_path):
     shutil.copytree(ROOT / "operator", src / "operator", ignore=skip)
     shutil.copytree(ROOT / "trainer-image" / "kubetune_trainer", src / "trainer-image" / "kubetune_trainer",
                     ignore=skip)
-    venv = tmp_path / "venv"
     python = venv / "bin" / "python"
     sh(uv, "venv", "--quiet", "--python", sys.executable, venv)
     sh(uv, "pip", "install", "--quiet", "--python", python, "--constraint", CONSTRAINTS, f"{src}[trainer]")
