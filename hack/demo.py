@@ -130,7 +130,7 @@ def answer(model, tokenizer, messages: list[dict]) -> str:
 
 def compare(storage, base: Path, work: Path) -> tuple[str, str]:
     from kubetune_trainer.demo_data import held_out_messages
-    from peft import PeftModel
+    from kubetune_trainer.modeling import load_adapter
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter = work / "adapter"
@@ -140,7 +140,7 @@ def compare(storage, base: Path, work: Path) -> tuple[str, str]:
     model = AutoModelForCausalLM.from_pretrained(base).eval()
     messages = held_out_messages()
     before = answer(model, tokenizer, messages)
-    tuned = PeftModel.from_pretrained(model, adapter).eval()
+    tuned = load_adapter(model, adapter).eval()
     after = answer(tuned, tokenizer, messages)
     return before, after
 

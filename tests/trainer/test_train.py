@@ -66,13 +66,13 @@ def test_metrics_endpoint_exports_the_run(trained):
 def reload_published(storage, config, tiny_base, tmp_path):
     """The published adapter on the base with peft, and its loss on the test split (token-weighted)."""
     from accelerate import Accelerator
-    from peft import PeftModel
+    from kubetune_trainer.modeling import load_adapter
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter = tmp_path / "adapter"
     read_published(storage, config.output.uri, adapter)  # verifies size and sha256 of every file
     tokenizer = AutoTokenizer.from_pretrained(adapter)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_base), adapter).eval()
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_base), adapter).eval()
     storage.download("s3://data/support/test.jsonl", tmp_path)
     seqs = pack_examples(tokenize_dataset(tmp_path / "test.jsonl", "test", fmt=DataFormat.chat, tokenizer=tokenizer,
                                           max_seq_length=128), 128, seed=config.hyperparameters.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -96,8 +97,7 @@ def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, gradie
     )
     torch.manual_seed(seed)
     try:
-        with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        with quiet_peft():
             model = get_peft_model(model, config)
     except ValueError as e:
         raise ConfigError(f"method.lora.targetModules: {e}") from e
@@ -105,6 +105,22 @@ def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, gradie
         if p.requires_grad:
             p.data = p.data.float()
     return model
+
+
+@contextmanager
+def quiet_peft():
+    """peft reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning users can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
+def load_adapter(base_model, folder):
+    """A published LoRA adapter on its base model, for inference (`peft.PeftModel.from_pretrained`)."""
+    from peft import PeftModel
+
+    with quiet_peft():
+        return PeftModel.from_pretrained(base_model, folder)
 
 
 def trainable_state_dict(model) -> dict[str, torch.Tensor]:
