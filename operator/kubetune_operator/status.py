@@ -180,8 +180,8 @@ def terminations(pods: list[dict], container: str) -> list[dict]:
 def disruption(pod: dict) -> dict | None:
     """The pod's DisruptionTarget condition: the API server, the scheduler or the kubelet is stopping it (an
     eviction, a preemption, a node drain). The Job's podFailurePolicy does not count such a pod as failed."""
-    return next((c for c in (pod.get("status") or {}).get("conditions") or []
-                 if c.get("type") == "DisruptionTarget" and c.get("status") == "True"), None)
+    cond = get_condition(pod.get("status") or {}, "DisruptionTarget")
+    return cond if cond and cond.get("status") == "True" else None
 
 
 def peer_lost(term: dict) -> bool:

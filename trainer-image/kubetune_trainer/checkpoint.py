@@ -18,13 +18,16 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import OutputInUseError, TransientError
-from .identity import RunIdentity
 from .storage import Storage, publish, read_published
+
+if TYPE_CHECKING:
+    from .identity import RunIdentity
 
 STEP_DIR = re.compile(r"step-(\d{8})/manifest\.json$")
 

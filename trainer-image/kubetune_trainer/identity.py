@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .checkpoint import STEP_DIR
 from .config import TrainerConfig
 from .errors import OutputInUseError
 from .storage import MANIFEST, Storage
 
 TRAINING_FIELDS = ("baseModel", "dataset", "method", "hyperparameters")
 MARKER = "run.json"
-_CHECKPOINT_MANIFEST = re.compile(r"step-\d{8}/manifest\.json$")  # checkpoint.py's layout
 
 
 def _sha256(doc) -> str:
@@ -90,7 +89,7 @@ def aside_uri(storage: Storage, prefix: str) -> str:
 def _others(storage: Storage, config: TrainerConfig, identity: RunIdentity) -> list[tuple[str, dict]]:
     """(uri, document) of each manifest, checkpoint manifest and claim marker that another run wrote."""
     uris = [_folder(config.output.uri) + MANIFEST, *_markers(config)]
-    uris += [uri for uri in storage.list(_folder(config.checkpoint_uri)) if _CHECKPOINT_MANIFEST.search(uri)]
+    uris += [uri for uri in storage.list(_folder(config.checkpoint_uri)) if STEP_DIR.search(uri)]
     docs = ((uri, storage.get_json(uri)) for uri in uris)
     return [(uri, doc) for uri, doc in docs if doc is not None and not identity.matches(doc.get("run"))]
 

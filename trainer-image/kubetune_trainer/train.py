@@ -202,18 +202,15 @@ def train(
     metrics: TrainerMetrics | None,
     report: Reporter,
     pad_id: int,
-    inputs: dict | None = None,
-    stop: StopSignal | None = None,
+    inputs: dict,
+    stop: StopSignal,
 ) -> tuple[object, checkpoint.TrainState, Plan]:
     """Train to the plan's last step (or early stopping). `inputs`: {"datasets": {split: sha256}, "tokenizer":
-    sha256}, what the checkpoints' fingerprint records. `stop`: an installed StopSignal (else one is installed
-    for the loop). Raises Preempted/PeerLost when stopped (see above)."""
+    sha256}, what the checkpoints' fingerprint records. `stop`: the installed StopSignal the loop watches.
+    Raises Preempted/PeerLost when stopped (see above)."""
     loop = Loop(config, accelerator, storage, metrics, report, pad_id, is_sharded(config, accelerator),
                 RunIdentity.of(config), Path(config.work_dir) / config.job_name)
-    if stop is not None:
-        return _train(loop, model, train_seqs, val_seqs, inputs or {}, stop)
-    with StopSignal().installed() as stop, collective_failures_are_peer_lost(accelerator):
-        return _train(loop, model, train_seqs, val_seqs, inputs or {}, stop)
+    return _train(loop, model, train_seqs, val_seqs, inputs, stop)
 
 
 def _train(loop: Loop, model, train_seqs: list, val_seqs: list | None, inputs: dict, stop: StopSignal):
@@ -231,8 +228,8 @@ def _train(loop: Loop, model, train_seqs: list, val_seqs: list | None, inputs: d
         max_seq_length=hp.max_seq_length, packing=hp.packing, batch_size=hp.batch_size,
         accumulation=hp.gradient_accumulation_steps, strategy=hp.strategy.value, processes=processes,
         step_samples=plan.step_samples)
-    if restored and fingerprint.differences(saved):
-        changed = "; ".join(fingerprint.differences(saved))
+    changed = "; ".join(fingerprint.differences(saved)) if restored else ""
+    if changed:
         raise ConfigError(
             f"{restored.uri}: this checkpoint was written with other inputs: {changed}. Resuming would not "
             "continue the same run: restore those inputs, or set checkpoint.uri to a new "
