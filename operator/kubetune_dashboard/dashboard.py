@@ -14,10 +14,17 @@ from grafana_foundation_sdk.builders import common as common_b
 from grafana_foundation_sdk.builders import dashboard as dash_b
 from grafana_foundation_sdk.builders import prometheus as prom_b
 from grafana_foundation_sdk.builders import stat as stat_b
+from grafana_foundation_sdk.builders import table as table_b
 from grafana_foundation_sdk.builders import timeseries as ts_b
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
-from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh, VariableSort
+from grafana_foundation_sdk.models.dashboard import (
+    DataSourceRef,
+    DataTransformerConfig,
+    VariableRefresh,
+    VariableSort,
+)
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 UID = "kubetune"
 TITLE = "Kubetune"
@@ -26,6 +33,9 @@ JOB_VAR = "finetunejob"
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${" + DATASOURCE_VAR + "}")
 JOB = f'finetunejob="${JOB_VAR}"'
+TEST_SPLIT = ', split="test"'
+# the validation panel leaves out counts, and perplexity, whose scale would flatten the rest
+VALIDATION_SHOWN = ', split="validation", model="finetuned", metric!~"tokens|samples|generated|perplexity"'
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,25 @@ def _timeseries(title: str, queries: list[Query], unit: str = "short", width: in
             common.LegendPlacement.BOTTOM).show_legend(True))
     )
     return _with_targets(panel, queries, description)
+
+
+def _table(title: str, query: Query, rows: str, columns: str, width: int = 12, description: str = ""):
+    """The latest value of each series of an instant query, as a matrix: a row per `rows` label value, a column
+    per `columns` label value."""
+    target = _target(query, "A").instant().format(PromQueryFormat.TABLE)
+    panel = (
+        table_b.Panel()
+        .title(title)
+        .datasource(DATASOURCE)
+        .height(8)
+        .span(width)
+        .decimals(4)
+        .show_header(True)
+        .with_target(target)
+        .with_transformation(DataTransformerConfig(id_val="groupingToMatrix", options={
+            "rowField": rows, "columnField": columns, "valueField": "Value", "emptyValue": "null"}))
+    )
+    return panel.description(description) if description else panel
 
 
 def _q(panel: str, expr: str, legend: str = "") -> Query:
@@ -167,15 +196,22 @@ def _job_panels() -> list:
         ], unit="percentunit"),
         _stat("Tokens trained", [_q("Tokens trained", f"max({m('tokens_trained_total')})")], width=6),
         _stat("Checkpoints", [_q("Checkpoints", f"max({m('checkpoints_total')})")], width=6),
-        _stat("Test results", [
-            _q("Test results", f"max({m('test_loss')})", "loss"),
-            _q("Test results", f"max({m('test_perplexity')})", "perplexity"),
-            _q("Test results", f"max({m('test_token_accuracy')})", "token accuracy"),
-        ], width=6, description="Set once the job has been evaluated on the test split",
-            text_mode=common.BigValueTextMode.VALUE_AND_NAME),
         _stat("Model", [
             _q("Model", f"max by (method, base_model) ({m('info')})", "{{method}} on {{base_model}}"),
-        ], width=6, text_mode=common.BigValueTextMode.NAME),
+        ], width=12, text_mode=common.BigValueTextMode.NAME),
+        _table("Test metrics: fine-tuned vs baseline", _q(
+            "Test metrics: fine-tuned vs baseline",
+            # the operator keeps the result for as long as the FineTuneJob exists; the trainer serves it until
+            # it exits, before the operator has seen the job succeed
+            f"max by (metric, model) (kubetune_operator_finetunejob_test_metric{{{JOB}}}) "
+            f"or max by (metric, model) ({m('evaluation', TEST_SPLIT)})",
+        ), rows="metric", columns="model",
+            description="The test split on the fine-tuned model and on the base model before fine-tuning "
+                        "(evaluation.baseline); per-class scores are in the manifest"),
+        _timeseries("Validation metrics", [
+            _q("Validation metrics", f"max by (metric) ({m('evaluation', VALIDATION_SHOWN)})", "{{metric}}"),
+        ], description="The validation split at each evaluation (evaluation.everySteps): loss, and for "
+                       "classification accuracy and F1"),
     ]
 
 

@@ -18,17 +18,24 @@ import yaml
 from kubetune_trainer.spec import (
     API_GROUP,
     API_VERSION,
+    CLASSIFICATION_TASKS,
     FSDP_FP16,
+    GENERATION_NEEDS_CAUSAL_LM,
     KIND,
     LABEL_VALUE,
+    LABELS_NEED_CLASSIFICATION,
+    METRIC_NEEDS_CLASSIFICATION,
     NODE_SELECTOR_KEYS,
     NODE_SELECTOR_VALUES,
     QLORA_FSDP,
     QUALIFIED_NAME,
     QUANTITY,
+    SELECT_BEST_NEEDS_VALIDATION,
     SYNTAX,
+    TASK_FORMATS,
     TOLERATION_EXISTS_VALUE,
     FineTuneJobSpec,
+    format_problem,
 )
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema
@@ -64,16 +71,41 @@ def immutable(field: str) -> str:
 
 # What determines what is trained cannot change (transition rules: they run on updates only). runPolicy and
 # validation stay mutable; `image` is optional, so its rule sits on spec to also see it added or removed.
-IMMUTABLE = ("baseModel", "dataset", "method", "hyperparameters", "evaluation", "checkpoint", "output", "storage",
-             "resources", "scheduling")
+IMMUTABLE = ("task", "baseModel", "dataset", "method", "hyperparameters", "evaluation", "checkpoint", "output",
+             "storage", "resources", "scheduling")
 MUTABLE = ("runPolicy", "validation")
 IMAGE_UNCHANGED = {"rule": "has(self.image) == has(oldSelf.image) && (!has(self.image) || self.image == oldSelf.image)",
                    "message": immutable("image"), "fieldPath": ".image"}
 
 
+TASK = "(has(self.task) ? self.task : 'causal-lm')"
+CLASSIFICATION = "[" + ", ".join(f"'{t.value}'" for t in CLASSIFICATION_TASKS) + "]"
+
+
+def _task_rules() -> list[dict]:
+    """The dataset, evaluation and output settings that must fit spec.task (spec.task_problem)."""
+    formats = [{"rule": f"!has(self.dataset.format) || {TASK} != '{task.value}' || self.dataset.format in ["
+                        + ", ".join(f"'{f.value}'" for f in allowed) + "]",
+                "message": format_problem(task), "fieldPath": ".dataset.format"}
+               for task, allowed in TASK_FORMATS.items()]
+    return formats + [
+        {"rule": f"!has(self.evaluation) || !has(self.evaluation.metric) || self.evaluation.metric == 'loss' || "
+                 f"{TASK} in {CLASSIFICATION}",
+         "message": METRIC_NEEDS_CLASSIFICATION, "fieldPath": ".evaluation.metric"},
+        {"rule": f"!has(self.evaluation) || !has(self.evaluation.generation) || {TASK} == 'causal-lm'",
+         "message": GENERATION_NEEDS_CAUSAL_LM, "fieldPath": ".evaluation.generation"},
+        {"rule": f"!has(self.dataset.labels) || {TASK} in {CLASSIFICATION}",
+         "message": LABELS_NEED_CLASSIFICATION, "fieldPath": ".dataset.labels"},
+        {"rule": "!has(self.output.select) || self.output.select != 'best' || (has(self.dataset.validation) && "
+                 "has(self.evaluation) && has(self.evaluation.everySteps))",
+         "message": SELECT_BEST_NEEDS_VALIDATION, "fieldPath": ".output.select"},
+    ]
+
+
 # CEL rules, by path under spec ("" is spec itself). Scalar rules sit on the field they check.
 RULES: dict[str, list[dict]] = {
     "": [
+        *_task_rules(),
         {"rule": "!has(self.method) || !has(self.method.type) || self.method.type != 'qlora' || "
                  "!has(self.resources) || !has(self.resources.gpusPerWorker) || "
                  "self.resources.gpusPerWorker >= 1",
@@ -127,6 +159,8 @@ PRINTER_COLUMNS = [
     {"name": "Loss", "type": "number", "jsonPath": ".status.trainLoss"},
     {"name": "Eval Loss", "type": "number", "jsonPath": ".status.evalLoss"},
     {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
+    {"name": "Result", "type": "string", "jsonPath": ".status.result.summary",
+     "description": "The headline test metric, fine-tuned (base model in parentheses)"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},

@@ -214,7 +214,8 @@ def apply(api: kube.Kube, body: dict, observed: Observed,
         kopf.event(body, type=type_, reason=reason, message=message[:1000])
     if d.phase != old.get("phase"):
         logger.info("phase %s -> %s: %s", old.get("phase"), d.phase, d.status.get("message"))
-    metrics.record(meta["uid"], old.get("phase"), d.phase, d.status.get("reason"), d.status.get("gpusInUse", 0))
+    metrics.record(meta["uid"], old.get("phase"), d.phase, d.status.get("reason"), d.status.get("gpusInUse", 0),
+                   job=(meta["namespace"], meta["name"]), result=d.status.get("result"))
     return d, written, created
 
 

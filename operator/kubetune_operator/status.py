@@ -55,10 +55,23 @@ class LastCheckpoint(Model):
     uri: str = Field(description="Checkpoint prefix; runs resume from its newest complete step-* folder")
 
 
+class ResultMetrics(Model):
+    test: dict[str, float] | None = Field(None, description="The test split's scalar metrics on the fine-tuned model "
+                                          "(loss, accuracy, f1, ...; every one is in manifest.json)")
+    baseline: dict[str, float] | None = Field(None, description="The same on the base model, before fine-tuning "
+                                              "(evaluation.baseline)")
+
+
 class Result(Model):
     adapter_uri: str = Field(description="Where the adapter (or full model) was published")
     manifest_uri: str
     sha256: str | None = Field(None, description="sha256 of manifest.json, when the trainer reported it")
+    task: str | None = Field(None, description="causal-lm, sequence-classification or image-classification")
+    selected_step: int | None = Field(None, description="The step whose weights were published (output.select)")
+    metrics: ResultMetrics | None = Field(None, description="From rank 0's report; per-class scores and the "
+                                          "rest are in manifest.json")
+    summary: str | None = Field(None, description="The task's headline test metric, fine-tuned and baseline, for "
+                                "kubectl get: accuracy 0.912 (base 0.334)")
 
 
 class ChildRef(Model):
@@ -268,7 +281,8 @@ def last_line(term: dict) -> str:
 
 def success_report(pods: list[dict], container: str) -> dict:
     """Rank 0's termination message after a successful run, when the trainer wrote it as JSON
-    ({"manifestUri", "manifestSha256", "steps", "totalSteps"}); {} otherwise."""
+    ({"manifestUri", "manifestSha256", "steps", "totalSteps", "tokensTrained", "task", "headline", "selectedStep",
+    "metrics": {"test": {...}, "baseline": {...}}}: kubetune_trainer.cli.success_message); {} otherwise."""
     for t in terminations(pods, container):
         if t.get("exitCode") == 0 and t.get("index") in ("0", None):
             try:
@@ -281,12 +295,47 @@ def success_report(pods: list[dict], container: str) -> dict:
 
 
 def result_from_pods(pods: list[dict], container: str, output_uri: str) -> dict:
-    """status.result once training succeeded; the sha256 comes from rank 0's success report."""
+    """status.result once training succeeded; the sha256, the task, the published step and the test metrics come
+    from rank 0's success report (what a trainer without them leaves out stays out)."""
     res = {"adapterUri": output_uri, "manifestUri": output_uri.rstrip("/") + "/manifest.json"}
     report = success_report(pods, container)
     if report.get("manifestSha256") or report.get("sha256"):
         res["sha256"] = report.get("manifestSha256") or report["sha256"]
+    if isinstance(report.get("task"), str):
+        res["task"] = report["task"]
+    if isinstance(report.get("selectedStep"), int) and not isinstance(report["selectedStep"], bool):
+        res["selectedStep"] = report["selectedStep"]
+    reported = report.get("metrics") if isinstance(report.get("metrics"), dict) else {}
+    metrics = {model: _scalars(reported.get(model)) for model in ("test", "baseline")}
+    metrics = {model: values for model, values in metrics.items() if values}
+    if metrics:
+        res["metrics"] = metrics
+    summary = result_summary(metrics, report.get("headline") if isinstance(report.get("headline"), str) else "loss")
+    if summary:
+        res["summary"] = summary
     return res
+
+
+def _scalars(values) -> dict[str, float]:
+    """The finite numbers of a reported split (the status schema takes numbers only, and JSON no NaN)."""
+    if not isinstance(values, dict):
+        return {}
+    return {str(k): float(v) for k, v in values.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _three(value: float) -> str:
+    return f"{value:.3f}" if abs(value) < 1000 else f"{value:.4g}"
+
+
+def result_summary(metrics: dict, headline: str) -> str | None:
+    """The printer column's text: `accuracy 0.912 (base 0.334)`, `loss 1.234 (base 2.345)`, `loss 1.234` without
+    a baseline; None without a test split."""
+    test = (metrics.get("test") or {}).get(headline)
+    if test is None:
+        return None
+    base = (metrics.get("baseline") or {}).get(headline)
+    return f"{headline} {_three(test)}" + (f" (base {_three(base)})" if base is not None else "")
 
 
 def final_progress(status: dict, report: dict) -> None:
@@ -319,7 +368,8 @@ def parse_trainer_metrics(text: str, job_name: str) -> dict[str, float | str]:
             if name == "phase":
                 if sample.value == 1:
                     values["phase"] = sample.labels.get("phase", "")
-            elif name.endswith("_created") or "gpu" in sample.labels or not math.isfinite(sample.value):
+            elif name.endswith("_created") or "gpu" in sample.labels or "split" in sample.labels or \
+                    not math.isfinite(sample.value):  # per-GPU and evaluation families: not status fields
                 continue
             else:
                 values[name] = sample.value

@@ -4,6 +4,7 @@ query is valid PromQL (checked by promtool as recording rules)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import yaml
@@ -58,12 +59,38 @@ def test_fleet_and_job_views_cover_the_metrics():
                    "kubetune_trainer_tokens_per_second", "kubetune_trainer_progress_ratio",
                    "kubetune_trainer_eta_seconds", "kubetune_trainer_gpu_memory_used_bytes",
                    "kubetune_trainer_gpu_utilization_ratio",
-                   "kubetune_trainer_last_checkpoint_timestamp_seconds"):
+                   "kubetune_trainer_last_checkpoint_timestamp_seconds", "kubetune_trainer_evaluation",
+                   "kubetune_operator_finetunejob_test_metric"):
         assert metric in exprs, f"no panel shows {metric}"
     for query in panel_queries(_model()):
         if "kubetune_trainer_" not in query.expr or "by (finetunejob)" in query.expr:
             continue  # fleet panel
         assert 'finetunejob="$finetunejob"' in query.expr, f"{query.panel}: not filtered by the variable"
+
+
+def test_the_metrics_the_panels_query_are_exported():
+    """Every kubetune_* name a panel queries is one the trainer or the operator exports (a renamed gauge would
+    leave a panel empty), read from their real registries."""
+    from kubetune_operator import metrics as operator_metrics
+    from kubetune_trainer.metrics import TrainerMetrics
+
+    trainer = TrainerMetrics("job", "lora", "s3://models/m/")
+    trainer.gpu_memory.labels("job", "0").set(1)
+    trainer.gpu_utilization.labels("job", "0").set(1)
+    trainer.set_evaluation("test", "finetuned", {"loss": 1.0})
+    trainer.set(**dict.fromkeys(("step", "total_steps", "epoch", "progress_ratio", "eta_seconds", "train_loss",
+                                 "validation_loss", "test_loss", "test_perplexity", "test_token_accuracy",
+                                 "learning_rate", "grad_norm", "tokens_per_second", "samples_per_second",
+                                 "last_checkpoint_timestamp_seconds"), 1.0))
+    operator_metrics.record("dash-uid", "Running", "Succeeded", None, 0, job=("ml", "job"),
+                            result={"metrics": {"test": {"loss": 1.0}}})
+    try:
+        exported = {sample.name for registry in (trainer.registry, operator_metrics.REGISTRY)
+                    for family in registry.collect() for sample in family.samples}
+    finally:
+        operator_metrics.forget("dash-uid")
+    queried = {name for q in panel_queries(_model()) for name in re.findall(r"kubetune_[a-z_]+", q.expr)}
+    assert queried - exported == set()
 
 
 def test_every_query_is_valid_promql(tmp_path):
@@ -78,6 +105,9 @@ def test_every_query_is_valid_promql(tmp_path):
 JOB = "support-bot"
 TRAINER = f'finetunejob="{JOB}", namespace="ml", pod="{JOB}-0", job="ml/kubetune-trainer"'
 OPERATOR = 'job="kubetune-metrics", namespace="kubetune-system", pod="kubetune-0"'
+
+
+RESULT_SAMPLES = 8  # the operator's result series: the last 8 samples only
 
 
 def _synthetic_series(end: float, minutes: int = 30, step: int = 15) -> str:
@@ -121,6 +151,20 @@ def _synthetic_series(end: float, minutes: int = 30, step: int = 15) -> str:
             add("kubetune_trainer_gpu_memory_used_bytes", f'{TRAINER}, gpu="{gpu}"', 40e9, t)
             add("kubetune_trainer_gpu_utilization_ratio", f'{TRAINER}, gpu="{gpu}"', 0.9, t)
         add("kubetune_trainer_info", f'{TRAINER}, method="lora", base_model="s3://models/llama/"', 1, t)
+        evaluations = {("validation", "finetuned"): {"loss": 2.1 - i / n, "accuracy": 0.5 + i / (3 * n)},
+                       ("test", "finetuned"): {"loss": 1.1, "accuracy": 0.9},
+                       ("test", "baseline"): {"loss": 2.4, "accuracy": 0.3}}
+        for (split, model), values in evaluations.items():
+            for metric, value in values.items():
+                labels = f'{TRAINER}, split="{split}", model="{model}", metric="{metric}"'
+                add("kubetune_trainer_evaluation", labels, value, t)
+        if i >= n - RESULT_SAMPLES:  # the operator exports the result once it has seen the job succeed
+            for model, values in (("finetuned", {"loss": 1.0, "accuracy": 0.91}),
+                                  ("baseline", {"loss": 2.5, "accuracy": 0.31})):
+                for metric, value in values.items():
+                    labels = f'{OPERATOR}, finetunejob_namespace="ml", finetunejob="{JOB}", model="{model}", ' \
+                             f'metric="{metric}"'
+                    add("kubetune_operator_finetunejob_test_metric", labels, value, t)
     lines = [f"{key} {sample}" for key, samples in series.items() for sample in samples]
     return "\n".join(lines) + "\n# EOF\n"
 
@@ -140,5 +184,17 @@ def test_every_query_returns_data_from_a_real_prometheus(tmp_path):
         assert not empty, "panel queries without data: " + "; ".join(f"{q.panel}: {q.expr}" for q in empty)
         (var,) = server.query("count by (finetunejob) (kubetune_trainer_info)", at=end)
         assert var["metric"]["finetunejob"] == JOB  # what the variable's label_values() lists
+        (table,) = [q for q in panel_queries(_model()) if q.panel.startswith("Test metrics")]
+
+        def test_metrics(at: float) -> dict:
+            return {(r["metric"]["model"], r["metric"]["metric"]): float(r["value"][1])
+                    for r in server.query(substitute(table.expr, JOB), at=at)}
+
+        # the operator's result once it has one; before that (the trainer has just evaluated), the trainer's
+        assert test_metrics(end) == {("finetuned", "loss"): 1.0, ("finetuned", "accuracy"): 0.91,
+                                     ("baseline", "loss"): 2.5, ("baseline", "accuracy"): 0.31}
+        assert test_metrics(end - 15 * (RESULT_SAMPLES + 2)) == {
+            ("finetuned", "loss"): 1.1, ("finetuned", "accuracy"): 0.9, ("baseline", "loss"): 2.4,
+            ("baseline", "accuracy"): 0.3}
     finally:
         server.stop()

@@ -25,6 +25,8 @@ from kubetune_trainer.spec import QUANTITY
 celpy = pytest.importorskip("celpy")
 
 ROOT = Path(__file__).resolve().parents[2]
+VALID_EXAMPLES = ["finetunejob.yaml", "demo-finetunejob.yaml", "text-classification/finetunejob.yaml",
+                  "image-classification/finetunejob.yaml"]
 INVALID = sorted((ROOT / "examples" / "invalid").glob("*.yaml"))
 SCHEMA = crd.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 K8S_QUANTITY = "^[+-]?" + QUANTITY.removeprefix("^\\+?")
@@ -89,7 +91,7 @@ def test_each_invalid_example_breaks_its_rule(path):
     assert len(found) == 1 and expected in found[0], found
 
 
-@pytest.mark.parametrize("example", ["finetunejob.yaml", "demo-finetunejob.yaml"])
+@pytest.mark.parametrize("example", VALID_EXAMPLES)
 def test_valid_examples_break_nothing(example):
     assert check(yaml.safe_load((ROOT / "examples" / example).read_text())) == []
 
@@ -121,6 +123,7 @@ def job(spec: dict | None = None) -> dict:
 
 
 CHANGES = {  # one change to each field that determines what is trained
+    "task": {"task": "sequence-classification"},
     "baseModel": {"baseModel": {"uri": "s3://other/"}},
     "dataset": {"dataset": {"train": "s3://d/t.jsonl", "validation": "s3://d/v.jsonl"}},
     "method": {"method": {"lora": {"r": 8}}},

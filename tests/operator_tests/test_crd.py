@@ -18,6 +18,8 @@ from kubetune_trainer.spec import (
 from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[2]
+VALID_EXAMPLES = ["finetunejob.yaml", "demo-finetunejob.yaml", "text-classification/finetunejob.yaml",
+                  "image-classification/finetunejob.yaml"]
 CRD_FILE = ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
 INVALID = sorted((ROOT / "examples" / "invalid").glob("*.yaml"))
 
@@ -73,7 +75,7 @@ def test_names_scope_subresources_and_columns():
     v = version()
     assert v["name"] == "v1alpha1" and v["storage"] and v["subresources"] == {"status": {}}
     names = [c["name"] for c in v["additionalPrinterColumns"] if not c.get("priority")]
-    assert names == ["Phase", "Progress", "Loss", "Eval Loss", "ETA", "Age"]
+    assert names == ["Phase", "Progress", "Loss", "Eval Loss", "ETA", "Result", "Age"]
     status = v["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]
     for column in v["additionalPrinterColumns"]:
         parts = column["jsonPath"].lstrip(".").split(".")
@@ -161,7 +163,7 @@ def test_status_conditions_are_a_map_list():
     assert status["properties"]["phase"]["enum"][0] == "Pending"
 
 
-@pytest.mark.parametrize("example", ["finetunejob.yaml", "demo-finetunejob.yaml"])
+@pytest.mark.parametrize("example", VALID_EXAMPLES)
 def test_valid_examples_parse_with_the_typed_api(example):
     FineTuneJob.model_validate(yaml.safe_load((ROOT / "examples" / example).read_text()))
 

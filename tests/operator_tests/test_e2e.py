@@ -460,3 +460,109 @@ def test_a_killed_worker_resumes_from_the_checkpoint(control_plane, node_agent, 
     [resumed] = [e for e in events if e["event"] == "resumed"]
     assert resumed["step"] == 2 and resumed["checkpoint"].rstrip("/").endswith("step-00000002"), resumed
     assert next(e["step"] for e in events if e["event"] == "train") == 3
+
+
+# -- the classification tasks, with the real trainer ----------------------------------------------------------
+
+
+def example_generator(name: str):
+    """examples/<name>/generate.py, the example's data (and tiny base model) generator, as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"example_{name.replace('-', '_')}",
+                                                  ROOT / "examples" / name / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def classification_spec(image: str, endpoint: str, task: str, model: str, data: str, output: str,
+                        **hyperparameters) -> dict:
+    return {
+        "task": task, "baseModel": {"uri": model}, "image": image,
+        "dataset": {"train": f"{data}train.jsonl", "validation": f"{data}validation.jsonl",
+                    "test": f"{data}test.jsonl", "format": "classification"},
+        "method": {"type": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "hyperparameters": {"maxSteps": 6, "batchSize": 4, "loggingSteps": 1, "learningRate": 0.01,
+                            **hyperparameters},
+        "evaluation": {"everySteps": 3, "metric": "accuracy"},
+        "output": {"uri": output, "select": "best"},
+        "storage": {"endpoint": endpoint, "secretRef": {"name": "s3-credentials"}},
+        "resources": {"workers": 1, "gpusPerWorker": 0},
+    }
+
+
+def assert_result_in_status(cp, namespace: str, name: str, task: str, storage: Storage) -> dict:
+    """The job succeeded; its status, printer column and manifest agree on the test metrics and the baseline."""
+    status = wait_phase(cp, namespace, name, ("Succeeded", "Failed"), timeout=420)["status"]
+    assert status["phase"] == "Succeeded", status
+    result = status["result"]
+    assert result["task"] == task
+    test, baseline = result["metrics"]["test"], result["metrics"]["baseline"]
+    assert {"accuracy", "f1", "loss"} <= test.keys() and {"accuracy", "f1", "loss"} <= baseline.keys()
+    assert result["summary"].startswith("accuracy ") and "(base " in result["summary"]
+    manifest = storage.get_json(result["manifestUri"])
+    assert manifest["task"] == task and manifest["selected"]["select"] == "best"
+    assert manifest["metrics"]["test"]["accuracy"] == pytest.approx(test["accuracy"], rel=1e-5)
+    assert manifest["metrics"]["baseline"]["test"]["accuracy"] == pytest.approx(baseline["accuracy"], rel=1e-5)
+    assert result["selectedStep"] == manifest["selected"]["step"]
+    table = kubectl(cp, "get", "ftj", "-n", namespace, name).stdout
+    assert "RESULT" in table.splitlines()[0] and result["summary"] in table
+    return manifest
+
+
+@pytest.mark.slow
+def test_a_text_classification_job_reports_test_metrics_and_baseline(control_plane, node_agent, namespace,
+                                                                      operator, s3_server, bucket, real_trainer,
+                                                                      tmp_path):
+    generate = example_generator("text-classification")
+    storage = Storage(StorageEndpoint(endpoint=s3_server.endpoint))
+    storage.upload_dir(generate.write_base_model(tmp_path / "base", pretrain_steps=0), f"s3://{bucket}/model/")
+    for split, path in generate.write_dataset(tmp_path / "data", train=40, validation=10, test=10).items():
+        storage.upload_file(path, f"s3://{bucket}/data/{split}.jsonl")
+    credentials(control_plane, namespace)
+    submit(control_plane, namespace, "clauses", classification_spec(
+        real_trainer, s3_server.endpoint, "sequence-classification", f"s3://{bucket}/model/",
+        f"s3://{bucket}/data/", f"s3://{bucket}/out/", maxSeqLength=64))
+    manifest = assert_result_in_status(control_plane, namespace, "clauses", "sequence-classification", storage)
+    assert manifest["labels"] == sorted(generate.LABELS)
+
+
+@pytest.mark.slow
+def test_an_image_classification_job_reports_test_metrics_and_baseline(control_plane, node_agent, namespace,
+                                                                        operator, s3_server, bucket,
+                                                                        real_trainer, tmp_path):
+    from kubetune_trainer.tiny_vision import make_tiny_vit
+
+    generate = example_generator("image-classification")
+    storage = Storage(StorageEndpoint(endpoint=s3_server.endpoint))
+    storage.upload_dir(make_tiny_vit(tmp_path / "vit"), f"s3://{bucket}/model/")
+    generate.write(tmp_path / "data", splits={"train": 24, "validation": 6, "test": 6})
+    storage.upload_dir(tmp_path / "data", f"s3://{bucket}/data/")  # records with image paths relative to it
+    credentials(control_plane, namespace)
+    submit(control_plane, namespace, "plates", classification_spec(
+        real_trainer, s3_server.endpoint, "image-classification", f"s3://{bucket}/model/",
+        f"s3://{bucket}/data/", f"s3://{bucket}/out/"))
+    manifest = assert_result_in_status(control_plane, namespace, "plates", "image-classification", storage)
+    assert manifest["labels"] == sorted(generate.LABELS)
+
+
+def test_a_missing_image_fails_validation_on_cpu(control_plane, node_agent, namespace, operator, s3_server,
+                                                  bucket, tmp_path):
+    from kubetune_trainer.tiny_vision import make_tiny_vit
+
+    generate = example_generator("image-classification")
+    storage = Storage(StorageEndpoint(endpoint=s3_server.endpoint))
+    storage.upload_dir(make_tiny_vit(tmp_path / "vit"), f"s3://{bucket}/model/")
+    generate.write(tmp_path / "data", splits={"train": 6, "validation": 2, "test": 2})
+    (tmp_path / "data" / "images" / "train" / "0003.png").unlink()
+    storage.upload_dir(tmp_path / "data", f"s3://{bucket}/data/")
+    credentials(control_plane, namespace)
+    submit(control_plane, namespace, "missing-image", classification_spec(
+        IMAGE, s3_server.endpoint, "image-classification", f"s3://{bucket}/model/", f"s3://{bucket}/data/",
+        f"s3://{bucket}/out/"))
+    status = wait_phase(control_plane, namespace, "missing-image", ("Failed", "Succeeded", "Running"))["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "DatasetInvalid"), status
+    assert "train.jsonl:4" in status["message"] and "images/train/0003.png" in status["message"], status["message"]
+    jobs = [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"]]
+    assert "missing-image-train" not in jobs

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
+from kubetune_operator import metrics as operator_metrics
 from kubetune_operator.status import (
     PERMANENT,
+    FineTuneJobStatus,
     charged,
     explain_failure,
     failure_reason,
@@ -11,10 +15,13 @@ from kubetune_operator.status import (
     parse_trainer_metrics,
     peer_lost,
     result_from_pods,
+    result_summary,
     set_condition,
 )
+from kubetune_trainer.cli import success_message
 from kubetune_trainer.metrics import TrainerMetrics
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from .builders import NOW, job, pod
 
@@ -38,6 +45,9 @@ def test_parses_the_trainers_own_exposition():
     assert values["tokens_trained_total"] == 640 and values["checkpoints_total"] == 1
     assert values["phase"] == "training" and values["last_checkpoint_timestamp_seconds"] > 0
     assert "validation_loss" not in values  # never set: not reported as 0
+    m.set_evaluation("validation", "finetuned", {"loss": 1.5, "accuracy": 0.75, "per_class": {"a": {"f1": 1.0}}})
+    values = parse_trainer_metrics(generate_latest(m.registry).decode(), "demo")
+    assert "evaluation" not in values  # a family by split/model/metric: not one status field
     assert parse_trainer_metrics(generate_latest(m.registry).decode(), "other-job") == {}
 
 
@@ -89,3 +99,80 @@ def test_who_is_charged():
     assert not charged({"exitCode": 0}) and not charged({"exitCode": 76})
     assert not charged({"exitCode": 75, "disrupted": True}) and not charged({"exitCode": 137, "disrupted": True})
     assert peer_lost({"exitCode": 76}) and not peer_lost({"exitCode": 76, "disrupted": True})
+
+
+CLASSIFIER_MANIFEST = {
+    "steps": 40, "totalSteps": 40, "tokensTrained": 0, "task": "sequence-classification", "headline": "accuracy",
+    "labels": ["negative", "positive"],
+    "selected": {"select": "best", "step": 32, "metric": "accuracy", "value": 0.9},
+    "metrics": {
+        "train": {"loss": 0.2},
+        "test": {"loss": 0.31234567, "accuracy": 0.91234, "f1": float("nan"), "samples": 200,
+                 "per_class": {"negative": {"f1": 0.9}}, "confusion_matrix": [[90, 10], [8, 92]]},
+        "baseline": {"test": {"loss": 0.69, "accuracy": 0.3344, "samples": 200}},
+    },
+}
+
+
+def succeeded(report: str) -> list[dict]:
+    tj = job({"metadata": {"name": "demo-train"}, "spec": {}}, finished="Complete")
+    return [pod(tj, exit_code=0, message=report)]
+
+
+def test_result_from_the_trainers_own_success_report():
+    """cli.success_message (what rank 0 writes) -> status.result: task, published step, scalars, summary."""
+    report = success_message(CLASSIFIER_MANIFEST, "s3://out/x/manifest.json", "ab" * 32)
+    res = result_from_pods(succeeded(report), "trainer", "s3://out/x/")
+    assert res == {
+        "adapterUri": "s3://out/x/", "manifestUri": "s3://out/x/manifest.json", "sha256": "ab" * 32,
+        "task": "sequence-classification", "selectedStep": 32,
+        "metrics": {"test": {"loss": 0.312346, "accuracy": 0.91234, "samples": 200.0},  # NaN f1 left out
+                    "baseline": {"loss": 0.69, "accuracy": 0.3344, "samples": 200.0}},
+        "summary": "accuracy 0.912 (base 0.334)",
+    }
+    FineTuneJobStatus.model_validate({"phase": "Succeeded", "result": res})  # fits the CRD's status schema
+
+
+def test_result_of_a_causal_lm_without_a_baseline_and_of_an_older_trainer():
+    manifest = {"steps": 10, "task": "causal-lm", "headline": "loss",
+                "metrics": {"test": {"loss": 1.23456, "perplexity": 3.4, "token_accuracy": 0.5, "tokens": 999}}}
+    res = result_from_pods(succeeded(success_message(manifest, "s3://o/manifest.json", "cd" * 32)), "trainer", "s3://o/")
+    assert res["summary"] == "loss 1.235" and "baseline" not in res["metrics"] and "selectedStep" not in res
+    old = json.dumps({"manifestUri": "s3://o/manifest.json", "manifestSha256": "ef" * 32, "steps": 3})
+    res = result_from_pods(succeeded(old), "trainer", "s3://o/")
+    assert set(res) == {"adapterUri", "manifestUri", "sha256"}
+    hostile = json.dumps({"metrics": {"test": {"loss": "1", "accuracy": True}, "baseline": [1]}, "selectedStep": "3"})
+    assert set(result_from_pods(succeeded(hostile), "trainer", "s3://o/")) == {"adapterUri", "manifestUri"}
+
+
+def test_result_summary():
+    assert result_summary({"test": {"loss": 1.2344}, "baseline": {"loss": 2.3456}}, "loss") == "loss 1.234 (base 2.346)"
+    assert result_summary({"test": {"accuracy": 0.5}}, "accuracy") == "accuracy 0.500"
+    assert result_summary({"test": {"loss": 1.0}}, "accuracy") is None
+    assert result_summary({}, "loss") is None
+
+
+def _result_series() -> dict:
+    text = generate_latest(operator_metrics.REGISTRY).decode()
+    return {(s.labels["finetunejob_namespace"], s.labels["finetunejob"], s.labels["model"], s.labels["metric"]): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "kubetune_operator_finetunejob_test_metric"}
+
+
+def test_operator_exports_the_result_until_the_finetunejob_is_deleted():
+    res = result_from_pods(succeeded(success_message(CLASSIFIER_MANIFEST, "s3://o/manifest.json", "ab" * 32)),
+                           "trainer", "s3://o/")
+    operator_metrics.record("uid-r", "Running", "Running", None, 1, job=("ml", "clf"), result=None)
+    assert _result_series() == {}
+    operator_metrics.record("uid-r", "Running", "Succeeded", None, 0, job=("ml", "clf"), result=res)
+    try:
+        series = _result_series()
+        assert series[("ml", "clf", "finetuned", "accuracy")] == 0.91234
+        assert series[("ml", "clf", "baseline", "accuracy")] == 0.3344
+        assert len(series) == 6
+        fewer = {**res, "metrics": {"test": {"accuracy": 0.5}}}
+        operator_metrics.record("uid-r", "Succeeded", "Succeeded", None, 0, job=("ml", "clf"), result=fewer)
+        assert _result_series() == {("ml", "clf", "finetuned", "accuracy"): 0.5}  # no stale series
+    finally:
+        operator_metrics.forget("uid-r")
+    assert _result_series() == {}

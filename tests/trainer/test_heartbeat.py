@@ -63,6 +63,24 @@ def test_beat_sets_the_gauge_and_rate_limits(monkeypatch):
     assert heartbeat(m) == 500.0
 
 
+def test_evaluation_gauges_carry_scalars_only_and_drop_stale_ones():
+    m = TrainerMetrics("ev", "lora", "s3://models/tiny/")
+
+    def evaluation() -> dict:
+        return {(s.labels["split"], s.labels["model"], s.labels["metric"]): s.value
+                for family in m.registry.collect() for s in family.samples if s.name == "kubetune_trainer_evaluation"}
+
+    m.set_evaluation("test", "baseline", {"loss": 2.5, "accuracy": 0.3, "samples": 84})
+    m.set_evaluation("validation", "finetuned", {"loss": 1.0, "f1": float("nan"), "ok": True, "per_class": {"a": {}},
+                                                 "confusion_matrix": [[1, 0], [0, 1]], "accuracy": 0.5})
+    assert evaluation() == {("test", "baseline", "loss"): 2.5, ("test", "baseline", "accuracy"): 0.3,
+                            ("test", "baseline", "samples"): 84, ("validation", "finetuned", "loss"): 1.0,
+                            ("validation", "finetuned", "accuracy"): 0.5}
+    m.set_evaluation("validation", "finetuned", {"loss": 0.8, "accuracy": float("inf")})  # the next evaluation
+    assert evaluation()[("validation", "finetuned", "loss")] == 0.8
+    assert ("validation", "finetuned", "accuracy") not in evaluation()  # not the previous evaluation's value
+
+
 def test_storage_beats_per_file_and_while_bytes_move(s3, tmp_path):
     storage = Storage(StorageEndpoint(endpoint=s3.endpoint), multipart_threshold=5 * MiB,
                       multipart_chunksize=5 * MiB, max_concurrency=2)

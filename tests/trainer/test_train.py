@@ -18,7 +18,7 @@ from kubetune_trainer.evaluate import evaluate
 from kubetune_trainer.pipeline import run
 from kubetune_trainer.spec import DataFormat
 from kubetune_trainer.storage import read_published
-from kubetune_trainer.train import eval_batches
+from kubetune_trainer.tasks import task_for
 
 from tests.faults import FaultProxy
 
@@ -76,7 +76,9 @@ def reload_published(storage, config, tiny_base, tmp_path):
     storage.download("s3://data/support/test.jsonl", tmp_path)
     seqs = pack_examples(tokenize_dataset(tmp_path / "test.jsonl", "test", fmt=DataFormat.chat, tokenizer=tokenizer,
                                           max_seq_length=128), 128, seed=config.hyperparameters.seed)
-    loss = evaluate(model, eval_batches(seqs, 0, 1, 4, tokenizer.pad_token_id), Accelerator(cpu=True))["loss"]
+    task = task_for(config, adapter)
+    task.processor = tokenizer
+    loss = evaluate(task, model, seqs, "test", Accelerator(cpu=True), 4)["loss"]
     return model, tokenizer, loss
 
 

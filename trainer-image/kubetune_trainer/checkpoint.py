@@ -29,7 +29,8 @@ from .storage import Storage, publish, read_published
 if TYPE_CHECKING:
     from .identity import RunIdentity
 
-STEP_DIR = re.compile(r"step-(\d{8})/manifest\.json$")
+STEP_DIR = re.compile(r"(?<![a-z-])step-(\d{8})/manifest\.json$")
+BEST_DIR = re.compile(r"best-step-(\d{8})/")
 
 
 @dataclass
@@ -37,9 +38,10 @@ class TrainState:
     step: int = 0  # optimizer steps done
     samples: int = 0  # training sequences consumed since the start of the run (the data position)
     tokens_trained: int = 0
-    best_validation_loss: float | None = None
+    best_validation: dict | None = None  # {"step", "metric", "value"}: the best evaluation.metric so far
     last_validation: dict | None = None  # the newest validation result, with its "step"
     evals_without_improvement: int = 0
+    baseline: dict | None = None  # {"test": metrics} of the model before training (evaluation.baseline)
     train_time_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)  # one entry per logging step
 
@@ -59,6 +61,7 @@ class Fingerprint:
     strategy: str
     processes: int
     step_samples: int  # sequences per optimizer step, over all processes
+    task: dict = field(default_factory=dict)  # Task.describe(): the task and, for classification, its labels
 
     def differences(self, saved: dict) -> list[str]:
         """The fields (but `processes`, `step_samples`) in which a saved fingerprint differs from this one."""
@@ -171,6 +174,38 @@ def restore_latest(storage: Storage, prefix: str, dest: Path, run: RunIdentity,
     return None
 
 
+def best_uri(prefix: str, step: int) -> str:
+    return f"{prefix.rstrip('/')}/best-step-{step:08d}/"
+
+
+def save_best(storage: Storage, directory: Path, weights: dict[str, torch.Tensor], prefix: str, best: dict,
+              run: RunIdentity) -> str:
+    """Publish the trainable weights of the best evaluated step (output.select: best) under
+    `<prefix>best-step-N/`. Older ones stay until a checkpoint records the new best (prune_best): a run that
+    resumes from an earlier checkpoint still finds the best that checkpoint knows."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / "trainable.safetensors")
+    uri = best_uri(prefix, best["step"])
+    publish(storage, directory, uri, {"kind": "best", **best, "run": run.dump()})
+    return uri
+
+
+def load_best(storage: Storage, prefix: str, step: int, dest: Path) -> dict[str, torch.Tensor]:
+    target = dest / f"best-step-{step:08d}"
+    read_published(storage, best_uri(prefix, step), target)
+    return load_file(target / "trainable.safetensors")
+
+
+def prune_best(storage: Storage, prefix: str, keep_step: int | None) -> None:
+    """Delete the best-step-N/ weights but those of `keep_step` (the best the newest checkpoint records)."""
+    seen = set()
+    for uri in storage.list(prefix.rstrip("/") + "/"):
+        m = BEST_DIR.search(uri)
+        if m and int(m.group(1)) != keep_step and m.group(1) not in seen:
+            seen.add(m.group(1))
+            storage.delete_prefix(best_uri(prefix, int(m.group(1))))
+
+
 def prune(storage: Storage, prefix: str, keep: int) -> None:
     """Keep the newest `keep` complete checkpoints; drop older ones and abandoned partial uploads."""
     steps = complete_steps(storage, prefix)
@@ -179,7 +214,7 @@ def prune(storage: Storage, prefix: str, keep: int) -> None:
     oldest_kept = steps[: max(keep, 1)][-1]
     seen = set()
     for uri in storage.list(prefix.rstrip("/") + "/"):
-        m = re.search(r"step-(\d{8})/", uri)
+        m = re.search(r"(?<![a-z-])step-(\d{8})/", uri)
         if m and int(m.group(1)) < oldest_kept and m.group(1) not in seen:
             seen.add(m.group(1))
             storage.delete_prefix(step_uri(prefix, int(m.group(1))))

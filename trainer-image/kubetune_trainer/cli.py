@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+from numbers import Real
 from pathlib import Path
 from typing import Annotated
 
@@ -31,12 +33,15 @@ out = Console()
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="TrainerConfig or FineTuneJob YAML/JSON")]
 
 
+TERMINATION_LIMIT = 4000  # bytes: Kubernetes keeps at most 4096 of a container's termination message
+
+
 def termination_log(message: str) -> None:
     """Kubernetes shows /dev/termination-log as the container's termination message."""
     path = Path(os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log"))
     try:
         if path.parent.is_dir():
-            path.write_text(message[:4000])
+            path.write_text(message.encode()[:TERMINATION_LIMIT].decode(errors="ignore"))
     except OSError:
         pass
 
@@ -84,10 +89,40 @@ def train(config: ConfigOption) -> None:
     except Exception as e:  # noqa: BLE001
         fail(e)
     if manifest:  # rank 0: the operator copies this termination message into status.result
-        termination_log(json.dumps({"manifestUri": join_uri(cfg.output.uri, "manifest.json"),
-                                    "manifestSha256": manifest_sha256(manifest),
-                                    "steps": manifest.get("steps"), "totalSteps": manifest.get("totalSteps"),
-                                    "tokensTrained": manifest.get("tokensTrained")}))
+        termination_log(success_message(manifest, join_uri(cfg.output.uri, "manifest.json"),
+                                       manifest_sha256(manifest)))
+
+
+def _significant(value: float) -> float | int:
+    return value if isinstance(value, int) else float(f"{value:.6g}")
+
+
+def _scalars(result: dict | None) -> dict[str, float | int]:
+    """A split's top-level numbers, 6 significant digits; nested details and non-finite values left out."""
+    return {k: _significant(v) for k, v in (result or {}).items() if _is_number(v)}
+
+
+def success_message(manifest: dict, manifest_uri: str, manifest_sha256: str) -> str:
+    """Rank 0's termination message, which the operator turns into status.result (status.success_report):
+    where the manifest is, how far the run went, the task, its headline metric, the published step and the test
+    split's scalars on the fine-tuned and on the base model. Kubernetes keeps 4096 bytes of it: when the metrics
+    do not fit, only the headline ones are kept, and failing that none."""
+    metrics = manifest.get("metrics") or {}
+    headline = manifest.get("headline") or "loss"
+    doc = {"manifestUri": manifest_uri, "manifestSha256": manifest_sha256, "steps": manifest.get("steps"),
+           "totalSteps": manifest.get("totalSteps"), "tokensTrained": manifest.get("tokensTrained"),
+           "task": manifest.get("task"), "headline": headline,
+           "selectedStep": (manifest.get("selected") or {}).get("step")}
+    doc = {k: v for k, v in doc.items() if v is not None}
+    found = {"test": _scalars(metrics.get("test")), "baseline": _scalars((metrics.get("baseline") or {}).get("test"))}
+    found = {model: values for model, values in found.items() if values}
+    headlines = {model: {k: v for k, v in values.items() if k == headline} for model, values in found.items()}
+    text = ""
+    for candidate in (found, {m: v for m, v in headlines.items() if v}, {}):
+        text = json.dumps({**doc, "metrics": candidate} if candidate else doc, allow_nan=False)
+        if len(text.encode()) <= TERMINATION_LIMIT:
+            break
+    return text
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
@@ -120,15 +155,83 @@ def logs(
     sys.stdout.write(text)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _human(value) -> str:
-    """An event's value for people: numbers rounded, nested values as JSON (no Python reprs)."""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return value if isinstance(value, str) else json.dumps(value, default=str)
+    """A scalar for people: floats to 4 significant digits."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _flat(event: dict) -> list[tuple[str, object]]:
+    """An event's scalars as (key, value) pairs, dicts of scalars one level down as "key.sub"; lists and deeper
+    values (per-class scores, a confusion matrix, generated samples) are left out: they are for the manifest and
+    `--verbose`, not for one line."""
+    pairs = []
+    for key, value in event.items():
+        if key == "event":
+            continue
+        if isinstance(value, dict):
+            pairs += [(f"{key}.{k}", v) for k, v in value.items() if isinstance(v, str | Real | None)]
+        elif isinstance(value, str | Real):
+            pairs.append((key, value))
+    return pairs
+
+
+def event_line(event: dict) -> str:
+    """One event as a line of plain text: `test step 40: loss 1.234, accuracy 0.912, samples 200`,
+    `baseline test: loss 2.345, ...`."""
+    kind = event["event"]
+    if kind == "selected":  # `selected step 120 (best, validation accuracy 0.912)`
+        notes = [str(event["select"])] if event.get("select") else []
+        if _is_number(event.get("value")):
+            notes.append(f"validation {event.get('metric')} {_human(event['value'])}")
+        return f"selected step {event.get('step')}" + (f" ({', '.join(notes)})" if notes else "")
+    pairs = _flat(event)
+    step = next((v for k, v in pairs if k == "step"), None)
+    split = event.get("split") if kind == "baseline" else None
+    head = " ".join(str(p) for p in (kind, split, f"step {step}" if step is not None else None) if p)
+    details = ", ".join(f"{k} {_human(v)}" for k, v in pairs if k not in ("step", "split"))
+    return f"{head}: {details}" if details else head
+
+
+def per_class_table(per_class, limit: int = 12) -> Table | None:
+    """A classification split's per-class scores ({class: {precision, recall, f1, support}}, or a list of such
+    rows with a "label") as a small table; None when there are none."""
+    rows = per_class.items() if isinstance(per_class, dict) else (
+        (r.get("label", r.get("class", i)), r) for i, r in enumerate(per_class or []) if isinstance(r, dict))
+    rows = [(str(name), scores) for name, scores in rows if isinstance(scores, dict)]
+    if not rows:
+        return None
+    columns = list(dict.fromkeys(k for _, scores in rows for k, v in scores.items() if _is_number(v)))
+    table = Table("class", *columns, box=None, padding=(0, 1), show_edge=False)
+    for name, scores in rows[:limit]:
+        table.add_row(escape(name), *(_human(scores[c]) if _is_number(scores.get(c)) else "" for c in columns))
+    if len(rows) > limit:
+        table.add_row(f"[dim]{len(rows) - limit} more in manifest.json", *([""] * len(columns)))
+    return table
+
+
+def outcome(manifest: dict) -> str:
+    """`N steps, test accuracy 0.912 vs base 0.334`: the task's headline test metric, with the baseline's."""
+    metrics = manifest.get("metrics") or {}
+    headline = manifest.get("headline") or "loss"
+    test = (metrics.get("test") or {}).get(headline)
+    base = ((metrics.get("baseline") or {}).get("test") or {}).get(headline)
+    text = f"{manifest.get('steps')} steps"
+    if _is_number(test):
+        text += f", test {headline} {_human(float(test))}"
+        if _is_number(base):
+            text += f" vs base {_human(float(base))}"
+    return text
 
 
 class ProgressReporter:
-    """Shows the run as a rich progress bar; keeps the JSON events for --verbose."""
+    """Shows the run as a rich progress bar and one readable line per event; the JSON events with --verbose."""
+
+    SHOWN = ("validation", "test", "baseline", "selected", "generation", "checkpoint", "resumed", "stopped",
+             "early_stopping", "published", "metrics", "output_will_move_aside", "output_moved_aside")
 
     def __init__(self, progress: Progress, verbose: bool):
         self.progress, self.verbose = progress, verbose
@@ -137,8 +240,9 @@ class ProgressReporter:
 
     def __call__(self, event: dict) -> None:
         kind = event["event"]
+        console = self.progress.console
         if self.verbose:
-            self.progress.console.print_json(data=event)
+            console.print_json(data=event)
         if kind == "phase":
             self.progress.update(self.task, description=event["phase"])
         elif kind == "plan":
@@ -147,10 +251,12 @@ class ProgressReporter:
             self.progress.update(self.task, completed=event["step"], loss=f"loss {event['loss']:.4f}")
         elif kind == "already_published":
             self.already_published = True
-        elif kind in ("validation", "test", "checkpoint", "resumed", "early_stopping", "published", "metrics",
-                      "output_moved_aside"):
-            details = ", ".join(f"{k} {_human(v)}" for k, v in event.items() if k != "event")
-            self.progress.console.print(f"[cyan]{kind}[/] {escape(details)}", highlight=False)
+        elif kind in self.SHOWN:
+            line = event_line(event)
+            console.print(f"[cyan]{kind}[/]{escape(line.removeprefix(kind))}", highlight=False, soft_wrap=True)
+            table = per_class_table(event.get("per_class")) if kind == "test" else None
+            if table is not None:
+                console.print(table, highlight=False)
 
 
 @app.command("run")
@@ -181,10 +287,9 @@ def run_local(
             manifest_doc = run(config, report=reporter)
     except Exception as e:  # noqa: BLE001
         fail(e)
-    test = manifest_doc.get("metrics", {}).get("test")
     verb = "already published" if reporter.already_published else "published"
-    out.print(f"[green]{verb}[/] {config.output.uri} ({manifest_doc.get('steps')} steps"
-              + (f", test loss {test['loss']:.4f}" if test else "") + ")", soft_wrap=True)  # one line, for grep
+    out.print(f"[green]{verb}[/] {escape(config.output.uri)} ({outcome(manifest_doc)})", soft_wrap=True,
+              highlight=False)  # one line, for grep
 
 
 def main() -> None:  # pragma: no cover

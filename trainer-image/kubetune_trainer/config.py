@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from .errors import ConfigError
 from .spec import (
@@ -34,6 +34,8 @@ from .spec import (
     Model,
     OutputSpec,
     StorageSpec,
+    TaskType,
+    task_problem,
 )
 
 CONFIG_VERSION = "kubetune.io/v1alpha1"
@@ -58,6 +60,7 @@ class TrainerConfig(Model):
     job_name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     run_id: str | None = Field(None, max_length=128, description="Which run this is: the FineTuneJob's uid (the "
                                "operator sets it); `kubetune run`: a hash of the manifest")
+    task: TaskType = TaskType.causal_lm
     base_model: BaseModelSpec
     dataset: DatasetSpec
     method: MethodSpec = Field(default_factory=MethodSpec)
@@ -78,6 +81,7 @@ class TrainerConfig(Model):
         storage: StorageSpec = spec.storage
         return cls(
             job_name=name,
+            task=spec.task,
             base_model=spec.base_model,
             dataset=spec.dataset,
             method=spec.method,
@@ -90,6 +94,11 @@ class TrainerConfig(Model):
             ),
             **overrides,
         )
+
+    @model_validator(mode="after")
+    def _fits_the_task(self) -> TrainerConfig:
+        task_problem(self.task, self.dataset, self.evaluation, self.output)
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.dump(), sort_keys=False)

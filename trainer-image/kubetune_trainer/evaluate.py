@@ -1,51 +1,57 @@
-"""Stage 5, evaluate: loss, perplexity and token accuracy of the model on a split (validation or test)."""
+"""Stage 5, evaluate: the task's metrics of the model on a split (validation or test), over every process.
+
+The task scores batches (`Task.evaluation`); this stage shares the split out, runs the model in eval mode, and
+beats per batch. `baseline_difference` is what the manifest reports beside a baseline: fine-tuned minus base.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from .metrics import TrainerMetrics
+    from .tasks import Task
 
 
-def forward_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over trained tokens, their count, and how many argmax got right."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
-                               reduction="sum")
-    correct = ((logits.argmax(-1) == labels) & mask).sum()
-    return loss_sum, mask.sum(), correct
+def eval_batches(task: Task, examples: Sequence, rank: int, processes: int, batch_size: int) -> Iterator[dict]:
+    """This process's share of an evaluation split, in batches. Every process yields as many batches as
+    rank 0 (the largest share), topping up with blank batches: a sharded forward is a collective that all
+    processes must join."""
+    mine, most = examples[rank::processes], len(examples[0::processes])
+    for i in range(0, most, batch_size):
+        yield task.collate(list(mine[i : i + batch_size])) if i < len(mine) else task.blank(examples[0])
 
 
 @torch.no_grad()
-def evaluate(model, batches, accelerator, metrics: TrainerMetrics | None = None) -> dict[str, float]:
-    """Token-weighted metrics over this process's batches, summed across all processes; beats per batch."""
+def evaluate(task: Task, model, examples: Sequence, split: str, accelerator, batch_size: int,
+             metrics: TrainerMetrics | None = None) -> dict[str, Any]:
+    """The task's metrics of `model` on `examples` (this process's share of them), combined over processes."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
-    for batch in batches:
+    evaluation = task.evaluation(split)
+    for batch in eval_batches(task, examples, accelerator.process_index, accelerator.num_processes, batch_size):
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            loss_sum, tokens, correct = forward_loss(model, batch)
-        totals += torch.stack([loss_sum.double(), tokens.double(), correct.double()])
+            evaluation.add(model, batch)
         if metrics:
             metrics.beat()
-    totals = accelerator.reduce(totals, reduction="sum")
+    result = evaluation.result(accelerator)
     model.train(was_training)
-    loss_sum, tokens, correct = totals.tolist()
-    if tokens == 0:
-        return {"loss": float("nan"), "perplexity": float("nan"), "token_accuracy": float("nan"), "tokens": 0}
-    loss = loss_sum / tokens
-    return {
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 700)),
-        "token_accuracy": correct / tokens,
-        "tokens": int(tokens),
-    }
+    return result
+
+
+def scalars(result: dict[str, Any]) -> dict[str, float]:
+    """The top-level numbers of a result (its details, nested, left out)."""
+    return {k: v for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def baseline_difference(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
+    """Fine-tuned minus base, per scalar metric both have (counts such as tokens and samples left out)."""
+    counts = ("tokens", "samples", "generated")
+    both = scalars(result).keys() & scalars(baseline).keys()
+    return {k: result[k] - baseline[k] for k in sorted(both)
+            if k not in counts and math.isfinite(result[k]) and math.isfinite(baseline[k])}

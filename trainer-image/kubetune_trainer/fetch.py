@@ -109,11 +109,13 @@ def tree_sha256(path: Path, *, skip_weights: bool = False, beat: Callable[[], No
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja")
+                   "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                   "preprocessor_config.json")
 
 
 def tokenizer_sha256(model_dir: Path) -> str:
-    """One hash of the tokenizer's files in a model folder: what turns the records into the trained tokens."""
+    """One hash of the tokenizer's (or image processor's) files in a model folder: what turns the records into
+    the model's inputs."""
     h = hashlib.sha256()
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():

@@ -7,8 +7,10 @@ contract with the dashboard and alerts in charts/kubetune; trainer-image/README.
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from numbers import Real
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
@@ -69,6 +71,12 @@ class TrainerMetrics:
             ["finetunejob", "method", "base_model"], registry=self.registry,
         )
         info.labels(job, method, base_model).set(1)
+        self.evaluation = Gauge(
+            "kubetune_trainer_evaluation", "An evaluation result: a scalar metric of a split, on the fine-tuned "
+            "model or on the base model (baseline)", ["finetunejob", "split", "model", "metric"],
+            registry=self.registry,
+        )
+        self._evaluated: dict[tuple[str, str], set[str]] = {}  # (split, model) -> the metrics exported
         for name in ("tokens_trained", "checkpoints"):
             getattr(self, name).labels(job)  # export 0 from the start
         self._heartbeat = self.gauges["heartbeat_timestamp_seconds"].labels(job)
@@ -93,6 +101,18 @@ class TrainerMetrics:
         for name, value in values.items():
             if value is not None:
                 self.gauges[name].labels(self.job).set(value)
+
+    def set_evaluation(self, split: str, model: str, values: dict) -> None:
+        """Export one evaluation's scalars (`model`: "finetuned" or "baseline"). Nested values (per-class scores, a
+        confusion matrix, generated samples) and non-finite numbers are left out; a metric the previous evaluation
+        of this split and model had but this one lacks is removed, so no stale value lingers."""
+        scalars = {name: float(v) for name, v in values.items()
+                   if isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)}
+        for name in self._evaluated.get((split, model), set()) - scalars.keys():
+            self.evaluation.remove(self.job, split, model, name)
+        for name, value in scalars.items():
+            self.evaluation.labels(self.job, split, model, name).set(value)
+        self._evaluated[(split, model)] = set(scalars)
 
     def set_phase(self, phase: str) -> None:
         for p in PHASES:

@@ -40,14 +40,20 @@ def load_tokenizer(model_dir: Path):
 
 
 def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, gradient_checkpointing: bool,
-               sharded: bool = False, seed: int = 42):
-    """The model to train. `sharded` (FSDP): every weight in fp32, one dtype per shard group. The adapter is
-    initialised from `seed` (hyperparameters.seed) alone: the same seed gives the same adapter, in every process."""
+               sharded: bool = False, seed: int = 42, *, auto_class=None, task_type: str = "CAUSAL_LM",
+               modules_to_save: list[str] | None = None, **model_kwargs):
+    """The model to train. `sharded` (FSDP): every weight in fp32, one dtype per shard group. Whatever is new
+    (a classification head, the adapter) is initialised from `seed` (hyperparameters.seed) alone: the same seed
+    gives the same model, in every process.
+
+    `auto_class` (default AutoModelForCausalLM) loads the folder with `model_kwargs` (num_labels, id2label, ...);
+    with LoRA, `task_type` is peft's and `modules_to_save` (a classification head) is trained in full."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # "Loading weights", "Writing model shards": not for pod logs
-    kwargs: dict = {"attn_implementation": "sdpa"}
+    auto_class = auto_class or AutoModelForCausalLM
+    kwargs: dict = {"attn_implementation": "sdpa", **model_kwargs}
     if method.type == MethodType.qlora and sharded:
         raise ConfigError(QLORA_FSDP)
     if method.type == MethodType.qlora:
@@ -68,8 +74,10 @@ def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, gradie
         kwargs["dtype"] = torch.bfloat16  # frozen base weights in bf16; LoRA weights are made fp32 below
     else:
         kwargs["dtype"] = torch.float32  # full fine-tuning keeps fp32 master weights under autocast
+    torch.manual_seed(seed)  # a new head's initial weights
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        with quiet_transformers():
+            model = auto_class.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(f"baseModel: cannot load the model folder: {e}") from e
     model.config.use_cache = False
@@ -93,7 +101,8 @@ def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, gradie
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules="all-linear" if targets == ["all-linear"] else targets,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
+        modules_to_save=modules_to_save,
     )
     torch.manual_seed(seed)
     try:
@@ -105,6 +114,20 @@ def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, gradie
         if p.requires_grad:
             p.data = p.data.float()
     return model
+
+
+@contextmanager
+def quiet_transformers():
+    """Loading a base model under a new head logs "Some weights ... were not initialized ... You should probably
+    TRAIN this model": what fine-tuning is about to do, so not for the user's log."""
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(level)
 
 
 @contextmanager

@@ -1,7 +1,8 @@
 """The trainer as a pipeline: fetch -> validate -> tokenize -> train -> evaluate -> publish.
 
 `run(config)` is what `accelerate launch -m kubetune_trainer train` and `kubetune run` execute in every
-process. Rank 0 (per machine for local files) downloads, serves metrics, checkpoints and publishes.
+process. Rank 0 (per machine for local files) downloads, serves metrics, checkpoints and publishes. What differs
+between tasks (causal-lm, sequence- and image-classification) is the `Task` of tasks/: the stages call it.
 """
 
 from __future__ import annotations
@@ -12,34 +13,33 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import TrainerConfig, join_uri
-from .data import DatasetReport, pack_examples, tokenize_dataset, validate_dataset
+from .data import DatasetReport
 from .errors import DatasetError
-from .evaluate import evaluate
+from .evaluate import baseline_difference, evaluate
 from .fetch import Fetched, fetch, tokenizer_sha256, tree_sha256
 from .identity import RunIdentity, check_claim, claim
 from .metrics import TrainerMetrics
 from .publish import publish_output, save_output
 from .sharding import full_trainable_state
-from .spec import Strategy
+from .spec import Select, Strategy
 from .storage import Storage
-from .train import Reporter, StopSignal, collective_failures_are_peer_lost, eval_batches, is_sharded, train
+from .tasks import Task, task_for
+from .train import Reporter, StopSignal, collective_failures_are_peer_lost, is_sharded, train
 
 
 def json_reporter(event: dict) -> None:
     print(json.dumps(event, default=str), flush=True)
 
 
-def validate_splits(config: TrainerConfig, fetched: Fetched, tokenizer,
+def validate_splits(config: TrainerConfig, task: Task, fetched: Fetched,
                     beat: Callable[[], None] | None = None) -> dict[str, DatasetReport]:
-    """Check every record of every split; the first bad one raises DatasetError (exit 65). Beats per split."""
+    """Check every record of every split, train first; the first bad one raises DatasetError (exit 65). Beats
+    per split."""
     reports: dict[str, DatasetReport] = {}
     for split, path in fetched.splits.items():
         fmt = reports["train"].format if reports else config.dataset.format
-        reports[split] = validate_dataset(
-            path, fetched.uris[split], fmt=fmt, tokenizer=tokenizer,
-            max_seq_length=config.hyperparameters.max_seq_length,
-            min_samples=config.dataset.min_samples if split == "train" else 1, split=split,
-        )
+        reports[split] = task.validate(split, path, fetched.uris[split], fmt,
+                                       config.dataset.min_samples if split == "train" else 1)
         if reports[split].format != reports["train"].format:
             raise DatasetError(fetched.uris[split], 0, f"{split} split is {reports[split].format.value} but "
                                f"train is {reports['train'].format.value}", "use one format for all splits")
@@ -48,18 +48,12 @@ def validate_splits(config: TrainerConfig, fetched: Fetched, tokenizer,
     return reports
 
 
-def sequences(path: Path, uri: str, config: TrainerConfig, tokenizer, fmt) -> list:
-    hp = config.hyperparameters
-    examples = tokenize_dataset(path, uri, fmt=fmt, tokenizer=tokenizer, max_seq_length=hp.max_seq_length)
-    return pack_examples(examples, hp.max_seq_length, seed=hp.seed) if hp.packing else examples
-
-
 def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storage | None = None) -> dict:
     """Train as configured and return the published manifest (or the existing one if already done)."""
     import torch
     from accelerate import Accelerator
 
-    from .modeling import load_model, load_tokenizer, resolve_precision
+    from .modeling import resolve_precision
 
     started = time.time()
     storage = storage or Storage(config.storage)
@@ -95,49 +89,58 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
     phase("downloading")
     with accelerator.local_main_process_first():
         fetched = fetch(config, storage)
-    tokenizer = load_tokenizer(fetched.model_dir)
+    task = task_for(config, fetched.model_dir, storage)
+    task.load_processor()
     # What the checkpoints' fingerprint and the manifest record: the exact bytes trained on.
     data_sha256 = {s: tree_sha256(p, beat=beat) for s, p in fetched.splits.items()}
     inputs = {"datasets": data_sha256, "tokenizer": tokenizer_sha256(fetched.model_dir)}
 
     phase("validating")
-    reports = validate_splits(config, fetched, tokenizer, beat)
+    reports = validate_splits(config, task, fetched, beat)
     fmt = reports["train"].format
-    report({"event": "validated", **{s: {"samples": r.samples, "tokens": r.tokens, "truncated": r.truncated}
+    report({"event": "validated", **{s: {"samples": r.samples, "tokens": r.tokens, "truncated": r.truncated,
+                                         **({"classes": r.classes} if r.classes else {})}
                                      for s, r in reports.items()}})
 
     phase("tokenizing")
     splits = {}
     for s, p in fetched.splits.items():
-        splits[s] = sequences(p, fetched.uris[s], config, tokenizer, fmt)
+        splits[s] = task.examples(s, p, fetched.uris[s], fmt)
         beat()
 
     phase("training")
     precision = accelerator.mixed_precision
-    model = load_model(fetched.model_dir, config.method, precision, hp.gradient_checkpointing,
-                       sharded=is_sharded(config, accelerator), seed=hp.seed)
+    model = task.load_model(precision, is_sharded(config, accelerator))
     # From here SIGTERM is noted, not fatal: the loop checkpoints and stops; after the loop, publishing goes on.
     with StopSignal().installed() as stop, collective_failures_are_peer_lost(accelerator):
-        model, state, plan = train(config, model, splits["train"], splits.get("validation"), accelerator, storage,
-                                   metrics, report, tokenizer.pad_token_id, inputs, stop)
+        model, state, plan = train(config, task, model, splits, accelerator, storage, metrics, report, inputs, stop)
+        best = state.best_validation if config.output.select == Select.best else None
+        selected = best["step"] if best else state.step  # the step whose weights `model` has
 
         phase("evaluating")
         results = {}
         recent = state.last_validation
-        if recent and recent["step"] == state.step:  # the loop has just evaluated this very model
+        if recent and recent["step"] == selected:  # the loop has evaluated this very model
             results["validation"] = {k: v for k, v in recent.items() if k != "step"}
         for split in ("validation", "test"):
             if split in splits and split not in results:
-                results[split] = evaluate(model, eval_batches(splits[split], accelerator.process_index,
-                                                              accelerator.num_processes,
-                                                              config.hyperparameters.batch_size,
-                                                              tokenizer.pad_token_id), accelerator, metrics)
-                report({"event": split, "step": state.step, **results[split]})
-        if metrics and "test" in results:
-            t = results["test"]
-            metrics.set(test_loss=t["loss"], test_perplexity=t["perplexity"], test_token_accuracy=t["token_accuracy"])
-        if metrics and "validation" in results:
-            metrics.set(validation_loss=results["validation"]["loss"])
+                results[split] = evaluate(task, model, splits[split], split, accelerator, hp.batch_size, metrics)
+                if split == "test":
+                    results[split].update(task.generation_metrics(model, accelerator, beat))
+                report({"event": split, "step": selected, **results[split]})
+        if state.baseline and "test" in results:
+            results["baseline"] = state.baseline
+            results["difference"] = {"test": baseline_difference(results["test"], state.baseline["test"])}
+        if metrics:
+            for split in ("validation", "test"):
+                if split in results:
+                    metrics.set_evaluation(split, "finetuned", results[split])
+            if "test" in results:
+                t = results["test"]
+                metrics.set(test_loss=t["loss"], test_perplexity=t.get("perplexity"),
+                            test_token_accuracy=t.get("token_accuracy"))
+            if "validation" in results:
+                metrics.set(validation_loss=results["validation"]["loss"])
 
         manifest: dict = {}
         # Under FSDP every process helps gather the trained weights in full (a collective); rank 0 saves them.
@@ -146,12 +149,14 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
             check_claim(storage, config, identity)  # the prefix is still this run's: nobody moved it meanwhile
             phase("uploading")
             work = Path(config.work_dir) / config.job_name
-            out = save_output(model, tokenizer, work / "output", weights)
+            out = save_output(model, task, work / "output", weights)
             beat()
             last = state.history[-1] if state.history else {}
             manifest = publish_output(storage, out, config.output.uri, {
                 "job": config.job_name,
                 "run": identity.dump(),
+                **task.describe(),
+                "headline": task.headline,
                 "method": config.method.type.value,
                 "baseModel": {"uri": config.base_model.uri, "sha256": tree_sha256(fetched.model_dir, beat=beat)},
                 "datasets": {s: {"uri": fetched.uris[s], "sha256": data_sha256[s],
@@ -166,7 +171,9 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
                 "earlyStopped": state.step < plan.total_steps,
                 "tokensTrained": state.tokens_trained,
                 "metrics": {"train": {"loss": last.get("loss")}, **results,
-                            "bestValidationLoss": state.best_validation_loss},
+                            "bestValidation": state.best_validation},
+                "selected": {"select": config.output.select.value, "step": selected,
+                             **({"metric": best["metric"], "value": best["value"]} if best else {})},
                 "history": state.history,
                 "wallTimeSeconds": time.time() - started,
                 "trainTimeSeconds": state.train_time_seconds,
@@ -184,9 +191,9 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
 
 def validate_only(config: TrainerConfig, storage: Storage | None = None) -> dict[str, DatasetReport]:
     """`kubetune validate`: the same checks, on CPU, without downloading the model weights."""
-    from .modeling import load_tokenizer
-
     storage = storage or Storage(config.storage)
     claim(storage, config, RunIdentity.of(config), write=False)  # another run's output: refused before a GPU pod
     fetched = fetch(config, storage, weights=False)
-    return validate_splits(config, fetched, load_tokenizer(fetched.model_dir))
+    task = task_for(config, fetched.model_dir, storage)
+    task.load_processor()
+    return validate_splits(config, task, fetched)

@@ -55,8 +55,13 @@ def full_optimizer_state(model, optimizer) -> dict:
     return get_optimizer_state_dict(model, optimizer, options=FULL)
 
 
+def load_full_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    """Load trainable weights saved by full_trainable_state into the sharded model (each process has them all)."""
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
 def load_full_state(model, optimizer, weights: dict[str, torch.Tensor], optimizer_state: dict) -> None:
     """Load trainable weights and optimizer state saved by the two functions above into the sharded model."""
-    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+    load_full_weights(model, weights)
     set_optimizer_state_dict(model, optimizer, optimizer_state,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -62,6 +62,7 @@ TOLERATION_EXISTS_VALUE = ("resources.tolerations: a toleration with operator Ex
                            "leave value unset")
 MAX_STRING = 2048
 MAX_LIST = 64  # tolerations, target modules, node selector entries: bounds the CEL cost estimate
+MAX_LABELS = 1024  # dataset.labels (no CEL rule reads them)
 
 
 def _matching(pattern: str, message: str, max_length: int = MAX_STRING) -> Any:
@@ -89,12 +90,46 @@ class Model(BaseModel):
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
+class TaskType(StrEnum):
+    causal_lm = "causal-lm"  # generate text: chat, instruction, completion or plain text records
+    sequence_classification = "sequence-classification"  # a label per text (or text pair)
+    image_classification = "image-classification"  # a label per image
+
+
 class DataFormat(StrEnum):
     auto = "auto"
     chat = "chat"  # {"messages": [{"role": "system|user|assistant", "content": "..."}]}
+    sharegpt = "sharegpt"  # {"conversations": [{"from": "system|human|gpt", "value": "..."}]}
     instruction = "instruction"  # {"instruction": ..., "input": ..., "output": ...}
     completion = "completion"  # {"prompt": ..., "completion": ...}
     text = "text"  # {"text": ...}
+    classification = "classification"  # {"text": ..., "label": ...} or {"image": ..., "label": ...}
+    label_studio = "label-studio"  # a Label Studio JSON or JSON-MIN export
+    imagefolder = "imagefolder"  # <prefix>/<label>/<image file>
+
+
+# The record formats each task reads; `auto` detects one of them from the data.
+TASK_FORMATS: dict[TaskType, tuple[DataFormat, ...]] = {
+    TaskType.causal_lm: (DataFormat.auto, DataFormat.chat, DataFormat.sharegpt, DataFormat.instruction,
+                         DataFormat.completion, DataFormat.text),
+    TaskType.sequence_classification: (DataFormat.auto, DataFormat.classification, DataFormat.label_studio),
+    TaskType.image_classification: (DataFormat.auto, DataFormat.classification, DataFormat.label_studio,
+                                    DataFormat.imagefolder),
+}
+CLASSIFICATION_TASKS = (TaskType.sequence_classification, TaskType.image_classification)
+
+
+class EvalMetric(StrEnum):
+    """What early stopping and output.select follow: loss is minimised, accuracy and f1 (macro) maximised."""
+
+    loss = "loss"
+    accuracy = "accuracy"
+    f1 = "f1"
+
+
+class Select(StrEnum):
+    last = "last"  # the model at the last step
+    best = "best"  # the evaluated step with the best evaluation.metric on the validation split
 
 
 class MethodType(StrEnum):
@@ -132,11 +167,17 @@ class BaseModelSpec(Model):
 
 
 class DatasetSpec(Model):
-    train: str = Field(description="s3:// object or prefix, or a local path, of JSONL, JSON or Parquet records")
+    train: str = Field(description="s3:// object or prefix, or a local path, of JSONL, JSON, CSV or Parquet records")
     validation: str | None = Field(None, description="Validation split, used for evaluation and early stopping")
     test: str | None = Field(None, description="Held-out test split, evaluated once at the end")
-    format: DataFormat = Field(DataFormat.auto, description="Record format; auto detects it from the first record")
+    format: DataFormat = Field(DataFormat.auto, description="Record format; auto detects it from the first record. "
+                               "causal-lm: chat, sharegpt, instruction, completion, text; sequence-classification: "
+                               "classification, label-studio; image-classification: classification, "
+                               "label-studio, imagefolder")
     min_samples: int = Field(1, ge=1, description="Fewer valid training records than this is an error")
+    labels: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None, min_length=2, max_length=MAX_LABELS, description="Classification: the class names, in the order of "
+        "the model's outputs; by default the labels of the training split, sorted")
 
 
 class LoraSpec(Model):
@@ -182,13 +223,28 @@ class Hyperparameters(Model):
 
 
 class EarlyStoppingSpec(Model):
-    patience: int = Field(3, ge=1, description="Evaluations without validation-loss improvement before stopping")
+    patience: int = Field(3, ge=1, description="Evaluations without improvement of evaluation.metric before "
+                          "stopping")
     min_delta: float = Field(0.0, ge=0)
+
+
+class GenerationSpec(Model):
+    """causal-lm: generate an answer for each test prompt and score it against the reference (exact match, BLEU,
+    ROUGE-L)."""
+
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    max_samples: int = Field(100, ge=1, le=100000, description="Test records to generate for (the first ones)")
 
 
 class EvaluationSpec(Model):
     every_steps: int | None = Field(None, ge=1, description="Evaluate on the validation split every N steps")
     early_stopping: EarlyStoppingSpec | None = None
+    metric: EvalMetric = Field(EvalMetric.loss, description="What early stopping and output.select follow: loss "
+                               "(lower is better), accuracy or f1 (macro; higher is better, classification only)")
+    baseline: bool = Field(True, description="Also evaluate the test split on the base model (the model before "
+                           "training), reported beside the fine-tuned one")
+    generation: GenerationSpec | None = Field(None, description="causal-lm: score generated test answers; off "
+                                              "when unset")
 
 
 DEFAULT_CHECKPOINT_MINUTES = 30.0
@@ -210,6 +266,9 @@ class OutputSpec(Model):
     overwrite: bool = Field(
         False, description="Publish even if the prefix holds another run's output: the old files are moved aside "
         "to <uri>.replaced-<time>/ first, never deleted")
+    select: Select = Field(Select.last, description="Which model to publish: the last step's, or the best one on "
+                           "the validation split by evaluation.metric (needs dataset.validation and "
+                           "evaluation.everySteps)")
 
 
 class SecretRef(Model):
@@ -289,6 +348,8 @@ class ValidationSpec(Model):
 
 
 class FineTuneJobSpec(Model):
+    task: TaskType = Field(TaskType.causal_lm, description="What the model learns: causal-lm (text generation), "
+                           "sequence-classification or image-classification")
     base_model: BaseModelSpec
     dataset: DatasetSpec
     method: MethodSpec = Field(default_factory=MethodSpec)
@@ -314,7 +375,37 @@ class FineTuneJobSpec(Model):
             raise ValueError(QLORA_FSDP)
         if self.hyperparameters.precision == Precision.fp16 and self.hyperparameters.strategy == Strategy.fsdp:
             raise ValueError(FSDP_FP16)
+        task_problem(self.task, self.dataset, self.evaluation, self.output)
         return self
+
+
+METRIC_NEEDS_CLASSIFICATION = ("evaluation.metric accuracy and f1 apply to classification tasks: use loss with "
+                               "task causal-lm")
+GENERATION_NEEDS_CAUSAL_LM = "evaluation.generation applies to task causal-lm only"
+SELECT_BEST_NEEDS_VALIDATION = ("output.select best needs validation results: set dataset.validation and "
+                                "evaluation.everySteps")
+LABELS_NEED_CLASSIFICATION = "dataset.labels applies to classification tasks only"
+
+
+def format_problem(task: TaskType) -> str:
+    formats = ", ".join(f.value for f in TASK_FORMATS[task])
+    return f"dataset.format does not fit task {task.value}: use one of {formats}"
+
+
+def task_problem(task: TaskType, dataset: DatasetSpec, evaluation: EvaluationSpec, output: OutputSpec) -> None:
+    """Raise ValueError when the dataset, evaluation or output settings do not fit the task (the CRD's CEL rules
+    say the same)."""
+    if dataset.format not in TASK_FORMATS[task]:
+        raise ValueError(format_problem(task))
+    classification = task in CLASSIFICATION_TASKS
+    if evaluation.metric != EvalMetric.loss and not classification:
+        raise ValueError(METRIC_NEEDS_CLASSIFICATION)
+    if evaluation.generation is not None and task != TaskType.causal_lm:
+        raise ValueError(GENERATION_NEEDS_CAUSAL_LM)
+    if dataset.labels is not None and not classification:
+        raise ValueError(LABELS_NEED_CLASSIFICATION)
+    if output.select == Select.best and (dataset.validation is None or evaluation.every_steps is None):
+        raise ValueError(SELECT_BEST_NEEDS_VALIDATION)
 
 
 class ObjectMeta(BaseModel):

@@ -7,8 +7,13 @@ run skips the samples it already trained on, deals each step's samples out to ho
 and ends at the same step.
 
 One optimizer step = the step's samples, in `batchSize` micro-batches per process. The loss is summed over
-trained tokens and divided by the trained tokens of the whole step across all processes, so every token weighs
-the same whatever the padding, packing, accumulation or number of workers.
+the task's units (trained tokens, or labelled samples) and divided by the units of the whole step across all
+processes, so every token (sample) weighs the same whatever the padding, packing, accumulation or number of
+workers. The task (tasks/) makes the batches and computes the loss and the metrics; the loop knows no task.
+
+Before the first step, the test split is evaluated on the untrained model (the baseline: with LoRA it is the
+base model, the adapter starting as the identity). Validation every `evaluation.everySteps` follows
+`evaluation.metric` for early stopping and, with `output.select: best`, keeps the best step's weights.
 
 Stopping: SIGTERM (eviction, preemption, node drain, suspend) sets a flag; at the next step every process
 learns of it (one all-reduce per step carries it, with the step's token count and rank 0's "a timed checkpoint
@@ -31,14 +36,14 @@ import torch
 
 from . import checkpoint, sharding
 from .config import TrainerConfig
-from .data import PackedExample, collate
 from .errors import ConfigError, PeerLost, Preempted
-from .evaluate import evaluate, forward_loss
+from .evaluate import evaluate
 from .identity import RunIdentity, check_claim
 from .metrics import TrainerMetrics
 from .modeling import load_trainable_state_dict, trainable_state_dict
-from .spec import Strategy
+from .spec import Select, Strategy
 from .storage import Storage
+from .tasks import Task
 
 Reporter = Callable[[dict], None]
 
@@ -91,25 +96,6 @@ def step_indices(plan: Plan, seed: int, step: int, rank: int) -> list[list[int]]
             for k in range(plan.accumulation)]
 
 
-def samples_in(sequence) -> int:
-    """Training samples in a sequence: several when packed."""
-    return len(sequence.lengths) if isinstance(sequence, PackedExample) else 1
-
-
-def eval_batches(sequences: list, rank: int, processes: int, batch_size: int, pad_id: int):
-    """This process's share of an evaluation split, in batches. Every process yields as many batches as
-    rank 0 (the largest share), topping up with a batch that counts no token: a sharded forward is a
-    collective that all processes must join."""
-    mine, most = sequences[rank::processes], len(sequences[0::processes])
-    for i in range(0, most, batch_size):
-        if i < len(mine):
-            yield collate(mine[i : i + batch_size], pad_id)
-        else:
-            batch = collate(sequences[:1], pad_id)
-            batch["labels"].fill_(-100)
-            yield batch
-
-
 def is_sharded(config: TrainerConfig, accelerator) -> bool:
     return config.hyperparameters.strategy == Strategy.fsdp and accelerator.num_processes > 1
 
@@ -142,14 +128,18 @@ class Loop:
     """What every part of the loop shares: the run, where it reports, and how it is spread over processes."""
 
     config: TrainerConfig
+    task: Task
     accelerator: object
     storage: Storage
     metrics: TrainerMetrics | None
     report: Reporter
-    pad_id: int
     sharded: bool
     run: RunIdentity
     work: Path
+
+    def evaluate(self, model, examples, split: str) -> dict:
+        return evaluate(self.task, model, examples, split, self.accelerator, self.config.hyperparameters.batch_size,
+                        self.metrics)
 
 
 class StopSignal:
@@ -194,27 +184,29 @@ def collective_failures_are_peer_lost(accelerator):
 
 def train(
     config: TrainerConfig,
+    task: Task,
     model,
-    train_seqs: list,
-    val_seqs: list | None,
+    splits: dict,
     accelerator,
     storage: Storage,
     metrics: TrainerMetrics | None,
     report: Reporter,
-    pad_id: int,
     inputs: dict,
     stop: StopSignal,
 ) -> tuple[object, checkpoint.TrainState, Plan]:
-    """Train to the plan's last step (or early stopping). `inputs`: {"datasets": {split: sha256}, "tokenizer":
-    sha256}, what the checkpoints' fingerprint records. `stop`: the installed StopSignal the loop watches.
-    Raises Preempted/PeerLost when stopped (see above)."""
-    loop = Loop(config, accelerator, storage, metrics, report, pad_id, is_sharded(config, accelerator),
+    """Train to the plan's last step (or early stopping). `splits`: the task's examples per split ("train", and
+    "validation", "test" when given). `inputs`: {"datasets": {split: sha256}, "tokenizer": sha256}, what the
+    checkpoints' fingerprint records. `stop`: the installed StopSignal the loop watches. Raises
+    Preempted/PeerLost when stopped (see above). With output.select best, the model returned has the best
+    step's weights."""
+    loop = Loop(config, task, accelerator, storage, metrics, report, is_sharded(config, accelerator),
                 RunIdentity.of(config), Path(config.work_dir) / config.job_name)
-    return _train(loop, model, train_seqs, val_seqs, inputs, stop)
+    return _train(loop, model, splits, inputs, stop)
 
 
-def _train(loop: Loop, model, train_seqs: list, val_seqs: list | None, inputs: dict, stop: StopSignal):
-    config, accelerator, report, metrics = loop.config, loop.accelerator, loop.report, loop.metrics
+def _train(loop: Loop, model, splits: dict, inputs: dict, stop: StopSignal):
+    config, accelerator, report, metrics, task = loop.config, loop.accelerator, loop.report, loop.metrics, loop.task
+    train_seqs, val_seqs = splits["train"], splits.get("validation")
     hp, ckpt = config.hyperparameters, config.checkpoint
     rank, processes, sharded = accelerator.process_index, accelerator.num_processes, loop.sharded
 
@@ -227,7 +219,7 @@ def _train(loop: Loop, model, train_seqs: list, val_seqs: list | None, inputs: d
         datasets=inputs.get("datasets", {}), tokenizer=inputs.get("tokenizer", ""),
         max_seq_length=hp.max_seq_length, packing=hp.packing, batch_size=hp.batch_size,
         accumulation=hp.gradient_accumulation_steps, strategy=hp.strategy.value, processes=processes,
-        step_samples=plan.step_samples)
+        step_samples=plan.step_samples, task=task.describe())
     changed = "; ".join(fingerprint.differences(saved)) if restored else ""
     if changed:
         raise ConfigError(
@@ -258,6 +250,8 @@ def _train(loop: Loop, model, train_seqs: list, val_seqs: list | None, inputs: d
 
     if not sharded:  # DDP (or a single process): accelerate wraps the model and moves it to the device
         model, optimizer = accelerator.prepare(model, optimizer)
+    if restored is None and config.evaluation.baseline and "test" in splits:
+        state.baseline = _baseline(loop, model, splits["test"])
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     report({"event": "plan", "total_steps": plan.total_steps, "sequences": plan.sequences,
@@ -284,17 +278,22 @@ def _train(loop: Loop, model, train_seqs: list, val_seqs: list | None, inputs: d
 
     while state.step < plan.total_steps:
         micro = [[train_seqs[i] for i in indices] for indices in step_indices(plan, hp.seed, state.step, rank)]
-        window_seen += sum(len(s.input_ids) for seqs in micro for s in seqs)
-        window_samples += sum(samples_in(s) for seqs in micro for s in seqs)
-        micro = [collate(seqs, loop.pad_id) if seqs else _no_tokens(train_seqs[0], loop.pad_id) for seqs in micro]
-        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        # One all-reduce: the step's trained tokens, whether any process got SIGTERM, and rank 0's clock
-        # deciding a timed checkpoint (so every process takes the same decision about a collective).
+        sizes = [task.size(s) for seqs in micro for s in seqs]
+        local_tokens = sum(tokens for tokens, _ in sizes)
+        window_seen += local_tokens
+        window_samples += sum(samples for _, samples in sizes)
+        micro = [task.collate(seqs) if seqs else task.blank(train_seqs[0]) for seqs in micro]
+        local_units = sum(task.units(b) for b in micro)
+        # One all-reduce: the step's loss units (trained tokens or samples) and tokens, whether any process got
+        # SIGTERM, and rank 0's clock deciding a timed checkpoint (so every process takes the same decision
+        # about a collective).
         due = bool(ckpt.every_minutes) and time.monotonic() - last_checkpoint >= ckpt.every_minutes * 60
         signals = accelerator.reduce(torch.tensor(
-            [float(local_tokens), float(stop.requested), float(due and accelerator.is_main_process)],
-            device=device), reduction="sum")
-        step_tokens, stopping, due_time = signals[0], bool(signals[1].item()), bool(signals[2].item())
+            [float(local_units), float(local_tokens), float(stop.requested),
+             float(due and accelerator.is_main_process)], device=device), reduction="sum")
+        step_units, stopping, due_time = signals[0], bool(signals[2].item()), bool(signals[3].item())
+        # Tokens trained: the loss-bearing tokens of a token task, else every input token the model saw.
+        step_tokens = int(signals[0].item() if task.unit == "token" else signals[1].item())
         if stopping:
             save_checkpoint()  # unless the newest checkpoint (or step 0) is where this run stands already
             report({"event": "stopped", "step": state.step, "reason": "SIGTERM" if stop.requested else "peer"})
@@ -306,11 +305,11 @@ def _train(loop: Loop, model, train_seqs: list, val_seqs: list | None, inputs: d
             batch = {n: t.to(device) for n, t in batch.items()}
             sync = gradient_sync(model, accelerator, sharded, sync=k == len(micro) - 1)
             with sync, accelerator.autocast():
-                loss_sum, tokens, _ = forward_loss(model, batch)
-                # DDP and FSDP average gradients over processes; scale back so the step loss is a global token mean.
-                loss = loss_sum * processes / step_tokens.clamp(min=1)
+                loss_sum, units = task.loss(model, batch)
+                # DDP and FSDP average gradients over processes; scale back so the step loss is a global unit mean.
+                loss = loss_sum * processes / step_units.clamp(min=1)
             accelerator.backward(loss)
-            window_loss += torch.stack([loss_sum.detach().double(), tokens.double()])
+            window_loss += torch.stack([loss_sum.detach().double(), units.double()])
         grad_norm = accelerator.clip_grad_norm_(trainable, hp.max_grad_norm)
         if isinstance(grad_norm, sharding.DTensor):
             grad_norm = grad_norm.full_tensor()
@@ -319,10 +318,10 @@ def _train(loop: Loop, model, train_seqs: list, val_seqs: list | None, inputs: d
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.samples += plan.step_samples
-        state.tokens_trained += int(step_tokens.item())
+        state.tokens_trained += step_tokens
         steps_this_run += 1
         if metrics:
-            metrics.add_tokens(int(step_tokens.item()))  # .item() waited for the step: a real sign of life
+            metrics.add_tokens(step_tokens)  # .item() waited for the step: a real sign of life
             metrics.beat()
 
         if state.step % hp.logging_steps == 0 or state.step == plan.total_steps:
@@ -359,8 +358,7 @@ def _train(loop: Loop, model, train_seqs: list, val_seqs: list | None, inputs: d
 
         if val_seqs and config.evaluation.every_steps and state.step % config.evaluation.every_steps == 0:
             if _evaluate_and_check_patience(loop, model, val_seqs, state):
-                report({"event": "early_stopping", "step": state.step,
-                        "best_validation_loss": state.best_validation_loss})
+                report({"event": "early_stopping", "step": state.step, **_best_event(state.best_validation)})
                 break
 
         due_steps = ckpt.every_steps and state.step % ckpt.every_steps == 0
@@ -368,37 +366,89 @@ def _train(loop: Loop, model, train_seqs: list, val_seqs: list | None, inputs: d
             save_checkpoint()
             last_checkpoint = time.monotonic()
 
-    return (model if sharded else accelerator.unwrap_model(model)), state, plan
+    model = model if sharded else accelerator.unwrap_model(model)
+    if config.output.select == Select.best:
+        _select_best(loop, model, state)
+    return model, state, plan
 
 
-def _no_tokens(sequence, pad_id: int) -> dict:
-    """A micro-batch that trains on nothing: a process whose share of a step ran out still joins its collectives."""
-    batch = collate([sequence], pad_id)
-    batch["labels"].fill_(-100)
-    return batch
+def _baseline(loop: Loop, model, test_seqs) -> dict:
+    """The test split's metrics before the first step: the base model (a LoRA adapter starts as the identity; a
+    new classification head as it was initialised), what the fine-tuned model is compared with."""
+    if loop.metrics:
+        loop.metrics.set_phase("evaluating")
+    result = loop.evaluate(model, test_seqs, "test")
+    result.update(loop.task.generation_metrics(model, loop.accelerator, loop.metrics.beat if loop.metrics
+                                               else (lambda: None)))
+    loop.report({"event": "baseline", "split": "test", **result})
+    if loop.metrics:
+        loop.metrics.set_evaluation("test", "baseline", result)
+    return {"test": result}
+
+
+def _best_event(best: dict | None) -> dict:
+    return {f"best_{k}": v for k, v in (best or {}).items()}
 
 
 def _evaluate_and_check_patience(loop: Loop, model, val_seqs, state) -> bool:
-    """Evaluate on the validation split; True when early stopping says to stop."""
-    accelerator, metrics = loop.accelerator, loop.metrics
+    """Evaluate on the validation split, keep the best step (output.select best: its weights too); True when
+    early stopping says to stop."""
+    metrics, config = loop.metrics, loop.config
     if metrics:
         metrics.set_phase("evaluating")
-    result = evaluate(model, eval_batches(val_seqs, accelerator.process_index, accelerator.num_processes,
-                                          loop.config.hyperparameters.batch_size, loop.pad_id), accelerator, metrics)
+    result = loop.evaluate(model, val_seqs, "validation")
     state.last_validation = {"step": state.step, **result}
     loop.report({"event": "validation", **state.last_validation})
     if metrics:
         metrics.set(validation_loss=result["loss"])
+        metrics.set_evaluation("validation", "finetuned", result)
         metrics.set_phase("training")
-    stopping = loop.config.evaluation.early_stopping
-    best = state.best_validation_loss
-    min_delta = stopping.min_delta if stopping else 0.0
-    if best is None or result["loss"] < best - min_delta:
-        state.best_validation_loss = result["loss"]
+    stopping, metric = config.evaluation.early_stopping, config.evaluation.metric
+    value = result[metric.value]
+    best = state.best_validation["value"] if state.best_validation else None
+    if loop.task.better(metric, value, best, stopping.min_delta if stopping else 0.0):
+        state.best_validation = {"step": state.step, "metric": metric.value, "value": value}
         state.evals_without_improvement = 0
+        if config.output.select == Select.best:
+            _save_best(loop, model, state.best_validation)
     else:
         state.evals_without_improvement += 1
     return bool(stopping and state.evals_without_improvement >= stopping.patience)
+
+
+def _trainable_weights(loop: Loop, model) -> dict | None:
+    """The trainable weights in full on rank 0 (under FSDP every process helps gather them: a collective)."""
+    if loop.sharded:
+        return sharding.full_trainable_state(model)
+    if not loop.accelerator.is_main_process:
+        return None
+    return trainable_state_dict(loop.accelerator.unwrap_model(model))
+
+
+def _save_best(loop: Loop, model, best: dict) -> None:
+    weights = _trainable_weights(loop, model)
+    if loop.accelerator.is_main_process:
+        check_claim(loop.storage, loop.config, loop.run)
+        uri = checkpoint.save_best(loop.storage, loop.work / "best" / f"step-{best['step']:08d}", weights,
+                                   loop.config.checkpoint_uri, best, loop.run)
+        loop.report({"event": "best", **best, "uri": uri})
+    loop.accelerator.wait_for_everyone()
+
+
+def _select_best(loop: Loop, model, state) -> None:
+    """output.select best: load the best step's weights (every process reads them from storage) unless the model
+    is at that step already."""
+    best = state.best_validation
+    if best is None:
+        return
+    if best["step"] != state.step:
+        weights = checkpoint.load_best(loop.storage, loop.config.checkpoint_uri, best["step"],
+                                       loop.work / "resume" / f"rank-{loop.accelerator.process_index}")
+        if loop.sharded:
+            sharding.load_full_weights(model, weights)
+        else:
+            load_trainable_state_dict(model, weights)
+    loop.report({"event": "selected", **best})
 
 
 def _checkpoint(loop: Loop, model, optimizer, scheduler, state, fingerprint: checkpoint.Fingerprint) -> None:
@@ -425,6 +475,8 @@ def _checkpoint(loop: Loop, model, optimizer, scheduler, state, fingerprint: che
     check_claim(loop.storage, config, loop.run)  # the prefix is still this run's: nobody moved it meanwhile
     uri = checkpoint.upload(loop.storage, directory, config.checkpoint_uri, state.step, loop.run, fingerprint)
     checkpoint.prune(loop.storage, config.checkpoint_uri, config.checkpoint.keep)
+    if config.output.select == Select.best:  # the best this checkpoint records is the one a resume would use
+        checkpoint.prune_best(loop.storage, config.checkpoint_uri, (state.best_validation or {}).get("step"))
     if metrics:
         metrics.checkpoint_done()
     loop.report({"event": "checkpoint", "step": state.step, "uri": uri})

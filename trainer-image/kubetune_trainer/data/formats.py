@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import DatasetError
 from ..spec import DataFormat
 
 ROLES = ("system", "user", "assistant")
-EXPECTED_KEYS = ("messages (chat), instruction + output (instruction), prompt + completion (completion), "
-                 "text (text)")
+# ShareGPT's speakers ("from") as chat roles; "user" and "assistant" are written by some exporters too.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
+EXPECTED_KEYS = ("messages (chat), conversations (sharegpt), instruction + output (instruction), prompt + completion "
+                 "(completion), text (text)")
 CHAT_HINT = 'write messages as [{"role": "user", "content": "..."}, {"role": "assistant", ...}]'
+SHAREGPT_HINT = 'write conversations as [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]'
 REQUIRED = {
     DataFormat.chat: ("messages",),
+    DataFormat.sharegpt: ("conversations",),
     DataFormat.instruction: ("instruction", "output"),
     DataFormat.completion: ("prompt", "completion"),
     DataFormat.text: ("text",),
@@ -21,6 +26,22 @@ REQUIRED = {
 # The instruction prompt (Alpaca style). The "### Input" block is left out when input is missing or empty.
 INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 INSTRUCTION_WITH_INPUT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+@dataclass(frozen=True)
+class _Words:
+    """How a conversation format names its parts, so that errors use the words of the data."""
+
+    field: str  # the record key holding the turns
+    turn: str  # what one entry is called
+    content: str  # the key of an entry's text
+    roles: dict[str, str]  # chat role -> the name the format gives it
+    hint: str
+
+
+CHAT_WORDS = _Words("messages", "message", "content", {r: r for r in ROLES}, CHAT_HINT)
+SHAREGPT_WORDS = _Words("conversations", "turn", "value", {"system": "system", "user": "human", "assistant": "gpt"},
+                        SHAREGPT_HINT)
 
 
 class RecordError(Exception):
@@ -42,6 +63,8 @@ def detect_format(value: dict, file: str = "record", line: int = 0) -> DataForma
 def guess_format(value: dict) -> DataFormat:
     if "messages" in value:
         return DataFormat.chat
+    if "conversations" in value:
+        return DataFormat.sharegpt
     if "instruction" in value:
         return DataFormat.instruction
     if "prompt" in value and "completion" in value:
@@ -68,6 +91,8 @@ def check_record(value: dict, fmt: DataFormat) -> None:
                           "use one format for every record, or fix dataset.format")
     if fmt == DataFormat.chat:
         check_messages(value["messages"])
+    elif fmt == DataFormat.sharegpt:
+        check_messages(sharegpt_messages(value["conversations"]), SHAREGPT_WORDS)
     elif fmt == DataFormat.instruction:
         _text_field(value, "instruction")
         _text_field(value, "output")
@@ -81,36 +106,58 @@ def check_record(value: dict, fmt: DataFormat) -> None:
         _text_field(value, "text")
 
 
-def check_messages(messages: Any) -> None:
+def check_messages(messages: Any, words: _Words = CHAT_WORDS) -> None:
+    """Check a chat conversation: roles, their order, non-empty text. `words` names the parts in errors (a ShareGPT
+    conversation is checked as the chat messages it maps to, see sharegpt_messages)."""
+    w = words
     if not isinstance(messages, list) or not messages:
-        raise RecordError("'messages' must be a non-empty array", CHAT_HINT)
+        raise RecordError(f"{w.field!r} must be a non-empty array", w.hint)
     previous = None
     for n, message in enumerate(messages, start=1):
         if not isinstance(message, dict):
-            raise RecordError(f"message {n} is {_kind(message)}, expected an object", CHAT_HINT)
+            raise RecordError(f"{w.turn} {n} is {_kind(message)}, expected an object", w.hint)
         role = message.get("role")
         if role not in ROLES:
             raise RecordError(f"message {n} has role {role!r}; roles must be one of {', '.join(ROLES)}",
                               "map other roles (e.g. human/gpt) to user/assistant")
+        name = w.roles[role]
         if role == "system" and n != 1:
-            raise RecordError(f"message {n} is a system message; only the first message may be system",
+            raise RecordError(f"{w.turn} {n} is a system {w.turn}; only the first {w.turn} may be system",
                               "move the system prompt to the start or merge it into a user turn")
         if role == "assistant" and previous in (None, "system"):
-            raise RecordError(f"message {n} is an assistant turn before any user turn",
-                              "start the conversation with a user message")
+            raise RecordError(f"{w.turn} {n} ({name}) comes before any {w.roles['user']} turn",
+                              f"start the conversation with a {w.roles['user']} {w.turn}")
         if role != "system" and role == previous:
-            raise RecordError(f"messages {n - 1} and {n} are both {role} turns; user and assistant alternate",
-                              "merge consecutive turns of the same role")
+            raise RecordError(f"{w.turn}s {n - 1} and {n} are both {name} turns; {w.roles['user']} and "
+                              f"{w.roles['assistant']} turns alternate", "merge consecutive turns of the same role")
         content = message.get("content")
         if not isinstance(content, str):
-            raise RecordError(f"message {n} content is {_kind(content)}, expected a string",
+            raise RecordError(f"{w.turn} {n} {w.content} is {_kind(content)}, expected a string",
                               "flatten structured content (e.g. a list of parts) into text")
         if not content.strip():
-            raise RecordError(f"message {n} ({role}) has empty content", "remove the turn or fill it in")
+            raise RecordError(f"{w.turn} {n} ({name}) has empty {w.content}", "remove the turn or fill it in")
         previous = role
     if not any(m["role"] == "assistant" for m in messages):
-        raise RecordError("no assistant message: nothing to train on",
-                          "every conversation needs at least one assistant turn")
+        raise RecordError(f"no {w.roles['assistant']} {w.turn}: nothing to train on",
+                          f"every conversation needs at least one {w.roles['assistant']} turn")
+
+
+def sharegpt_messages(conversations: Any) -> list[dict]:
+    """A ShareGPT conversation as chat messages ({"from": "human", "value": v} -> {"role": "user", "content": v}),
+    so that it is checked, rendered and masked exactly like the equivalent chat record. Raises RecordError for
+    a turn that is not an object or has an unknown "from"; check_messages(..., SHAREGPT_WORDS) checks the rest."""
+    if not isinstance(conversations, list) or not conversations:
+        raise RecordError("'conversations' must be a non-empty array", SHAREGPT_HINT)
+    messages = []
+    for n, turn in enumerate(conversations, start=1):
+        if not isinstance(turn, dict):
+            raise RecordError(f"turn {n} is {_kind(turn)}, expected an object", SHAREGPT_HINT)
+        speaker = turn.get("from")
+        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
+            raise RecordError(f"turn {n} has from {speaker!r}; from must be one of {', '.join(SHAREGPT_ROLES)}",
+                              "map other speakers to human (the user) or gpt (the model)")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": turn.get("value")})
+    return messages
 
 
 def instruction_prompt(value: dict) -> str:

@@ -1,7 +1,9 @@
-"""Reading dataset files into records: JSONL, JSON arrays and Parquet, one file or a directory of them."""
+"""Reading dataset files into records: JSONL, JSON arrays, CSV/TSV and Parquet, one file or a directory of them."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,13 +12,14 @@ from typing import Any
 
 from ..errors import DatasetError
 
-DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv")
+DELIMITERS = {".csv": ",", ".tsv": "\t"}
 PARQUET_MAGIC = b"PAR1"
 
 
 @dataclass
 class Record:
-    line: int  # 1-based: the JSONL line, JSON array index + 1, or Parquet row + 1
+    line: int  # 1-based: the JSONL or CSV line (where the row starts), JSON array index + 1, or Parquet row + 1
     value: Any
     file: str = ""  # display name of the file the record came from
 
@@ -36,7 +39,7 @@ def load_records(path: Path, display_name: str | None = None) -> Iterator[Record
     files = data_files(path)
     if not files:
         raise DatasetError(name, 0, f"no data files ({', '.join(DATA_SUFFIXES)}) in this directory",
-                           "point the dataset at JSONL, JSON or Parquet files")
+                           "point the dataset at JSONL, JSON, CSV or Parquet files")
     for file in files:
         yield from _load_file(file, name.rstrip("/") + "/" + file.relative_to(path).as_posix())
 
@@ -57,6 +60,8 @@ def _load_file(path: Path, name: str) -> Iterator[Record]:
         first = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if path.suffix.lower() == ".parquet" or head == PARQUET_MAGIC:
         yield from _load_parquet(path, name)
+    elif path.suffix.lower() in DELIMITERS:
+        yield from _load_csv(path, name, DELIMITERS[path.suffix.lower()])
     elif first == b"[":
         yield from _load_json_array(path, name)
     else:
@@ -81,13 +86,18 @@ def _load_jsonl(path: Path, name: str) -> Iterator[Record]:
             yield _object(Record(line, value, name))
 
 
-def _load_json_array(path: Path, name: str) -> Iterator[Record]:
+def _read_utf8(path: Path, name: str) -> str:
+    """The whole file as text (a leading BOM dropped); DatasetError with the line of the first invalid byte."""
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DatasetError(name, line, "not valid UTF-8", "save the file as UTF-8") from None
+
+
+def _load_json_array(path: Path, name: str) -> Iterator[Record]:
+    text = _read_utf8(path, name)
     try:
         values = json.loads(text)
     except json.JSONDecodeError as e:
@@ -112,6 +122,43 @@ def _load_parquet(path: Path, name: str) -> Iterator[Record]:
         for value in batch.to_pylist():
             line += 1
             yield Record(line, value, name)
+
+
+def _load_csv(path: Path, name: str, delimiter: str) -> Iterator[Record]:
+    """Rows as records keyed by the header row's column names; every value is a string (an empty cell is "")."""
+    text = _read_utf8(path, name)
+    csv.field_size_limit(1 << 30)  # the default (128 KiB a field) is less than a long document
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    while True:
+        line = reader.line_num + 1  # where the row starts: a quoted field may span lines
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DatasetError(name, line, f"malformed CSV: {e}",
+                               'quote fields that hold the delimiter, quotes or line breaks ("a, b")') from None
+        if not row:
+            continue  # a blank line
+        if header is None:
+            header = [column.strip() for column in row]
+            _check_header(header, name, line)
+            continue
+        if len(row) != len(header):
+            raise DatasetError(name, line, f"the row has {len(row)} fields but the header has {len(header)} "
+                               f"({', '.join(header)})",
+                               'quote fields that hold the delimiter or line breaks ("a, b")')
+        yield Record(line, dict(zip(header, row, strict=True)), name)
+
+
+def _check_header(header: list[str], name: str, line: int) -> None:
+    hint = "the first row must name the columns, e.g. text,label"
+    for n, column in enumerate(header, start=1):
+        if not column:
+            raise DatasetError(name, line, f"column {n} of the header row has no name", hint)
+        if header.index(column) != n - 1:
+            raise DatasetError(name, line, f"the header row names column {column!r} twice", hint)
 
 
 def _object(record: Record) -> Record:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..spec import DataFormat
-from .formats import RecordError, instruction_prompt
+from .formats import RecordError, instruction_prompt, sharegpt_messages
 
 IGNORE = -100  # label of a token that gets no loss
 
@@ -35,9 +35,11 @@ def truncate(example: Example, max_seq_length: int) -> Example:
 
 def tokenize_full(value: dict, fmt: DataFormat, tokenizer) -> Example:
     """Tokenize without truncation. Segments are (text, trained) pairs tokenized one by one, so the mask
-    boundaries are exact; the first token never gets a loss since nothing comes before it to predict it."""
-    if fmt == DataFormat.chat:
-        ids, labels = _encode(chat_segments(value["messages"], tokenizer), tokenizer)
+    boundaries are exact; the first token never gets a loss since nothing comes before it to predict it.
+    A ShareGPT record is tokenized as the chat record it maps to."""
+    if fmt in (DataFormat.chat, DataFormat.sharegpt):
+        messages = value["messages"] if fmt == DataFormat.chat else sharegpt_messages(value["conversations"])
+        ids, labels = _encode(chat_segments(messages, tokenizer), tokenizer)
     else:
         if fmt == DataFormat.instruction:
             segments = [(instruction_prompt(value), False), (value["output"], True)]

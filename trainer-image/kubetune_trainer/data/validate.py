@@ -25,6 +25,7 @@ class DatasetReport:
     truncated: int  # records longer than max_seq_length
     max_length: int  # the longest record in tokens, before truncation
     warnings: list[str] = field(default_factory=list)
+    classes: dict[str, int] | None = None  # classification: records per label
 
 
 def validate_dataset(path: Path, display_name: str | None, *, fmt: DataFormat, tokenizer, max_seq_length: int,

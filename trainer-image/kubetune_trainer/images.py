@@ -1,0 +1,186 @@
+"""Images for image classification: image folders, where a record's image is, fetching it, and checking it decodes.
+
+A record's `image` is a path relative to the folder of its data file (s3://data/defects/train.jsonl with
+"images/1.png" means s3://data/defects/images/1.png), an s3:// URI, or an absolute local path. Images that came
+with the split (a prefix holds the data file and its images) are used where they were fetched; the others are
+downloaded once per run into <workDir>/<job>/images/<bucket>/<key>. Parquet exports of Hugging Face datasets
+carry the image itself ({"bytes": ..., "path": ...}); those bytes are written there too, named by their hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .data.formats import RecordError
+from .data.records import Record, data_files
+from .errors import ConfigError
+from .storage import Storage, is_remote
+
+# What torchvision's ImageFolder and Hugging Face's imagefolder read (the formats Pillow decodes).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+REFERENCE_HINT = "give a path relative to the data file's folder, or an s3:// URI"
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _hidden(parts: tuple[str, ...]) -> bool:
+    return any(part.startswith((".", "_")) for part in parts)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under a folder, sorted, hidden ones (.x, _x) left out."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not _hidden(p.relative_to(folder).parts))
+
+
+def is_imagefolder(path: Path) -> bool:
+    """A folder without data files whose subfolders hold images: <prefix>/<label>/<image>."""
+    path = Path(path)
+    if not path.is_dir() or data_files(path):
+        return False
+    return any(image_files(sub) for sub in _label_folders(path))
+
+
+def _label_folders(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not _hidden((p.name,)))
+
+
+def imagefolder_records(path: Path, uri: str) -> Iterator[Record]:
+    """One record {"image": <local path>, "label": <folder name>} per image of <path>/<label>/**; each record's
+    `file` is the image's URI (as the user wrote the prefix) and its line 0, so errors name the image."""
+    path = Path(path)
+    prefix = uri.rstrip("/")
+    for folder in _label_folders(path):
+        for image in image_files(folder):
+            rel = image.relative_to(path).as_posix()
+            yield Record(0, {"image": str(image), "label": folder.name}, f"{prefix}/{rel}")
+
+
+@dataclass
+class Located:
+    """Where a record's image is: `uri` as the user would name it, `local` once it is on local disk."""
+
+    uri: str
+    local: Path | None = None  # None: to be downloaded from `uri`
+
+
+class ImageStore:
+    """Resolves the images of one split and brings the remote ones to local disk, once per run."""
+
+    def __init__(self, storage: Storage | None, cache: Path, split_path: Path, split_uri: str):
+        self.storage, self.cache = storage, Path(cache)
+        self.split_path, self.split_uri = Path(split_path), split_uri
+        self.split_prefix = split_uri.rstrip("/") + "/"
+
+    def locate(self, image: Any, record_file: str) -> Located:
+        """The image a record in `record_file` (its data file's URI) refers to. RecordError for what cannot be
+        an image reference."""
+        if isinstance(image, dict) and ("bytes" in image or "path" in image):  # a Hugging Face Image feature
+            if image.get("bytes"):
+                return self._embedded(bytes(image["bytes"]), image.get("path"))
+            image = image.get("path")
+        if not isinstance(image, str) or not image.strip():
+            raise RecordError(f"field 'image' is {_kind(image)}, expected the image's path or URI", REFERENCE_HINT)
+        if image.startswith("s3://"):
+            return self._remote(image)
+        if image.startswith("file://") or image.startswith("/"):
+            local = Path(image.removeprefix("file://"))
+            return Located(str(local), local)
+        if _SCHEME.match(image):
+            raise RecordError(f"image {image!r}: only s3:// URIs and paths are read, not "
+                              f"{image.split('://')[0]}://", "copy the images to object storage; " + REFERENCE_HINT)
+        folder = posixpath.dirname(record_file)
+        if is_remote(record_file):
+            bucket, _, key = record_file.removeprefix("s3://").partition("/")
+            joined = posixpath.normpath(posixpath.join(posixpath.dirname(key), image))
+            if joined.startswith("../") or joined == "..":
+                raise RecordError(f"image {image!r} points above the bucket s3://{bucket}/", REFERENCE_HINT)
+            return self._remote(f"s3://{bucket}/{joined}")
+        data_file = self._local_data_file(record_file)
+        return Located(posixpath.normpath(posixpath.join(folder, image)),
+                       Path(posixpath.normpath((data_file.parent / image).as_posix())))
+
+    def _local_data_file(self, record_file: str) -> Path:
+        """The local copy of a data file named by its URI (the split itself, or a file under the split folder)."""
+        if self.split_path.is_dir() and record_file.startswith(self.split_prefix):
+            return self.split_path / record_file[len(self.split_prefix):]
+        return self.split_path
+
+    def _remote(self, uri: str) -> Located:
+        if is_remote(self.split_uri) and self.split_path.is_dir() and uri.startswith(self.split_prefix):
+            return Located(uri, self.split_path / uri[len(self.split_prefix):])  # fetched with the split
+        return Located(uri, None)
+
+    def _embedded(self, data: bytes, name: str | None) -> Located:
+        digest = hashlib.sha256(data).hexdigest()
+        suffix = Path(name).suffix.lower() if name and Path(name).suffix.lower() in IMAGE_SUFFIXES else ""
+        target = self.cache / "embedded" / f"{digest}{suffix}"
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(data)
+            tmp.replace(target)
+        return Located(name or f"(embedded image sha256 {digest[:12]})", target)
+
+    def cached(self, uri: str) -> Path:
+        bucket, _, key = uri.removeprefix("s3://").partition("/")
+        return self.cache / bucket / key
+
+    def fetch(self, located: list[Located]) -> list[Path | None]:
+        """Local paths of the located images, downloading the remote ones not here yet (in parallel); None for an
+        object or file that does not exist. Storage failures raise (TransientError is retryable, a denied
+        request is ConfigError): they are not the dataset's fault."""
+        def one(item: Located) -> Path | None:
+            if item.local is not None:
+                return item.local if item.local.is_file() else None
+            target = self.cached(item.uri)
+            if target.is_file():
+                return target
+            if self.storage is None:
+                raise ConfigError(f"{item.uri}: no object storage configured to download the image from")
+            if not self.storage.exists(item.uri):
+                return None
+            self.storage.download(item.uri, target.parent)
+            return target
+
+        workers = max(1, min(getattr(self.storage, "max_concurrency", 8), len(located)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(one, located))
+
+
+def decode_problem(path: Path) -> str | None:
+    """Why Pillow cannot read the image at `path` in full, or None when it can."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.verify()  # the file's structure (chunks, checksums)
+        with Image.open(path) as image:
+            image.load()  # every pixel: a truncated file fails here
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def load_rgb(path: str | Path):
+    """The image at `path` as an RGB Pillow image (grey, palette, alpha and CMYK images converted)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "an empty string"
+    kinds = {dict: "an object", list: "an array", bool: "a boolean"}
+    return kinds.get(type(value), "a number")

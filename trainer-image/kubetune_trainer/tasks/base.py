@@ -1,0 +1,125 @@
+"""What one kind of fine-tuning contributes to the pipeline, behind one small interface.
+
+The pipeline (fetch -> validate -> tokenize -> train -> evaluate -> publish), the training loop, checkpointing,
+the metrics and the operator know only `Task`. A task brings its record formats and their checks, how records
+become training examples and batches, how the model is loaded, its loss, and its evaluation metrics.
+
+A Task is made once per process for a run (`tasks.task_for(config, model_dir, storage)`); it may keep what validating
+the training split taught it (the class names of a classification task), so splits are validated train first.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from ..spec import DataFormat, EvalMetric, TaskType
+
+if TYPE_CHECKING:
+    from ..config import TrainerConfig
+    from ..data import DatasetReport
+    from ..storage import Storage
+
+Beat = Callable[[], None]
+
+
+class Evaluation(ABC):
+    """One split's evaluation, accumulated batch by batch in every process; `result` combines the processes
+    (a collective: every process calls it). Batches made by `Task.blank` must count for nothing."""
+
+    @abstractmethod
+    def add(self, model, batch: dict[str, torch.Tensor]) -> None:
+        """Score one batch (already on the device, under autocast and no_grad)."""
+
+    @abstractmethod
+    def result(self, accelerator) -> dict[str, Any]:
+        """The split's metrics over all processes: scalars at the top level ("loss", "accuracy", ...), details
+        (per-class scores, a confusion matrix) nested. Every process gets the same result."""
+
+
+class Task(ABC):
+    name: ClassVar[TaskType]
+    unit: ClassVar[str]  # what the loss is a mean over, "token" or "sample"
+    headline: ClassVar[str]  # the test metric `kubectl get` shows: "loss" or "accuracy"
+    formats: ClassVar[tuple[DataFormat, ...]]  # the concrete formats it reads (spec.TASK_FORMATS less auto)
+
+    def __init__(self, config: TrainerConfig, model_dir: Path, storage: Storage | None = None):
+        """`storage`: for what records point at in object storage (images), with the run's credentials."""
+        self.config, self.model_dir, self.storage = config, Path(model_dir), storage
+        self.processor: Any = None  # set by load_processor
+
+    # -- data ---------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def load_processor(self) -> Any:
+        """The tokenizer or image processor of the model folder (ConfigError if it has none); kept as
+        `self.processor` and saved with the output."""
+
+    @abstractmethod
+    def validate(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int) -> DatasetReport:
+        """Check every record of a split (a local file or folder fetched from `uri`); raise DatasetError (exit 65)
+        naming the file and line (or object key) of the first bad one. `fmt` may be auto for the train split;
+        the report says the format found, which the other splits are then validated with."""
+
+    @abstractmethod
+    def examples(self, split: str, path: Path, uri: str, fmt: DataFormat) -> Sequence:
+        """The split as training-ready examples (tokenized, packed where the task packs), indexable."""
+
+    @abstractmethod
+    def collate(self, examples: list) -> dict[str, torch.Tensor]:
+        """A batch of examples, as the model's keyword arguments plus what `loss` and `units` read."""
+
+    @abstractmethod
+    def blank(self, example) -> dict[str, torch.Tensor]:
+        """A batch shaped like collate([example]) that trains and scores nothing (0 units): a process whose share
+        of a step or an evaluation ran out still joins the collectives."""
+
+    @abstractmethod
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        """The loss-bearing units of a batch: trained tokens, or labelled samples."""
+
+    @abstractmethod
+    def size(self, example) -> tuple[int, int]:
+        """(tokens, samples) of an example, for throughput: tokens is 0 for images, samples > 1 when packed."""
+
+    # -- model --------------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def load_model(self, mixed_precision: str, sharded: bool):
+        """The model to train, wrapped for config.method (LoRA, QLoRA or full), initialised from
+        hyperparameters.seed alone, so every process builds the same one."""
+
+    @abstractmethod
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss over the batch's units, the number of units), in this process."""
+
+    @abstractmethod
+    def evaluation(self, split: str) -> Evaluation:
+        """A fresh accumulator for evaluating `split` ("validation" or "test")."""
+
+    def generation_metrics(self, model, accelerator, beat: Beat) -> dict[str, Any]:
+        """Metrics of generated answers on the test split (causal-lm with evaluation.generation); {} otherwise.
+        A collective: every process calls it."""
+        return {}
+
+    # -- what is recorded and published ---------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest and the checkpoints' fingerprint record of the task (its labels, for example)."""
+        return {"task": self.name.value}
+
+    def save(self, model, directory: Path) -> None:
+        """Add what the task needs beside the weights to the output folder (the processor; a classifier's config
+        with id2label/label2id)."""
+        self.processor.save_pretrained(directory)
+
+    @staticmethod
+    def better(metric: EvalMetric, value: float, best: float | None, min_delta: float = 0.0) -> bool:
+        """Whether `value` of `metric` improves on `best` by more than min_delta (loss down, the others up)."""
+        if best is None:
+            return True
+        return value < best - min_delta if metric == EvalMetric.loss else value > best + min_delta

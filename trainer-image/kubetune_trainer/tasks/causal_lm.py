@@ -1,0 +1,127 @@
+"""causal-lm: next-token prediction on chat, ShareGPT, instruction, completion or plain-text records.
+
+The loss is over the trained tokens (the answer, not the prompt; see docs/data-formats.md); packing lays short
+examples end to end. Evaluation: loss, perplexity and token accuracy, and with evaluation.generation the test
+prompts' generated answers scored against the references (tasks/generation.py).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..data import IGNORE, PackedExample, collate, pack_examples, tokenize_dataset, validate_dataset
+from ..spec import TASK_FORMATS, DataFormat, TaskType
+from .base import Beat, Evaluation, Task
+
+
+class CausalLM(Task):
+    name = TaskType.causal_lm
+    unit = "token"
+    headline = "loss"
+    formats = tuple(f for f in TASK_FORMATS[TaskType.causal_lm] if f != DataFormat.auto)
+
+    def __init__(self, config, model_dir: Path, storage=None):
+        super().__init__(config, model_dir, storage)
+        self._prompts: list | None = None  # the test prompts generation scores, when evaluation.generation is set
+
+    def load_processor(self):
+        from ..modeling import load_tokenizer
+
+        self.processor = load_tokenizer(self.model_dir)
+        return self.processor
+
+    @property
+    def pad_id(self) -> int:
+        return self.processor.pad_token_id
+
+    def validate(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int):
+        return validate_dataset(path, uri, fmt=fmt, tokenizer=self.processor,
+                                max_seq_length=self.config.hyperparameters.max_seq_length,
+                                min_samples=min_samples, split=split)
+
+    def examples(self, split: str, path: Path, uri: str, fmt: DataFormat) -> list:
+        hp = self.config.hyperparameters
+        examples = tokenize_dataset(path, uri, fmt=fmt, tokenizer=self.processor, max_seq_length=hp.max_seq_length)
+        generation = self.config.evaluation.generation
+        if split == "test" and generation is not None:
+            from . import generation as gen
+
+            self._prompts = gen.prompts(examples, self.processor, generation.max_samples)
+        return pack_examples(examples, hp.max_seq_length, seed=hp.seed) if hp.packing else examples
+
+    def collate(self, examples: list) -> dict[str, torch.Tensor]:
+        return collate(examples, self.pad_id)
+
+    def blank(self, example) -> dict[str, torch.Tensor]:
+        batch = collate([example], self.pad_id)
+        batch["labels"].fill_(IGNORE)
+        return batch
+
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+    def size(self, example) -> tuple[int, int]:
+        return len(example.input_ids), len(example.lengths) if isinstance(example, PackedExample) else 1
+
+    def load_model(self, mixed_precision: str, sharded: bool):
+        from ..modeling import load_model
+
+        hp = self.config.hyperparameters
+        return load_model(self.model_dir, self.config.method, mixed_precision, hp.gradient_checkpointing,
+                          sharded=sharded, seed=hp.seed)
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        loss_sum, tokens, _ = forward_loss(model, batch)
+        return loss_sum, tokens
+
+    def evaluation(self, split: str) -> Evaluation:
+        return TokenEvaluation()
+
+    def generation_metrics(self, model, accelerator, beat: Beat) -> dict[str, Any]:
+        spec = self.config.evaluation.generation
+        if spec is None or self._prompts is None:
+            return {}
+        from ..train import is_sharded
+        from . import generation as gen
+
+        return gen.generation_metrics(model, self.processor, self._prompts, spec, accelerator, beat,
+                                      is_sharded(self.config, accelerator))
+
+
+def forward_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over trained tokens, their count, and how many argmax got right."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE,
+                               reduction="sum")
+    correct = ((logits.argmax(-1) == labels) & mask).sum()
+    return loss_sum, mask.sum(), correct
+
+
+class TokenEvaluation(Evaluation):
+    """Token-weighted loss, perplexity and token accuracy, summed over every process."""
+
+    def __init__(self):
+        self.totals: torch.Tensor | None = None
+
+    def add(self, model, batch: dict[str, torch.Tensor]) -> None:
+        loss_sum, tokens, correct = forward_loss(model, batch)
+        row = torch.stack([loss_sum.double(), tokens.double(), correct.double()])
+        self.totals = row if self.totals is None else self.totals + row
+
+    def result(self, accelerator) -> dict[str, Any]:
+        totals = self.totals if self.totals is not None else torch.zeros(3, dtype=torch.float64,
+                                                                         device=accelerator.device)
+        loss_sum, tokens, correct = accelerator.reduce(totals, reduction="sum").tolist()
+        if tokens == 0:
+            return {"loss": float("nan"), "perplexity": float("nan"), "token_accuracy": float("nan"), "tokens": 0}
+        loss = loss_sum / tokens
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "token_accuracy": correct / tokens,
+                "tokens": int(tokens)}

@@ -1,0 +1,205 @@
+"""image-classification: a label per image, for vision models with an image-classification head (ViT, ConvNeXt,
+ResNet, Swin, ...).
+
+Records are {"image": ..., "label": ...} (JSONL, JSON, CSV or Parquet), a Label Studio export, or an image folder
+(<prefix>/<label>/<file>). The CPU validation fetches and decodes every image, so a missing or corrupt image stops
+the job before a GPU pod starts; examples keep only the images' local paths, decoded batch by batch in collate.
+See docs/image-classification.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import DatasetReport, label_studio
+from ..errors import ConfigError, DatasetError
+from ..images import REFERENCE_HINT, ImageStore, Located, decode_problem, imagefolder_records, is_imagefolder, load_rgb
+from ..spec import TASK_FORMATS, DataFormat, MethodType, TaskType
+from .classification import ClassExample, ClassificationTask, _at, head_modules
+
+PROCESSOR_FILE = "preprocessor_config.json"
+KEYS = ("image",)  # what a record holds beside its label
+
+
+class ImageClassification(ClassificationTask):
+    name = TaskType.image_classification
+    formats = tuple(f for f in TASK_FORMATS[TaskType.image_classification] if f != DataFormat.auto)
+
+    def __init__(self, config, model_dir: Path, storage=None):
+        super().__init__(config, model_dir, storage)
+        self._validated: dict[tuple[str, str], list[ClassExample]] = {}  # what validate() found, for examples()
+
+    @property
+    def image_cache(self) -> Path:
+        return Path(self.config.work_dir) / self.config.job_name / "images"
+
+    # -- data ---------------------------------------------------------------------------------------------
+
+    def load_processor(self):
+        from transformers import AutoImageProcessor
+
+        from ..modeling import quiet_transformers
+
+        if not (self.model_dir / PROCESSOR_FILE).is_file():
+            raise ConfigError(f"baseModel: {self.config.base_model.uri} has no image processor ({PROCESSOR_FILE}); "
+                              "task image-classification needs a vision model folder with one (save it with "
+                              "image_processor.save_pretrained)")
+        try:
+            with quiet_transformers():  # without torchvision: "falling back to the PIL processor", which is fine
+                self.processor = AutoImageProcessor.from_pretrained(self.model_dir)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"baseModel: cannot load the image processor of {self.config.base_model.uri}: {e}") \
+                from e
+        return self.processor
+
+    def validate(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int) -> DatasetReport:
+        """Every record's fields and label, then every image: it exists (fetched, or downloaded now) and decodes.
+        The first bad one raises DatasetError naming the record's file and line (an image folder's image itself)."""
+        fmt, rows, targets = self._read(split, path, uri, fmt)
+        report = self.report(uri, fmt, len(rows), min_samples, split)
+        examples = []
+        for (record, located), image, target in zip(rows, self._fetch(rows, path, uri), targets, strict=True):
+            problem = decode_problem(image)
+            if problem:
+                raise DatasetError(record.file or uri, record.line, f"image {located.uri} cannot be decoded "
+                                   f"({problem})", "re-export the image as PNG or JPEG, or remove the record")
+            examples.append(ClassExample(str(image), target))
+        self._validated[(split, uri)] = examples
+        report.classes, warnings = self.class_report(targets)
+        report.warnings += warnings if split == "train" else []
+        return report
+
+    def examples(self, split: str, path: Path, uri: str, fmt: DataFormat) -> list[ClassExample]:
+        """The split's images as (local path, target): those validate() checked, else located and fetched (not
+        decoded: collate does that, batch by batch)."""
+        if (split, uri) in self._validated:
+            return self._validated[(split, uri)]
+        _, rows, targets = self._read(split, path, uri, fmt)
+        return [ClassExample(str(image), target)
+                for image, target in zip(self._fetch(rows, path, uri), targets, strict=True)]
+
+    def _read(self, split: str, path: Path, uri: str, fmt: DataFormat):
+        """(the format, [(record, where its image is)], the targets) of a split, in record order; the train split
+        resolves the class names. A bad record raises DatasetError naming its file and line."""
+        fmt, path = DataFormat(fmt), Path(path)
+        if fmt == DataFormat.imagefolder or (fmt == DataFormat.auto and is_imagefolder(path)):
+            if not path.is_dir():
+                raise DatasetError(uri, 0, "format imagefolder needs a folder laid out <prefix>/<label>/<image>",
+                                   "point the split at the folder (a prefix ending in '/'), or use another format")
+            fmt, records = DataFormat.imagefolder, list(imagefolder_records(path, uri))
+            if not records:
+                raise DatasetError(uri, 0, "no images in the label folders", "lay the images out as "
+                                   "<prefix>/<label>/<image file>, or point the split at a data file")
+        else:
+            fmt, records = self.read_split(path, uri, fmt, KEYS)
+        store = self._store(path, uri)
+        rows = []
+        for record in records:
+            with _at(record, uri):
+                image = record.value["image"]
+                if fmt == DataFormat.imagefolder:  # named by its URI, found where it was fetched
+                    rows.append((record, Located(record.file, Path(image))))
+                    continue
+                if fmt == DataFormat.label_studio and isinstance(image, str):
+                    image = label_studio.image_reference(image)
+                rows.append((record, store.locate(image, record.file or uri)))
+        return fmt, rows, self.check_labels(split, uri, records)
+
+    def _fetch(self, rows: list, path: Path, uri: str) -> list[Path]:
+        """The local path of every row's image (downloading those not here yet); DatasetError for the first one
+        that does not exist."""
+        local = self._store(path, uri).fetch([located for _, located in rows])
+        for (record, located), image in zip(rows, local, strict=True):
+            if image is None:
+                raise DatasetError(record.file or uri, record.line, f"image {_ref(record.value)!r} not found: no "
+                                   f"object or file {located.uri}", _missing_hint(located.uri))
+        return local
+
+    def _store(self, path: Path, uri: str) -> ImageStore:
+        return ImageStore(self.storage, self.image_cache, path, uri)
+
+    def collate(self, examples: list[ClassExample]) -> dict[str, torch.Tensor]:
+        images = [load_rgb(e.inputs) for e in examples]
+        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "labels": self.collate_targets(examples)}
+
+    def blank(self, example: ClassExample) -> dict[str, torch.Tensor]:
+        batch = self.collate([example])
+        batch["pixel_values"].zero_()
+        batch["labels"] = self.blank_targets(batch["labels"])
+        return batch
+
+    def size(self, example) -> tuple[int, int]:
+        return 0, 1
+
+    # -- model --------------------------------------------------------------------------------------------
+
+    def load_model(self, mixed_precision: str, sharded: bool):
+        """The base under a new head for these labels (a head of another size is replaced); LoRA trains the head
+        in full (modules_to_save). A convolutional base (ResNet) has no linear layers for the default
+        targetModules all-linear: LoRA then adapts its convolutions."""
+        from transformers import AutoModelForImageClassification
+
+        from ..modeling import load_model
+
+        hp = self.config.hyperparameters
+        skeleton = self._skeleton()
+        heads = None
+        if self.config.method.type != MethodType.full:
+            heads = head_modules(self.model_dir, AutoModelForImageClassification, **self.head_config())
+        kwargs: dict[str, Any] = {}
+        if not type(skeleton)._supports_sdpa:
+            kwargs["attn_implementation"] = None  # no attention (ResNet, ConvNeXt): "sdpa" would be refused
+        if hp.gradient_checkpointing and not type(skeleton).supports_gradient_checkpointing:
+            raise ConfigError(f"hyperparameters.gradientCheckpointing: {type(skeleton).__name__} does not support "
+                              "gradient checkpointing; set it to false")
+        # peft has no task type for images: None wraps the model as it is, its head trained in full.
+        return load_model(self.model_dir, self._method(skeleton, heads or []), mixed_precision,
+                          hp.gradient_checkpointing, sharded=sharded, seed=hp.seed,
+                          auto_class=AutoModelForImageClassification, task_type=None, modules_to_save=heads,
+                          ignore_mismatched_sizes=True, **self.head_config(), **kwargs)
+
+    def _skeleton(self):
+        """The model with its new head, without weights (on the meta device): its class and module names."""
+        from transformers import AutoConfig, AutoModelForImageClassification
+
+        try:
+            config = AutoConfig.from_pretrained(self.model_dir, **self.head_config())
+            with torch.device("meta"):
+                return AutoModelForImageClassification.from_config(config)
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"baseModel: {self.config.base_model.uri} is not a model transformers can put an "
+                              f"image-classification head on ({e}); use a vision model such as ViT, ConvNeXt or "
+                              "ResNet") from e
+
+    def _method(self, skeleton, heads: list[str]):
+        """config.method, with the default targetModules all-linear made convolutions for a base without linear
+        layers (outside the head)."""
+        method = self.config.method
+        if method.type == MethodType.full or method.lora.target_modules != ["all-linear"]:
+            return method
+        body = [(name, module) for name, module in skeleton.named_modules()
+                if name and not any(name == h or name.startswith(h + ".") for h in heads)]
+        if any(isinstance(module, torch.nn.Linear) for _, module in body):
+            return method
+        convolutions = [name for name, module in body if isinstance(module, torch.nn.Conv2d) and module.groups == 1]
+        if not convolutions:
+            raise ConfigError(f"method.lora.targetModules: all-linear finds no linear layer in "
+                              f"{type(skeleton).__name__} (outside its head) and no convolution either; name the "
+                              "modules to adapt, or use method.type full")
+        return method.model_copy(update={"lora": method.lora.model_copy(update={"target_modules": convolutions})})
+
+
+def _missing_hint(uri: str) -> str:
+    if uri.startswith("/data/upload/"):
+        return ("Label Studio keeps uploaded files on its own server: connect the project to cloud storage (s3://) "
+                "or local files, or copy the images next to the export")
+    return f"upload it, or fix the path ({REFERENCE_HINT})"
+
+
+def _ref(value: dict) -> str:
+    image = value.get("image")
+    return (image.get("path") or "(embedded image)") if isinstance(image, dict) else str(image)

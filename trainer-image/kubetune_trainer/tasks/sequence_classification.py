@@ -1,0 +1,146 @@
+"""sequence-classification: a label per text, or per pair of texts (entailment, question/answer relevance).
+
+Records: {"text": "...", "label": "..."} with an optional "text_pair", in JSONL, JSON, CSV or Parquet (format
+classification), or a Label Studio export of a Choices project (format label-studio). The model is the base
+model under a sequence-classification head (AutoModelForSequenceClassification): LoRA trains adapters and the
+whole head, full fine-tuning everything. A text is truncated to hyperparameters.maxSeqLength tokens; packing does
+not apply (one text, one prediction).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import DatasetReport
+from ..data.formats import RecordError, _kind
+from ..data.records import Record
+from ..spec import DataFormat, MethodType, TaskType
+from .classification import IGNORE, ClassExample, ClassificationTask, _at, _where, head_modules
+
+MAX_LINES_LISTED = 10
+KEYS = ("text", "text_pair")
+
+
+class SequenceClassification(ClassificationTask):
+    name = TaskType.sequence_classification
+    formats = (DataFormat.classification, DataFormat.label_studio)
+
+    def load_processor(self):
+        from ..modeling import load_tokenizer
+
+        self.processor = load_tokenizer(self.model_dir)
+        return self.processor
+
+    # -- data ---------------------------------------------------------------------------------------------
+
+    def _records(self, path: Path, uri: str, fmt: DataFormat) -> tuple[DataFormat, list[Record]]:
+        """The split's plain records, each with a non-empty text (and a text_pair string where there is one)."""
+        fmt, records = self.read_split(path, uri, fmt, KEYS)
+        for record in records:
+            with _at(record, uri):
+                check_texts(record.value)
+        return fmt, records
+
+    def encode(self, value: dict, truncate: bool = True) -> dict[str, list[int]]:
+        """A record's model inputs: input_ids (and token_type_ids where the tokenizer makes them, BERT's segment
+        ids of a text pair), truncated to maxSeqLength."""
+        limit = self.config.hyperparameters.max_seq_length
+        pair = value.get("text_pair") or None
+        encoded = self.processor(value["text"], pair, truncation=truncate, max_length=limit if truncate else None,
+                                 return_attention_mask=False, verbose=False)
+        return {k: list(v) for k, v in encoded.items() if k in ("input_ids", "token_type_ids")}
+
+    def validate(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int) -> DatasetReport:
+        fmt, records = self._records(path, uri, fmt)
+        report = self.report(uri, fmt, len(records), min_samples, split)
+        targets = self.check_labels(split, uri, records)
+        limit = self.config.hyperparameters.max_seq_length
+        truncated_at = []
+        for record in records:
+            length = len(self.encode(record.value, truncate=False)["input_ids"])
+            report.tokens += min(length, limit)
+            report.max_length = max(report.max_length, length)
+            if length > limit:
+                truncated_at.append(_where(record, uri))
+        report.trained_tokens = report.tokens  # every token informs the prediction
+        report.truncated = len(truncated_at)
+        if truncated_at:
+            listed = ", ".join(truncated_at[:MAX_LINES_LISTED]) + (", ..." if report.truncated > MAX_LINES_LISTED
+                                                                   else "")
+            report.warnings.append(
+                f"{report.truncated} of {report.samples} records are longer than maxSeqLength {limit} tokens "
+                f"(up to {report.max_length}) and were truncated: {listed}")
+        report.classes, warnings = self.class_report(targets)
+        report.warnings += warnings if split == "train" else []
+        return report
+
+    def examples(self, split: str, path: Path, uri: str, fmt: DataFormat) -> list[ClassExample]:
+        _, records = self._records(path, uri, fmt)
+        targets = self.check_labels(split, uri, records)
+        return [ClassExample(self.encode(r.value), t) for r, t in zip(records, targets, strict=True)]
+
+    def collate(self, examples: list[ClassExample]) -> dict[str, torch.Tensor]:
+        """Right-padded input_ids (with token_type_ids where there are any), attention_mask and labels. A causal
+        model's head reads the last token that is not padding (config.pad_token_id)."""
+        width = max(len(e.inputs["input_ids"]) for e in examples)
+        batch = {"input_ids": torch.full((len(examples), width), self.processor.pad_token_id, dtype=torch.long),
+                 "attention_mask": torch.zeros(len(examples), width, dtype=torch.long)}
+        if "token_type_ids" in examples[0].inputs:
+            batch["token_type_ids"] = torch.zeros(len(examples), width, dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e.inputs["input_ids"])
+            batch["attention_mask"][i, :n] = 1
+            for key, ids in e.inputs.items():
+                if key in batch:
+                    batch[key][i, :n] = torch.tensor(ids, dtype=torch.long)
+        batch["labels"] = self.collate_targets(examples)
+        return batch
+
+    def blank(self, example: ClassExample) -> dict[str, torch.Tensor]:
+        batch = self.collate([example])
+        batch["labels"] = self.blank_targets(batch["labels"])
+        return batch
+
+    def size(self, example: ClassExample) -> tuple[int, int]:
+        return len(example.inputs["input_ids"]), 1
+
+    # -- model --------------------------------------------------------------------------------------------
+
+    def load_model(self, mixed_precision: str, sharded: bool):
+        """The base model under a new head of len(labels) outputs (initialised from hyperparameters.seed); with
+        LoRA the head is trained in full (modules_to_save). pad_token_id tells a causal model's head which token
+        is the last one."""
+        from transformers import AutoModelForSequenceClassification
+
+        from ..modeling import load_model
+
+        if self.processor is None:
+            self.load_processor()
+        hp, method = self.config.hyperparameters, self.config.method
+        kwargs: dict[str, Any] = {**self.head_config(), "pad_token_id": self.processor.pad_token_id}
+        heads = None
+        if method.type != MethodType.full:
+            heads = head_modules(self.model_dir, AutoModelForSequenceClassification, **kwargs)
+        return load_model(self.model_dir, method, mixed_precision, hp.gradient_checkpointing, sharded=sharded,
+                          seed=hp.seed, auto_class=AutoModelForSequenceClassification, task_type="SEQ_CLS",
+                          modules_to_save=heads, ignore_mismatched_sizes=True, **kwargs)
+
+
+def check_texts(value: dict) -> None:
+    """RecordError unless "text" is a non-empty string and "text_pair", when there is one, a string."""
+    hint = "make text a non-empty string, or remove the record"
+    text = value.get("text")
+    if not isinstance(text, str):
+        raise RecordError(f"field 'text' is {_kind(text)}, expected a string", hint)
+    if not text.strip():
+        raise RecordError("field 'text' is empty", hint)
+    pair = value.get("text_pair")
+    if pair is not None and not isinstance(pair, str):
+        raise RecordError(f"field 'text_pair' is {_kind(pair)}, expected a string",
+                          "make text_pair a string, or leave it out")
+
+
+__all__ = ["IGNORE", "SequenceClassification", "check_texts"]
