@@ -42,3 +42,25 @@ def test_the_example_beats_its_baseline(name, generated, margin, tmp_path):
     test, baseline = manifest["metrics"]["test"], manifest["metrics"]["baseline"]["test"]
     assert test["accuracy"] - baseline["accuracy"] >= margin, (test, baseline)
     assert f"test accuracy {test['accuracy']:.4g} vs base {baseline['accuracy']:.4g}" in done.stdout
+    assert_pipeline_names_the_labels(doc, tmp_path / "output", manifest["labels"])
+
+
+def assert_pipeline_names_the_labels(doc: dict, output: Path, labels: list[str]) -> None:
+    """transformers' pipeline() on the published model (LoRA: merged into its base) answers with class names."""
+    from transformers import AutoConfig, pipeline
+
+    if doc["spec"]["task"] == "sequence-classification":
+        from kubetune_trainer.modeling import load_adapter
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        base = AutoModelForSequenceClassification.from_pretrained(doc["spec"]["baseModel"]["uri"],
+                                                                  config=AutoConfig.from_pretrained(output))
+        model = load_adapter(base, output).merge_and_unload()
+        classify = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained(output))
+        answer = classify("Either Party may terminate this Agreement by giving thirty (30) days written notice.")
+    else:
+        from PIL import Image
+
+        classify = pipeline("image-classification", model=str(output))
+        answer = classify(Image.new("RGB", (64, 64), (128, 128, 128)))
+    assert answer[0]["label"] in labels, answer

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "finetunejob.yaml"
 
 CHANGES = {  # one change to each field that determines what is trained, merged into the example's spec
+    "task": "sequence-classification",
     "baseModel": {"uri": "s3://models/llama-3.1-70b/"},
     "dataset": {"train": "s3://data/support/train-v2.jsonl"},
     "method": {"lora": {"r": 32}},

@@ -100,3 +100,29 @@ def test_success_message_fits_a_termination_message():
     doc = json.loads(success_message(CLASSIFIER, "s3://out/x/manifest.json", "ab" * 32))
     assert doc["metrics"]["test"] == {"loss": 0.312346, "accuracy": 0.91234, "samples": 200}  # 6 significant digits
     assert doc["headline"] == "accuracy" and doc["selectedStep"] == 32 and doc["steps"] == 40
+
+
+def test_validate_shows_the_records_of_each_class(tmp_path):
+    """`kubetune validate` on a classification job: the split table, then one row per class and a column per
+    split."""
+    from kubetune_trainer.cli import app
+    from typer.testing import CliRunner
+
+    from tests.datafixtures import tiny_tokenizer
+
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_text("{}")
+    for split, n in (("train", 6), ("test", 2)):
+        rows = [{"text": f"record {i} of {split}", "label": ("spam", "ham")[i % 2]} for i in range(n)]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "spam"},
+           "spec": {"task": "sequence-classification", "baseModel": {"uri": str(tmp_path / "model")},
+                    "dataset": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl")},
+                    "output": {"uri": str(tmp_path / "out") + "/"}}}
+    (tmp_path / "job.yaml").write_text(json.dumps(job))
+    done = CliRunner().invoke(app, ["validate", "--config", str(tmp_path / "job.yaml")],
+                              env={"COLUMNS": "120", "KUBETUNE_TERMINATION_LOG": str(tmp_path / "log")})
+    assert done.exit_code == 0, done.output
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
+            for line in done.output.splitlines() if line.startswith("│")}
+    assert rows["ham"] == ["3", "1"] and rows["spam"] == ["3", "1"], done.output

@@ -44,7 +44,7 @@ def test_select_best_publishes_the_best_steps_weights(make_config, storage, monk
     assert len(asked) == 4  # steps 2, 4, 6, 8
     assert manifest["selected"] == {"select": "best", "step": 4, "metric": "loss", "value": 1.0}
     assert manifest["metrics"]["bestValidation"] == {"step": 4, "metric": "loss", "value": 1.0}
-    assert {"event": "selected", "step": 4, "metric": "loss", "value": 1.0} in events
+    assert {"event": "selected", "select": "best", "step": 4, "metric": "loss", "value": 1.0} in events
     # The published adapter is the step-4 model: the same weights as the step-4 checkpoint.
     published, ckpt = tmp_path / "published", tmp_path / "ckpt"
     read_published(storage, config.output.uri, published)

@@ -70,6 +70,11 @@ def validate(config: ConfigOption) -> None:
         table.add_row(split, r.file, r.format.value, str(r.samples), str(r.tokens), str(r.trained_tokens),
                       str(r.truncated))
     out.print(table)
+    if reports["train"].classes:  # classification: the records of each class, per split
+        classes = Table("class", *reports)
+        for label in reports["train"].classes:
+            classes.add_row(label, *(str((r.classes or {}).get(label, 0)) for r in reports.values()))
+        out.print(classes)
     for r in reports.values():
         for w in r.warnings:
             err.print(f"[yellow]warning[/] {escape(f'{r.file}: {w}')}", highlight=False)

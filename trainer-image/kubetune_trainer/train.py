@@ -448,7 +448,7 @@ def _select_best(loop: Loop, model, state) -> None:
             sharding.load_full_weights(model, weights)
         else:
             load_trainable_state_dict(model, weights)
-    loop.report({"event": "selected", **best})
+    loop.report({"event": "selected", "select": "best", **best})
 
 
 def _checkpoint(loop: Loop, model, optimizer, scheduler, state, fingerprint: checkpoint.Fingerprint) -> None:
