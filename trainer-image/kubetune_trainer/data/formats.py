@@ -97,7 +97,7 @@ def check_record(value: dict, fmt: DataFormat) -> None:
         _text_field(value, "instruction")
         _text_field(value, "output")
         if value.get("input") is not None and not isinstance(value["input"], str):
-            raise RecordError(f"field 'input' is {_kind(value['input'])}, expected a string",
+            raise RecordError(f"field 'input' is {kind_of(value['input'])}, expected a string",
                               "make input a string, or leave it out")
     elif fmt == DataFormat.completion:
         _text_field(value, "prompt")
@@ -115,7 +115,7 @@ def check_messages(messages: Any, words: _Words = CHAT_WORDS) -> None:
     previous = None
     for n, message in enumerate(messages, start=1):
         if not isinstance(message, dict):
-            raise RecordError(f"{w.turn} {n} is {_kind(message)}, expected an object", w.hint)
+            raise RecordError(f"{w.turn} {n} is {kind_of(message)}, expected an object", w.hint)
         role = message.get("role")
         if role not in ROLES:
             raise RecordError(f"message {n} has role {role!r}; roles must be one of {', '.join(ROLES)}",
@@ -132,7 +132,7 @@ def check_messages(messages: Any, words: _Words = CHAT_WORDS) -> None:
                               f"{w.roles['assistant']} turns alternate", "merge consecutive turns of the same role")
         content = message.get("content")
         if not isinstance(content, str):
-            raise RecordError(f"{w.turn} {n} {w.content} is {_kind(content)}, expected a string",
+            raise RecordError(f"{w.turn} {n} {w.content} is {kind_of(content)}, expected a string",
                               "flatten structured content (e.g. a list of parts) into text")
         if not content.strip():
             raise RecordError(f"{w.turn} {n} ({name}) has empty {w.content}", "remove the turn or fill it in")
@@ -151,7 +151,7 @@ def sharegpt_messages(conversations: Any) -> list[dict]:
     messages = []
     for n, turn in enumerate(conversations, start=1):
         if not isinstance(turn, dict):
-            raise RecordError(f"turn {n} is {_kind(turn)}, expected an object", SHAREGPT_HINT)
+            raise RecordError(f"turn {n} is {kind_of(turn)}, expected an object", SHAREGPT_HINT)
         speaker = turn.get("from")
         if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
             raise RecordError(f"turn {n} has from {speaker!r}; from must be one of {', '.join(SHAREGPT_ROLES)}",
@@ -168,13 +168,13 @@ def instruction_prompt(value: dict) -> str:
 
 def _text_field(value: dict, key: str) -> None:
     if not isinstance(value[key], str):
-        raise RecordError(f"field {key!r} is {_kind(value[key])}, expected a string",
+        raise RecordError(f"field {key!r} is {kind_of(value[key])}, expected a string",
                           f"make {key} a non-empty string")
     if not value[key].strip():
         raise RecordError(f"field {key!r} is empty", "remove the record or fill the field in")
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     if value is None:
         return "null"
     kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}

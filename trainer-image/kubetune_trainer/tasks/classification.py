@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import DatasetReport, label_studio
-from ..data.formats import RecordError, _kind
+from ..data.formats import RecordError, kind_of
 from ..data.records import Record, load_records
 from ..errors import ConfigError, DatasetError
 from ..spec import DataFormat
@@ -92,7 +92,7 @@ class ClassificationTask(Task):
                 raise RecordError(f"unknown label {name!r} in the label probabilities; the known labels are "
                                   f"{self._known()}", self._unknown_hint())
             if isinstance(p, bool) or not isinstance(p, int | float) or not math.isfinite(p):
-                raise RecordError(f"the probability of {name!r} is {_kind(p) if not isinstance(p, float) else p}, "
+                raise RecordError(f"the probability of {name!r} is {kind_of(p) if not isinstance(p, float) else p}, "
                                   "expected a number", hint)
             if p < 0:
                 raise RecordError(f"the probability of {name!r} is negative ({p})", hint)
@@ -117,12 +117,12 @@ class ClassificationTask(Task):
         if split == "train":
             seen: list[str] = []
             for record in records:
-                with _at(record, name):
+                with at_record(record, name):
                     seen += label_names(record_label(record.value))
             self.resolve_labels(seen)
         targets = []
         for record in records:
-            with _at(record, name):
+            with at_record(record, name):
                 targets.append(self.target(record_label(record.value)))
         if split == "train" and records:
             present = {self.labels[c] for t in targets for c in _classes(t)}
@@ -151,10 +151,10 @@ class ClassificationTask(Task):
         records = list(load_records(path, uri))
         first: tuple[Record, DataFormat] | None = None
         for record in records:
-            with _at(record, uri):
+            with at_record(record, uri):
                 found = record_format(record.value, keys[0], fmt)
                 if first and found != first[1]:
-                    raise RecordError(f"record is {found.value} but the first record ({_where(first[0], uri)}) "
+                    raise RecordError(f"record is {found.value} but the first record ({where(first[0], uri)}) "
                                       f"is {first[1].value}", "use one format for every record")
             first = first or (record, found)
         fmt = first[1] if first else (DataFormat.classification if fmt == DataFormat.auto else fmt)
@@ -394,7 +394,7 @@ def label_name(label: Any) -> str:
     if isinstance(label, int) and not isinstance(label, bool):
         return str(label)
     if not isinstance(label, str):
-        raise RecordError(f"field 'label' is {_kind(label)}, expected a class name or class probabilities",
+        raise RecordError(f"field 'label' is {kind_of(label)}, expected a class name or class probabilities",
                           LABEL_HINT)
     if not label.strip():
         raise RecordError("field 'label' is empty", LABEL_HINT)
@@ -413,12 +413,12 @@ def _argmax(target: int | list[float]) -> int:
     return max(range(len(target)), key=target.__getitem__) if isinstance(target, list) else target
 
 
-def _where(record: Record, name: str) -> str:
+def where(record: Record, name: str) -> str:
     return f"line {record.line}" if record.file in ("", name) else f"{record.file}:{record.line}"
 
 
 @contextmanager
-def _at(record: Record, name: str) -> Iterator[None]:
+def at_record(record: Record, name: str) -> Iterator[None]:
     """A RecordError in the block becomes the DatasetError of the record's file and line."""
     try:
         yield

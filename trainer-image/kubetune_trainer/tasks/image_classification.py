@@ -18,7 +18,7 @@ from ..data import DatasetReport, label_studio
 from ..errors import ConfigError, DatasetError
 from ..images import REFERENCE_HINT, ImageStore, Located, decode_problem, imagefolder_records, is_imagefolder, load_rgb
 from ..spec import TASK_FORMATS, DataFormat, MethodType, TaskType
-from .classification import ClassExample, ClassificationTask, _at, head_modules
+from .classification import ClassExample, ClassificationTask, at_record, head_modules
 
 PROCESSOR_FILE = "preprocessor_config.json"
 KEYS = ("image",)  # what a record holds beside its label
@@ -98,7 +98,7 @@ class ImageClassification(ClassificationTask):
         store = self._store(path, uri)
         rows = []
         for record in records:
-            with _at(record, uri):
+            with at_record(record, uri):
                 image = record.value["image"]
                 if fmt == DataFormat.imagefolder:  # named by its URI, found where it was fetched
                     rows.append((record, Located(record.file, Path(image))))

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from ..data import DatasetReport
-from ..data.formats import RecordError, _kind
+from ..data.formats import RecordError, kind_of
 from ..data.records import Record
 from ..spec import DataFormat, MethodType, TaskType
-from .classification import IGNORE, ClassExample, ClassificationTask, _at, _where, head_modules
+from .classification import IGNORE, ClassExample, ClassificationTask, at_record, head_modules, where
 
 MAX_LINES_LISTED = 10
 KEYS = ("text", "text_pair")
@@ -40,7 +40,7 @@ class SequenceClassification(ClassificationTask):
         """The split's plain records, each with a non-empty text (and a text_pair string where there is one)."""
         fmt, records = self.read_split(path, uri, fmt, KEYS)
         for record in records:
-            with _at(record, uri):
+            with at_record(record, uri):
                 check_texts(record.value)
         return fmt, records
 
@@ -64,7 +64,7 @@ class SequenceClassification(ClassificationTask):
             report.tokens += min(length, limit)
             report.max_length = max(report.max_length, length)
             if length > limit:
-                truncated_at.append(_where(record, uri))
+                truncated_at.append(where(record, uri))
         report.trained_tokens = report.tokens  # every token informs the prediction
         report.truncated = len(truncated_at)
         if truncated_at:
@@ -134,12 +134,12 @@ def check_texts(value: dict) -> None:
     hint = "make text a non-empty string, or remove the record"
     text = value.get("text")
     if not isinstance(text, str):
-        raise RecordError(f"field 'text' is {_kind(text)}, expected a string", hint)
+        raise RecordError(f"field 'text' is {kind_of(text)}, expected a string", hint)
     if not text.strip():
         raise RecordError("field 'text' is empty", hint)
     pair = value.get("text_pair")
     if pair is not None and not isinstance(pair, str):
-        raise RecordError(f"field 'text_pair' is {_kind(pair)}, expected a string",
+        raise RecordError(f"field 'text_pair' is {kind_of(pair)}, expected a string",
                           "make text_pair a string, or leave it out")
 
 
