@@ -29,7 +29,8 @@ from .storage import Storage, publish, read_published
 if TYPE_CHECKING:
     from .identity import RunIdentity
 
-STEP_DIR = re.compile(r"(?<![a-z-])step-(\d{8})/manifest\.json$")
+STEP = re.compile(r"(?<![a-z-])step-(\d{8})/")  # a checkpoint's folder (not best-step-N/)
+STEP_DIR = re.compile(STEP.pattern + r"manifest\.json$")  # a complete checkpoint's manifest
 BEST_DIR = re.compile(r"best-step-(\d{8})/")
 
 
@@ -105,8 +106,7 @@ def set_rng_state(state: dict) -> None:
 def save(directory: Path, weights: dict[str, torch.Tensor], optimizer_state: dict, scheduler,
          state: TrainState, rng: list[dict]) -> Path:
     """Write a checkpoint folder: weights, optimizer and scheduler state, every rank's RNG, data position."""
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / "trainable.safetensors")
+    save_weights(directory, weights)
     torch.save(optimizer_state, directory / "optimizer.pt")
     (directory / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
     tensors = {f"{rank}.{name}": s[name] for rank, s in enumerate(rng) for name in ("torch", "cuda") if name in s}
@@ -114,6 +114,12 @@ def save(directory: Path, weights: dict[str, torch.Tensor], optimizer_state: dic
     (directory / "rng.json").write_text(json.dumps([s["python"] for s in rng]))
     (directory / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
     return directory
+
+
+def save_weights(directory: Path, weights: dict[str, torch.Tensor]) -> None:
+    """The trainable weights as directory/trainable.safetensors."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / "trainable.safetensors")
 
 
 def load(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict, TrainState, list[dict]]:
@@ -183,8 +189,7 @@ def save_best(storage: Storage, directory: Path, weights: dict[str, torch.Tensor
     """Publish the trainable weights of the best evaluated step (output.select: best) under
     `<prefix>best-step-N/`. Older ones stay until a checkpoint records the new best (prune_best): a run that
     resumes from an earlier checkpoint still finds the best that checkpoint knows."""
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / "trainable.safetensors")
+    save_weights(directory, weights)
     uri = best_uri(prefix, best["step"])
     publish(storage, directory, uri, {"kind": "best", **best, "run": run.dump()})
     return uri
@@ -198,12 +203,15 @@ def load_best(storage: Storage, prefix: str, step: int, dest: Path) -> dict[str,
 
 def prune_best(storage: Storage, prefix: str, keep_step: int | None) -> None:
     """Delete the best-step-N/ weights but those of `keep_step` (the best the newest checkpoint records)."""
-    seen = set()
-    for uri in storage.list(prefix.rstrip("/") + "/"):
-        m = BEST_DIR.search(uri)
-        if m and int(m.group(1)) != keep_step and m.group(1) not in seen:
-            seen.add(m.group(1))
-            storage.delete_prefix(best_uri(prefix, int(m.group(1))))
+    _delete_folders(storage, prefix, BEST_DIR, best_uri, lambda step: step != keep_step)
+
+
+def _delete_folders(storage: Storage, prefix: str, folder: re.Pattern, uri_of: Callable[[str, int], str],
+                    drop: Callable[[int], bool]) -> None:
+    """Delete every step folder under prefix that `folder` matches (its group: the step) and `drop` says to."""
+    steps = {int(m.group(1)) for uri in storage.list(prefix.rstrip("/") + "/") if (m := folder.search(uri))}
+    for step in sorted(s for s in steps if drop(s)):
+        storage.delete_prefix(uri_of(prefix, step))
 
 
 def prune(storage: Storage, prefix: str, keep: int) -> None:
@@ -212,9 +220,4 @@ def prune(storage: Storage, prefix: str, keep: int) -> None:
     if not steps:
         return
     oldest_kept = steps[: max(keep, 1)][-1]
-    seen = set()
-    for uri in storage.list(prefix.rstrip("/") + "/"):
-        m = re.search(r"(?<![a-z-])step-(\d{8})/", uri)
-        if m and int(m.group(1)) < oldest_kept and m.group(1) not in seen:
-            seen.add(m.group(1))
-            storage.delete_prefix(step_uri(prefix, int(m.group(1))))
+    _delete_folders(storage, prefix, STEP, step_uri, lambda step: step < oldest_kept)

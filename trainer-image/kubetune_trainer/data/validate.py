@@ -42,17 +42,26 @@ def validate_dataset(path: Path, display_name: str | None, *, fmt: DataFormat, t
         report.max_length = max(report.max_length, len(full))
         if len(full) > max_seq_length:
             report.truncated += 1
-            truncated_at.append(_where(record, name))
-    if report.samples < min_samples:
-        raise DatasetError(name, 0, f"the {split} split has {report.samples} valid records, fewer than "
-                           f"the minimum of {min_samples}", "add records or lower dataset.minSamples")
+            truncated_at.append(where(record, name))
+    check_min_samples(name, report.samples, min_samples, split)
     if truncated_at:
-        listed = ", ".join(truncated_at[:MAX_LINES_LISTED])
-        listed += ", ..." if len(truncated_at) > MAX_LINES_LISTED else ""
-        report.warnings.append(
-            f"{len(truncated_at)} of {report.samples} records are longer than maxSeqLength {max_seq_length} "
-            f"tokens (up to {report.max_length}) and were truncated: {listed}")
+        report.warnings.append(truncation_warning(truncated_at, report.samples, max_seq_length, report.max_length))
     return report
+
+
+def check_min_samples(name: str, samples: int, min_samples: int, split: str) -> None:
+    """DatasetError when a split has fewer valid records than dataset.minSamples (1 for validation and test)."""
+    if samples < min_samples:
+        raise DatasetError(name, 0, f"the {split} split has {samples} valid records, fewer than "
+                           f"the minimum of {min_samples}", "add records or lower dataset.minSamples")
+
+
+def truncation_warning(truncated_at: list[str], samples: int, max_seq_length: int, max_length: int) -> str:
+    """The warning for the records longer than maxSeqLength (`truncated_at`: where each is), the first listed."""
+    listed = ", ".join(truncated_at[:MAX_LINES_LISTED])
+    listed += ", ..." if len(truncated_at) > MAX_LINES_LISTED else ""
+    return (f"{len(truncated_at)} of {samples} records are longer than maxSeqLength {max_seq_length} "
+            f"tokens (up to {max_length}) and were truncated: {listed}")
 
 
 def tokenize_dataset(path: Path, display_name: str | None, *, fmt: DataFormat, tokenizer,
@@ -72,7 +81,7 @@ def _examples(path: Path, name: str, fmt: DataFormat, tokenizer,
             record_fmt = fmt if fmt != DataFormat.auto else guess_format(record.value)
             if first and record_fmt != first[1]:
                 raise RecordError(f"record is {record_fmt.value} but the first record "
-                                  f"({_where(first[0], name)}) is {first[1].value}",
+                                  f"({where(first[0], name)}) is {first[1].value}",
                                   "use one format for every record")
             check_record(record.value, record_fmt)
             full = tokenize_full(record.value, record_fmt, tokenizer)
@@ -93,5 +102,5 @@ def _no_trained_tokens(full: Example, max_seq_length: int) -> str:
             f"(the record has {len(full)} tokens)")
 
 
-def _where(record: Record, name: str) -> str:
+def where(record: Record, name: str) -> str:
     return f"line {record.line}" if record.file in ("", name) else f"{record.file}:{record.line}"

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..data import DatasetReport, label_studio
 from ..data.formats import RecordError, kind_of
 from ..data.records import Record, load_records
+from ..data.validate import check_min_samples, where
 from ..errors import ConfigError, DatasetError
 from ..spec import DataFormat
 from .base import Evaluation, Task
@@ -164,9 +165,7 @@ class ClassificationTask(Task):
 
     def report(self, uri: str, fmt: DataFormat, samples: int, min_samples: int, split: str) -> DatasetReport:
         """An empty report for a split, after checking it has at least min_samples records."""
-        if samples < min_samples:
-            raise DatasetError(uri, 0, f"the {split} split has {samples} valid records, fewer than the minimum of "
-                               f"{min_samples}", "add records or lower dataset.minSamples")
+        check_min_samples(uri, samples, min_samples, split)
         return DatasetReport(uri, fmt, samples, 0, 0, 0, 0)
 
     # -- batches ------------------------------------------------------------------------------------------
@@ -411,10 +410,6 @@ def _classes(target: int | list[float]) -> list[int]:
 
 def _argmax(target: int | list[float]) -> int:
     return max(range(len(target)), key=target.__getitem__) if isinstance(target, list) else target
-
-
-def where(record: Record, name: str) -> str:
-    return f"line {record.line}" if record.file in ("", name) else f"{record.file}:{record.line}"
 
 
 @contextmanager

@@ -17,10 +17,10 @@ import torch
 from ..data import DatasetReport
 from ..data.formats import RecordError, kind_of
 from ..data.records import Record
+from ..data.validate import truncation_warning, where
 from ..spec import DataFormat, MethodType, TaskType
-from .classification import IGNORE, ClassExample, ClassificationTask, at_record, head_modules, where
+from .classification import IGNORE, ClassExample, ClassificationTask, at_record, head_modules
 
-MAX_LINES_LISTED = 10
 KEYS = ("text", "text_pair")
 
 
@@ -68,11 +68,7 @@ class SequenceClassification(ClassificationTask):
         report.trained_tokens = report.tokens  # every token informs the prediction
         report.truncated = len(truncated_at)
         if truncated_at:
-            listed = ", ".join(truncated_at[:MAX_LINES_LISTED]) + (", ..." if report.truncated > MAX_LINES_LISTED
-                                                                   else "")
-            report.warnings.append(
-                f"{report.truncated} of {report.samples} records are longer than maxSeqLength {limit} tokens "
-                f"(up to {report.max_length}) and were truncated: {listed}")
+            report.warnings.append(truncation_warning(truncated_at, report.samples, limit, report.max_length))
         report.classes, warnings = self.class_report(targets)
         report.warnings += warnings if split == "train" else []
         return report
