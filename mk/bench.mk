@@ -1,14 +1,20 @@
 # `make bench-trainer`: real tokens/s of the Kubetune trainer vs a stock HF Trainer + PEFT script.
 # On a GPU machine: make bench-trainer BENCH_ARGS="--device cuda --model llama3-8b-shape --steps 40"
+# `make bench-data`: tokenizing 200,000 and 1,000,000 chat records, Kubetune (first run, cached) vs HF datasets.
+# A quick try: make bench-data BENCH_DATA_ARGS="--records 20000,100000"
 # `make bench-operator`: the operator with 100/400/1,000 FineTuneJobs on the local control plane.
 # Another checkout's operator: make bench-operator BENCH_OPERATOR_ARGS="--operator-src /tmp/kt-before"
-.PHONY: bench-trainer bench-operator
+.PHONY: bench-trainer bench-data bench-operator
 
 BENCH_ARGS ?= --device cpu --model tiny --steps 30
+BENCH_DATA_ARGS ?= --records 200000,1000000
 BENCH_OPERATOR_ARGS ?= --jobs 100,400,1000 --window 60
 
 bench-trainer: venv ## Trainer throughput vs HF Trainer + PEFT, as a markdown snippet (BENCH_ARGS=...)
 	$(PY) bench/bench_trainer.py $(BENCH_ARGS)
+
+bench-data: venv ## Data path time and peak RSS at 200k/1M chat records vs HF datasets (BENCH_DATA_ARGS=...)
+	$(PY) bench/bench_data.py $(BENCH_DATA_ARGS)
 
 bench-operator: venv control-plane ## Operator latency, CPU, RSS, API requests at 100-1,000 jobs (BENCH_OPERATOR_ARGS=...)
 	$(PY) bench/bench_operator.py $(BENCH_OPERATOR_ARGS)

@@ -4,6 +4,7 @@ Runs the kopf operator. Environment: KUBETUNE_TRAINER_IMAGE (default ghcr.io/kub
 KUBETUNE_HEALTH_PORT (8081, liveness at /healthz), KUBETUNE_READY_PORT (8082, readiness at /readyz: 200 `active`,
 503 `standby` while another replica works, or `starting`; 0 turns it off), KUBETUNE_METRICS_PORT (8080, /metrics;
 0 turns it off), KUBETUNE_RESYNC_SECONDS, KUBETUNE_VALIDATION_{CPU,MEMORY,EPHEMERAL_STORAGE,DEADLINE_SECONDS},
+KUBETUNE_ESTIMATE_GPU_TFLOPS (400, the data report's GPU-hours estimate),
 KUBECONFIG outside a cluster.
 """
 

@@ -7,10 +7,11 @@ FineTuneJob garbage-collects them.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
-from kubetune_trainer.config import TrainerConfig
+from kubetune_trainer.config import DEFAULT_GPU_TFLOPS, Hardware, TrainerConfig
 from kubetune_trainer.errors import EXIT_PEER_LOST, PERMANENT_EXIT_CODES
 from kubetune_trainer.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
 
@@ -43,6 +44,12 @@ def rendezvous_port() -> int:
     """KUBETUNE_RENDEZVOUS_PORT, else 29500: pods that share the host's network (the process node agent, in
     tests) need a port no other program there listens on."""
     return int(os.environ.get("KUBETUNE_RENDEZVOUS_PORT") or RENDEZVOUS_PORT)
+
+
+def gpu_tflops() -> float:
+    """KUBETUNE_ESTIMATE_GPU_TFLOPS (the chart's `estimate.gpuTflops`), else 400: the sustained TFLOPS per GPU
+    that the validation's data report divides the training FLOPs by to estimate GPU-hours."""
+    return float(os.environ.get("KUBETUNE_ESTIMATE_GPU_TFLOPS") or DEFAULT_GPU_TFLOPS)
 
 
 def with_storage_defaults(spec: dict) -> dict:
@@ -104,10 +111,16 @@ def child_meta(meta: dict, name: str, component: str, extra_labels: dict | None 
             "ownerReferences": [owner_reference(meta)]}
 
 
+def hardware(spec: FineTuneJobSpec) -> Hardware:
+    """What the run will train on, so that the CPU validation can say what the data costs in GPU-hours."""
+    res = spec.resources
+    return Hardware(processes=world_size(spec), gpus=res.workers * res.gpus_per_worker, gpu_tflops=gpu_tflops())
+
+
 def trainer_config(name: str, spec: FineTuneJobSpec, run_id: str | None = None) -> TrainerConfig:
     """The trainer's config; `run_id` (the FineTuneJob's uid) tells this run's output and checkpoints from
     another run's."""
-    return TrainerConfig.from_job(name, spec, run_id=run_id)
+    return TrainerConfig.from_job(name, spec, run_id=run_id, hardware=hardware(spec))
 
 
 def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
@@ -196,6 +209,15 @@ def validation_settings(spec: FineTuneJobSpec) -> dict:
     return out
 
 
+def cpus(quantity: str) -> int:
+    """A CPU quantity ("500m", "2", "1.5") as whole CPUs, rounded up, at least 1."""
+    try:
+        value = float(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+    except ValueError:
+        return 1
+    return max(1, math.ceil(value)) if math.isfinite(value) else 1
+
+
 def validation_job(meta: dict, spec: FineTuneJobSpec, image: str) -> dict:
     """One CPU pod running `kubetune validate`: bad data fails here, before any GPU is requested. One pod per
     Job (backoffLimit 0): the operator retries transient failures itself, with a growing delay."""
@@ -203,7 +225,8 @@ def validation_job(meta: dict, spec: FineTuneJobSpec, image: str) -> dict:
     scratch = {"ephemeral-storage": v["ephemeral_storage"]}
     container = {"name": VALIDATE_CONTAINER, "image": spec.image or image,
                  "command": ["kubetune", "validate", "--config", CONFIG_PATH],
-                 "env": _storage_env(spec),
+                 # The validating and tokenizing pass runs one process per CPU the pod requests.
+                 "env": [*_storage_env(spec), {"name": "KUBETUNE_DATA_WORKERS", "value": str(cpus(v["cpu"]))}],
                  "resources": {"requests": {"cpu": v["cpu"], "memory": v["memory"], **scratch},
                                "limits": {"memory": v["memory"], **scratch}}}
     pod = _pod_spec(meta, spec, container, shm=False)

@@ -130,6 +130,7 @@ RULES: dict[str, list[dict]] = {
     "dataset.train": [_uri_rule(S3_OR_PVC, "dataset.train", "s3:// or pvc://")],
     "dataset.validation": [_uri_rule(S3_OR_PVC, "dataset.validation", "s3:// or pvc://")],
     "dataset.test": [_uri_rule(S3_OR_PVC, "dataset.test", "s3:// or pvc://")],
+    "dataset.cacheUri": [_uri_rule(S3_OR_PVC, "dataset.cacheUri", "s3:// or pvc://")],
     "output.uri": [_uri_rule(S3_OR_PVC, "output.uri", "s3:// or pvc://")],
     "checkpoint.uri": [_uri_rule(S3_OR_PVC, "checkpoint.uri", "s3:// or pvc://")],
     "hyperparameters": [{"rule": "!(has(self.epochs) && has(self.maxSteps))",
@@ -164,6 +165,8 @@ PRINTER_COLUMNS = [
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
+    {"name": "GPU-h", "type": "number", "jsonPath": ".status.dataset.estimatedGPUHours", "priority": 1,
+     "description": "GPU-hours the validation estimated for the run (the ETA column refines it once it trains)"},
 ]
 
 

@@ -32,6 +32,7 @@ from .status import (
     apply_metrics,
     charged,
     completion_index,
+    dataset_status,
     disruption,
     explain_failure,
     final_progress,
@@ -47,6 +48,7 @@ from .status import (
     set_condition,
     success_report,
     terminations,
+    validation_report,
 )
 
 GPU_ACCOUNTING_SECONDS = 30  # gpuSeconds is brought up to date at most this often while running
@@ -195,8 +197,16 @@ def _validate(d: Decision, meta, spec, observed: Observed, generation: int, now,
         d.delete.append(job)
         d.requeue_after = delay
         return False
-    ends = terminations(observed.validation_pods, children.VALIDATE_CONTAINER)
-    message = (ends[0].get("message") or "").strip() if ends else ""
+    report = validation_report(observed.validation_pods, children.VALIDATE_CONTAINER)
+    if report is None:  # an older trainer's plain text: the message as it is
+        ends = terminations(observed.validation_pods, children.VALIDATE_CONTAINER)
+        message = (ends[0].get("message") or "").strip() if ends else ""
+    else:
+        summary = report.get("summary")
+        message = summary.strip()[:1000] if isinstance(summary, str) else ""
+        d.status["dataset"] = dataset_status(report) or None
+        if message:
+            d.events.append(("Normal", "Validated", message))
     set_condition(d.status, "Validated", True, "DatasetValid", message or "dataset valid", generation, now)
     d.status.pop("validationRetryTime", None)
     return True

@@ -85,6 +85,24 @@ class MetricsScrape(Model):
     last_error: str | None = None
 
 
+class DatasetReport(Model):
+    """What the CPU validation found the data to cost, before any GPU starts (its termination message)."""
+
+    samples: int | None = Field(None, description="Training records")
+    tokens: int | None = Field(None, description="Tokens of the training records, after truncation")
+    trained_tokens: int | None = Field(None, description="Of those, the tokens the loss is computed on (answers, "
+                                       "not prompts, unless the whole text is trained)")
+    truncated: int | None = Field(None, description="Training records cut at hyperparameters.maxSeqLength")
+    sequences: int | None = Field(None, description="Training sequences after packing (the records without it)")
+    packing_efficiency: float | None = Field(None, description="Training tokens / (sequences x maxSeqLength)")
+    planned_steps: int | None = Field(None, description="Optimizer steps the run will take")
+    estimated_seconds: float | None = Field(None, description="Training time estimate: FLOPs / (GPUs x the chart's "
+                                            "estimate.gpuTflops); progress.eta refines it once training runs")
+    estimated_gpu_hours: float | None = Field(None, alias="estimatedGPUHours",
+                                              description="estimatedSeconds x GPUs / 3600")
+    cache_uri: str | None = Field(None, description="The tokenized data cache the workers memory-map")
+
+
 class FineTuneJobStatus(Model):
     phase: Phase | None = None
     reason: str | None = Field(None, description="Why the job is in its phase, e.g. DatasetInvalid")
@@ -112,6 +130,8 @@ class FineTuneJobStatus(Model):
     metrics_scrape: MetricsScrape | None = Field(None, description="Set while scrapes of rank 0 fail")
     training_job: ChildRef | None = Field(None, description="The training Job this operator created")
     validation_attempts: int | None = Field(None, description="Validation Jobs started; transient failures retry")
+    dataset: DatasetReport | None = Field(None, description="The validation's report: the data's size, the planned "
+                                          "steps and the estimated GPU-hours")
     validation_retry_time: str | None = Field(None, description="When a failed validation is retried")
     train_loss: float | None = None
     eval_loss: float | None = None
@@ -292,6 +312,50 @@ def success_report(pods: list[dict], container: str) -> dict:
             if isinstance(doc, dict):
                 return doc
     return {}
+
+
+def validation_report(pods: list[dict], container: str) -> dict | None:
+    """The validation pod's termination message when the trainer wrote it as JSON (kubetune validate: {"valid",
+    "splits", "sequences", "packingEfficiency", "plannedSteps", "estimate", "cache", "summary"}); None for an older
+    trainer's plain text."""
+    ends = terminations(pods, container)
+    try:
+        doc = json.loads((ends[0].get("message") or "") if ends else "")
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+CACHE_LOCATIONS = ("s3://", "pvc://", "/")  # where dataset.cacheUri may point (a local path: a mounted volume)
+
+
+def _count(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _number(value) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return value if ok else None
+
+
+def dataset_status(report: dict) -> dict:
+    """status.dataset from the validation report: only the fields the status schema has, each only when it is
+    there and of its type. Nothing else of the message is copied (it names the data; the cache URI is ours)."""
+    def part(key: str) -> dict:
+        return report.get(key) if isinstance(report.get(key), dict) else {}
+
+    train, estimate, cache = part("splits").get("train"), part("estimate"), part("cache")
+    train = train if isinstance(train, dict) else {}
+    uri = cache.get("uri")
+    fields = {
+        "samples": _count(train.get("samples")), "tokens": _count(train.get("tokens")),
+        "trainedTokens": _count(train.get("trainedTokens")), "truncated": _count(train.get("truncated")),
+        "sequences": _count(report.get("sequences")), "packingEfficiency": _number(report.get("packingEfficiency")),
+        "plannedSteps": _count(report.get("plannedSteps")), "estimatedSeconds": _number(estimate.get("seconds")),
+        "estimatedGPUHours": _number(estimate.get("gpuHours")),
+        "cacheUri": uri if isinstance(uri, str) and uri.startswith(CACHE_LOCATIONS) and len(uri) <= 2048 else None,
+    }
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def result_from_pods(pods: list[dict], container: str, output_uri: str) -> dict:

@@ -94,6 +94,7 @@ FULL_VALUES = {
     "storage.region": "eu-west-1",
     "storage.secretName": "s3-credentials",
     "trainer.image.tag": "0.2.0",
+    "estimate.gpuTflops": "125",
     "priorityClassName": "system-cluster-critical",
     "nodeSelector.kubernetes\\.io/os": "linux",
 }

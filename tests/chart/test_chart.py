@@ -154,6 +154,22 @@ def test_the_operator_applies_the_validation_defaults_the_chart_sets(monkeypatch
         "cpu": "2", "memory": "4Gi", "ephemeral_storage": "50Gi", "active_deadline_seconds": 600}
 
 
+def test_the_operator_estimates_with_the_gpu_tflops_the_chart_sets(monkeypatch):
+    from kubetune_operator.children import trainer_config
+    from kubetune_trainer.spec import FineTuneJobSpec
+
+    spec = FineTuneJobSpec.model_validate({
+        "baseModel": {"uri": "s3://models/m/"}, "dataset": {"train": "s3://data/train.jsonl"},
+        "output": {"uri": "s3://out/"}, "resources": {"workers": 2, "gpusPerWorker": 4}})
+    for values, tflops in (({}, 400.0), ({"estimate.gpuTflops": "125"}, 125.0)):
+        (deploy,) = find(render(values), "Deployment")
+        for var in deploy["spec"]["template"]["spec"]["containers"][0]["env"]:
+            if "value" in var:
+                monkeypatch.setenv(var["name"], var["value"])
+        hardware = trainer_config("demo", spec).hardware
+        assert (hardware.gpu_tflops, hardware.gpus, hardware.processes) == (tflops, 8, 8)
+
+
 def test_the_probes_ask_the_ports_the_operator_serves():
     (deploy,) = find(render({"healthPort": "9001", "readyPort": "9002"}), "Deployment")
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
@@ -241,6 +257,8 @@ def test_rbac_equals_docs_operator_md():
     ({"validation.memory": "lots"}, "memory"),
     ({"validation.activeDeadlineSeconds": "30"}, "activeDeadlineSeconds"),  # the CRD: at least 60
     ({"validation.gpu": "1"}, "gpu"),
+    ({"estimate.gpuTflops": "0"}, "gpuTflops"),
+    ({"estimate.gpuTflops": "fast"}, "gpuTflops"),
     ({"image.pullPolicy": "Sometimes"}, "pullPolicy"),
     ({"watchNamespaces": "{Team_A}"}, "watchNamespaces"),
     ({"prometheusRule.trainingStalledFor": "fifteen minutes"}, "trainingStalledFor"),

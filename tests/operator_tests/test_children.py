@@ -102,6 +102,12 @@ def test_validation_resources_come_from_the_job_else_the_operator_else_defaults(
     assert deadline == 600 and scratch == {"sizeLimit": "50Gi"}
 
 
+def test_the_validation_pass_runs_one_process_per_requested_cpu():
+    for cpu, workers in (("500m", "1"), ("2", "2"), ("2500m", "3"), ("1.5", "2")):
+        meta, spec = build({"validation": {"cpu": cpu}})
+        assert env(children.validation_job(meta, spec, IMAGE))["KUBETUNE_DATA_WORKERS"] == workers, cpu
+
+
 def test_credentials_come_from_the_secret_as_env():
     meta, spec = build()
     e = env(children.validation_job(meta, spec, IMAGE))

@@ -410,6 +410,14 @@ def test_real_training_on_cpu_workers(control_plane, node_agent, namespace, oper
         status["result"]["manifestUri"])
     assert manifest["steps"] == 4 and manifest["processes"] == workers
     assert status["startTime"] and status["completionTime"] and status["restarts"] == 0
+    # The validation Job tokenized the data once into the cache; the workers downloaded it instead.
+    dataset = status["dataset"]
+    assert dataset["samples"] == manifest["datasets"]["train"]["samples"] and dataset["plannedSteps"] == 4
+    assert dataset["cacheUri"].startswith(tiny_model["output"] + "checkpoints/data-cache/")
+    rank0 = next(p for p in training_job_pods(control_plane, namespace, "real")
+                 if p["spec"]["hostname"].endswith("-0"))
+    events = trainer_events(node_agent.logs(namespace, rank0["metadata"]["name"]))
+    assert [e["cache"] for e in events if e["event"] == "data_cache"] == ["downloaded"]
 
 
 def trainer_events(log: str) -> list[dict]:

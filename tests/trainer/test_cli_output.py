@@ -126,3 +126,23 @@ def test_validate_shows_the_records_of_each_class(tmp_path):
     rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:-1]]
             for line in done.output.splitlines() if line.startswith("│")}
     assert rows["ham"] == ["3", "1"] and rows["spam"] == ["3", "1"], done.output
+
+
+SUMMARY = "train 2,000 samples, 90.0k tokens (30.0k trained); packed into 190 sequences (93% full); 24 steps"
+
+
+def test_the_data_events_are_one_readable_line_each():
+    text = printed([
+        {"event": "data_cache", "cache": "downloaded", "uri": "s3://out/job/checkpoints/data-cache/ab12/",
+         "key": "ab12"},
+        {"event": "data_cache_rebuilt", "uri": "/work/data-cache/ab12", "problem": "train/ids.bin is truncated "
+         "(8 of 16 bytes)"},
+        {"event": "data", "splits": {"train": {"samples": 2000, "tokens": 90000, "trainedTokens": 30000,
+                                               "truncated": 0}}, "sequences": 190, "plannedSteps": 24,
+         "summary": SUMMARY},
+    ])
+    assert text.splitlines() == [
+        "data cache downloaded: s3://out/job/checkpoints/data-cache/ab12/",
+        "data cache /work/data-cache/ab12 not used: train/ids.bin is truncated (8 of 16 bytes)",
+        f"data {SUMMARY}",
+    ]

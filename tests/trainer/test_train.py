@@ -149,11 +149,30 @@ def launch_two_processes(config_file) -> list[str]:
 
 
 def test_two_processes_with_gloo_through_accelerate_launch(make_config, storage, trainer_env, tmp_path):
+    """As on a cluster: `kubetune validate` tokenizes into the cache in object storage, then the two training
+    processes of a fresh node use it: the node's first process downloads it, both memory-map it."""
     config = make_config("ddp", hyperparameters={"maxSteps": 8}, evaluation={"everySteps": 4},
                          checkpoint={"everySteps": 4})
-    done = subprocess.run(launch_two_processes(_config_file(config, tmp_path)), env=trainer_env, capture_output=True,
-                          text=True, timeout=900)
+    termination = tmp_path / "termination-log"
+    validated = subprocess.run([sys.executable, "-m", "kubetune_trainer", "validate", "--config",
+                                str(_config_file(config, tmp_path))], env={**trainer_env,
+                               "KUBETUNE_TERMINATION_LOG": str(termination)}, capture_output=True, text=True,
+                               timeout=300)
+    assert validated.returncode == 0, validated.stderr
+    report = json.loads(termination.read_text())
+    assert report["valid"] and report["splits"]["train"]["samples"] == 192 and report["plannedSteps"] == 8
+    assert report["cache"]["uri"].startswith(config.checkpoint_uri + "data-cache/") and not report["cache"]["reused"]
+    assert storage.exists(report["cache"]["uri"] + "meta.json")
+    assert "192 samples" in validated.stdout and "tokenized cache written" in validated.stdout
+
+    fresh_node = config.model_copy(update={"work_dir": str(tmp_path / "node")})
+    done = subprocess.run(launch_two_processes(_config_file(fresh_node, tmp_path)), env=trainer_env,
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"event"')]
+    assert [e["cache"] for e in events if e["event"] == "data_cache"] == ["downloaded"]
+    assert list((tmp_path / "node" / "data-cache").iterdir()) == [tmp_path / "node" / "data-cache" /
+                                                                 report["cache"]["key"]]  # one copy, no leftovers
     manifest = storage.get_json(config.output.uri + "manifest.json")
     assert manifest["processes"] == 2 and manifest["steps"] == 8
     assert done.stdout.count('"event": "published"') == 1  # only rank 0 reports and publishes

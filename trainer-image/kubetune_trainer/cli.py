@@ -62,7 +62,7 @@ def validate(config: ConfigOption) -> None:
     from .pipeline import validate_only
 
     try:
-        reports = validate_only(load_config(config))
+        reports, data = validate_only(load_config(config))
     except Exception as e:  # noqa: BLE001 - every failure becomes a clear message and exit code
         fail(e)
     table = Table("split", "file", "format", "samples", "tokens", "trained tokens", "truncated")
@@ -78,7 +78,12 @@ def validate(config: ConfigOption) -> None:
     for r in reports.values():
         for w in r.warnings:
             err.print(f"[yellow]warning[/] {escape(f'{r.file}: {w}')}", highlight=False)
-    termination_log("dataset valid: " + ", ".join(f"{s} {r.samples} samples" for s, r in reports.items()))
+    out.print(escape(data["summary"]), highlight=False, soft_wrap=True)
+    if "cache" in data:
+        how = "reused" if data["cache"]["reused"] else "written"
+        out.print(escape(f"tokenized cache {how}: {data['cache']['uri']}"), highlight=False, soft_wrap=True)
+    # The operator turns this into status.dataset (kubetune_operator.status.validation_report).
+    termination_log(json.dumps({"valid": True, **data}, separators=(",", ":")))
 
 
 @app.command()
@@ -256,6 +261,14 @@ class ProgressReporter:
             self.progress.update(self.task, completed=event["step"], loss=f"loss {event['loss']:.4f}")
         elif kind == "already_published":
             self.already_published = True
+        elif kind == "data":  # what the data costs, one line
+            console.print(f"[cyan]data[/] {escape(event['summary'])}", highlight=False, soft_wrap=True)
+        elif kind == "data_cache":
+            console.print(f"[cyan]data cache[/] {event['cache']}: {escape(event['uri'])}", highlight=False,
+                          soft_wrap=True)
+        elif kind == "data_cache_rebuilt":
+            console.print(f"[yellow]data cache[/] {escape(event['uri'])} not used: {escape(event['problem'])}",
+                          highlight=False, soft_wrap=True)
         elif kind in self.SHOWN:
             line = event_line(event)
             console.print(f"[cyan]{kind}[/]{escape(line.removeprefix(kind))}", highlight=False, soft_wrap=True)

@@ -39,6 +39,9 @@ from .spec import (
 )
 
 CONFIG_VERSION = "kubetune.io/v1alpha1"
+# An H100 SXM sustains about 400 of its 989 dense bf16 TFLOPS in LoRA fine-tuning (40% model FLOPs
+# utilization); the chart's estimate.gpuTflops sets the figure of the cluster's GPUs.
+DEFAULT_GPU_TFLOPS = 400.0
 
 
 class MetricsSpec(Model):
@@ -52,6 +55,15 @@ class StorageEndpoint(Model):
     endpoint: str | None = None
     region: str = "us-east-1"
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
+
+
+class Hardware(Model):
+    """What the run trains on, for the data report's cost estimate (data/report.py). The operator fills it from
+    spec.resources and the chart's estimate.gpuTflops; `kubetune run` leaves the defaults."""
+
+    processes: int = Field(1, ge=1, description="Training processes: workers x gpusPerWorker (workers on CPU)")
+    gpus: int = Field(0, ge=0, description="GPUs over all workers")
+    gpu_tflops: float = Field(DEFAULT_GPU_TFLOPS, gt=0, description="Sustained dense bf16 TFLOPS per GPU")
 
 
 class TrainerConfig(Model):
@@ -70,11 +82,16 @@ class TrainerConfig(Model):
     output: OutputSpec
     storage: StorageEndpoint = Field(default_factory=StorageEndpoint)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    hardware: Hardware = Field(default_factory=Hardware)
     work_dir: str = "/tmp/kubetune"
 
     @property
     def checkpoint_uri(self) -> str:
         return self.checkpoint.uri or join_uri(self.output.uri, "checkpoints/")
+
+    @property
+    def cache_uri(self) -> str:
+        return self.dataset.cache_uri or join_uri(self.checkpoint_uri, "data-cache/")
 
     @classmethod
     def from_job(cls, name: str, spec: FineTuneJobSpec, **overrides) -> TrainerConfig:

@@ -15,7 +15,7 @@ from numbers import Real
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 LINGER_ENV = "KUBETUNE_METRICS_LINGER_SECONDS"
-PHASES = ("downloading", "validating", "tokenizing", "training", "evaluating", "uploading", "done", "failed")
+PHASES = ("downloading", "validating", "training", "evaluating", "uploading", "done", "failed")
 
 _GAUGES = {
     "step": "Optimizer steps completed",

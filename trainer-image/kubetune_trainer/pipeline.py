@@ -14,38 +14,22 @@ from pathlib import Path
 
 from .config import TrainerConfig, join_uri
 from .data import DatasetReport
-from .errors import DatasetError
+from .data.report import data_report
 from .evaluate import baseline_difference, evaluate
-from .fetch import Fetched, fetch, tokenizer_sha256, tree_sha256
+from .fetch import fetch, tokenizer_sha256, tree_sha256
 from .identity import RunIdentity, check_claim, claim
 from .metrics import TrainerMetrics
+from .prepare import prepare
 from .publish import publish_output, save_output
 from .sharding import full_trainable_state
 from .spec import Select, Strategy
 from .storage import Storage
-from .tasks import Task, task_for
+from .tasks import task_for
 from .train import Reporter, StopSignal, collective_failures_are_peer_lost, is_sharded, train
 
 
 def json_reporter(event: dict) -> None:
     print(json.dumps(event, default=str), flush=True)
-
-
-def validate_splits(config: TrainerConfig, task: Task, fetched: Fetched,
-                    beat: Callable[[], None] | None = None) -> dict[str, DatasetReport]:
-    """Check every record of every split, train first; the first bad one raises DatasetError (exit 65). Beats
-    per split."""
-    reports: dict[str, DatasetReport] = {}
-    for split, path in fetched.splits.items():
-        fmt = reports["train"].format if reports else config.dataset.format
-        reports[split] = task.validate(split, path, fetched.uris[split], fmt,
-                                       config.dataset.min_samples if split == "train" else 1)
-        if reports[split].format != reports["train"].format:
-            raise DatasetError(fetched.uris[split], 0, f"{split} split is {reports[split].format.value} but "
-                               f"train is {reports['train'].format.value}", "use one format for all splits")
-        if beat:
-            beat()
-    return reports
 
 
 def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storage | None = None) -> dict:
@@ -87,26 +71,23 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
             metrics.set_phase(name)
 
     phase("downloading")
-    with accelerator.local_main_process_first():
+    with accelerator.local_main_process_first():  # the node's first process downloads and prepares the data
         fetched = fetch(config, storage)
-    task = task_for(config, fetched.model_dir, storage)
-    task.load_processor()
-    # What the checkpoints' fingerprint and the manifest record: the exact bytes trained on.
-    data_sha256 = {s: tree_sha256(p, beat=beat) for s, p in fetched.splits.items()}
-    inputs = {"datasets": data_sha256, "tokenizer": tokenizer_sha256(fetched.model_dir)}
-
-    phase("validating")
-    reports = validate_splits(config, task, fetched, beat)
+        task = task_for(config, fetched.model_dir, storage)
+        task.load_processor()
+        # What the checkpoints' fingerprint and the manifest record: the exact bytes trained on.
+        data_sha256 = {s: tree_sha256(p, beat=beat) for s, p in fetched.splits.items()}
+        inputs = {"datasets": data_sha256, "tokenizer": tokenizer_sha256(fetched.model_dir)}
+        phase("validating")
+        data = prepare(config, task, fetched, storage, inputs, build=accelerator.is_local_main_process,
+                       upload=main, report=report, beat=beat)
+    reports, splits = data.reports, data.splits
     fmt = reports["train"].format
     report({"event": "validated", **{s: {"samples": r.samples, "tokens": r.tokens, "truncated": r.truncated,
                                          **({"classes": r.classes} if r.classes else {})}
                                      for s, r in reports.items()}})
-
-    phase("tokenizing")
-    splits = {}
-    for s, p in fetched.splits.items():
-        splits[s] = task.examples(s, p, fetched.uris[s], fmt)
-        beat()
+    report({"event": "data", **data_report(config, task, reports, fetched.model_dir, data.cache,
+                                           accelerator.num_processes)})
 
     phase("training")
     precision = accelerator.mixed_precision
@@ -189,11 +170,18 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
     return manifest
 
 
-def validate_only(config: TrainerConfig, storage: Storage | None = None) -> dict[str, DatasetReport]:
-    """`kubetune validate`: the same checks, on CPU, without downloading the model weights."""
+def validate_only(config: TrainerConfig, storage: Storage | None = None) -> tuple[dict[str, DatasetReport], dict]:
+    """`kubetune validate`: the same checks, on CPU, without downloading the model weights; for a task that
+    caches, the same pass leaves the tokenized cache in object storage for the training pods. Returns the
+    reports and the data report (data/report.py)."""
     storage = storage or Storage(config.storage)
-    claim(storage, config, RunIdentity.of(config), write=False)  # another run's output: refused before a GPU pod
+    identity = RunIdentity.of(config)
+    claim(storage, config, identity, write=False)  # another run's output: refused before a GPU pod
+    storage = storage.with_run(identity.uid)  # the cache it uploads says which run made it
     fetched = fetch(config, storage, weights=False)
     task = task_for(config, fetched.model_dir, storage)
     task.load_processor()
-    return validate_splits(config, task, fetched)
+    inputs = {"datasets": {s: tree_sha256(p) for s, p in fetched.splits.items()},
+              "tokenizer": tokenizer_sha256(fetched.model_dir)}
+    data = prepare(config, task, fetched, storage, inputs, examples=False)
+    return data.reports, data_report(config, task, data.reports, fetched.model_dir, data.cache)

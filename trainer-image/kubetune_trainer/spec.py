@@ -178,6 +178,11 @@ class DatasetSpec(Model):
     labels: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         None, min_length=2, max_length=MAX_LABELS, description="Classification: the class names, in the order of "
         "the model's outputs; by default the labels of the training split, sorted")
+    cache_uri: str | None = Field(
+        None, max_length=1024, description="s3:// or pvc:// prefix (a local path with kubetune run) of the "
+        "tokenized-data cache that validation "
+        "writes and training memory-maps, keyed by the data, tokenizer and settings; defaults to "
+        "<checkpoint uri>data-cache/. Point several jobs at one prefix to tokenize shared data once")
 
 
 class LoraSpec(Model):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import checkpoint, sharding
@@ -78,8 +79,9 @@ class Plan:
 
 
 @lru_cache(maxsize=2)
-def _epoch_order(sequences: int, seed: int, epoch: int) -> tuple[int, ...]:
-    return tuple(torch.randperm(sequences, generator=torch.Generator().manual_seed(seed + epoch)).tolist())
+def _epoch_order(sequences: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's order of the training sequences: an index array, computed once per epoch."""
+    return torch.randperm(sequences, generator=torch.Generator().manual_seed(seed + epoch)).numpy()
 
 
 def step_indices(plan: Plan, seed: int, step: int, rank: int) -> list[list[int]]:
@@ -90,7 +92,7 @@ def step_indices(plan: Plan, seed: int, step: int, rank: int) -> list[list[int]]
     epoch, s = divmod(step, plan.steps_per_epoch)
     order = _epoch_order(plan.sequences, seed, epoch)
     start = s * plan.step_samples
-    samples = [order[(start + j) % plan.sequences] for j in range(plan.step_samples)]
+    samples = order[np.arange(start, start + plan.step_samples) % plan.sequences].tolist()
     per_round = plan.batch_size * plan.processes
     return [samples[k * per_round + rank * plan.batch_size:][:plan.batch_size]
             for k in range(plan.accumulation)]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,24 +24,27 @@ class Record:
     file: str = ""  # display name of the file the record came from
 
 
-def load_records(path: Path, display_name: str | None = None) -> Iterator[Record]:
-    """Every record of a data file, or of every data file under a directory in sorted order.
+def load_records(path: Path, display_name: str | None = None, *, raw: bool = False) -> Iterator[Record]:
+    """Every record of a data file, or of every data file under a directory in sorted order, read as a stream
+    (a constant amount of memory, whatever the size of the file).
 
     Errors name `display_name` (e.g. the s3:// URI the file was fetched from), the line and the problem.
+    raw=True leaves JSONL lines undecoded (`Record.value` is the line's bytes): `parse` decodes them, in the
+    worker process that checks the record.
     """
     path = Path(path)
     name = display_name or str(path)
     if not path.exists():
         raise DatasetError(name, 0, "no such file or directory", "check the dataset URI")
     if not path.is_dir():
-        yield from _load_file(path, name)
+        yield from _load_file(path, name, raw)
         return
     files = data_files(path)
     if not files:
         raise DatasetError(name, 0, f"no data files ({', '.join(DATA_SUFFIXES)}) in this directory",
                            "point the dataset at JSONL, JSON, CSV or Parquet files")
     for file in files:
-        yield from _load_file(file, name.rstrip("/") + "/" + file.relative_to(path).as_posix())
+        yield from _load_file(file, name.rstrip("/") + "/" + file.relative_to(path).as_posix(), raw)
 
 
 def data_files(directory: Path) -> list[Path]:
@@ -53,7 +56,7 @@ def data_files(directory: Path) -> list[Path]:
     )
 
 
-def _load_file(path: Path, name: str) -> Iterator[Record]:
+def _load_file(path: Path, name: str, raw: bool) -> Iterator[Record]:
     with path.open("rb") as f:
         head = f.read(4)
         f.seek(0)
@@ -65,48 +68,126 @@ def _load_file(path: Path, name: str) -> Iterator[Record]:
     elif first == b"[":
         yield from _load_json_array(path, name)
     else:
-        yield from _load_jsonl(path, name)
+        yield from _load_jsonl(path, name, raw)
 
 
-def _load_jsonl(path: Path, name: str) -> Iterator[Record]:
+def _load_jsonl(path: Path, name: str, raw: bool) -> Iterator[Record]:
     with path.open("rb") as f:
-        for line, raw in enumerate(f, start=1):
-            try:
-                text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise DatasetError(name, line, f"not valid UTF-8 (byte {e.start + 1} of the line)",
-                                   "save the file as UTF-8") from None
-            if not text.strip():
+        for line, data in enumerate(f, start=1):
+            if data.isspace():
                 continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DatasetError(name, line, f"invalid JSON: {e.msg} at column {e.colno}",
-                                   "each line must be one complete JSON object") from None
-            yield _object(Record(line, value, name))
+            record = Record(line, data, name)
+            yield record if raw else parse(record)
 
 
-def _read_utf8(path: Path, name: str) -> str:
-    """The whole file as text (a leading BOM dropped); DatasetError with the line of the first invalid byte."""
-    raw = path.read_bytes()
+def parse(record: Record) -> Record:
+    """A record whose value is a raw JSONL line (load_records(raw=True)), decoded and checked to be an object."""
+    if not isinstance(record.value, bytes):
+        return record
     try:
-        return raw.decode("utf-8-sig")
+        text = record.value.decode("utf-8-sig" if record.line == 1 else "utf-8")
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DatasetError(name, line, "not valid UTF-8", "save the file as UTF-8") from None
+        raise DatasetError(record.file, record.line, f"not valid UTF-8 (byte {e.start + 1} of the line)",
+                           "save the file as UTF-8") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(record.file, record.line, f"invalid JSON: {e.msg} at column {e.colno}",
+                           "each line must be one complete JSON object") from None
+    return _object(Record(record.line, value, record.file))
+
+
+def _utf8_lines(path: Path, name: str) -> Iterator[str]:
+    """The file's lines as text (a leading BOM dropped); DatasetError with the line of an invalid byte."""
+    with path.open("rb") as f:
+        for line, data in enumerate(f, start=1):
+            try:
+                yield data.decode("utf-8-sig" if line == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise DatasetError(name, line, "not valid UTF-8", "save the file as UTF-8") from None
+
+
+def _utf8_chunks(path: Path, name: str, size: int) -> Iterator[str]:
+    """The file as text in pieces of about `size` bytes (a leading BOM dropped, a character never cut); DatasetError
+    with the line of an invalid byte."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    lines = 1
+    with path.open("rb") as f:
+        while True:
+            data = f.read(size)
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as e:
+                line = lines + data[: max(e.start, 0)].count(b"\n")
+                raise DatasetError(name, line, "not valid UTF-8", "save the file as UTF-8") from None
+            if not data:
+                return
+            lines += data.count(b"\n")
+            yield text
+
+
+JSON_CHUNK = 1 << 20  # characters read at a time from a JSON array
+MAX_JSON_RECORD = 64 << 20  # a record longer than this is reported as invalid rather than buffered further
 
 
 def _load_json_array(path: Path, name: str) -> Iterator[Record]:
-    text = _read_utf8(path, name)
-    try:
-        values = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DatasetError(name, e.lineno, f"invalid JSON: {e.msg} at column {e.colno}",
-                           "the file must be one JSON array of objects, or JSONL") from None
-    if not isinstance(values, list):
+    """The elements of a JSON array, decoded one at a time from a buffer that holds about one record: a huge
+    array never sits in memory whole. Parse errors name the line of the file; record errors the element
+    (index + 1)."""
+    decoder = json.JSONDecoder()
+    chunks = _utf8_chunks(path, name, JSON_CHUNK)
+    buf, pos, line_base, eof = "", 0, 1, False  # line_base: the file's line at buf[0]
+
+    def more() -> bool:
+        nonlocal buf, pos, line_base, eof
+        line_base += buf.count("\n", 0, pos)
+        text = next(chunks, None)
+        eof = text is None
+        buf, pos = buf[pos:] + (text or ""), 0
+        return not eof
+
+    def skip_space() -> str:
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or not more():
+                return buf[pos] if pos < len(buf) else ""
+
+    def invalid(problem: str, at: int) -> DatasetError:
+        line = line_base + buf.count("\n", 0, at)
+        column = at - buf.rfind("\n", 0, at)
+        return DatasetError(name, line, f"invalid JSON: {problem} at column {column}",
+                            "the file must be one JSON array of objects, or JSONL")
+
+    if skip_space() != "[":
         raise DatasetError(name, 0, "a JSON file must hold an array of records", "or use JSONL")
-    for index, value in enumerate(values):
-        yield _object(Record(index + 1, value, name))
+    pos += 1
+    index = 0
+    if skip_space() == "]":
+        pos += 1
+    else:
+        while True:
+            while True:
+                try:
+                    value, pos = decoder.raw_decode(buf, pos)
+                    break
+                except json.JSONDecodeError as e:
+                    if eof or len(buf) - pos > MAX_JSON_RECORD:
+                        raise invalid(e.msg if buf.strip() else "unterminated array", e.pos) from None
+                    more()  # the record may go on in the next chunk: decode it again with more text
+            index += 1
+            yield _object(Record(index, value, name))
+            after = skip_space()
+            if after == "]":
+                pos += 1
+                break
+            if after != ",":
+                raise invalid("Expecting ',' delimiter" if after else "unterminated array", pos)
+            pos += 1
+            skip_space()
+    if skip_space():
+        raise invalid("Extra data", pos)
 
 
 def _load_parquet(path: Path, name: str) -> Iterator[Record]:
@@ -126,9 +207,8 @@ def _load_parquet(path: Path, name: str) -> Iterator[Record]:
 
 def _load_csv(path: Path, name: str, delimiter: str) -> Iterator[Record]:
     """Rows as records keyed by the header row's column names; every value is a string (an empty cell is "")."""
-    text = _read_utf8(path, name)
     csv.field_size_limit(1 << 30)  # the default (128 KiB a field) is less than a long document
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    reader = csv.reader(_utf8_lines(path, name), delimiter=delimiter, strict=True)
     header: list[str] | None = None
     while True:
         line = reader.line_num + 1  # where the row starts: a quoted field may span lines

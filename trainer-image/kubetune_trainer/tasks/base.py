@@ -22,6 +22,7 @@ from ..spec import DataFormat, EvalMetric, TaskType
 if TYPE_CHECKING:
     from ..config import TrainerConfig
     from ..data import DatasetReport
+    from ..data.cache import Cache
     from ..storage import Storage
 
 Beat = Callable[[], None]
@@ -68,6 +69,20 @@ class Task(ABC):
     @abstractmethod
     def examples(self, split: str, path: Path, uri: str, fmt: DataFormat) -> Sequence:
         """The split as training-ready examples (tokenized, packed where the task packs), indexable."""
+
+    # Tasks whose examples are token arrays (causal-lm) validate and tokenize in one pass into the memory-mapped
+    # cache of data/cache.py, shared by the processes, the retries and the jobs with the same data: the pipeline
+    # then calls prepare() and load() instead of validate() and examples().
+    caches: ClassVar[bool] = False
+
+    def prepare(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int,
+                into: Path) -> DatasetReport:
+        """validate(), writing the split's training-ready arrays into the folder `into` in the same pass."""
+        raise NotImplementedError
+
+    def load(self, split: str, cache: Cache) -> Sequence:
+        """examples() of a split, from the cache that prepare() wrote (memory-mapped)."""
+        raise NotImplementedError
 
     @abstractmethod
     def collate(self, examples: list) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import IGNORE, PackedExample, collate, pack_examples, tokenize_dataset, validate_dataset
+from ..data.cache import Cache, SplitWriter
 from ..spec import TASK_FORMATS, DataFormat, TaskType
 from .base import Beat, Evaluation, Task
 
@@ -39,6 +40,8 @@ class CausalLM(Task):
     def pad_id(self) -> int:
         return self.processor.pad_token_id
 
+    caches = True
+
     def validate(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int):
         return validate_dataset(path, uri, fmt=fmt, tokenizer=self.processor,
                                 max_seq_length=self.config.hyperparameters.max_seq_length,
@@ -47,12 +50,27 @@ class CausalLM(Task):
     def examples(self, split: str, path: Path, uri: str, fmt: DataFormat) -> list:
         hp = self.config.hyperparameters
         examples = tokenize_dataset(path, uri, fmt=fmt, tokenizer=self.processor, max_seq_length=hp.max_seq_length)
+        self._keep_prompts(split, examples)
+        return pack_examples(examples, hp.max_seq_length, seed=hp.seed) if hp.packing else examples
+
+    def prepare(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int, into: Path):
+        hp = self.config.hyperparameters
+        writer = SplitWriter(into)
+        report = validate_dataset(path, uri, fmt=fmt, tokenizer=self.processor, max_seq_length=hp.max_seq_length,
+                                  min_samples=min_samples, split=split, sink=writer.add)
+        report.sequences = writer.close(hp.max_seq_length, hp.packing, hp.seed)
+        return report
+
+    def load(self, split: str, cache: Cache):
+        self._keep_prompts(split, cache.examples(split))
+        return cache.sequences(split)
+
+    def _keep_prompts(self, split: str, examples) -> None:
         generation = self.config.evaluation.generation
         if split == "test" and generation is not None:
             from . import generation as gen
 
             self._prompts = gen.prompts(examples, self.processor, generation.max_samples)
-        return pack_examples(examples, hp.max_seq_length, seed=hp.seed) if hp.packing else examples
 
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
         return collate(examples, self.pad_id)

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from ..data import DatasetReport, label_studio
 from ..data.formats import RecordError, kind_of
 from ..data.records import Record, load_records
-from ..data.validate import check_min_samples, where
+from ..data.stream import where
+from ..data.validate import check_min_samples
 from ..errors import ConfigError, DatasetError
 from ..spec import DataFormat
 from .base import Evaluation, Task

@@ -17,7 +17,8 @@ import torch
 from ..data import DatasetReport
 from ..data.formats import RecordError, kind_of
 from ..data.records import Record
-from ..data.validate import truncation_warning, where
+from ..data.stream import where
+from ..data.validate import truncation_warning
 from ..spec import DataFormat, MethodType, TaskType
 from .classification import IGNORE, ClassExample, ClassificationTask, at_record, head_modules
 

@@ -1,0 +1,211 @@
+"""The tokenized-data cache: what one pass over the records (data/stream.py) leaves for every training process.
+
+A cache is a folder per key, one subfolder per split, of flat binary arrays that every process memory-maps (the
+operating system shares the pages between the processes of a node; nothing is copied into Python objects):
+
+    <key>/meta.json              written last: the key and what it was made of, each file's size, the reports
+    <key>/<split>/ids.bin        int32 token ids, the examples end to end
+    <key>/<split>/trained.bin    uint8, 1 where the token has a loss (its label is the token, else IGNORE)
+    <key>/<split>/lengths.bin    int32, each example's length
+    <key>/<split>/members.bin    int64, with packing: the examples of the packed sequences, in order
+    <key>/<split>/bounds.bin     int64, with packing: sequence b holds members[bounds[b]:bounds[b + 1]]
+
+The key hashes everything the arrays depend on (the data's and the tokenizer's sha256, the task, the format, the
+maximum length, packing and its seed, this layout's version), so a cache is reused exactly when it holds what
+tokenizing again would produce. A cache with another key (foreign), another version or a file of another size
+(truncated) is not opened: it is rebuilt.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..spec import DataFormat
+from .packing import PackedExample, _pack, pack_plan
+from .stream import Chunk
+from .tokenize import IGNORE, Example
+from .validate import DatasetReport
+
+VERSION = 1
+META = "meta.json"
+ABSENT = "no cache"
+DTYPES = {"ids": np.int32, "trained": np.uint8, "lengths": np.int32, "members": np.int64, "bounds": np.int64}
+
+
+def cache_key(parts: dict[str, Any]) -> str:
+    """The cache's name: a hash of what its contents depend on."""
+    doc = json.dumps({"version": VERSION, **parts}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(doc.encode()).hexdigest()[:32]
+
+
+class SplitWriter:
+    """Appends a split's chunks to its files as the pass produces them."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._files = {name: (self.directory / f"{name}.bin").open("wb") for name in ("ids", "trained", "lengths")}
+
+    def add(self, chunk: Chunk) -> None:
+        self._files["ids"].write(chunk.ids.tobytes())
+        self._files["trained"].write(chunk.trained.tobytes())
+        self._files["lengths"].write(chunk.lengths.tobytes())
+
+    def close(self, max_seq_length: int, packing: bool, seed: int | None) -> int:
+        """Close the files and, with packing, write the packing plan; returns the number of sequences."""
+        for f in self._files.values():
+            f.close()
+        lengths = _map(self.directory, "lengths")
+        if not packing:
+            return len(lengths)
+        members, bounds = pack_plan(lengths, max_seq_length, seed)
+        members.tofile(self.directory / "members.bin")
+        bounds.tofile(self.directory / "bounds.bin")
+        return len(bounds) - 1
+
+
+def write_meta(directory: Path, key: str, parts: dict, reports: dict[str, DatasetReport]) -> None:
+    """The last file of a cache: without it (a build or a download cut short) the folder is no cache."""
+    splits = {split: {"files": {f.name: f.stat().st_size for f in sorted((directory / split).glob("*.bin"))},
+                      "report": {**asdict(report), "format": report.format.value}}
+              for split, report in reports.items()}
+    doc = {"version": VERSION, "key": key, "parts": parts, "splits": splits}
+    tmp = directory / (META + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, directory / META)
+
+
+def problem(directory: Path, key: str) -> str | None:
+    """Why the folder is not a complete cache of `key` (None: it is)."""
+    try:
+        meta = json.loads((Path(directory) / META).read_text())
+    except FileNotFoundError:
+        return ABSENT
+    except (OSError, ValueError):
+        return f"unreadable {META}"
+    if meta.get("version") != VERSION:
+        return f"cache version {meta.get('version')}, not {VERSION}"
+    if meta.get("key") != key:
+        return f"a foreign cache (key {str(meta.get('key'))[:12]}, not {key[:12]})"
+    for split, entry in meta.get("splits", {}).items():
+        for name, size in entry.get("files", {}).items():
+            path = Path(directory) / split / name
+            actual = path.stat().st_size if path.exists() else None
+            if actual != size:
+                return f"{split}/{name} is truncated ({actual or 0} of {size} bytes)"
+    return None
+
+
+def reports(meta: dict) -> dict[str, DatasetReport]:
+    """The validation reports a cache's meta.json holds, per split."""
+    out = {}
+    for split, entry in meta["splits"].items():
+        fields = dict(entry["report"])
+        fields["format"] = DataFormat(fields["format"])
+        out[split] = DatasetReport(**fields)
+    return out
+
+
+def matches(meta: dict | None, key: str) -> bool:
+    return bool(meta) and meta.get("version") == VERSION and meta.get("key") == key
+
+
+class Cache:
+    """An opened, complete cache."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.meta = json.loads((self.directory / META).read_text())
+
+    def reports(self) -> dict[str, DatasetReport]:
+        return reports(self.meta)
+
+    def examples(self, split: str) -> TokenizedSplit:
+        return TokenizedSplit(self.directory / split)
+
+    def sequences(self, split: str) -> Sequence:
+        """What training reads: the packed sequences when the cache was packed, else the examples."""
+        examples = self.examples(split)
+        if not (self.directory / split / "bounds.bin").exists():
+            return examples
+        return PackedSplit(examples, _map(self.directory / split, "members"), _map(self.directory / split, "bounds"))
+
+
+def _map(directory: Path, name: str) -> np.ndarray:
+    path = Path(directory) / f"{name}.bin"
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=DTYPES[name])
+    return np.memmap(path, dtype=DTYPES[name], mode="r")
+
+
+class _Rows(Sequence):
+    """Indexable like a list (ints, slices), reading rows from the memory map only when asked."""
+
+    def __init__(self, index: np.ndarray | None = None):
+        self._index = index
+
+    def __len__(self) -> int:
+        return self._size() if self._index is None else len(self._index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):  # a view: the rows it selects, nothing read yet
+            view = copy.copy(self)
+            view._index = np.arange(self._size())[i] if self._index is None else self._index[i]
+            return view
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._row(int(i if self._index is None else self._index[i]))
+
+    def _size(self) -> int:
+        raise NotImplementedError
+
+    def _row(self, i: int):
+        raise NotImplementedError
+
+
+class TokenizedSplit(_Rows):
+    """A split's examples, memory-mapped."""
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.ids, self.trained = _map(directory, "ids"), _map(directory, "trained")
+        self.lengths = _map(directory, "lengths")
+        self.offsets = np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)])
+
+    def _size(self) -> int:
+        return len(self.lengths)
+
+    def _row(self, i: int) -> Example:
+        start, end = self.offsets[i], self.offsets[i + 1]
+        ids = self.ids[start:end]
+        return Example(ids.tolist(), np.where(self.trained[start:end] == 1, ids, IGNORE).tolist())
+
+
+class PackedSplit(_Rows):
+    """A split's packed sequences, built from the memory-mapped examples when asked for."""
+
+    def __init__(self, examples: TokenizedSplit, members: np.ndarray, bounds: np.ndarray):
+        super().__init__()
+        self.examples, self.members, self.bounds = examples, members, bounds
+
+    def _size(self) -> int:
+        return len(self.bounds) - 1
+
+    def _row(self, b: int) -> PackedExample:
+        return _pack([self.examples[int(i)] for i in self.members[self.bounds[b]:self.bounds[b + 1]]])
+
+
+def remove(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)

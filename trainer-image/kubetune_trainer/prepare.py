@@ -1,0 +1,160 @@
+"""Stages 2 and 3, validate and tokenize: once per data set, not once per process or per start.
+
+For a task that caches (causal-lm, see tasks/base.py), one streaming pass over each split checks every record and
+writes its tokens into the memory-mapped cache of data/cache.py, kept in object storage at
+`<dataset.cacheUri or checkpoint uri + data-cache/>/<key>/`. The key hashes the data's and the tokenizer's
+sha256, the task, the format, maxSeqLength and packing, so whoever comes next with the same inputs (the training
+pods after the validation Job, a resumed or retried run, another job) downloads it once per node instead of
+tokenizing again, and every process of the node memory-maps the same files.
+
+Other tasks validate here and build their examples in memory (tasks/classification.py).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import TrainerConfig, join_uri
+from .data import DatasetReport
+from .data import cache as data_cache
+from .errors import DatasetError
+from .fetch import Fetched, local_path
+from .storage import Storage, is_remote
+from .tasks import Task
+
+Report = Callable[[dict], None]
+
+
+@dataclass
+class Prepared:
+    reports: dict[str, DatasetReport]
+    splits: dict[str, Sequence] = field(default_factory=dict)  # what training and evaluation read, per split
+    cache: dict = field(default_factory=dict)  # {"uri", "key", "reused"} when the task caches
+
+
+def cache_parts(config: TrainerConfig, task: Task, inputs: dict) -> dict:
+    """What the cached arrays depend on (and nothing else: not the learning rate, not the number of processes)."""
+    hp = config.hyperparameters
+    return {"datasets": inputs["datasets"], "tokenizer": inputs["tokenizer"], **task.describe(),
+            "format": config.dataset.format.value, "maxSeqLength": hp.max_seq_length, "packing": hp.packing,
+            **({"seed": hp.seed} if hp.packing else {})}
+
+
+def validate_splits(config: TrainerConfig, task: Task, fetched: Fetched, check: Callable | None = None,
+                    beat: Callable[[], None] | None = None) -> dict[str, DatasetReport]:
+    """Check every record of every split, train first; the first bad one raises DatasetError (exit 65). `check`:
+    what checks a split (task.validate, or a pass that also writes the cache). Beats per split."""
+    check = check or task.validate
+    reports: dict[str, DatasetReport] = {}
+    for split, path in fetched.splits.items():
+        fmt = reports["train"].format if reports else config.dataset.format
+        reports[split] = check(split, path, fetched.uris[split], fmt,
+                               config.dataset.min_samples if split == "train" else 1)
+        if reports[split].format != reports["train"].format:
+            raise DatasetError(fetched.uris[split], 0, f"{split} split is {reports[split].format.value} but "
+                               f"train is {reports['train'].format.value}", "use one format for all splits")
+        if beat:
+            beat()
+    return reports
+
+
+def prepare(config: TrainerConfig, task: Task, fetched: Fetched, storage: Storage, inputs: dict, *,
+            build: bool = True, upload: bool = True, examples: bool = True, report: Report = lambda e: None,
+            beat: Callable[[], None] = lambda: None) -> Prepared:
+    """The splits validated, and (examples=True) ready for training.
+
+    build: this process may download or build the node's cache (the local main process; the others find it in
+    place). upload: a cache built here is uploaded for whoever comes next. examples=False (kubetune validate):
+    the reports only; a complete cache in object storage is not downloaded. Events: `data_cache` (reused,
+    downloaded, built, or found in storage by validation) and `data_cache_rebuilt` (a damaged one, named)."""
+    if not task.caches:
+        reports = validate_splits(config, task, fetched, beat=beat)
+        splits = {s: task.examples(s, p, fetched.uris[s], reports["train"].format)
+                  for s, p in fetched.splits.items()} if examples else {}
+        return Prepared(reports, splits)
+    parts = cache_parts(config, task, inputs)
+    key = data_cache.cache_key(parts)
+    uri = join_uri(config.cache_uri, key + "/")
+    local = Path(config.work_dir) / "data-cache" / key
+    if not examples and is_remote(uri):  # kubetune validate: a cache in object storage already says it all
+        meta = storage.get_json(join_uri(uri, data_cache.META))
+        if data_cache.matches(meta, key):
+            report({"event": "data_cache", "cache": "found", "uri": uri, "key": key})
+            return Prepared(data_cache.reports(meta), {}, {"uri": uri, "key": key, "reused": True})
+    cache, how = _find(storage, uri, local, key, report, download=build)
+    if cache is None:
+        if not build:  # the node's first process prepared it a moment ago (pipeline.run: local main first)
+            raise DatasetError(uri, 0, f"this node's data cache is not usable ({data_cache.problem(local, key)})",
+                               "restart the run")
+        cache = _build(config, task, fetched, local, key, parts, beat)
+        how = "built"
+        if upload:
+            _upload(storage, local, uri)
+    report({"event": "data_cache", "cache": how, "uri": uri, "key": key})
+    splits = {s: task.load(s, cache) for s in fetched.splits} if examples else {}
+    return Prepared(cache.reports(), splits, {"uri": uri, "key": key, "reused": how != "built"})
+
+
+def _find(storage: Storage, uri: str, local: Path, key: str, report: Report,
+          download: bool) -> tuple[data_cache.Cache | None, str]:
+    """The cache from this node's disk, else (download) from object storage; (None, "") when there is no complete
+    one. How it was found: "reused" (on this machine) or "downloaded"."""
+    def usable(directory: Path, where: str) -> bool:
+        why = data_cache.problem(directory, key)
+        if why and why != data_cache.ABSENT:
+            report({"event": "data_cache_rebuilt", "uri": where, "problem": why})
+        return why is None
+
+    if usable(local, str(local)):
+        return data_cache.Cache(local), "reused"
+    if not is_remote(uri):  # a folder on this machine: memory-mapped where it is
+        there = local_path(uri)
+        return (data_cache.Cache(there), "reused") if usable(there, uri) else (None, "")
+    if not download or not storage.exists(join_uri(uri, data_cache.META)):
+        return None, ""
+    partial = local.with_name(f"{key}.download-{os.getpid()}")
+    data_cache.remove(partial)
+    storage.download(uri, partial)
+    if not usable(partial, uri):
+        data_cache.remove(partial)
+        return None, ""
+    return data_cache.Cache(_settle(partial, local)), "downloaded"
+
+
+def _upload(storage: Storage, local: Path, uri: str) -> None:
+    """The splits' arrays, then meta.json: a reader never sees a cache whose files are still on the way."""
+    for split in sorted(p for p in local.iterdir() if p.is_dir()):
+        storage.upload_dir(split, join_uri(uri, split.name + "/"))
+    storage.upload_file(local / data_cache.META, join_uri(uri, data_cache.META))
+
+
+def _build(config: TrainerConfig, task: Task, fetched: Fetched, local: Path, key: str, parts: dict,
+           beat: Callable[[], None]) -> data_cache.Cache:
+    """One pass over every split into a fresh folder, moved into place once complete."""
+    partial = local.with_name(f"{key}.build-{os.getpid()}")
+    data_cache.remove(partial)
+    try:
+        reports = validate_splits(config, task, fetched, lambda split, path, uri, fmt, minimum: task.prepare(
+            split, path, uri, fmt, minimum, partial / split), beat)
+        data_cache.write_meta(partial, key, parts, reports)
+    except BaseException:
+        data_cache.remove(partial)
+        raise
+    return data_cache.Cache(_settle(partial, local))
+
+
+def _settle(partial: Path, local: Path) -> Path:
+    """Move a complete folder to its place; if another process got there first, keep theirs."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    if data_cache.problem(local, local.name) is not None:
+        data_cache.remove(local)
+        try:
+            os.replace(partial, local)
+            return local
+        except OSError:
+            pass
+    data_cache.remove(partial)
+    return local
