@@ -162,3 +162,4 @@ def test_a_tiny_run_beats_at_every_step_and_through_uploads(make_config, monkeyp
     assert callers["_beat"] > 10, callers  # storage: fetch, resume check, checkpoint and adapter uploads
     assert callers["<lambda>"] >= 1, callers  # boto3's transfer callback while bytes moved
     assert callers["tree_sha256"] >= 2 and callers["validate_splits"] == 3, callers
+    assert callers["sink"] == 3, callers  # per chunk of records validated and tokenized (one per split here)

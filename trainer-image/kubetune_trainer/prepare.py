@@ -138,7 +138,7 @@ def _build(config: TrainerConfig, task: Task, fetched: Fetched, local: Path, key
     data_cache.remove(partial)
     try:
         reports = validate_splits(config, task, fetched, lambda split, path, uri, fmt, minimum: task.prepare(
-            split, path, uri, fmt, minimum, partial / split), beat)
+            split, path, uri, fmt, minimum, partial / split, beat), beat)
         data_cache.write_meta(partial, key, parts, reports)
     except BaseException:
         data_cache.remove(partial)

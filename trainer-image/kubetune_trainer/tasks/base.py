@@ -75,9 +75,10 @@ class Task(ABC):
     # then calls prepare() and load() instead of validate() and examples().
     caches: ClassVar[bool] = False
 
-    def prepare(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int,
-                into: Path) -> DatasetReport:
-        """validate(), writing the split's training-ready arrays into the folder `into` in the same pass."""
+    def prepare(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int, into: Path,
+                beat: Beat | None = None) -> DatasetReport:
+        """validate(), writing the split's training-ready arrays into the folder `into` in the same pass; beats
+        as the records go by (a pass over millions of records takes minutes)."""
         raise NotImplementedError
 
     def load(self, split: str, cache: Cache) -> Sequence:

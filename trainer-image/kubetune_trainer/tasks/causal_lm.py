@@ -53,11 +53,18 @@ class CausalLM(Task):
         self._keep_prompts(split, examples)
         return pack_examples(examples, hp.max_seq_length, seed=hp.seed) if hp.packing else examples
 
-    def prepare(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int, into: Path):
+    def prepare(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int, into: Path,
+                beat: Beat | None = None):
         hp = self.config.hyperparameters
         writer = SplitWriter(into)
+
+        def sink(chunk) -> None:
+            writer.add(chunk)
+            if beat:
+                beat()
+
         report = validate_dataset(path, uri, fmt=fmt, tokenizer=self.processor, max_seq_length=hp.max_seq_length,
-                                  min_samples=min_samples, split=split, sink=writer.add)
+                                  min_samples=min_samples, split=split, sink=sink)
         report.sequences = writer.close(hp.max_seq_length, hp.packing, hp.seed)
         return report
 
