@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..spec import DataFormat
-from .packing import PackedExample, _pack, pack_plan
+from .packing import PackedExample, pack_plan, pack_sequence
 from .stream import Chunk
 from .tokenize import IGNORE, Example
 from .validate import DatasetReport
@@ -204,7 +204,7 @@ class PackedSplit(_Rows):
         return len(self.bounds) - 1
 
     def _row(self, b: int) -> PackedExample:
-        return _pack([self.examples[int(i)] for i in self.members[self.bounds[b]:self.bounds[b + 1]]])
+        return pack_sequence([self.examples[int(i)] for i in self.members[self.bounds[b]:self.bounds[b + 1]]])
 
 
 def remove(directory: Path) -> None:

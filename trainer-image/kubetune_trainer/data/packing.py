@@ -31,7 +31,7 @@ def pack_examples(examples: list[Example], max_seq_length: int,
                   seed: int | None = None) -> list[PackedExample]:
     """The examples packed by pack_plan."""
     members, bounds = pack_plan(np.array([len(e) for e in examples], dtype=np.int64), max_seq_length, seed)
-    return [_pack([examples[i] for i in members[bounds[b]:bounds[b + 1]]]) for b in range(len(bounds) - 1)]
+    return [pack_sequence([examples[i] for i in members[bounds[b]:bounds[b + 1]]]) for b in range(len(bounds) - 1)]
 
 
 def pack_plan(lengths: np.ndarray, max_seq_length: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +79,8 @@ def pack_plan(lengths: np.ndarray, max_seq_length: int, seed: int | None = None)
     return members, bounds
 
 
-def _pack(examples: list[Example]) -> PackedExample:
+def pack_sequence(examples: list[Example]) -> PackedExample:
+    """Examples laid end to end as one packed sequence, in order."""
     packed = PackedExample([], [], [], [])
     for e in examples:
         packed.input_ids += e.input_ids
