@@ -16,10 +16,10 @@ from .config import TrainerConfig, join_uri
 from .data import DatasetReport
 from .data.report import data_report
 from .evaluate import baseline_difference, evaluate
-from .fetch import fetch, tokenizer_sha256, tree_sha256
+from .fetch import fetch, tree_sha256
 from .identity import RunIdentity, check_claim, claim
 from .metrics import TrainerMetrics
-from .prepare import prepare
+from .prepare import inputs_of, prepare
 from .publish import publish_output, save_output
 from .sharding import full_trainable_state
 from .spec import Select, Strategy
@@ -75,9 +75,8 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
         fetched = fetch(config, storage)
         task = task_for(config, fetched.model_dir, storage)
         task.load_processor()
-        # What the checkpoints' fingerprint and the manifest record: the exact bytes trained on.
-        data_sha256 = {s: tree_sha256(p, beat=beat) for s, p in fetched.splits.items()}
-        inputs = {"datasets": data_sha256, "tokenizer": tokenizer_sha256(fetched.model_dir)}
+        inputs = inputs_of(fetched, beat)
+        data_sha256 = inputs["datasets"]  # the exact bytes trained on
         phase("validating")
         data = prepare(config, task, fetched, storage, inputs, build=accelerator.is_local_main_process,
                        upload=main, report=report, beat=beat)
@@ -181,7 +180,5 @@ def validate_only(config: TrainerConfig, storage: Storage | None = None) -> tupl
     fetched = fetch(config, storage, weights=False)
     task = task_for(config, fetched.model_dir, storage)
     task.load_processor()
-    inputs = {"datasets": {s: tree_sha256(p) for s, p in fetched.splits.items()},
-              "tokenizer": tokenizer_sha256(fetched.model_dir)}
-    data = prepare(config, task, fetched, storage, inputs, examples=False)
+    data = prepare(config, task, fetched, storage, inputs_of(fetched), examples=False)
     return data.reports, data_report(config, task, data.reports, fetched.model_dir, data.cache)

@@ -21,7 +21,7 @@ from .config import TrainerConfig, join_uri
 from .data import DatasetReport
 from .data import cache as data_cache
 from .errors import DatasetError
-from .fetch import Fetched, local_path
+from .fetch import Fetched, local_path, tokenizer_sha256, tree_sha256
 from .storage import Storage, is_remote
 from .tasks import Task
 
@@ -33,6 +33,13 @@ class Prepared:
     reports: dict[str, DatasetReport]
     splits: dict[str, Sequence] = field(default_factory=dict)  # what training and evaluation read, per split
     cache: dict = field(default_factory=dict)  # {"uri", "key", "reused"} when the task caches
+
+
+def inputs_of(fetched: Fetched, beat: Callable[[], None] | None = None) -> dict:
+    """What the run trains on, as the checkpoints' fingerprint, the manifest and the cache key record it: the
+    sha256 of every split's bytes and of the tokenizer files."""
+    return {"datasets": {s: tree_sha256(p, beat=beat) for s, p in fetched.splits.items()},
+            "tokenizer": tokenizer_sha256(fetched.model_dir)}
 
 
 def cache_parts(config: TrainerConfig, task: Task, inputs: dict) -> dict:

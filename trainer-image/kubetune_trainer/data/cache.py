@@ -33,7 +33,7 @@ import numpy as np
 from ..spec import DataFormat
 from .packing import PackedExample, pack_plan, pack_sequence
 from .stream import Chunk
-from .tokenize import IGNORE, Example
+from .tokenize import Example
 from .validate import DatasetReport
 
 VERSION = 1
@@ -189,8 +189,7 @@ class TokenizedSplit(_Rows):
 
     def _row(self, i: int) -> Example:
         start, end = self.offsets[i], self.offsets[i + 1]
-        ids = self.ids[start:end]
-        return Example(ids.tolist(), np.where(self.trained[start:end] == 1, ids, IGNORE).tolist())
+        return Example.from_arrays(self.ids[start:end], self.trained[start:end])
 
 
 class PackedSplit(_Rows):

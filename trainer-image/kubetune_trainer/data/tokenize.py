@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
+
 from ..errors import ConfigError
 from ..spec import DataFormat
 from .formats import RecordError, instruction_prompt, sharegpt_messages
@@ -23,6 +25,11 @@ class Example:
     @property
     def trained_tokens(self) -> int:
         return sum(label != IGNORE for label in self.labels)
+
+    @classmethod
+    def from_arrays(cls, ids, trained) -> Example:
+        """From token ids and a loss mask (1 where trained) as arrays: how the pass and its cache keep them."""
+        return cls(ids.tolist(), np.where(trained == 1, ids, IGNORE).tolist())
 
 
 def tokenize_record(value: dict, fmt: DataFormat, tokenizer, max_seq_length: int) -> Example:

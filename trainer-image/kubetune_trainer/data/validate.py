@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import DatasetError
 from ..spec import DataFormat
 from .stream import Chunk, encode_split
-from .tokenize import IGNORE, Example
+from .tokenize import Example
 
 MAX_LINES_LISTED = 10
 
@@ -84,6 +84,5 @@ def tokenize_dataset(path: Path, display_name: str | None, *, fmt: DataFormat, t
     for chunk in chunks:
         ends = np.cumsum(chunk.lengths)
         for start, end in zip(ends - chunk.lengths, ends, strict=True):
-            ids = chunk.ids[start:end]
-            examples.append(Example(ids.tolist(), np.where(chunk.trained[start:end] == 1, ids, IGNORE).tolist()))
+            examples.append(Example.from_arrays(chunk.ids[start:end], chunk.trained[start:end]))
     return examples
