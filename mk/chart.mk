@@ -23,11 +23,13 @@ alerts: venv ## Render the chart's alerts as a plain rules file and check them w
 	$(PROMTOOL) check rules $(ALERTS_DIR)/kubetune.rules.yaml
 	cd $(ALERTS_DIR) && $(PROMTOOL) test rules alerts_test.yaml
 
-lint-chart: venv ## helm lint the chart (default and every optional part on)
+lint-chart: venv ## helm lint the chart (default, every optional part on, and without the admission policy)
 	$(HELM) lint --strict $(CHART)
 	$(HELM) lint --strict $(CHART) --set replicas=2 --set peering.create=true \
 	  --set 'watchNamespaces={team-a,team-b}' --set serviceMonitor.enabled=true \
-	  --set podMonitor.enabled=true --set prometheusRule.enabled=true
+	  --set podMonitor.enabled=true --set prometheusRule.enabled=true \
+	  --set 'policy.allowedImagePrefixes={registry.example.com/ml/}' --set 'policy.defaultCredentialsNamespaces={team-a}'
+	$(HELM) lint --strict $(CHART) --set policy.admission.enabled=false --set rbac.create=false
 
 lint-images: venv ## hadolint both Dockerfiles
 	$(HADOLINT) Dockerfile trainer-image/Dockerfile

@@ -4,6 +4,7 @@
 crds: venv ## Regenerate crds/ (and the chart's copy) from the typed API (trainer-image/kubetune_trainer/spec.py)
 	$(PY) -m kubetune_operator.crd > crds/kubetune.io_finetunejobs.yaml.tmp
 	mv crds/kubetune.io_finetunejobs.yaml.tmp crds/kubetune.io_finetunejobs.yaml
+	$(PY) -m kubetune_operator.policy  # crds/policy/ and the chart's files/admission-policy.yaml
 	$(MAKE) --no-print-directory chart-crds
 
 operator-test: venv ## The operator's unit tests (no cluster)

@@ -435,7 +435,8 @@ class PodWorker(threading.Thread):
             self.agent.claim_mount_points(self.uid, [(dst, Path(src).is_dir()) for src, dst, _ in mounts])
         script = self.dir / "run" / f"{c.name}.sh"
         script.parent.mkdir(exist_ok=True)
-        script.write_text(self._script(mounts, workdir, env, image_paths(rule)))
+        read_only_root = bool((c.spec.get("securityContext") or {}).get("readOnlyRootFilesystem"))
+        script.write_text(self._script(mounts, workdir, env, image_paths(rule), read_only_root))
         logfile = self.log_dir / f"{c.name}.log"
         if logfile.exists():  # an earlier run of this container, or of a pod with the same name
             logfile.replace(self.log_dir / f"{c.name}.previous.log")
@@ -451,7 +452,7 @@ class PodWorker(threading.Thread):
         log.info("pod %s/%s: started %s (pid %d): %s", self.ns, self.pod_name, c.name, c.proc.pid,
                  shlex.join(argv)[:200])
 
-    def _script(self, mounts, workdir: str, env: dict, image: list[str]) -> str:
+    def _script(self, mounts, workdir: str, env: dict, image: list[str], read_only_root: bool = False) -> str:
         q = shlex.quote
         lines = ["set -e"]
         if self.agent.isolate:
@@ -478,6 +479,8 @@ class PodWorker(threading.Thread):
             for path, handle in kept:
                 lines.append(f"mkdir -p {q(path)}; mount --no-canonicalize --bind {q(str(handle))} {q(path)}")
             lines.append(f"echo {q(self.hostname)} > /proc/sys/kernel/hostname")
+            if read_only_root:  # readOnlyRootFilesystem: only the volumes stay writable, as in a container
+                lines += [f"mkdir -p {q(workdir)}", "mount -o remount,bind,ro /"]
         else:  # fallback: no mount namespace; volumes are reachable through KUBETUNE_VOLUME_<NAME>
             for name, path in self.volumes.items():
                 var = "KUBETUNE_VOLUME_" + re.sub(r"[^A-Z0-9]", "_", name.upper())

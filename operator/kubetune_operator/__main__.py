@@ -5,6 +5,8 @@ KUBETUNE_HEALTH_PORT (8081, liveness at /healthz), KUBETUNE_READY_PORT (8082, re
 503 `standby` while another replica works, or `starting`; 0 turns it off), KUBETUNE_METRICS_PORT (8080, /metrics;
 0 turns it off), KUBETUNE_RESYNC_SECONDS, KUBETUNE_VALIDATION_{CPU,MEMORY,EPHEMERAL_STORAGE,DEADLINE_SECONDS},
 KUBETUNE_ESTIMATE_GPU_TFLOPS (400, the data report's GPU-hours estimate),
+KUBETUNE_STORAGE_{ENDPOINT,REGION,SECRET_NAME} (storage defaults),
+KUBETUNE_POLICY_{IMAGE_PREFIXES,CREDENTIALS_NAMESPACES,ALLOW_TRUST_REMOTE_CODE,BINDING} (policy.py),
 KUBECONFIG outside a cluster.
 """
 
@@ -53,8 +55,12 @@ def main(argv: list[str] | None = None) -> None:
     clusterwide = not args.namespace
     assert handlers.FTJ  # the import registers the handlers
     peering.prepare(namespaces=args.namespace, standalone=args.standalone)
+    settings = kopf.OperatorSettings()
+    # With namespaces given, serve exactly those and the resources found at startup: kopf then lists neither
+    # namespaces nor CRDs, so the operator needs no permission outside the namespaces it serves.
+    settings.scanning.disabled = not clusterwide
     asyncio.run(kopf.operator(
-        clusterwide=clusterwide, namespaces=args.namespace,
+        settings=settings, clusterwide=clusterwide, namespaces=args.namespace,
         standalone=True if args.standalone else None,
         liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
     ))

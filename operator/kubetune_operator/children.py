@@ -20,6 +20,7 @@ CONFIG_DIR = "/etc/kubetune"
 CONFIG_FILE = "trainer.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 PVC_ROOT = "/mnt/pvc"
+TMP_DIR = "/tmp"  # an emptyDir, and HOME: the root filesystem is read-only
 RENDEZVOUS_PORT = 29500
 TRAINER_CONTAINER = "trainer"
 VALIDATE_CONTAINER = "validate"
@@ -30,9 +31,12 @@ LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 MANAGED_BY = "kubetune-operator"
 JOB_FINALIZER = "kubetune.io/outcome"  # on the training Job: kept until its outcome is in the FineTuneJob's status
 
+# The `restricted` Pod Security Standard, and a read-only root filesystem: what the trainer writes goes to the
+# explicit emptyDir volumes of _volumes (/tmp, which is also HOME and so every library's cache, and the work dir).
 POD_SECURITY = {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
                 "seccompProfile": {"type": "RuntimeDefault"}}
-CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                      "capabilities": {"drop": ["ALL"]}}
 SECRET_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
 
 
@@ -126,7 +130,7 @@ def trainer_config(name: str, spec: FineTuneJobSpec, run_id: str | None = None) 
 def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
     """PersistentVolumeClaims named by pvc://claim/path URIs; each is mounted at /mnt/pvc/<claim>."""
     uris = [spec.base_model.uri, spec.dataset.train, spec.dataset.validation, spec.dataset.test,
-            spec.output.uri, spec.checkpoint.uri]
+            spec.output.uri, spec.checkpoint.uri, spec.dataset.cache_uri]
     return sorted({u.removeprefix("pvc://").split("/")[0] for u in uris if u and u.startswith("pvc://")})
 
 
@@ -149,8 +153,10 @@ def _storage_env(spec: FineTuneJobSpec) -> list[dict]:
 def _volumes(meta: dict, spec: FineTuneJobSpec, shm: bool) -> tuple[list[dict], list[dict]]:
     work_dir = trainer_config(meta["name"], spec).work_dir  # model, data and checkpoint cache
     volumes = [{"name": "config", "configMap": {"name": Names(meta["name"]).config_map}},
+               {"name": "tmp", "emptyDir": {}},  # HOME: the Hugging Face, torch, Triton and XDG caches
                {"name": "work", "emptyDir": {}}]
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+              {"name": "tmp", "mountPath": TMP_DIR},
               {"name": "work", "mountPath": work_dir}]
     if shm:  # NCCL and dataloader workers use shared memory
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})

@@ -114,6 +114,25 @@ class Kube:
             if e.status not in (404, 422):  # gone, or the list moved (the next event retries)
                 raise
 
+    def admission_policy(self, binding: str) -> str | None:
+        """Since when (RFC 3339) the ValidatingAdmissionPolicyBinding `binding` and its policy have been as they
+        are, if the binding exists and denies: FineTuneJobs created after that were checked by the API server
+        against their author's permissions (policy.py). None: no such binding, or one the operator may not read."""
+        if not binding:
+            return None
+        try:
+            found = self.get(f"{ADMISSION}/validatingadmissionpolicybindings/{binding}")
+            spec = (found or {}).get("spec") or {}
+            name = spec.get("policyName")
+            policy = name and self.get(f"{ADMISSION}/validatingadmissionpolicies/{name}")
+        except ApiError as e:
+            if e.status == 403:
+                return None
+            raise
+        if not policy or "Deny" not in (spec.get("validationActions") or []):
+            return None
+        return max(_last_change(found), _last_change(policy))
+
     def merge_patch(self, obj_path: str, patch: dict) -> dict:
         return self.call("PATCH", obj_path, patch, content_type="application/merge-patch+json")
 
@@ -123,6 +142,16 @@ class Kube:
         meta = body["metadata"]
         patch = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": changes}
         return self.merge_patch(object_path(body) + "/status", patch)
+
+
+ADMISSION = "/apis/admissionregistration.k8s.io/v1"
+
+
+def _last_change(obj: dict) -> str:
+    """When an object was last written: its newest managedFields entry, else its creation (RFC 3339, UTC, so
+    the strings order as the times do)."""
+    meta = obj["metadata"]
+    return max([m["time"] for m in meta.get("managedFields") or [] if m.get("time")] + [meta["creationTimestamp"]])
 
 
 def collection_path(obj: dict) -> str:

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 import kopf
 
-from . import children, kube, metrics, reconcile
+from . import children, kube, metrics, policy, reconcile
 from .reconcile import Decision, Observed, decide
 from .scrape import Scraper
 
@@ -190,7 +190,10 @@ def apply(api: kube.Kube, body: dict, observed: Observed,
     if (old.get("trainingJob") or {}).get("uid") and observed.training_job is None and old.get("phase") not in \
             reconcile.TERMINAL:  # the index may lag behind our own create: ask the API before calling it gone
         observed.training_job = kube.owned_by(api.get(kube.training_job_path(meta)), meta["uid"])
-    d = decide(body, observed, now, children.default_image())
+    settings = policy.Settings.from_env()
+    if policy.needs_admission_check(body):
+        observed.admission_policy = api.admission_policy(settings.binding)
+    d = decide(body, observed, now, children.default_image(), settings)
     created: list[dict] = []
     try:
         created = kube.act(api, meta, d)

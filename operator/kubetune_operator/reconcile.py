@@ -24,7 +24,7 @@ from kubetune_trainer.config import join_uri
 from kubetune_trainer.spec import FineTuneJobSpec
 from pydantic import ValidationError
 
-from . import children
+from . import children, policy
 from .status import (
     PERMANENT,
     TERMINAL,
@@ -70,6 +70,7 @@ class Observed:
     trainer_metrics: dict | None = None  # rank 0's /metrics, parsed, from a recent scrape that succeeded
     scrape_failures: int = 0  # scrapes of rank 0 that failed in a row
     scrape_error: str | None = None
+    admission_policy: str | None = None  # since when the API server enforces the admission policy (policy.py)
 
 
 @dataclass
@@ -105,7 +106,9 @@ def deleting(obj: dict | None) -> bool:
     return bool(obj and obj["metadata"].get("deletionTimestamp"))
 
 
-def decide(body: dict, observed: Observed, now: datetime, image: str | None = None) -> Decision:
+def decide(body: dict, observed: Observed, now: datetime, image: str | None = None,
+           settings: policy.Settings | None = None) -> Decision:
+    """`image` and `settings` (policy.py) default to the operator's environment."""
     meta, old = body["metadata"], body.get("status") or {}
     generation = meta.get("generation", 1)
     d = Decision(status=copy.deepcopy(old))
@@ -121,6 +124,12 @@ def decide(body: dict, observed: Observed, now: datetime, image: str | None = No
         problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
         _unreadable(d, body, observed, problems, generation, now)
         return _transition(d, old, now)
+    if not get_condition(old, "Validated"):  # before the first child; a job that started once keeps its rights
+        denied = policy.violations(meta["namespace"], spec, settings or policy.Settings.from_env(),
+                                   policy.author_checked(meta, observed.admission_policy))
+        if denied:
+            _finish(d, Phase.Failed, policy.REASON, "; ".join(denied), generation, now)
+            return _transition(d, old, now)
 
     cm = children.config_map(meta, spec)
     if observed.config_map is None:

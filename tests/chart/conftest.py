@@ -53,6 +53,38 @@ def documented_rbac() -> dict[tuple[str, str], set[str]]:
     return rules
 
 
+RBAC_MATRIX = Path(__file__).with_name("rbac-expected.yaml")
+
+
+def rbac_matrix() -> dict[str, dict[str, dict[str, set[str]]]]:
+    """tests/chart/rbac-expected.yaml: mode -> namespace checked -> resource -> verbs, as `kubectl auth can-i
+    --list` prints them for the operator's ServiceAccount (less what the `default` ServiceAccount has)."""
+    raw = yaml.safe_load(RBAC_MATRIX.read_text())
+    return {mode: {where: {resource: set(verbs) for resource, verbs in (rules or {}).items()}
+                   for where, rules in places.items()}
+            for mode, places in raw.items()}
+
+
+def kubectl_resource(group: str, resource: str, names: list[str] | tuple[str, ...] = ()) -> str:
+    """A rule's resource as `kubectl auth can-i --list` names it: configmaps, jobs.batch,
+    finetunejobs.kubetune.io/status, and `<resource> [<name> ...]` when the rule names its objects."""
+    name, slash, sub = resource.partition("/")
+    key = f"{name}.{group}{slash}{sub}" if group else resource
+    return f"{key} [{' '.join(sorted(names))}]" if names else key
+
+
+def granted(*roles: dict) -> dict[str, set[str]]:
+    """The rules of (Cluster)Roles, resource (kubectl_resource) -> verbs."""
+    out: dict[str, set[str]] = {}
+    for role in roles:
+        for rule in role["rules"]:
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    key = kubectl_resource(group, resource, rule.get("resourceNames", ()))
+                    out.setdefault(key, set()).update(rule["verbs"])
+    return out
+
+
 def entrypoint(dockerfile: Path) -> list[str]:
     """A Dockerfile's (last) ENTRYPOINT, exec form."""
     lines = [line for line in dockerfile.read_text().splitlines() if line.startswith("ENTRYPOINT ")]
@@ -97,6 +129,9 @@ FULL_VALUES = {
     "estimate.gpuTflops": "125",
     "priorityClassName": "system-cluster-critical",
     "nodeSelector.kubernetes\\.io/os": "linux",
+    "policy.allowedImagePrefixes": "{registry.example.com/ml/,ghcr.io/kubetune/trainer}",
+    "policy.defaultCredentialsNamespaces": "{team-a}",
+    "policy.allowTrustRemoteCode": "true",
 }
 
 

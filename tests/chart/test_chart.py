@@ -14,14 +14,17 @@ from tests.chart.conftest import (
     ROOT,
     documented_rbac,
     find,
+    granted,
     helm_template,
+    rbac_matrix,
     render,
     run,
     set_args,
     tool,
 )
 
-CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", "CustomResourceDefinition"}
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "ValidatingAdmissionPolicy",
+                  "ValidatingAdmissionPolicyBinding"}
 
 
 def test_helm_lint_default_and_full_values():
@@ -44,12 +47,14 @@ def test_rendered_objects_are_well_formed(values):
 def test_default_render():
     objects = render()
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment",
-                            "ConfigMap", "ClusterKopfPeering"])
+    assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service",
+                            "Deployment", "ConfigMap", "ConfigMap", "KopfPeering", "ValidatingAdmissionPolicy",
+                            "ValidatingAdmissionPolicyBinding"])
     (deploy,) = find(objects, "Deployment")
     container = deploy["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "ghcr.io/kubetune/operator:0.1.0"
-    assert container["args"] == ["--all-namespaces"]
+    # `helm template` finds no tenant namespace (no cluster to look up): the release namespace alone
+    assert container["args"] == ["--namespace", "kubetune-system"]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["KUBETUNE_TRAINER_IMAGE"] == "ghcr.io/kubetune/trainer:0.1.0"
     assert env["KUBETUNE_METRICS_PORT"] == "8080" and env["KUBETUNE_HEALTH_PORT"] == "8081"
@@ -65,7 +70,8 @@ def test_default_render():
     # Optional parts stay off
     assert not find(objects, "ServiceMonitor") and not find(objects, "PodMonitor")
     assert not find(objects, "PrometheusRule")
-    (peering,) = find(objects, "ClusterKopfPeering", "kubetune")  # on by default: its CRDs are in crds/
+    (peering,) = find(objects, "KopfPeering", "kubetune")  # on by default: its CRDs are in crds/
+    assert peering["metadata"]["namespace"] == "kubetune-system"
 
 
 def test_operator_pod_is_locked_down():
@@ -204,50 +210,195 @@ NAMESPACED_RULES = {
     ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create"},
 }
-CRD_RULE = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
-CLUSTER_WIDE_ONLY = {("kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch"}}
+POLICY_RULES = {("admissionregistration.k8s.io", "validatingadmissionpolicies"): {"get"},
+                ("admissionregistration.k8s.io", "validatingadmissionpolicybindings"): {"get"}}
 PER_NAMESPACE_ONLY = {("kopf.dev", "kopfpeerings"): {"list", "watch", "patch"}}
+# `python -m kubetune_operator --all-namespaces` (docs/operator.md): kopf then observes CRDs; the chart never runs it
+ALL_NAMESPACES_ONLY = {("kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch"},
+                       ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 
 
-def test_rbac_cluster_wide_is_least_privilege():
-    objects = render()
-    (role,) = find(objects, "ClusterRole")
-    assert _rules(role) == {**CRD_RULE, **CLUSTER_WIDE_ONLY, **NAMESPACED_RULES}
-    assert not find(objects, "Role")
-    (binding,) = find(objects, "ClusterRoleBinding")
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}]
+def _served(objects: list[dict]) -> dict[str, list[str]]:
+    """Every place the chart writes the served namespaces."""
+    (deploy,) = find(objects, "Deployment")
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    (binding,) = find(objects, "ValidatingAdmissionPolicyBinding")
+    (expression,) = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"]
+    assert (expression["key"], expression["operator"]) == ("kubernetes.io/metadata.name", "In")
+    (pm,) = find(objects, "PodMonitor")
+    assert args[::2] == ["--namespace"] * (len(args) // 2), args
+    return {"args": args[1::2],
+            "roles": sorted(r["metadata"]["namespace"] for r in find(objects, "Role")),
+            "rolebindings": sorted(b["metadata"]["namespace"] for b in find(objects, "RoleBinding")),
+            "peerings": sorted(p["metadata"]["namespace"] for p in find(objects, "KopfPeering")),
+            "policy binding": expression["values"],
+            "podmonitor": pm["spec"]["namespaceSelector"]["matchNames"]}
 
 
-def test_rbac_per_namespace_when_watching_a_list():
-    objects = render({"watchNamespaces": "{team-a,team-b}"})
-    (cluster_role,) = find(objects, "ClusterRole")
-    assert _rules(cluster_role) == CRD_RULE  # nothing namespaced cluster-wide
-    roles = find(objects, "Role")
-    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-    for role in roles:
-        assert _rules(role) == {**PER_NAMESPACE_ONLY, **NAMESPACED_RULES}
-    bindings = find(objects, "RoleBinding")
-    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
-    for binding in bindings:
-        assert binding["roleRef"]["kind"] == "Role"
-        assert binding["subjects"][0]["namespace"] == "kubetune-system"
-    for obj in objects:  # no wildcards anywhere
-        for rule in obj.get("rules", []):
-            assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+def test_the_served_namespaces_are_watch_namespaces_everywhere():
+    objects = render({"watchNamespaces": "{team-b,team-a}", "podMonitor.enabled": "true"})
+    places = _served(objects)
+    assert places.pop("args") == ["team-b", "team-a"]
+    assert all(sorted(namespaces) == ["team-a", "team-b"] for namespaces in places.values()), places
+
+
+def test_without_tenant_namespaces_the_release_namespace_alone_is_served():
+    """`helm template` cannot look namespaces up; an install that finds none labelled serves the same way."""
+    places = _served(render({"podMonitor.enabled": "true"}, namespace="ml-platform"))
+    assert all(namespaces == ["ml-platform"] for namespaces in places.values()), places
+
+
+def test_the_operator_never_runs_cluster_wide():
+    for values in ({}, FULL_VALUES, {"watchNamespaces": "null"}, {"peering.create": "true"}):
+        objects = render(values)
+        (deploy,) = find(objects, "Deployment")
+        assert "--all-namespaces" not in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert not find(objects, "ClusterKopfPeering")
+        assert not [r for r in find(objects, "ClusterRole") if set(_rules(r)) - set(POLICY_RULES)]
+
+
+def test_podmonitor_namespaces_override_the_served_ones():
+    (pm,) = find(render({"podMonitor.enabled": "true", "podMonitor.namespaces": "{monitoring-a}"}), "PodMonitor")
+    assert pm["spec"]["namespaceSelector"] == {"matchNames": ["monitoring-a"]}
+
+
+def test_rbac_is_least_privilege():
+    for values, served in (({}, ["kubetune-system"]), ({"watchNamespaces": "{team-a,team-b}"}, ["team-a", "team-b"])):
+        objects = render(values)
+        (cluster_role,) = find(objects, "ClusterRole")
+        assert _rules(cluster_role) == POLICY_RULES  # nothing namespaced cluster-wide
+        for rule in cluster_role["rules"]:  # its own admission policy and binding only, by name
+            if rule["apiGroups"] == ["admissionregistration.k8s.io"]:
+                assert rule["resourceNames"] == ["kubetune-finetunejobs"]
+        (binding,) = find(objects, "ClusterRoleBinding")
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}]
+        roles = find(objects, "Role")
+        assert sorted(r["metadata"]["namespace"] for r in roles) == served
+        for role in roles:
+            assert _rules(role) == {**PER_NAMESPACE_ONLY, **NAMESPACED_RULES}
+        bindings = find(objects, "RoleBinding")
+        assert sorted(b["metadata"]["namespace"] for b in bindings) == served
+        for binding in bindings:
+            assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubetune"}
+            assert binding["subjects"] == [
+                {"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}]
+        for obj in objects:  # no wildcards anywhere
+            for rule in obj.get("rules", []):
+                assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+
+
+def test_rbac_without_the_admission_policy_is_namespaced_only():
+    objects = render({"policy.admission.enabled": "false"})
+    assert not find(objects, "ClusterRole") and not find(objects, "ClusterRoleBinding")
+    assert find(objects, "Role")
 
 
 def test_rbac_equals_docs_operator_md():
     """docs/operator.md (by the operator's author) lists exactly what the operator calls; the chart grants
-    exactly that: all of it cluster-wide, or split between the ClusterRole and per-namespace Roles."""
+    exactly that, split between the ClusterRole and a Role per served namespace (not the `--all-namespaces`
+    peering, which the chart never runs)."""
     documented = documented_rbac()
     assert documented, "no RBAC table in docs/operator.md"
-    (role,) = find(render(), "ClusterRole")
-    assert {**_rules(role), **PER_NAMESPACE_ONLY} == documented
     objects = render({"watchNamespaces": "{team-a}"})
     (cluster_role,) = find(objects, "ClusterRole")
     (ns_role,) = find(objects, "Role")
-    assert {**_rules(cluster_role), **_rules(ns_role), **CLUSTER_WIDE_ONLY} == documented
+    assert {**_rules(cluster_role), **_rules(ns_role), **ALL_NAMESPACES_ONLY} == documented
+
+
+# The releases tests/chart/test_install.py installs, as `helm template` can render them (watchNamespaces in place
+# of the tenant lookup: the same Roles), and the namespaces it checks.
+MATRIX_RELEASES = {"cluster-wide": ("kubetune", "kubetune-system", "ml-team"),
+                   "scoped": ("kubetune-scoped", "kubetune-scoped-system", "team-x")}
+
+
+def test_rbac_equals_the_committed_matrix():
+    """tests/chart/rbac-expected.yaml, which test_install.py compares with `kubectl auth can-i --list`: a rule
+    added to the chart without it fails here already."""
+    matrix = rbac_matrix()
+    assert set(matrix) == set(MATRIX_RELEASES)
+    for mode, (release, namespace, served) in MATRIX_RELEASES.items():
+        objects = render({"watchNamespaces": f"{{{served}}}"}, release=release, namespace=namespace)
+        (cluster_role,) = find(objects, "ClusterRole")
+        (role,) = find(objects, "Role")
+        assert matrix[mode] == {"served": granted(cluster_role, role), "kube-system": granted(cluster_role),
+                                "unserved": granted(cluster_role)}, mode
+
+
+# -- the admission policy -------------------------------------------------------------------------------------
+
+
+def _env(objects: list[dict]) -> dict[str, str]:
+    (deploy,) = find(objects, "Deployment")
+    return {e["name"]: e["value"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+
+
+def test_the_admission_policy_is_the_generated_one_under_the_releases_name():
+    generated = yaml.safe_load((CHART / "files" / "admission-policy.yaml").read_text())
+    objects = render(release="ml", namespace="ml-platform")
+    (policy,) = find(objects, "ValidatingAdmissionPolicy")
+    assert policy["metadata"]["name"] == "ml-kubetune-finetunejobs"
+    assert policy["spec"] == generated["spec"]
+    assert policy["metadata"]["labels"]["app.kubernetes.io/instance"] == "ml"
+    (binding,) = find(objects, "ValidatingAdmissionPolicyBinding")
+    assert binding["metadata"]["name"] == "ml-kubetune-finetunejobs"
+    assert binding["spec"]["policyName"] == "ml-kubetune-finetunejobs"
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert binding["spec"]["paramRef"] == {"name": "ml-kubetune-policy", "namespace": "ml-platform",
+                                           "parameterNotFoundAction": "Deny"}
+    (params,) = find(objects, "ConfigMap", "ml-kubetune-policy")
+    assert params["metadata"]["namespace"] == "ml-platform"
+    assert _env(objects)["KUBETUNE_POLICY_BINDING"] == "ml-kubetune-finetunejobs"
+    (cluster_role,) = find(objects, "ClusterRole")
+    assert {n for r in cluster_role["rules"] for n in r.get("resourceNames", [])} == {"ml-kubetune-finetunejobs"}
+
+
+def test_policy_parameters_default_to_the_trainer_image_and_no_default_credentials():
+    objects = render({"trainer.image.repository": "registry.example.com/ml/trainer", "storage.secretName": "s3"})
+    (params,) = find(objects, "ConfigMap", "kubetune-policy")
+    assert params["data"] == {"imagePrefixes": "registry.example.com/ml/trainer", "credentialsSecret": "s3",
+                              "credentialsNamespaces": "", "allowTrustRemoteCode": "false"}
+    env = _env(objects)
+    assert (env["KUBETUNE_POLICY_IMAGE_PREFIXES"], env["KUBETUNE_POLICY_CREDENTIALS_NAMESPACES"],
+            env["KUBETUNE_POLICY_ALLOW_TRUST_REMOTE_CODE"]) == ("registry.example.com/ml/trainer", "", "false")
+
+
+POLICY_ENV = ["KUBETUNE_POLICY_IMAGE_PREFIXES", "KUBETUNE_POLICY_CREDENTIALS_NAMESPACES",
+              "KUBETUNE_POLICY_ALLOW_TRUST_REMOTE_CODE", "KUBETUNE_POLICY_BINDING", "KUBETUNE_STORAGE_SECRET_NAME"]
+
+
+def test_the_operator_enforces_the_parameters_the_policy_gets(monkeypatch):
+    """The operator's own rules (KUBETUNE_POLICY_*, KUBETUNE_STORAGE_SECRET_NAME) and the API server's (the
+    params ConfigMap) come from the same values."""
+    from kubetune_operator.policy import Settings
+
+    for values in ({}, FULL_VALUES, {"policy.defaultCredentialsNamespaces": "{*}", "storage.secretName": "s3"}):
+        objects = render(values)
+        for name in POLICY_ENV:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in _env(objects).items():
+            monkeypatch.setenv(name, value)
+        (params,) = find(objects, "ConfigMap", "kubetune-policy")
+        settings = Settings.from_env()
+        assert settings.params() == params["data"], values
+        assert settings.binding == "kubetune-finetunejobs"
+    assert params["data"]["credentialsNamespaces"] == "*"
+
+
+def test_full_values_policy():
+    (params,) = find(render(FULL_VALUES), "ConfigMap", "kubetune-policy")
+    assert params["data"] == {"imagePrefixes": "registry.example.com/ml/,ghcr.io/kubetune/trainer",
+                              "credentialsSecret": "s3-credentials", "credentialsNamespaces": "team-a",
+                              "allowTrustRemoteCode": "true"}
+
+
+def test_the_admission_policy_can_be_left_out():
+    objects = render({"policy.admission.enabled": "false"})
+    assert not find(objects, "ValidatingAdmissionPolicy") and not find(objects, "ValidatingAdmissionPolicyBinding")
+    assert not find(objects, "ConfigMap", "kubetune-policy")
+    env = _env(objects)
+    assert "KUBETUNE_POLICY_BINDING" not in env  # the operator enforces the rules itself, author checks refused
+    assert env["KUBETUNE_POLICY_IMAGE_PREFIXES"] == "ghcr.io/kubetune/trainer"
 
 
 @pytest.mark.parametrize("values, message", [
@@ -264,6 +415,12 @@ def test_rbac_equals_docs_operator_md():
     ({"prometheusRule.trainingStalledFor": "fifteen minutes"}, "trainingStalledFor"),
     ({"image.digest": "latest"}, "digest"),
     ({"unknownKey": "1"}, "unknownKey"),
+    ({"policy.admission.enabled": "maybe"}, "enabled"),
+    ({"policy.allowedImagePrefixes": "{ghcr.io/a b}"}, "allowedImagePrefixes"),
+    ({"policy.defaultCredentialsNamespaces": "{Team_A}"}, "defaultCredentialsNamespaces"),
+    ({"policy.allowTrustRemoteCode": "yes"}, "allowTrustRemoteCode"),
+    ({"tenants.excludedNamespaces": "{Kube_System}"}, "excludedNamespaces"),
+    ({"tenants.namespaceSelector.matchExpressions[0].key": "team"}, "matchExpressions"),
 ])
 def test_schema_rejects_bad_values(values, message):
     proc = helm_template(values, check=False)
@@ -309,18 +466,18 @@ def test_crd_has_the_short_name_notes_uses():
 
 
 def test_dashboard_configmap_carries_the_sidecar_label_and_json():
-    (cm,) = find(render(), "ConfigMap")
+    (cm,) = find(render(), "ConfigMap", "kubetune-dashboard")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["data"]["kubetune.json"].strip() == (CHART / "dashboards" / "kubetune.json").read_text().strip()
     (cm,) = find(render({"dashboard.label": "dash", "dashboard.labelValue": "yes",
-                         "dashboard.namespace": "monitoring"}), "ConfigMap")
+                         "dashboard.namespace": "monitoring"}), "ConfigMap", "kubetune-dashboard")
     assert cm["metadata"]["labels"]["dash"] == "yes" and cm["metadata"]["namespace"] == "monitoring"
-    assert not find(render({"dashboard.enabled": "false"}), "ConfigMap")
+    assert not find(render({"dashboard.enabled": "false"}), "ConfigMap", "kubetune-dashboard")
 
 
 # Values documented as a whole (a Kubernetes object, not chart settings)
 WHOLE = {"resources", "podSecurityContext", "securityContext", "strategy", "selector", "livenessProbe",
-         "readinessProbe"}
+         "readinessProbe", "namespaceSelector"}
 
 
 def _leaf_keys(values: dict, prefix: str = "") -> set[str]:

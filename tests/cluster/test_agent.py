@@ -479,3 +479,27 @@ def test_an_emptydir_over_an_ancestor_does_not_hide_the_images_files(control_pla
         assert out.strip() == "image file | ['app']", "the working dir is there, the rest of tmp_path is the emptyDir"
     finally:
         node_agent.image_rules.remove(rule)
+
+
+def test_a_read_only_root_filesystem_leaves_only_the_volumes_writable(control_plane, node_agent, namespace):
+    """readOnlyRootFilesystem: the pod's mount namespace has `/` read-only; its volumes stay writable."""
+    if not node_agent.isolate:
+        pytest.skip("no private mount namespaces on this machine: the root filesystem is the host's")
+    p = pod("read-only", """
+        import errno
+        open("/scratch/ok", "w").write("written")
+        try:
+            open("/kubetune-read-only-probe", "w")
+        except OSError as e:
+            print("root:", errno.errorcode[e.errno])
+        else:
+            print("root: writable")
+    """, container={"securityContext": {"readOnlyRootFilesystem": True},
+                    "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]},
+            volumes=[{"name": "scratch", "emptyDir": {}}])
+    apply(control_plane, namespace, p)
+    wait_for("read-only to end", lambda: phase(control_plane, namespace, "read-only") in ("Succeeded", "Failed"))
+    out = _logs(node_agent, namespace, "read-only")
+    assert phase(control_plane, namespace, "read-only") == "Succeeded", out
+    assert out.strip() == "root: EROFS"
+    assert not Path("/kubetune-read-only-probe").exists()

@@ -68,14 +68,18 @@ class Operator:
         return http_get(self.metrics)[1]
 
 
-@pytest.fixture(scope="module")
-def operator(control_plane, crd, tmp_path_factory):
+def operator_env(cp, **extra: str) -> dict:
+    """The test operator's environment: free ports, fast resyncs and scrapes, and `extra`."""
+    return {**cp.env(), "KUBETUNE_HEALTH_PORT": str(free_port()),
+            "KUBETUNE_METRICS_PORT": str(free_port()), "KUBETUNE_READY_PORT": str(free_port()),
+            "KUBETUNE_RESYNC_SECONDS": "1", "KUBETUNE_SCRAPE_SECONDS": "1", "KUBETUNE_TRAINER_IMAGE": IMAGE,
+            "KUBETUNE_RENDEZVOUS_PORT": str(free_port()),  # pods share the host's ports: not torch's default 29500
+            **extra}
+
+
+def run_operator(tmp_path_factory, env: dict):
+    """For a fixture to `yield from`: an Operator with `env`, started, then stopped and its log named."""
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    env = {**control_plane.env(), "KUBETUNE_HEALTH_PORT": str(free_port()),
-           "KUBETUNE_METRICS_PORT": str(free_port()), "KUBETUNE_READY_PORT": str(free_port()),
-           "KUBETUNE_RESYNC_SECONDS": "1", "KUBETUNE_SCRAPE_SECONDS": "1",
-           "KUBETUNE_TRAINER_IMAGE": IMAGE,
-           "KUBETUNE_RENDEZVOUS_PORT": str(free_port())}  # pods share the host's ports: not torch's default 29500
     op = Operator(env, log)
     op.start()
     try:
@@ -83,6 +87,11 @@ def operator(control_plane, crd, tmp_path_factory):
     finally:
         op.stop()
         print(f"operator log: {log}")
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, crd, tmp_path_factory):
+    yield from run_operator(tmp_path_factory, operator_env(control_plane))
 
 
 def submit(cp, namespace: str, name: str, spec: dict) -> None:

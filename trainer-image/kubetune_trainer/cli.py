@@ -23,10 +23,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from . import redact
 from .config import load_config
 from .errors import EXIT_UNEXPECTED, KubetuneError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kubetune: fine-tuning on Kubernetes.")
+# No locals in tracebacks: a frame's variables can hold credentials (the callback below prints plain, redacted ones).
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kubetune: fine-tuning on Kubernetes.",
+                  pretty_exceptions_show_locals=False)
 err = Console(stderr=True)
 out = Console()
 
@@ -37,23 +40,33 @@ TERMINATION_LIMIT = 4000  # bytes: Kubernetes keeps at most 4096 of a container'
 
 
 def termination_log(message: str) -> None:
-    """Kubernetes shows /dev/termination-log as the container's termination message."""
+    """Kubernetes shows /dev/termination-log as the container's termination message (the operator copies it into
+    the FineTuneJob's status): redacted, as everything the trainer prints."""
     path = Path(os.environ.get("KUBETUNE_TERMINATION_LOG", "/dev/termination-log"))
     try:
         if path.parent.is_dir():
-            path.write_text(message.encode()[:TERMINATION_LIMIT].decode(errors="ignore"))
+            path.write_text(redact.redact(message).encode()[:TERMINATION_LIMIT].decode(errors="ignore"))
     except OSError:
         pass
 
 
 def fail(e: BaseException) -> None:
+    """The one way a command fails: a redacted one-line message on stderr and as the termination message (an
+    unexpected exception's text can hold a presigned URL or a key as much as ours), and the exception's exit code."""
     if isinstance(e, KubetuneError):
         message, code = f"{e.reason}: {e.message}", e.exit_code
     else:
         message, code = f"Unexpected: {type(e).__name__}: {e}", EXIT_UNEXPECTED
+    message = redact.redact(message)
     err.print(f"[bold red]error[/] {escape(message)}", highlight=False, soft_wrap=True)
     termination_log(message)
     raise typer.Exit(code)
+
+
+@app.callback()
+def _redacting() -> None:
+    """Before any command: uncaught exceptions, in any thread, print redacted tracebacks."""
+    redact.install()
 
 
 @app.command()
@@ -141,7 +154,11 @@ def launch(ctx: typer.Context) -> None:
     """`accelerate launch ARGS` that exits with the trainer's own code (65/78 permanent, 75 retryable)."""
     from .launch import launch as accelerate_launch
 
-    raise typer.Exit(accelerate_launch(ctx.args))
+    try:
+        code = accelerate_launch(ctx.args)
+    except Exception as e:  # noqa: BLE001
+        fail(e)
+    raise typer.Exit(code)
 
 
 @app.command()

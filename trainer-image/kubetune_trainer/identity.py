@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from .checkpoint import STEP_DIR
 from .config import TrainerConfig
 from .errors import OutputInUseError
+from .redact import redact
 from .storage import MANIFEST, Storage
 
 TRAINING_FIELDS = ("baseModel", "dataset", "method", "hyperparameters")
@@ -73,7 +74,7 @@ def _markers(config: TrainerConfig) -> list[str]:
 
 
 def _log(event: dict) -> None:
-    print(json.dumps(event), file=sys.stderr, flush=True)
+    print(redact(json.dumps(event)), file=sys.stderr, flush=True)
 
 
 def aside_uri(storage: Storage, prefix: str) -> str:

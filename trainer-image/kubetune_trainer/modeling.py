@@ -27,11 +27,12 @@ def resolve_precision(precision: Precision, fsdp: bool = False) -> str:
     return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision.value]
 
 
-def load_tokenizer(model_dir: Path):
+def load_tokenizer(model_dir: Path, **kwargs):
+    """The model folder's tokenizer; `kwargs` for from_pretrained (trust_remote_code)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(f"baseModel: cannot load a tokenizer from the model folder: {e}") from e
     if tokenizer.pad_token_id is None:

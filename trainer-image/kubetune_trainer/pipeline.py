@@ -21,6 +21,7 @@ from .identity import RunIdentity, check_claim, claim
 from .metrics import TrainerMetrics
 from .prepare import inputs_of, prepare
 from .publish import publish_output, save_output
+from .redact import redact
 from .sharding import full_trainable_state
 from .spec import Select, Strategy
 from .storage import Storage
@@ -29,7 +30,8 @@ from .train import Reporter, StopSignal, collective_failures_are_peer_lost, is_s
 
 
 def json_reporter(event: dict) -> None:
-    print(json.dumps(event, default=str), flush=True)
+    """One JSON line per event on stdout (the pod's log), redacted: an event can quote an error."""
+    print(redact(json.dumps(event, default=str)), flush=True)
 
 
 def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storage | None = None) -> dict:

@@ -164,6 +164,9 @@ class BaseModelSpec(Model):
     uri: str = Field(description="Hugging Face model folder: s3://bucket/prefix/, hf://org/name, "
                                  "pvc://claim/path or a local path")
     revision: str | None = Field(None, description="Hub revision, for hf:// only")
+    trust_remote_code: bool = Field(
+        False, description="Run the Python code a model folder ships (transformers' trust_remote_code); the "
+        "platform's policy may forbid it")
 
 
 class DatasetSpec(Model):

@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
+from . import redact
 from .config import StorageEndpoint
 from .errors import ConfigError, KubetuneError, TransientError
 
@@ -100,23 +101,6 @@ def _safe_relative(rel: str, uri: str) -> str:
     return rel
 
 
-_SECRET_PATTERNS = [
-    re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
-    re.compile(r"(X-Amz-(?:Credential|Signature|Security-Token)=)[^&\s]+", re.I),
-    re.compile(r"(//)[^/@\s]+@"),  # user:password@ in URLs
-]
-
-
-def _redact(text: str) -> str:
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        value = os.environ.get(name)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "***", text)
-    return text
-
-
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch",
            "AllAccessDisabled", "AccountProblem"}
@@ -140,7 +124,7 @@ def _classify(exc: BaseException, uri: str, action: str) -> KubetuneError:
             error = seen.response.get("Error", {})
             code = str(error.get("Code", ""))
             status = int(seen.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            detail = _redact(f"{code or status}: {error.get('Message') or seen}")
+            detail = redact.redact(f"{code or status}: {error.get('Message') or seen}")
             if code == "NoSuchBucket":
                 return ConfigError(f"{action} {uri}: the bucket does not exist; create it or fix the URI")
             if code in _NOT_FOUND:
@@ -152,7 +136,7 @@ def _classify(exc: BaseException, uri: str, action: str) -> KubetuneError:
                 break
             return ConfigError(f"{action} {uri}: rejected by the storage service ({detail})")
         seen = getattr(seen, "last_exception", None) or seen.__cause__ or seen.__context__
-    return TransientError(f"{action} {uri}: object storage failed after retries: {_redact(_describe(exc))}")
+    return TransientError(f"{action} {uri}: object storage failed after retries: {redact.redact(_describe(exc))}")
 
 
 def _describe(exc: BaseException) -> str:
@@ -244,7 +228,10 @@ class Storage:
             max_pool_connections=max(10, self.max_concurrency**2),  # files in parallel, each in parts
             **options,
         )
-        return boto3.session.Session().client("s3", endpoint_url=ep.endpoint or None, config=config)
+        session = boto3.session.Session()
+        client = session.client("s3", endpoint_url=ep.endpoint or None, config=config)
+        redact.watch(session.get_credentials())  # keys from no environment variable (a web identity) too
+        return client
 
     def _transfer_config(self):
         from boto3.s3.transfer import TransferConfig

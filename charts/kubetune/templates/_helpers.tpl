@@ -69,13 +69,70 @@ app.kubernetes.io/component: operator
 {{- include "kubetune.imageRef" (list .Values.trainer.image .Chart.AppVersion) }}
 {{- end }}
 
-{{/* Namespaces whose trainer pods the PodMonitor scrapes: [] means all. */}}
-{{- define "kubetune.podMonitorNamespaces" -}}
-{{- toJson (default .Values.watchNamespaces .Values.podMonitor.namespaces) }}
+{{/*
+Tenant namespaces (a JSON list): those carrying every label of tenants.namespaceSelector.matchLabels, less
+tenants.excludedNamespaces and namespaces being deleted. Helm `lookup` reads them when the release is installed or
+upgraded; `helm template` and `helm lint` find none.
+*/}}
+{{- define "kubetune.tenantNamespaces" -}}
+{{- $selector := .Values.tenants.namespaceSelector.matchLabels | default dict }}
+{{- $found := list }}
+{{- range (lookup "v1" "Namespace" "" "").items }}
+{{- $labels := .metadata.labels | default dict }}
+{{- $selected := not (has .metadata.name $.Values.tenants.excludedNamespaces) }}
+{{- range $key, $value := $selector }}
+{{- if not (and (hasKey $labels $key) (eq (get $labels $key) (toString $value))) }}
+{{- $selected = false }}
+{{- end }}
+{{- end }}
+{{- if and $selected (ne (dig "status" "phase" "" .) "Terminating") }}
+{{- $found = append $found .metadata.name }}
+{{- end }}
+{{- end }}
+{{- toJson (sortAlpha $found) }}
 {{- end }}
 
 {{/*
-RBAC rules on namespaced resources: in a ClusterRole (all namespaces) or in a Role per watched namespace.
+The namespaces this release serves (a JSON list, never empty): watchNamespaces if set, else the tenant namespaces,
+else the release namespace alone. The one source of the operator's --namespace arguments, its Roles and
+RoleBindings, the KopfPeerings, the PodMonitor's namespaces and the admission policy binding's namespaces.
+*/}}
+{{- define "kubetune.servedNamespaces" -}}
+{{- $served := .Values.watchNamespaces | default (include "kubetune.tenantNamespaces" . | fromJsonArray) }}
+{{- toJson ($served | default (list .Release.Namespace)) }}
+{{- end }}
+
+{{/* The tenant label selector as `kubectl label` takes it: k=v,k2=v2. */}}
+{{- define "kubetune.tenantLabels" -}}
+{{- $pairs := list }}
+{{- range $key, $value := .Values.tenants.namespaceSelector.matchLabels }}
+{{- $pairs = append $pairs (printf "%s=%s" $key (toString $value)) }}
+{{- end }}
+{{- join "," $pairs }}
+{{- end }}
+
+{{/* Namespaces whose trainer pods the PodMonitor scrapes. */}}
+{{- define "kubetune.podMonitorNamespaces" -}}
+{{- toJson (.Values.podMonitor.namespaces | default (include "kubetune.servedNamespaces" . | fromJsonArray)) }}
+{{- end }}
+
+{{/* Name of the ValidatingAdmissionPolicy and of its binding. */}}
+{{- define "kubetune.policyName" -}}
+{{- printf "%s-finetunejobs" (include "kubetune.fullname" .) }}
+{{- end }}
+
+{{/* Name of the policy's parameters ConfigMap (release namespace). */}}
+{{- define "kubetune.policyParamsName" -}}
+{{- printf "%s-policy" (include "kubetune.fullname" .) }}
+{{- end }}
+
+{{/* Allowed image prefixes, comma-separated: policy.allowedImagePrefixes, or the trainer image's repository. */}}
+{{- define "kubetune.imagePrefixes" -}}
+{{- join "," (.Values.policy.allowedImagePrefixes | default (list .Values.trainer.image.repository)) }}
+{{- end }}
+
+{{/*
+RBAC rules on namespaced resources, in a Role per served namespace (never cluster-wide).
 Exactly the calls the operator makes: docs/operator.md, section RBAC (a test keeps the two equal).
 */}}
 {{- define "kubetune.namespacedRules" -}}

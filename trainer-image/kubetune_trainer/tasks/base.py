@@ -53,6 +53,12 @@ class Task(ABC):
         self.config, self.model_dir, self.storage = config, Path(model_dir), storage
         self.processor: Any = None  # set by load_processor
 
+    @property
+    def remote_code(self) -> dict[str, bool]:
+        """from_pretrained's trust_remote_code, only when the spec opts in (baseModel.trustRemoteCode): otherwise
+        transformers refuses a folder that needs its own Python code rather than running it."""
+        return {"trust_remote_code": True} if self.config.base_model.trust_remote_code else {}
+
     # -- data ---------------------------------------------------------------------------------------------
 
     @abstractmethod

@@ -33,7 +33,7 @@ class CausalLM(Task):
     def load_processor(self):
         from ..modeling import load_tokenizer
 
-        self.processor = load_tokenizer(self.model_dir)
+        self.processor = load_tokenizer(self.model_dir, **self.remote_code)
         return self.processor
 
     @property
@@ -98,7 +98,7 @@ class CausalLM(Task):
 
         hp = self.config.hyperparameters
         return load_model(self.model_dir, self.config.method, mixed_precision, hp.gradient_checkpointing,
-                          sharded=sharded, seed=hp.seed)
+                          sharded=sharded, seed=hp.seed, **self.remote_code)
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         loss_sum, tokens, _ = forward_loss(model, batch)

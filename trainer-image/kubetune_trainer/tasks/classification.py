@@ -314,7 +314,7 @@ def head_modules(model_dir: Path, auto_class, **config_kwargs) -> list[str]:
     try:
         config = AutoConfig.from_pretrained(model_dir, **config_kwargs)
         with init_empty_weights():
-            model = auto_class.from_config(config)
+            model = auto_class.from_config(config, trust_remote_code=config_kwargs.get("trust_remote_code", False))
     except (OSError, ValueError) as e:
         raise ConfigError(f"baseModel: no {auto_class.__name__.removeprefix('AutoModelFor')} model for the folder: "
                           f"{e}") from e

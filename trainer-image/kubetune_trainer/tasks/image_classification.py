@@ -49,7 +49,7 @@ class ImageClassification(ClassificationTask):
                               "image_processor.save_pretrained)")
         try:
             with quiet_transformers():  # without torchvision: "falling back to the PIL processor", which is fine
-                self.processor = AutoImageProcessor.from_pretrained(self.model_dir)
+                self.processor = AutoImageProcessor.from_pretrained(self.model_dir, **self.remote_code)
         except (OSError, ValueError) as e:
             raise ConfigError(f"baseModel: cannot load the image processor of {self.config.base_model.uri}: {e}") \
                 from e
@@ -149,7 +149,8 @@ class ImageClassification(ClassificationTask):
         skeleton = self._skeleton()
         heads = None
         if self.config.method.type != MethodType.full:
-            heads = head_modules(self.model_dir, AutoModelForImageClassification, **self.head_config())
+            heads = head_modules(self.model_dir, AutoModelForImageClassification, **self.head_config(),
+                                 **self.remote_code)
         kwargs: dict[str, Any] = {}
         if not type(skeleton)._supports_sdpa:
             kwargs["attn_implementation"] = None  # no attention (ResNet, ConvNeXt): "sdpa" would be refused
@@ -160,16 +161,16 @@ class ImageClassification(ClassificationTask):
         return load_model(self.model_dir, self._method(skeleton, heads or []), mixed_precision,
                           hp.gradient_checkpointing, sharded=sharded, seed=hp.seed,
                           auto_class=AutoModelForImageClassification, task_type=None, modules_to_save=heads,
-                          ignore_mismatched_sizes=True, **self.head_config(), **kwargs)
+                          ignore_mismatched_sizes=True, **self.head_config(), **self.remote_code, **kwargs)
 
     def _skeleton(self):
         """The model with its new head, without weights (on the meta device): its class and module names."""
         from transformers import AutoConfig, AutoModelForImageClassification
 
         try:
-            config = AutoConfig.from_pretrained(self.model_dir, **self.head_config())
+            config = AutoConfig.from_pretrained(self.model_dir, **self.head_config(), **self.remote_code)
             with torch.device("meta"):
-                return AutoModelForImageClassification.from_config(config)
+                return AutoModelForImageClassification.from_config(config, **self.remote_code)
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"baseModel: {self.config.base_model.uri} is not a model transformers can put an "
                               f"image-classification head on ({e}); use a vision model such as ViT, ConvNeXt or "

@@ -32,7 +32,7 @@ class SequenceClassification(ClassificationTask):
     def load_processor(self):
         from ..modeling import load_tokenizer
 
-        self.processor = load_tokenizer(self.model_dir)
+        self.processor = load_tokenizer(self.model_dir, **self.remote_code)
         return self.processor
 
     # -- data ---------------------------------------------------------------------------------------------
@@ -117,7 +117,8 @@ class SequenceClassification(ClassificationTask):
         if self.processor is None:
             self.load_processor()
         hp, method = self.config.hyperparameters, self.config.method
-        kwargs: dict[str, Any] = {**self.head_config(), "pad_token_id": self.processor.pad_token_id}
+        kwargs: dict[str, Any] = {**self.head_config(), "pad_token_id": self.processor.pad_token_id,
+                                  **self.remote_code}
         heads = None
         if method.type != MethodType.full:
             heads = head_modules(self.model_dir, AutoModelForSequenceClassification, **kwargs)

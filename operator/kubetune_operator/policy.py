@@ -1,0 +1,246 @@
+"""What a FineTuneJob may ask for: one list of rules, enforced twice.
+
+A FineTuneJob makes the operator create pods, so without these rules anyone who may create a FineTuneJob could
+run any image, with any ServiceAccount's token, any PVC and any priority class of its namespace: the operator
+would be a confused deputy. Each rule exists
+
+* as CEL, in a ValidatingAdmissionPolicy that the API server evaluates against the *requesting user* when a
+  FineTuneJob is created (`authorizer` checks what that user may do): `make crds` writes it to
+  charts/kubetune/files/admission-policy.yaml and, with a binding and its parameters, to
+  crds/policy/admission-policy.yaml;
+* in Python, for clusters without the policy: before any child exists, a job that breaks a rule fails with
+  reason `PolicyDenied` and the rule's message. Who created an object is not recorded in it, so the operator
+  cannot check what the author may do: unless the policy was in force when the job was created (its binding,
+  KUBETUNE_POLICY_BINDING, and the policy are read from the API server, with the time they last changed), a job
+  that names a ServiceAccount, a PVC or a priority class is refused.
+
+What "use" means for each object a job names (docs/security.md): the author could do it directly.
+* `storage.serviceAccountName` S: create S's token (`create serviceaccounts/token` S), or create pods, in the
+  job's namespace (a pod can run as any ServiceAccount of its namespace).
+* a PVC C (a `pvc://C/...` URI): `use persistentvolumeclaims` C (a verb for RBAC only, granted per claim), or
+  create pods, in the job's namespace.
+* `scheduling.priorityClassName` P: `use priorityclasses.scheduling.k8s.io` P (cluster-wide).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from kubetune_trainer.spec import API_GROUP, FineTuneJobSpec
+
+from . import PLURAL, children
+
+POLICY = "kubetune-finetunejobs"  # the ValidatingAdmissionPolicy, and its binding (the chart prefixes its release)
+PARAMS = "kubetune-policy"  # the parameters ConfigMap
+PARAMS_NAMESPACE = "kubetune-system"  # where crds/policy/admission-policy.yaml puts it
+REASON = "PolicyDenied"
+
+IMAGE = ("spec.image: this image is not allowed here; use an image under the platform's allowed prefixes "
+         "(policy.allowedImagePrefixes), or leave spec.image unset for the platform's trainer")
+CREDENTIALS = ("spec.storage: jobs in this namespace may not use the platform's default storage credentials "
+               "(storage.secretName); set storage.secretRef to a Secret of this namespace, or "
+               "storage.serviceAccountName, or ask the platform team to allow the namespace "
+               "(policy.defaultCredentialsNamespaces)")
+REMOTE_CODE = ("spec.baseModel.trustRemoteCode: this platform does not run code from model folders "
+               "(policy.allowTrustRemoteCode is false); use a model that transformers supports natively")
+SERVICE_ACCOUNT = ("spec.storage.serviceAccountName: you may not use this ServiceAccount: a FineTuneJob may "
+                   "name one only if its author may create its token (create serviceaccounts/token) or create "
+                   "pods in the namespace")
+CLAIM = ("spec: a pvc:// URI names a PersistentVolumeClaim you may not use: a FineTuneJob may mount a claim only "
+         "if its author has the verb `use` on it (persistentvolumeclaims) or may create pods in the namespace")
+PRIORITY = ("spec.scheduling.priorityClassName: you may not use this priority class: a FineTuneJob may name one "
+            "only if its author has the verb `use` on it (priorityclasses.scheduling.k8s.io)")
+UNCHECKED = ("; the operator cannot check that the job's author may use it, because this cluster does not enforce "
+             "the Kubetune admission policy (install it: the chart's policy.admission.enabled, or "
+             "crds/policy/admission-policy.yaml)")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The platform's choices (the chart's `policy.*` and `storage.secretName`), as the operator's environment
+    and as the policy's parameters ConfigMap."""
+
+    image_prefixes: tuple[str, ...]
+    credentials_secret: str = ""
+    credentials_namespaces: tuple[str, ...] = ()  # "*": every namespace
+    allow_trust_remote_code: bool = False
+    binding: str = ""  # the ValidatingAdmissionPolicyBinding that tells the operator the API server checks authors
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        env = os.environ.get
+
+        def names(var: str) -> tuple[str, ...]:
+            return tuple(n.strip() for n in (env(var) or "").split(",") if n.strip())
+
+        default_repository = repository(children.default_image())
+        return cls(image_prefixes=names("KUBETUNE_POLICY_IMAGE_PREFIXES") or (default_repository,),
+                   credentials_secret=env("KUBETUNE_STORAGE_SECRET_NAME") or "",
+                   credentials_namespaces=names("KUBETUNE_POLICY_CREDENTIALS_NAMESPACES"),
+                   allow_trust_remote_code=env("KUBETUNE_POLICY_ALLOW_TRUST_REMOTE_CODE") == "true",
+                   binding=env("KUBETUNE_POLICY_BINDING") or "")
+
+    def params(self) -> dict[str, str]:
+        """The data of the policy's parameters ConfigMap."""
+        return {"imagePrefixes": ",".join(self.image_prefixes), "credentialsSecret": self.credentials_secret,
+                "credentialsNamespaces": ",".join(self.credentials_namespaces),
+                "allowTrustRemoteCode": str(self.allow_trust_remote_code).lower()}
+
+
+def repository(image: str) -> str:
+    """ghcr.io/kubetune/trainer:0.1.0 -> ghcr.io/kubetune/trainer (a registry's port is not a tag)."""
+    name = image.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    return name[:colon] if colon > slash else name
+
+
+def image_allowed(image: str, prefixes: tuple[str, ...]) -> bool:
+    """A prefix ending in "/" allows every image under it; any other prefix is a repository: the image is that
+    repository, with a tag or a digest or neither."""
+    return any(image.startswith(p) if p.endswith("/") else image == p or image.startswith((p + ":", p + "@"))
+               for p in prefixes)
+
+
+def uses_default_credentials(spec: FineTuneJobSpec, settings: Settings) -> bool:
+    """The job names the platform's default Secret, or no credentials at all (the operator fills the default in)."""
+    storage = spec.storage
+    named = storage.secret_ref.name if storage.secret_ref else ""
+    return bool(settings.credentials_secret) and (
+        named == settings.credentials_secret or not (named or storage.service_account_name))
+
+
+def violations(namespace: str, spec: FineTuneJobSpec, settings: Settings, author_checked: bool) -> list[str]:
+    """The messages of the rules the job breaks. `author_checked`: the API server enforces the admission policy,
+    so it has checked that the job's author may use what the job names."""
+    out = []
+    if spec.image and not image_allowed(spec.image, settings.image_prefixes):
+        out.append(IMAGE)
+    allowed = {"*", namespace} & set(settings.credentials_namespaces)
+    if uses_default_credentials(spec, settings) and not allowed:
+        out.append(CREDENTIALS)
+    if spec.base_model.trust_remote_code and not settings.allow_trust_remote_code:
+        out.append(REMOTE_CODE)
+    if not author_checked:
+        named = ((spec.storage.service_account_name, SERVICE_ACCOUNT), (children.pvc_claims(spec), CLAIM),
+                 (spec.scheduling.priority_class_name, PRIORITY))
+        out += [message + UNCHECKED for value, message in named if value]
+    return out
+
+
+def author_checked(meta: dict, policy_since: str | None) -> bool:
+    """Whether the API server checked this job's author: the admission policy was in force, as it is now, before
+    the job was created (one created earlier, say in a namespace not yet served, was never checked)."""
+    created = meta.get("creationTimestamp")
+    return bool(policy_since and created and created > policy_since)
+
+
+def needs_admission_check(body: dict) -> bool:
+    """Whether the operator must ask the API server if the admission policy is in force before it decides: the
+    job has no child yet (no Validated condition) and names an object whose use depends on its author."""
+    if any(c.get("type") == "Validated" for c in (body.get("status") or {}).get("conditions") or []):
+        return False
+    try:
+        spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
+    except ValueError:  # the reconcile reports it
+        return False
+    return bool(spec.storage.service_account_name or children.pvc_claims(spec) or spec.scheduling.priority_class_name)
+
+
+# -- the same rules in CEL ---------------------------------------------------------------------------------------
+
+OPTIONAL_URIS = ("dataset.?validation", "dataset.?test", "?checkpoint.?uri", "dataset.?cacheUri")
+VARIABLES = [
+    ("imagePrefixes", "params.data.?imagePrefixes.orValue('').split(',').filter(p, p != '')"),
+    ("defaultSecret", "params.data.?credentialsSecret.orValue('')"),
+    ("credentialsNamespaces", "params.data.?credentialsNamespaces.orValue('').split(',')"),
+    ("secretName", "object.spec.?storage.?secretRef.?name.orValue('')"),
+    ("serviceAccount", "object.spec.?storage.?serviceAccountName.orValue('')"),
+    ("podCreator", "authorizer.group('').resource('pods').namespace(request.namespace).check('create').allowed()"),
+    ("uris", "[object.spec.baseModel.uri, object.spec.dataset.train, object.spec.output.uri, "
+             + ", ".join(f"object.spec.{path}.orValue('')" for path in OPTIONAL_URIS) + "]"),
+    ("claims", "variables.uris.filter(u, u.startsWith('pvc://')).map(u, u.substring(6).split('/')[0])"),
+    ("priorityClass", "object.spec.?scheduling.?priorityClassName.orValue('')"),
+]
+VALIDATIONS = [
+    ("!has(object.spec.image) || variables.imagePrefixes.exists(p, p.endsWith('/') ? object.spec.image.startsWith(p)"
+     " : object.spec.image == p || object.spec.image.startsWith(p + ':') || object.spec.image.startsWith(p + '@'))",
+     IMAGE),
+    ("variables.defaultSecret == '' || !(variables.secretName == variables.defaultSecret || "
+     "(variables.secretName == '' && variables.serviceAccount == '')) || "
+     "variables.credentialsNamespaces.exists(n, n == '*' || n == request.namespace)", CREDENTIALS),
+    ("!object.spec.?baseModel.?trustRemoteCode.orValue(false) || "
+     "params.data.?allowTrustRemoteCode.orValue('false') == 'true'", REMOTE_CODE),
+    ("variables.serviceAccount == '' || variables.podCreator || authorizer.group('').resource('serviceaccounts')"
+     ".subresource('token').namespace(request.namespace).name(variables.serviceAccount).check('create').allowed()",
+     SERVICE_ACCOUNT),
+    ("variables.podCreator || variables.claims.all(c, authorizer.group('').resource('persistentvolumeclaims')"
+     ".namespace(request.namespace).name(c).check('use').allowed())", CLAIM),
+    ("variables.priorityClass == '' || authorizer.group('scheduling.k8s.io').resource('priorityclasses')"
+     ".name(variables.priorityClass).check('use').allowed()", PRIORITY),
+]
+LABELS = {"app.kubernetes.io/name": "kubetune"}
+ADMISSION = "admissionregistration.k8s.io/v1"
+
+
+def admission_policy() -> dict:
+    """The ValidatingAdmissionPolicy. Only CREATE is checked: every field a rule reads is immutable afterwards
+    (the CRD's transition rules), and the operator's own updates (finalizers, annotations) must not be judged
+    against what the operator may do."""
+    return {
+        "apiVersion": ADMISSION, "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": POLICY, "labels": LABELS},
+        "spec": {
+            "failurePolicy": "Fail",
+            "paramKind": {"apiVersion": "v1", "kind": "ConfigMap"},
+            "matchConstraints": {"resourceRules": [{"apiGroups": [API_GROUP], "apiVersions": ["*"],
+                                                    "operations": ["CREATE"], "resources": [PLURAL]}]},
+            "variables": [{"name": name, "expression": expr} for name, expr in VARIABLES],
+            "validations": [{"expression": expr, "message": message, "reason": "Forbidden"}
+                            for expr, message in VALIDATIONS],
+        },
+    }
+
+
+def binding(namespace: str = PARAMS_NAMESPACE) -> dict:
+    return {"apiVersion": ADMISSION, "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": POLICY, "labels": LABELS},
+            "spec": {"policyName": POLICY, "validationActions": ["Deny"],
+                     "paramRef": {"name": PARAMS, "namespace": namespace, "parameterNotFoundAction": "Deny"}}}
+
+
+def params_config_map(settings: Settings, namespace: str = PARAMS_NAMESPACE) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": PARAMS, "namespace": namespace, "labels": LABELS}, "data": settings.params()}
+
+
+HEADER = ("# Generated by `python -m kubetune_operator.policy` (make crds) from "
+          "operator/kubetune_operator/policy.py.\n# ")
+FILES = {
+    "charts/kubetune/files/admission-policy.yaml": lambda: [admission_policy()],
+    "crds/policy/admission-policy.yaml": lambda: [
+        admission_policy(), binding(),
+        params_config_map(Settings(image_prefixes=(repository(children.DEFAULT_IMAGE),)))],
+}
+
+
+def render(docs: list[dict], note: str) -> str:
+    return HEADER + note + "\n" + "---\n".join(yaml.safe_dump(d, sort_keys=False, width=120) for d in docs)
+
+
+def write(root: Path) -> None:
+    notes = {"charts/kubetune/files/admission-policy.yaml": "Do not edit; the chart renames it per release.",
+             "crds/policy/admission-policy.yaml": "Do not edit. For installs without Helm: create the namespace "
+                                                  f"{PARAMS_NAMESPACE}, then apply; edit the ConfigMap's data."}
+    for path, docs in FILES.items():
+        target = root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(render(docs(), notes[path]))
+
+
+if __name__ == "__main__":
+    write(Path(sys.argv[1]) if len(sys.argv) > 1 else Path.cwd())
