@@ -2,6 +2,9 @@
 
 * In a namespace whose Pod Security admission enforces the `restricted` standard (the API server refuses any pod
   that breaks it, which is shown first), a job validates and trains to Succeeded: the operator's pods pass.
+  Their containers ask for a read-only root filesystem, which the node agent gives them (`/` remounted
+  read-only in the container's mount namespace): the real trainer's runs below need nothing writable but their
+  volumes.
 * A canary credential (a Secret whose keys are unique random strings; the loopback S3 server accepts any) is
   used by a job that the real trainer runs to Succeeded and by one that fails in its training pod. Then every
   place a tenant or an attacker can read is searched: the operator's log, every pod log the node agent kept,
@@ -14,9 +17,6 @@ Fixtures and helpers come from test_e2e.py.
 from __future__ import annotations
 
 import json
-import shlex
-import shutil
-import subprocess
 import sys
 import threading
 import uuid
@@ -80,48 +80,6 @@ def test_the_operators_pods_pass_the_restricted_pod_security_standard(control_pl
         assert not any("serviceAccountToken" in str(v) for v in pod["spec"]["volumes"])  # no token volume
     events = get_json(control_plane, "events", "-n", ns)["items"]
     assert not [e for e in events if e["reason"] == "FailedCreate"], "no pod of the operator's Jobs was refused"
-
-
-@pytest.mark.slow
-def test_the_trainer_needs_nothing_writable_but_tmp():
-    """What the pods' read-only root filesystem means for the trainer, on this machine's own kernel: `kubetune
-    validate` and a short training run (`kubetune launch`, as the training pod runs it) in a private mount
-    namespace where / is read-only and /tmp an empty tmpfs, HOME=/tmp, as in the pods. Any write elsewhere (a
-    cache, a config file, a temporary file) would fail with EROFS. The inputs are on /dev/shm, a mount of its own."""
-    from kubetune_cluster.agent import mount_namespaces_work
-    from kubetune_trainer.config import MetricsSpec, TrainerConfig
-    from kubetune_trainer.demo_data import generic_texts, write_support_dataset
-    from kubetune_trainer.spec import FineTuneJobSpec
-    from kubetune_trainer.tiny import make_tiny_base
-
-    if not mount_namespaces_work():
-        pytest.skip("needs private mount namespaces (root)")
-    inputs = Path("/dev/shm") / f"kubetune-read-only-{uuid.uuid4().hex[:8]}"
-    try:
-        base = make_tiny_base(inputs / "tiny", generic_texts(50), vocab_size=512, hidden_size=32, layers=1, heads=2)
-        data = write_support_dataset(inputs / "data", train=16, validation=4, test=4)
-        spec = FineTuneJobSpec.model_validate({
-            "baseModel": {"uri": str(base)}, "dataset": {k: str(v) for k, v in data.items()},
-            "hyperparameters": {"maxSteps": 2, "batchSize": 2, "maxSeqLength": 128},
-            "checkpoint": {"everySteps": 1}, "output": {"uri": "/tmp/out/"}})
-        config = TrainerConfig.from_job("read-only", spec, metrics=MetricsSpec(port=0))  # any free port
-        (inputs / "job.yaml").write_text(config.to_yaml())
-        venv, config = shlex.quote(str(Path(sys.executable).parent)), shlex.quote(str(inputs / "job.yaml"))
-        script = "\n".join([
-            "set -e", "mount -t tmpfs tmpfs /tmp", "mount -o remount,bind,ro /", "cd /",
-            "! touch /read-only-probe 2>/dev/null",  # the root really is read-only
-            f"{venv}/kubetune validate --config {config}",
-            f"{venv}/kubetune launch --num_machines 1 --num_processes 1 --cpu -m kubetune_trainer train "
-            f"--config {config}",
-            "test -s /tmp/out/manifest.json && echo PUBLISHED"])
-        env = {"HOME": "/tmp", "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
-               "KUBETUNE_TERMINATION_LOG": "/tmp/termination-log"}
-        done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], env=env,
-                              capture_output=True, text=True, timeout=300, cwd="/")
-        assert done.returncode == 0 and "PUBLISHED" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "Read-only file system" not in done.stdout + done.stderr
-    finally:
-        shutil.rmtree(inputs, ignore_errors=True)
 
 
 # -- the canary --------------------------------------------------------------------------------------------------
