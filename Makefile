@@ -34,6 +34,6 @@ system-deps: ## Debian packages the tests need (prometheus, etcd fallback); need
 
 -include mk/*.mk
 
-test: venv system-deps control-plane ## Everything: lint, unit, trainer, control-plane and end-to-end tests
+test: venv system-deps control-plane kueue ## Everything: lint, unit, trainer, control-plane and end-to-end tests
 	$(VENV)/bin/ruff check .
 	$(PYTEST)

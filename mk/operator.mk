@@ -16,8 +16,9 @@ e2e: venv control-plane ## The operator against the local control plane and node
 run-operator: venv ## Run the operator against $$KUBECONFIG, every namespace
 	$(PY) -m kubetune_operator --all-namespaces
 
-dev-cluster: venv control-plane ## Cluster + node agent + seeded S3 server + operator, in the background; prints what to type
-	$(PY) -m kubetune_cluster up --dev --gpus $(CLUSTER_GPUS)
+KUEUE ?=
+dev-cluster: venv control-plane $(if $(KUEUE),kueue) ## Cluster + node agent + seeded S3 server + operator (KUEUE=1: + Kueue), in the background
+	$(PY) -m kubetune_cluster up --dev --gpus $(CLUSTER_GPUS) $(if $(KUEUE),--kueue)
 
 dev-cluster-down: ## Stop the dev cluster (everything `make dev-cluster` started)
 	$(PY) -m kubetune_cluster down

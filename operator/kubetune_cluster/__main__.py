@@ -2,7 +2,8 @@
 
 `up` starts a daemon that runs the control plane and (when available) the process node agent, waits
 until it is ready, and prints `export KUBECONFIG=...`; `up --dev` adds the CRD, an S3 server seeded with
-the demo model and data, and the operator (see dev.py) and prints what to type next. `down` stops it all,
+the demo model and data, and the operator (see dev.py) and prints what to type next; `up --dev --kueue` adds the
+real Kueue with queues for the node's GPUs. `down` stops it all,
 `status` tells. State (pid, kubeconfig, logs) lives in ${KUBETUNE_STATE:-$HOME/.cache/kubetune/cluster}.
 """
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from . import dev
 from .controlplane import REPO_ROOT, ControlPlane, ControlPlaneError, _get, find_bin_dir
+from .kueue import find_home as find_kueue_home
 
 NODE_NAME = "kubetune-node"
 
@@ -66,6 +68,8 @@ def up(args) -> int:
         print(f"# already running (pid {state['pid']})\n{ready_message(state)}")
         return 0
     find_bin_dir()  # fail early, with the `make control-plane` hint
+    if args.kueue:
+        find_kueue_home()  # and the `make kueue` one
     sd = state_dir()
     shutil.rmtree(sd, ignore_errors=True)
     sd.mkdir(parents=True)
@@ -73,7 +77,7 @@ def up(args) -> int:
     if args.no_agent:
         cmd.append("--no-agent")
     if args.dev:
-        cmd += ["--dev", "--pretrain-steps", str(args.pretrain_steps)]
+        cmd += ["--dev", "--pretrain-steps", str(args.pretrain_steps), *(["--kueue"] if args.kueue else [])]
         print("# starting the control plane, node agent, S3 server and operator, and building the demo model "
               "(a minute or two)", flush=True)
     with open(sd / "daemon.log", "ab") as log:
@@ -136,7 +140,7 @@ def serve(args) -> int:
                  "token": cp.admin_token, "version": cp.version["gitVersion"],
                  "node": agent and agent.node_name}
         if args.dev:
-            extras = dev.DevCluster(sd, sd / "kubeconfig")
+            extras = dev.DevCluster(sd, sd / "kubeconfig", kueue_gpus=args.gpus if args.kueue else None)
             state["dev"] = extras.start(args.pretrain_steps)
         (sd / "state.tmp").write_text(json.dumps(state))
         (sd / "state.tmp").chmod(0o600)  # it holds the admin token
@@ -186,12 +190,17 @@ def main(argv: list[str] | None = None) -> int:
                             help="also the CRD, a seeded S3 server and the operator (make dev-cluster)")
             sp.add_argument("--pretrain-steps", type=int, default=300,
                             help="--dev: pre-training steps of the demo base model (as make demo)")
+            sp.add_argument("--kueue", action="store_true",
+                            help="--dev: also the real Kueue, with a ClusterQueue of the node's GPUs and the "
+                                 "LocalQueue user-queue in default (make dev-cluster KUEUE=1; needs make kueue)")
         if name in ("up", "down"):
             sp.add_argument("--timeout", type=float, default=None if name == "up" else 60,
                             help="seconds (up: 300, 900 with --dev)")
     args = p.parse_args(argv)
     if getattr(args, "dev", False) and args.no_agent:
         p.error("--dev needs the node agent (leave out --no-agent)")
+    if getattr(args, "kueue", False) and not args.dev:
+        p.error("--kueue goes with --dev (make dev-cluster KUEUE=1)")
     try:
         return args.fn(args)
     except ControlPlaneError as e:

@@ -4,8 +4,10 @@ FineTuneJob needs, so that `kubectl apply -f examples/demo-finetunejob.yaml` tra
 The cluster daemon runs `DevCluster.start()` once the control plane and the node agent are up: it installs the
 FineTuneJob CRD, starts an S3 server in the cluster as the Service minio.minio:9000 (hack/dev-cluster-s3.yaml,
 the endpoint the examples name), creates the `s3-credentials` Secret in `default`, uploads the demo's tiny base
-model and support-bot data to the URIs the example names, and starts the operator as a child process. All of
-it stops with the daemon (`make dev-cluster-down`).
+model and support-bot data to the URIs the example names, and starts the operator as a child process. With
+`--kueue` (`make dev-cluster KUEUE=1`) it first starts the real Kueue (kueue.py) with a ResourceFlavor, a
+ClusterQueue holding the node's GPUs (and this machine's CPUs and memory) and the LocalQueue `user-queue` in
+`default`. All of it stops with the daemon (`make dev-cluster-down`).
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ import yaml
 from kubetune_trainer.s3server import FAKE_CREDENTIALS
 
 from .controlplane import REPO_ROOT, ControlPlaneError, _die_with_parent, free_port
+from .kueue import Kueue
 
 EXAMPLE = REPO_ROOT / "examples" / "demo-finetunejob.yaml"
 S3_MANIFEST = REPO_ROOT / "hack" / "dev-cluster-s3.yaml"
 CRD = REPO_ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
 SECRET = "s3-credentials"
+CLUSTER_QUEUE, LOCAL_QUEUE = "cluster-queue", "user-queue"
+GPU = "nvidia.com/gpu"
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -79,9 +84,11 @@ def seed(endpoint: str, work: Path, pretrain_steps: int) -> None:
 class DevCluster:
     """The extras on a running cluster; `start()` returns what `instructions()` prints, `stop()` undoes it."""
 
-    def __init__(self, state_dir: Path, kubeconfig: Path):
-        self.state_dir, self.kubeconfig = state_dir, kubeconfig
+    def __init__(self, state_dir: Path, kubeconfig: Path, kueue_gpus: int | None = None):
+        """`kueue_gpus`: also run Kueue, with a ClusterQueue holding that many GPUs (None: no Kueue)."""
+        self.state_dir, self.kubeconfig, self.kueue_gpus = state_dir, kubeconfig, kueue_gpus
         self.operator: subprocess.Popen | None = None
+        self.kueue: Kueue | None = None
 
     def kubectl(self, *args: str) -> str:
         kubectl = shutil.which("kubectl", path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -101,9 +108,23 @@ class DevCluster:
         self.kubectl("create", "secret", "generic", SECRET, "-n", "default",
                      *(f"--from-literal={k}={FAKE_CREDENTIALS[k]}" for k in keys))
         seed(endpoint, self.state_dir / "seed", pretrain_steps)
+        state = {"s3": endpoint, "example": str(EXAMPLE)}
+        if self.kueue_gpus is not None:
+            state["kueue"] = self.start_kueue(self.kueue_gpus)
         log = self.state_dir / "operator.log"
         self.start_operator(log)
-        return {"s3": endpoint, "operatorPid": self.operator.pid, "operatorLog": str(log), "example": str(EXAMPLE)}
+        return {**state, "operatorPid": self.operator.pid, "operatorLog": str(log)}
+
+    def start_kueue(self, gpus: int) -> dict:
+        """Kueue, and a ClusterQueue with the node's GPUs and this machine's CPUs and memory (what a training pod
+        may request) for every namespace, with the LocalQueue LOCAL_QUEUE in `default`."""
+        self.kueue = Kueue(self.kubeconfig, self.state_dir / "kueue").start()
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30
+        quota = {"cpu": os.cpu_count() or 1, "memory": f"{memory}Gi", GPU: gpus}
+        self.kueue.cluster_queue(CLUSTER_QUEUE, quota)
+        self.kueue.local_queue("default", LOCAL_QUEUE, CLUSTER_QUEUE)
+        return {"version": self.kueue.version, "clusterQueue": CLUSTER_QUEUE, "localQueue": LOCAL_QUEUE,
+                "quota": {k: str(v) for k, v in quota.items()}, "log": str(self.kueue.log)}
 
     def start_s3(self) -> str:
         """The in-cluster S3 server; returns its endpoint as this machine reaches it (the pod's IP)."""
@@ -134,6 +155,8 @@ class DevCluster:
             except subprocess.TimeoutExpired:
                 self.operator.kill()
                 self.operator.wait()
+        if self.kueue:
+            self.kueue.stop()
 
 
 def instructions(state: dict) -> str:
@@ -148,4 +171,14 @@ def instructions(state: dict) -> str:
             f"kubectl get ftj -w\n"
             f"# The adapter lands in {output} (manifest.json last); once Succeeded:\n"
             f"#   kubectl get ftj {name} -o jsonpath='{{.status.result}}'\n"
+            f"{_kueue_lines(dev.get('kueue'))}"
             f"# Stop everything: make dev-cluster-down")
+
+
+def _kueue_lines(kueue: dict | None) -> str:
+    if not kueue:
+        return ""
+    quota = ", ".join(f"{v} {k}" for k, v in kueue["quota"].items())
+    return (f"# Kueue {kueue['version']} (log {kueue['log']}): LocalQueue {kueue['localQueue']} in default, "
+            f"ClusterQueue {kueue['clusterQueue']} ({quota});\n"
+            f"#   queue a job with spec.scheduling.queueName: {kueue['localQueue']}; kubectl get workloads\n")

@@ -11,6 +11,7 @@ import uuid
 import pytest
 
 from .controlplane import ControlPlane
+from .kueue import Kueue
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +41,16 @@ def namespace(control_plane):
         core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
         yield name
         core.delete_namespace(name, propagation_policy="Background")
+
+
+@pytest.fixture(scope="module")
+def kueue(request, control_plane, tmp_path_factory):
+    """The real Kueue against the session's control plane, for one test module (its webhooks go with it, so other
+    modules' Jobs never depend on it; its CRDs stay). Missing binaries fail: run `make kueue`. Its log is kept in
+    <pytest basetemp>/kueue-logs/ when a test failed."""
+    k = Kueue(control_plane.kubeconfig)
+    k.start()
+    try:
+        yield k
+    finally:
+        k.stop(keep_log=tmp_path_factory.getbasetemp() / "kueue-logs" if request.session.testsfailed else None)

@@ -17,10 +17,11 @@ import asyncio
 import logging
 import os
 import re
+import time
 
 import kopf
 
-from . import handlers, metrics, peering
+from . import handlers, kube, kueue, metrics, peering
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +40,19 @@ def _quiet(record: logging.LogRecord) -> bool:
     return not re.fullmatch(r"(Handler|Indexer) '[\w/.]+' succeeded\.", record.getMessage())
 
 
+def kueue_served(attempts: int = 5) -> bool:
+    """Whether Kueue is installed (its Workloads are served); asked once at startup, retried while the API server
+    does not answer."""
+    for attempt in range(attempts):
+        try:
+            return kube.client().serves(kueue.API_VERSION, kueue.PLURAL)
+        except Exception:  # noqa: BLE001 -- unreachable for now: ask again, then let the last error through
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2)
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     kopf.configure(verbose=args.verbose)
@@ -54,6 +68,12 @@ def main(argv: list[str] | None = None) -> None:
         peering.serve(ready_port)
     clusterwide = not args.namespace
     assert handlers.FTJ  # the import registers the handlers
+    if kueue_served():
+        handlers.serve_kueue()
+    else:
+        logging.getLogger(__name__).info(
+            "Kueue is not installed (the API server serves no %s %s): jobs with spec.scheduling.queueName wait "
+            "for it; restart the operator once Kueue is installed", kueue.API_VERSION, kueue.PLURAL)
     peering.prepare(namespaces=args.namespace, standalone=args.standalone)
     settings = kopf.OperatorSettings()
     # With namespaces given, serve exactly those and the resources found at startup: kopf then lists neither

@@ -29,6 +29,7 @@ LABEL_JOB = "kubetune.io/finetunejob"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 MANAGED_BY = "kubetune-operator"
+TRAINING_SUFFIX = "-train"  # the training Job's name: the FineTuneJob's and this
 JOB_FINALIZER = "kubetune.io/outcome"  # on the training Job: kept until its outcome is in the FineTuneJob's status
 
 # The `restricted` Pod Security Standard, and a read-only root filesystem: what the trainer writes goes to the
@@ -92,7 +93,7 @@ class Names:
 
     @property
     def training(self) -> str:
-        return f"{self.job}-train"
+        return f"{self.job}{TRAINING_SUFFIX}"
 
     def worker_host(self, index: int) -> str:
         """DNS name of worker `index`: an Indexed Job's pod <job>-<index>, under subdomain <service>."""

@@ -12,13 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import kopf
 
-from . import GROUP, PLURAL, VERSION, children, kube, loop, metrics, peering
+from . import GROUP, PLURAL, VERSION, children, kube, kueue, loop, metrics, peering
 
 FTJ = (GROUP, VERSION, PLURAL)
 CHILDREN = {"jobs": ("batch", "v1", "jobs"), "pods": ("", "v1", "pods"), "services": ("", "v1", "services"),
             "config_maps": ("", "v1", "configmaps")}
 OURS = f"app.kubernetes.io/managed-by={children.MANAGED_BY}"
 LABELS = {children.LABEL_JOB: kopf.PRESENT}
+WORKLOADS = (kueue.GROUP, kueue.VERSION, kueue.PLURAL)  # Kueue's: watched when served at startup (serve_kueue)
 
 
 @kopf.on.startup()
@@ -54,6 +55,25 @@ for _index, _resource in CHILDREN.items():  # indexes `jobs`, `pods`, `services`
     kopf.index(*_resource, id=_index, labels=LABELS)(by_finetunejob)
 
 
+async def by_namespace(body, namespace, **_) -> dict:
+    """Every Workload of the namespace (Kueue labels them with no FineTuneJob): the reconcile finds the training
+    Job's own, and its place in the LocalQueue among the others."""
+    return {namespace: loop.trim(body)}
+
+
+async def workload_changed(body, namespace, **_) -> None:
+    job = kueue.owner_job(body)
+    if job and job.endswith(children.TRAINING_SUFFIX):
+        loop.wake(namespace, job.removesuffix(children.TRAINING_SUFFIX))
+
+
+def serve_kueue() -> None:
+    """Watch Kueue's Workloads (the index `workloads`, and wake a job when its Workload changes). Called at
+    startup where the API server serves them; without Kueue nothing is watched and queued jobs wait."""
+    kopf.index(*WORKLOADS, id="workloads")(by_namespace)
+    kopf.on.event(*WORKLOADS)(workload_changed)
+
+
 @kopf.on.event(*CHILDREN["pods"], labels=LABELS)
 @kopf.on.event(*CHILDREN["services"], labels=LABELS)
 @kopf.on.event(*CHILDREN["config_maps"], labels=LABELS)
@@ -80,5 +100,8 @@ async def finetunejob_changed(type, body, namespace, name, uid, jobs: kopf.Index
 
 @kopf.daemon(*FTJ, cancellation_timeout=10)
 async def supervise(body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger, jobs: kopf.Index,
-                    pods: kopf.Index, services: kopf.Index, config_maps: kopf.Index, **_) -> None:
-    await loop.Supervisor(body, logger).run(stopped, loop.Indexes(jobs, pods, services, config_maps))
+                    pods: kopf.Index, services: kopf.Index, config_maps: kopf.Index,
+                    workloads: kopf.Index | None = None, **_) -> None:
+    # None without Kueue (serve_kueue not called); an empty Index is falsy, and is the live one all the same
+    indexes = loop.Indexes(jobs, pods, services, config_maps, {} if workloads is None else workloads)
+    await loop.Supervisor(body, logger).run(stopped, indexes)

@@ -133,6 +133,11 @@ class Kube:
             return None
         return max(_last_change(found), _last_change(policy))
 
+    def serves(self, api_version: str, plural: str) -> bool:
+        """Whether the API server serves `plural` in `api_version` (discovery, readable by every user)."""
+        found = self.get(f"/apis/{api_version}")
+        return any(r.get("name") == plural for r in (found or {}).get("resources") or [])
+
     def merge_patch(self, obj_path: str, patch: dict) -> dict:
         return self.call("PATCH", obj_path, patch, content_type="application/merge-patch+json")
 
@@ -189,6 +194,9 @@ def act(kube: Kube, meta: dict, decision: Decision) -> list[dict]:
         kube.merge_patch(object_path(obj), {"data": obj["data"]})
     if decision.suspend_training is not None:
         kube.merge_patch(training_job_path(meta), {"spec": {"suspend": decision.suspend_training}})
+    if decision.workload_patch:
+        workload, patch = decision.workload_patch
+        kube.merge_patch(object_path(workload), patch)
     if decision.training_spec:
         try:
             kube.merge_patch(training_job_path(meta), {"spec": decision.training_spec})

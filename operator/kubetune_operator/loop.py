@@ -52,6 +52,7 @@ class Indexes:
     pods: kopf.Index
     services: kopf.Index
     config_maps: kopf.Index
+    workloads: kopf.Index  # Kueue's, by namespace
 
     def observe(self, body: dict, expected: dict[str, dict]) -> Observed:
         """The children as the indexes hold them; `expected` (by name) are children this supervisor has just
@@ -74,6 +75,7 @@ class Indexes:
                      validation_job=named(self.jobs, names.validation), service=named(self.services, names.service),
                      training_job=named(self.jobs, names.training))
         o.validation_pods, o.training_pods = pods_of(o.validation_job), pods_of(o.training_job)
+        o.workloads = list(self.workloads.get(meta["namespace"], []))
         return copy.deepcopy(o)
 
 
@@ -81,13 +83,15 @@ def trim(body: kopf.Body) -> dict:
     """What the reconcile reads of a child: metadata, spec (Jobs: suspend and the mutable fields), status."""
     meta = body.get("metadata", {})
     keep = ("name", "namespace", "uid", "labels", "annotations", "ownerReferences", "finalizers",
-            "deletionTimestamp", "resourceVersion")
+            "creationTimestamp", "deletionTimestamp", "resourceVersion")
     out = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
            "metadata": {k: copy.deepcopy(meta[k]) for k in keep if k in meta},
            "status": copy.deepcopy(dict(body.get("status") or {}))}
     if body.get("kind") == "Job":
         out["spec"] = {k: body["spec"].get(k) for k in
                        ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")}
+    if body.get("kind") == "Workload":
+        out["spec"] = {k: body["spec"].get(k) for k in ("active", "queueName", "priority")}
     if body.get("kind") == "ConfigMap":
         out["data"] = dict(body.get("data") or {})
     return out

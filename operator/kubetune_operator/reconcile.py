@@ -24,7 +24,7 @@ from kubetune_trainer.config import join_uri
 from kubetune_trainer.spec import FineTuneJobSpec
 from pydantic import ValidationError
 
-from . import children, policy
+from . import children, kueue, policy
 from .status import (
     PERMANENT,
     TERMINAL,
@@ -71,6 +71,12 @@ class Observed:
     scrape_failures: int = 0  # scrapes of rank 0 that failed in a row
     scrape_error: str | None = None
     admission_policy: str | None = None  # since when the API server enforces the admission policy (policy.py)
+    workloads: list[dict] = field(default_factory=list)  # Kueue's Workloads in the FineTuneJob's namespace
+
+    @property
+    def workload(self) -> dict | None:
+        """The Workload Kueue made for the training Job (spec.scheduling.queueName), if any."""
+        return kueue.of_job(self.workloads, self.training_job)
 
 
 @dataclass
@@ -79,6 +85,7 @@ class Decision:
     create: list[dict] = field(default_factory=list)  # create if absent (a 409 on our own object is fine)
     update: list[dict] = field(default_factory=list)  # replace (the ConfigMap, when its data changed)
     suspend_training: bool | None = None  # set the training Job's spec.suspend
+    workload_patch: tuple[dict, dict] | None = None  # (Kueue Workload, merge patch): deactivate or reactivate it
     training_spec: dict = field(default_factory=dict)  # mutable runPolicy fields to patch into the Job's spec
     delete: list[dict] = field(default_factory=list)  # after the status is written: finished validation Jobs
     release: list[dict] = field(default_factory=list)  # after the status is written: drop the Job's finalizer
@@ -248,13 +255,13 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
         return
     permanent = permanent_failure(pods, children.TRAINER_CONTAINER)
     if permanent:  # exit 1 through accelerate launch: the Job would retry; stop it (frees the GPUs)
-        d.suspend_training = True
+        _stop_workers(d, spec, observed, "failed")
         _finish(d, Phase.Failed, *permanent, generation, now)
         return
     stopping = _worker_ends(d, old, pods, spec)
     loop = _peer_lost_loop(d, meta, spec)
     if loop:  # nobody is charged for these restarts, so the Job alone would retry them forever
-        d.suspend_training = True
+        _stop_workers(d, spec, observed, "failed")
         _finish(d, Phase.Failed, "PeerLostLoop", loop, generation, now)
         return
     d.training_spec = {k: v for k, v in children.mutable_job_spec(spec).items() if job["spec"].get(k) != v}
@@ -263,24 +270,30 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
     active = (job.get("status") or {}).get("active", 0)
     running = running_pods(pods)
     problem = pod_problem(pods, children.TRAINER_CONTAINER)
+    queue, workload = spec.scheduling.queue_name, observed.workload
+    if queue:
+        d.status["queue"] = kueue.queue_status(queue, workload, observed.workloads)
     if run.suspend:
-        if not job_suspended:
-            d.suspend_training = True
-        _set(d, Phase.Suspended, "Suspended", "spec.runPolicy.suspend is true; workers stopped",
+        _stop_workers(d, spec, observed, "suspend")
+        released = "; its Kueue workload is deactivated (no quota held)" if queue else ""
+        _set(d, Phase.Suspended, "Suspended", f"spec.runPolicy.suspend is true; workers stopped{released}",
              generation, now)
     elif old.get("restartingWorkers"):
-        if not job_suspended:
-            d.suspend_training = True
-        elif not active and not running:
-            d.suspend_training = False
+        if not (job_suspended and not active and not running):
+            _stop_workers(d, spec, observed, "restart")
+        else:
+            _start_workers(d, spec, observed)
             d.status["restartingWorkers"] = False
         _set(d, Phase.Queued, "RestartingWorkers", "restarting the workers from the last checkpoint",
              generation, now)
-    elif job_suspended and spec.scheduling.queue_name:
-        _set(d, Phase.Queued, "WaitingForAdmission",
-             f"waiting for Kueue to admit the workload (queue {spec.scheduling.queue_name})", generation, now)
+    elif queue and (job_suspended or not (workload is None or kueue.condition(workload, "QuotaReserved"))):
+        _start_workers(d, spec, observed)  # a workload the operator deactivated goes back in its queue
+        reason, message = _waiting(queue, workload, observed, d.status)
+        if reason == "Preempted" and old.get("reason") != reason:  # once per preemption, not charged
+            d.events.append(("Normal", reason, f"{message}; not charged to backoffLimit"))
+        _set(d, Phase.Queued, reason, message, generation, now)
     elif job_suspended:
-        d.suspend_training = False
+        _start_workers(d, spec, observed)
         _set(d, Phase.Queued, "Resuming", "resuming from the last checkpoint", generation, now)
     elif stopping:
         p, cond = stopping[0], disruption(stopping[0])
@@ -319,7 +332,7 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
         apply_metrics(d.status, observed.trainer_metrics, checkpoint_uri, now)
     _scrape_health(d, observed)
     if observed.trainer_metrics:  # positive evidence only: an unreachable trainer is never called hung
-        _check_hang(d, run.hang_timeout_seconds, generation, now)
+        _check_hang(d, spec, observed, generation, now)
 
 
 def _worker_ends(d: Decision, old: dict, pods: list[dict], spec: FineTuneJobSpec) -> list[dict]:
@@ -376,6 +389,11 @@ def _create_training_job(d: Decision, old: dict, meta, spec, generation: int, no
     """The training Job is absent: not created yet, or created and then deleted before its outcome was read."""
     record = old.get("trainingJob") or {}
     name = children.Names(meta["name"]).training
+    queue = spec.scheduling.queue_name
+    if spec.run_policy.suspend and queue:  # a Job in the queue would be admitted: it holds no quota until resumed
+        _set(d, Phase.Suspended, "Suspended", f"spec.runPolicy.suspend is true; the training Job goes to "
+             f"LocalQueue {queue} once it is false", generation, now)
+        return
     if record.get("uid"):
         recreations = record.get("recreations", 0)
         if recreations >= MAX_RECREATIONS:
@@ -392,6 +410,44 @@ def _create_training_job(d: Decision, old: dict, meta, spec, generation: int, no
         _set(d, Phase.Suspended, "Suspended", "spec.runPolicy.suspend is true", generation, now)
     else:
         _set(d, Phase.Queued, "TrainingJobCreated", "training Job created", generation, now)
+
+
+def _stop_workers(d: Decision, spec: FineTuneJobSpec, observed: Observed, why: str) -> None:
+    """Stop the workers (they checkpoint on SIGTERM): suspend the training Job, or, when Kueue owns its
+    spec.suspend (a queueName), deactivate its Workload: Kueue then evicts it and suspends the Job itself."""
+    workload = observed.workload if spec.scheduling.queue_name else None
+    if workload is not None:
+        if kueue.active(workload):
+            d.workload_patch = (workload, kueue.deactivate(why))
+    elif not observed.training_job["spec"].get("suspend"):
+        d.suspend_training = True
+
+
+def _start_workers(d: Decision, spec: FineTuneJobSpec, observed: Observed) -> None:
+    """Undo _stop_workers: unsuspend the Job, or put a Workload the operator deactivated back in its queue."""
+    if spec.scheduling.queue_name:
+        if kueue.deactivated_by_us(observed.workload):
+            d.workload_patch = (observed.workload, kueue.reactivate())
+    elif observed.training_job["spec"].get("suspend"):
+        d.suspend_training = False
+
+
+def _waiting(queue: str, workload: dict | None, observed: Observed, status: dict) -> tuple[str, str]:
+    """(reason, message) while Kueue holds the training Job."""
+    evicted = kueue.eviction(workload)
+    waiting = kueue.waiting_message(queue, workload, observed.workloads)
+    if workload is not None and not kueue.active(workload) and not kueue.deactivated_by_us(workload):
+        return "WorkloadInactive", (
+            f"the Kueue workload {workload['metadata']['name']} was deactivated, not by the operator"
+            + (f" ({evicted[1]})" if evicted and evicted[1] else "") +
+            "; set its spec.active to true to queue it again")
+    if evicted and evicted[0] == "Preempted":
+        step = (status.get("progress") or {}).get("step")
+        at = f" at step {step}" if step else ""
+        why = f" ({evicted[1]})" if evicted[1] else ""
+        return "Preempted", (f"preempted by Kueue{at}{why}; the workers checkpoint on SIGTERM and resume from it "
+                             f"once readmitted; {waiting}")
+    return "WaitingForAdmission", waiting
 
 
 def _succeed(d: Decision, pods: list[dict], output_uri: str, generation: int, now) -> None:
@@ -444,23 +500,25 @@ def _scrape_health(d: Decision, observed: Observed) -> None:
         d.status.pop("metricsScrape", None)
 
 
-def _check_hang(d: Decision, timeout: int | None, generation: int, now: datetime) -> None:
+def _check_hang(d: Decision, spec: FineTuneJobSpec, observed: Observed, generation: int, now: datetime) -> None:
     """No heartbeat and no step for hangTimeoutSeconds from a reachable trainer: restart the workers once
-    (suspend, then resume), then fail."""
+    (stop them, then start them again), then fail."""
+    timeout = spec.run_policy.hang_timeout_seconds
     seen = [t for t in (parse_time(d.status.get("lastProgressTime")), parse_time(d.status.get("lastHeartbeatTime")))
             if t]
     last = max(seen) if seen else None
     if not timeout or not last or (now - last).total_seconds() <= timeout:
         return
-    d.suspend_training = True
     message = f"no heartbeat from the trainer for {int((now - last).total_seconds())}s (hangTimeoutSeconds {timeout})"
     if d.status.get("hangRestarts", 0) < 1:
         d.status["hangRestarts"] = d.status.get("hangRestarts", 0) + 1
         d.status["restartingWorkers"] = True
+        _stop_workers(d, spec, observed, "restart")
         d.events.append(("Warning", "WorkersHung",
                          message + "; restarting the workers from the last checkpoint"))
         _set(d, Phase.Queued, "RestartingWorkers", message + "; restarting the workers", generation, now)
     else:
+        _stop_workers(d, spec, observed, "failed")
         _finish(d, Phase.Failed, "Hung", message + " after a restart", generation, now)
 
 

@@ -103,6 +103,21 @@ class DatasetReport(Model):
     cache_uri: str | None = Field(None, description="The tokenized data cache the workers memory-map")
 
 
+class QueueStatus(Model):
+    """Where Kueue has the training Job (spec.scheduling.queueName), from its Workload."""
+
+    local_queue: str = Field(description="spec.scheduling.queueName")
+    workload: str | None = Field(None, description="The Workload Kueue made for the training Job")
+    cluster_queue: str | None = Field(None, description="The ClusterQueue that admitted it, while admitted")
+    admitted: bool = Field(False, description="Kueue has admitted the workload (its quota is reserved)")
+    position: int | None = Field(None, description="While pending: 1 = next among this namespace's pending "
+                                 "workloads of the LocalQueue")
+    pending: int | None = Field(None, description="While pending: this namespace's pending workloads of the "
+                                "LocalQueue")
+    preemptions: int | None = Field(None, description="Times Kueue preempted the workload (not charged: the workers "
+                                    "checkpoint on SIGTERM and resume once readmitted)")
+
+
 class FineTuneJobStatus(Model):
     phase: Phase | None = None
     reason: str | None = Field(None, description="Why the job is in its phase, e.g. DatasetInvalid")
@@ -129,6 +144,7 @@ class FineTuneJobStatus(Model):
         None, description="The trainer's last heartbeat (every step, evaluation batch, checkpoint and upload)")
     metrics_scrape: MetricsScrape | None = Field(None, description="Set while scrapes of rank 0 fail")
     training_job: ChildRef | None = Field(None, description="The training Job this operator created")
+    queue: QueueStatus | None = Field(None, description="Kueue's view of the training Job, with a queueName")
     validation_attempts: int | None = Field(None, description="Validation Jobs started; transient failures retry")
     dataset: DatasetReport | None = Field(None, description="The validation's report: the data's size, the planned "
                                           "steps and the estimated GPU-hours")

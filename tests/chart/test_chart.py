@@ -209,6 +209,7 @@ NAMESPACED_RULES = {
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create"},
+    ("kueue.x-k8s.io", "workloads"): {"get", "list", "watch", "patch"},
 }
 POLICY_RULES = {("admissionregistration.k8s.io", "validatingadmissionpolicies"): {"get"},
                 ("admissionregistration.k8s.io", "validatingadmissionpolicybindings"): {"get"}}

@@ -60,8 +60,9 @@ def left_over(pids: set[int], state_dir: Path) -> dict[int, str]:
 
 
 def test_dev_cluster_runs_the_example_it_prints(tmp_path, monkeypatch):
+    """With --kueue (make dev-cluster KUEUE=1), which adds the real Kueue and its queues beside the example."""
     state_dir = tmp_path / "dev-cluster"
-    up = cluster_cli(state_dir, "up", "--dev", "--pretrain-steps", "20", timeout=900)
+    up = cluster_cli(state_dir, "up", "--dev", "--kueue", "--pretrain-steps", "20", timeout=900)
     try:
         daemon_log = (state_dir / "daemon.log").read_text() if (state_dir / "daemon.log").exists() else ""
         assert up.returncode == 0, f"{up.stdout}\n{up.stderr}\n{daemon_log[-3000:]}"
@@ -79,6 +80,16 @@ def test_dev_cluster_runs_the_example_it_prints(tmp_path, monkeypatch):
             return out.stdout
 
         kubectl(*shlex.split(typed[1])[1:])  # as printed, from the repository root
+        assert "queueName: user-queue" in up.stdout, up.stdout
+        queue = json.loads(kubectl("get", "localqueue", "user-queue", "-n", "default", "-o", "json"))
+        assert queue["spec"]["clusterQueue"] == "cluster-queue"
+        cq = json.loads(kubectl("get", "clusterqueue", "cluster-queue", "-o", "json"))
+        quota = {r["name"]: r["nominalQuota"] for r in cq["spec"]["resourceGroups"][0]["flavors"][0]["resources"]}
+        assert quota["nvidia.com/gpu"] == "2", quota  # the node's GPUs
+        wait_for("the ClusterQueue to be active", lambda: any(
+            c["type"] == "Active" and c["status"] == "True" for c in json.loads(kubectl(
+                "get", "clusterqueue", "cluster-queue", "-o", "json")).get("status", {}).get("conditions") or []),
+            timeout=60)
 
         def finished():
             status = json.loads(kubectl("get", "ftj", "support-bot-demo", "-o", "json")).get("status", {})

@@ -213,9 +213,9 @@ def test_a_child_just_created_counts_as_observed_until_the_index_has_it():
     b = body()
     created = {"apiVersion": "batch/v1", "kind": "Job", "spec": {}, "status": {}, "metadata": {
         "name": "demo-validate", "uid": "v1", "ownerReferences": [{"uid": b["metadata"]["uid"], "controller": True}]}}
-    empty = loop.Indexes(jobs={}, pods={}, services={}, config_maps={})
+    empty = loop.Indexes(jobs={}, pods={}, services={}, config_maps={}, workloads={})
     expected = {"demo-validate": created}
     assert empty.observe(b, expected).validation_job == created and expected
     key = ("ml", "demo")
-    caught_up = loop.Indexes(jobs={key: [created]}, pods={}, services={}, config_maps={})
+    caught_up = loop.Indexes(jobs={key: [created]}, pods={}, services={}, config_maps={}, workloads={})
     assert caught_up.observe(b, expected).validation_job == created and expected == {}

@@ -163,4 +163,9 @@ Exactly the calls the operator makes: docs/operator.md, section RBAC (a test kee
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# Kueue's Workloads (spec.scheduling.queueName): watched (kopf indexes them); spec.active and an annotation patched
+# to deactivate/reactivate one, never the Job's spec.suspend, which Kueue owns
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- end }}
