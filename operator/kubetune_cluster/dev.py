@@ -13,7 +13,6 @@ ClusterQueue holding the node's GPUs (and this machine's CPUs and memory) and th
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import yaml
 from kubetune_trainer.s3server import FAKE_CREDENTIALS
 
 from .controlplane import REPO_ROOT, ControlPlaneError, _die_with_parent, free_port
-from .kueue import Kueue
+from .kueue import Kueue, kubectl
 
 EXAMPLE = REPO_ROOT / "examples" / "demo-finetunejob.yaml"
 S3_MANIFEST = REPO_ROOT / "hack" / "dev-cluster-s3.yaml"
@@ -33,7 +32,6 @@ CRD = REPO_ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
 SECRET = "s3-credentials"
 CLUSTER_QUEUE, LOCAL_QUEUE = "cluster-queue", "user-queue"
 GPU = "nvidia.com/gpu"
-VENV_BIN = Path(sys.executable).parent
 
 
 def wait_for(what: str, predicate, timeout: float):
@@ -91,14 +89,7 @@ class DevCluster:
         self.kueue: Kueue | None = None
 
     def kubectl(self, *args: str) -> str:
-        kubectl = shutil.which("kubectl", path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-        if not kubectl:
-            raise ControlPlaneError("kubectl not found (it comes with the venv: make venv)")
-        out = subprocess.run([kubectl, "--kubeconfig", str(self.kubeconfig), *args], capture_output=True,
-                             text=True, timeout=180)
-        if out.returncode:
-            raise ControlPlaneError(f"kubectl {' '.join(args)}: {out.stderr.strip()}")
-        return out.stdout
+        return kubectl(self.kubeconfig, *args)
 
     def start(self, pretrain_steps: int) -> dict:
         self.kubectl("apply", "--server-side", "-f", str(CRD))

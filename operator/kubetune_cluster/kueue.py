@@ -44,6 +44,19 @@ CONFIGURATIONS = {"MutatingWebhookConfiguration": "kubetune-kueue-mutating",
                   "ValidatingWebhookConfiguration": "kubetune-kueue-validating"}
 
 
+def kubectl(kubeconfig: str | Path, *args: str, stdin: str | None = None) -> str:
+    """The venv's kubectl against `kubeconfig`; its stdout, or ControlPlaneError with its stderr."""
+    venv = Path(sys.executable).parent
+    found = shutil.which("kubectl", path=f"{venv}{os.pathsep}{os.environ.get('PATH', '')}")
+    if not found:
+        raise ControlPlaneError("kubectl not found (it comes with the venv: make venv)")
+    out = subprocess.run([found, "--kubeconfig", str(kubeconfig), *args], input=stdin, capture_output=True,
+                         text=True, timeout=180)
+    if out.returncode:
+        raise ControlPlaneError(f"kubectl {' '.join(args)}: {out.stderr.strip()}")
+    return out.stdout
+
+
 def pinned_version() -> str:
     m = re.search(r"^\s*sigs\.k8s\.io/kueue (v\S+)", TOOLS_GO_MOD.read_text(), re.M)
     if not m:
@@ -162,15 +175,7 @@ class Kueue:
         self.stop()
 
     def kubectl(self, *args: str, stdin: str | None = None) -> str:
-        venv = Path(sys.executable).parent
-        kubectl = shutil.which("kubectl", path=f"{venv}{os.pathsep}{os.environ.get('PATH', '')}")
-        if not kubectl:
-            raise ControlPlaneError("kubectl not found (it comes with the venv: make venv)")
-        out = subprocess.run([kubectl, "--kubeconfig", str(self.kubeconfig), *args], input=stdin,
-                             capture_output=True, text=True, timeout=180)
-        if out.returncode:
-            raise ControlPlaneError(f"kubectl {' '.join(args)}: {out.stderr.strip()}")
-        return out.stdout
+        return kubectl(self.kubeconfig, *args, stdin=stdin)
 
     def apply(self, *objects: dict) -> None:
         self.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=kubetune-cluster", "-f", "-",
@@ -184,8 +189,7 @@ class Kueue:
         ca = serving_certificate(self.workdir / "certs")
         config = self.workdir / "config.yaml"
         config.write_text(yaml.safe_dump(configuration(health, webhook, self.workdir / "certs")))
-        self.kubectl("apply", "-f", "-", stdin=json.dumps(
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}))
+        self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
         definitions = crds(self.home / "config" / "crd", url, ca)
         self.apply(*definitions)
         self.kubectl("wait", "--for=condition=Established", "--timeout=60s",
