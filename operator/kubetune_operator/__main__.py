@@ -43,14 +43,12 @@ def _quiet(record: logging.LogRecord) -> bool:
 def kueue_served(attempts: int = 5) -> bool:
     """Whether Kueue is installed (its Workloads are served); asked once at startup, retried while the API server
     does not answer."""
-    for attempt in range(attempts):
+    for _ in range(attempts - 1):
         try:
             return kube.client().serves(kueue.API_VERSION, kueue.PLURAL)
-        except Exception:  # noqa: BLE001 -- unreachable for now: ask again, then let the last error through
-            if attempt == attempts - 1:
-                raise
+        except Exception:  # noqa: BLE001 -- unreachable for now: ask again; the last attempt's error goes through
             time.sleep(2)
-    return False
+    return kube.client().serves(kueue.API_VERSION, kueue.PLURAL)
 
 
 def main(argv: list[str] | None = None) -> None:

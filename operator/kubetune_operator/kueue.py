@@ -16,9 +16,13 @@ API_VERSION = f"{GROUP}/{VERSION}"
 DEACTIVATED_BY = "kubetune.io/deactivated"  # annotation: why the operator deactivated the Workload (suspend, restart)
 
 
+def _condition(workload: dict, type_: str) -> dict | None:
+    return next((c for c in (workload.get("status") or {}).get("conditions") or [] if c.get("type") == type_), None)
+
+
 def condition(workload: dict, type_: str) -> dict | None:
     """The Workload's condition `type_` if it is True."""
-    found = next((c for c in (workload.get("status") or {}).get("conditions") or [] if c.get("type") == type_), None)
+    found = _condition(workload, type_)
     return found if found and found.get("status") == "True" else None
 
 
@@ -85,19 +89,20 @@ def eviction(workload: dict | None) -> tuple[str, str] | None:
     return (evicted.get("reason") or "Evicted", evicted.get("message") or "") if evicted else None
 
 
-def waiting_message(queue: str, workload: dict | None, workloads: list[dict]) -> str:
-    """What the FineTuneJob's status says while Kueue holds its training Job: the queue, the position in it and
-    Kueue's own reason (the quota it waits for, a LocalQueue that does not exist, ...)."""
+def waiting_message(queue: dict, workload: dict | None) -> str:
+    """What the FineTuneJob's status says while Kueue holds its training Job: the queue and the position in it
+    (`queue`: status.queue, from queue_status) and Kueue's own reason (the quota it waits for, a LocalQueue that
+    does not exist, ...)."""
+    name = queue["localQueue"]
     if workload is None:
-        return (f"waiting for Kueue to admit the workload (LocalQueue {queue}); Kueue has not made a Workload for "
+        return (f"waiting for Kueue to admit the workload (LocalQueue {name}); Kueue has not made a Workload for "
                 "the training Job yet (is Kueue running, with the batch/job integration?)")
-    if condition(workload, "QuotaReserved"):
-        return f"admitted by Kueue (LocalQueue {queue}); starting the workers"
-    where, total = position(workload, workloads)
-    reserved = next((c for c in (workload.get("status") or {}).get("conditions") or []
-                     if c.get("type") == "QuotaReserved"), None)
+    if queue.get("admitted"):
+        return f"admitted by Kueue (LocalQueue {name}); starting the workers"
+    where = f", position {queue['position']} of {queue['pending']}" if "position" in queue else ""
+    reserved = _condition(workload, "QuotaReserved")
     why = f": {reserved['message']}" if reserved and reserved.get("message") else ""
-    return f"waiting for Kueue to admit the workload (LocalQueue {queue}, position {where} of {total}){why}"
+    return f"waiting for Kueue to admit the workload (LocalQueue {name}{where}){why}"
 
 
 def preemptions(workload: dict) -> int:

@@ -288,7 +288,7 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
              generation, now)
     elif queue and (job_suspended or not (workload is None or kueue.condition(workload, "QuotaReserved"))):
         _start_workers(d, spec, observed)  # a workload the operator deactivated goes back in its queue
-        reason, message = _waiting(queue, workload, observed, d.status)
+        reason, message = _waiting(workload, d.status)
         if reason == "Preempted" and old.get("reason") != reason:  # once per preemption, not charged
             d.events.append(("Normal", reason, f"{message}; not charged to backoffLimit"))
         _set(d, Phase.Queued, reason, message, generation, now)
@@ -432,10 +432,10 @@ def _start_workers(d: Decision, spec: FineTuneJobSpec, observed: Observed) -> No
         d.suspend_training = False
 
 
-def _waiting(queue: str, workload: dict | None, observed: Observed, status: dict) -> tuple[str, str]:
-    """(reason, message) while Kueue holds the training Job."""
+def _waiting(workload: dict | None, status: dict) -> tuple[str, str]:
+    """(reason, message) while Kueue holds the training Job; `status` holds status.queue already."""
     evicted = kueue.eviction(workload)
-    waiting = kueue.waiting_message(queue, workload, observed.workloads)
+    waiting = kueue.waiting_message(status["queue"], workload)
     if workload is not None and not kueue.active(workload) and not kueue.deactivated_by_us(workload):
         return "WorkloadInactive", (
             f"the Kueue workload {workload['metadata']['name']} was deactivated, not by the operator"
