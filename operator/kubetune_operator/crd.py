@@ -19,14 +19,21 @@ from kubetune_trainer.spec import (
     API_GROUP,
     API_VERSION,
     CLASSIFICATION_TASKS,
+    DPO_PARAMS_NEED_DPO,
+    DTYPE_NEEDS_MERGED,
     FSDP_FP16,
     GENERATION_NEEDS_CAUSAL_LM,
     KIND,
     LABEL_VALUE,
     LABELS_NEED_CLASSIFICATION,
+    MERGED_NEEDS_ADAPTER,
     METRIC_NEEDS_CLASSIFICATION,
     NODE_SELECTOR_KEYS,
     NODE_SELECTOR_VALUES,
+    OBJECTIVE_NEEDS_CAUSAL_LM,
+    OBJECTIVE_NEEDS_PREFERENCE_FORMAT,
+    PREFERENCE_FORMAT_NEEDS_OBJECTIVE,
+    PREFERENCE_FORMATS,
     QLORA_FSDP,
     QUALIFIED_NAME,
     QUANTITY,
@@ -71,8 +78,8 @@ def immutable(field: str) -> str:
 
 # What determines what is trained cannot change (transition rules: they run on updates only). runPolicy and
 # validation stay mutable; `image` is optional, so its rule sits on spec to also see it added or removed.
-IMMUTABLE = ("task", "baseModel", "dataset", "method", "hyperparameters", "evaluation", "checkpoint", "output",
-             "storage", "resources", "scheduling")
+IMMUTABLE = ("task", "objective", "objectiveParams", "baseModel", "dataset", "method", "hyperparameters",
+             "evaluation", "checkpoint", "output", "storage", "resources", "scheduling")
 MUTABLE = ("runPolicy", "validation")
 IMAGE_UNCHANGED = {"rule": "has(self.image) == has(oldSelf.image) && (!has(self.image) || self.image == oldSelf.image)",
                    "message": immutable("image"), "fieldPath": ".image"}
@@ -80,6 +87,8 @@ IMAGE_UNCHANGED = {"rule": "has(self.image) == has(oldSelf.image) && (!has(self.
 
 TASK = "(has(self.task) ? self.task : 'causal-lm')"
 CLASSIFICATION = "[" + ", ".join(f"'{t.value}'" for t in CLASSIFICATION_TASKS) + "]"
+OBJECTIVE = "(has(self.objective) ? self.objective : 'sft')"
+PAIRS = "[" + ", ".join(f"'{f.value}'" for f in PREFERENCE_FORMATS) + "]"
 
 
 def _task_rules() -> list[dict]:
@@ -99,6 +108,29 @@ def _task_rules() -> list[dict]:
         {"rule": "!has(self.output.select) || self.output.select != 'best' || (has(self.dataset.validation) && "
                  "has(self.evaluation) && has(self.evaluation.everySteps))",
          "message": SELECT_BEST_NEEDS_VALIDATION, "fieldPath": ".output.select"},
+        *_objective_rules(),
+    ]
+
+
+def _objective_rules() -> list[dict]:
+    """spec.objective against the task, the data format and objectiveParams; output.merged and dtype."""
+    params = "self.objectiveParams"
+    return [
+        {"rule": f"{OBJECTIVE} == 'sft' || {TASK} == 'causal-lm'",
+         "message": OBJECTIVE_NEEDS_CAUSAL_LM, "fieldPath": ".objective"},
+        {"rule": f"!has(self.dataset.format) || !(self.dataset.format in {PAIRS}) || {OBJECTIVE} != 'sft'",
+         "message": PREFERENCE_FORMAT_NEEDS_OBJECTIVE, "fieldPath": ".dataset.format"},
+        {"rule": f"{OBJECTIVE} == 'sft' || !has(self.dataset.format) || self.dataset.format == 'auto' || "
+                 f"self.dataset.format in {PAIRS}",
+         "message": OBJECTIVE_NEEDS_PREFERENCE_FORMAT, "fieldPath": ".dataset.format"},
+        {"rule": f"{OBJECTIVE} == 'dpo' || !has({params}) || ((!has({params}.loss) || {params}.loss == 'sigmoid') "
+                 f"&& (!has({params}.referenceFree) || !{params}.referenceFree))",
+         "message": DPO_PARAMS_NEED_DPO, "fieldPath": ".objectiveParams"},
+        {"rule": "!has(self.output.merged) || !self.output.merged || !has(self.method) || !has(self.method.type) || "
+                 "self.method.type != 'full'",
+         "message": MERGED_NEEDS_ADAPTER, "fieldPath": ".output.merged"},
+        {"rule": "!has(self.output.dtype) || (has(self.output.merged) && self.output.merged)",
+         "message": DTYPE_NEEDS_MERGED, "fieldPath": ".output.dtype"},
     ]
 
 

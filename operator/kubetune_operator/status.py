@@ -14,6 +14,7 @@ from kubetune_trainer.errors import EXIT_CONFIG_INVALID, EXIT_DATA_INVALID, EXIT
 from kubetune_trainer.spec import Model
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import Field
+from pydantic.alias_generators import to_camel
 
 
 class Phase(StrEnum):
@@ -151,6 +152,9 @@ class FineTuneJobStatus(Model):
     validation_retry_time: str | None = Field(None, description="When a failed validation is retried")
     train_loss: float | None = None
     eval_loss: float | None = None
+    train_metrics: dict[str, float] | None = Field(
+        None, description="The objective's own training metrics over the last logging window (objective dpo and "
+        "orpo: rewardsAccuracy, rewardsMargin, rewardsChosen, rewardsRejected, ...)")
     tokens_per_second: float | None = None
     tokens_trained: int | None = None
     gpu_seconds: float | None = Field(None, description="GPU time of running workers, brought up to date every 30 s")
@@ -435,10 +439,12 @@ def final_progress(status: dict, report: dict) -> None:
 # -- trainer metrics ----------------------------------------------------------------------------------------
 
 TRAINER_PREFIX = "kubetune_trainer_"
+TRAIN_METRIC = "train_metric:"  # kubetune_trainer_train_metric{metric="x"} is parsed as "train_metric:x"
 
 
 def parse_trainer_metrics(text: str, job_name: str) -> dict[str, float | str]:
-    """The rank-0 trainer's /metrics text -> {"step": 12.0, ..., "phase": "training"} for this job."""
+    """The rank-0 trainer's /metrics text -> {"step": 12.0, ..., "phase": "training"} for this job; the objective's
+    training metrics as "train_metric:<name>"."""
     values: dict[str, float | str] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -448,6 +454,8 @@ def parse_trainer_metrics(text: str, job_name: str) -> dict[str, float | str]:
             if name == "phase":
                 if sample.value == 1:
                     values["phase"] = sample.labels.get("phase", "")
+            elif name == "train_metric" and math.isfinite(sample.value):
+                values[f"{TRAIN_METRIC}{sample.labels.get('metric', '')}"] = sample.value
             elif name.endswith("_created") or "gpu" in sample.labels or "split" in sample.labels or \
                     not math.isfinite(sample.value):  # per-GPU and evaluation families: not status fields
                 continue
@@ -475,6 +483,10 @@ def apply_metrics(status: dict, m: dict, checkpoint_uri: str, now: datetime) -> 
         value = m.get(metric)
         if value is not None and (value > 0 or key == "tokensTrained"):
             status[key] = round(cast(value), 4) if cast is float else cast(value)
+    objective = {to_camel(k.removeprefix(TRAIN_METRIC)): round(float(v), 4) for k, v in m.items()
+                 if k.startswith(TRAIN_METRIC)}
+    if objective:
+        status["trainMetrics"] = objective
     beat = m.get("heartbeat_timestamp_seconds")
     if beat:
         status["lastHeartbeatTime"] = rfc3339(datetime.fromtimestamp(beat, UTC))

@@ -111,6 +111,9 @@ def test_valid_examples_break_nothing(example):
                                                             "tolerationSeconds": 60}]}},
     {"scheduling": {"queueName": "Team_A.gpus", "priorityClassName": "system.high"}},
     {"validation": {"activeDeadlineSeconds": 600, "cpu": "500m", "memory": "2Gi", "ephemeralStorage": "20G"}},
+    {"objective": "dpo", "objectiveParams": {"beta": 0.2, "loss": "ipo", "referenceFree": True}},
+    {"objective": "orpo", "dataset": {"train": "s3://d/t.jsonl", "format": "openai-preference"}},
+    {"output": {"uri": "s3://o/", "merged": True, "dtype": "fp16"}},
 ])
 def test_allowed_variants(spec):
     assert check(job(spec)) == []
@@ -124,6 +127,8 @@ def job(spec: dict | None = None) -> dict:
 
 CHANGES = {  # one change to each field that determines what is trained
     "task": {"task": "sequence-classification"},
+    "objective": {"objective": "dpo"},
+    "objectiveParams": {"objectiveParams": {"beta": 0.5}},
     "baseModel": {"baseModel": {"uri": "s3://other/"}},
     "dataset": {"dataset": {"train": "s3://d/t.jsonl", "validation": "s3://d/v.jsonl"}},
     "method": {"method": {"lora": {"r": 8}}},

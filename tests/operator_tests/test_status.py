@@ -8,6 +8,7 @@ from kubetune_operator import metrics as operator_metrics
 from kubetune_operator.status import (
     PERMANENT,
     FineTuneJobStatus,
+    apply_metrics,
     charged,
     explain_failure,
     failure_reason,
@@ -49,6 +50,22 @@ def test_parses_the_trainers_own_exposition():
     values = parse_trainer_metrics(generate_latest(m.registry).decode(), "demo")
     assert "evaluation" not in values  # a family by split/model/metric: not one status field
     assert parse_trainer_metrics(generate_latest(m.registry).decode(), "other-job") == {}
+
+
+def test_the_objectives_training_metrics_reach_the_status():
+    """Preference tuning's rewards of the last logging window: status.trainMetrics, camelCase, 4 decimals."""
+    m = TrainerMetrics("demo", "lora", "s3://models/tiny/")
+    m.set(step=4, total_steps=8, train_loss=0.5)
+    m.set_train({"rewards_accuracy": 0.875, "rewards_margin": 1.23456789, "nll_loss": float("nan")})
+    values = parse_trainer_metrics(generate_latest(m.registry).decode(), "demo")
+    assert values["train_loss"] == 0.5 and "train_metric" not in values
+    status: dict = {}
+    apply_metrics(status, values, "s3://out/checkpoints/", NOW)
+    assert status["trainMetrics"] == {"rewardsAccuracy": 0.875, "rewardsMargin": 1.2346}
+    plain: dict = {}
+    apply_metrics(plain, parse_trainer_metrics(generate_latest(TrainerMetrics("demo", "lora", "m").registry)
+                                               .decode(), "demo"), "s3://out/checkpoints/", NOW)
+    assert "trainMetrics" not in plain  # sft: no objective metrics
 
 
 def test_condition_transition_time_moves_only_on_change():

@@ -32,6 +32,8 @@ from .spec import (
     Hyperparameters,
     MethodSpec,
     Model,
+    Objective,
+    ObjectiveParams,
     OutputSpec,
     StorageSpec,
     TaskType,
@@ -73,6 +75,8 @@ class TrainerConfig(Model):
     run_id: str | None = Field(None, max_length=128, description="Which run this is: the FineTuneJob's uid (the "
                                "operator sets it); `kubetune run`: a hash of the manifest")
     task: TaskType = TaskType.causal_lm
+    objective: Objective = Objective.sft
+    objective_params: ObjectiveParams = Field(default_factory=ObjectiveParams)
     base_model: BaseModelSpec
     dataset: DatasetSpec
     method: MethodSpec = Field(default_factory=MethodSpec)
@@ -99,6 +103,8 @@ class TrainerConfig(Model):
         return cls(
             job_name=name,
             task=spec.task,
+            objective=spec.objective,
+            objective_params=spec.objective_params,
             base_model=spec.base_model,
             dataset=spec.dataset,
             method=spec.method,
@@ -114,7 +120,7 @@ class TrainerConfig(Model):
 
     @model_validator(mode="after")
     def _fits_the_task(self) -> TrainerConfig:
-        task_problem(self.task, self.dataset, self.evaluation, self.output)
+        task_problem(self)
         return self
 
     def to_yaml(self) -> str:

@@ -104,7 +104,33 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def write_support_dataset(out_dir: Path, *, train: int = 480, validation: int = 48, test: int = 48,
                           seed: int = 0) -> dict[str, Path]:
     """train.jsonl, validation.jsonl and test.jsonl in chat format; returns {split: path}."""
-    records = support_records(train + validation + test, seed)
+    return write_splits(out_dir, support_records(train + validation + test, seed), train, validation)
+
+
+UNHELPFUL = ["I do not know.", "Please ask someone else about that.", "Try turning it off and on again.",
+             "That is not something I can look at.", "Maybe it works tomorrow.", "No idea, sorry."]
+
+
+def preference_records(n: int, seed: int = 0) -> list[dict]:
+    """Support questions as preference pairs: the system and user turns as the prompt, the topic's canned answer
+    chosen, an unhelpful reply rejected."""
+    rng = random.Random(seed + 1)
+    out = []
+    for record in support_records(n, seed):
+        *prompt, answer = record["messages"]
+        out.append({"prompt": prompt, "chosen": [answer],
+                    "rejected": [{"role": "assistant", "content": rng.choice(UNHELPFUL)}]})
+    return out
+
+
+def write_preference_dataset(out_dir: Path, *, train: int = 192, validation: int = 32, test: int = 32,
+                             seed: int = 0) -> dict[str, Path]:
+    """train.jsonl, validation.jsonl and test.jsonl of preference pairs; returns {split: path}."""
+    return write_splits(out_dir, preference_records(train + validation + test, seed), train, validation)
+
+
+def write_splits(out_dir: Path, records: list[dict], train: int, validation: int) -> dict[str, Path]:
+    """The first `train` records as train.jsonl, the next `validation` as validation.jsonl, the rest test.jsonl."""
     splits = {"train": records[:train], "validation": records[train:train + validation],
               "test": records[train + validation:]}
     return {name: write_jsonl(Path(out_dir) / f"{name}.jsonl", recs) for name, recs in splits.items()}

@@ -76,6 +76,11 @@ class TrainerMetrics:
             "model or on the base model (baseline)", ["finetunejob", "split", "model", "metric"],
             registry=self.registry,
         )
+        self.train_metric = Gauge(
+            "kubetune_trainer_train_metric", "A training metric of the objective over the last logging window "
+            "(preference tuning: rewards_accuracy, rewards_margin, ...)", ["finetunejob", "metric"],
+            registry=self.registry,
+        )
         self._evaluated: dict[tuple[str, str], set[str]] = {}  # (split, model) -> the metrics exported
         for name in ("tokens_trained", "checkpoints"):
             getattr(self, name).labels(job)  # export 0 from the start
@@ -113,6 +118,12 @@ class TrainerMetrics:
         for name, value in scalars.items():
             self.evaluation.labels(self.job, split, model, name).set(value)
         self._evaluated[(split, model)] = set(scalars)
+
+    def set_train(self, values: dict[str, float]) -> None:
+        """Export the objective's training metrics of the last logging window (finite ones)."""
+        for name, value in values.items():
+            if math.isfinite(value):
+                self.train_metric.labels(self.job, name).set(value)
 
     def set_phase(self, phase: str) -> None:
         for p in PHASES:

@@ -139,6 +139,22 @@ def quiet_peft():
         yield
 
 
+def load_reference(model_dir: Path, mixed_precision: str, sharded: bool = False, **model_kwargs):
+    """The frozen reference model of objective dpo with method full: the base model once more, for forward passes
+    only, in the compute dtype (bf16 or fp16 under mixed precision, unless sharded: one dtype per shard group)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    try:
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa",
+                                                         dtype=torch.float32 if sharded else dtype, **model_kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"baseModel: cannot load the model folder: {e}") from e
+    model.config.use_cache = False
+    return model.eval().requires_grad_(False)
+
+
 def load_adapter(base_model, folder):
     """A published LoRA adapter on its base model, for inference (`peft.PeftModel.from_pretrained`)."""
     from peft import PeftModel

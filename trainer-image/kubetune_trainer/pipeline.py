@@ -18,6 +18,7 @@ from .data.report import data_report
 from .evaluate import baseline_difference, evaluate
 from .fetch import fetch, tree_sha256
 from .identity import RunIdentity, check_claim, claim
+from .merge import merge_output
 from .metrics import TrainerMetrics
 from .prepare import inputs_of, prepare
 from .publish import publish_output, save_output
@@ -133,6 +134,7 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
             work = Path(config.work_dir) / config.job_name
             out = save_output(model, task, work / "output", weights)
             beat()
+            merged = merge_output(task, out, beat)  # output.merged: the merged model under out/merged/
             last = state.history[-1] if state.history else {}
             manifest = publish_output(storage, out, config.output.uri, {
                 "job": config.job_name,
@@ -161,6 +163,7 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
                 "trainTimeSeconds": state.train_time_seconds,
                 "processes": accelerator.num_processes,
                 "precision": precision,
+                **merged,
             })
             phase("done")
             report({"event": "published", "uri": config.output.uri, "manifest": manifest_uri})

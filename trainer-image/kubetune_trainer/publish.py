@@ -2,12 +2,16 @@
 
 The folder loads with `peft.PeftModel.from_pretrained(base, folder)` (lora/qlora) or
 `AutoModelForCausalLM.from_pretrained(folder)` (full; AutoModelFor{Sequence,Image}Classification for the
-classification tasks, whose folder's config.json carries id2label/label2id). Files go up first and
-manifest.json last, so a reader that trusts only prefixes with a manifest never sees a half-written adapter.
+classification tasks, whose folder's config.json carries id2label/label2id). A LoRA folder is peft's layout
+(adapter_config.json, adapter_model.safetensors) with the tokenizer beside it, naming the base model as the spec
+does: what vLLM's --lora-modules and KServe's Hugging Face runtime load as they are (docs/serving.md). Files go
+up first and manifest.json last, so a reader that trusts only prefixes with a manifest never sees a half-written
+adapter.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +19,7 @@ from typing import TYPE_CHECKING
 from .storage import Storage, publish
 
 if TYPE_CHECKING:
+    from .spec import BaseModelSpec
     from .tasks import Task
 
 MANIFEST_VERSION = "kubetune.io/v1alpha1"
@@ -26,9 +31,27 @@ def save_output(model, task: Task, directory: Path, state_dict: dict | None = No
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
+    adapter, name = hasattr(model, "peft_config"), base_model_name(task.config.base_model)
+    if adapter:  # what peft's model card (README.md) names as the base model
+        base = model.get_base_model()
+        base.name_or_path = base.config._name_or_path = name
     model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     task.save(model, directory)
+    if adapter:
+        path = directory / "adapter_config.json"
+        config = json.loads(path.read_text())
+        config.update(base_model_name_or_path=name, revision=task.config.base_model.revision)
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
+
+
+def base_model_name(base_model: BaseModelSpec) -> str:
+    """The base model as the spec names it, for adapter_config.json's base_model_name_or_path (with `revision`)
+    instead of the trainer's local copy: hf://org/name as org/name (what AutoPeftModel and the Hub resolve), other
+    URIs as given. Written after saving: peft would look a Hub name up to check the vocabulary, and
+    PeftModel.from_pretrained(base, folder) does not read it."""
+    uri = base_model.uri
+    return uri.removeprefix("hf://").strip("/") if uri.startswith("hf://") else uri
 
 
 def publish_output(storage: Storage, directory: Path, uri: str, manifest: dict) -> dict:

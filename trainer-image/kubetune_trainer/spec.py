@@ -106,17 +106,37 @@ class DataFormat(StrEnum):
     classification = "classification"  # {"text": ..., "label": ...} or {"image": ..., "label": ...}
     label_studio = "label-studio"  # a Label Studio JSON or JSON-MIN export
     imagefolder = "imagefolder"  # <prefix>/<label>/<image file>
+    preference = "preference"  # {"prompt": ..., "chosen": ..., "rejected": ...}: strings or chat message lists
+    openai_preference = "openai-preference"  # {"input": {"messages": [...]}, "preferred_output": [...],
+    #                                            "non_preferred_output": [...]} (OpenAI's preference fine-tuning)
 
 
 # The record formats each task reads; `auto` detects one of them from the data.
 TASK_FORMATS: dict[TaskType, tuple[DataFormat, ...]] = {
     TaskType.causal_lm: (DataFormat.auto, DataFormat.chat, DataFormat.sharegpt, DataFormat.instruction,
-                         DataFormat.completion, DataFormat.text),
+                         DataFormat.completion, DataFormat.text, DataFormat.preference, DataFormat.openai_preference),
     TaskType.sequence_classification: (DataFormat.auto, DataFormat.classification, DataFormat.label_studio),
     TaskType.image_classification: (DataFormat.auto, DataFormat.classification, DataFormat.label_studio,
                                     DataFormat.imagefolder),
 }
 CLASSIFICATION_TASKS = (TaskType.sequence_classification, TaskType.image_classification)
+PREFERENCE_FORMATS = (DataFormat.preference, DataFormat.openai_preference)  # pairs: what dpo and orpo train on
+
+
+class Objective(StrEnum):
+    """What the model is trained to do with its data (orthogonal to method.type lora, qlora or full)."""
+
+    sft = "sft"  # supervised fine-tuning: next-token loss on the answers (classification: on the labels)
+    dpo = "dpo"  # direct preference optimization on (prompt, chosen, rejected) pairs, against a reference model
+    orpo = "orpo"  # odds-ratio preference optimization: SFT on the chosen answer plus an odds-ratio term, no reference
+
+
+PREFERENCE_OBJECTIVES = (Objective.dpo, Objective.orpo)
+
+
+class DpoLoss(StrEnum):
+    sigmoid = "sigmoid"  # the DPO paper's loss: -log sigmoid(beta * (chosen margin - rejected margin))
+    ipo = "ipo"  # IPO: (log-ratio difference - 1 / (2 beta))^2 on per-token mean log-probabilities
 
 
 class EvalMetric(StrEnum):
@@ -130,6 +150,14 @@ class EvalMetric(StrEnum):
 class Select(StrEnum):
     last = "last"  # the model at the last step
     best = "best"  # the evaluated step with the best evaluation.metric on the validation split
+
+
+class ObjectiveParams(Model):
+    beta: float = Field(0.1, gt=0, le=100, description="dpo: beta, how far the policy may move from the reference "
+                        "model (higher: closer); orpo: lambda, the weight of the odds-ratio term beside the SFT loss")
+    loss: DpoLoss = Field(DpoLoss.sigmoid, description="dpo: sigmoid (the DPO paper) or ipo")
+    reference_free: bool = Field(False, description="dpo: compare with a uniform reference instead of the base "
+                                 "model (no reference forward passes; orpo never has one)")
 
 
 class MethodType(StrEnum):
@@ -269,6 +297,12 @@ class CheckpointSpec(Model):
     uri: str | None = Field(None, description="Defaults to <output.uri>checkpoints/")
 
 
+class OutputDtype(StrEnum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
 class OutputSpec(Model):
     uri: str = Field(description="s3:// prefix (or local path) where the adapter and manifest.json are published")
     overwrite: bool = Field(
@@ -277,6 +311,10 @@ class OutputSpec(Model):
     select: Select = Field(Select.last, description="Which model to publish: the last step's, or the best one on "
                            "the validation split by evaluation.metric (needs dataset.validation and "
                            "evaluation.everySteps)")
+    merged: bool = Field(False, description="lora and qlora: also publish the base model with the adapter folded "
+                         "in (safetensors, config, tokenizer) under <uri>merged/, for servers that load whole models")
+    dtype: OutputDtype | None = Field(None, description="The merged model's weights: bf16, fp16 or fp32; the base "
+                                      "model's dtype (its config.json) when unset")
 
 
 class SecretRef(Model):
@@ -358,6 +396,9 @@ class ValidationSpec(Model):
 class FineTuneJobSpec(Model):
     task: TaskType = Field(TaskType.causal_lm, description="What the model learns: causal-lm (text generation), "
                            "sequence-classification or image-classification")
+    objective: Objective = Field(Objective.sft, description="sft (supervised), or preference tuning on (prompt, "
+                                 "chosen, rejected) pairs: dpo or orpo (task causal-lm)")
+    objective_params: ObjectiveParams = Field(default_factory=ObjectiveParams, description="Settings of dpo and orpo")
     base_model: BaseModelSpec
     dataset: DatasetSpec
     method: MethodSpec = Field(default_factory=MethodSpec)
@@ -383,7 +424,7 @@ class FineTuneJobSpec(Model):
             raise ValueError(QLORA_FSDP)
         if self.hyperparameters.precision == Precision.fp16 and self.hyperparameters.strategy == Strategy.fsdp:
             raise ValueError(FSDP_FP16)
-        task_problem(self.task, self.dataset, self.evaluation, self.output)
+        task_problem(self)
         return self
 
 
@@ -393,6 +434,15 @@ GENERATION_NEEDS_CAUSAL_LM = "evaluation.generation applies to task causal-lm on
 SELECT_BEST_NEEDS_VALIDATION = ("output.select best needs validation results: set dataset.validation and "
                                 "evaluation.everySteps")
 LABELS_NEED_CLASSIFICATION = "dataset.labels applies to classification tasks only"
+OBJECTIVE_NEEDS_CAUSAL_LM = "objective dpo and orpo apply to task causal-lm: use objective sft for classification"
+PREFERENCE_FORMAT_NEEDS_OBJECTIVE = ("dataset.format preference and openai-preference hold (chosen, rejected) pairs: "
+                                     "set objective dpo or orpo, or use a supervised format")
+OBJECTIVE_NEEDS_PREFERENCE_FORMAT = ("objective dpo and orpo train on (prompt, chosen, rejected) pairs: set "
+                                     "dataset.format to auto, preference or openai-preference")
+DPO_PARAMS_NEED_DPO = "objectiveParams.loss and objectiveParams.referenceFree apply to objective dpo only"
+MERGED_NEEDS_ADAPTER = ("output.merged applies to method.type lora and qlora: a full fine-tune publishes a whole "
+                        "model already")
+DTYPE_NEEDS_MERGED = "output.dtype is the merged model's dtype: set output.merged true, or leave dtype unset"
 
 
 def format_problem(task: TaskType) -> str:
@@ -400,9 +450,10 @@ def format_problem(task: TaskType) -> str:
     return f"dataset.format does not fit task {task.value}: use one of {formats}"
 
 
-def task_problem(task: TaskType, dataset: DatasetSpec, evaluation: EvaluationSpec, output: OutputSpec) -> None:
-    """Raise ValueError when the dataset, evaluation or output settings do not fit the task (the CRD's CEL rules
-    say the same)."""
+def task_problem(spec: FineTuneJobSpec) -> None:
+    """Raise ValueError when the objective, dataset, evaluation or output settings do not fit the task, or each
+    other (the CRD's CEL rules say the same). `spec`: a FineTuneJobSpec or a TrainerConfig."""
+    task, dataset, evaluation, output = spec.task, spec.dataset, spec.evaluation, spec.output
     if dataset.format not in TASK_FORMATS[task]:
         raise ValueError(format_problem(task))
     classification = task in CLASSIFICATION_TASKS
@@ -414,6 +465,20 @@ def task_problem(task: TaskType, dataset: DatasetSpec, evaluation: EvaluationSpe
         raise ValueError(LABELS_NEED_CLASSIFICATION)
     if output.select == Select.best and (dataset.validation is None or evaluation.every_steps is None):
         raise ValueError(SELECT_BEST_NEEDS_VALIDATION)
+    preference = spec.objective in PREFERENCE_OBJECTIVES
+    if preference and task != TaskType.causal_lm:
+        raise ValueError(OBJECTIVE_NEEDS_CAUSAL_LM)
+    if dataset.format in PREFERENCE_FORMATS and not preference:
+        raise ValueError(PREFERENCE_FORMAT_NEEDS_OBJECTIVE)
+    if preference and dataset.format not in (DataFormat.auto, *PREFERENCE_FORMATS):
+        raise ValueError(OBJECTIVE_NEEDS_PREFERENCE_FORMAT)
+    params = spec.objective_params
+    if spec.objective != Objective.dpo and (params.loss != DpoLoss.sigmoid or params.reference_free):
+        raise ValueError(DPO_PARAMS_NEED_DPO)
+    if output.merged and spec.method.type == MethodType.full:
+        raise ValueError(MERGED_NEEDS_ADAPTER)
+    if output.dtype is not None and not output.merged:
+        raise ValueError(DTYPE_NEEDS_MERGED)
 
 
 class ObjectMeta(BaseModel):

@@ -344,6 +344,8 @@ def _train(loop: Loop, model, splits: dict, inputs: dict, stop: StopSignal):
                 "samples_per_second": totals[3] / elapsed,
                 "eta_seconds": run_elapsed / steps_this_run * (plan.total_steps - state.step),
             }
+            own = task.window_metrics(accelerator)  # the task's metrics of the window (preference rewards)
+            entry.update(own)
             state.train_time_seconds += elapsed
             state.history.append(entry)
             report(entry)
@@ -353,6 +355,7 @@ def _train(loop: Loop, model, splits: dict, inputs: dict, stop: StopSignal):
                             learning_rate=entry["learning_rate"], grad_norm=entry["grad_norm"],
                             tokens_per_second=entry["tokens_per_second"],
                             samples_per_second=entry["samples_per_second"])
+                metrics.set_train(own)
                 metrics.sample_gpus()
             window_loss.zero_()
             window_seen = window_samples = 0

@@ -10,6 +10,9 @@ operating system shares the pages between the processes of a node; nothing is co
     <key>/<split>/members.bin    int64, with packing: the examples of the packed sequences, in order
     <key>/<split>/bounds.bin     int64, with packing: sequence b holds members[bounds[b]:bounds[b + 1]]
 
+Preference pairs (objective dpo, orpo) are two consecutive examples, chosen then rejected (example 2i and 2i + 1
+are pair i), and their packing plan packs pairs: members are pair numbers (data/preference.py reads them).
+
 The key hashes everything the arrays depend on (the data's and the tokenizer's sha256, the task, the format, the
 maximum length, packing and its seed, this layout's version), so a cache is reused exactly when it holds what
 tokenizing again would produce. A cache with another key (foreign), another version or a file of another size
@@ -30,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..spec import DataFormat
+from ..spec import PREFERENCE_FORMATS, DataFormat
 from .packing import PackedExample, pack_plan, pack_sequence
 from .stream import Chunk
 from .tokenize import Example
@@ -61,11 +64,15 @@ class SplitWriter:
         self._files["trained"].write(chunk.trained.tobytes())
         self._files["lengths"].write(chunk.lengths.tobytes())
 
-    def close(self, max_seq_length: int, packing: bool, seed: int | None) -> int:
-        """Close the files and, with packing, write the packing plan; returns the number of sequences."""
+    def close(self, max_seq_length: int, packing: bool, seed: int | None, pairs: bool = False) -> int:
+        """Close the files and, with packing, write the packing plan; returns the number of sequences (pairs: of
+        pairs, or of packed rows of pairs, at most 2 x max_seq_length tokens each)."""
         for f in self._files.values():
             f.close()
         lengths = _map(self.directory, "lengths")
+        if pairs:
+            lengths = lengths[0::2].astype(np.int64) + lengths[1::2]
+            max_seq_length *= 2
         if not packing:
             return len(lengths)
         members, bounds = pack_plan(lengths, max_seq_length, seed)
@@ -134,7 +141,12 @@ class Cache:
         return TokenizedSplit(self.directory / split)
 
     def sequences(self, split: str) -> Sequence:
-        """What training reads: the packed sequences when the cache was packed, else the examples."""
+        """What training reads: the packed sequences when the cache was packed, else the examples (preference
+        pairs: preference.pair_split)."""
+        if self.meta["splits"].get(split, {}).get("report", {}).get("format") in PREFERENCE_FORMATS:
+            from .preference import pair_split
+
+            return pair_split(self, split)
         examples = self.examples(split)
         if not (self.directory / split / "bounds.bin").exists():
             return examples

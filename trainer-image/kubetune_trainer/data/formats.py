@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
 
 from ..errors import DatasetError
-from ..spec import DataFormat
+from ..spec import PREFERENCE_FORMATS, DataFormat
 
 ROLES = ("system", "user", "assistant")
 # ShareGPT's speakers ("from") as chat roles; "user" and "assistant" are written by some exporters too.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant"}
 EXPECTED_KEYS = ("messages (chat), conversations (sharegpt), instruction + output (instruction), prompt + completion "
-                 "(completion), text (text)")
+                 "(completion), text (text), chosen + rejected (preference), preferred_output + non_preferred_output "
+                 "(openai-preference)")
 CHAT_HINT = 'write messages as [{"role": "user", "content": "..."}, {"role": "assistant", ...}]'
 SHAREGPT_HINT = 'write conversations as [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]'
 REQUIRED = {
@@ -21,6 +22,8 @@ REQUIRED = {
     DataFormat.instruction: ("instruction", "output"),
     DataFormat.completion: ("prompt", "completion"),
     DataFormat.text: ("text",),
+    DataFormat.preference: ("chosen", "rejected"),
+    DataFormat.openai_preference: ("input", "preferred_output", "non_preferred_output"),
 }
 
 # The instruction prompt (Alpaca style). The "### Input" block is left out when input is missing or empty.
@@ -61,6 +64,10 @@ def detect_format(value: dict, file: str = "record", line: int = 0) -> DataForma
 
 
 def guess_format(value: dict) -> DataFormat:
+    if "preferred_output" in value or "non_preferred_output" in value:
+        return DataFormat.openai_preference
+    if "chosen" in value or "rejected" in value:
+        return DataFormat.preference
     if "messages" in value:
         return DataFormat.chat
     if "conversations" in value:
@@ -102,13 +109,16 @@ def check_record(value: dict, fmt: DataFormat) -> None:
     elif fmt == DataFormat.completion:
         _text_field(value, "prompt")
         _text_field(value, "completion")
+    elif fmt in PREFERENCE_FORMATS:
+        preference_pair(value, fmt)
     else:
         _text_field(value, "text")
 
 
-def check_messages(messages: Any, words: _Words = CHAT_WORDS) -> None:
-    """Check a chat conversation: roles, their order, non-empty text. `words` names the parts in errors (a ShareGPT
-    conversation is checked as the chat messages it maps to, see sharegpt_messages)."""
+def check_messages(messages: Any, words: _Words = CHAT_WORDS, answered: bool = True) -> None:
+    """Check a chat conversation: roles, their order, non-empty text and (answered) an assistant turn. `words` names
+    the parts in errors (a ShareGPT conversation is checked as the chat messages it maps to, see
+    sharegpt_messages)."""
     w = words
     if not isinstance(messages, list) or not messages:
         raise RecordError(f"{w.field!r} must be a non-empty array", w.hint)
@@ -137,7 +147,7 @@ def check_messages(messages: Any, words: _Words = CHAT_WORDS) -> None:
         if not content.strip():
             raise RecordError(f"{w.turn} {n} ({name}) has empty {w.content}", "remove the turn or fill it in")
         previous = role
-    if not any(m["role"] == "assistant" for m in messages):
+    if answered and not any(m["role"] == "assistant" for m in messages):
         raise RecordError(f"no {w.roles['assistant']} {w.turn}: nothing to train on",
                           f"every conversation needs at least one {w.roles['assistant']} turn")
 
@@ -179,3 +189,116 @@ def kind_of(value: Any) -> str:
         return "null"
     kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
     return kinds.get(type(value), "a number")
+
+
+PREFERENCE_HINT = ('write a pair as {"prompt": ..., "chosen": ..., "rejected": ...} with strings, or with chat '
+                   'messages: the prompt a conversation ending with a user turn, each answer one assistant message')
+SAME_KIND_HINT = "the prompt and both answers are all strings or all chat messages"
+
+
+class Pair(NamedTuple):
+    """A preference record's parts, all strings (plain text) or all chat messages: the prompt a conversation ending
+    with a user turn, each answer one assistant message."""
+
+    prompt: str | list[dict]
+    chosen: str | dict
+    rejected: str | dict
+
+
+def preference_pair(value: dict, fmt: DataFormat) -> Pair:
+    """The checked parts of a preference or openai-preference record whose required fields are present. Raises
+    RecordError, naming the record's own fields."""
+    if fmt == DataFormat.openai_preference:
+        inputs = value["input"]
+        if not isinstance(inputs, dict) or "messages" not in inputs:
+            raise RecordError(f"field 'input' is {kind_of(inputs)} without 'messages', expected "
+                              '{"messages": [...]}', "put the conversation so far in input.messages")
+        names = ("input.messages", "preferred_output", "non_preferred_output")
+        prompt, chosen, rejected = inputs["messages"], value["preferred_output"], value["non_preferred_output"]
+    elif value.get("prompt") is None:
+        return _implicit_pair(value["chosen"], value["rejected"])
+    else:
+        names = ("prompt", "chosen", "rejected")
+        prompt, chosen, rejected = value["prompt"], value["chosen"], value["rejected"]
+    if fmt == DataFormat.preference and isinstance(prompt, str):
+        for name in names:
+            if isinstance(value[name], list | dict):
+                raise RecordError(f"field 'prompt' is a string but {name!r} is {kind_of(value[name])}",
+                                  SAME_KIND_HINT)
+            _text_field(value, name)
+        pair = Pair(prompt, chosen, rejected)
+    else:
+        _prompt_messages(prompt, names[0])
+        pair = Pair(prompt, _answer(chosen, repr(names[1]), names[0]), _answer(rejected, repr(names[2]), names[0]))
+    _different(pair, names[1], names[2])
+    return pair
+
+
+def _implicit_pair(chosen: Any, rejected: Any) -> Pair:
+    """TRL's implicit prompt: chosen and rejected are whole conversations that share every message but the last."""
+    for name, conversation in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(conversation, str):
+            raise RecordError(f"field {name!r} is a string but the record has no 'prompt'",
+                              "add the prompt, or write chosen and rejected as whole conversations")
+        if not isinstance(conversation, list):
+            raise RecordError(f"field {name!r} is {kind_of(conversation)}, expected an array of messages",
+                              PREFERENCE_HINT)
+        if len(conversation) < 2:
+            raise RecordError(f"field {name!r} has {len(conversation)} message(s); without a 'prompt' it must be "
+                              "the whole conversation: the prompt's messages, then the answer", PREFERENCE_HINT)
+    if len(chosen) != len(rejected):
+        raise RecordError(f"'chosen' has {len(chosen)} messages and 'rejected' {len(rejected)}; without a 'prompt' "
+                          "they must share every message but the last (the answer)",
+                          "give the shared turns as prompt and only the answers as chosen and rejected")
+    differ = next((n for n, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1], strict=True), start=1) if a != b), None)
+    if differ:
+        raise RecordError(f"'chosen' and 'rejected' differ at message {differ}; without a 'prompt' they must share "
+                          "every message but the last (the answer)",
+                          "give the shared turns as prompt and only the answers as chosen and rejected")
+    pair = Pair(chosen[:-1], _answer(chosen[-1], "the last message of 'chosen'", "chosen"),
+                _answer(rejected[-1], "the last message of 'rejected'", "chosen"))
+    _prompt_messages(pair.prompt, "chosen")
+    _different(pair, "chosen", "rejected")
+    return pair
+
+
+def _prompt_messages(prompt: Any, name: str) -> None:
+    """Check the conversation before the answers: the chat rules, ending with a user turn."""
+    try:
+        check_messages(prompt, replace(CHAT_WORDS, field=name), answered=False)
+    except RecordError as e:
+        problem = e.problem if e.problem.startswith(repr(name)) else f"{name}: {e.problem}"
+        raise RecordError(problem, e.hint) from None
+    if prompt[-1]["role"] != "user":
+        raise RecordError(f"{name}: message {len(prompt)} ({prompt[-1]['role']}) is the last before the answer; "
+                          "it must be a user turn", "end the prompt with the user's message")
+
+
+def _answer(answer: Any, what: str, prompt_name: str) -> dict:
+    """One assistant message (or an array of one), checked. `what` names it in errors."""
+    if isinstance(answer, list):
+        if len(answer) != 1:
+            raise RecordError(f"{what} has {len(answer)} messages, expected one assistant message (the answer)",
+                              "put earlier turns in the prompt")
+        answer = answer[0]
+    if isinstance(answer, str):
+        raise RecordError(f"{what} is a string but {prompt_name!r} holds chat messages", SAME_KIND_HINT)
+    if not isinstance(answer, dict):
+        raise RecordError(f"{what} is {kind_of(answer)}, expected an assistant message", PREFERENCE_HINT)
+    if answer.get("role") != "assistant":
+        raise RecordError(f"{what} has role {answer.get('role')!r}, expected assistant",
+                          "the answers are the assistant's")
+    content = answer.get("content")
+    if not isinstance(content, str):
+        raise RecordError(f"{what} content is {kind_of(content)}, expected a string",
+                          "flatten structured content (e.g. a list of parts) into text")
+    if not content.strip():
+        raise RecordError(f"{what} has empty content", "remove the record or fill the answer in")
+    return answer
+
+
+def _different(pair: Pair, chosen: str, rejected: str) -> None:
+    texts = [a if isinstance(a, str) else a["content"] for a in (pair.chosen, pair.rejected)]
+    if texts[0].strip() == texts[1].strip():
+        raise RecordError(f"{chosen!r} and {rejected!r} are the same answer",
+                          "a pair needs two different answers: fix or remove the record")

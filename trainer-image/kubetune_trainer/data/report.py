@@ -4,9 +4,9 @@ the training time and GPU-hours (docs/data-formats.md, "What the data costs").
 The estimate counts the model's FLOPs: k * N * T, where N is the base model's parameters (from its config, built
 on the meta device: no weights are read), T the tokens the planned steps process (steps * sequences per step *
 mean sequence length) and k = 6 for full fine-tuning (forward 2N, backward 4N per token), 4 for LoRA and QLoRA
-(the frozen base needs no weight gradients). Time = FLOPs / (GPUs * sustained TFLOPS per GPU); the chart's
-estimate.gpuTflops sets the TFLOPS (config.hardware). Once training runs, the ETA from the measured throughput
-replaces it.
+(the frozen base needs no weight gradients), 2 more for DPO's reference model (a forward pass). Time = FLOPs /
+(GPUs * sustained TFLOPS per GPU); the chart's estimate.gpuTflops sets the TFLOPS (config.hardware). Once training
+runs, the ETA from the measured throughput replaces it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ..spec import PREFERENCE_FORMATS, Objective
 
 if TYPE_CHECKING:
     from ..config import TrainerConfig
@@ -40,6 +42,8 @@ def data_report(config: TrainerConfig, task: Task, reports: dict[str, DatasetRep
     }
     if task.unit == "token" and sequences:
         doc["packingEfficiency"] = round(train.tokens / (sequences * hp.max_seq_length), 4)
+    elif train.format in PREFERENCE_FORMATS and sequences:  # a pair, or a packed row of pairs: 2 x maxSeqLength
+        doc["packingEfficiency"] = round(train.tokens / (sequences * 2 * hp.max_seq_length), 4)
     estimate = _estimate(config, model_dir, plan.total_steps * plan.step_samples * train.tokens / max(sequences, 1))
     if estimate:
         doc["estimate"] = estimate
@@ -56,7 +60,10 @@ def _estimate(config: TrainerConfig, model_dir: Path, tokens: float) -> dict[str
     parameters = count_parameters(model_dir, config.task)
     if not parameters:
         return None
-    flops = (6 if config.method.type.value == "full" else 4) * parameters * tokens
+    k = 6 if config.method.type.value == "full" else 4
+    if config.objective == Objective.dpo and not config.objective_params.reference_free:
+        k += 2  # the reference model's forward pass
+    flops = k * parameters * tokens
     seconds = flops / (hardware.gpus * hardware.gpu_tflops * 1e12)
     return {"parameters": parameters, "tokens": int(tokens), "flops": _significant(flops),
             "seconds": _significant(seconds), "gpuHours": _significant(seconds * hardware.gpus / 3600),

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DatasetError
-from ..spec import DataFormat
+from ..spec import PREFERENCE_FORMATS, DataFormat
 from .formats import RecordError, check_record, guess_format
 from .records import Record, load_records, parse
-from .tokenize import IGNORE, assemble, record_segments
+from .tokenize import IGNORE, assemble, record_sequences
 
 CHUNK = 512  # records a worker checks and tokenizes at a time
 AHEAD = 3  # chunks in flight per worker
@@ -38,11 +38,17 @@ class Encoding:
     detected: bool  # fmt was detected from the first record (dataset.format auto): every record must be in it
     first: str  # where the first record is, for the message about a record in another format
     max_seq_length: int
+    pairs: bool = False  # preference pairs: each record is two examples, chosen then rejected
+
+    @property
+    def per_record(self) -> int:
+        return 2 if self.pairs else 1
 
 
 @dataclass
 class Chunk:
-    """Consecutive records, tokenized and truncated, as flat arrays; or the first bad one among them."""
+    """Consecutive records, tokenized and truncated, as flat arrays; or the first bad one among them. A preference
+    record is two consecutive examples: chosen, then rejected."""
 
     ids: np.ndarray  # int32, the examples end to end
     trained: np.ndarray  # uint8, 1 where the token has a loss (its label is the token itself)
@@ -55,7 +61,7 @@ class Chunk:
 def encode_chunk(records: list[Record], enc: Encoding, tokenizer, name: str) -> Chunk:
     """Check and tokenize consecutive records; stop at the first bad one."""
     good: list[Record] = []
-    segments = []
+    sequences = []
     error: tuple[str, int, str, str] | None = None
     for record in records:
         try:
@@ -66,7 +72,7 @@ def encode_chunk(records: list[Record], enc: Encoding, tokenizer, name: str) -> 
                     raise RecordError(f"record is {found.value} but the first record ({enc.first}) is "
                                       f"{enc.fmt.value}", "use one format for every record")
             check_record(record.value, enc.fmt)
-            segments.append(record_segments(record.value, enc.fmt, tokenizer))
+            sequences += record_sequences(record.value, enc.fmt, tokenizer)
         except RecordError as e:
             error = (record.file or name, record.line, e.problem, e.hint)
             break
@@ -74,30 +80,35 @@ def encode_chunk(records: list[Record], enc: Encoding, tokenizer, name: str) -> 
             error = (e.file, e.line, e.problem, e.hint)
             break
         good.append(record)
-    examples = assemble(segments, enc.fmt, tokenizer)
+    examples = assemble(sequences, tokenizer)
     ids, trained, lengths, full_lengths, truncated_at = [], [], [], [], []
-    for record, example in zip(good, examples, strict=True):
-        kept = example.input_ids[:enc.max_seq_length]
-        mask = [label != IGNORE for label in example.labels[:enc.max_seq_length]]
-        if not any(mask):
-            error = (record.file or name, record.line, _no_trained_tokens(example.labels, enc.max_seq_length),
+    n = enc.per_record
+    for k, record in enumerate(good):
+        group = examples[n * k : n * (k + 1)]
+        masks = [[label != IGNORE for label in e.labels[:enc.max_seq_length]] for e in group]
+        empty = next((side for side, mask in enumerate(masks) if not any(mask)), None)
+        if empty is not None:
+            what = f"prompt + {('chosen', 'rejected')[empty]}" if enc.pairs else "the record"
+            problem = _no_trained_tokens(group[empty].labels, enc.max_seq_length, what)
+            error = (record.file or name, record.line, problem,
                      "shorten the prompt or raise hyperparameters.maxSeqLength")
             break
-        ids += kept
-        trained += mask
-        lengths.append(len(kept))
-        full_lengths.append(len(example))
-        if len(example) > enc.max_seq_length:
+        for example, mask in zip(group, masks, strict=True):
+            ids += example.input_ids[:enc.max_seq_length]
+            trained += mask
+            lengths.append(len(mask))
+            full_lengths.append(len(example))
+        if any(len(e) > enc.max_seq_length for e in group):
             truncated_at.append(where(record, name))
     return Chunk(np.array(ids, dtype=np.int32), np.array(trained, dtype=np.uint8),
                  np.array(lengths, dtype=np.int32), np.array(full_lengths, dtype=np.int32), truncated_at, error)
 
 
-def _no_trained_tokens(labels: list[int], max_seq_length: int) -> str:
+def _no_trained_tokens(labels: list[int], max_seq_length: int, what: str = "the record") -> str:
     if all(label == IGNORE for label in labels):
         return "no trained tokens"
     return (f"no trained tokens left after truncation to maxSeqLength {max_seq_length} "
-            f"(the record has {len(labels)} tokens)")
+            f"({what} has {len(labels)} tokens)")
 
 
 def where(record: Record, name: str) -> str:
@@ -105,14 +116,16 @@ def where(record: Record, name: str) -> str:
 
 
 def encode_split(path: Path, name: str, fmt: DataFormat, tokenizer, max_seq_length: int,
-                 workers: int | None = None) -> tuple[DataFormat, Iterator[Chunk]]:
+                 workers: int | None = None, *, pairs: bool = False) -> tuple[DataFormat, Iterator[Chunk]]:
     """(the split's concrete format, its chunks in file order). Raises DatasetError for the first bad record
-    while iterating. workers: processes to use (default: the CPUs this process may use; small data: none)."""
+    while iterating. workers: processes to use (default: the CPUs this process may use; small data: none).
+    pairs: the objective trains on preference pairs (dpo, orpo); the records must be pairs exactly then."""
     fmt = DataFormat(fmt)
     records = load_records(path, name, raw=True)
     first = next(records, None)
     if first is None:
-        return fmt if fmt != DataFormat.auto else DataFormat.text, iter(())
+        empty = DataFormat.preference if pairs else DataFormat.text
+        return fmt if fmt != DataFormat.auto else empty, iter(())
     first = parse(first)
     detected = fmt == DataFormat.auto
     if detected:
@@ -120,11 +133,22 @@ def encode_split(path: Path, name: str, fmt: DataFormat, tokenizer, max_seq_leng
             fmt = guess_format(first.value)
         except RecordError as e:
             raise DatasetError(first.file or name, first.line, e.problem, e.hint) from None
-    enc = Encoding(fmt, detected, where(first, name), max_seq_length)
+    if (fmt in PREFERENCE_FORMATS) != pairs:
+        raise DatasetError(first.file or name, first.line, *_objective_mismatch(fmt))
+    enc = Encoding(fmt, detected, where(first, name), max_seq_length, pairs)
     chunks = _batched(itertools.chain([first], records), CHUNK)
     if workers is None:
         workers = cpu_budget() if data_size(path) >= INLINE_BELOW else 1
     return fmt, _checked(_ordered(chunks, enc, tokenizer, name, workers))
+
+
+def _objective_mismatch(fmt: DataFormat) -> tuple[str, str]:
+    """(problem, hint) for records that do not fit the objective: pairs for sft, or not pairs for dpo and orpo."""
+    if fmt in PREFERENCE_FORMATS:
+        return (f"records are preference pairs ({fmt.value}: chosen and rejected answers) but objective sft trains "
+                "on one answer per record", "set objective dpo or orpo, or use a supervised format")
+    return (f"records are {fmt.value}, not preference pairs: objective dpo and orpo train on (prompt, chosen, "
+            "rejected)", 'write records as {"prompt": ..., "chosen": ..., "rejected": ...}, or set objective sft')
 
 
 def _checked(chunks: Iterator[Chunk]) -> Iterator[Chunk]:

@@ -8,8 +8,8 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import ConfigError
-from ..spec import DataFormat
-from .formats import RecordError, instruction_prompt, sharegpt_messages
+from ..spec import PREFERENCE_FORMATS, DataFormat
+from .formats import RecordError, instruction_prompt, preference_pair, sharegpt_messages
 
 IGNORE = -100  # label of a token that gets no loss
 
@@ -48,21 +48,30 @@ def tokenize_full(value: dict, fmt: DataFormat, tokenizer) -> Example:
     return tokenize_many([value], fmt, tokenizer)[0]
 
 
+def tokenize_pair(value: dict, fmt: DataFormat, tokenizer, max_seq_length: int) -> tuple[Example, Example]:
+    """The chosen and rejected sequences of a checked preference record, each truncated to max_seq_length."""
+    chosen, rejected = tokenize_many([value], fmt, tokenizer)
+    return truncate(chosen, max_seq_length), truncate(rejected, max_seq_length)
+
+
 def tokenize_many(values: list[dict], fmt: DataFormat, tokenizer) -> list[Example]:
     """tokenize_full of many records, with one tokenizer call for all their segments (what makes a pass over
-    millions of records fast). Raises RecordError for the first record a chat template rejects."""
-    return assemble([record_segments(value, fmt, tokenizer) for value in values], fmt, tokenizer)
+    millions of records fast); a preference record gives two examples, chosen then rejected. Raises RecordError
+    for the first record a chat template rejects."""
+    return assemble([s for value in values for s in record_sequences(value, fmt, tokenizer)], tokenizer)
 
 
-def assemble(per_record: list[list[tuple[str, bool]]], fmt: DataFormat, tokenizer) -> list[Example]:
-    """The examples of records given as their (text, trained) segments: the segments are tokenized in one batch,
-    then laid end to end with the format's special tokens."""
-    plain = fmt not in (DataFormat.chat, DataFormat.sharegpt)
-    texts = [text for segments in per_record for text, _ in segments if text]
+Segments = list[tuple[str, bool]]  # (text, trained) pieces of one sequence, before special tokens
+
+
+def assemble(sequences: list[tuple[Segments, bool]], tokenizer) -> list[Example]:
+    """The examples of sequences given as (segments, plain): the segments are tokenized in one batch, then laid end
+    to end; a plain (not chat-templated) sequence gets the tokenizer's leading special tokens and eos."""
+    texts = [text for segments, _ in sequences for text, _ in segments if text]
     pieces = iter(encode_texts(tokenizer, texts))
-    prefix = bos_prefix(tokenizer) if plain else []
+    prefix = bos_prefix(tokenizer) if any(plain for _, plain in sequences) else []
     out = []
-    for segments in per_record:
+    for segments, plain in sequences:
         ids: list[int] = []
         labels: list[int] = []
         for text, trained in segments:
@@ -80,8 +89,15 @@ def assemble(per_record: list[list[tuple[str, bool]]], fmt: DataFormat, tokenize
     return out
 
 
-def record_segments(value: dict, fmt: DataFormat, tokenizer) -> list[tuple[str, bool]]:
-    """A checked record as (text, trained) segments, before special tokens."""
+def record_sequences(value: dict, fmt: DataFormat, tokenizer) -> list[tuple[Segments, bool]]:
+    """A checked record as the (segments, plain) of the sequences it becomes: one, or a preference pair's two."""
+    if fmt in PREFERENCE_FORMATS:
+        return pair_sequences(value, fmt, tokenizer)
+    return [(record_segments(value, fmt, tokenizer), fmt not in (DataFormat.chat, DataFormat.sharegpt))]
+
+
+def record_segments(value: dict, fmt: DataFormat, tokenizer) -> Segments:
+    """A checked record of a supervised format as (text, trained) segments, before special tokens."""
     if fmt == DataFormat.chat:
         return chat_segments(value["messages"], tokenizer)
     if fmt == DataFormat.sharegpt:
@@ -91,6 +107,27 @@ def record_segments(value: dict, fmt: DataFormat, tokenizer) -> list[tuple[str, 
     if fmt == DataFormat.completion:
         return [(value["prompt"], False), (value["completion"], True)]
     return [(value["text"], True)]
+
+
+def pair_sequences(value: dict, fmt: DataFormat, tokenizer) -> list[tuple[Segments, bool]]:
+    """A checked preference record's chosen and rejected sequences: the shared prompt untrained, then the answer
+    trained. Plain text as the completion format; chat messages rendered with the chat template, the prompt with
+    its generation prompt, the answer up to its end-of-turn marker (earlier assistant turns are not trained)."""
+    prompt, *answers = preference_pair(value, fmt)
+    if isinstance(prompt, str):
+        return [([(prompt, False), (answer, True)], True) for answer in answers]
+    head = render(tokenizer, prompt, add_generation_prompt=True)
+    return [(_answer_segments(head, prompt, answer, tokenizer), False) for answer in answers]
+
+
+def _answer_segments(head: str, prompt: list[dict], answer: dict, tokenizer) -> Segments:
+    full = render(tokenizer, prompt + [answer])
+    turn = full.rstrip()
+    if turn.startswith(head):
+        return [(head, False), (turn[len(head):], True), (full[len(turn):], False)]
+    segments = chat_segments(prompt + [answer], tokenizer)  # a template that renders the prompt otherwise once answered
+    last = max(i for i, (_, trained) in enumerate(segments) if trained)
+    return [(text, i == last) for i, (text, _) in enumerate(segments)]
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -20,11 +20,11 @@ MAX_LINES_LISTED = 10
 class DatasetReport:
     file: str
     format: DataFormat
-    samples: int
-    tokens: int  # after truncation
+    samples: int  # records (preference pairs: pairs)
+    tokens: int  # after truncation (pairs: of both sequences)
     trained_tokens: int  # tokens with a loss, after truncation
-    truncated: int  # records longer than max_seq_length
-    max_length: int  # the longest record in tokens, before truncation
+    truncated: int  # records longer than max_seq_length (pairs: with a sequence longer)
+    max_length: int  # the longest record (pairs: sequence) in tokens, before truncation
     warnings: list[str] = field(default_factory=list)
     classes: dict[str, int] | None = None  # classification: records per label
     sequences: int | None = None  # what training iterates over: packed sequences, else the samples
@@ -32,16 +32,17 @@ class DatasetReport:
 
 def validate_dataset(path: Path, display_name: str | None, *, fmt: DataFormat, tokenizer, max_seq_length: int,
                      min_samples: int = 1, split: str = "train", sink: Callable[[Chunk], None] | None = None,
-                     workers: int | None = None) -> DatasetReport:
+                     workers: int | None = None, pairs: bool = False) -> DatasetReport:
     """Check every record, in one streaming pass that also tokenizes them (data/stream.py); raise DatasetError
     (exit 65) for the first bad one, with its file and line. `sink` receives the tokenized chunks in order (the
-    cache writer)."""
+    cache writer). pairs: the objective trains on preference pairs (dpo, orpo), so the records must be pairs (and
+    must not be otherwise); each is two examples, and `samples` counts pairs."""
     name = display_name or str(path)
-    record_fmt, chunks = encode_split(path, name, fmt, tokenizer, max_seq_length, workers)
+    record_fmt, chunks = encode_split(path, name, fmt, tokenizer, max_seq_length, workers, pairs=pairs)
     report = DatasetReport(name, record_fmt, 0, 0, 0, 0, 0)
     truncated_at: list[str] = []
     for chunk in chunks:
-        report.samples += len(chunk.lengths)
+        report.samples += len(chunk.lengths) // (2 if pairs else 1)
         report.tokens += int(chunk.lengths.sum())
         report.trained_tokens += int(chunk.trained.sum())
         report.max_length = max(report.max_length, int(chunk.full_lengths.max(initial=0)))
@@ -75,11 +76,12 @@ def truncation_warning(truncated_at: list[str], samples: int, max_seq_length: in
 
 
 def tokenize_dataset(path: Path, display_name: str | None, *, fmt: DataFormat, tokenizer,
-                     max_seq_length: int) -> list[Example]:
-    """Every record tokenized and truncated to max_seq_length, as a list (small data: tests, tools); bad records
-    raise as in validate_dataset. Training reads the memory-mapped cache instead (data/cache.py)."""
+                     max_seq_length: int, pairs: bool = False) -> list[Example]:
+    """Every record tokenized and truncated to max_seq_length, as a list (small data: tests, tools; pairs: chosen,
+    rejected, chosen, ...); bad records raise as in validate_dataset. Training reads the memory-mapped cache
+    instead (data/cache.py)."""
     name = display_name or str(path)
-    _, chunks = encode_split(path, name, fmt, tokenizer, max_seq_length, workers=1)
+    _, chunks = encode_split(path, name, fmt, tokenizer, max_seq_length, workers=1, pairs=pairs)
     examples = []
     for chunk in chunks:
         ends = np.cumsum(chunk.lengths)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..spec import TaskType
+from ..spec import PREFERENCE_OBJECTIVES, TaskType
 from .base import Evaluation, Task
 
 if TYPE_CHECKING:
@@ -16,8 +16,10 @@ __all__ = ["Evaluation", "Task", "task_for"]
 
 
 def task_for(config: TrainerConfig, model_dir: Path, storage: Storage | None = None) -> Task:
-    """The Task of config.task, for the model folder `model_dir`."""
-    if config.task == TaskType.sequence_classification:
+    """The Task of config.task (and config.objective), for the model folder `model_dir`."""
+    if config.objective in PREFERENCE_OBJECTIVES:
+        from .preference import Preference as cls
+    elif config.task == TaskType.sequence_classification:
         from .sequence_classification import SequenceClassification as cls
     elif config.task == TaskType.image_classification:
         from .image_classification import ImageClassification as cls

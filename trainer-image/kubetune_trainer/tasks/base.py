@@ -119,6 +119,11 @@ class Task(ABC):
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss over the batch's units, the number of units), in this process."""
 
+    def window_metrics(self, accelerator) -> dict[str, float]:
+        """The task's own training metrics since the last call, over every process (a collective when there are
+        any), for the log line of each logging step; {} for a task that has none beside the loss."""
+        return {}
+
     @abstractmethod
     def evaluation(self, split: str) -> Evaluation:
         """A fresh accumulator for evaluating `split` ("validation" or "test")."""
@@ -145,3 +150,13 @@ class Task(ABC):
         if best is None:
             return True
         return value < best - min_delta if metric == EvalMetric.loss else value > best + min_delta
+
+    def load_base(self, dtype: torch.dtype):
+        """The base model for inference or merging (output.merged), without an adapter: the task's auto class and
+        head settings, every weight in `dtype`, on the CPU."""
+        from transformers import AutoModelForCausalLM
+
+        from ..modeling import quiet_transformers
+
+        with quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, **self.remote_code)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +41,12 @@ class CausalLM(Task):
         return self.processor.pad_token_id
 
     caches = True
+    pairs: ClassVar[bool] = False  # records are (chosen, rejected) pairs: tasks/preference.py
 
     def validate(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int):
         return validate_dataset(path, uri, fmt=fmt, tokenizer=self.processor,
                                 max_seq_length=self.config.hyperparameters.max_seq_length,
-                                min_samples=min_samples, split=split)
+                                min_samples=min_samples, split=split, pairs=self.pairs)
 
     def examples(self, split: str, path: Path, uri: str, fmt: DataFormat) -> list:
         hp = self.config.hyperparameters
@@ -64,8 +65,8 @@ class CausalLM(Task):
                 beat()
 
         report = validate_dataset(path, uri, fmt=fmt, tokenizer=self.processor, max_seq_length=hp.max_seq_length,
-                                  min_samples=min_samples, split=split, sink=sink)
-        report.sequences = writer.close(hp.max_seq_length, hp.packing, hp.seed)
+                                  min_samples=min_samples, split=split, sink=sink, pairs=self.pairs)
+        report.sequences = writer.close(hp.max_seq_length, hp.packing, hp.seed, pairs=self.pairs)
         return report
 
     def load(self, split: str, cache: Cache):

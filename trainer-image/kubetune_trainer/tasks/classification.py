@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ class ClassificationTask(Task):
     unit = "sample"
     headline = "accuracy"
     labels: list[str]  # class names in the order of the model's outputs, set by resolve_labels
+    auto_class: ClassVar[str]  # the task's transformers auto class, e.g. "AutoModelForSequenceClassification"
 
     def __init__(self, config, model_dir: Path, storage=None):
         super().__init__(config, model_dir, storage)
@@ -225,6 +226,22 @@ class ClassificationTask(Task):
         """from_pretrained keyword arguments for the head: num_labels, id2label, label2id."""
         return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
                 "label2id": {label: i for i, label in enumerate(self.labels)}}
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """from_pretrained keyword arguments of the task's model, in training and merging alike: the head's
+        (head_config) and trust_remote_code."""
+        return {**self.head_config(), **self.remote_code}
+
+    def load_base(self, dtype: torch.dtype):
+        """The base under a head for these labels, initialised anew (a head of another size is replaced): the
+        adapter's modules_to_save brings the trained one."""
+        import transformers
+
+        from ..modeling import quiet_transformers
+
+        with quiet_transformers():
+            return getattr(transformers, self.auto_class).from_pretrained(
+                self.model_dir, dtype=dtype, ignore_mismatched_sizes=True, **self.model_kwargs())
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.name.value, "labels": self.labels}

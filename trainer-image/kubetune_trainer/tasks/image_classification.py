@@ -26,6 +26,7 @@ KEYS = ("image",)  # what a record holds beside its label
 
 class ImageClassification(ClassificationTask):
     name = TaskType.image_classification
+    auto_class = "AutoModelForImageClassification"
     formats = tuple(f for f in TASK_FORMATS[TaskType.image_classification] if f != DataFormat.auto)
 
     def __init__(self, config, model_dir: Path, storage=None):
@@ -161,7 +162,7 @@ class ImageClassification(ClassificationTask):
         return load_model(self.model_dir, self._method(skeleton, heads or []), mixed_precision,
                           hp.gradient_checkpointing, sharded=sharded, seed=hp.seed,
                           auto_class=AutoModelForImageClassification, task_type=None, modules_to_save=heads,
-                          ignore_mismatched_sizes=True, **self.head_config(), **self.remote_code, **kwargs)
+                          ignore_mismatched_sizes=True, **self.model_kwargs(), **kwargs)
 
     def _skeleton(self):
         """The model with its new head, without weights (on the meta device): its class and module names."""

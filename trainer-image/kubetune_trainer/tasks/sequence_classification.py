@@ -28,6 +28,7 @@ KEYS = ("text", "text_pair")
 class SequenceClassification(ClassificationTask):
     name = TaskType.sequence_classification
     formats = (DataFormat.classification, DataFormat.label_studio)
+    auto_class = "AutoModelForSequenceClassification"
 
     def load_processor(self):
         from ..modeling import load_tokenizer
@@ -108,23 +109,26 @@ class SequenceClassification(ClassificationTask):
 
     def load_model(self, mixed_precision: str, sharded: bool):
         """The base model under a new head of len(labels) outputs (initialised from hyperparameters.seed); with
-        LoRA the head is trained in full (modules_to_save). pad_token_id tells a causal model's head which token
-        is the last one."""
+        LoRA the head is trained in full (modules_to_save)."""
         from transformers import AutoModelForSequenceClassification
 
         from ..modeling import load_model
 
-        if self.processor is None:
-            self.load_processor()
         hp, method = self.config.hyperparameters, self.config.method
-        kwargs: dict[str, Any] = {**self.head_config(), "pad_token_id": self.processor.pad_token_id,
-                                  **self.remote_code}
+        kwargs = self.model_kwargs()
         heads = None
         if method.type != MethodType.full:
             heads = head_modules(self.model_dir, AutoModelForSequenceClassification, **kwargs)
         return load_model(self.model_dir, method, mixed_precision, hp.gradient_checkpointing, sharded=sharded,
                           seed=hp.seed, auto_class=AutoModelForSequenceClassification, task_type="SEQ_CLS",
                           modules_to_save=heads, ignore_mismatched_sizes=True, **kwargs)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The head's and trust_remote_code, and pad_token_id: it tells a causal model's head which token is the
+        last one."""
+        if self.processor is None:
+            self.load_processor()
+        return {**super().model_kwargs(), "pad_token_id": self.processor.pad_token_id}
 
 
 def check_texts(value: dict) -> None:
