@@ -188,6 +188,10 @@ def _job_panels() -> list:
             _q("Throughput", f"max({m('samples_per_second')})", "samples/s"),
         ]),
         _timeseries("Gradient norm", [_q("Gradient norm", f"max({m('grad_norm')})", "grad norm")]),
+        _timeseries("Objective metrics", [
+            _q("Objective metrics", f"max by (metric) ({m('train_metric')})", "{{metric}}"),
+        ], description="Preference tuning (objective dpo, orpo) over each logging window: rewards_accuracy, "
+                       "rewards_margin, rewards_chosen, rewards_rejected, logps; empty for sft"),
         _timeseries("GPU memory used", [
             _q("GPU memory used", f"max by (gpu) ({m('gpu_memory_used_bytes')})", "GPU {{gpu}}"),
         ], unit="bytes"),

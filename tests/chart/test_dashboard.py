@@ -78,6 +78,7 @@ def test_the_metrics_the_panels_query_are_exported():
     trainer.gpu_memory.labels("job", "0").set(1)
     trainer.gpu_utilization.labels("job", "0").set(1)
     trainer.set_evaluation("test", "finetuned", {"loss": 1.0})
+    trainer.set_train({"rewards_accuracy": 1.0})
     trainer.set(**dict.fromkeys(("step", "total_steps", "epoch", "progress_ratio", "eta_seconds", "train_loss",
                                  "validation_loss", "test_loss", "test_perplexity", "test_token_accuracy",
                                  "learning_rate", "grad_norm", "tokens_per_second", "samples_per_second",
@@ -151,6 +152,8 @@ def _synthetic_series(end: float, minutes: int = 30, step: int = 15) -> str:
             add("kubetune_trainer_gpu_memory_used_bytes", f'{TRAINER}, gpu="{gpu}"', 40e9, t)
             add("kubetune_trainer_gpu_utilization_ratio", f'{TRAINER}, gpu="{gpu}"', 0.9, t)
         add("kubetune_trainer_info", f'{TRAINER}, method="lora", base_model="s3://models/llama/"', 1, t)
+        for metric, value in (("rewards_accuracy", i / n), ("rewards_margin", 2 * i / n)):  # preference tuning
+            add("kubetune_trainer_train_metric", f'{TRAINER}, metric="{metric}"', value, t)
         evaluations = {("validation", "finetuned"): {"loss": 2.1 - i / n, "accuracy": 0.5 + i / (3 * n)},
                        ("test", "finetuned"): {"loss": 1.1, "accuracy": 0.9},
                        ("test", "baseline"): {"loss": 2.4, "accuracy": 0.3}}

@@ -583,3 +583,37 @@ def test_a_missing_image_fails_validation_on_cpu(control_plane, node_agent, name
     assert "train.jsonl:4" in status["message"] and "images/train/0003.png" in status["message"], status["message"]
     jobs = [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"]]
     assert "missing-image-train" not in jobs
+
+
+# -- preference tuning, with the real trainer ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_dpo_job_reports_rewards_and_publishes_a_merged_model(control_plane, node_agent, namespace, operator,
+                                                                 tiny_model, real_trainer, tmp_path):
+    from kubetune_trainer.demo_data import write_preference_dataset
+
+    storage = Storage(StorageEndpoint(endpoint=tiny_model["endpoint"]))
+    pairs = tiny_model["output"].replace("/out/", "/pairs/")
+    for split, path in write_preference_dataset(tmp_path / "pairs", train=32, validation=8, test=8).items():
+        storage.upload_file(path, f"{pairs}{split}.jsonl")
+    credentials(control_plane, namespace)
+    submit(control_plane, namespace, "dpo", {
+        "objective": "dpo", "baseModel": {"uri": tiny_model["model"]}, "image": real_trainer,
+        "dataset": {"train": f"{pairs}train.jsonl", "validation": f"{pairs}validation.jsonl",
+                    "test": f"{pairs}test.jsonl"},
+        "hyperparameters": {"maxSteps": 4, "batchSize": 4, "learningRate": 5e-4, "loggingSteps": 1},
+        "evaluation": {"everySteps": 2},
+        "output": {"uri": tiny_model["output"], "merged": True, "dtype": "fp32"},
+        "storage": {"endpoint": tiny_model["endpoint"], "secretRef": {"name": "s3-credentials"}},
+        "resources": {"workers": 1, "gpusPerWorker": 0},
+    })
+    status = wait_phase(control_plane, namespace, "dpo", ("Succeeded", "Failed"), timeout=420)["status"]
+    assert status["phase"] == "Succeeded", status
+    test, baseline = status["result"]["metrics"]["test"], status["result"]["metrics"]["baseline"]
+    assert {"loss", "rewards_accuracy", "rewards_margin", "rewards_chosen", "rewards_rejected"} <= test.keys()
+    assert baseline["rewards_accuracy"] == 0 and test["loss"] < baseline["loss"]
+    assert status["result"]["summary"].startswith("loss ") and status["dataset"]["samples"] == 32
+    manifest = storage.get_json(status["result"]["manifestUri"])
+    assert manifest["objective"] == "dpo" and manifest["merged"] == {"path": "merged/", "dtype": "fp32"}
+    assert any(f["path"] == "merged/config.json" for f in manifest["files"])
