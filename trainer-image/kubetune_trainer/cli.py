@@ -275,7 +275,8 @@ class ProgressReporter:
         elif kind == "plan":
             self.progress.update(self.task, total=event["total_steps"], completed=event["start_step"])
         elif kind == "train":
-            self.progress.update(self.task, completed=event["step"], loss=f"loss {event['loss']:.4f}")
+            rewards = f", rewards accuracy {event['rewards_accuracy']:.2f}" if "rewards_accuracy" in event else ""
+            self.progress.update(self.task, completed=event["step"], loss=f"loss {event['loss']:.4f}{rewards}")
         elif kind == "already_published":
             self.already_published = True
         elif kind == "data":  # what the data costs, one line

@@ -48,7 +48,7 @@ class Preference(CausalLM):
     def examples(self, split: str, path: Path, uri: str, fmt) -> list:
         hp = self.config.hyperparameters
         examples = preference.tokenize_pairs(path, uri, fmt=fmt, tokenizer=self.processor,
-                                        max_seq_length=hp.max_seq_length)
+                                             max_seq_length=hp.max_seq_length)
         self._keep_prompts(split, examples[0::2])
         return preference.pair_examples(examples, hp.max_seq_length, hp.packing, hp.seed)
 
