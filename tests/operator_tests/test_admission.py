@@ -29,6 +29,8 @@ EXAMPLE = ROOT / "examples" / "finetunejob.yaml"
 
 CHANGES = {  # one change to each field that determines what is trained, merged into the example's spec
     "task": "sequence-classification",
+    "objective": "dpo",
+    "objectiveParams": {"beta": 0.5},
     "baseModel": {"uri": "s3://models/llama-3.1-70b/"},
     "dataset": {"train": "s3://data/support/train-v2.jsonl"},
     "method": {"lora": {"r": 32}},
