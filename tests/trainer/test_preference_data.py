@@ -18,7 +18,6 @@ from kubetune_trainer.data import (
     detect_format,
     pair_examples,
     pair_size,
-    pair_split,
     tokenize_dataset,
     tokenize_pair,
     validate_dataset,
@@ -266,7 +265,7 @@ def test_the_cache_gives_what_tokenizing_in_memory_gives(tmp_path, tok, packing)
     report.sequences = writer.close(96, packing, seed=3, pairs=True)
     write_meta(tmp_path / "cache", "key", {}, {"train": report})
     cache = Cache(tmp_path / "cache")
-    cached = pair_split(cache, "train")
+    cached = cache.sequences("train")
     expected = pair_examples(tokenize_pairs(path, None, fmt=FMT.auto, tokenizer=tok, max_seq_length=96), 96,
                              packing, seed=3)
     assert report.truncated > 0 and report.samples == 60

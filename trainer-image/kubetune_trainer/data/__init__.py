@@ -5,7 +5,7 @@ See docs/data-formats.md for the formats, the loss masking and the validation ru
 
 from .formats import INSTRUCTION_TEMPLATE, INSTRUCTION_WITH_INPUT_TEMPLATE, detect_format
 from .packing import PackedExample, collate, pack_examples
-from .preference import PackedPairs, PreferencePair, blank_pairs, collate_pairs, pair_examples, pair_size, pair_split
+from .preference import PackedPairs, PreferencePair, blank_pairs, collate_pairs, pair_examples, pair_size
 from .records import Record, load_records
 from .tokenize import IGNORE, Example, tokenize_pair, tokenize_record
 from .tokenizer import train_tokenizer
@@ -14,6 +14,6 @@ from .validate import DatasetReport, tokenize_dataset, validate_dataset
 __all__ = [
     "IGNORE", "INSTRUCTION_TEMPLATE", "INSTRUCTION_WITH_INPUT_TEMPLATE", "DatasetReport", "Example",
     "PackedExample", "PackedPairs", "PreferencePair", "Record", "blank_pairs", "collate", "collate_pairs",
-    "detect_format", "load_records", "pack_examples", "pair_examples", "pair_size", "pair_split",
+    "detect_format", "load_records", "pack_examples", "pair_examples", "pair_size",
     "tokenize_dataset", "tokenize_pair", "tokenize_record", "train_tokenizer", "validate_dataset",
 ]

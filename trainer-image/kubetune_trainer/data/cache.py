@@ -141,16 +141,17 @@ class Cache:
         return TokenizedSplit(self.directory / split)
 
     def sequences(self, split: str) -> Sequence:
-        """What training reads: the packed sequences when the cache was packed, else the examples (preference
-        pairs: preference.pair_split)."""
+        """What training reads: the packed sequences when the cache was packed, else the examples; for preference
+        pairs, the pairs (preference.PairSplit) or their packed rows."""
+        rows, pack = self.examples(split), pack_sequence
         if self.meta["splits"].get(split, {}).get("report", {}).get("format") in PREFERENCE_FORMATS:
-            from .preference import pair_split
+            from .preference import PairSplit, pack_pairs
 
-            return pair_split(self, split)
-        examples = self.examples(split)
+            rows, pack = PairSplit(rows), pack_pairs
         if not (self.directory / split / "bounds.bin").exists():
-            return examples
-        return PackedSplit(examples, _map(self.directory / split, "members"), _map(self.directory / split, "bounds"))
+            return rows
+        return PackedSplit(rows, _map(self.directory / split, "members"), _map(self.directory / split, "bounds"),
+                           pack)
 
 
 def _map(directory: Path, name: str) -> np.ndarray:
@@ -205,17 +206,18 @@ class TokenizedSplit(_Rows):
 
 
 class PackedSplit(_Rows):
-    """A split's packed sequences, built from the memory-mapped examples when asked for."""
+    """A split's packed sequences, built from the memory-mapped rows (examples, or pairs) when asked for: row b
+    is `pack` of the rows members[bounds[b]:bounds[b + 1]]."""
 
-    def __init__(self, examples: TokenizedSplit, members: np.ndarray, bounds: np.ndarray):
+    def __init__(self, examples: Sequence, members: np.ndarray, bounds: np.ndarray, pack=pack_sequence):
         super().__init__()
-        self.examples, self.members, self.bounds = examples, members, bounds
+        self.examples, self.members, self.bounds, self.pack = examples, members, bounds, pack
 
     def _size(self) -> int:
         return len(self.bounds) - 1
 
     def _row(self, b: int) -> PackedExample:
-        return pack_sequence([self.examples[int(i)] for i in self.members[self.bounds[b]:self.bounds[b + 1]]])
+        return self.pack([self.examples[int(i)] for i in self.members[self.bounds[b]:self.bounds[b + 1]]])
 
 
 def remove(directory: Path) -> None:

@@ -27,11 +27,12 @@ class PackedExample:
         return len(self.input_ids)
 
 
-def pack_examples(examples: list[Example], max_seq_length: int,
-                  seed: int | None = None) -> list[PackedExample]:
-    """The examples packed by pack_plan."""
+def pack_examples(examples: list, max_seq_length: int, seed: int | None = None, pack=None) -> list:
+    """The examples packed by pack_plan, each group laid end to end by `pack` (default pack_sequence; preference
+    pairs: preference.pack_pairs)."""
+    pack = pack or pack_sequence
     members, bounds = pack_plan(np.array([len(e) for e in examples], dtype=np.int64), max_seq_length, seed)
-    return [pack_sequence([examples[i] for i in members[bounds[b]:bounds[b + 1]]]) for b in range(len(bounds) - 1)]
+    return [pack([examples[i] for i in members[bounds[b]:bounds[b + 1]]]) for b in range(len(bounds) - 1)]
 
 
 def pack_plan(lengths: np.ndarray, max_seq_length: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -13,16 +13,14 @@ so that per-sequence log-probabilities are a scatter_add over sequence[:, 1:] of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..spec import DataFormat
-from .cache import Cache, TokenizedSplit, _map, _Rows
-from .packing import pack_plan, pack_sequence
+from .cache import TokenizedSplit, _Rows
+from .packing import pack_examples, pack_sequence
 from .tokenize import IGNORE, Example
 from .validate import tokenize_dataset
 
@@ -68,24 +66,11 @@ def tokenize_pairs(path: Path, display_name: str | None, *, fmt: DataFormat, tok
 def pair_examples(examples: list[Example], max_seq_length: int, packing: bool,
                   seed: int | None = None) -> list[PreferencePair] | list[PackedPairs]:
     """Examples in pair order (chosen, rejected, chosen, ...: tokenize_dataset(pairs=True)) as pairs, or packed
-    into rows of at most 2 x max_seq_length tokens: in memory what pair_split reads from a cache."""
+    into rows of at most 2 x max_seq_length tokens: in memory what Cache.sequences reads from a cache."""
     if any(len(e) > max_seq_length for e in examples):
         raise ValueError(f"examples longer than max_seq_length {max_seq_length}: truncate them first")
     pairs = [PreferencePair(c, r) for c, r in zip(examples[0::2], examples[1::2], strict=True)]
-    if not packing:
-        return pairs
-    members, bounds = pack_plan(np.array([len(p) for p in pairs], dtype=np.int64), 2 * max_seq_length, seed)
-    return [pack_pairs([pairs[i] for i in members[bounds[b]:bounds[b + 1]]]) for b in range(len(bounds) - 1)]
-
-
-def pair_split(cache: Cache, split: str) -> Sequence:
-    """A cached split's pairs (PreferencePair), or its packed rows (PackedPairs) when the cache was packed: read
-    from the memory map when indexed."""
-    pairs = PairSplit(cache.examples(split))
-    directory = cache.directory / split
-    if not (directory / "bounds.bin").exists():
-        return pairs
-    return PackedPairSplit(pairs, _map(directory, "members"), _map(directory, "bounds"))
+    return pack_examples(pairs, 2 * max_seq_length, seed, pack=pack_pairs) if packing else pairs
 
 
 class PairSplit(_Rows):
@@ -102,20 +87,6 @@ class PairSplit(_Rows):
 
     def _row(self, i: int) -> PreferencePair:
         return PreferencePair(self.examples[2 * i], self.examples[2 * i + 1])
-
-
-class PackedPairSplit(_Rows):
-    """A split's packed rows of pairs: row b holds the pairs members[bounds[b]:bounds[b + 1]]."""
-
-    def __init__(self, pairs: PairSplit, members: np.ndarray, bounds: np.ndarray):
-        super().__init__()
-        self.pairs, self.members, self.bounds = pairs, members, bounds
-
-    def _size(self) -> int:
-        return len(self.bounds) - 1
-
-    def _row(self, b: int) -> PackedPairs:
-        return pack_pairs([self.pairs[int(i)] for i in self.members[self.bounds[b]:self.bounds[b + 1]]])
 
 
 def collate_pairs(items: list[PreferencePair | PackedPairs], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -54,7 +54,7 @@ class Preference(CausalLM):
 
     def load(self, split: str, cache: Cache):
         self._keep_prompts(split, cache.examples(split)[0::2])  # the chosen sequences: prompt and its answer
-        return preference.pair_split(cache, split)
+        return cache.sequences(split)
 
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
         return preference.collate_pairs(examples, self.pad_id)
