@@ -94,6 +94,8 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
     phase("training")
     precision = accelerator.mixed_precision
     model = task.load_model(precision, is_sharded(config, accelerator))
+    # How the model computes (hyperparameters.performance, kernels/): each choice and why, for the log.
+    report({"event": "kernels", **getattr(model, "kubetune_choices", {})})
     # From here SIGTERM is noted, not fatal: the loop checkpoints and stops; after the loop, publishing goes on.
     with StopSignal().installed() as stop, collective_failures_are_peer_lost(accelerator):
         model, state, plan = train(config, task, model, splits, accelerator, storage, metrics, report, inputs, stop)

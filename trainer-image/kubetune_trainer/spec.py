@@ -219,7 +219,8 @@ class DatasetSpec(Model):
 class LoraSpec(Model):
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input; 0 (the default) lets the "
+                           "adapter skip a copy of every LoRA input, and short fine-tunes rarely need it")
     target_modules: list[Annotated[str, Field(max_length=256)]] = Field(
         default_factory=lambda: ["all-linear"], min_length=1, max_length=MAX_LIST)
 
@@ -227,6 +228,45 @@ class LoraSpec(Model):
 class MethodSpec(Model):
     type: MethodType = MethodType.lora
     lora: LoraSpec = Field(default_factory=LoraSpec)
+
+
+class LossKernel(StrEnum):
+    auto = "auto"  # fused on a GPU with Liger-Kernel installed, else chunked
+    chunked = "chunked"  # cross-entropy over chunks of the hidden states: full logits are never held
+    fused = "fused"  # Liger-Kernel's fused linear cross-entropy (CUDA)
+    full = "full"  # the model's logits in full, then cross-entropy (the plain path)
+
+
+class AttentionKernel(StrEnum):
+    auto = "auto"  # flash (varlen) where installed and usable, else sdpa
+    flash = "flash"  # FlashAttention 2 varlen over the packed samples (CUDA, bf16/fp16)
+    flex = "flex"  # PyTorch flex_attention with a block mask of the packed samples
+    sdpa = "sdpa"  # PyTorch scaled_dot_product_attention with a dense block-diagonal mask
+
+
+class AdapterDtype(StrEnum):
+    auto = "auto"  # bf16 where training computes in bf16, else fp32
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class PerformanceSpec(Model):
+    """How the trainer computes, not what: every choice gives the same training to float tolerance, and the
+    defaults pick the fastest correct one for the machine. The trainer logs what it chose."""
+
+    loss: LossKernel = Field(LossKernel.auto, description="Cross-entropy implementation: auto, chunked (never "
+                             "materializes full logits), fused (Liger-Kernel, CUDA) or full (plain logits)")
+    attention: AttentionKernel = Field(AttentionKernel.auto, description="Attention over packed samples: auto, "
+                                       "flash (FlashAttention varlen), flex (flex_attention) or sdpa")
+    adapter_dtype: AdapterDtype = Field(AdapterDtype.auto, description="dtype of the LoRA weights: auto (bf16 "
+                                        "when computing in bf16), bf16 or fp32")
+    checkpoint_layers: int | None = Field(
+        None, ge=0, description="With gradientCheckpointing: how many decoder layers recompute their "
+        "activations in the backward pass (spread evenly); by default all of them on CPU, and on a GPU as few "
+        "as the free memory allows")
+    liger: bool = Field(False, description="Liger-Kernel's fused RMSNorm, RoPE and SwiGLU (CUDA, "
+                        "liger-kernel installed)")
+    compile: bool = Field(False, description="torch.compile each decoder layer (the first steps compile)")
 
 
 class Hyperparameters(Model):
@@ -245,6 +285,7 @@ class Hyperparameters(Model):
     precision: Precision = Precision.auto
     gradient_checkpointing: bool = False
     logging_steps: int = Field(10, ge=1)
+    performance: PerformanceSpec = Field(default_factory=PerformanceSpec)
     strategy: Strategy = Field(
         Strategy.ddp, description="Across several processes: ddp replicates the model in each; fsdp shards it "
         "(parameters, gradients, optimizer state) for models too large for one GPU")

@@ -8,9 +8,9 @@ loop, the operator and the publishing know neither.
 from __future__ import annotations
 
 from ..spec import Objective, ObjectiveParams
-from .base import Logps, PreferenceObjective, sequence_logps
+from .base import Logps, PreferenceObjective, prediction_targets, sequence_logps
 
-__all__ = ["Logps", "PreferenceObjective", "objective_for", "sequence_logps"]
+__all__ = ["Logps", "PreferenceObjective", "objective_for", "prediction_targets", "sequence_logps"]
 
 
 def objective_for(objective: Objective, params: ObjectiveParams) -> PreferenceObjective:

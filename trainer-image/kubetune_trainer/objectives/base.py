@@ -2,7 +2,7 @@
 
 A batch (data/preference.collate_pairs) holds sequences numbered 0, 1, 2, ... (`sequence`, -1 on padding): the
 chosen answer of the batch's pair p is sequence 2p, the rejected one 2p + 1, whether each has a row of its own or
-several share a packed row. `sequence_logps` sums the model's per-token log-probabilities per sequence; the
+several share a packed row. `sequence_logps` sums the per-token log-probabilities (kernels/loss.py) per sequence; the
 objective turns the sums into a loss per pair.
 """
 
@@ -36,17 +36,22 @@ class Logps:
         return self.chosen.shape[0]
 
 
-def sequence_logps(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> Logps:
-    """The Logps of a batch from the model's logits [R, T, V]: token t is predicted by position t - 1, and only
-    within its own sequence (a packed row's next sequence starts a new one)."""
+def prediction_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, T-1] each: the token that position t predicts (token t + 1) and whether it is scored: predicted from a
+    token of the same sequence (a packed row's next sequence starts a new one)."""
+    sequence = batch["sequence"]
+    inner = (sequence[:, 1:] >= 0) & (sequence[:, 1:] == sequence[:, :-1])
+    return torch.where(inner, batch["input_ids"][:, 1:], 0), inner
+
+
+def sequence_logps(per_token: torch.Tensor, batch: dict[str, torch.Tensor]) -> Logps:
+    """The Logps of a batch from the log-probabilities [R, T-1] of the `prediction_targets` (0 where not
+    scored; kernels/loss.LossHead.token_logps)."""
     sequence = batch["sequence"]
     pairs = max(int(sequence.max()) + 1, 0) // 2
     labels, target_seq = batch["labels"][:, 1:], sequence[:, 1:]
-    inner = (target_seq >= 0) & (target_seq == sequence[:, :-1])  # predicted from a token of the same sequence
+    _, inner = prediction_targets(batch)
     trained = inner & (labels != IGNORE)
-    tokens = torch.where(inner, batch["input_ids"][:, 1:], 0)
-    logits = logits[:, :-1].float()
-    per_token = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
     index = target_seq.clamp(min=0).reshape(-1)
 
     def per_sequence(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ..data import IGNORE, PackedExample, collate, pack_examples, tokenize_dataset, validate_dataset
 from ..data.cache import Cache, SplitWriter
+from ..kernels.loss import LossHead
+from ..kernels.loss import choose as choose_loss
 from ..spec import TASK_FORMATS, DataFormat, TaskType
 from .base import Beat, Evaluation, Task
 
@@ -29,6 +30,7 @@ class CausalLM(Task):
     def __init__(self, config, model_dir: Path, storage=None):
         super().__init__(config, model_dir, storage)
         self._prompts: list | None = None  # the test prompts generation scores, when evaluation.generation is set
+        self.head = LossHead()  # how the loss scores tokens (kernels/loss.py); chosen for the model by load_model
 
     def load_processor(self):
         from ..modeling import load_tokenizer
@@ -98,15 +100,18 @@ class CausalLM(Task):
         from ..modeling import load_model
 
         hp = self.config.hyperparameters
-        return load_model(self.model_dir, self.config.method, mixed_precision, hp.gradient_checkpointing,
-                          sharded=sharded, seed=hp.seed, **self.remote_code)
+        model = load_model(self.model_dir, self.config.method, mixed_precision, hp, sharded=sharded,
+                           **self.remote_code)
+        self.head = choose_loss(hp.performance.loss, model, "cuda" if torch.cuda.is_available() else "cpu")
+        model.kubetune_choices = {**getattr(model, "kubetune_choices", {}), "loss": self.head.reason}
+        return model
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        loss_sum, tokens, _ = forward_loss(model, batch)
-        return loss_sum, tokens
+        inputs, labels, trained = targets(batch)
+        return self.head.cross_entropy_sum(model, inputs, labels, trained), trained.sum()
 
     def evaluation(self, split: str) -> Evaluation:
-        return TokenEvaluation()
+        return TokenEvaluation(self.head)
 
     def generation_metrics(self, model, accelerator, beat: Beat) -> dict[str, Any]:
         spec = self.config.evaluation.generation
@@ -119,27 +124,22 @@ class CausalLM(Task):
                                       is_sharded(self.config, accelerator))
 
 
-def forward_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy over trained tokens, their count, and how many argmax got right."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
+def targets(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The model's inputs, the token each position predicts (its label) and the trained positions."""
     labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE,
-                               reduction="sum")
-    correct = ((logits.argmax(-1) == labels) & mask).sum()
-    return loss_sum, mask.sum(), correct
+    return {k: v for k, v in batch.items() if k != "labels"}, labels.clamp(min=0), labels != IGNORE
 
 
 class TokenEvaluation(Evaluation):
     """Token-weighted loss, perplexity and token accuracy, summed over every process."""
 
-    def __init__(self):
-        self.totals: torch.Tensor | None = None
+    def __init__(self, head: LossHead):
+        self.head, self.totals = head, None
 
     def add(self, model, batch: dict[str, torch.Tensor]) -> None:
-        loss_sum, tokens, correct = forward_loss(model, batch)
-        row = torch.stack([loss_sum.double(), tokens.double(), correct.double()])
+        inputs, labels, trained = targets(batch)
+        scores = self.head.scores(model, inputs, labels, trained, correct=True)
+        row = torch.stack([-scores.logps.double().sum(), trained.sum().double(), scores.correct.sum().double()])
         self.totals = row if self.totals is None else self.totals + row
 
     def result(self, accelerator) -> dict[str, Any]:

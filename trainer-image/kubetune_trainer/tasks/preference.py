@@ -23,7 +23,8 @@ import torch
 
 from ..data import preference
 from ..data.cache import Cache
-from ..objectives import Logps, objective_for, sequence_logps
+from ..kernels.loss import LossHead
+from ..objectives import Logps, objective_for, prediction_targets, sequence_logps
 from ..spec import PREFERENCE_FORMATS, MethodType, TaskType
 from .base import Evaluation
 from .causal_lm import CausalLM
@@ -88,13 +89,13 @@ class Preference(CausalLM):
     def _pairs(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Each pair's loss and metrics: the reference pass first (no graph kept), then the policy's."""
         reference = self._reference_logps(model, batch) if self.objective.uses_reference else None
-        return self.objective.pair_losses(_logps(model, batch), reference)
+        return self.objective.pair_losses(_logps(self.head, model, batch), reference)
 
     def _reference_logps(self, model, batch: dict[str, torch.Tensor]) -> Logps:
         with torch.no_grad():
             if self.config.method.type != MethodType.full:
                 with _unwrapped(model).disable_adapter():
-                    return _logps(model, batch)
+                    return _logps(self.head, model, batch)
             if not self._reference_placed:  # on the policy's device, sharded like it (FSDP: a collective)
                 from .. import sharding
 
@@ -102,7 +103,7 @@ class Preference(CausalLM):
                 self.reference = sharding.shard(self.reference, device) if self._sharded else \
                     self.reference.to(device)
                 self._reference_placed = True
-            return _logps(self.reference, batch)
+            return _logps(self.head, self.reference, batch)
 
     def window_metrics(self, accelerator) -> dict[str, float]:
         window = self._window if self._window is not None else torch.zeros(
@@ -123,9 +124,10 @@ def _unwrapped(model):
     return getattr(model, "module", model)
 
 
-def _logps(model, batch: dict[str, torch.Tensor]) -> Logps:
+def _logps(head: LossHead, model, batch: dict[str, torch.Tensor]) -> Logps:
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "sequence")}
-    return sequence_logps(model(**inputs, use_cache=False).logits, batch)
+    tokens, inner = prediction_targets(batch)
+    return sequence_logps(head.token_logps(model, inputs, tokens, inner), batch)
 
 
 def _row(losses: torch.Tensor, metrics: dict[str, torch.Tensor], names: tuple[str, ...]) -> torch.Tensor:
