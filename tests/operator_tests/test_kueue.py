@@ -141,6 +141,9 @@ def test_a_suspend_holds_and_resume_requeues(control_plane, node_agent, namespac
     wait_for("the workers to stop", lambda: not [
         p for p in training_job_pods(control_plane, namespace, "pausable")
         if p["status"].get("phase") in ("Pending", "Running")], timeout=90)
+    # Kueue releases the quota once the pods are gone and the operator mirrors it at its next reconcile
+    wait_for("the quota to be released", lambda: not status_of(control_plane, namespace, "pausable")["queue"][
+        "admitted"], timeout=60)
     for _ in range(8):  # Kueue and the operator leave it alone
         s = status_of(control_plane, namespace, "pausable")
         job = get_json(control_plane, "job", "-n", namespace, "pausable-train")
