@@ -1,5 +1,6 @@
 # `make bench-trainer`: real tokens/s of the Kubetune trainer vs a stock HF Trainer + PEFT script.
 # On a GPU machine: make bench-trainer BENCH_ARGS="--device cuda --model llama3-8b-shape --steps 40"
+# Loss-kernel memory on CPU: make bench-trainer BENCH_ARGS="--model tiny-32k --seq-len 2048 --batch-size 2 --loss-kernels chunked,full --steps 6 --warmup 2"; on one H200: bench/gpu.sh
 # `make bench-data`: tokenizing 200,000 and 1,000,000 chat records, Kubetune (first run, cached) vs HF datasets.
 # A quick try: make bench-data BENCH_DATA_ARGS="--records 20000,100000"
 # `make bench-operator`: the operator with 100/400/1,000 FineTuneJobs on the local control plane.

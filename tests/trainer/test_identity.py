@@ -50,6 +50,15 @@ def test_identity_is_the_manifest_less_where_it_runs():
     assert job == RunIdentity("0f6c-uid", RunIdentity.of(base).spec_hash)
 
 
+def test_how_the_trainer_computes_is_not_what_it_trains():
+    """hyperparameters.performance changes no identity: the run resumes from its checkpoints with another loss
+    kernel, or under a trainer that knows more performance fields."""
+    base = config_for("s3://adapters/x/")
+    faster = config_for("s3://adapters/x/", hyperparameters={"performance": {"loss": "full", "compile": True}})
+    assert RunIdentity.of(faster) == RunIdentity.of(base)
+    assert RunIdentity.of(config_for("s3://adapters/x/", hyperparameters={"seed": 7})) != RunIdentity.of(base)
+
+
 def test_first_claim_writes_a_marker_and_the_same_run_claims_again(where):
     storage, base = where
     config = config_for(f"{base}/out/")

@@ -1,8 +1,9 @@
 """Run identity: which run made an object in storage.
 
 A run is (uid, specHash): the FineTuneJob's uid (`kubetune run`: a hash of the config) and a hash of the
-fields that determine what is trained (base model, data, method, hyperparameters). The published manifest and
-every checkpoint carry it, so a run never mistakes another run's output or checkpoints for its own.
+fields that determine what is trained (base model, data, method, hyperparameters less their `performance`).
+The published manifest and every checkpoint carry it, so a run never mistakes another run's output or
+checkpoints for its own.
 
 `claim` runs before any GPU work (and in `kubetune validate`): a prefix that holds another run's manifest,
 checkpoints or claim marker is refused (OutputInUseError, exit 73) unless `output.overwrite: true`, which moves
@@ -43,6 +44,9 @@ class RunIdentity:
     @classmethod
     def of(cls, config: TrainerConfig) -> RunIdentity:
         doc = config.dump()
+        # hyperparameters.performance says how the trainer computes, not what it trains: a change of it (or a
+        # performance field that a newer trainer adds) is the same run, and resumes from its checkpoints.
+        doc["hyperparameters"].pop("performance", None)
         spec_hash = _sha256({k: doc.get(k) for k in TRAINING_FIELDS})
         if config.run_id:
             return cls(config.run_id, spec_hash)

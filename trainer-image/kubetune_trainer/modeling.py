@@ -9,7 +9,16 @@ from pathlib import Path
 import torch
 
 from .errors import ConfigError
-from .spec import FSDP_FP16, QLORA_FSDP, MethodSpec, MethodType, Precision
+from .spec import (
+    FSDP_FP16,
+    QLORA_FSDP,
+    AdapterDtype,
+    AttentionKernel,
+    Hyperparameters,
+    MethodSpec,
+    MethodType,
+    Precision,
+)
 
 
 def resolve_precision(precision: Precision, fsdp: bool = False) -> str:
@@ -40,23 +49,52 @@ def load_tokenizer(model_dir: Path, **kwargs):
     return tokenizer
 
 
-def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, gradient_checkpointing: bool,
-               sharded: bool = False, seed: int = 42, *, auto_class=None, task_type: str = "CAUSAL_LM",
+def adapter_dtype(choice: AdapterDtype, mixed_precision: str) -> torch.dtype:
+    """The dtype of the trainable LoRA weights (hyperparameters.performance.adapterDtype). bf16 when the run
+    computes in bf16: the adapter then matches the bf16 base and peft casts nothing (AdamW on bf16 parameters, as
+    torchtune's LoRA recipes do); fp32 otherwise. An explicit bf16 is honoured without bf16 mixed precision too
+    (CPUs compute in bf16), but not under fp16, whose gradient scaler wants fp32 weights."""
+    if choice == AdapterDtype.bf16:
+        if mixed_precision == "fp16":
+            raise ConfigError("hyperparameters.performance.adapterDtype bf16 does not go with fp16 mixed "
+                              "precision; use auto or fp32, or precision bf16")
+        return torch.bfloat16
+    if choice == AdapterDtype.fp32:
+        return torch.float32
+    return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+
+
+def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, hp: Hyperparameters | bool = False,
+               sharded: bool = False, seed: int | None = None, *, auto_class=None, task_type: str = "CAUSAL_LM",
                modules_to_save: list[str] | None = None, **model_kwargs):
-    """The model to train. `sharded` (FSDP): every weight in fp32, one dtype per shard group. Whatever is new
-    (a classification head, the adapter) is initialised from `seed` (hyperparameters.seed) alone: the same seed
-    gives the same model, in every process.
+    """The model to train, as `hp` (hyperparameters: gradientCheckpointing, seed, performance) asks. `hp` may
+    still be a bare bool (gradient checkpointing, with `seed`): older callers and tests. Whatever is new (a
+    classification head, the adapter) is initialised from the seed alone: the same seed gives the same model, in
+    every process.
+
+    Dtypes: full fine-tuning keeps fp32 master weights (autocast, or FSDP's param_dtype, computes in bf16/fp16).
+    LoRA/QLoRA keep the frozen base in the compute dtype (bf16 also when `sharded`: FSDP2 wants one dtype for
+    the trainable parameters of a shard group only) and the adapter in `adapter_dtype`.
 
     `auto_class` (default AutoModelForCausalLM) loads the folder with `model_kwargs` (num_labels, id2label, ...);
-    with LoRA, `task_type` is peft's and `modules_to_save` (a classification head) is trained in full."""
+    with LoRA, `task_type` is peft's and `modules_to_save` (a classification head) is trained in full.
+
+    The returned model's `kubetune_choices` (a dict of plain strings) says what was chosen, for a log line."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
+    if isinstance(hp, bool):
+        hp = Hyperparameters(gradient_checkpointing=hp, seed=42 if seed is None else seed)
+    elif seed is not None:
+        raise TypeError("load_model: the seed comes from hp.seed")
+    seed, perf = hp.seed, hp.performance
     transformers_logging.disable_progress_bar()  # "Loading weights", "Writing model shards": not for pod logs
     auto_class = auto_class or AutoModelForCausalLM
-    kwargs: dict = {"attn_implementation": "sdpa", **model_kwargs}
+    kwargs: dict = dict(model_kwargs)
+    choices: dict = {}
     if method.type == MethodType.qlora and sharded:
         raise ConfigError(QLORA_FSDP)
+    lora_dtype = adapter_dtype(perf.adapter_dtype, mixed_precision) if method.type != MethodType.full else None
     if method.type == MethodType.qlora:
         if not torch.cuda.is_available():
             raise ConfigError(
@@ -71,30 +109,33 @@ def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, gradie
             bnb_4bit_compute_dtype=compute,
         )
         kwargs["dtype"] = compute
-    elif method.type == MethodType.lora and mixed_precision == "bf16" and not sharded:
-        kwargs["dtype"] = torch.bfloat16  # frozen base weights in bf16; LoRA weights are made fp32 below
+    elif method.type == MethodType.lora and (mixed_precision == "bf16" or lora_dtype == torch.bfloat16):
+        kwargs["dtype"] = torch.bfloat16  # the frozen base in bf16, the compute dtype
     else:
         kwargs["dtype"] = torch.float32  # full fine-tuning keeps fp32 master weights under autocast
-    torch.manual_seed(seed)  # a new head's initial weights
-    try:
-        with quiet_transformers():
-            model = auto_class.from_pretrained(model_dir, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"baseModel: cannot load the model folder: {e}") from e
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, kwargs["dtype"])
+    model = _from_pretrained(model_dir, auto_class, perf.attention, compute_dtype, seed, kwargs, choices)
     model.config.use_cache = False
+    if perf.liger:
+        from .kernels.layers import apply_liger
+
+        choices["liger"] = apply_liger(model, "cuda" if torch.cuda.is_available() else "cpu")
+    choices["base_dtype"] = _dtype_name(kwargs["dtype"]) if method.type != MethodType.qlora else "nf4"
 
     if method.type == MethodType.full:
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model
+        if hp.gradient_checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        choices["checkpointed_layers"] = select_checkpointed_layers(model, hp, sharded)
+        return _finish(model, hp, choices)
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if method.type == MethodType.qlora:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=hp.gradient_checkpointing)
+    elif hp.gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
         model.enable_input_require_grads()
+    choices["checkpointed_layers"] = select_checkpointed_layers(model, hp, sharded)
     lora = method.lora
     targets = lora.target_modules
     config = LoraConfig(
@@ -113,8 +154,100 @@ def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, gradie
         raise ConfigError(f"method.lora.targetModules: {e}") from e
     for p in model.parameters():
         if p.requires_grad:
-            p.data = p.data.float()
+            p.data = p.data.to(lora_dtype)
+    choices["adapter_dtype"] = _dtype_name(lora_dtype)
+    return _finish(model, hp, choices)
+
+
+def _finish(model, hp: Hyperparameters, choices: dict):
+    """The last touches (performance.compile) and the record of what was chosen."""
+    if hp.performance.compile:
+        from .kernels.layers import compile_layers
+
+        choices["compile"] = compile_layers(model)
+    model.kubetune_choices = choices
     return model
+
+
+def _from_pretrained(model_dir: Path, auto_class, attention: AttentionKernel, compute_dtype: torch.dtype,
+                     seed: int, kwargs: dict, choices: dict):
+    """auto_class.from_pretrained with the attention implementation of `attention` (kernels/attention.py),
+    unless the caller's kwargs name one (None: a model without attention). When auto picks a kernel that this
+    model's class does not implement, sdpa it is. Records the choice in `choices`."""
+    from .kernels.attention import attention_implementation
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if "attn_implementation" in kwargs:
+        tries = [(kwargs.pop("attn_implementation"), "as the task needs")]
+    else:
+        tries = [attention_implementation(attention, device_type, compute_dtype)]
+        if attention == AttentionKernel.auto and tries[0][0] != "sdpa":
+            tries.append(("sdpa", f"sdpa: the model does not implement {tries[0][0]}"))
+    for i, (implementation, reason) in enumerate(tries):
+        torch.manual_seed(seed)  # a new head's initial weights
+        try:
+            with quiet_transformers():
+                model = auto_class.from_pretrained(model_dir, attn_implementation=implementation, **kwargs)
+        except (OSError, ValueError, ImportError) as e:
+            if i + 1 < len(tries) and not isinstance(e, OSError):  # refused by the class: the next choice
+                continue
+            raise ConfigError(f"baseModel: cannot load the model folder: {e}") from e
+        if implementation is not None:
+            choices["attention"] = reason
+        return model
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+# Activation bytes one decoder layer keeps for its backward pass, per token and hidden unit, at 2-byte
+# activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models") count
+# 34 for a GPT layer with a fused attention kernel (no seq^2 scores). A checkpointed layer keeps its input only.
+ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 34
+HEADROOM = 0.8  # of the free memory: logits, the loss, allocator fragmentation, kernels' workspaces
+
+
+def checkpoint_layers_for_memory(model, hp: Hyperparameters, layers: int, sharded: bool) -> int:
+    """How many of `layers` decoder layers must recompute so that the activations fit the free GPU memory.
+    A simple estimate: free memory x HEADROOM, less the weights not yet on the GPU (over the processes when
+    sharded) and ~4 bytes x 4 per trainable weight (fp32 gradient and AdamW's two moments, master copy), over
+    ACTIVATION_BYTES_PER_TOKEN_HIDDEN x maxSeqLength x batchSize x hidden size per kept layer."""
+    import os
+
+    free, _ = torch.cuda.mem_get_info()
+    world = int(os.environ.get("WORLD_SIZE", "1")) if sharded else 1
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "cuda") / world
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) * 16 / world
+    hidden = getattr(model.config, "hidden_size", None) or 0
+    per_layer = ACTIVATION_BYTES_PER_TOKEN_HIDDEN * hp.max_seq_length * hp.batch_size * hidden
+    budget = free * HEADROOM - weights - trainable
+    if per_layer <= 0:
+        return layers
+    keep = max(0, int(budget // per_layer))
+    return max(0, layers - keep)
+
+
+def select_checkpointed_layers(model, hp: Hyperparameters, sharded: bool = False) -> str:
+    """With gradient checkpointing on (every decoder layer recomputes), switch it off again for all but
+    performance.checkpointLayers of them, spread evenly over the stack; None: all on CPU, as few as the free
+    memory allows on CUDA. Returns what it did ("2 of 4", "off") for kubetune_choices."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not hp.gradient_checkpointing:
+        return "off"
+    if not layers:  # a model of other layers (ResNet...): transformers' own checkpointing as enabled
+        return "on"
+    wanted = hp.performance.checkpoint_layers
+    if wanted is None:
+        wanted = checkpoint_layers_for_memory(model, hp, len(layers), sharded) if torch.cuda.is_available() \
+            else len(layers)
+    wanted = min(wanted, len(layers))
+    chosen = {i * len(layers) // wanted for i in range(wanted)} if wanted else set()
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = layer.gradient_checkpointing and i in chosen
+    return f"{sum(layer.gradient_checkpointing for layer in layers)} of {len(layers)}"
 
 
 @contextmanager
@@ -139,16 +272,17 @@ def quiet_peft():
         yield
 
 
-def load_reference(model_dir: Path, mixed_precision: str, sharded: bool = False, **model_kwargs):
+def load_reference(model_dir: Path, mixed_precision: str, attention: str = "sdpa", **model_kwargs):
     """The frozen reference model of objective dpo with method full: the base model once more, for forward passes
-    only, in the compute dtype (bf16 or fp16 under mixed precision, unless sharded: one dtype per shard group)."""
+    only, in the compute dtype (bf16 or fp16 under mixed precision; nothing of it trains, so also when sharded),
+    with the policy's attention implementation."""
     from transformers import AutoModelForCausalLM
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
     try:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa",
-                                                         dtype=torch.float32 if sharded else dtype, **model_kwargs)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention, dtype=dtype,
+                                                         **model_kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(f"baseModel: cannot load the model folder: {e}") from e
     model.config.use_cache = False

@@ -22,7 +22,12 @@ from torch.distributed.tensor import DTensor
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def shard(model, device: torch.device):
+def shard(model, device: torch.device, mixed_precision: str = "no"):
+    """Shard `model` (each decoder layer a group, the model the root). `mixed_precision` is accelerate's value:
+    with "bf16" each layer's weights are all-gathered and computed in bf16 (param_dtype; fp32 master weights of
+    full fine-tuning stay fp32 in the shards) and gradients reduced in fp32; otherwise parameters compute in the
+    dtype they have. FSDP2 needs one dtype for the trainable parameters of a group only: the frozen bf16 base
+    of LoRA shards next to its adapter, whatever the adapter's dtype."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -32,8 +37,8 @@ def shard(model, device: torch.device):
     layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
     if not layers:
         raise ValueError(f"{type(base).__name__} names no decoder layer classes (_no_split_modules) to shard")
-    # Parameters stay fp32 (one dtype per shard group); autocast computes in bf16/fp16 as configured.
-    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    param_dtype = torch.bfloat16 if mixed_precision == "bf16" else None
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

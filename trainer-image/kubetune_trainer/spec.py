@@ -237,12 +237,37 @@ class LossKernel(StrEnum):
     full = "full"  # the model's logits in full, then cross-entropy (the plain path)
 
 
+class AttentionKernel(StrEnum):
+    auto = "auto"  # flash (varlen) where installed and usable, else flex on CUDA, else sdpa
+    flash = "flash"  # FlashAttention 2 varlen over the packed samples (CUDA, bf16/fp16)
+    flex = "flex"  # PyTorch flex_attention with a block mask of the packed samples
+    sdpa = "sdpa"  # PyTorch scaled_dot_product_attention with a dense block-diagonal mask
+
+
+class AdapterDtype(StrEnum):
+    auto = "auto"  # bf16 where training computes in bf16, else fp32
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
 class PerformanceSpec(Model):
     """How the trainer computes, not what: every choice gives the same training to float tolerance, and the
     defaults pick the fastest correct one for the machine. The trainer logs what it chose."""
 
     loss: LossKernel = Field(LossKernel.auto, description="Cross-entropy implementation: auto, chunked (never "
                              "materializes full logits), fused (Liger-Kernel, CUDA) or full (plain logits)")
+    attention: AttentionKernel = Field(AttentionKernel.auto, description="Attention over packed samples: auto "
+                                       "(flash, else flex on a GPU, else sdpa), flash (FlashAttention varlen), flex "
+                                       "(flex_attention) or sdpa")
+    adapter_dtype: AdapterDtype = Field(AdapterDtype.auto, description="dtype of the LoRA weights: auto (bf16 "
+                                        "when computing in bf16), bf16 or fp32")
+    checkpoint_layers: int | None = Field(
+        None, ge=0, description="With gradientCheckpointing: how many decoder layers recompute their "
+        "activations in the backward pass (spread evenly); by default all of them on CPU, and on a GPU as few "
+        "as the free memory allows")
+    liger: bool = Field(False, description="Liger-Kernel's fused RMSNorm, RoPE and SwiGLU in the decoder layers "
+                        "(CUDA, liger-kernel installed)")
+    compile: bool = Field(False, description="torch.compile each decoder layer (the first steps compile)")
 
 
 class Hyperparameters(Model):

@@ -39,6 +39,7 @@ from . import checkpoint, sharding
 from .config import TrainerConfig
 from .errors import ConfigError, PeerLost, Preempted
 from .evaluate import evaluate
+from .feed import HostFlags, StepBatches, StepFeed
 from .identity import RunIdentity, check_claim
 from .metrics import TrainerMetrics
 from .modeling import load_trainable_state_dict, trainable_state_dict
@@ -230,7 +231,7 @@ def _train(loop: Loop, model, splits: dict, inputs: dict, stop: StopSignal):
             "prefix to start over")
 
     if sharded:  # FSDP: shard first; the optimizer then works on this process's shards only
-        model = sharding.shard(model, accelerator.device)
+        model = sharding.shard(model, accelerator.device, accelerator.mixed_precision)
     optimizer, scheduler = make_optimizer(model, config, plan.total_steps)
     state = checkpoint.TrainState()
     torch.manual_seed(hp.seed + rank)  # dropout; the adapter was initialised from hp.seed alone (load_model)
@@ -264,112 +265,129 @@ def _train(loop: Loop, model, splits: dict, inputs: dict, stop: StopSignal):
         metrics.set(total_steps=plan.total_steps, step=state.step)
 
     saved_at = state.step  # the step of the newest checkpoint (or 0): where a restart would resume
-
-    def save_checkpoint() -> None:
-        nonlocal saved_at
-        if state.step != saved_at:
-            _checkpoint(loop, model, optimizer, scheduler, state, fingerprint)
-            saved_at = state.step
-
     device = accelerator.device
-    window_loss = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, trained tokens
+    window_loss = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, trained units
+    trained = torch.zeros((), dtype=torch.int64, device=device)  # tokens trained, all processes, not yet counted
     window_seen = window_samples = 0
     window_start = run_start = time.monotonic()
     steps_this_run = 0
     last_checkpoint = time.monotonic()
 
-    while state.step < plan.total_steps:
-        micro = [[train_seqs[i] for i in indices] for indices in step_indices(plan, hp.seed, state.step, rank)]
-        sizes = [task.size(s) for seqs in micro for s in seqs]
-        local_tokens = sum(tokens for tokens, _ in sizes)
-        window_seen += local_tokens
-        window_samples += sum(samples for _, samples in sizes)
-        micro = [task.collate(seqs) if seqs else task.blank(train_seqs[0]) for seqs in micro]
-        local_units = sum(task.units(b) for b in micro)
-        # One all-reduce: the step's loss units (trained tokens or samples) and tokens, whether any process got
-        # SIGTERM, and rank 0's clock deciding a timed checkpoint (so every process takes the same decision
-        # about a collective).
-        due = bool(ckpt.every_minutes) and time.monotonic() - last_checkpoint >= ckpt.every_minutes * 60
-        signals = accelerator.reduce(torch.tensor(
-            [float(local_units), float(local_tokens), float(stop.requested),
-             float(due and accelerator.is_main_process)], device=device), reduction="sum")
-        step_units, stopping, due_time = signals[0], bool(signals[2].item()), bool(signals[3].item())
-        # Tokens trained: the loss-bearing tokens of a token task, else every input token the model saw.
-        step_tokens = int(signals[0].item() if task.unit == "token" else signals[1].item())
-        if stopping:
-            save_checkpoint()  # unless the newest checkpoint (or step 0) is where this run stands already
-            report({"event": "stopped", "step": state.step, "reason": "SIGTERM" if stop.requested else "peer"})
-            if stop.requested:
-                raise Preempted(f"stopped by SIGTERM at step {state.step}; checkpoint written, the run resumes "
-                                "from it")
-            raise PeerLost(f"a peer worker was stopped at step {state.step}; the workers resume from its checkpoint")
-        for k, batch in enumerate(micro):
-            batch = {n: t.to(device) for n, t in batch.items()}
-            sync = gradient_sync(model, accelerator, sharded, sync=k == len(micro) - 1)
-            with sync, accelerator.autocast():
-                loss_sum, units = task.loss(model, batch)
-                # DDP and FSDP average gradients over processes; scale back so the step loss is a global unit mean.
-                loss = loss_sum * processes / step_units.clamp(min=1)
-            accelerator.backward(loss)
-            window_loss += torch.stack([loss_sum.detach().double(), units.double()])
-        grad_norm = accelerator.clip_grad_norm_(trainable, hp.max_grad_norm)
-        if isinstance(grad_norm, sharding.DTensor):
-            grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.samples += plan.step_samples
-        state.tokens_trained += step_tokens
-        steps_this_run += 1
+    def count_trained() -> None:
+        """Add the tokens trained since the last call to the state and the metric (one host sync: at logging
+        steps and checkpoints, not every step)."""
+        n = int(trained.item())
+        state.tokens_trained += n
         if metrics:
-            metrics.add_tokens(step_tokens)  # .item() waited for the step: a real sign of life
-            metrics.beat()
+            metrics.add_tokens(n)
+        trained.zero_()
 
-        if state.step % hp.logging_steps == 0 or state.step == plan.total_steps:
-            totals = accelerator.reduce(
-                torch.cat([window_loss, torch.tensor([window_seen, window_samples], dtype=torch.float64,
-                                                    device=device)]), reduction="sum").tolist()
-            elapsed = time.monotonic() - window_start
-            run_elapsed = time.monotonic() - run_start
-            entry = {
-                "event": "train",
-                "step": state.step,
-                "total_steps": plan.total_steps,
-                "epoch": round(plan.epoch(state.step), 4),
-                "loss": totals[0] / max(totals[1], 1),
-                "learning_rate": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens_per_second": totals[2] / elapsed,
-                "samples_per_second": totals[3] / elapsed,
-                "eta_seconds": run_elapsed / steps_this_run * (plan.total_steps - state.step),
-            }
-            own = task.window_metrics(accelerator)  # the task's metrics of the window (preference rewards)
-            entry.update(own)
-            state.train_time_seconds += elapsed
-            state.history.append(entry)
-            report(entry)
-            if metrics:
-                metrics.set(step=state.step, epoch=entry["epoch"], progress_ratio=state.step / plan.total_steps,
-                            eta_seconds=entry["eta_seconds"], train_loss=entry["loss"],
-                            learning_rate=entry["learning_rate"], grad_norm=entry["grad_norm"],
-                            tokens_per_second=entry["tokens_per_second"],
-                            samples_per_second=entry["samples_per_second"])
-                metrics.set_train(own)
-                metrics.sample_gpus()
-            window_loss.zero_()
-            window_seen = window_samples = 0
-            window_start = time.monotonic()
+    def save_checkpoint() -> None:
+        nonlocal saved_at
+        if state.step != saved_at:
+            count_trained()
+            _checkpoint(loop, model, optimizer, scheduler, state, fingerprint)
+            saved_at = state.step
 
-        if val_seqs and config.evaluation.every_steps and state.step % config.evaluation.every_steps == 0:
-            if _evaluate_and_check_patience(loop, model, val_seqs, state):
-                report({"event": "early_stopping", "step": state.step, **_best_event(state.best_validation)})
-                break
+    def prepare(step: int) -> StepBatches:
+        micro = [[train_seqs[i] for i in indices] for indices in step_indices(plan, hp.seed, step, rank)]
+        sizes = [task.size(s) for seqs in micro for s in seqs]
+        batches = [task.collate(seqs) if seqs else task.blank(train_seqs[0]) for seqs in micro]
+        return StepBatches(batches, sum(t for t, _ in sizes), sum(n for _, n in sizes),
+                           sum(task.units(b) for b in batches))
 
-        due_steps = ckpt.every_steps and state.step % ckpt.every_steps == 0
-        if (due_steps or due_time) and state.step < plan.total_steps:
-            save_checkpoint()
-            last_checkpoint = time.monotonic()
+    feed, flags = StepFeed(prepare, pin=device.type == "cuda"), HostFlags()
+    try:
+        while state.step < plan.total_steps:
+            step = feed.get(state.step, plan.total_steps)
+            window_seen += step.tokens
+            window_samples += step.samples
+            # The step's loss units (trained tokens or samples) and tokens over every process: one all-reduce
+            # the host does not wait for. Whether any process got SIGTERM, and rank 0's clock deciding a timed
+            # checkpoint (every process takes the same decision about a collective): on the host, over gloo.
+            counts = accelerator.reduce(torch.tensor([step.units, step.tokens], device=device), reduction="sum")
+            due = bool(ckpt.every_minutes) and time.monotonic() - last_checkpoint >= ckpt.every_minutes * 60
+            stopping, due_time = flags.any(stop.requested, due and accelerator.is_main_process)
+            step_units = counts[0]
+            if stopping:
+                save_checkpoint()  # unless the newest checkpoint (or step 0) is where this run stands already
+                report({"event": "stopped", "step": state.step, "reason": "SIGTERM" if stop.requested else "peer"})
+                if stop.requested:
+                    raise Preempted(f"stopped by SIGTERM at step {state.step}; checkpoint written, the run "
+                                    "resumes from it")
+                raise PeerLost(f"a peer worker was stopped at step {state.step}; the workers resume from its "
+                               "checkpoint")
+            for k, batch in enumerate(step.on(device)):
+                sync = gradient_sync(model, accelerator, sharded, sync=k == len(step.batches) - 1)
+                with sync, accelerator.autocast():
+                    loss_sum, units = task.loss(model, batch)
+                    # DDP and FSDP average gradients over processes; scale back so the step loss is a global
+                    # unit mean.
+                    loss = loss_sum * processes / step_units.clamp(min=1)
+                accelerator.backward(loss)
+                window_loss += torch.stack([loss_sum.detach().double(), units.double()])
+            # Tokens trained: the loss-bearing tokens of a token task, else every input token the model saw.
+            trained += counts[0] if task.unit == "token" else counts[1]
+            grad_norm = accelerator.clip_grad_norm_(trainable, hp.max_grad_norm)
+            if isinstance(grad_norm, sharding.DTensor):
+                grad_norm = grad_norm.full_tensor()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.samples += plan.step_samples
+            steps_this_run += 1
+            if metrics:  # the host runs ahead of the GPU by a bounded queue of work: a hang still stops this
+                metrics.beat()
+
+            if state.step % hp.logging_steps == 0 or state.step == plan.total_steps:
+                count_trained()
+                totals = accelerator.reduce(
+                    torch.cat([window_loss, torch.tensor([window_seen, window_samples], dtype=torch.float64,
+                                                        device=device)]), reduction="sum").tolist()
+                elapsed = time.monotonic() - window_start
+                run_elapsed = time.monotonic() - run_start
+                entry = {
+                    "event": "train",
+                    "step": state.step,
+                    "total_steps": plan.total_steps,
+                    "epoch": round(plan.epoch(state.step), 4),
+                    "loss": totals[0] / max(totals[1], 1),
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_second": totals[2] / elapsed,
+                    "samples_per_second": totals[3] / elapsed,
+                    "eta_seconds": run_elapsed / steps_this_run * (plan.total_steps - state.step),
+                }
+                own = task.window_metrics(accelerator)  # the task's metrics of the window (preference rewards)
+                entry.update(own)
+                state.train_time_seconds += elapsed
+                state.history.append(entry)
+                report(entry)
+                if metrics:
+                    metrics.set(step=state.step, epoch=entry["epoch"], progress_ratio=state.step / plan.total_steps,
+                                eta_seconds=entry["eta_seconds"], train_loss=entry["loss"],
+                                learning_rate=entry["learning_rate"], grad_norm=entry["grad_norm"],
+                                tokens_per_second=entry["tokens_per_second"],
+                                samples_per_second=entry["samples_per_second"])
+                    metrics.set_train(own)
+                    metrics.sample_gpus()
+                window_loss.zero_()
+                window_seen = window_samples = 0
+                window_start = time.monotonic()
+
+            if val_seqs and config.evaluation.every_steps and state.step % config.evaluation.every_steps == 0:
+                if _evaluate_and_check_patience(loop, model, val_seqs, state):
+                    report({"event": "early_stopping", "step": state.step, **_best_event(state.best_validation)})
+                    break
+
+            due_steps = ckpt.every_steps and state.step % ckpt.every_steps == 0
+            if (due_steps or due_time) and state.step < plan.total_steps:
+                save_checkpoint()
+                last_checkpoint = time.monotonic()
+    finally:
+        feed.close()
+    count_trained()
 
     model = model if sharded else accelerator.unwrap_model(model)
     if config.output.select == Select.best:

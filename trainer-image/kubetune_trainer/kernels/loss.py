@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 from ..spec import LossKernel
+from .attention import flash_varlen_kwargs
 
 FIELD = "hyperparameters.performance.loss"
 # Config attributes of models whose forward changes the logits after the output layer.
@@ -46,14 +47,19 @@ class TokenScores:
     correct: torch.Tensor | None = None
 
 
+def unwrapped(model):
+    """The model inside DistributedDataParallel (a PeftModel or the model itself; FSDP2 keeps the model's
+    class)."""
+    return getattr(model, "module", model)
+
+
 def output_layer(model):
-    """The output layer (lm_head) of a model, inside DDP and PEFT wrappers (FSDP2 keeps the model's class)."""
-    inner = getattr(model, "module", model)  # DistributedDataParallel
-    return inner.get_output_embeddings()
+    """The output layer (lm_head) of a model, inside DDP and PEFT wrappers."""
+    return unwrapped(model).get_output_embeddings()
 
 
 def _transforms_logits(model) -> str | None:
-    config = getattr(getattr(model, "module", model), "config", None)
+    config = getattr(unwrapped(model), "config", None)
     return next((a for a in LOGIT_TRANSFORMS if getattr(config, a, None) not in (None, 1, 1.0)), None)
 
 
@@ -102,7 +108,7 @@ class LossHead:
         """`targets` [R, T-1]: the token each position 0..T-2 predicts (position t predicts token t + 1);
         `mask` [R, T-1]: the positions to score."""
         if self.kernel == LossKernel.full:
-            logits = model(**inputs, use_cache=False).logits[:, :-1][mask]
+            logits = run_model(model, inputs).logits[:, :-1][mask]
             return _scores(logits, targets[mask], correct)
         out = _with_head(model, inputs, lambda forward, hidden: _chunked(forward, hidden[:, :-1][mask],
                                                                          targets[mask], correct))
@@ -128,6 +134,16 @@ class LossHead:
         return _with_head(model, inputs, head).reshape(())
 
 
+def run_model(model, inputs: dict[str, torch.Tensor]):
+    """The model's forward pass over a batch. Under flash_attention_2 a packed batch (position_ids, no
+    attention_mask) also gets the varlen boundaries of its samples: transformers finds them itself for one row
+    only, and with more rows the samples of a row would attend to each other (kernels/attention.py)."""
+    config = getattr(unwrapped(model), "config", None)
+    if "position_ids" in inputs and getattr(config, "_attn_implementation", None) == "flash_attention_2":
+        inputs = {**inputs, **flash_varlen_kwargs(inputs["position_ids"])}
+    return model(**inputs, use_cache=False)
+
+
 def _with_head(model, inputs: dict[str, torch.Tensor], compute) -> torch.Tensor:
     """Run the model with its output layer replaced, for this call, by `compute(original forward, hidden
     states)`; what `compute` returns comes back as the output's logits (reshaped to [N, k])."""
@@ -136,7 +152,7 @@ def _with_head(model, inputs: dict[str, torch.Tensor], compute) -> torch.Tensor:
     previous = layer.__dict__.get("forward")
     layer.forward = lambda hidden: compute(forward, hidden).unsqueeze(0)
     try:
-        out = model(**inputs, use_cache=False).logits
+        out = run_model(model, inputs).logits
     finally:
         if previous is None:
             del layer.forward
@@ -152,14 +168,16 @@ def _scores(logits: torch.Tensor, targets: torch.Tensor, correct: bool) -> Token
 
 
 def _chunk(forward, hidden: torch.Tensor, targets: torch.Tensor, correct: bool) -> torch.Tensor:
-    """[n, 2]: each position's target log-probability and (when asked) argmax == target, from one chunk."""
+    """Each position's target log-probability, [n, 1], or with `correct` also whether the argmax was the
+    target, [n, 2], from one chunk."""
     scores = _scores(forward(hidden), targets, correct)
-    hit = scores.correct.float() if correct else torch.zeros_like(scores.logps)
-    return torch.stack([scores.logps, hit], dim=-1)
+    if not correct:
+        return scores.logps.unsqueeze(-1)
+    return torch.stack([scores.logps, scores.correct.float()], dim=-1)
 
 
 def _chunked(forward, hidden: torch.Tensor, targets: torch.Tensor, correct: bool) -> torch.Tensor:
-    vocabulary = forward.__self__.weight.shape[0] if hasattr(forward, "__self__") else 32768
+    vocabulary = forward.__self__.weight.shape[0]  # the output layer's (a peft LoRA layer's is its base's)
     size = max(64, CHUNK_ELEMENTS // max(vocabulary, 1))
     if hidden.shape[0] == 0:  # a blank batch: still a graph through the layer, so every process's backward agrees
         return _chunk(forward, hidden, targets, correct)

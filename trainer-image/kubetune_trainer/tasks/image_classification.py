@@ -159,8 +159,8 @@ class ImageClassification(ClassificationTask):
             raise ConfigError(f"hyperparameters.gradientCheckpointing: {type(skeleton).__name__} does not support "
                               "gradient checkpointing; set it to false")
         # peft has no task type for images: None wraps the model as it is, its head trained in full.
-        return load_model(self.model_dir, self._method(skeleton, heads or []), mixed_precision,
-                          hp.gradient_checkpointing, sharded=sharded, seed=hp.seed,
+        return load_model(self.model_dir, self._method(skeleton, heads or []), mixed_precision, hp,
+                          sharded=sharded,
                           auto_class=AutoModelForImageClassification, task_type=None, modules_to_save=heads,
                           ignore_mismatched_sizes=True, **self.model_kwargs(), **kwargs)
 

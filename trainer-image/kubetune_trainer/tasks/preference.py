@@ -23,7 +23,7 @@ import torch
 
 from ..data import preference
 from ..data.cache import Cache
-from ..kernels.loss import LossHead
+from ..kernels.loss import LossHead, unwrapped
 from ..objectives import Logps, objective_for, prediction_targets, sequence_logps
 from ..spec import PREFERENCE_FORMATS, MethodType, TaskType
 from .base import Evaluation
@@ -42,6 +42,7 @@ class Preference(CausalLM):
         self.objective = objective_for(config.objective, config.objective_params)
         self.reference = None  # method full with a reference: the frozen base model
         self._sharded = self._reference_placed = False
+        self._mixed_precision = "no"
         self._window: torch.Tensor | None = None  # the metrics' sums and the pairs since the last log line
 
     # -- data ---------------------------------------------------------------------------------------------
@@ -73,11 +74,12 @@ class Preference(CausalLM):
 
     def load_model(self, mixed_precision: str, sharded: bool):
         model = super().load_model(mixed_precision, sharded)
-        self._sharded = sharded
+        self._sharded, self._mixed_precision = sharded, mixed_precision
         if self.config.method.type == MethodType.full and self.objective.uses_reference:
             from ..modeling import load_reference
 
-            self.reference = load_reference(self.model_dir, mixed_precision, sharded, **self.remote_code)
+            self.reference = load_reference(self.model_dir, mixed_precision,
+                                            unwrapped(model).config._attn_implementation, **self.remote_code)
         return model
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,14 +96,14 @@ class Preference(CausalLM):
     def _reference_logps(self, model, batch: dict[str, torch.Tensor]) -> Logps:
         with torch.no_grad():
             if self.config.method.type != MethodType.full:
-                with _unwrapped(model).disable_adapter():
+                with unwrapped(model).disable_adapter():
                     return _logps(self.head, model, batch)
             if not self._reference_placed:  # on the policy's device, sharded like it (FSDP: a collective)
                 from .. import sharding
 
                 device = batch["input_ids"].device
-                self.reference = sharding.shard(self.reference, device) if self._sharded else \
-                    self.reference.to(device)
+                self.reference = (sharding.shard(self.reference, device, self._mixed_precision)
+                                  if self._sharded else self.reference.to(device))
                 self._reference_placed = True
             return _logps(self.head, self.reference, batch)
 
@@ -117,11 +119,6 @@ class Preference(CausalLM):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "objective": self.config.objective.value,
                 "objectiveParams": self.config.objective_params.dump()}
-
-
-def _unwrapped(model):
-    """The PeftModel inside DistributedDataParallel (FSDP2 leaves the model itself)."""
-    return getattr(model, "module", model)
 
 
 def _logps(head: LossHead, model, batch: dict[str, torch.Tensor]) -> Logps:

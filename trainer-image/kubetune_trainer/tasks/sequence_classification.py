@@ -119,8 +119,8 @@ class SequenceClassification(ClassificationTask):
         heads = None
         if method.type != MethodType.full:
             heads = head_modules(self.model_dir, AutoModelForSequenceClassification, **kwargs)
-        return load_model(self.model_dir, method, mixed_precision, hp.gradient_checkpointing, sharded=sharded,
-                          seed=hp.seed, auto_class=AutoModelForSequenceClassification, task_type="SEQ_CLS",
+        return load_model(self.model_dir, method, mixed_precision, hp, sharded=sharded,
+                          auto_class=AutoModelForSequenceClassification, task_type="SEQ_CLS",
                           modules_to_save=heads, ignore_mismatched_sizes=True, **kwargs)
 
     def model_kwargs(self) -> dict[str, Any]:
