@@ -21,6 +21,11 @@ from .spec import (
 )
 
 
+def device_type() -> str:
+    """The device type the trainer computes on: cuda where a GPU is visible, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def resolve_precision(precision: Precision, fsdp: bool = False) -> str:
     """accelerate's mixed_precision value: bf16 where the GPU has it, fp16 on older GPUs (fp32 with FSDP, which
     has no sharded gradient scaler here), fp32 on CPU."""
@@ -119,7 +124,7 @@ def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, hp: Hy
     if perf.liger:
         from .kernels.layers import apply_liger
 
-        choices["liger"] = apply_liger(model, "cuda" if torch.cuda.is_available() else "cpu")
+        choices["liger"] = apply_liger(model, device_type())
     choices["base_dtype"] = _dtype_name(kwargs["dtype"]) if method.type != MethodType.qlora else "nf4"
 
     if method.type == MethodType.full:
@@ -176,11 +181,10 @@ def _from_pretrained(model_dir: Path, auto_class, attention: AttentionKernel, co
     model's class does not implement, sdpa it is. Records the choice in `choices`."""
     from .kernels.attention import attention_implementation
 
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if "attn_implementation" in kwargs:
         tries = [(kwargs.pop("attn_implementation"), "as the task needs")]
     else:
-        tries = [attention_implementation(attention, device_type, compute_dtype)]
+        tries = [attention_implementation(attention, device_type(), compute_dtype)]
         if attention == AttentionKernel.auto and tries[0][0] != "sdpa":
             tries.append(("sdpa", f"sdpa: the model does not implement {tries[0][0]}"))
     for i, (implementation, reason) in enumerate(tries):
@@ -232,9 +236,9 @@ def select_checkpointed_layers(model, hp: Hyperparameters, sharded: bool = False
     """With gradient checkpointing on (every decoder layer recomputes), switch it off again for all but
     performance.checkpointLayers of them, spread evenly over the stack; None: all on CPU, as few as the free
     memory allows on CUDA. Returns what it did ("2 of 4", "off") for kubetune_choices."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
+    from .kernels.layers import decoder_layers
 
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    layers = decoder_layers(model)
     if not hp.gradient_checkpointing:
         return "off"
     if not layers:  # a model of other layers (ResNet...): transformers' own checkpointing as enabled

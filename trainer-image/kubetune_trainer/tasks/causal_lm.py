@@ -97,12 +97,12 @@ class CausalLM(Task):
         return len(example.input_ids), len(example.lengths) if isinstance(example, PackedExample) else 1
 
     def load_model(self, mixed_precision: str, sharded: bool):
-        from ..modeling import load_model
+        from ..modeling import device_type, load_model
 
         hp = self.config.hyperparameters
         model = load_model(self.model_dir, self.config.method, mixed_precision, hp, sharded=sharded,
                            **self.remote_code)
-        self.head = choose_loss(hp.performance.loss, model, "cuda" if torch.cuda.is_available() else "cpu")
+        self.head = choose_loss(hp.performance.loss, model, device_type())
         model.kubetune_choices = {**getattr(model, "kubetune_choices", {}), "loss": self.head.reason}
         return model
 
