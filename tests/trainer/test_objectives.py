@@ -9,6 +9,7 @@ batches are built here, in both layouts, from the same token lists, so only the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 
 import pytest
@@ -128,6 +129,48 @@ def assert_same_grads(mine: dict, peer: dict) -> None:
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+REWARD_METRICS = (("rewards_chosen", "rewards/chosen"), ("rewards_rejected", "rewards/rejected"),
+                  ("rewards_margin", "rewards/margins"), ("rewards_accuracy", "rewards/accuracies"),
+                  ("logps_chosen", "logps/chosen"), ("logps_rejected", "logps/rejected"))
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def longest(pairs) -> int:
+    """The most tokens in one sequence (prompt and answer) of the pairs."""
+    return max(len(p) + max(len(c), len(r)) for p, c, r in pairs)
+
+
+def summed_logp_error(logps: float, tokens: int) -> float:
+    """The float32 rounding bound of a log-probability summed over `tokens` tokens: each term comes from a
+    log-softmax and the running sum adds at most one rounding per term, so the error is at most tokens * eps *
+    sum|term|; every term is negative, so sum|term| = |sum|. `logps` may be a mean over pairs: the bound is linear."""
+    return tokens * EPS32 * abs(logps)
+
+
+def assert_same_rewards(mine: dict, logged: dict, beta: float, tokens: int) -> None:
+    """Our reward metrics equal TRL's logged ones within the float32 error of what they are computed from.
+
+    A reward is beta * (policy's summed log-probs - reference's), so two sums of `tokens` float32 terms each,
+    whose difference cancels: the bound is beta * (error of the policy's sum + error of the reference's). The
+    reference's sum is not logged but follows from the reward: logps - reward / beta. The margin is the difference
+    of two rewards (both bounds); the accuracy is a share of pairs (exact). Too wide to miss nothing? One token's
+    log-prob is about log(vocabulary) here, about 4e4 times the bound
+    (test_reward_comparison_fails_when_the_reference_is_off_by_one_token)."""
+
+    def reward_error(side: str) -> float:
+        policy = mine[f"logps_{side}"]
+        reference = policy - mine[f"rewards_{side}"] / beta
+        return beta * (summed_logp_error(policy, tokens) + summed_logp_error(reference, tokens))
+
+    bounds = {"rewards_chosen": reward_error("chosen"), "rewards_rejected": reward_error("rejected"),
+              "rewards_margin": reward_error("chosen") + reward_error("rejected"), "rewards_accuracy": 1e-6,
+              "logps_chosen": summed_logp_error(mine["logps_chosen"], tokens),
+              "logps_rejected": summed_logp_error(mine["logps_rejected"], tokens)}
+    for ours_name, trl_name in REWARD_METRICS:
+        assert abs(mine[ours_name] - logged[trl_name]) <= bounds[ours_name], (
+            f"{ours_name}: ours {mine[ours_name]!r}, TRL's {logged[trl_name]!r}, float32 bound {bounds[ours_name]:.2e}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("params", [{}, {"loss": "ipo", "beta": 0.5}, {"referenceFree": True, "beta": 0.2}],
                          ids=["sigmoid", "ipo", "reference-free"])
@@ -161,11 +204,32 @@ def test_dpo_equals_trl(policy, tmp_path, params):
     torch.testing.assert_close(loss, peer_loss.detach(), rtol=1e-5, atol=1e-6)
     assert_same_grads(grads(mine), grads(trainer.model))
     logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    for ours_name, trl_name in (("rewards_chosen", "rewards/chosen"), ("rewards_rejected", "rewards/rejected"),
-                                ("rewards_margin", "rewards/margins"), ("rewards_accuracy", "rewards/accuracies"),
-                                ("logps_chosen", "logps/chosen"), ("logps_rejected", "logps/rejected")):
-        assert metrics[ours_name] == pytest.approx(logged[trl_name], rel=1e-4, abs=1e-6), ours_name
+    assert_same_rewards(metrics, logged, task.objective.params.beta, longest(pairs))
     assert 0 < metrics["rewards_accuracy"] < 1 or params.get("referenceFree")  # the pairs are not all alike
+
+
+@pytest.mark.slow
+def test_reward_comparison_fails_when_the_reference_is_off_by_one_token(policy, tmp_path, monkeypatch):
+    """The float32 tolerance of assert_same_rewards is far below one token's log-probability: a reference whose
+    rejected log-probs sum one token fewer (the mean token's share taken off) is caught."""
+    model, tokenizer = policy
+    pairs = pairs_of(tokenizer)
+    exact = task_for("dpo", tmp_path, loss="ipo", beta=0.5)
+    _, right = our_loss(exact, copy.deepcopy(model), pairs, tokenizer.pad_token_id)
+
+    off = task_for("dpo", tmp_path, loss="ipo", beta=0.5)
+    pair_losses = off.objective.pair_losses
+
+    def one_token_short(policy_logps, reference):
+        short = reference.rejected - reference.rejected / reference.rejected_tokens.clamp(min=1)
+        return pair_losses(policy_logps, dataclasses.replace(reference, rejected=short))
+
+    monkeypatch.setattr(off.objective, "pair_losses", one_token_short)
+    _, wrong = our_loss(off, copy.deepcopy(model), pairs, tokenizer.pad_token_id)
+    as_logged = {trl: right[ours] for ours, trl in REWARD_METRICS}
+    assert_same_rewards(right, as_logged, 0.5, longest(pairs))  # the comparison itself passes on equal values
+    with pytest.raises(AssertionError, match="rewards_rejected"):
+        assert_same_rewards(wrong, as_logged, 0.5, longest(pairs))
 
 
 @pytest.mark.slow
@@ -192,9 +256,7 @@ def test_orpo_equals_trl(policy, tmp_path):
     peer_loss.backward()
     torch.testing.assert_close(loss, peer_loss.detach(), rtol=1e-5, atol=1e-6)
     assert_same_grads(grads(mine), grads(trainer.model))
-    for ours_name, trl_name in (("rewards_chosen", "rewards/chosen"), ("rewards_rejected", "rewards/rejected"),
-                                ("rewards_margin", "rewards/margins"), ("rewards_accuracy", "rewards/accuracies"),
-                                ("logps_chosen", "logps/chosen"), ("logps_rejected", "logps/rejected"),
-                                ("nll_loss", "nll_loss"), ("log_odds_ratio", "log_odds_ratio"),
-                                ("log_odds_chosen", "log_odds_chosen")):
-        assert metrics[ours_name] == pytest.approx(logged[trl_name], rel=1e-4, abs=1e-6), ours_name
+    # ORPO's rewards are beta times the policy's mean log-prob per answer token (no reference): the same bound
+    assert_same_rewards(metrics, logged, 0.25, longest(pairs))
+    for ours_name in ("nll_loss", "log_odds_ratio", "log_odds_chosen"):
+        assert metrics[ours_name] == pytest.approx(logged[ours_name], rel=1e-4, abs=1e-6), ours_name
