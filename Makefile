@@ -5,7 +5,13 @@ PYTEST := $(PY) -m pytest
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-unit lint fmt clean system-deps
+.PHONY: help venv test test-unit test-fast lint fmt clean system-deps
+
+# Tests run on TEST_WORKERS pytest-xdist workers (tests/conftest.py, docs/testing.md): the `cluster` tests in two
+# shards, each on a worker with its own control plane (they mostly wait on it), the other files spread over the
+# workers. Four workers keep both cores busy on a 2-core machine; TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 4
+PARALLEL = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -17,8 +23,12 @@ $(VENV)/.installed: pyproject.toml trainer-image/constraints.txt
 	$(VENV)/bin/uv pip install --python $(PY) -c trainer-image/constraints.txt -e '.[dev]'
 	@touch $@
 
-test-unit: venv ## Fast tests: no control plane needed
-	$(PYTEST) -m "not cluster"
+test-unit: venv ## The unit tests: no control plane, nothing slow (under 3 minutes), in random order
+	$(PYTEST) $(PARALLEL) -m "not cluster and not slow"
+
+test-fast: venv ## The tests your change touches (pytest-testmon) plus the unit tests: the inner loop
+	$(PYTEST) -p no:randomly --testmon -m "not cluster" -q
+	$(PYTEST) $(PARALLEL) -m "not cluster and not slow" -q
 
 lint: venv ## ruff
 	$(VENV)/bin/ruff check .
@@ -27,7 +37,7 @@ fmt: venv
 	$(VENV)/bin/ruff check --fix .
 
 clean: ## Remove local work files (not the venv, not the control-plane cache)
-	rm -rf .work .demo .pytest_cache
+	rm -rf .work .demo .pytest_cache .testmondata
 
 system-deps: ## Debian packages the tests need (prometheus, etcd fallback); needs root
 	@if [ -x hack/install-system-deps ]; then hack/install-system-deps; fi
@@ -36,4 +46,4 @@ system-deps: ## Debian packages the tests need (prometheus, etcd fallback); need
 
 test: venv system-deps control-plane kueue ## Everything: lint, unit, trainer, control-plane and end-to-end tests
 	$(VENV)/bin/ruff check .
-	$(PYTEST)
+	$(PYTEST) $(PARALLEL) --durations=25

@@ -10,8 +10,8 @@ crds: venv ## Regenerate crds/ (and the chart's copy) from the typed API (traine
 operator-test: venv ## The operator's unit tests (no cluster)
 	$(PY) -m pytest -q tests/operator_tests -m "not cluster"
 
-e2e: venv control-plane ## The operator against the local control plane and node agent
-	$(PY) -m pytest -q tests/operator_tests -m e2e
+e2e: venv system-deps control-plane kueue ## The operator against the local control plane and node agent
+	$(PY) -m pytest -q tests/operator_tests -m e2e --durations=10
 
 run-operator: venv ## Run the operator against $$KUBECONFIG, every namespace
 	$(PY) -m kubetune_operator --all-namespaces

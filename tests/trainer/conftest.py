@@ -1,23 +1,25 @@
-"""Shared trainer fixtures: an embedded S3 server over HTTP, a tiny locally made base model, demo data."""
+"""Shared trainer fixtures: the embedded S3 server over HTTP, a tiny locally made base model, demo data."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from kubetune_trainer.config import StorageEndpoint, TrainerConfig
 from kubetune_trainer.demo_data import chat_texts, generic_texts, support_records, write_support_dataset
-from kubetune_trainer.s3server import S3Server
 from kubetune_trainer.storage import Storage
 from kubetune_trainer.tiny import make_tiny_base
 
 
 @pytest.fixture(scope="session")
-def s3():
-    with S3Server() as server:
-        for bucket in ("models", "data", "adapters"):
-            server.create_bucket(bucket)
-        yield server
+def s3(s3_server):
+    """The run's one S3 server (tests/s3fixtures.py) with the trainer tests' buckets."""
+    for bucket in ("models", "data", "adapters"):
+        s3_server.create_bucket(bucket)
+    return s3_server
 
 
 @pytest.fixture(scope="session")
@@ -25,13 +27,28 @@ def storage(s3) -> Storage:
     return Storage(StorageEndpoint(endpoint=s3.endpoint))
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)`'s result, made once per pytest run: the xdist workers of a run share one copy (the first to
+    ask builds it under a file lock), a run without workers gets its own. Only for what tests read, never write."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent / name  # the run's folder, above every worker's own
+    with FileLock(f"{shared}.lock"):
+        if not (shared / ".built").exists():
+            shutil.rmtree(shared, ignore_errors=True)
+            shared.mkdir()
+            result = build(shared)
+            (shared / ".built").write_text(str(result))
+        return Path((shared / ".built").read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory):
-    """A 2-layer Llama with a tokenizer trained on the demo's text; nothing comes from a hub."""
-    out = tmp_path_factory.mktemp("tiny-base")
+    """A 2-layer Llama with a tokenizer trained on the demo's text; nothing comes from a hub. About a minute of
+    pretraining on 2 cores, so the run's workers share it."""
     texts = generic_texts(300) + chat_texts(support_records(300, seed=1))
-    return make_tiny_base(out, texts, vocab_size=1024, hidden_size=64, layers=2, heads=4,
-                          pretrain_steps=150)
+    return built_once(tmp_path_factory, "tiny-base", lambda out: make_tiny_base(
+        out, texts, vocab_size=1024, hidden_size=64, layers=2, heads=4, pretrain_steps=150))
 
 
 @pytest.fixture(scope="session")

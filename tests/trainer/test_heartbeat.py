@@ -16,6 +16,7 @@ from kubetune_trainer.config import StorageEndpoint
 from kubetune_trainer.errors import TransientError
 from kubetune_trainer.metrics import TrainerMetrics
 from kubetune_trainer.pipeline import run
+from kubetune_trainer.s3server import FAKE_CREDENTIALS
 from kubetune_trainer.storage import Storage, publish, read_published
 
 HEARTBEAT = "kubetune_trainer_heartbeat_timestamp_seconds"
@@ -107,7 +108,9 @@ def test_storage_beats_per_file_and_while_bytes_move(s3, tmp_path):
     assert beats.per_request >= 3, beats.calls  # local copies beat per file too
 
 
-def test_storage_that_moves_nothing_does_not_beat(tmp_path):
+def test_storage_that_moves_nothing_does_not_beat(tmp_path, monkeypatch):
+    for name, value in FAKE_CREDENTIALS.items():  # signed requests, as to any server (no S3 server started here)
+        monkeypatch.setenv(name, value)
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

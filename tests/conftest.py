@@ -1,0 +1,60 @@
+"""The whole suite's grouping for parallel runs (pytest-xdist, `--dist loadgroup`; see docs/testing.md).
+
+- The tests marked `cluster` are split by file into CLUSTER_SHARDS xdist groups, balanced by the files' measured
+  seconds. A worker runs a shard's files one after another against its own local control plane, node agent and
+  S3 server (session fixtures: one each per worker, shared by every cluster test it runs). The cluster tests
+  mostly wait on the API server and on pods, so two shards on two cores halve their time.
+- Every other test is grouped by its file, so a file's module and session fixtures (a tiny model, a TRL peer) are
+  built on one worker, and the files spread over the workers.
+- pytest-randomly shuffles the order of the files and of the tests inside each file (its seed is printed in the
+  header; `--randomly-seed=N` repeats an order). The cluster tests keep their file order: the tests of a file
+  share one operator and one cluster, and that is the order CI has always run them in.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest_plugins = ["tests.s3fixtures"]  # one S3 server per pytest process, for the trainer and the cluster tests
+
+CLUSTER_SHARDS = int(os.environ.get("KUBETUNE_CLUSTER_SHARDS", "2"))
+# Seconds each cluster file took in one serial run on this machine (docs/testing.md); a new file counts DEFAULT_S.
+CLUSTER_SECONDS = {
+    "tests/operator_tests/test_e2e.py": 480, "tests/operator_tests/test_preemption.py": 300,
+    "tests/operator_tests/test_kueue.py": 230, "tests/operator_tests/test_control_loop.py": 180,
+    "tests/operator_tests/test_dev_cluster.py": 150, "tests/operator_tests/test_security.py": 130,
+    "tests/chart/test_install.py": 130, "tests/operator_tests/test_failover.py": 70,
+    "tests/cluster/test_agent.py": 40, "tests/cluster/test_kueue.py": 35,
+    "tests/operator_tests/test_policy.py": 25, "tests/operator_tests/test_admission.py": 25,
+}
+DEFAULT_S = 30
+
+
+def cluster_shards(files: list[str], shards: int = CLUSTER_SHARDS) -> dict[str, int]:
+    """file -> shard: the longest files first, each onto the shard with the fewest seconds so far."""
+    load, shard_of = [0] * max(shards, 1), {}
+    for file in sorted(files, key=lambda f: (-CLUSTER_SECONDS.get(f, DEFAULT_S), f)):
+        shard_of[file] = load.index(min(load))
+        load[shard_of[file]] += CLUSTER_SECONDS.get(file, DEFAULT_S)
+    return shard_of
+
+
+def _file(item) -> str:
+    return item.nodeid.split("::", 1)[0]
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Around every reordering (pytest-randomly's is a wrapper too; this one is registered later, so outside it):
+    name each test's xdist group and remember the order, then put the cluster tests back in file order."""
+    order = {item.nodeid: i for i, item in enumerate(items)}
+    shard_of = cluster_shards(sorted({_file(i) for i in items if i.get_closest_marker("cluster")}))
+    for item in items:
+        cluster = item.get_closest_marker("cluster")
+        item.add_marker(pytest.mark.xdist_group(f"cluster-{shard_of[_file(item)]}" if cluster else _file(item)))
+    yield
+    cluster = [i for i in items if i.get_closest_marker("cluster")]
+    rest = [i for i in items if not i.get_closest_marker("cluster")]
+    items[:] = sorted(cluster, key=lambda i: order[i.nodeid.split("@", 1)[0]]) + rest
