@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from kubetune_trainer.data import IGNORE, Example, tokenize_record
-from kubetune_trainer.spec import DataFormat, GenerationSpec, MethodSpec
+from kubetune_trainer.spec import DataFormat, GenerationSpec, Hyperparameters, MethodSpec
 from kubetune_trainer.tasks import generation
 from kubetune_trainer.tasks.generation import NO_PROMPTS, Prompt
 
@@ -46,7 +46,7 @@ def tiny(tmp_path_factory):
 def load(folder: Path):
     from kubetune_trainer.modeling import load_model, load_tokenizer
 
-    return load_model(folder, MethodSpec(type="lora"), "no", False, seed=0), load_tokenizer(folder)
+    return load_model(folder, MethodSpec(type="lora"), "no", Hyperparameters(seed=0)), load_tokenizer(folder)
 
 
 def test_prompt_and_reference_are_cut_at_the_first_trained_token(tok):

@@ -253,11 +253,11 @@ def test_rng_state_is_saved_and_restored_per_rank(tmp_path):
 
 def test_the_same_seed_gives_the_same_initial_adapter(tiny_base):
     from kubetune_trainer.modeling import load_model, trainable_state_dict
-    from kubetune_trainer.spec import MethodSpec
+    from kubetune_trainer.spec import Hyperparameters, MethodSpec
 
     def adapter(seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(1234 + seed * 7)  # whatever state the generator was in before
-        return trainable_state_dict(load_model(tiny_base, MethodSpec(), "no", False, seed=seed))
+        return trainable_state_dict(load_model(tiny_base, MethodSpec(), "no", Hyperparameters(seed=seed)))
 
     a, b, c = adapter(5), adapter(5), adapter(6)
     assert all(torch.equal(a[k], b[k]) for k in a)

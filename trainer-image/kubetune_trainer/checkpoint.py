@@ -18,20 +18,14 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import OutputInUseError, TransientError
+from .identity import RunIdentity
+from .layout import BEST_DIR, STEP, STEP_DIR
 from .storage import Storage, publish, read_published
-
-if TYPE_CHECKING:
-    from .identity import RunIdentity
-
-STEP = re.compile(r"(?<![a-z-])step-(\d{8})/")  # a checkpoint's folder (not best-step-N/)
-STEP_DIR = re.compile(STEP.pattern + r"manifest\.json$")  # a complete checkpoint's manifest
-BEST_DIR = re.compile(r"best-step-(\d{8})/")
 
 
 @dataclass

@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .checkpoint import STEP_DIR
 from .config import TrainerConfig
 from .errors import OutputInUseError
+from .layout import STEP_DIR
 from .redact import redact
 from .storage import MANIFEST, Storage
 

@@ -69,13 +69,12 @@ def adapter_dtype(choice: AdapterDtype, mixed_precision: str) -> torch.dtype:
     return torch.bfloat16 if mixed_precision == "bf16" else torch.float32
 
 
-def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, hp: Hyperparameters | bool = False,
-               sharded: bool = False, seed: int | None = None, *, auto_class=None, task_type: str = "CAUSAL_LM",
+def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, hp: Hyperparameters,
+               sharded: bool = False, *, auto_class=None, task_type: str = "CAUSAL_LM",
                modules_to_save: list[str] | None = None, **model_kwargs):
-    """The model to train, as `hp` (hyperparameters: gradientCheckpointing, seed, performance) asks. `hp` may
-    still be a bare bool (gradient checkpointing, with `seed`): older callers and tests. Whatever is new (a
-    classification head, the adapter) is initialised from the seed alone: the same seed gives the same model, in
-    every process.
+    """The model to train, as `hp` (hyperparameters: gradientCheckpointing, seed, performance) asks. Whatever is
+    new (a classification head, the adapter) is initialised from the seed alone: the same seed gives the same
+    model, in every process.
 
     Dtypes: full fine-tuning keeps fp32 master weights (autocast, or FSDP's param_dtype, computes in bf16/fp16).
     LoRA/QLoRA keep the frozen base in the compute dtype (bf16 also when `sharded`: FSDP2 wants one dtype for
@@ -88,10 +87,6 @@ def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, hp: Hy
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
-    if isinstance(hp, bool):
-        hp = Hyperparameters(gradient_checkpointing=hp, seed=42 if seed is None else seed)
-    elif seed is not None:
-        raise TypeError("load_model: the seed comes from hp.seed")
     seed, perf = hp.seed, hp.performance
     transformers_logging.disable_progress_bar()  # "Loading weights", "Writing model shards": not for pod logs
     auto_class = auto_class or AutoModelForCausalLM

@@ -18,16 +18,17 @@ from .data.report import data_report
 from .evaluate import baseline_difference, evaluate
 from .fetch import fetch, tree_sha256
 from .identity import RunIdentity, check_claim, claim
+from .manifest import Manifest
 from .merge import merge_output
 from .metrics import TrainerMetrics
 from .prepare import inputs_of, prepare
 from .publish import publish_output, save_output
 from .redact import redact
-from .sharding import full_trainable_state
+from .sharding import full_trainable_state, is_sharded
 from .spec import Select, Strategy
 from .storage import Storage
 from .tasks import task_for
-from .train import Reporter, StopSignal, collective_failures_are_peer_lost, is_sharded, train
+from .train import Reporter, StopSignal, collective_failures_are_peer_lost, train
 
 
 def json_reporter(event: dict) -> None:
@@ -138,35 +139,34 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
             beat()
             merged = merge_output(task, out, beat)  # output.merged: the merged model under out/merged/
             last = state.history[-1] if state.history else {}
-            manifest = publish_output(storage, out, config.output.uri, {
-                "job": config.job_name,
-                "run": identity.dump(),
-                **task.describe(),
-                "headline": task.headline,
-                "method": config.method.type.value,
-                "baseModel": {"uri": config.base_model.uri, "sha256": tree_sha256(fetched.model_dir, beat=beat)},
-                "datasets": {s: {"uri": fetched.uris[s], "sha256": data_sha256[s],
-                                 "samples": reports[s].samples, "tokens": reports[s].tokens}
-                             for s in fetched.splits},
-                "format": fmt.value,
-                "hyperparameters": config.hyperparameters.dump(),
-                "lora": config.method.lora.dump() if config.method.type.value != "full" else None,
-                "steps": state.step,
-                "totalSteps": plan.total_steps,
-                "epochs": plan.epoch(state.step),
-                "earlyStopped": state.step < plan.total_steps,
-                "tokensTrained": state.tokens_trained,
-                "metrics": {"train": {"loss": last.get("loss")}, **results,
-                            "bestValidation": state.best_validation},
-                "selected": {"select": config.output.select.value, "step": selected,
-                             **({"metric": best["metric"], "value": best["value"]} if best else {})},
-                "history": state.history,
-                "wallTimeSeconds": time.time() - started,
-                "trainTimeSeconds": state.train_time_seconds,
-                "processes": accelerator.num_processes,
-                "precision": precision,
-                **merged,
-            })
+            manifest = publish_output(storage, out, config.output.uri, Manifest(
+                job=config.job_name,
+                run=identity.dump(),
+                task_fields=task.describe(),
+                headline=task.headline,
+                method=config.method.type.value,
+                base_model={"uri": config.base_model.uri, "sha256": tree_sha256(fetched.model_dir, beat=beat)},
+                datasets={s: {"uri": fetched.uris[s], "sha256": data_sha256[s],
+                              "samples": reports[s].samples, "tokens": reports[s].tokens}
+                          for s in fetched.splits},
+                format=fmt.value,
+                hyperparameters=config.hyperparameters.dump(),
+                lora=config.method.lora.dump() if config.method.type.value != "full" else None,
+                steps=state.step,
+                total_steps=plan.total_steps,
+                epochs=plan.epoch(state.step),
+                early_stopped=state.step < plan.total_steps,
+                tokens_trained=state.tokens_trained,
+                metrics={"train": {"loss": last.get("loss")}, **results, "bestValidation": state.best_validation},
+                selected={"select": config.output.select.value, "step": selected,
+                          **({"metric": best["metric"], "value": best["value"]} if best else {})},
+                history=state.history,
+                wall_time_seconds=time.time() - started,
+                train_time_seconds=state.train_time_seconds,
+                processes=accelerator.num_processes,
+                precision=precision,
+                merged=merged.get("merged"),
+            ))
             phase("done")
             report({"event": "published", "uri": config.output.uri, "manifest": manifest_uri})
     accelerator.wait_for_everyone()

@@ -16,13 +16,12 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .manifest import Manifest
 from .storage import Storage, publish
 
 if TYPE_CHECKING:
     from .spec import BaseModelSpec
     from .tasks import Task
-
-MANIFEST_VERSION = "kubetune.io/v1alpha1"
 
 
 def save_output(model, task: Task, directory: Path, state_dict: dict | None = None) -> Path:
@@ -54,5 +53,6 @@ def base_model_name(base_model: BaseModelSpec) -> str:
     return uri.removeprefix("hf://").strip("/") if uri.startswith("hf://") else uri
 
 
-def publish_output(storage: Storage, directory: Path, uri: str, manifest: dict) -> dict:
-    return publish(storage, directory, uri, {"apiVersion": MANIFEST_VERSION, "kind": "FineTuneResult", **manifest})
+def publish_output(storage: Storage, directory: Path, uri: str, manifest: Manifest) -> dict:
+    """Upload the folder, then its manifest.json; returns the manifest as stored (with `files`)."""
+    return publish(storage, directory, uri, manifest.dump())

@@ -10,6 +10,8 @@ calls them, in the same order, and gets the full tensors (on CPU) back.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -19,7 +21,17 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
+from .spec import Strategy
+
+if TYPE_CHECKING:
+    from .config import TrainerConfig
+
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def is_sharded(config: TrainerConfig, accelerator) -> bool:
+    """Whether the run shards the model (strategy fsdp over several processes) rather than replicating it."""
+    return config.hyperparameters.strategy == Strategy.fsdp and accelerator.num_processes > 1
 
 
 def shard(model, device: torch.device, mixed_precision: str = "no"):

@@ -28,9 +28,10 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
+from functools import lru_cache, partial
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -43,7 +44,7 @@ from .feed import HostFlags, StepBatches, StepFeed
 from .identity import RunIdentity, check_claim
 from .metrics import TrainerMetrics
 from .modeling import load_trainable_state_dict, trainable_state_dict
-from .spec import Select, Strategy
+from .spec import Select
 from .storage import Storage
 from .tasks import Task
 
@@ -97,10 +98,6 @@ def step_indices(plan: Plan, seed: int, step: int, rank: int) -> list[list[int]]
     per_round = plan.batch_size * plan.processes
     return [samples[k * per_round + rank * plan.batch_size:][:plan.batch_size]
             for k in range(plan.accumulation)]
-
-
-def is_sharded(config: TrainerConfig, accelerator) -> bool:
-    return config.hyperparameters.strategy == Strategy.fsdp and accelerator.num_processes > 1
 
 
 def gradient_sync(model, accelerator, sharded: bool, sync: bool):
@@ -202,27 +199,184 @@ def train(
     checkpoints' fingerprint records. `stop`: the installed StopSignal the loop watches. Raises
     Preempted/PeerLost when stopped (see above). With output.select best, the model returned has the best
     step's weights."""
-    loop = Loop(config, task, accelerator, storage, metrics, report, is_sharded(config, accelerator),
+    loop = Loop(config, task, accelerator, storage, metrics, report, sharding.is_sharded(config, accelerator),
                 RunIdentity.of(config), Path(config.work_dir) / config.job_name)
     return _train(loop, model, splits, inputs, stop)
 
 
 def _train(loop: Loop, model, splits: dict, inputs: dict, stop: StopSignal):
-    config, accelerator, report, metrics, task = loop.config, loop.accelerator, loop.report, loop.metrics, loop.task
-    train_seqs, val_seqs = splits["train"], splits.get("validation")
-    hp, ckpt = config.hyperparameters, config.checkpoint
-    rank, processes, sharded = accelerator.process_index, accelerator.num_processes, loop.sharded
+    config, accelerator, metrics = loop.config, loop.accelerator, loop.metrics
+    hp, train_seqs, val_seqs = config.hyperparameters, splits["train"], splits.get("validation")
 
-    # The newest complete checkpoint of this run, if any: it fixes the step size (in samples).
+    # Restore: this run's newest checkpoint (or step 0); the model sharded or wrapped, with its optimizer.
+    t, resumed = _restore(loop, model, len(train_seqs), inputs)
+    # Baseline: the test split on the untrained model, before the first step (not again on resume).
+    if not resumed and config.evaluation.baseline and "test" in splits:
+        t.state.baseline = _baseline(loop, t.model, splits["test"])
+    # Start: train mode; the plan to the log and the metrics.
+    _start(loop, t)
+
+    counters, window = Counters.at(t.state.step, accelerator.device), Window(accelerator.device)
+    feed = StepFeed(partial(_step_batches, loop, t.plan, train_seqs), pin=accelerator.device.type == "cuda")
+    flags = HostFlags()
+    try:
+        while t.state.step < t.plan.total_steps:
+            batches = feed.get(t.state.step, t.plan.total_steps)
+            # The step's loss units (trained tokens or samples) and tokens over every process: one all-reduce the
+            # host does not wait for. Whether any process got SIGTERM, and rank 0's clock deciding a timed
+            # checkpoint (every process takes the same decision about a collective): on the host, over gloo.
+            counts = accelerator.reduce(torch.tensor([batches.units, batches.tokens], device=accelerator.device),
+                                        reduction="sum")
+            due = counters.checkpoint_due(config.checkpoint.every_minutes)
+            stopping, due_time = flags.any(stop.requested, due and accelerator.is_main_process)
+            # Stop: a checkpoint where the run stands, then exit (Preempted; PeerLost in the other processes).
+            if stopping:
+                _stop(loop, t, counters, stop.requested)
+            # One optimizer step; tokens trained: the loss-bearing tokens of a token task, else every input token.
+            grad_norm = _step(loop, t, batches, counts[0], window)
+            counters.stepped(counts[0] if loop.task.unit == "token" else counts[1])
+            if metrics:  # the host runs ahead of the GPU by a bounded queue of work: a hang still stops this
+                metrics.beat()
+            # Log: the window's loss and throughput, every hyperparameters.loggingSteps and at the last step.
+            if t.state.step % hp.logging_steps == 0 or t.state.step == t.plan.total_steps:
+                counters.count_trained(t.state, metrics)
+                window.log(loop, t, grad_norm, counters.eta_seconds(t.plan.total_steps - t.state.step))
+            # Evaluate: the validation split every evaluation.everySteps; early stopping ends the loop.
+            every = config.evaluation.every_steps
+            if val_seqs and every and t.state.step % every == 0:
+                if _evaluate_and_check_patience(loop, t.model, val_seqs, t.state):
+                    loop.report({"event": "early_stopping", "step": t.state.step,
+                                 **_best_event(t.state.best_validation)})
+                    break
+            # Checkpoint: every checkpoint.everySteps or everyMinutes (the last step is published instead).
+            due_steps = config.checkpoint.every_steps and t.state.step % config.checkpoint.every_steps == 0
+            if (due_steps or due_time) and t.state.step < t.plan.total_steps:
+                _save_checkpoint(loop, t, counters)
+                counters.last_checkpoint = time.monotonic()
+    finally:
+        feed.close()
+    counters.count_trained(t.state, metrics)
+
+    # Finish: the model unwrapped; with output.select best, the best step's weights.
+    model = t.model if loop.sharded else accelerator.unwrap_model(t.model)
+    if config.output.select == Select.best:
+        _select_best(loop, model, t.state)
+    return model, t.state, t.plan
+
+
+@dataclass
+class Training:
+    """What the loop trains and where it stands: the model (sharded, or wrapped by accelerate), its optimizer and
+    schedule, the plan, the state a checkpoint keeps and the inputs it was made from."""
+
+    model: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    plan: Plan
+    state: checkpoint.TrainState
+    fingerprint: checkpoint.Fingerprint
+    trainable: list[torch.nn.Parameter] = field(init=False)  # what the optimizer updates, clipped each step
+
+    def __post_init__(self):
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+
+
+@dataclass
+class Counters:
+    """This start's own counters (the TrainState keeps what outlives it, in checkpoints)."""
+
+    saved_at: int  # the step of the newest checkpoint (or 0): where a restart would resume
+    trained: torch.Tensor  # tokens trained over every process and not yet counted (on the device: no host sync)
+    steps: int = 0  # steps trained since this start
+    started: float = field(default_factory=time.monotonic)
+    last_checkpoint: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def at(cls, step: int, device: torch.device) -> Counters:
+        return cls(step, torch.zeros((), dtype=torch.int64, device=device))
+
+    def checkpoint_due(self, every_minutes: float | None) -> bool:
+        """Whether checkpoint.everyMinutes have passed since the last checkpoint (or the start)."""
+        return bool(every_minutes) and time.monotonic() - self.last_checkpoint >= every_minutes * 60
+
+    def stepped(self, tokens: torch.Tensor) -> None:
+        self.trained += tokens
+        self.steps += 1
+
+    def count_trained(self, state: checkpoint.TrainState, metrics: TrainerMetrics | None) -> None:
+        """Add the tokens trained since the last call to the state and the metric (one host sync: at logging
+        steps and checkpoints, not every step)."""
+        n = int(self.trained.item())
+        state.tokens_trained += n
+        if metrics:
+            metrics.add_tokens(n)
+        self.trained.zero_()
+
+    def eta_seconds(self, steps_left: int) -> float:
+        return (time.monotonic() - self.started) / self.steps * steps_left
+
+
+class Window:
+    """The steps since the last log line: their loss and throughput. The loss stays on the device (no host sync
+    per step) until `log` sums it over the processes."""
+
+    def __init__(self, device: torch.device):
+        self.loss = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, trained units
+        self.tokens = self.samples = 0  # this process's input tokens and samples
+        self.started = time.monotonic()
+
+    def add_batches(self, batches: StepBatches) -> None:
+        self.tokens += batches.tokens
+        self.samples += batches.samples
+
+    def add_loss(self, loss_sum: torch.Tensor, units: torch.Tensor) -> None:
+        self.loss += torch.stack([loss_sum.detach().double(), units.double()])
+
+    def log(self, loop: Loop, t: Training, grad_norm, eta_seconds: float) -> None:
+        """Report the window's `train` event (kept in the state's history), set the metrics, start a new window."""
+        accelerator, state, plan, metrics = loop.accelerator, t.state, t.plan, loop.metrics
+        counts = torch.tensor([self.tokens, self.samples], dtype=torch.float64, device=self.loss.device)
+        totals = accelerator.reduce(torch.cat([self.loss, counts]), reduction="sum").tolist()
+        elapsed = time.monotonic() - self.started
+        entry = {
+            "event": "train",
+            "step": state.step,
+            "total_steps": plan.total_steps,
+            "epoch": round(plan.epoch(state.step), 4),
+            "loss": totals[0] / max(totals[1], 1),
+            "learning_rate": t.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm),
+            "tokens_per_second": totals[2] / elapsed,
+            "samples_per_second": totals[3] / elapsed,
+            "eta_seconds": eta_seconds,
+        }
+        own = loop.task.window_metrics(accelerator)  # the task's metrics of the window (preference rewards)
+        entry.update(own)
+        state.train_time_seconds += elapsed
+        state.history.append(entry)
+        loop.report(entry)
+        if metrics:
+            metrics.set(step=state.step, epoch=entry["epoch"], progress_ratio=state.step / plan.total_steps,
+                        eta_seconds=entry["eta_seconds"], train_loss=entry["loss"],
+                        learning_rate=entry["learning_rate"], grad_norm=entry["grad_norm"],
+                        tokens_per_second=entry["tokens_per_second"], samples_per_second=entry["samples_per_second"])
+            metrics.set_train(own)
+            metrics.sample_gpus()
+        self.loss.zero_()
+        self.tokens = self.samples = 0
+        self.started = time.monotonic()
+
+
+def _restore(loop: Loop, model, sequences: int, inputs: dict) -> tuple[Training, bool]:
+    """Resume from this run's newest complete checkpoint, if any (it fixes the step size, in samples), else start
+    at step 0; shard (FSDP) or wrap (DDP) the model and make its optimizer. Returns it all, and whether resumed."""
+    config, accelerator, hp = loop.config, loop.accelerator, loop.config.hyperparameters
+    rank, processes = accelerator.process_index, accelerator.num_processes
     restored = checkpoint.restore_latest(loop.storage, config.checkpoint_uri, loop.work / "resume", loop.run,
-                                         report)
+                                         loop.report)
     saved = restored.fingerprint if restored else {}
-    plan = Plan.make(len(train_seqs), config, processes, saved.get("step_samples"))
-    fingerprint = checkpoint.Fingerprint(
-        datasets=inputs.get("datasets", {}), tokenizer=inputs.get("tokenizer", ""),
-        max_seq_length=hp.max_seq_length, packing=hp.packing, batch_size=hp.batch_size,
-        accumulation=hp.gradient_accumulation_steps, strategy=hp.strategy.value, processes=processes,
-        step_samples=plan.step_samples, task=task.describe())
+    plan = Plan.make(sequences, config, processes, saved.get("step_samples"))
+    fingerprint = _fingerprint(loop, plan, inputs)
     changed = "; ".join(fingerprint.differences(saved)) if restored else ""
     if changed:
         raise ConfigError(
@@ -230,7 +384,7 @@ def _train(loop: Loop, model, splits: dict, inputs: dict, stop: StopSignal):
             "continue the same run: restore those inputs, or set checkpoint.uri to a new "
             "prefix to start over")
 
-    if sharded:  # FSDP: shard first; the optimizer then works on this process's shards only
+    if loop.sharded:  # FSDP: shard first; the optimizer then works on this process's shards only
         model = sharding.shard(model, accelerator.device, accelerator.mixed_precision)
     optimizer, scheduler = make_optimizer(model, config, plan.total_steps)
     state = checkpoint.TrainState()
@@ -238,7 +392,7 @@ def _train(loop: Loop, model, splits: dict, inputs: dict, stop: StopSignal):
     if restored is not None:
         state = restored.state
         scheduler.load_state_dict(restored.scheduler)
-        if sharded:
+        if loop.sharded:
             sharding.load_full_state(model, optimizer, restored.weights, restored.optimizer)
         else:
             load_trainable_state_dict(model, restored.weights)
@@ -247,152 +401,86 @@ def _train(loop: Loop, model, splits: dict, inputs: dict, stop: StopSignal):
             checkpoint.set_rng_state(restored.rng[rank])
         else:  # resharded: a fresh, still deterministic, stream per process
             torch.manual_seed(hp.seed + rank + 1000 * state.step)
-        report({"event": "resumed", "step": state.step, "checkpoint": restored.uri,
-                **({"processes": {"before": saved.get("processes"), "now": processes}}
-                   if saved.get("processes") != processes else {})})
+        loop.report({"event": "resumed", "step": state.step, "checkpoint": restored.uri,
+                     **({"processes": {"before": saved.get("processes"), "now": processes}}
+                        if saved.get("processes") != processes else {})})
 
-    if not sharded:  # DDP (or a single process): accelerate wraps the model and moves it to the device
+    if not loop.sharded:  # DDP (or a single process): accelerate wraps the model and moves it to the device
         model, optimizer = accelerator.prepare(model, optimizer)
-    if restored is None and config.evaluation.baseline and "test" in splits:
-        state.baseline = _baseline(loop, model, splits["test"])
-    model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    report({"event": "plan", "total_steps": plan.total_steps, "sequences": plan.sequences,
-            "step_samples": plan.step_samples, "processes": processes, "strategy": "fsdp" if sharded else "ddp",
-            "start_step": state.step})
-    if metrics:
-        metrics.set_phase("training")
-        metrics.set(total_steps=plan.total_steps, step=state.step)
+    return Training(model, optimizer, scheduler, plan, state, fingerprint), restored is not None
 
-    saved_at = state.step  # the step of the newest checkpoint (or 0): where a restart would resume
-    device = accelerator.device
-    window_loss = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, trained units
-    trained = torch.zeros((), dtype=torch.int64, device=device)  # tokens trained, all processes, not yet counted
-    window_seen = window_samples = 0
-    window_start = run_start = time.monotonic()
-    steps_this_run = 0
-    last_checkpoint = time.monotonic()
 
-    def count_trained() -> None:
-        """Add the tokens trained since the last call to the state and the metric (one host sync: at logging
-        steps and checkpoints, not every step)."""
-        n = int(trained.item())
-        state.tokens_trained += n
-        if metrics:
-            metrics.add_tokens(n)
-        trained.zero_()
+def _fingerprint(loop: Loop, plan: Plan, inputs: dict) -> checkpoint.Fingerprint:
+    """What this run's checkpoints record of its inputs and step shape: a resume needs the same."""
+    hp = loop.config.hyperparameters
+    return checkpoint.Fingerprint(
+        datasets=inputs.get("datasets", {}), tokenizer=inputs.get("tokenizer", ""),
+        max_seq_length=hp.max_seq_length, packing=hp.packing, batch_size=hp.batch_size,
+        accumulation=hp.gradient_accumulation_steps, strategy=hp.strategy.value,
+        processes=loop.accelerator.num_processes, step_samples=plan.step_samples, task=loop.task.describe())
 
-    def save_checkpoint() -> None:
-        nonlocal saved_at
-        if state.step != saved_at:
-            count_trained()
-            _checkpoint(loop, model, optimizer, scheduler, state, fingerprint)
-            saved_at = state.step
 
-    def prepare(step: int) -> StepBatches:
-        micro = [[train_seqs[i] for i in indices] for indices in step_indices(plan, hp.seed, step, rank)]
-        sizes = [task.size(s) for seqs in micro for s in seqs]
-        batches = [task.collate(seqs) if seqs else task.blank(train_seqs[0]) for seqs in micro]
-        return StepBatches(batches, sum(t for t, _ in sizes), sum(n for _, n in sizes),
-                           sum(task.units(b) for b in batches))
+def _start(loop: Loop, t: Training) -> None:
+    """Train mode; report the plan, and set the training phase and its steps in the metrics."""
+    t.model.train()
+    loop.report({"event": "plan", "total_steps": t.plan.total_steps, "sequences": t.plan.sequences,
+                 "step_samples": t.plan.step_samples, "processes": loop.accelerator.num_processes,
+                 "strategy": "fsdp" if loop.sharded else "ddp", "start_step": t.state.step})
+    if loop.metrics:
+        loop.metrics.set_phase("training")
+        loop.metrics.set(total_steps=t.plan.total_steps, step=t.state.step)
 
-    feed, flags = StepFeed(prepare, pin=device.type == "cuda"), HostFlags()
-    try:
-        while state.step < plan.total_steps:
-            step = feed.get(state.step, plan.total_steps)
-            window_seen += step.tokens
-            window_samples += step.samples
-            # The step's loss units (trained tokens or samples) and tokens over every process: one all-reduce
-            # the host does not wait for. Whether any process got SIGTERM, and rank 0's clock deciding a timed
-            # checkpoint (every process takes the same decision about a collective): on the host, over gloo.
-            counts = accelerator.reduce(torch.tensor([step.units, step.tokens], device=device), reduction="sum")
-            due = bool(ckpt.every_minutes) and time.monotonic() - last_checkpoint >= ckpt.every_minutes * 60
-            stopping, due_time = flags.any(stop.requested, due and accelerator.is_main_process)
-            step_units = counts[0]
-            if stopping:
-                save_checkpoint()  # unless the newest checkpoint (or step 0) is where this run stands already
-                report({"event": "stopped", "step": state.step, "reason": "SIGTERM" if stop.requested else "peer"})
-                if stop.requested:
-                    raise Preempted(f"stopped by SIGTERM at step {state.step}; checkpoint written, the run "
-                                    "resumes from it")
-                raise PeerLost(f"a peer worker was stopped at step {state.step}; the workers resume from its "
-                               "checkpoint")
-            for k, batch in enumerate(step.on(device)):
-                sync = gradient_sync(model, accelerator, sharded, sync=k == len(step.batches) - 1)
-                with sync, accelerator.autocast():
-                    loss_sum, units = task.loss(model, batch)
-                    # DDP and FSDP average gradients over processes; scale back so the step loss is a global
-                    # unit mean.
-                    loss = loss_sum * processes / step_units.clamp(min=1)
-                accelerator.backward(loss)
-                window_loss += torch.stack([loss_sum.detach().double(), units.double()])
-            # Tokens trained: the loss-bearing tokens of a token task, else every input token the model saw.
-            trained += counts[0] if task.unit == "token" else counts[1]
-            grad_norm = accelerator.clip_grad_norm_(trainable, hp.max_grad_norm)
-            if isinstance(grad_norm, sharding.DTensor):
-                grad_norm = grad_norm.full_tensor()
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.samples += plan.step_samples
-            steps_this_run += 1
-            if metrics:  # the host runs ahead of the GPU by a bounded queue of work: a hang still stops this
-                metrics.beat()
 
-            if state.step % hp.logging_steps == 0 or state.step == plan.total_steps:
-                count_trained()
-                totals = accelerator.reduce(
-                    torch.cat([window_loss, torch.tensor([window_seen, window_samples], dtype=torch.float64,
-                                                        device=device)]), reduction="sum").tolist()
-                elapsed = time.monotonic() - window_start
-                run_elapsed = time.monotonic() - run_start
-                entry = {
-                    "event": "train",
-                    "step": state.step,
-                    "total_steps": plan.total_steps,
-                    "epoch": round(plan.epoch(state.step), 4),
-                    "loss": totals[0] / max(totals[1], 1),
-                    "learning_rate": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_second": totals[2] / elapsed,
-                    "samples_per_second": totals[3] / elapsed,
-                    "eta_seconds": run_elapsed / steps_this_run * (plan.total_steps - state.step),
-                }
-                own = task.window_metrics(accelerator)  # the task's metrics of the window (preference rewards)
-                entry.update(own)
-                state.train_time_seconds += elapsed
-                state.history.append(entry)
-                report(entry)
-                if metrics:
-                    metrics.set(step=state.step, epoch=entry["epoch"], progress_ratio=state.step / plan.total_steps,
-                                eta_seconds=entry["eta_seconds"], train_loss=entry["loss"],
-                                learning_rate=entry["learning_rate"], grad_norm=entry["grad_norm"],
-                                tokens_per_second=entry["tokens_per_second"],
-                                samples_per_second=entry["samples_per_second"])
-                    metrics.set_train(own)
-                    metrics.sample_gpus()
-                window_loss.zero_()
-                window_seen = window_samples = 0
-                window_start = time.monotonic()
+def _step_batches(loop: Loop, plan: Plan, train_seqs, step: int) -> StepBatches:
+    """This process's micro-batches of step number `step`, collated (StepFeed prepares them a step ahead)."""
+    task, rank = loop.task, loop.accelerator.process_index
+    micro = [[train_seqs[i] for i in indices]
+             for indices in step_indices(plan, loop.config.hyperparameters.seed, step, rank)]
+    sizes = [task.size(s) for seqs in micro for s in seqs]
+    batches = [task.collate(seqs) if seqs else task.blank(train_seqs[0]) for seqs in micro]
+    return StepBatches(batches, sum(t for t, _ in sizes), sum(n for _, n in sizes),
+                       sum(task.units(b) for b in batches))
 
-            if val_seqs and config.evaluation.every_steps and state.step % config.evaluation.every_steps == 0:
-                if _evaluate_and_check_patience(loop, model, val_seqs, state):
-                    report({"event": "early_stopping", "step": state.step, **_best_event(state.best_validation)})
-                    break
 
-            due_steps = ckpt.every_steps and state.step % ckpt.every_steps == 0
-            if (due_steps or due_time) and state.step < plan.total_steps:
-                save_checkpoint()
-                last_checkpoint = time.monotonic()
-    finally:
-        feed.close()
-    count_trained()
+def _step(loop: Loop, t: Training, batches: StepBatches, step_units: torch.Tensor, window: Window):
+    """One optimizer step: forward and backward over this process's micro-batches (their loss added to the
+    window), gradient clipping, the optimizer's and the schedule's step. Returns the gradient norm."""
+    accelerator = loop.accelerator
+    window.add_batches(batches)
+    for k, batch in enumerate(batches.on(accelerator.device)):
+        sync = gradient_sync(t.model, accelerator, loop.sharded, sync=k == len(batches.batches) - 1)
+        with sync, accelerator.autocast():
+            loss_sum, units = loop.task.loss(t.model, batch)
+            # DDP and FSDP average gradients over processes; scale back so the step loss is a global unit mean.
+            loss = loss_sum * accelerator.num_processes / step_units.clamp(min=1)
+        accelerator.backward(loss)
+        window.add_loss(loss_sum, units)
+    grad_norm = accelerator.clip_grad_norm_(t.trainable, loop.config.hyperparameters.max_grad_norm)
+    if isinstance(grad_norm, sharding.DTensor):
+        grad_norm = grad_norm.full_tensor()
+    t.optimizer.step()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.state.step += 1
+    t.state.samples += t.plan.step_samples
+    return grad_norm
 
-    model = model if sharded else accelerator.unwrap_model(model)
-    if config.output.select == Select.best:
-        _select_best(loop, model, state)
-    return model, state, plan
+
+def _stop(loop: Loop, t: Training, counters: Counters, requested: bool) -> NoReturn:
+    """A checkpoint where the run stands, then Preempted where SIGTERM was `requested`, else PeerLost."""
+    _save_checkpoint(loop, t, counters)  # unless the newest checkpoint (or step 0) is where this run stands already
+    loop.report({"event": "stopped", "step": t.state.step, "reason": "SIGTERM" if requested else "peer"})
+    if requested:
+        raise Preempted(f"stopped by SIGTERM at step {t.state.step}; checkpoint written, the run resumes from it")
+    raise PeerLost(f"a peer worker was stopped at step {t.state.step}; the workers resume from its checkpoint")
+
+
+def _save_checkpoint(loop: Loop, t: Training, counters: Counters) -> None:
+    """Checkpoint, unless the newest checkpoint (or step 0) is at this step already."""
+    if t.state.step != counters.saved_at:
+        counters.count_trained(t.state, loop.metrics)
+        _checkpoint(loop, t)
+        counters.saved_at = t.state.step
 
 
 def _baseline(loop: Loop, model, test_seqs) -> dict:
@@ -474,12 +562,13 @@ def _select_best(loop: Loop, model, state) -> None:
     loop.report({"event": "selected", "select": "best", **best})
 
 
-def _checkpoint(loop: Loop, model, optimizer, scheduler, state, fingerprint: checkpoint.Fingerprint) -> None:
+def _checkpoint(loop: Loop, t: Training) -> None:
     """Rank 0 saves and uploads. Every process first sends it its RNG state, and under FSDP helps gather the
     shards (collectives)."""
     from accelerate.utils import gather_object
 
     accelerator, config = loop.accelerator, loop.config
+    model, optimizer, scheduler, state = t.model, t.optimizer, t.scheduler, t.state
     rng = gather_object([checkpoint.rng_state()]) if accelerator.num_processes > 1 else [checkpoint.rng_state()]
     if loop.sharded:
         weights = sharding.full_trainable_state(model)
@@ -496,7 +585,7 @@ def _checkpoint(loop: Loop, model, optimizer, scheduler, state, fingerprint: che
     if metrics:
         metrics.beat()  # written locally; the upload beats per file and while bytes move (storage heartbeat)
     check_claim(loop.storage, config, loop.run)  # the prefix is still this run's: nobody moved it meanwhile
-    uri = checkpoint.upload(loop.storage, directory, config.checkpoint_uri, state.step, loop.run, fingerprint)
+    uri = checkpoint.upload(loop.storage, directory, config.checkpoint_uri, state.step, loop.run, t.fingerprint)
     checkpoint.prune(loop.storage, config.checkpoint_uri, config.checkpoint.keep)
     if config.output.select == Select.best:  # the best this checkpoint records is the one a resume would use
         checkpoint.prune_best(loop.storage, config.checkpoint_uri, (state.best_validation or {}).get("step"))

@@ -21,7 +21,6 @@ tokenizing again would produce. A cache with another key (foreign), another vers
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -35,6 +34,8 @@ import numpy as np
 
 from ..spec import PREFERENCE_FORMATS, DataFormat
 from .packing import PackedExample, pack_plan, pack_sequence
+from .preference import PairSplit, pack_pairs
+from .rows import Rows
 from .stream import Chunk
 from .tokenize import Example
 from .validate import DatasetReport
@@ -145,8 +146,6 @@ class Cache:
         pairs, the pairs (preference.PairSplit) or their packed rows."""
         rows, pack = self.examples(split), pack_sequence
         if self.meta["splits"].get(split, {}).get("report", {}).get("format") in PREFERENCE_FORMATS:
-            from .preference import PairSplit, pack_pairs
-
             rows, pack = PairSplit(rows), pack_pairs
         if not (self.directory / split / "bounds.bin").exists():
             return rows
@@ -161,34 +160,7 @@ def _map(directory: Path, name: str) -> np.ndarray:
     return np.memmap(path, dtype=DTYPES[name], mode="r")
 
 
-class _Rows(Sequence):
-    """Indexable like a list (ints, slices), reading rows from the memory map only when asked."""
-
-    def __init__(self, index: np.ndarray | None = None):
-        self._index = index
-
-    def __len__(self) -> int:
-        return self._size() if self._index is None else len(self._index)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):  # a view: the rows it selects, nothing read yet
-            view = copy.copy(self)
-            view._index = np.arange(self._size())[i] if self._index is None else self._index[i]
-            return view
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return self._row(int(i if self._index is None else self._index[i]))
-
-    def _size(self) -> int:
-        raise NotImplementedError
-
-    def _row(self, i: int):
-        raise NotImplementedError
-
-
-class TokenizedSplit(_Rows):
+class TokenizedSplit(Rows):
     """A split's examples, memory-mapped."""
 
     def __init__(self, directory: Path):
@@ -205,7 +177,7 @@ class TokenizedSplit(_Rows):
         return Example.from_arrays(self.ids[start:end], self.trained[start:end])
 
 
-class PackedSplit(_Rows):
+class PackedSplit(Rows):
     """A split's packed sequences, built from the memory-mapped rows (examples, or pairs) when asked for: row b
     is `pack` of the rows members[bounds[b]:bounds[b + 1]]."""
 

@@ -13,14 +13,15 @@ so that per-sequence log-probabilities are a scatter_add over sequence[:, 1:] of
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..spec import DataFormat
-from .cache import TokenizedSplit, _Rows
 from .packing import pack_examples, pack_sequence
+from .rows import Rows
 from .tokenize import IGNORE, Example
 from .validate import tokenize_dataset
 
@@ -73,10 +74,10 @@ def pair_examples(examples: list[Example], max_seq_length: int, packing: bool,
     return pack_examples(pairs, 2 * max_seq_length, seed, pack=pack_pairs) if packing else pairs
 
 
-class PairSplit(_Rows):
-    """A split's pairs, memory-mapped: pair i is examples 2i and 2i + 1."""
+class PairSplit(Rows):
+    """A split's pairs, memory-mapped: pair i is examples 2i and 2i + 1 (of a cache.TokenizedSplit)."""
 
-    def __init__(self, examples: TokenizedSplit):
+    def __init__(self, examples: Sequence[Example]):
         super().__init__()
         if len(examples) % 2:
             raise ValueError(f"a split of pairs has an odd number of examples ({len(examples)})")

@@ -17,6 +17,7 @@ from ..data import IGNORE, PackedExample, collate, pack_examples, tokenize_datas
 from ..data.cache import Cache, SplitWriter
 from ..kernels.loss import LossHead
 from ..kernels.loss import choose as choose_loss
+from ..sharding import is_sharded
 from ..spec import TASK_FORMATS, DataFormat, TaskType
 from .base import Beat, Evaluation, Task
 
@@ -117,7 +118,6 @@ class CausalLM(Task):
         spec = self.config.evaluation.generation
         if spec is None or self._prompts is None:
             return {}
-        from ..train import is_sharded
         from . import generation as gen
 
         return gen.generation_metrics(model, self.processor, self._prompts, spec, accelerator, beat,
