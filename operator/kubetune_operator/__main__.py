@@ -1,12 +1,15 @@
 """python -m kubetune_operator [--namespace NS ...|--all-namespaces] [--standalone] [--verbose]
 
-Runs the kopf operator. Environment: KUBETUNE_TRAINER_IMAGE (default ghcr.io/kubetune/trainer:0.1.0),
-KUBETUNE_HEALTH_PORT (8081, liveness at /healthz), KUBETUNE_READY_PORT (8082, readiness at /readyz: 200 `active`,
-503 `standby` while another replica works, or `starting`; 0 turns it off), KUBETUNE_METRICS_PORT (8080, /metrics;
-0 turns it off), KUBETUNE_RESYNC_SECONDS, KUBETUNE_VALIDATION_{CPU,MEMORY,EPHEMERAL_STORAGE,DEADLINE_SECONDS},
+Runs the kopf operator. Environment, read once at startup (settings.OperatorSettings.from_env) and passed down:
+KUBETUNE_TRAINER_IMAGE (default ghcr.io/kubetune/trainer:0.1.0), KUBETUNE_HEALTH_PORT (8081, liveness at
+/healthz), KUBETUNE_READY_PORT (8082, readiness at /readyz: 200 `active`, 503 `standby` while another replica
+works, or `starting`; 0 turns it off), KUBETUNE_METRICS_PORT (8080, /metrics; 0 turns it off),
+KUBETUNE_RESYNC_SECONDS (60), KUBETUNE_SCRAPE_SECONDS (10, rank 0's /metrics),
+KUBETUNE_RENDEZVOUS_PORT (29500, the workers' rendezvous),
+KUBETUNE_VALIDATION_{CPU,MEMORY,EPHEMERAL_STORAGE,DEADLINE_SECONDS} (500m, 1Gi, 10Gi, 3600),
 KUBETUNE_ESTIMATE_GPU_TFLOPS (400, the data report's GPU-hours estimate),
 KUBETUNE_STORAGE_{ENDPOINT,REGION,SECRET_NAME} (storage defaults),
-KUBETUNE_POLICY_{IMAGE_PREFIXES,CREDENTIALS_NAMESPACES,ALLOW_TRUST_REMOTE_CODE,BINDING} (policy.py),
+KUBETUNE_POLICY_{IMAGE_PREFIXES,CREDENTIALS_NAMESPACES,ALLOW_TRUST_REMOTE_CODE,BINDING} (policy.py);
 KUBECONFIG outside a cluster.
 """
 
@@ -15,13 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import re
 import time
 
 import kopf
 
 from . import handlers, kube, kueue, metrics, peering
+from .settings import OperatorSettings
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,17 +56,15 @@ def kueue_served(attempts: int = 5) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    config = OperatorSettings.from_env()  # the only place the operator reads its environment
     kopf.configure(verbose=args.verbose)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     if not args.verbose:  # kopf logs every index update and event handler call: two lines per watch event
         logging.getLogger("kopf.objects").addFilter(_quiet)
-    metrics_port = int(os.environ.get("KUBETUNE_METRICS_PORT", "8080"))
-    if metrics_port:
-        metrics.serve(metrics_port)
-    health_port = int(os.environ.get("KUBETUNE_HEALTH_PORT", "8081"))
-    ready_port = int(os.environ.get("KUBETUNE_READY_PORT", "8082"))
-    if ready_port:
-        peering.serve(ready_port)
+    if config.metrics_port:
+        metrics.serve(config.metrics_port)
+    if config.ready_port:
+        peering.serve(config.ready_port)
     clusterwide = not args.namespace
     assert handlers.FTJ  # the import registers the handlers
     if kueue_served():
@@ -73,14 +74,15 @@ def main(argv: list[str] | None = None) -> None:
             "Kueue is not installed (the API server serves no %s %s): jobs with spec.scheduling.queueName wait "
             "for it; restart the operator once Kueue is installed", kueue.API_VERSION, kueue.PLURAL)
     peering.prepare(namespaces=args.namespace, standalone=args.standalone)
-    settings = kopf.OperatorSettings()
+    kopf_settings = kopf.OperatorSettings()
     # With namespaces given, serve exactly those and the resources found at startup: kopf then lists neither
     # namespaces nor CRDs, so the operator needs no permission outside the namespaces it serves.
-    settings.scanning.disabled = not clusterwide
+    kopf_settings.scanning.disabled = not clusterwide
     asyncio.run(kopf.operator(
-        settings=settings, clusterwide=clusterwide, namespaces=args.namespace,
+        settings=kopf_settings, clusterwide=clusterwide, namespaces=args.namespace,
         standalone=True if args.standalone else None,
-        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
+        liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
+        memo=kopf.Memo(settings=config),  # every handler's `memo`: the supervisors take their settings from it
     ))
 
 

@@ -1,19 +1,23 @@
 """FineTuneJob spec -> the child objects the operator wants (plain dicts, as the API server takes them).
 
-Pure functions: no API calls, no clock. Names are deterministic, so creating a child twice is a 409, never a
-duplicate. Every child carries the FineTuneJob's labels and a controller ownerReference, so deleting the
-FineTuneJob garbage-collects them.
+Pure functions: no API calls, no clock, no environment (the operator's settings, settings.OperatorSettings, come
+in as an argument). Names are deterministic, so creating a child twice is a 409, never a duplicate. Every child
+carries the FineTuneJob's labels and a controller ownerReference, so deleting the FineTuneJob garbage-collects
+them.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kubetune_trainer.config import DEFAULT_GPU_TFLOPS, Hardware, TrainerConfig
 from kubetune_trainer.errors import EXIT_PEER_LOST, PERMANENT_EXIT_CODES
 from kubetune_trainer.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+
+if TYPE_CHECKING:
+    from .settings import OperatorSettings
 
 DEFAULT_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 CONFIG_DIR = "/etc/kubetune"
@@ -21,7 +25,7 @@ CONFIG_FILE = "trainer.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 PVC_ROOT = "/mnt/pvc"
 TMP_DIR = "/tmp"  # an emptyDir, and HOME: the root filesystem is read-only
-RENDEZVOUS_PORT = 29500
+RENDEZVOUS_PORT = 29500  # unless KUBETUNE_RENDEZVOUS_PORT (OperatorSettings.rendezvous_port) moves it
 TRAINER_CONTAINER = "trainer"
 VALIDATE_CONTAINER = "validate"
 
@@ -41,33 +45,27 @@ CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem
 SECRET_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
 
 
-def default_image() -> str:
-    return os.environ.get("KUBETUNE_TRAINER_IMAGE", DEFAULT_IMAGE)
+def _from_env(settings: OperatorSettings | None) -> OperatorSettings:
+    """`settings`, else the environment's: only for callers outside the operator (the chart's tests check what the
+    Deployment's environment does). The operator itself always passes its settings, read once by __main__."""
+    if settings is not None:
+        return settings
+    from .settings import OperatorSettings  # settings.py imports this module
+
+    return OperatorSettings.from_env()
 
 
-def rendezvous_port() -> int:
-    """KUBETUNE_RENDEZVOUS_PORT, else 29500: pods that share the host's network (the process node agent, in
-    tests) need a port no other program there listens on."""
-    return int(os.environ.get("KUBETUNE_RENDEZVOUS_PORT") or RENDEZVOUS_PORT)
-
-
-def gpu_tflops() -> float:
-    """KUBETUNE_ESTIMATE_GPU_TFLOPS (the chart's `estimate.gpuTflops`), else 400: the sustained TFLOPS per GPU
-    that the validation's data report divides the training FLOPs by to estimate GPU-hours."""
-    return float(os.environ.get("KUBETUNE_ESTIMATE_GPU_TFLOPS") or DEFAULT_GPU_TFLOPS)
-
-
-def with_storage_defaults(spec: dict) -> dict:
+def with_storage_defaults(spec: dict, settings: OperatorSettings | None = None) -> dict:
     """The spec with the operator's storage defaults (KUBETUNE_STORAGE_*, the Helm chart's `storage.*`) filled in:
     endpoint and region for a job without `storage.endpoint`; the credentials Secret for a job with neither
     `secretRef` nor `serviceAccountName`."""
+    settings = _from_env(settings)
     storage = dict(spec.get("storage") or {})
-    env = os.environ.get
     if not storage.get("endpoint"):
-        for key, var in (("endpoint", "KUBETUNE_STORAGE_ENDPOINT"), ("region", "KUBETUNE_STORAGE_REGION")):
-            if env(var):
-                storage[key] = env(var)
-    secret = env("KUBETUNE_STORAGE_SECRET_NAME")
+        for key, value in (("endpoint", settings.storage_endpoint), ("region", settings.storage_region)):
+            if value:
+                storage[key] = value
+    secret = settings.storage_secret_name
     if secret and not (storage.get("secretRef") or storage.get("serviceAccountName")):
         storage["secretRef"] = {"name": secret}
     return {**spec, "storage": storage}
@@ -116,16 +114,20 @@ def child_meta(meta: dict, name: str, component: str, extra_labels: dict | None 
             "ownerReferences": [owner_reference(meta)]}
 
 
-def hardware(spec: FineTuneJobSpec) -> Hardware:
-    """What the run will train on, so that the CPU validation can say what the data costs in GPU-hours."""
+def hardware(spec: FineTuneJobSpec, gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> Hardware:
+    """What the run will train on, so that the CPU validation can say what the data costs in GPU-hours;
+    `gpu_tflops` (KUBETUNE_ESTIMATE_GPU_TFLOPS, the chart's `estimate.gpuTflops`) is the sustained TFLOPS per GPU
+    that the validation's data report divides the training FLOPs by."""
     res = spec.resources
-    return Hardware(processes=world_size(spec), gpus=res.workers * res.gpus_per_worker, gpu_tflops=gpu_tflops())
+    return Hardware(processes=world_size(spec), gpus=res.workers * res.gpus_per_worker, gpu_tflops=gpu_tflops)
 
 
-def trainer_config(name: str, spec: FineTuneJobSpec, run_id: str | None = None) -> TrainerConfig:
+def trainer_config(name: str, spec: FineTuneJobSpec, run_id: str | None = None,
+                   gpu_tflops: float | None = None) -> TrainerConfig:
     """The trainer's config; `run_id` (the FineTuneJob's uid) tells this run's output and checkpoints from
-    another run's."""
-    return TrainerConfig.from_job(name, spec, run_id=run_id, hardware=hardware(spec))
+    another run's; `gpu_tflops`: the operator's setting (None: the environment's, see _from_env)."""
+    tflops = _from_env(None).gpu_tflops if gpu_tflops is None else gpu_tflops
+    return TrainerConfig.from_job(name, spec, run_id=run_id, hardware=hardware(spec, tflops))
 
 
 def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
@@ -135,10 +137,11 @@ def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
     return sorted({u.removeprefix("pvc://").split("/")[0] for u in uris if u and u.startswith("pvc://")})
 
 
-def config_map(meta: dict, spec: FineTuneJobSpec) -> dict:
+def config_map(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) -> dict:
+    config = trainer_config(meta["name"], spec, meta["uid"], settings.gpu_tflops)
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": child_meta(meta, Names(meta["name"]).config_map, "config"),
-            "data": {CONFIG_FILE: trainer_config(meta["name"], spec, meta["uid"]).to_yaml()}}
+            "data": {CONFIG_FILE: config.to_yaml()}}
 
 
 def _storage_env(spec: FineTuneJobSpec) -> list[dict]:
@@ -151,8 +154,8 @@ def _storage_env(spec: FineTuneJobSpec) -> list[dict]:
     return env
 
 
-def _volumes(meta: dict, spec: FineTuneJobSpec, shm: bool) -> tuple[list[dict], list[dict]]:
-    work_dir = trainer_config(meta["name"], spec).work_dir  # model, data and checkpoint cache
+def _volumes(meta: dict, spec: FineTuneJobSpec, shm: bool, settings: OperatorSettings) -> tuple[list[dict], list[dict]]:
+    work_dir = trainer_config(meta["name"], spec, gpu_tflops=settings.gpu_tflops).work_dir  # model, data, checkpoints
     volumes = [{"name": "config", "configMap": {"name": Names(meta["name"]).config_map}},
                {"name": "tmp", "emptyDir": {}},  # HOME: the Hugging Face, torch, Triton and XDG caches
                {"name": "work", "emptyDir": {}}]
@@ -168,8 +171,8 @@ def _volumes(meta: dict, spec: FineTuneJobSpec, shm: bool) -> tuple[list[dict], 
     return volumes, mounts
 
 
-def _pod_spec(meta: dict, spec: FineTuneJobSpec, container: dict, shm: bool) -> dict:
-    volumes, mounts = _volumes(meta, spec, shm)
+def _pod_spec(meta: dict, spec: FineTuneJobSpec, container: dict, shm: bool, settings: OperatorSettings) -> dict:
+    volumes, mounts = _volumes(meta, spec, shm, settings)
     sa = spec.storage.service_account_name
     pod = {"restartPolicy": "Never", "securityContext": POD_SECURITY,
            "automountServiceAccountToken": bool(sa), "enableServiceLinks": False,
@@ -199,19 +202,24 @@ def _failure_policy(container: str, peers: bool = False) -> dict:
     return {"rules": rules}
 
 
-VALIDATION_DEFAULTS = {  # spec.validation field -> (the operator's variable, the chart's `validation.*`), default
-    "cpu": ("KUBETUNE_VALIDATION_CPU", "500m"),
-    "memory": ("KUBETUNE_VALIDATION_MEMORY", "1Gi"),
-    "ephemeral_storage": ("KUBETUNE_VALIDATION_EPHEMERAL_STORAGE", "10Gi"),
-    "active_deadline_seconds": ("KUBETUNE_VALIDATION_DEADLINE_SECONDS", "3600"),
+VALIDATION_DEFAULTS = {  # spec.validation field -> the default of the operator's setting (OperatorSettings)
+    "cpu": "500m",  # KUBETUNE_VALIDATION_CPU, the chart's validation.cpu
+    "memory": "1Gi",  # KUBETUNE_VALIDATION_MEMORY
+    "ephemeral_storage": "10Gi",  # KUBETUNE_VALIDATION_EPHEMERAL_STORAGE
+    "active_deadline_seconds": 3600,  # KUBETUNE_VALIDATION_DEADLINE_SECONDS
 }
 
 
-def validation_settings(spec: FineTuneJobSpec) -> dict:
+def validation_settings(spec: FineTuneJobSpec, settings: OperatorSettings | None = None) -> dict:
     """The validation Job's CPU, memory, scratch size and deadline: spec.validation, else the operator's
-    environment (the chart's `validation.*`), else VALIDATION_DEFAULTS."""
-    out = {key: getattr(spec.validation, key) or os.environ.get(var) or default
-           for key, (var, default) in VALIDATION_DEFAULTS.items()}
+    settings (KUBETUNE_VALIDATION_*, the chart's `validation.*`, by default VALIDATION_DEFAULTS; None: the
+    environment's, see _from_env)."""
+    settings = _from_env(settings)
+    operator = {"cpu": settings.validation_cpu, "memory": settings.validation_memory,
+                "ephemeral_storage": settings.validation_ephemeral_storage,
+                "active_deadline_seconds": settings.validation_deadline_seconds}
+    out = {key: getattr(spec.validation, key) or operator[key] or default
+           for key, default in VALIDATION_DEFAULTS.items()}
     out["active_deadline_seconds"] = int(out["active_deadline_seconds"])
     return out
 
@@ -225,18 +233,18 @@ def cpus(quantity: str) -> int:
     return max(1, math.ceil(value)) if math.isfinite(value) else 1
 
 
-def validation_job(meta: dict, spec: FineTuneJobSpec, image: str) -> dict:
+def validation_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) -> dict:
     """One CPU pod running `kubetune validate`: bad data fails here, before any GPU is requested. One pod per
     Job (backoffLimit 0): the operator retries transient failures itself, with a growing delay."""
-    name, v = meta["name"], validation_settings(spec)
+    name, v = meta["name"], validation_settings(spec, settings)
     scratch = {"ephemeral-storage": v["ephemeral_storage"]}
-    container = {"name": VALIDATE_CONTAINER, "image": spec.image or image,
+    container = {"name": VALIDATE_CONTAINER, "image": spec.image or settings.trainer_image,
                  "command": ["kubetune", "validate", "--config", CONFIG_PATH],
                  # The validating and tokenizing pass runs one process per CPU the pod requests.
                  "env": [*_storage_env(spec), {"name": "KUBETUNE_DATA_WORKERS", "value": str(cpus(v["cpu"]))}],
                  "resources": {"requests": {"cpu": v["cpu"], "memory": v["memory"], **scratch},
                                "limits": {"memory": v["memory"], **scratch}}}
-    pod = _pod_spec(meta, spec, container, shm=False)
+    pod = _pod_spec(meta, spec, container, shm=False, settings=settings)
     for volume in pod["volumes"]:
         if volume["name"] == "work":
             volume["emptyDir"] = {"sizeLimit": v["ephemeral_storage"]}
@@ -247,28 +255,31 @@ def validation_job(meta: dict, spec: FineTuneJobSpec, image: str) -> dict:
                      "template": {"metadata": {"labels": labels(name, "validation")}, "spec": pod}}}
 
 
-def service(meta: dict, spec: FineTuneJobSpec) -> dict:
-    """Headless Service: gives each worker pod a stable DNS name for the rendezvous."""
+def service(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) -> dict:
+    """Headless Service: gives each worker pod a stable DNS name for the rendezvous (on the settings'
+    rendezvous port: pods that share the host's network, as the process node agent's do in tests, need a port no
+    other program there listens on)."""
     name = meta["name"]
     return {"apiVersion": "v1", "kind": "Service",
             "metadata": child_meta(meta, Names(name).service, "workers"),
             "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
                      "selector": {LABEL_JOB: name, LABEL_COMPONENT: "workers"},
-                     "ports": [{"name": "rendezvous", "port": rendezvous_port()},
-                               {"name": "metrics", "port": trainer_config(name, spec).metrics.port}]}}
+                     "ports": [{"name": "rendezvous", "port": settings.rendezvous_port},
+                               {"name": "metrics",
+                                "port": trainer_config(name, spec, gpu_tflops=settings.gpu_tflops).metrics.port}]}}
 
 
 def world_size(spec: FineTuneJobSpec) -> int:
     return spec.resources.workers * max(spec.resources.gpus_per_worker, 1)
 
 
-def accelerate_args(name: str, spec: FineTuneJobSpec) -> list[str]:
+def accelerate_args(name: str, spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
     """`accelerate launch` flags (the image's entrypoint), then the trainer command."""
     workers, gpus = spec.resources.workers, spec.resources.gpus_per_worker
     args = ["--num_machines", str(workers), "--num_processes", str(world_size(spec))]
     if workers > 1:
         args += ["--machine_rank", "$(JOB_COMPLETION_INDEX)", "--main_process_ip", Names(name).worker_host(0),
-                 "--main_process_port", str(rendezvous_port())]
+                 "--main_process_port", str(settings.rendezvous_port)]
     if gpus == 0:
         args.append("--cpu")  # one process per worker; RANK/LOCAL_RANK env make it MULTI_CPU (gloo)
     elif world_size(spec) > 1:
@@ -285,7 +296,7 @@ def _resources(spec: FineTuneJobSpec) -> dict:
     return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
 
 
-def training_job(meta: dict, spec: FineTuneJobSpec, image: str) -> dict:
+def training_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) -> dict:
     """The Indexed Job: one pod per worker, rank = completion index, rank 0 is the rendezvous host."""
     name, names, res, run = meta["name"], Names(meta["name"]), spec.resources, spec.run_policy
     env = [
@@ -293,7 +304,7 @@ def training_job(meta: dict, spec: FineTuneJobSpec, image: str) -> dict:
             "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
         {"name": "NODE_RANK", "value": "$(JOB_COMPLETION_INDEX)"},
         {"name": "MASTER_ADDR", "value": names.worker_host(0)},
-        {"name": "MASTER_PORT", "value": str(rendezvous_port())},
+        {"name": "MASTER_PORT", "value": str(settings.rendezvous_port)},
         {"name": "WORLD_SIZE", "value": str(world_size(spec))},
         {"name": "KUBETUNE_JOB", "value": name},
         {"name": "KUBETUNE_TERMINATION_GRACE_SECONDS", "value": str(run.termination_grace_period_seconds)},
@@ -301,12 +312,13 @@ def training_job(meta: dict, spec: FineTuneJobSpec, image: str) -> dict:
     ]
     if res.gpus_per_worker == 0 and res.workers > 1:  # torchrun sets these itself for GPU workers
         env += [{"name": "RANK", "value": "$(JOB_COMPLETION_INDEX)"}, {"name": "LOCAL_RANK", "value": "0"}]
-    metrics_port = trainer_config(name, spec).metrics.port
-    container = {"name": TRAINER_CONTAINER, "image": spec.image or image, "args": accelerate_args(name, spec),
+    metrics_port = trainer_config(name, spec, gpu_tflops=settings.gpu_tflops).metrics.port
+    container = {"name": TRAINER_CONTAINER, "image": spec.image or settings.trainer_image,
+                 "args": accelerate_args(name, spec, settings),
                  "env": env, "resources": _resources(spec),
-                 "ports": [{"name": "rendezvous", "containerPort": rendezvous_port()},
+                 "ports": [{"name": "rendezvous", "containerPort": settings.rendezvous_port},
                            {"name": "metrics", "containerPort": metrics_port}]}
-    pod = _pod_spec(meta, spec, container, shm=True)
+    pod = _pod_spec(meta, spec, container, shm=True, settings=settings)
     pod["subdomain"] = names.service
     # Time to write a checkpoint after SIGTERM. Read when the Job is created: a Job's pod template is immutable.
     pod["terminationGracePeriodSeconds"] = run.termination_grace_period_seconds

@@ -1,7 +1,8 @@
 """kopf handlers: thin. Watches feed indexes of each FineTuneJob's children; any change wakes the
 FineTuneJob's supervisor (loop.py), a daemon that reconciles one object at a time. See docs/operator.md.
 Every handler is async: it runs on the event loop (a sync one would hop to a thread for each watch event, and
-could not wake an asyncio.Event safely).
+could not wake an asyncio.Event safely). The operator's settings (settings.OperatorSettings, read once by
+__main__) reach the handlers as kopf's `memo.settings`.
 """
 
 from __future__ import annotations
@@ -99,9 +100,9 @@ async def finetunejob_changed(type, body, namespace, name, uid, jobs: kopf.Index
 
 
 @kopf.daemon(*FTJ, cancellation_timeout=10)
-async def supervise(body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger, jobs: kopf.Index,
-                    pods: kopf.Index, services: kopf.Index, config_maps: kopf.Index,
+async def supervise(body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger, memo: kopf.Memo,
+                    jobs: kopf.Index, pods: kopf.Index, services: kopf.Index, config_maps: kopf.Index,
                     workloads: kopf.Index | None = None, **_) -> None:
     # None without Kueue (serve_kueue not called); an empty Index is falsy, and is the live one all the same
     indexes = loop.Indexes(jobs, pods, services, config_maps, {} if workloads is None else workloads)
-    await loop.Supervisor(body, logger).run(stopped, indexes)
+    await loop.Supervisor(body, logger, memo.settings).run(stopped, indexes)

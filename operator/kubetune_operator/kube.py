@@ -12,6 +12,7 @@ import kubernetes
 
 from .children import JOB_FINALIZER, Names
 from .reconcile import Decision
+from .status import Reason
 
 POOL_SIZE = 16  # connections: one per reconcile thread (loop.THREADS)
 
@@ -203,7 +204,7 @@ def act(kube: Kube, meta: dict, decision: Decision) -> list[dict]:
         except ApiError as e:
             if e.status != 422:
                 raise
-            decision.events.append(("Warning", "RunPolicyNotApplied",
+            decision.events.append(("Warning", Reason.RunPolicyNotApplied,
                                     f"the training Job did not take the runPolicy change: {e.message}"))
     return created
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 GROUP, VERSION, PLURAL = "kueue.x-k8s.io", "v1beta2", "workloads"
 API_VERSION = f"{GROUP}/{VERSION}"
 DEACTIVATED_BY = "kubetune.io/deactivated"  # annotation: why the operator deactivated the Workload (suspend, restart)
+PREEMPTED = "Preempted"  # Kueue's reason for an eviction by preemption (the Evicted condition, schedulingStats)
 
 
 def _condition(workload: dict, type_: str) -> dict | None:
@@ -108,7 +109,7 @@ def waiting_message(queue: dict, workload: dict | None) -> str:
 def preemptions(workload: dict) -> int:
     """Times Kueue preempted the workload (its schedulingStats)."""
     stats = ((workload.get("status") or {}).get("schedulingStats") or {}).get("evictions") or []
-    return sum(e.get("count") or 0 for e in stats if e.get("reason") == "Preempted")
+    return sum(e.get("count") or 0 for e in stats if e.get("reason") == PREEMPTED)
 
 
 def queue_status(queue: str, workload: dict | None, workloads: list[dict]) -> dict:

@@ -6,7 +6,8 @@ and the supervisor (one kopf daemon per FineTuneJob, so one reconcile at a time 
       -> status (merge patch guarded by resourceVersion) -> after_status (deletes, finalizers) -> events
 
 A resync every KUBETUNE_RESYNC_SECONDS (60) is only a safety net; rank 0's metrics are scraped by a task of
-their own (scrape.py). Errors are retried with a growing delay and logged; API refusals become status.
+their own (scrape.py). Errors are retried with a growing delay and logged; API refusals become status. The
+operator's settings (settings.py, read once by __main__) come in through the Supervisor and `apply`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import asyncio
 import collections
 import copy
 import logging
-import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,8 +25,9 @@ import kopf
 from . import children, kube, metrics, policy, reconcile
 from .reconcile import Decision, Observed, decide
 from .scrape import Scraper
+from .settings import OperatorSettings
+from .status import Reason
 
-RESYNC_SECONDS = float(os.environ.get("KUBETUNE_RESYNC_SECONDS", "60"))
 ERROR_DELAYS = (1, 2, 5, 10, 30, 60)
 THREADS = 16  # worker threads for the API calls of reconciles (and as many pooled connections)
 WRITTEN_TTL = 10.0  # seconds our own writes stand in for a watch that has not brought them back yet
@@ -101,11 +102,11 @@ class Supervisor:
     """One FineTuneJob's loop: woken by its own and its children's watch events, its scraper, a retry or the
     resync. The `body` kopf gives a daemon is live: it always holds the newest FineTuneJob seen."""
 
-    def __init__(self, body: kopf.Body, logger: logging.Logger):
-        self.body, self.logger = body, logger
+    def __init__(self, body: kopf.Body, logger: logging.Logger, settings: OperatorSettings):
+        self.body, self.logger, self.settings = body, logger, settings
         self.key = (body["metadata"]["namespace"], body["metadata"]["name"])
         self.event = asyncio.Event()
-        self.scraper = Scraper(self.key[1], self.event)
+        self.scraper = Scraper(self.key[1], self.event, settings.scrape_seconds)
         self.errors = 0
         # Our last status write, until the FineTuneJob's watch brings that version: deciding from the live
         # body before then would act on the status as it was before our own decision.
@@ -146,7 +147,7 @@ class Supervisor:
     async def step(self, indexes: Indexes) -> float:
         """One reconcile; returns how long to sleep unless woken: a retry's delay, else at most the resync."""
         raw = self.current()
-        raw["spec"] = children.with_storage_defaults(raw.get("spec") or {})
+        raw["spec"] = children.with_storage_defaults(raw.get("spec") or {}, self.settings)
         now = time.monotonic()
         expected = {name: obj for name, (obj, at) in self.expected.items() if now - at < WRITTEN_TTL}
         observed = indexes.observe(raw, expected)
@@ -155,7 +156,8 @@ class Supervisor:
         observed.scrape_failures, observed.scrape_error = self.scraper.failures, self.scraper.error
         try:
             with metrics.track("reconcile"):
-                d, written, created = await asyncio.to_thread(apply, kube.client(), raw, observed, self.logger)
+                d, written, created = await asyncio.to_thread(apply, kube.client(), raw, observed, self.logger,
+                                                              self.settings)
         except Exception as e:  # noqa: BLE001 -- logged, counted and retried with a growing delay
             self.errors += 1
             delay = ERROR_DELAYS[min(self.errors, len(ERROR_DELAYS)) - 1]
@@ -168,11 +170,12 @@ class Supervisor:
         if d is None:  # the FineTuneJob changed under us: the watch brings the new version
             return 1
         self.scraper.target = d.metrics_url
-        if d.status.get("reason") in ("CreateForbidden", "QuotaExceeded"):  # retried with a growing delay
+        if d.status.get("reason") in (Reason.CreateForbidden, Reason.QuotaExceeded):  # retried with a growing delay
             self.errors += 1
             return ERROR_DELAYS[min(self.errors, len(ERROR_DELAYS)) - 1] * 5
         self.errors = 0
-        return min(d.requeue_after or RESYNC_SECONDS, RESYNC_SECONDS)
+        resync = self.settings.resync_seconds
+        return min(d.requeue_after or resync, resync)
 
 
 async def _sleep(event: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:
@@ -184,27 +187,26 @@ async def _sleep(event: asyncio.Event, stopped: kopf.DaemonStopped, timeout: flo
             w.cancel()
 
 
-def apply(api: kube.Kube, body: dict, observed: Observed,
-          logger: logging.Logger) -> tuple[Decision | None, dict | None, list[dict]]:
+def apply(api: kube.Kube, body: dict, observed: Observed, logger: logging.Logger,
+          settings: OperatorSettings) -> tuple[Decision | None, dict | None, list[dict]]:
     """One reconcile, in a worker thread: the decision (None when the status write lost to a newer
     FineTuneJob), the FineTuneJob as our status write left it (None when nothing was written) and the
-    children it created."""
+    children it created. The clock is read here, once, for `decide`."""
     meta, old = body["metadata"], body.get("status") or {}
     now = datetime.now(UTC)
     if (old.get("trainingJob") or {}).get("uid") and observed.training_job is None and old.get("phase") not in \
             reconcile.TERMINAL:  # the index may lag behind our own create: ask the API before calling it gone
         observed.training_job = kube.owned_by(api.get(kube.training_job_path(meta)), meta["uid"])
-    settings = policy.Settings.from_env()
     if policy.needs_admission_check(body):
-        observed.admission_policy = api.admission_policy(settings.binding)
-    d = decide(body, observed, now, children.default_image(), settings)
+        observed.admission_policy = api.admission_policy(settings.policy.binding)
+    d = decide(body, observed, now, settings)
     created: list[dict] = []
     try:
         created = kube.act(api, meta, d)
     except kube.Refused as e:
-        d = reconcile.refused(body, d, e.obj, e.status, e.message, now)
+        d = reconcile.refused(body, d, e.obj, e.status, e.message)
     except kube.Conflict as e:
-        d = reconcile.conflict(body, d, e.obj, e.owner, now)
+        d = reconcile.conflict(body, d, e.obj, e.owner)
     for obj in created:
         if obj["metadata"]["name"] == children.Names(meta["name"]).training:
             d.status["trainingJob"] = {**d.status.get("trainingJob", {}), "name": obj["metadata"]["name"],
@@ -216,7 +218,7 @@ def apply(api: kube.Kube, body: dict, observed: Observed,
     kube.after_status(api, d)
     for obj in created:
         if obj["kind"] == "Job":
-            kopf.event(body, type="Normal", reason="Created", message=f"created Job {obj['metadata']['name']}")
+            kopf.event(body, type="Normal", reason=Reason.Created, message=f"created Job {obj['metadata']['name']}")
     for type_, reason, message in d.events:
         kopf.event(body, type=type_, reason=reason, message=message[:1000])
     if d.phase != old.get("phase"):

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from .status import Phase
+from .status import Phase, Reason
 
 REGISTRY = CollectorRegistry()
 JOBS = Gauge("kubetune_operator_finetunejobs", "FineTuneJobs seen by this operator, by phase", ["phase"],
@@ -33,8 +33,10 @@ RESULT_MODELS = {"test": "finetuned", "baseline": "baseline"}  # status.result.m
 # Export every known label value from the start (0), so dashboards and rate() have series before the first
 # reconcile error or failure.
 HANDLERS = ("reconcile",)
-FAILURE_REASONS = ("DatasetInvalid", "ConfigInvalid", "ValidationFailed", "BackoffLimitExceeded",
-                   "DeadlineExceeded", "Hung")
+# the operator's own reasons, the Job controller's (BackoffLimitExceeded, DeadlineExceeded), and ValidationFailed,
+# which no reconcile writes today: its series is still created, as before
+FAILURE_REASONS = (Reason.DatasetInvalid, Reason.ConfigInvalid, "ValidationFailed", "BackoffLimitExceeded",
+                   "DeadlineExceeded", Reason.Hung)
 for _phase in Phase:
     JOBS.labels(_phase.value)
 for _handler in HANDLERS:

@@ -24,7 +24,6 @@ What "use" means for each object a job names (docs/security.md): the author coul
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +32,12 @@ import yaml
 from kubetune_trainer.spec import API_GROUP, FineTuneJobSpec
 
 from . import PLURAL, children
-from .status import get_condition
+from .status import Reason, get_condition
 
 POLICY = "kubetune-finetunejobs"  # the ValidatingAdmissionPolicy, and its binding (the chart prefixes its release)
 PARAMS = "kubetune-policy"  # the parameters ConfigMap
 PARAMS_NAMESPACE = "kubetune-system"  # where crds/policy/admission-policy.yaml puts it
-REASON = "PolicyDenied"
+REASON = Reason.PolicyDenied
 
 IMAGE = ("spec.image: this image is not allowed here; use an image under the platform's allowed prefixes "
          "(policy.allowedImagePrefixes), or leave spec.image unset for the platform's trainer")
@@ -63,7 +62,8 @@ UNCHECKED = ("; the operator cannot check that the job's author may use it, beca
 @dataclass(frozen=True)
 class Settings:
     """The platform's choices (the chart's `policy.*` and `storage.secretName`), as the operator's environment
-    and as the policy's parameters ConfigMap."""
+    (KUBETUNE_POLICY_* and KUBETUNE_STORAGE_SECRET_NAME, read by settings.OperatorSettings.from_env) and as the
+    policy's parameters ConfigMap."""
 
     image_prefixes: tuple[str, ...]
     credentials_secret: str = ""
@@ -73,17 +73,11 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
-        env = os.environ.get
+        """The environment's: OperatorSettings.from_env().policy. Only for callers outside the operator (the
+        chart's tests); the operator takes them from the settings __main__ reads once."""
+        from .settings import OperatorSettings  # settings.py imports this module
 
-        def names(var: str) -> tuple[str, ...]:
-            return tuple(n.strip() for n in (env(var) or "").split(",") if n.strip())
-
-        default_repository = repository(children.default_image())
-        return cls(image_prefixes=names("KUBETUNE_POLICY_IMAGE_PREFIXES") or (default_repository,),
-                   credentials_secret=env("KUBETUNE_STORAGE_SECRET_NAME") or "",
-                   credentials_namespaces=names("KUBETUNE_POLICY_CREDENTIALS_NAMESPACES"),
-                   allow_trust_remote_code=env("KUBETUNE_POLICY_ALLOW_TRUST_REMOTE_CODE") == "true",
-                   binding=env("KUBETUNE_POLICY_BINDING") or "")
+        return OperatorSettings.from_env().policy
 
     def params(self) -> dict[str, str]:
         """The data of the policy's parameters ConfigMap."""

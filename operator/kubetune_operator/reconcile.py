@@ -1,4 +1,5 @@
-"""One reconcile, as a pure function: (FineTuneJob, observed children, trainer metrics, now) -> Decision.
+"""One reconcile, as a pure function: (FineTuneJob, observed children and trainer metrics, now, the operator's
+settings) -> Decision. No clock, no environment: `now` and the settings (settings.py) come in as arguments.
 
 The state machine is derived from the API only (child objects and the FineTuneJob's own status), never
 from operator memory, so a restarted operator picks up where the last one stopped:
@@ -25,10 +26,12 @@ from kubetune_trainer.spec import FineTuneJobSpec
 from pydantic import ValidationError
 
 from . import children, kueue, policy
+from .settings import OperatorSettings
 from .status import (
     PERMANENT,
     TERMINAL,
     Phase,
+    Reason,
     apply_metrics,
     charged,
     completion_index,
@@ -81,7 +84,12 @@ class Observed:
 
 @dataclass
 class Decision:
+    """What one reconcile wants done, and the status it writes. It knows the FineTuneJob's generation and the
+    reconcile's `now`, which every condition it sets records."""
+
     status: dict
+    generation: int  # the FineTuneJob's metadata.generation: the conditions' observedGeneration
+    now: datetime  # the reconcile's clock
     create: list[dict] = field(default_factory=list)  # create if absent (a 409 on our own object is fine)
     update: list[dict] = field(default_factory=list)  # replace (the ConfigMap, when its data changed)
     suspend_training: bool | None = None  # set the training Job's spec.suspend
@@ -96,6 +104,29 @@ class Decision:
     @property
     def phase(self) -> str | None:
         return self.status.get("phase")
+
+    def condition(self, type_: str, value: bool | None, reason: str, message: str) -> None:
+        """Set one condition of the status (status.set_condition) at this generation and time."""
+        set_condition(self.status, type_, value, reason, message, self.generation, self.now)
+
+    def set_phase(self, phase: Phase, reason: str, message: str) -> None:
+        """The phase, its reason and message, and the Running and Suspended conditions that follow from it."""
+        self.status.update(phase=phase.value, reason=reason, message=message)
+        for type_, value in (("Running", phase == Phase.Running), ("Suspended", phase == Phase.Suspended)):
+            self.condition(type_, value, reason, message)
+
+    def finish(self, phase: Phase, reason: str, message: str) -> None:
+        """Enter a terminal phase (Succeeded or Failed): stop the GPU clock, record the completion time."""
+        self.set_phase(phase, reason, message)
+        _account_gpus(self, 0)
+        self.status["completionTime"] = rfc3339(self.now)
+        self.status.pop("validationRetryTime", None)
+        self.condition("Succeeded", phase == Phase.Succeeded, reason, message)
+        self.condition("Failed", phase == Phase.Failed, reason, message)
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        """A Kubernetes Event (Normal or Warning) to post once the status is written."""
+        self.events.append((type_, reason, message))
 
 
 def running_pods(pods: list[dict]) -> list[dict]:
@@ -113,43 +144,40 @@ def deleting(obj: dict | None) -> bool:
     return bool(obj and obj["metadata"].get("deletionTimestamp"))
 
 
-def decide(body: dict, observed: Observed, now: datetime, image: str | None = None,
-           settings: policy.Settings | None = None) -> Decision:
-    """`image` and `settings` (policy.py) default to the operator's environment."""
+def decide(body: dict, observed: Observed, now: datetime, settings: OperatorSettings) -> Decision:
+    """The reconcile of `body` as things are at `now`, under the operator's `settings` (settings.py)."""
     meta, old = body["metadata"], body.get("status") or {}
-    generation = meta.get("generation", 1)
-    d = Decision(status=copy.deepcopy(old))
-    d.status["observedGeneration"] = generation
+    d = Decision(status=copy.deepcopy(old), generation=meta.get("generation", 1), now=now)
+    d.status["observedGeneration"] = d.generation
     if old.get("phase") in TERMINAL:
         _clean_up(d, observed)
         return d
     if get_condition(old, "Blocked"):  # a refused create is retried by the loop; this reconcile clears it
-        set_condition(d.status, "Blocked", False, "Created", "", generation, now)
+        d.condition("Blocked", False, Reason.Created, "")
     try:
         spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        _unreadable(d, body, observed, problems, generation, now)
-        return _transition(d, old, now)
+        _unreadable(d, body, observed, problems)
+        return _transition(d, old)
     if not get_condition(old, "Validated"):  # before the first child; a job that started once keeps its rights
-        denied = policy.violations(meta["namespace"], spec, settings or policy.Settings.from_env(),
+        denied = policy.violations(meta["namespace"], spec, settings.policy,
                                    policy.author_checked(meta, observed.admission_policy))
         if denied:
-            _finish(d, Phase.Failed, policy.REASON, "; ".join(denied), generation, now)
-            return _transition(d, old, now)
+            d.finish(Phase.Failed, Reason.PolicyDenied, "; ".join(denied))
+            return _transition(d, old)
 
-    cm = children.config_map(meta, spec)
+    cm = children.config_map(meta, spec, settings)
     if observed.config_map is None:
         d.create.append(cm)
     elif observed.config_map.get("data") != cm["data"]:
         d.update.append(cm)
 
-    image = image or children.default_image()
     validated = get_condition(old, "Validated") or {}
-    if validated.get("status") == "True" or _validate(d, meta, spec, observed, generation, now, image):
-        _train(d, old, meta, spec, observed, generation, now, image)
+    if validated.get("status") == "True" or _validate(d, meta, spec, observed, settings):
+        _train(d, old, meta, spec, observed, settings)
     _clean_up(d, observed)
-    return _transition(d, old, now)
+    return _transition(d, old)
 
 
 def _clean_up(d: Decision, observed: Observed) -> None:
@@ -164,9 +192,9 @@ def _clean_up(d: Decision, observed: Observed) -> None:
         d.release.append(job)
 
 
-def _validate(d: Decision, meta, spec, observed: Observed, generation: int, now, image: str) -> bool:
+def _validate(d: Decision, meta, spec, observed: Observed, settings: OperatorSettings) -> bool:
     """Run the CPU validation Job; True once the data is known good. Transient failures are retried."""
-    job, old = observed.validation_job, d.status
+    job, old, now = observed.validation_job, d.status, d.now
     attempts = old.get("validationAttempts", 0)
     retry_at = parse_time(old.get("validationRetryTime"))
     if job is None or (deleting(job) and retry_at):
@@ -174,30 +202,30 @@ def _validate(d: Decision, meta, spec, observed: Observed, generation: int, now,
             d.requeue_after = (retry_at - now).total_seconds()
             return False
         if job is None:
-            d.create.append(children.validation_job(meta, spec, image))
+            d.create.append(children.validation_job(meta, spec, settings))
             d.status["validationAttempts"] = attempts + 1
             d.status.pop("validationRetryTime", None)
             again = f" (attempt {attempts + 1})" if attempts else ""
-            _set(d, Phase.Pending, "Accepted", f"validating the dataset on CPU{again}", generation, now)
-            set_condition(d.status, "Validated", None, "Pending", "validation Job created", generation, now)
+            d.set_phase(Phase.Pending, Reason.Accepted, f"validating the dataset on CPU{again}")
+            d.condition("Validated", None, Reason.Pending, "validation Job created")
         return False
     done = job_finished(job)
     if done is None:
         problem = pod_problem(observed.validation_pods, children.VALIDATE_CONTAINER)
         if problem:
-            _set(d, Phase.Pending, *problem, generation, now)
+            d.set_phase(Phase.Pending, *problem)
         elif running_pods(observed.validation_pods) or terminations(observed.validation_pods,
                                                                    children.VALIDATE_CONTAINER):
-            _set(d, Phase.Validating, "Validating", "checking every record on CPU", generation, now)
-        elif d.status.get("reason") != "Accepted":  # just created: "Accepted" says enough until the pod runs
-            _set(d, Phase.Pending, "ValidationPending", "waiting for the validation pod to start", generation, now)
-        set_condition(d.status, "Validated", None, "Validating", "validation Job running", generation, now)
+            d.set_phase(Phase.Validating, Reason.Validating, "checking every record on CPU")
+        elif d.status.get("reason") != Reason.Accepted:  # just created: "Accepted" says enough until the pod runs
+            d.set_phase(Phase.Pending, Reason.ValidationPending, "waiting for the validation pod to start")
+        d.condition("Validated", None, Reason.Validating, "validation Job running")
         return False
     if done["type"] == "Failed":
         reason, message = explain_failure(job, observed.validation_pods, children.VALIDATE_CONTAINER)
         if reason in PERMANENT:
-            set_condition(d.status, "Validated", False, reason, message, generation, now)
-            _finish(d, Phase.Failed, reason, message, generation, now)
+            d.condition("Validated", False, reason, message)
+            d.finish(Phase.Failed, reason, message)
             return False
         if retry_at:  # this failure was handled: its Job is being deleted, the retry is scheduled
             d.requeue_after = max((retry_at - now).total_seconds(), 1)
@@ -207,9 +235,9 @@ def _validate(d: Decision, meta, spec, observed: Observed, generation: int, now,
         delay = min(first * 2 ** max(attempts - 1, 0), longest)
         message = f"attempt {max(attempts, 1)} failed ({message}); retrying in {delay}s"
         d.status["validationRetryTime"] = rfc3339(now + timedelta(seconds=delay))
-        set_condition(d.status, "Validated", None, "ValidationRetrying", message, generation, now)
-        _set(d, Phase.Pending, "ValidationRetrying", message, generation, now)
-        d.events.append(("Warning", "ValidationRetrying", message))
+        d.condition("Validated", None, Reason.ValidationRetrying, message)
+        d.set_phase(Phase.Pending, Reason.ValidationRetrying, message)
+        d.event("Warning", Reason.ValidationRetrying, message)
         d.delete.append(job)
         d.requeue_after = delay
         return False
@@ -222,47 +250,47 @@ def _validate(d: Decision, meta, spec, observed: Observed, generation: int, now,
         message = summary.strip()[:1000] if isinstance(summary, str) else ""
         d.status["dataset"] = dataset_status(report) or None
         if message:
-            d.events.append(("Normal", "Validated", message))
-    set_condition(d.status, "Validated", True, "DatasetValid", message or "dataset valid", generation, now)
+            d.event("Normal", Reason.Validated, message)
+    d.condition("Validated", True, Reason.DatasetValid, message or "dataset valid")
     d.status.pop("validationRetryTime", None)
     return True
 
 
-def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observed, generation: int, now,
-           image: str) -> None:
-    run = spec.run_policy
+def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observed,
+           settings: OperatorSettings) -> None:
+    run, now = spec.run_policy, d.now
     if observed.service is None:
-        d.create.append(children.service(meta, spec))
+        d.create.append(children.service(meta, spec, settings))
     job = observed.training_job
     if job is None:
-        _create_training_job(d, old, meta, spec, generation, now, image)
+        _create_training_job(d, old, meta, spec, settings)
         return
     pods = observed.training_pods
     d.status["restarts"] = (job.get("status") or {}).get("failed") or 0
     done = job_finished(job)
     if done and done["type"] == "Complete":
-        _succeed(d, pods, spec.output.uri, generation, now)
+        _succeed(d, pods, spec.output.uri)
         return
     if done:
         reason, message = explain_failure(job, pods, children.TRAINER_CONTAINER)
-        _finish(d, Phase.Failed, reason, message, generation, now)
+        d.finish(Phase.Failed, reason, message)
         return
     if deleting(job):
         message = (f"training Job {job['metadata']['name']} was deleted before the run finished; it is "
                    "recreated once and resumes from the last checkpoint")
-        d.events.append(("Warning", "TrainingJobDeleted", message))
-        _set(d, Phase.Queued, "TrainingJobDeleted", message, generation, now)
+        d.event("Warning", Reason.TrainingJobDeleted, message)
+        d.set_phase(Phase.Queued, Reason.TrainingJobDeleted, message)
         return
     permanent = permanent_failure(pods, children.TRAINER_CONTAINER)
     if permanent:  # exit 1 through accelerate launch: the Job would retry; stop it (frees the GPUs)
         _stop_workers(d, spec, observed, "failed")
-        _finish(d, Phase.Failed, *permanent, generation, now)
+        d.finish(Phase.Failed, *permanent)
         return
     stopping = _worker_ends(d, old, pods, spec)
-    loop = _peer_lost_loop(d, meta, spec)
+    loop = _peer_lost_loop(d, meta, spec, settings)
     if loop:  # nobody is charged for these restarts, so the Job alone would retry them forever
         _stop_workers(d, spec, observed, "failed")
-        _finish(d, Phase.Failed, "PeerLostLoop", loop, generation, now)
+        d.finish(Phase.Failed, Reason.PeerLostLoop, loop)
         return
     d.training_spec = {k: v for k, v in children.mutable_job_spec(spec).items() if job["spec"].get(k) != v}
 
@@ -276,51 +304,47 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
     if run.suspend:
         _stop_workers(d, spec, observed, "suspend")
         released = "; its Kueue workload is deactivated (no quota held)" if queue else ""
-        _set(d, Phase.Suspended, "Suspended", f"spec.runPolicy.suspend is true; workers stopped{released}",
-             generation, now)
+        d.set_phase(Phase.Suspended, Reason.Suspended, f"spec.runPolicy.suspend is true; workers stopped{released}")
     elif old.get("restartingWorkers"):
         if not (job_suspended and not active and not running):
             _stop_workers(d, spec, observed, "restart")
         else:
             _start_workers(d, spec, observed)
             d.status["restartingWorkers"] = False
-        _set(d, Phase.Queued, "RestartingWorkers", "restarting the workers from the last checkpoint",
-             generation, now)
+        d.set_phase(Phase.Queued, Reason.RestartingWorkers, "restarting the workers from the last checkpoint")
     elif queue and (job_suspended or not (workload is None or kueue.condition(workload, "QuotaReserved"))):
         _start_workers(d, spec, observed)  # a workload the operator deactivated goes back in its queue
         reason, message = _waiting(workload, d.status)
-        if reason == "Preempted" and old.get("reason") != reason:  # once per preemption, not charged
-            d.events.append(("Normal", reason, f"{message}; not charged to backoffLimit"))
-        _set(d, Phase.Queued, reason, message, generation, now)
+        if reason == Reason.Preempted and old.get("reason") != reason:  # once per preemption, not charged
+            d.event("Normal", reason, f"{message}; not charged to backoffLimit")
+        d.set_phase(Phase.Queued, reason, message)
     elif job_suspended:
         _start_workers(d, spec, observed)
-        _set(d, Phase.Queued, "Resuming", "resuming from the last checkpoint", generation, now)
+        d.set_phase(Phase.Queued, Reason.Resuming, "resuming from the last checkpoint")
     elif stopping:
         p, cond = stopping[0], disruption(stopping[0])
         message = (f"worker {completion_index(p)} (pod {p['metadata']['name']}) is being stopped "
                    f"({cond.get('reason') or 'DisruptionTarget'}); the workers write a checkpoint and resume from it "
                    f"({len(running)}/{spec.resources.workers} workers running)")
-        _set(d, Phase.Running if running else Phase.Queued, "WorkerPreempted", message, generation, now)
+        d.set_phase(Phase.Running if running else Phase.Queued, Reason.WorkerPreempted, message)
     elif problem:
         phase = Phase.Running if running else Phase.Queued
-        _set(d, phase, problem[0], problem[1], generation, now)
+        d.set_phase(phase, problem[0], problem[1])
     elif running:
-        _set(d, Phase.Running, "Training", f"{len(running)}/{spec.resources.workers} workers running",
-             generation, now)
+        d.set_phase(Phase.Running, Reason.Training, f"{len(running)}/{spec.resources.workers} workers running")
     elif (job.get("status") or {}).get("succeeded"):
-        _set(d, Phase.Running, "Finishing", "the workers have finished; waiting for the Job to complete",
-             generation, now)
+        d.set_phase(Phase.Running, Reason.Finishing, "the workers have finished; waiting for the Job to complete")
     elif pods and all(p.get("status", {}).get("phase") in ("Succeeded", "Failed") for p in pods):
-        _set(d, Phase.Queued, "WaitingForWorkers", "waiting for the Job controller to recreate the workers: it "
-             "backs off 10 s, doubling with every failed pod (preempted and PeerLost ones too), up to 10 min",
-             generation, now)
+        d.set_phase(Phase.Queued, Reason.WaitingForWorkers,
+                    "waiting for the Job controller to recreate the workers: it backs off 10 s, doubling with every "
+                    "failed pod (preempted and PeerLost ones too), up to 10 min")
     else:
-        _set(d, Phase.Queued, "WaitingForWorkers", "waiting for worker pods to start", generation, now)
+        d.set_phase(Phase.Queued, Reason.WaitingForWorkers, "waiting for worker pods to start")
 
-    _account_gpus(d, len(running) * spec.resources.gpus_per_worker, now)
+    _account_gpus(d, len(running) * spec.resources.gpus_per_worker)
     if d.phase != Phase.Running:
         return
-    metrics = children.trainer_config(meta["name"], spec).metrics
+    metrics = children.trainer_config(meta["name"], spec, gpu_tflops=settings.gpu_tflops).metrics
     rank0 = rank0_pod(pods)
     if rank0 and metrics.enabled:
         d.metrics_url = f"http://{rank0['status']['podIP']}:{metrics.port}/metrics"
@@ -332,7 +356,7 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
         apply_metrics(d.status, observed.trainer_metrics, checkpoint_uri, now)
     _scrape_health(d, observed)
     if observed.trainer_metrics:  # positive evidence only: an unreachable trainer is never called hung
-        _check_hang(d, spec, observed, generation, now)
+        _check_hang(d, spec, observed)
 
 
 def _worker_ends(d: Decision, old: dict, pods: list[dict], spec: FineTuneJobSpec) -> list[dict]:
@@ -350,27 +374,27 @@ def _worker_ends(d: Decision, old: dict, pods: list[dict], spec: FineTuneJobSpec
         why = cond.get("reason") or "DisruptionTarget"
         why += f" ({cond['message']})" if cond.get("message") else ""
         d.status["preemptions"] = d.status.get("preemptions", 0) + 1
-        d.events.append(("Normal", "WorkerPreempted", (
+        d.event("Normal", Reason.WorkerPreempted, (
             f"worker {completion_index(p)} (pod {p['metadata']['name']}) is being stopped{at}: {why}; it writes a "
-            "checkpoint and the workers resume from it (not charged to backoffLimit)")))
+            "checkpoint and the workers resume from it (not charged to backoffLimit)"))
     d.status["preemptedPods"] = sorted(p["metadata"]["name"] for p in stopping) or None
     lost = [t for t in terminations([p for p in pods if not deleting(p)], container) if peer_lost(t)]
     for t in lost[:max(len(lost) - old.get("peerLost", 0), 0)]:
-        d.events.append(("Normal", "PeerLost", (
+        d.event("Normal", Reason.PeerLost, (
             f"worker {t['index']} (pod {t['pod']}) stopped because another worker did (exit 76); it restarts "
-            "with the others, not charged to backoffLimit")))
+            "with the others, not charged to backoffLimit"))
     d.status["peerLost"] = len(lost) or None
     failed = [t for t in terminations(pods, container) if charged(t)]
     if d.status["restarts"] > old.get("restarts", 0) and failed:
         t, limit = failed[0], spec.run_policy.backoff_limit
         detail = f": {last_line(t)}" if last_line(t) else ""
-        d.events.append(("Warning", "WorkerFailed", (
+        d.event("Warning", Reason.WorkerFailed, (
             f"worker {t['index']} (pod {t['pod']}) failed with exit code {t['exitCode']}{detail}; restart "
-            f"{d.status['restarts']} of runPolicy.backoffLimit {limit}; the workers resume from the last checkpoint")))
+            f"{d.status['restarts']} of runPolicy.backoffLimit {limit}; the workers resume from the last checkpoint"))
     return stopping
 
 
-def _peer_lost_loop(d: Decision, meta: dict, spec: FineTuneJobSpec) -> str | None:
+def _peer_lost_loop(d: Decision, meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) -> str | None:
     """Why the workers are failed for restarting in a loop, if they are. Each failure or preemption makes the
     other workers exit PeerLost (76) once each, uncharged; PeerLost exits beyond that, for PEER_LOST_ROUNDS
     restarts of all the workers, have no cause the Job counts (say, the rendezvous host is unreachable)."""
@@ -378,38 +402,38 @@ def _peer_lost_loop(d: Decision, meta: dict, spec: FineTuneJobSpec) -> str | Non
     lost, causes = d.status.get("peerLost") or 0, d.status.get("restarts", 0) + d.status.get("preemptions", 0)
     if lost - (workers - 1) * causes < workers * PEER_LOST_ROUNDS:
         return None
-    rendezvous = f"{children.Names(meta['name']).worker_host(0)}:{children.rendezvous_port()}"
+    rendezvous = f"{children.Names(meta['name']).worker_host(0)}:{settings.rendezvous_port}"
     return (f"{lost} worker exits with PeerLost (76: another worker stopped) that no failure or preemption "
             f"explains ({d.status.get('restarts', 0)} charged failures, {d.status.get('preemptions', 0)} "
             f"preemptions): the workers keep losing each other (is the rendezvous {rendezvous} reachable?); "
             "see the worker logs")
 
 
-def _create_training_job(d: Decision, old: dict, meta, spec, generation: int, now, image: str) -> None:
+def _create_training_job(d: Decision, old: dict, meta, spec, settings: OperatorSettings) -> None:
     """The training Job is absent: not created yet, or created and then deleted before its outcome was read."""
     record = old.get("trainingJob") or {}
     name = children.Names(meta["name"]).training
     queue = spec.scheduling.queue_name
     if spec.run_policy.suspend and queue:  # a Job in the queue would be admitted: it holds no quota until resumed
-        _set(d, Phase.Suspended, "Suspended", f"spec.runPolicy.suspend is true; the training Job goes to "
-             f"LocalQueue {queue} once it is false", generation, now)
+        d.set_phase(Phase.Suspended, Reason.Suspended,
+                    f"spec.runPolicy.suspend is true; the training Job goes to LocalQueue {queue} once it is false")
         return
     if record.get("uid"):
         recreations = record.get("recreations", 0)
         if recreations >= MAX_RECREATIONS:
-            _finish(d, Phase.Failed, "TrainingJobLost",
-                    f"training Job {name} was deleted before the run finished, again after it was recreated; "
-                    "create a new FineTuneJob to train again", generation, now)
+            d.finish(Phase.Failed, Reason.TrainingJobLost,
+                     f"training Job {name} was deleted before the run finished, again after it was recreated; "
+                     "create a new FineTuneJob to train again")
             return
         message = (f"training Job {name} is gone before its outcome was seen; recreating it once (the trainer "
                    "resumes from the last checkpoint, or reports the adapter it already published)")
-        d.events.append(("Warning", "TrainingJobRecreated", message))
+        d.event("Warning", Reason.TrainingJobRecreated, message)
         d.status["trainingJob"] = {"name": name, "recreations": recreations + 1}
-    d.create.append(children.training_job(meta, spec, image))
+    d.create.append(children.training_job(meta, spec, settings))
     if spec.run_policy.suspend:
-        _set(d, Phase.Suspended, "Suspended", "spec.runPolicy.suspend is true", generation, now)
+        d.set_phase(Phase.Suspended, Reason.Suspended, "spec.runPolicy.suspend is true")
     else:
-        _set(d, Phase.Queued, "TrainingJobCreated", "training Job created", generation, now)
+        d.set_phase(Phase.Queued, Reason.TrainingJobCreated, "training Job created")
 
 
 def _stop_workers(d: Decision, spec: FineTuneJobSpec, observed: Observed, why: str) -> None:
@@ -437,52 +461,51 @@ def _waiting(workload: dict | None, status: dict) -> tuple[str, str]:
     evicted = kueue.eviction(workload)
     waiting = kueue.waiting_message(status["queue"], workload)
     if workload is not None and not kueue.active(workload) and not kueue.deactivated_by_us(workload):
-        return "WorkloadInactive", (
+        return Reason.WorkloadInactive, (
             f"the Kueue workload {workload['metadata']['name']} was deactivated, not by the operator"
             + (f" ({evicted[1]})" if evicted and evicted[1] else "") +
             "; set its spec.active to true to queue it again")
-    if evicted and evicted[0] == "Preempted":
+    if evicted and evicted[0] == kueue.PREEMPTED:
         step = (status.get("progress") or {}).get("step")
         at = f" at step {step}" if step else ""
         why = f" ({evicted[1]})" if evicted[1] else ""
-        return "Preempted", (f"preempted by Kueue{at}{why}; the workers checkpoint on SIGTERM and resume from it "
+        return Reason.Preempted, (f"preempted by Kueue{at}{why}; the workers checkpoint on SIGTERM and resume from it "
                              f"once readmitted; {waiting}")
-    return "WaitingForAdmission", waiting
+    return Reason.WaitingForAdmission, waiting
 
 
-def _succeed(d: Decision, pods: list[dict], output_uri: str, generation: int, now) -> None:
+def _succeed(d: Decision, pods: list[dict], output_uri: str) -> None:
     d.status["result"] = result_from_pods(pods, children.TRAINER_CONTAINER, output_uri)
     final_progress(d.status, success_report(pods, children.TRAINER_CONTAINER))
-    _finish(d, Phase.Succeeded, "Completed", f"published to {output_uri}", generation, now)
+    d.finish(Phase.Succeeded, Reason.Completed, f"published to {output_uri}")
 
 
-def _unreadable(d: Decision, body: dict, observed: Observed, problems: str, generation: int, now) -> None:
+def _unreadable(d: Decision, body: dict, observed: Observed, problems: str) -> None:
     """A spec this operator cannot parse (say, a newer CRD). Without workers the job fails ConfigInvalid;
     running workers are never abandoned: their Job is still followed to its end, and the status says so."""
     job = observed.training_job
     if job is None or deleting(job):
-        _finish(d, Phase.Failed, "ConfigInvalid", problems, generation, now)
+        d.finish(Phase.Failed, Reason.ConfigInvalid, problems)
         return
     done = job_finished(job)
     output = ((body.get("spec") or {}).get("output") or {}).get("uri", "")
     if done and done["type"] == "Complete":
-        _succeed(d, observed.training_pods, output, generation, now)
+        _succeed(d, observed.training_pods, output)
     elif done:
-        _finish(d, Phase.Failed, *explain_failure(job, observed.training_pods, children.TRAINER_CONTAINER),
-                generation, now)
+        d.finish(Phase.Failed, *explain_failure(job, observed.training_pods, children.TRAINER_CONTAINER))
     else:
         message = (f"the operator cannot read this spec ({problems}); the workers keep running and their Job "
                    "is still supervised to its end (no spec changes are applied)")
-        d.status.update(reason="SpecUnreadable", message=message)
-        if (get_condition(body.get("status") or {}, "Running") or {}).get("reason") != "SpecUnreadable":
-            d.events.append(("Warning", "SpecUnreadable", message))
-        set_condition(d.status, "Running", d.phase == Phase.Running, "SpecUnreadable", message, generation, now)
+        d.status.update(reason=Reason.SpecUnreadable, message=message)
+        if (get_condition(body.get("status") or {}, "Running") or {}).get("reason") != Reason.SpecUnreadable:
+            d.event("Warning", Reason.SpecUnreadable, message)
+        d.condition("Running", d.phase == Phase.Running, Reason.SpecUnreadable, message)
 
 
-def _account_gpus(d: Decision, gpus: int, now: datetime) -> None:
+def _account_gpus(d: Decision, gpus: int) -> None:
     """gpuSeconds += gpusInUse x the time since gpuAccountedAt, brought up to date when the number of GPUs in
     use changes and every GPU_ACCOUNTING_SECONDS (not at every reconcile, which would rewrite the status)."""
-    accounted, before = parse_time(d.status.get("gpuAccountedAt")), d.status.get("gpusInUse") or 0
+    now, accounted, before = d.now, parse_time(d.status.get("gpuAccountedAt")), d.status.get("gpusInUse") or 0
     elapsed = (now - accounted).total_seconds() if accounted else 0
     if accounted and (gpus == before and elapsed < GPU_ACCOUNTING_SECONDS):
         return
@@ -500,10 +523,10 @@ def _scrape_health(d: Decision, observed: Observed) -> None:
         d.status.pop("metricsScrape", None)
 
 
-def _check_hang(d: Decision, spec: FineTuneJobSpec, observed: Observed, generation: int, now: datetime) -> None:
+def _check_hang(d: Decision, spec: FineTuneJobSpec, observed: Observed) -> None:
     """No heartbeat and no step for hangTimeoutSeconds from a reachable trainer: restart the workers once
     (stop them, then start them again), then fail."""
-    timeout = spec.run_policy.hang_timeout_seconds
+    timeout, now = spec.run_policy.hang_timeout_seconds, d.now
     seen = [t for t in (parse_time(d.status.get("lastProgressTime")), parse_time(d.status.get("lastHeartbeatTime")))
             if t]
     last = max(seen) if seen else None
@@ -514,56 +537,39 @@ def _check_hang(d: Decision, spec: FineTuneJobSpec, observed: Observed, generati
         d.status["hangRestarts"] = d.status.get("hangRestarts", 0) + 1
         d.status["restartingWorkers"] = True
         _stop_workers(d, spec, observed, "restart")
-        d.events.append(("Warning", "WorkersHung",
-                         message + "; restarting the workers from the last checkpoint"))
-        _set(d, Phase.Queued, "RestartingWorkers", message + "; restarting the workers", generation, now)
+        d.event("Warning", Reason.WorkersHung, message + "; restarting the workers from the last checkpoint")
+        d.set_phase(Phase.Queued, Reason.RestartingWorkers, message + "; restarting the workers")
     else:
         _stop_workers(d, spec, observed, "failed")
-        _finish(d, Phase.Failed, "Hung", message + " after a restart", generation, now)
+        d.finish(Phase.Failed, Reason.Hung, message + " after a restart")
 
 
 # -- what the loop reports when acting on a Decision failed ------------------------------------------------
 
 
-def refused(body: dict, d: Decision, obj: dict, status: int, message: str, now: datetime) -> Decision:
+def refused(body: dict, d: Decision, obj: dict, status: int, message: str) -> Decision:
     """A child create the API server refused. 400/422 (only the child's own validation catches it, e.g. an
     invalid toleration) end the job InvalidChildSpec; 403 (RBAC, quota, admission) is retried by the loop
     with a growing delay and shown as the Blocked condition and a Warning Event."""
-    what, generation = f"{obj['kind']} {obj['metadata']['name']}", body["metadata"].get("generation", 1)
+    what = f"{obj['kind']} {obj['metadata']['name']}"
     if status in (400, 422):
-        _finish(d, Phase.Failed, "InvalidChildSpec", f"the API server refused the {what}: {message}",
-                generation, now)
+        d.finish(Phase.Failed, Reason.InvalidChildSpec, f"the API server refused the {what}: {message}")
     else:
-        reason = "QuotaExceeded" if "quota" in message.lower() else "CreateForbidden"
+        reason = Reason.QuotaExceeded if "quota" in message.lower() else Reason.CreateForbidden
         text = f"the API server refused to create the {what} (HTTP {status}): {message}; retrying"
-        set_condition(d.status, "Blocked", True, reason, text, generation, now)
+        d.condition("Blocked", True, reason, text)
         d.status.update(reason=reason, message=text)
-        d.events.append(("Warning", reason, text))
-    return _transition(d, body.get("status") or {}, now)
+        d.event("Warning", reason, text)
+    return _transition(d, body.get("status") or {})
 
 
-def conflict(body: dict, d: Decision, obj: dict, owner: str, now: datetime) -> Decision:
+def conflict(body: dict, d: Decision, obj: dict, owner: str) -> Decision:
     """A child's name is taken by an object this FineTuneJob does not own."""
     what = f"{obj['kind']} {obj['metadata']['name']}"
-    _finish(d, Phase.Failed, "ChildConflict",
-            f"{what} already exists and is not owned by this FineTuneJob ({owner}); delete it, or create the "
-            "FineTuneJob under another name", body["metadata"].get("generation", 1), now)
-    return _transition(d, body.get("status") or {}, now)
-
-
-def _set(d: Decision, phase: Phase, reason: str, message: str, generation: int, now: datetime) -> None:
-    d.status.update(phase=phase.value, reason=reason, message=message)
-    for type_, value in (("Running", phase == Phase.Running), ("Suspended", phase == Phase.Suspended)):
-        set_condition(d.status, type_, value, reason, message, generation, now)
-
-
-def _finish(d: Decision, phase: Phase, reason: str, message: str, generation: int, now: datetime) -> None:
-    _set(d, phase, reason, message, generation, now)
-    _account_gpus(d, 0, now)
-    d.status["completionTime"] = rfc3339(now)
-    d.status.pop("validationRetryTime", None)
-    set_condition(d.status, "Succeeded", phase == Phase.Succeeded, reason, message, generation, now)
-    set_condition(d.status, "Failed", phase == Phase.Failed, reason, message, generation, now)
+    d.finish(Phase.Failed, Reason.ChildConflict,
+             f"{what} already exists and is not owned by this FineTuneJob ({owner}); delete it, or create the "
+             "FineTuneJob under another name")
+    return _transition(d, body.get("status") or {})
 
 
 def _finite(value):
@@ -575,11 +581,11 @@ def _finite(value):
     return value
 
 
-def _transition(d: Decision, old: dict, now: datetime) -> Decision:
+def _transition(d: Decision, old: dict) -> Decision:
     """One Kubernetes Event per phase change."""
     d.status = _finite({k: v for k, v in d.status.items() if v is not None})
     if d.phase != old.get("phase") and not any(e[1] == d.status.get("reason") for e in d.events):
         kind = "Warning" if d.phase == Phase.Failed else "Normal"
         message = f"{d.phase}: {d.status.get('message', '')}"
-        d.events.append((kind, d.status.get("reason") or d.phase, message))
+        d.event(kind, d.status.get("reason") or d.phase, message)
     return d

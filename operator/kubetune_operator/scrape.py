@@ -5,14 +5,13 @@ reconcile nor grow the operator's memory."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import aiohttp
 
+from .settings import SCRAPE_SECONDS
 from .status import parse_trainer_metrics
 
-SCRAPE_SECONDS = float(os.environ.get("KUBETUNE_SCRAPE_SECONDS", "10"))
 TIMEOUT_SECONDS = 3.0
 MAX_BYTES = 1 << 20
 _sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}  # one per event loop (the operator has one)
@@ -39,17 +38,18 @@ async def fetch(url: str, job_name: str) -> dict:
 
 
 class Scraper:
-    """Scrapes `target` (an URL, set by the reconcile while rank 0 runs) every SCRAPE_SECONDS, then wakes the
-    reconcile. `metrics` is the last good result while it is fresh; `failures` counts failures in a row."""
+    """Scrapes `target` (an URL, set by the reconcile while rank 0 runs) every `seconds` (the operator's
+    KUBETUNE_SCRAPE_SECONDS, by default SCRAPE_SECONDS), then wakes the reconcile. `metrics` is the last good
+    result while it is fresh; `failures` counts failures in a row."""
 
-    def __init__(self, job_name: str, wake: asyncio.Event):
-        self.job_name, self.wake = job_name, wake
+    def __init__(self, job_name: str, wake: asyncio.Event, seconds: float = SCRAPE_SECONDS):
+        self.job_name, self.wake, self.seconds = job_name, wake, seconds
         self.target: str | None = None
         self.metrics: dict | None = None
         self.failures, self.error, self.at = 0, None, 0.0
 
     def fresh(self) -> dict | None:
-        ok = self.failures == 0 and time.monotonic() - self.at < 3 * SCRAPE_SECONDS
+        ok = self.failures == 0 and time.monotonic() - self.at < 3 * self.seconds
         return self.metrics if ok else None
 
     async def run(self) -> None:
@@ -58,7 +58,7 @@ class Scraper:
             if target:
                 await self.once(target)
                 self.wake.set()
-            await asyncio.sleep(SCRAPE_SECONDS)
+            await asyncio.sleep(self.seconds)
 
     async def once(self, url: str) -> None:
         try:

@@ -27,6 +27,57 @@ class Phase(StrEnum):
     Failed = "Failed"
 
 
+class Reason(StrEnum):
+    """Every reason the operator writes itself: status.reason, the conditions' reasons and its Events' reasons.
+    A str enum: each value is the string that goes into the status and the Events. Reasons copied from elsewhere
+    (a waiting container's, the scheduler's, the Job controller's: BackoffLimitExceeded, DeadlineExceeded) stay
+    plain strings."""
+
+    # phases and conditions of a job on its way
+    Accepted = "Accepted"  # the validation Job was created
+    Pending = "Pending"  # the Validated condition, while its Job is created
+    Validating = "Validating"
+    ValidationPending = "ValidationPending"
+    ValidationRetrying = "ValidationRetrying"
+    Validated = "Validated"  # an Event: the validation's data report
+    DatasetValid = "DatasetValid"
+    TrainingJobCreated = "TrainingJobCreated"
+    WaitingForWorkers = "WaitingForWorkers"
+    WaitingForAdmission = "WaitingForAdmission"
+    WorkloadInactive = "WorkloadInactive"
+    Preempted = "Preempted"
+    Resuming = "Resuming"
+    Suspended = "Suspended"
+    Training = "Training"
+    Finishing = "Finishing"
+    RestartingWorkers = "RestartingWorkers"
+    Completed = "Completed"
+    # what happened to the workers and the training Job (Events, and some of them the status)
+    WorkerPreempted = "WorkerPreempted"
+    PeerLost = "PeerLost"
+    WorkerFailed = "WorkerFailed"
+    WorkersHung = "WorkersHung"
+    TrainingJobDeleted = "TrainingJobDeleted"
+    TrainingJobRecreated = "TrainingJobRecreated"
+    SpecUnreadable = "SpecUnreadable"
+    RunPolicyNotApplied = "RunPolicyNotApplied"
+    Created = "Created"  # an Event per Job created; the Blocked condition once creating works again
+    CreateForbidden = "CreateForbidden"  # Blocked: retried
+    QuotaExceeded = "QuotaExceeded"  # Blocked: retried
+    Unschedulable = "Unschedulable"  # a pod the scheduler cannot place, when it gives no reason of its own
+    # failures
+    PolicyDenied = "PolicyDenied"
+    DatasetInvalid = "DatasetInvalid"
+    OutputInUse = "OutputInUse"
+    ConfigInvalid = "ConfigInvalid"
+    InvalidChildSpec = "InvalidChildSpec"
+    ChildConflict = "ChildConflict"
+    TrainingJobLost = "TrainingJobLost"
+    PeerLostLoop = "PeerLostLoop"
+    Hung = "Hung"
+    Failed = "Failed"  # a failed Job whose condition gives no reason
+
+
 TERMINAL = (Phase.Succeeded, Phase.Failed)
 CONDITION_TYPES = ("Validated", "Blocked", "Running", "Suspended", "Succeeded", "Failed")
 
@@ -270,13 +321,13 @@ def pod_problem(pods: list[dict], container: str) -> tuple[str, str] | None:
                 return waiting["reason"], f"pod {name}: {waiting['reason']}{detail}"[:1000]
         for c in (pod.get("status") or {}).get("conditions") or []:
             if c.get("type") == "PodScheduled" and c.get("status") == "False":
-                reason = c.get("reason") or "Unschedulable"
+                reason = c.get("reason") or Reason.Unschedulable
                 return reason, f"pod {name} cannot be scheduled: {c.get('message') or reason}"[:1000]
     return None
 
 
-PERMANENT_REASONS = {EXIT_DATA_INVALID: "DatasetInvalid", EXIT_OUTPUT_IN_USE: "OutputInUse",
-                     EXIT_CONFIG_INVALID: "ConfigInvalid"}
+PERMANENT_REASONS = {EXIT_DATA_INVALID: Reason.DatasetInvalid, EXIT_OUTPUT_IN_USE: Reason.OutputInUse,
+                     EXIT_CONFIG_INVALID: Reason.ConfigInvalid}
 PERMANENT = frozenset(PERMANENT_REASONS.values())  # reasons no retry can help with
 
 
@@ -308,7 +359,7 @@ def explain_failure(job: dict, pods: list[dict], container: str) -> tuple[str, s
         return permanent[0], permanent[1] or cond.get("message", "")
     ends = [t for t in terminations(pods, container) if t.get("exitCode")]
     ends = [t for t in ends if charged(t)] or ends
-    reason = cond.get("reason") or "Failed"
+    reason = cond.get("reason") or Reason.Failed
     detail = last_line(ends[0]) if ends else ""
     message = cond.get("message") or reason
     return reason, f"{message}: {detail}" if detail else message

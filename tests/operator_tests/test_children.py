@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import yaml
 from kubetune_operator import children
+from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.spec import FineTuneJobSpec
 
 from .builders import UID, ftj
 
 IMAGE = "registry.local/trainer:test"
+SETTINGS = OperatorSettings(trainer_image=IMAGE)
 
 
 def build(spec_updates: dict | None = None, name: str = "demo"):
@@ -29,10 +31,10 @@ def env(obj: dict) -> dict:
 def test_every_child_is_labelled_and_owned():
     meta, spec = build()
     objs = [
-        children.config_map(meta, spec),
-        children.validation_job(meta, spec, IMAGE),
-        children.service(meta, spec),
-        children.training_job(meta, spec, IMAGE),
+        children.config_map(meta, spec, SETTINGS),
+        children.validation_job(meta, spec, SETTINGS),
+        children.service(meta, spec, SETTINGS),
+        children.training_job(meta, spec, SETTINGS),
     ]
     assert [o["metadata"]["name"] for o in objs] == [
         "demo-config",
@@ -56,7 +58,7 @@ def test_every_child_is_labelled_and_owned():
 
 def test_config_map_holds_the_trainer_config_and_no_secret():
     meta, spec = build()
-    cm = children.config_map(meta, spec)
+    cm = children.config_map(meta, spec, SETTINGS)
     config = TrainerConfig.model_validate(yaml.safe_load(cm["data"]["trainer.yaml"]))
     assert config.job_name == "demo" and config.dataset.train == "s3://data/train.jsonl"
     assert config.run_id == UID  # the FineTuneJob's uid: this run's output and checkpoints are told from others'
@@ -68,7 +70,7 @@ def test_config_map_holds_the_trainer_config_and_no_secret():
 
 def test_validation_job_is_one_cpu_pod_running_kubetune_validate():
     meta, spec = build()
-    vj = children.validation_job(meta, spec, IMAGE)
+    vj = children.validation_job(meta, spec, SETTINGS)
     c, pod = container(vj), vj["spec"]["template"]["spec"]
     assert c["command"] == ["kubetune", "validate", "--config", "/etc/kubetune/trainer.yaml"]
     assert c["image"] == IMAGE
@@ -85,20 +87,20 @@ def test_validation_job_is_one_cpu_pod_running_kubetune_validate():
     assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
 
 
-def test_validation_resources_come_from_the_job_else_the_operator_else_defaults(monkeypatch):
+def test_validation_resources_come_from_the_job_else_the_operator_else_defaults():
     def settings(vj: dict) -> tuple:
         c, pod = container(vj), vj["spec"]["template"]["spec"]
         work = next(v for v in pod["volumes"] if v["name"] == "work")
         return c["resources"], vj["spec"]["activeDeadlineSeconds"], work["emptyDir"]
 
-    resources, deadline, scratch = settings(children.validation_job(*build(), IMAGE))
+    resources, deadline, scratch = settings(children.validation_job(*build(), SETTINGS))
     assert resources == {"requests": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "10Gi"},
                          "limits": {"memory": "1Gi", "ephemeral-storage": "10Gi"}}
     assert deadline == 3600 and scratch == {"sizeLimit": "10Gi"}
-    monkeypatch.setenv("KUBETUNE_VALIDATION_MEMORY", "2Gi")
-    monkeypatch.setenv("KUBETUNE_VALIDATION_DEADLINE_SECONDS", "600")
+    operator = OperatorSettings.from_env({"KUBETUNE_TRAINER_IMAGE": IMAGE, "KUBETUNE_VALIDATION_MEMORY": "2Gi",
+                                          "KUBETUNE_VALIDATION_DEADLINE_SECONDS": "600"})
     meta, spec = build({"validation": {"cpu": "2", "ephemeralStorage": "50Gi"}})
-    resources, deadline, scratch = settings(children.validation_job(meta, spec, IMAGE))
+    resources, deadline, scratch = settings(children.validation_job(meta, spec, operator))
     assert resources["requests"] == {"cpu": "2", "memory": "2Gi", "ephemeral-storage": "50Gi"}
     assert deadline == 600 and scratch == {"sizeLimit": "50Gi"}
 
@@ -106,12 +108,12 @@ def test_validation_resources_come_from_the_job_else_the_operator_else_defaults(
 def test_the_validation_pass_runs_one_process_per_requested_cpu():
     for cpu, workers in (("500m", "1"), ("2", "2"), ("2500m", "3"), ("1.5", "2")):
         meta, spec = build({"validation": {"cpu": cpu}})
-        assert env(children.validation_job(meta, spec, IMAGE))["KUBETUNE_DATA_WORKERS"] == workers, cpu
+        assert env(children.validation_job(meta, spec, SETTINGS))["KUBETUNE_DATA_WORKERS"] == workers, cpu
 
 
 def test_credentials_come_from_the_secret_as_env():
     meta, spec = build()
-    e = env(children.validation_job(meta, spec, IMAGE))
+    e = env(children.validation_job(meta, spec, SETTINGS))
     assert e["AWS_ACCESS_KEY_ID"] == {
         "secretKeyRef": {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID", "optional": False}
     }
@@ -120,23 +122,23 @@ def test_credentials_come_from_the_secret_as_env():
 
 def test_service_account_replaces_the_secret_and_mounts_its_token():
     meta, spec = build({"storage": {"secretRef": None, "serviceAccountName": "trainer"}})
-    pod = children.training_job(meta, spec, IMAGE)["spec"]["template"]["spec"]
+    pod = children.training_job(meta, spec, SETTINGS)["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "trainer" and pod["automountServiceAccountToken"] is True
-    assert "AWS_ACCESS_KEY_ID" not in env(children.training_job(meta, spec, IMAGE))
+    assert "AWS_ACCESS_KEY_ID" not in env(children.training_job(meta, spec, SETTINGS))
 
 
 def test_headless_service_selects_the_workers():
     meta, spec = build()
-    svc = children.service(meta, spec)
+    svc = children.service(meta, spec, SETTINGS)
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
     assert svc["spec"]["selector"] == {children.LABEL_JOB: "demo", children.LABEL_COMPONENT: "workers"}
-    tj = children.training_job(meta, spec, IMAGE)
+    tj = children.training_job(meta, spec, SETTINGS)
     assert svc["spec"]["selector"].items() <= tj["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_training_job_is_indexed_with_rendezvous_env():
     meta, spec = build()
-    tj = children.training_job(meta, spec, IMAGE)
+    tj = children.training_job(meta, spec, SETTINGS)
     s, pod = tj["spec"], tj["spec"]["template"]["spec"]
     assert (s["completions"], s["parallelism"], s["completionMode"]) == (2, 2, "Indexed")
     assert pod["subdomain"] == "demo-workers" and pod["restartPolicy"] == "Never"
@@ -156,10 +158,10 @@ def test_training_job_is_indexed_with_rendezvous_env():
     assert pod["terminationGracePeriodSeconds"] == 300 and e["KUBETUNE_TERMINATION_GRACE_SECONDS"] == "300"
 
 
-def test_the_rendezvous_port_can_be_moved(monkeypatch):
-    monkeypatch.setenv("KUBETUNE_RENDEZVOUS_PORT", "31234")
+def test_the_rendezvous_port_can_be_moved():
+    moved = OperatorSettings.from_env({"KUBETUNE_TRAINER_IMAGE": IMAGE, "KUBETUNE_RENDEZVOUS_PORT": "31234"})
     meta, spec = build()
-    tj, svc = children.training_job(meta, spec, IMAGE), children.service(meta, spec)
+    tj, svc = children.training_job(meta, spec, moved), children.service(meta, spec, moved)
     assert env(tj)["MASTER_PORT"] == "31234"
     assert {"name": "rendezvous", "containerPort": 31234} in container(tj)["ports"]
     assert container(tj)["args"][container(tj)["args"].index("--main_process_port") + 1] == "31234"
@@ -167,24 +169,24 @@ def test_the_rendezvous_port_can_be_moved(monkeypatch):
 
 
 def test_accelerate_args():
-    args = children.accelerate_args("demo", build()[1])
+    args = children.accelerate_args("demo", build()[1], SETTINGS)
     assert args[:4] == ["--num_machines", "2", "--num_processes", "2"]
     assert args[args.index("--machine_rank") + 1] == "$(JOB_COMPLETION_INDEX)"
     assert args[args.index("--main_process_ip") + 1] == "demo-train-0.demo-workers"
     assert "--main_process_port" in args and "--multi_gpu" in args
     assert args[-5:] == ["-m", "kubetune_trainer", "train", "--config", "/etc/kubetune/trainer.yaml"]
-    one = children.accelerate_args("demo", build({"resources": {"workers": 1, "gpusPerWorker": 1}})[1])
+    one = children.accelerate_args("demo", build({"resources": {"workers": 1, "gpusPerWorker": 1}})[1], SETTINGS)
     assert "--multi_gpu" not in one and "--machine_rank" not in one
-    four = children.accelerate_args("demo", build({"resources": {"workers": 2, "gpusPerWorker": 4}})[1])
+    four = children.accelerate_args("demo", build({"resources": {"workers": 2, "gpusPerWorker": 4}})[1], SETTINGS)
     assert four[3] == "8" and "--multi_gpu" in four
-    cpu = children.accelerate_args("demo", build({"resources": {"workers": 1, "gpusPerWorker": 0}})[1])
+    cpu = children.accelerate_args("demo", build({"resources": {"workers": 1, "gpusPerWorker": 0}})[1], SETTINGS)
     assert "--cpu" in cpu
     meta, spec = build({"resources": {"workers": 2, "gpusPerWorker": 0}})
-    cpus = children.accelerate_args("demo", spec)
+    cpus = children.accelerate_args("demo", spec, SETTINGS)
     assert "--cpu" in cpus and "--multi_gpu" not in cpus and cpus[3] == "2"
-    e = env(children.training_job(meta, spec, IMAGE))
+    e = env(children.training_job(meta, spec, SETTINGS))
     assert e["RANK"] == "$(JOB_COMPLETION_INDEX)" and e["LOCAL_RANK"] == "0" and e["WORLD_SIZE"] == "2"
-    assert "RANK" not in env(children.training_job(*build(), IMAGE))
+    assert "RANK" not in env(children.training_job(*build(), SETTINGS))
 
 
 def test_scheduling_run_policy_and_kueue():
@@ -204,7 +206,7 @@ def test_scheduling_run_policy_and_kueue():
             "scheduling": {"priorityClassName": "training", "queueName": "team-a"},
         }
     )
-    tj = children.training_job(meta, spec, IMAGE)
+    tj = children.training_job(meta, spec, SETTINGS)
     s, pod = tj["spec"], tj["spec"]["template"]["spec"]
     assert container(tj)["resources"] == {
         "requests": {"cpu": "16", "memory": "128Gi"},
@@ -220,7 +222,7 @@ def test_scheduling_run_policy_and_kueue():
 
 def test_the_grace_period_comes_from_the_run_policy_when_the_job_is_created():
     meta, spec = build({"runPolicy": {"terminationGracePeriodSeconds": 1800}})
-    tj = children.training_job(meta, spec, IMAGE)
+    tj = children.training_job(meta, spec, SETTINGS)
     assert tj["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 1800
     assert env(tj)["KUBETUNE_TERMINATION_GRACE_SECONDS"] == "1800"
     assert "terminationGracePeriodSeconds" not in children.mutable_job_spec(spec)  # the pod template is immutable
@@ -228,19 +230,18 @@ def test_the_grace_period_comes_from_the_run_policy_when_the_job_is_created():
 
 def test_user_suspend_creates_a_suspended_job():
     meta, spec = build({"runPolicy": {"suspend": True}})
-    assert children.training_job(meta, spec, IMAGE)["spec"]["suspend"] is True
+    assert children.training_job(meta, spec, SETTINGS)["spec"]["suspend"] is True
 
 
 def test_spec_image_overrides_the_default():
     meta, spec = build({"image": "my/trainer:1"})
-    assert container(children.training_job(meta, spec, IMAGE))["image"] == "my/trainer:1"
+    assert container(children.training_job(meta, spec, SETTINGS))["image"] == "my/trainer:1"
 
 
-def test_default_image_from_env(monkeypatch):
-    monkeypatch.delenv("KUBETUNE_TRAINER_IMAGE", raising=False)
-    assert children.default_image() == "ghcr.io/kubetune/trainer:0.1.0"
-    monkeypatch.setenv("KUBETUNE_TRAINER_IMAGE", "x/y:z")
-    assert children.default_image() == "x/y:z"
+def test_default_image_from_env():
+    assert OperatorSettings.from_env({}).trainer_image == "ghcr.io/kubetune/trainer:0.1.0"
+    assert OperatorSettings().trainer_image == "ghcr.io/kubetune/trainer:0.1.0"
+    assert OperatorSettings.from_env({"KUBETUNE_TRAINER_IMAGE": "x/y:z"}).trainer_image == "x/y:z"
 
 
 def test_pvc_uris_mount_their_claims():
@@ -248,7 +249,7 @@ def test_pvc_uris_mount_their_claims():
         {"dataset": {"train": "pvc://datasets/support/train.jsonl"}, "output": {"uri": "pvc://outputs/demo/"}}
     )
     assert children.pvc_claims(spec) == ["datasets", "outputs"]
-    pod = children.training_job(meta, spec, IMAGE)["spec"]["template"]["spec"]
+    pod = children.training_job(meta, spec, SETTINGS)["spec"]["template"]["spec"]
     mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert {"/mnt/pvc/datasets", "/mnt/pvc/outputs", "/etc/kubetune", "/tmp/kubetune", "/dev/shm"} <= mounts
     claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
@@ -293,8 +294,8 @@ def restricted_violations(pod: dict) -> list[str]:
 
 def pod_specs(spec_updates: dict | None = None) -> dict[str, dict]:
     meta, spec = build(spec_updates)
-    return {"validation": children.validation_job(meta, spec, IMAGE)["spec"]["template"]["spec"],
-            "training": children.training_job(meta, spec, IMAGE)["spec"]["template"]["spec"]}
+    return {"validation": children.validation_job(meta, spec, SETTINGS)["spec"]["template"]["spec"],
+            "training": children.training_job(meta, spec, SETTINGS)["spec"]["template"]["spec"]}
 
 
 WORKLOAD_IDENTITY = {"storage": {"secretRef": None, "serviceAccountName": "trainer"}}

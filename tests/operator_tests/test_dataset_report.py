@@ -9,6 +9,7 @@ import pytest
 import yaml
 from kubetune_operator import children
 from kubetune_operator.reconcile import Observed
+from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.status import get_condition
 from kubetune_trainer.config import DEFAULT_GPU_TFLOPS, TrainerConfig
 from kubetune_trainer.spec import FineTuneJobSpec
@@ -41,20 +42,20 @@ def validated_by(message: str):
     return run(body, Observed(config_map=c["cm"], validation_job=vj, validation_pods=[vpod]))
 
 
-def config(spec_updates: dict | None = None) -> TrainerConfig:
+def config(spec_updates: dict | None = None, settings: OperatorSettings | None = None) -> TrainerConfig:
     body = ftj(spec_updates)
-    cm = children.config_map(body["metadata"], FineTuneJobSpec.model_validate(body["spec"]))
+    cm = children.config_map(body["metadata"], FineTuneJobSpec.model_validate(body["spec"]),
+                             settings or OperatorSettings.from_env({}))
     return TrainerConfig.model_validate(yaml.safe_load(cm["data"]["trainer.yaml"]))
 
 
-def test_the_config_map_tells_the_validation_the_hardware(monkeypatch):
-    monkeypatch.delenv("KUBETUNE_ESTIMATE_GPU_TFLOPS", raising=False)
+def test_the_config_map_tells_the_validation_the_hardware():
     hw = config({"resources": {"workers": 2, "gpusPerWorker": 4}}).hardware
     assert (hw.processes, hw.gpus, hw.gpu_tflops) == (8, 8, DEFAULT_GPU_TFLOPS)
     hw = config({"resources": {"workers": 3, "gpusPerWorker": 0}}).hardware  # CPU workers: one process each
     assert (hw.processes, hw.gpus) == (3, 0)
-    monkeypatch.setenv("KUBETUNE_ESTIMATE_GPU_TFLOPS", "125")  # the chart's estimate.gpuTflops
-    assert config().hardware.gpu_tflops == 125.0
+    estimate = OperatorSettings.from_env({"KUBETUNE_ESTIMATE_GPU_TFLOPS": "125"})  # the chart's estimate.gpuTflops
+    assert config(settings=estimate).hardware.gpu_tflops == 125.0
 
 
 def test_a_json_report_fills_status_dataset_the_condition_and_an_event():

@@ -11,12 +11,14 @@ import pytest
 from kubetune_operator import children, kube, loop, metrics
 from kubetune_operator.__main__ import parse_args
 from kubetune_operator.reconcile import Observed
+from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer.spec import FineTuneJobSpec
 from prometheus_client import generate_latest
 
 from .builders import ftj
 
 LOG = logging.getLogger("test")
+SETTINGS = OperatorSettings()  # the operator's defaults: no KUBETUNE_* variable set
 
 
 class FakeKube(kube.Kube):
@@ -73,7 +75,7 @@ def body(**kw) -> dict:
 
 def test_apply_creates_children_once_and_writes_the_status(fake):
     b = body()
-    d, written, created = loop.apply(fake, b, Observed(), LOG)
+    d, written, created = loop.apply(fake, b, Observed(), LOG, SETTINGS)
     assert [o["metadata"]["name"] for o in created] == ["demo-config", "demo-validate"]
     assert written["metadata"]["resourceVersion"] == "2"
     assert sorted(fake.objects) == [
@@ -84,7 +86,7 @@ def test_apply_creates_children_once_and_writes_the_status(fake):
     assert ("Normal", "Created") in fake.events
     b["status"] = dict(fake.status)
     fake.calls.clear()
-    loop.apply(fake, b, Observed(), LOG)  # the index has not caught up: 409s on our own objects are fine
+    loop.apply(fake, b, Observed(), LOG, SETTINGS)  # the index has not caught up: 409s on our own objects are fine
     assert len(fake.objects) == 2 and [m for m, _ in fake.calls].count("POST") == 2
 
 
@@ -93,21 +95,21 @@ def test_a_stale_copy_never_overwrites_a_newer_status(fake):
     fake.rv = "2"
     fake.objects[kube.object_path(b)] = {**b, "metadata": {**b["metadata"], "resourceVersion": "2"},
                                          "status": {"phase": "Validating"}}  # someone else decided since
-    assert loop.apply(fake, b, Observed(), LOG)[:2] == (None, None)
+    assert loop.apply(fake, b, Observed(), LOG, SETTINGS)[:2] == (None, None)
 
 
 def test_a_conflict_on_metadata_only_still_writes_the_status(fake):
     b = body()
     fake.rv = "2"  # kopf added its finalizer meanwhile: the status the decision was made from is unchanged
     fake.objects[kube.object_path(b)] = {**b, "metadata": {**b["metadata"], "resourceVersion": "2"}}
-    assert loop.apply(fake, b, Observed(), LOG)[0] is not None
+    assert loop.apply(fake, b, Observed(), LOG, SETTINGS)[0] is not None
     assert fake.status["validationAttempts"] == 1
 
 
 def test_the_training_job_is_recorded_with_its_uid(fake):
     b = body(status={"phase": "Queued", "conditions": [{"type": "Validated", "status": "True", "reason": "ok",
                                                          "lastTransitionTime": "2026-01-01T10:00:00Z"}]})
-    loop.apply(fake, b, Observed(), LOG)
+    loop.apply(fake, b, Observed(), LOG, SETTINGS)
     assert fake.status["trainingJob"] == {"name": "demo-train", "uid": "uid-demo-train"}
     job = fake.objects["/apis/batch/v1/namespaces/ml/jobs/demo-train"]
     assert job["metadata"]["finalizers"] == [children.JOB_FINALIZER]
@@ -121,14 +123,14 @@ def test_a_recorded_job_missing_from_the_index_is_asked_for_not_recreated(fake):
     fake.objects[path] = {"apiVersion": "batch/v1", "kind": "Job", "spec": {}, "status": {}, "metadata": {
         "name": "demo-train", "namespace": "ml", "uid": "uid-demo-train",
         "ownerReferences": [{"uid": b["metadata"]["uid"], "controller": True}]}}
-    d, _, _ = loop.apply(fake, b, Observed(), LOG)
+    d, _, _ = loop.apply(fake, b, Observed(), LOG, SETTINGS)
     assert ("POST", "/apis/batch/v1/namespaces/ml/jobs") not in fake.calls
     assert d.status["reason"] == "WaitingForWorkers"
 
 
 def test_an_invalid_child_fails_the_job_with_the_api_message(fake):
     fake.refuse["demo-validate"] = (422, "spec.template.spec.containers[0].resources.requests: Invalid value")
-    loop.apply(fake, body(), Observed(), LOG)
+    loop.apply(fake, body(), Observed(), LOG, SETTINGS)
     assert (fake.status["phase"], fake.status["reason"]) == ("Failed", "InvalidChildSpec")
     assert "Invalid value" in fake.status["message"]
 
@@ -136,7 +138,7 @@ def test_an_invalid_child_fails_the_job_with_the_api_message(fake):
 def test_a_foreign_namesake_is_reported(fake):
     fake.objects["/apis/batch/v1/namespaces/ml/jobs/demo-validate"] = {"metadata": {
         "name": "demo-validate", "ownerReferences": [{"kind": "CronJob", "name": "nightly", "uid": "x"}]}}
-    loop.apply(fake, body(), Observed(), LOG)
+    loop.apply(fake, body(), Observed(), LOG, SETTINGS)
     assert fake.status["reason"] == "ChildConflict" and "owned by CronJob nightly" in fake.status["message"]
 
 
@@ -144,10 +146,11 @@ def test_deletes_wait_for_the_status(fake):
     from .builders import job
 
     b = body()
-    vj = job(children.validation_job(b["metadata"], FineTuneJobSpec.model_validate(b["spec"]), "img"),
+    vj = job(children.validation_job(b["metadata"], FineTuneJobSpec.model_validate(b["spec"]),
+                                    OperatorSettings(trainer_image="img")),
              finished="Complete")
     fake.objects[kube.object_path(vj)] = vj
-    loop.apply(fake, b, Observed(validation_job=vj), LOG)
+    loop.apply(fake, b, Observed(validation_job=vj), LOG, SETTINGS)
     methods = [m for m, p in fake.calls if not p.endswith(("/configmaps", "/services", "/jobs"))]
     assert methods.index("PATCH") < methods.index("DELETE")
 
@@ -166,7 +169,7 @@ def test_orphaned_jobs_are_released():
 
 
 def test_operator_metrics_are_exported(fake):
-    loop.apply(fake, body(), Observed(), LOG)
+    loop.apply(fake, body(), Observed(), LOG, SETTINGS)
     text = generate_latest(metrics.REGISTRY).decode()
     for name in (
         'kubetune_operator_finetunejobs{phase="Pending"}',
@@ -197,7 +200,7 @@ def test_the_supervisor_decides_from_its_own_write_until_the_watch_brings_it_bac
     """Else a reconcile woken by a child's event, before the FineTuneJob's own watch event arrives, would act
     on the status as it was before the last decision (resume workers that a hang restart just stopped)."""
     live = body(status={"phase": "Running"})
-    supervisor = loop.Supervisor(kopf.Body(live), LOG)
+    supervisor = loop.Supervisor(kopf.Body(live), LOG, SETTINGS)
     supervisor.written = ({**live, "metadata": {**live["metadata"], "resourceVersion": "5"},
                            "status": {"phase": "Queued", "restartingWorkers": True}}, time.monotonic())
     assert supervisor.current()["status"]["restartingWorkers"] is True

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from kubetune_operator import policy
 from kubetune_operator.reconcile import Observed, decide
+from kubetune_operator.settings import OperatorSettings
 from kubetune_trainer.spec import FineTuneJobSpec
 
 from tests.kube import get_json, kubectl, wait_for
@@ -33,6 +34,11 @@ NOW = datetime(2026, 12, 1, tzinfo=UTC)
 TRAINER = "ghcr.io/kubetune/trainer"
 SETTINGS = policy.Settings(image_prefixes=(TRAINER, "registry.example.com/ml/"), credentials_secret="platform-s3",
                            credentials_namespaces=("team-a",))
+
+
+def operator(image: str) -> OperatorSettings:
+    """The operator's settings: its trainer image, and SETTINGS as its policy."""
+    return OperatorSettings(trainer_image=image, policy=SETTINGS)
 
 
 def spec(**extra) -> dict:
@@ -99,29 +105,29 @@ def body(spec_: dict, status: dict | None = None) -> dict:
 
 
 def test_decide_fails_policydenied_before_any_child():
-    d = decide(body(spec(image="docker.io/x/miner:1")), Observed(), NOW, "ghcr.io/kubetune/trainer:0.1.0", SETTINGS)
+    d = decide(body(spec(image="docker.io/x/miner:1")), Observed(), NOW, operator("ghcr.io/kubetune/trainer:0.1.0"))
     assert d.phase == "Failed" and d.status["reason"] == "PolicyDenied" and not d.create
     assert d.status["message"] == policy.IMAGE
     assert ("Warning", "PolicyDenied", f"Failed: {policy.IMAGE}") in d.events
-    ok = decide(body(spec()), Observed(), NOW, "ghcr.io/kubetune/trainer:0.1.0", SETTINGS)
+    ok = decide(body(spec()), Observed(), NOW, operator("ghcr.io/kubetune/trainer:0.1.0"))
     assert ok.phase == "Pending" and {o["kind"] for o in ok.create} == {"ConfigMap", "Job"}
 
 
 def test_decide_checks_authors_only_through_the_admission_policy():
     named = body(spec(scheduling={"priorityClassName": "high"}))
-    assert decide(named, Observed(), NOW, TRAINER, SETTINGS).status["reason"] == "PolicyDenied"
+    assert decide(named, Observed(), NOW, operator(TRAINER)).status["reason"] == "PolicyDenied"
     checked = Observed(admission_policy="2026-11-30T12:00:00Z")  # the policy, as it is, predates the job
-    assert decide(named, checked, NOW, TRAINER, SETTINGS).phase == "Pending"
+    assert decide(named, checked, NOW, operator(TRAINER)).phase == "Pending"
     # a job created before the policy (or before its namespace was bound) was never checked
     for since in ("2026-12-01T00:00:00Z", "2026-12-01T08:00:00Z"):
         late = Observed(admission_policy=since)
-        assert decide(named, late, NOW, TRAINER, SETTINGS).status["reason"] == "PolicyDenied"
+        assert decide(named, late, NOW, operator(TRAINER)).status["reason"] == "PolicyDenied"
     assert policy.needs_admission_check(named)
     started = body(spec(scheduling={"priorityClassName": "high"}),
                    {"phase": "Validating", "conditions": [{"type": "Validated", "status": "Unknown",
                                                             "lastTransitionTime": "2026-12-01T00:00:00Z"}]})
     assert not policy.needs_admission_check(started)  # a job that started keeps running
-    assert decide(started, Observed(), NOW, TRAINER, SETTINGS).status.get("reason") != "PolicyDenied"
+    assert decide(started, Observed(), NOW, operator(TRAINER)).status.get("reason") != "PolicyDenied"
 
 
 def test_the_generated_policy_files_are_up_to_date(tmp_path):

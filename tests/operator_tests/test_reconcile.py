@@ -6,26 +6,28 @@ from datetime import timedelta
 
 from kubetune_operator import children
 from kubetune_operator.reconcile import Decision, Observed, decide
+from kubetune_operator.settings import OperatorSettings
 from kubetune_operator.status import FineTuneJobStatus, get_condition
 from kubetune_trainer.spec import FineTuneJobSpec
 
 from .builders import NOW, ftj, job, pod
 
 IMAGE = "trainer:test"
+SETTINGS = OperatorSettings(trainer_image=IMAGE)
 
 
 def desired(body: dict) -> dict:
     meta, spec = body["metadata"], FineTuneJobSpec.model_validate(body["spec"])
     return {
-        "cm": children.config_map(meta, spec),
-        "validation": children.validation_job(meta, spec, IMAGE),
-        "service": children.service(meta, spec),
-        "training": children.training_job(meta, spec, IMAGE),
+        "cm": children.config_map(meta, spec, SETTINGS),
+        "validation": children.validation_job(meta, spec, SETTINGS),
+        "service": children.service(meta, spec, SETTINGS),
+        "training": children.training_job(meta, spec, SETTINGS),
     }
 
 
 def run(body: dict, observed: Observed, now=NOW) -> Decision:
-    d = decide(body, observed, now, IMAGE)
+    d = decide(body, observed, now, SETTINGS)
     FineTuneJobStatus.model_validate(d.status)  # always fits the CRD's status schema
     return d
 
@@ -504,7 +506,7 @@ def test_a_child_the_api_refuses_ends_the_job_with_the_api_message():
     observed, _ = training_observed(body)
     d = run(body, observed)
     message = 'Job.batch "demo-train" is invalid: spec.template.spec.tolerations[0].effect: Unsupported value'
-    d = refused(body, d, desired(body)["training"], 422, message, NOW)
+    d = refused(body, d, desired(body)["training"], 422, message)  # at the decision's own now
     assert (d.phase, d.status["reason"]) == ("Failed", "InvalidChildSpec") and message in d.status["message"]
     assert ("Warning", "InvalidChildSpec") in [e[:2] for e in d.events]
 
@@ -514,8 +516,7 @@ def test_a_forbidden_create_is_blocked_and_then_cleared():
 
     body = ftj()
     d = run(body, Observed())
-    d = refused(body, d, desired(body)["validation"], 403, 'jobs "demo-validate" is forbidden: exceeded quota',
-                NOW)
+    d = refused(body, d, desired(body)["validation"], 403, 'jobs "demo-validate" is forbidden: exceeded quota')
     assert d.phase == "Pending" and d.status["reason"] == "QuotaExceeded"
     assert get_condition(d.status, "Blocked")["status"] == "True"
     assert ("Warning", "QuotaExceeded") in [e[:2] for e in d.events]
@@ -527,7 +528,7 @@ def test_a_foreign_namesake_is_a_clear_failure():
     from kubetune_operator.reconcile import conflict
 
     body = ftj()
-    d = conflict(body, run(body, Observed()), desired(body)["validation"], "owned by Job other", NOW)
+    d = conflict(body, run(body, Observed()), desired(body)["validation"], "owned by Job other")
     assert (d.phase, d.status["reason"]) == ("Failed", "ChildConflict")
     assert "Job demo-validate already exists and is not owned by this FineTuneJob (owned by Job other)" in \
         d.status["message"]
