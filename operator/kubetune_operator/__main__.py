@@ -5,7 +5,7 @@ KUBETUNE_TRAINER_IMAGE (default ghcr.io/kubetune/trainer:0.1.0), KUBETUNE_HEALTH
 /healthz), KUBETUNE_READY_PORT (8082, readiness at /readyz: 200 `active`, 503 `standby` while another replica
 works, or `starting`; 0 turns it off), KUBETUNE_METRICS_PORT (8080, /metrics; 0 turns it off),
 KUBETUNE_RESYNC_SECONDS (60), KUBETUNE_SCRAPE_SECONDS (10, rank 0's /metrics),
-KUBETUNE_RENDEZVOUS_PORT (29500, the workers' rendezvous),
+KUBETUNE_RENDEZVOUS_PORT (29500, the workers' rendezvous), KUBETUNE_TRAINER_METRICS_PORT (9400, rank 0's /metrics),
 KUBETUNE_VALIDATION_{CPU,MEMORY,EPHEMERAL_STORAGE,DEADLINE_SECONDS} (500m, 1Gi, 10Gi, 3600),
 KUBETUNE_ESTIMATE_GPU_TFLOPS (400, the data report's GPU-hours estimate),
 KUBETUNE_STORAGE_{ENDPOINT,REGION,SECRET_NAME} (storage defaults),

@@ -122,12 +122,15 @@ def hardware(spec: FineTuneJobSpec, gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> H
     return Hardware(processes=world_size(spec), gpus=res.workers * res.gpus_per_worker, gpu_tflops=gpu_tflops)
 
 
-def trainer_config(name: str, spec: FineTuneJobSpec, run_id: str | None = None,
-                   gpu_tflops: float | None = None) -> TrainerConfig:
+def trainer_config(name: str, spec: FineTuneJobSpec, settings: OperatorSettings | None = None,
+                   run_id: str | None = None) -> TrainerConfig:
     """The trainer's config; `run_id` (the FineTuneJob's uid) tells this run's output and checkpoints from
-    another run's; `gpu_tflops`: the operator's setting (None: the environment's, see _from_env)."""
-    tflops = _from_env(None).gpu_tflops if gpu_tflops is None else gpu_tflops
-    return TrainerConfig.from_job(name, spec, run_id=run_id, hardware=hardware(spec, tflops))
+    another run's. From the operator's settings (None: the environment's, see _from_env): the GPU TFLOPS of the
+    data report's estimate and the port of rank 0's /metrics."""
+    settings = _from_env(settings)
+    config = TrainerConfig.from_job(name, spec, run_id=run_id, hardware=hardware(spec, settings.gpu_tflops))
+    config.metrics.port = settings.trainer_metrics_port
+    return config
 
 
 def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
@@ -138,7 +141,7 @@ def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
 
 
 def config_map(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) -> dict:
-    config = trainer_config(meta["name"], spec, meta["uid"], settings.gpu_tflops)
+    config = trainer_config(meta["name"], spec, settings, meta["uid"])
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": child_meta(meta, Names(meta["name"]).config_map, "config"),
             "data": {CONFIG_FILE: config.to_yaml()}}
@@ -155,7 +158,7 @@ def _storage_env(spec: FineTuneJobSpec) -> list[dict]:
 
 
 def _volumes(meta: dict, spec: FineTuneJobSpec, shm: bool, settings: OperatorSettings) -> tuple[list[dict], list[dict]]:
-    work_dir = trainer_config(meta["name"], spec, gpu_tflops=settings.gpu_tflops).work_dir  # model, data, checkpoints
+    work_dir = trainer_config(meta["name"], spec, settings).work_dir  # model, data, checkpoints
     volumes = [{"name": "config", "configMap": {"name": Names(meta["name"]).config_map}},
                {"name": "tmp", "emptyDir": {}},  # HOME: the Hugging Face, torch, Triton and XDG caches
                {"name": "work", "emptyDir": {}}]
@@ -266,7 +269,7 @@ def service(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) -> di
                      "selector": {LABEL_JOB: name, LABEL_COMPONENT: "workers"},
                      "ports": [{"name": "rendezvous", "port": settings.rendezvous_port},
                                {"name": "metrics",
-                                "port": trainer_config(name, spec, gpu_tflops=settings.gpu_tflops).metrics.port}]}}
+                                "port": trainer_config(name, spec, settings).metrics.port}]}}
 
 
 def world_size(spec: FineTuneJobSpec) -> int:
@@ -312,7 +315,7 @@ def training_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) 
     ]
     if res.gpus_per_worker == 0 and res.workers > 1:  # torchrun sets these itself for GPU workers
         env += [{"name": "RANK", "value": "$(JOB_COMPLETION_INDEX)"}, {"name": "LOCAL_RANK", "value": "0"}]
-    metrics_port = trainer_config(name, spec, gpu_tflops=settings.gpu_tflops).metrics.port
+    metrics_port = trainer_config(name, spec, settings).metrics.port
     container = {"name": TRAINER_CONTAINER, "image": spec.image or settings.trainer_image,
                  "args": accelerate_args(name, spec, settings),
                  "env": env, "resources": _resources(spec),

@@ -344,7 +344,7 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
     _account_gpus(d, len(running) * spec.resources.gpus_per_worker)
     if d.phase != Phase.Running:
         return
-    metrics = children.trainer_config(meta["name"], spec, gpu_tflops=settings.gpu_tflops).metrics
+    metrics = children.trainer_config(meta["name"], spec, settings).metrics
     rank0 = rank0_pod(pods)
     if rank0 and metrics.enabled:
         d.metrics_url = f"http://{rank0['status']['podIP']}:{metrics.port}/metrics"

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kubetune_trainer.config import DEFAULT_GPU_TFLOPS
+from kubetune_trainer.config import DEFAULT_GPU_TFLOPS, MetricsSpec
 
 from . import children
 from .policy import Settings as PolicySettings
@@ -20,6 +20,7 @@ from .policy import repository
 
 RESYNC_SECONDS = 60.0  # KUBETUNE_RESYNC_SECONDS: the loop's safety-net resync
 SCRAPE_SECONDS = 10.0  # KUBETUNE_SCRAPE_SECONDS: how often rank 0's /metrics is scraped
+TRAINER_METRICS_PORT = MetricsSpec.model_fields["port"].default  # the trainer's own default (9400)
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class OperatorSettings:
 
     trainer_image: str = children.DEFAULT_IMAGE  # KUBETUNE_TRAINER_IMAGE: for jobs without spec.image
     rendezvous_port: int = children.RENDEZVOUS_PORT  # KUBETUNE_RENDEZVOUS_PORT (see children.service)
+    trainer_metrics_port: int = TRAINER_METRICS_PORT  # KUBETUNE_TRAINER_METRICS_PORT: rank 0's /metrics
     gpu_tflops: float = DEFAULT_GPU_TFLOPS  # KUBETUNE_ESTIMATE_GPU_TFLOPS: the data report's GPU-hours estimate
     # KUBETUNE_STORAGE_{ENDPOINT,REGION,SECRET_NAME}: the storage defaults ("" : none)
     storage_endpoint: str = ""
@@ -68,6 +70,7 @@ class OperatorSettings:
         return cls(
             trainer_image=image,
             rendezvous_port=int(env("KUBETUNE_RENDEZVOUS_PORT") or children.RENDEZVOUS_PORT),
+            trainer_metrics_port=int(env("KUBETUNE_TRAINER_METRICS_PORT") or TRAINER_METRICS_PORT),
             gpu_tflops=float(env("KUBETUNE_ESTIMATE_GPU_TFLOPS") or DEFAULT_GPU_TFLOPS),
             storage_endpoint=env("KUBETUNE_STORAGE_ENDPOINT") or "",
             storage_region=env("KUBETUNE_STORAGE_REGION") or "",

@@ -103,6 +103,7 @@ def release(control_plane, node_agent, s3_server) -> list[str]:
     node_agent.image_rules[:0] = rules
     crds = {c["metadata"]["name"] for c in get_json(cp, "crds")["items"]}
     values = ["-f", str(VALUES), "--set", f"metricsPort={free_port()}", "--set", f"healthPort={free_port()}",
+              "--set", f"trainer.metricsPort={free_port()}",  # the pods share the host's ports with other tests
               "--set", f"readyPort={free_port()}",
               "--set", f"storage.endpoint={s3_server.endpoint}"]
     try:

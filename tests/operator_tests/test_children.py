@@ -168,6 +168,17 @@ def test_the_rendezvous_port_can_be_moved():
     assert {"name": "rendezvous", "port": 31234} in svc["spec"]["ports"]
 
 
+def test_the_trainers_metrics_port_can_be_moved():
+    """Rank 0 serves /metrics on the settings' port: the trainer's config, the container, the Service agree."""
+    moved = OperatorSettings.from_env({"KUBETUNE_TRAINER_IMAGE": IMAGE, "KUBETUNE_TRAINER_METRICS_PORT": "31235"})
+    meta, spec = build()
+    tj, svc, cm = (children.training_job(meta, spec, moved), children.service(meta, spec, moved),
+                   children.config_map(meta, spec, moved))
+    assert {"name": "metrics", "containerPort": 31235} in container(tj)["ports"]
+    assert {"name": "metrics", "port": 31235} in svc["spec"]["ports"]
+    assert yaml.safe_load(cm["data"][children.CONFIG_FILE])["metrics"]["port"] == 31235
+
+
 def test_accelerate_args():
     args = children.accelerate_args("demo", build()[1], SETTINGS)
     assert args[:4] == ["--num_machines", "2", "--num_processes", "2"]

@@ -74,6 +74,7 @@ def operator_env(cp, **extra: str) -> dict:
             "KUBETUNE_METRICS_PORT": str(free_port()), "KUBETUNE_READY_PORT": str(free_port()),
             "KUBETUNE_RESYNC_SECONDS": "1", "KUBETUNE_SCRAPE_SECONDS": "1", "KUBETUNE_TRAINER_IMAGE": IMAGE,
             "KUBETUNE_RENDEZVOUS_PORT": str(free_port()),  # pods share the host's ports: not torch's default 29500
+            "KUBETUNE_TRAINER_METRICS_PORT": str(free_port()),  # nor 9400: another worker's cluster may train too
             **extra}
 
 

@@ -161,13 +161,13 @@ def test_a_canary_credential_appears_nowhere(control_plane, node_agent, operator
                 "storage": {"endpoint": endpoint, "secretRef": {"name": "canary"}},
                 "resources": {"workers": 1, "gpusPerWorker": 0}}
 
-    # One after the other: the node agent's pods share the host's ports, rank 0's metrics port (9400) included.
+    # One after the other: the node agent's pods share the host's ports, rank 0's metrics port included.
     submit(control_plane, ns, "canary-fails", spec(f"s3://{bucket}/no-weights/", f"s3://{bucket}/out-fails/"))
     failed = wait_phase(control_plane, ns, "canary-fails", ("Succeeded", "Failed"), timeout=180)["status"]
     assert (failed["phase"], failed["reason"]) == ("Failed", "ConfigInvalid"), failed  # in the training pod
     assert "cannot load the model" in failed["message"], failed  # its termination message
     submit(control_plane, ns, "canary-ok", spec(tiny_model["model"], f"s3://{bucket}/out-ok/"))
-    scraper = MetricsScraper(control_plane, ns, "canary-ok", port=9400)
+    scraper = MetricsScraper(control_plane, ns, "canary-ok", port=int(operator.env["KUBETUNE_TRAINER_METRICS_PORT"]))
     scraper.start()
     try:
         ok = wait_phase(control_plane, ns, "canary-ok", ("Succeeded", "Failed"), timeout=240)["status"]

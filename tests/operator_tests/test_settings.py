@@ -34,7 +34,7 @@ def test_the_defaults_are_those_of_an_empty_environment():
 def test_every_variable_takes_effect():
     s = OperatorSettings.from_env({
         "KUBETUNE_TRAINER_IMAGE": "registry.local/trainer:1", "KUBETUNE_RENDEZVOUS_PORT": "31234",
-        "KUBETUNE_ESTIMATE_GPU_TFLOPS": "125", "KUBETUNE_STORAGE_ENDPOINT": "http://minio:9000",
+        "KUBETUNE_TRAINER_METRICS_PORT": "31235", "KUBETUNE_ESTIMATE_GPU_TFLOPS": "125", "KUBETUNE_STORAGE_ENDPOINT": "http://minio:9000",
         "KUBETUNE_STORAGE_REGION": "eu-west-1", "KUBETUNE_STORAGE_SECRET_NAME": "platform-s3",
         "KUBETUNE_VALIDATION_CPU": "2", "KUBETUNE_VALIDATION_MEMORY": "2Gi",
         "KUBETUNE_VALIDATION_EPHEMERAL_STORAGE": "20Gi", "KUBETUNE_VALIDATION_DEADLINE_SECONDS": "600",
@@ -44,7 +44,7 @@ def test_every_variable_takes_effect():
         "KUBETUNE_POLICY_ALLOW_TRUST_REMOTE_CODE": "true", "KUBETUNE_POLICY_BINDING": "kubetune-finetunejobs",
     })
     assert s == OperatorSettings(
-        trainer_image="registry.local/trainer:1", rendezvous_port=31234, gpu_tflops=125.0,
+        trainer_image="registry.local/trainer:1", rendezvous_port=31234, trainer_metrics_port=31235, gpu_tflops=125.0,
         storage_endpoint="http://minio:9000", storage_region="eu-west-1", storage_secret_name="platform-s3",
         validation_cpu="2", validation_memory="2Gi", validation_ephemeral_storage="20Gi",
         validation_deadline_seconds=600, resync_seconds=1.0, scrape_seconds=1.0, metrics_port=0, health_port=18081,
