@@ -27,7 +27,8 @@ test-unit: venv ## The unit tests: no control plane, nothing slow (under 3 minut
 	$(PYTEST) $(PARALLEL) -m "not cluster and not slow"
 
 test-fast: venv ## The tests your change touches (pytest-testmon) plus the unit tests: the inner loop
-	$(PYTEST) -p no:randomly --testmon -m "not cluster" -q
+	@# exit 5: testmon selected nothing (nothing changed since the last run)
+	$(PYTEST) -p no:randomly --testmon --testmon-forceselect -m "not cluster" -q || test $$? -eq 5
 	$(PYTEST) $(PARALLEL) -m "not cluster and not slow" -q
 
 lint: venv ## ruff

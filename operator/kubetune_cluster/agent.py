@@ -463,13 +463,15 @@ def meta_key(obj: dict) -> tuple[str, str]:
 
 
 def mounted_anywhere(path: Path) -> bool:
-    """Is `path` a mount point in any process's mount namespace? (Removing it would detach that mount.)"""
+    """Is `path` a mount point in any process's mount namespace? (Removing it would detach that mount.) mountinfo
+    names the resolved path: /run/secrets/... for /var/run/secrets/... where /var/run links to /run."""
+    names = {str(path), str(path.resolve())}
     for info in Path("/proc").glob("[0-9]*/mountinfo"):
         try:
             lines = info.read_text().splitlines()
         except OSError:
             continue
-        if any(line.split()[4] == str(path) for line in lines):
+        if any(line.split()[4] in names for line in lines):
             return True
     return False
 

@@ -503,3 +503,13 @@ def test_a_read_only_root_filesystem_leaves_only_the_volumes_writable(control_pl
     assert phase(control_plane, namespace, "read-only") == "Succeeded", out
     assert out.strip() == "root: EROFS"
     assert not Path("/kubetune-read-only-probe").exists()
+
+
+def test_a_mount_point_is_found_through_a_symlinked_ancestor(tmp_path):
+    """mountinfo names resolved paths (/run/secrets/... for /var/run/secrets/...): an agent that missed that removed
+    a mount point another agent's pod still used, and detached its service-account token."""
+    from kubetune_cluster.agent import mounted_anywhere
+
+    (tmp_path / "root").symlink_to("/")
+    assert mounted_anywhere(tmp_path / "root" / "proc") and mounted_anywhere(Path("/proc"))
+    assert not mounted_anywhere(tmp_path)
