@@ -16,11 +16,12 @@ PARALLEL = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgr
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-venv: $(VENV)/.installed ## Create .venv and install the project with every extra, the trainer image's versions
-$(VENV)/.installed: pyproject.toml trainer-image/constraints.txt
+# testing/ (kubetune-dev: local cluster, S3 server, tiny models, demo data): installed here only, never in an image.
+venv: $(VENV)/.installed ## Create .venv: the project with every extra (the trainer image's versions) and testing/
+$(VENV)/.installed: pyproject.toml testing/pyproject.toml trainer-image/constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check uv
-	$(VENV)/bin/uv pip install --python $(PY) -c trainer-image/constraints.txt -e '.[dev]'
+	$(VENV)/bin/uv pip install --python $(PY) -c trainer-image/constraints.txt -e '.[dev]' -e ./testing
 	@touch $@
 
 test-unit: venv ## The unit tests: no control plane, nothing slow (under 3 minutes), in random order

@@ -17,8 +17,8 @@ sides alike):
 "data" is the time from the first `phase` event to the `training` phase (fetching, validating and tokenizing;
 interpreter start, imports, model loading and the optimizer left out): the cached run's goal is under 10% of the
 first run's. The records are the demo support bot's short system/user/assistant conversations
-(`kubetune_trainer.demo_data.support_record`), streamed to a JSONL file; the base is a tiny Llama with a BPE
-tokenizer (ChatML chat template) trained here, no pre-training (`kubetune_trainer.tiny.make_tiny_base`).
+(`kubetune_dev.demo_data.support_record`), streamed to a JSONL file; the base is a tiny Llama with a BPE
+tokenizer (ChatML chat template) trained here, no pre-training (`kubetune_dev.tiny.make_tiny_base`).
 The result is a markdown section for BENCHMARKS.md on stdout; progress and the children's logs go to stderr and
 to the work folder. Temporary folders are removed and every child is killed on Ctrl-C, SIGTERM and timeouts.
 
@@ -56,7 +56,7 @@ MIB = 2**20
 
 def write_chat_records(path: Path, n: int, seed: int = 0) -> Path:
     """`n` support-bot chat records as JSONL, written one at a time (a million never sit in a list)."""
-    from kubetune_trainer.demo_data import support_record
+    from kubetune_dev.demo_data import support_record
 
     rng = random.Random(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,8 +68,8 @@ def write_chat_records(path: Path, n: int, seed: int = 0) -> Path:
 
 def make_base(model_dir: Path) -> Path:
     """The demo's tiny Llama: tokenizer trained on its texts, random weights (training 1 step needs no more)."""
-    from kubetune_trainer.demo_data import demo_base_texts
-    from kubetune_trainer.tiny import make_tiny_base
+    from kubetune_dev.demo_data import demo_base_texts
+    from kubetune_dev.tiny import make_tiny_base
 
     return make_tiny_base(model_dir, demo_base_texts())
 

@@ -42,7 +42,7 @@ import kopf
 import kubernetes
 import yaml
 from kubernetes import client, watch
-from kubetune_cluster.controlplane import ControlPlane, free_port
+from kubetune_dev.cluster.controlplane import ControlPlane, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CRD = Path("crds") / "kubetune.io_finetunejobs.yaml"  # of the checkout the operator runs from

@@ -79,9 +79,9 @@ def peak_flops(device: str, override_tflops: float | None) -> float | None:
 # -- preparation: data and base model -----------------------------------------------------------------
 
 def prepare(args, work: Path) -> tuple[Path, Path]:
-    from kubetune_trainer.data import train_tokenizer
-    from kubetune_trainer.demo_data import benchmark_texts, generic_texts, write_benchmark_dataset
-    from kubetune_trainer.tiny import llama3_8b_config, make_tiny_base, tiny_config
+    from kubetune_dev.demo_data import benchmark_texts, generic_texts, write_benchmark_dataset
+    from kubetune_dev.tiny import llama3_8b_config, make_tiny_base, tiny_config
+    from kubetune_dev.tokenizer import train_tokenizer
 
     data = write_benchmark_dataset(work / "data", n=args.samples, seed=args.seed)
     texts = generic_texts(1500) + benchmark_texts(200, seed=args.seed + 1)

@@ -69,8 +69,8 @@ def write_manifest() -> Path:
 
 
 def build_inputs(work: Path, pretrain_steps: int) -> tuple[Path, dict[str, Path]]:
-    from kubetune_trainer.demo_data import demo_base_texts, write_support_dataset
-    from kubetune_trainer.tiny import make_tiny_base
+    from kubetune_dev.demo_data import demo_base_texts, write_support_dataset
+    from kubetune_dev.tiny import make_tiny_base
 
     splits = write_support_dataset(work / "data")
     started = time.monotonic()
@@ -141,7 +141,7 @@ def answer(model, tokenizer, messages: list[dict]) -> str:
 
 
 def compare(storage, base: Path, work: Path) -> tuple[str, str]:
-    from kubetune_trainer.demo_data import held_out_messages
+    from kubetune_dev.demo_data import held_out_messages
     from kubetune_trainer.modeling import load_adapter
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -170,9 +170,9 @@ def main() -> int:
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from kubetune_dev.demo_data import HELD_OUT, HELD_OUT_PROMPT, support_answer
+    from kubetune_dev.s3server import S3Server, endpoint_from_env
     from kubetune_trainer.config import StorageEndpoint
-    from kubetune_trainer.demo_data import HELD_OUT, HELD_OUT_PROMPT, support_answer
-    from kubetune_trainer.s3server import S3Server, endpoint_from_env
     from kubetune_trainer.storage import Storage
 
     started = time.monotonic()

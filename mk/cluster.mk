@@ -9,10 +9,10 @@ kueue: ## Build (or reuse from ~/.cache/kubetune) the pinned Kueue controller ma
 	hack/build-kueue
 
 cluster-up: venv control-plane ## Start the control plane and node agent in the background; prints KUBECONFIG
-	$(PY) -m kubetune_cluster up --gpus $(CLUSTER_GPUS)
+	$(PY) -m kubetune_dev.cluster up --gpus $(CLUSTER_GPUS)
 
 cluster-down: ## Stop the local cluster
-	$(PY) -m kubetune_cluster down
+	$(PY) -m kubetune_dev.cluster down
 
 cluster-status: ## Is the local cluster running?
-	$(PY) -m kubetune_cluster status
+	$(PY) -m kubetune_dev.cluster status

@@ -18,7 +18,7 @@ run-operator: venv ## Run the operator against $$KUBECONFIG, every namespace
 
 KUEUE ?=
 dev-cluster: venv control-plane $(if $(KUEUE),kueue) ## Cluster + node agent + seeded S3 server + operator (KUEUE=1: + Kueue), in the background
-	$(PY) -m kubetune_cluster up --dev --gpus $(CLUSTER_GPUS) $(if $(KUEUE),--kueue)
+	$(PY) -m kubetune_dev.cluster up --dev --gpus $(CLUSTER_GPUS) $(if $(KUEUE),--kueue)
 
 dev-cluster-down: ## Stop the dev cluster (everything `make dev-cluster` started)
-	$(PY) -m kubetune_cluster down
+	$(PY) -m kubetune_dev.cluster down

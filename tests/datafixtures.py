@@ -31,7 +31,7 @@ TEXT = {"text": "Kubernetes schedules pods onto nodes."}
 @cache
 def tiny_tokenizer():
     """A byte-level BPE tokenizer trained in well under a second on CORPUS (no hub download)."""
-    from kubetune_trainer.data import train_tokenizer
+    from kubetune_dev.tokenizer import train_tokenizer
 
     return train_tokenizer(CORPUS * 4, vocab_size=512)
 

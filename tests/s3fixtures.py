@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from kubetune_trainer.s3server import S3Server
+from kubetune_dev.s3server import S3Server
 
 from tests.faults import FaultProxy
 

@@ -143,7 +143,7 @@ def main() -> None:
     for split, path in files.items():
         print(f"{split}: {sum(1 for _ in path.open())} records in {path}")
     if args.base != "none":
-        from kubetune_trainer.tiny_vision import make_tiny_resnet, make_tiny_vit
+        from kubetune_dev.tiny_vision import make_tiny_resnet, make_tiny_vit
 
         make = make_tiny_resnet if args.base == "resnet" else make_tiny_vit
         print(f"base model: {make(args.out / f'tiny-{args.base}', image_size=32, seed=args.seed)}")

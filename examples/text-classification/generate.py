@@ -167,7 +167,7 @@ def write_dataset(out: Path, train: int = 400, validation: int = 100, test: int 
 
 def write_base_model(out: Path, seed: int = 0, pretrain_steps: int = 100) -> Path:
     """A tiny Llama (tokenizer and weights) pre-trained as a language model on unlabelled clauses."""
-    from kubetune_trainer.tiny import make_tiny_base
+    from kubetune_dev.tiny import make_tiny_base
 
     texts = [r["text"] for r in records(2000, seed + 7)]
     return make_tiny_base(out, texts, vocab_size=1024, hidden_size=64, layers=2, heads=4,

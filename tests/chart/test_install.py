@@ -29,11 +29,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubetune_cluster.agent_pod import ImageRule
 from kubetune_dashboard import panel_queries, substitute
 from kubetune_dashboard.alerts import render_rules
+from kubetune_dev.cluster.agent_pod import ImageRule
+from kubetune_dev.s3server import FAKE_CREDENTIALS
 from kubetune_trainer.config import StorageEndpoint
-from kubetune_trainer.s3server import FAKE_CREDENTIALS
 from kubetune_trainer.storage import Storage
 
 from tests.chart.conftest import CHART, ROOT, Prometheus, entrypoint, rbac_matrix, tool
@@ -42,7 +42,7 @@ from tests.kube import free_port, get_json, kubectl, wait_for
 from tests.operator_tests.test_e2e import credentials, submit, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
-pytest_plugins = ["kubetune_cluster.pytest_plugin", "kubetune_cluster.agent_fixtures", "tests.s3fixtures"]
+pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
 
 VALUES = Path(__file__).with_name("local-values.yaml")
 RELEASE, SYSTEM_NS, JOB_NS, JOB = "kubetune", "kubetune-system", "ml-team", "support-bot"
@@ -79,8 +79,8 @@ def image_rule(image: str, dockerfile: Path, **env: str) -> ImageRule:
 
 @pytest.fixture(scope="module")
 def training_data(s3_server, tmp_path_factory) -> dict:
-    from kubetune_trainer.demo_data import generic_texts, write_support_dataset
-    from kubetune_trainer.tiny import make_tiny_base
+    from kubetune_dev.demo_data import generic_texts, write_support_dataset
+    from kubetune_dev.tiny import make_tiny_base
 
     bucket, tmp = f"chart-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("data")
     s3_server.create_bucket(bucket)

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from kubetune_cluster import agent_fixtures
-from kubetune_cluster.agent_fixtures import NODE_GPUS, NODE_NAME
-from kubetune_cluster.agent_pod import expand, load_image_map, resolve_image
+from kubetune_dev.cluster import agent_fixtures
+from kubetune_dev.cluster.agent_fixtures import NODE_GPUS, NODE_NAME
+from kubetune_dev.cluster.agent_pod import expand, load_image_map, resolve_image
 
 from tests import kube
 from tests.kube import free_port, wait_for
@@ -456,7 +456,7 @@ def test_image_map_and_variable_expansion(tmp_path):
 def test_an_emptydir_over_an_ancestor_does_not_hide_the_images_files(control_plane, node_agent, namespace,
                                                                      tmp_path):
     """Like the chart's emptyDir at /tmp with a checkout under /tmp: the image map's working dir stays visible."""
-    from kubetune_cluster.agent_pod import ImageRule
+    from kubetune_dev.cluster.agent_pod import ImageRule
 
     if not node_agent.isolate:
         pytest.skip("no private mount namespaces on this machine: volumes are not mounted at their paths")
@@ -508,7 +508,7 @@ def test_a_read_only_root_filesystem_leaves_only_the_volumes_writable(control_pl
 def test_a_mount_point_is_found_through_a_symlinked_ancestor(tmp_path):
     """mountinfo names resolved paths (/run/secrets/... for /var/run/secrets/...): an agent that missed that removed
     a mount point another agent's pod still used, and detached its service-account token."""
-    from kubetune_cluster.agent import mounted_anywhere
+    from kubetune_dev.cluster.agent import mounted_anywhere
 
     (tmp_path / "root").symlink_to("/")
     assert mounted_anywhere(tmp_path / "root" / "proc") and mounted_anywhere(Path("/proc"))

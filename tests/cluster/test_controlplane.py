@@ -7,7 +7,7 @@ import json
 from functools import partial
 
 import pytest
-from kubetune_cluster.controlplane import pinned_version
+from kubetune_dev.cluster.controlplane import pinned_version
 
 from tests.kube import kubectl, wait_for
 

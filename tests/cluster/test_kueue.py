@@ -8,7 +8,7 @@ import json
 
 import pytest
 import yaml
-from kubetune_cluster import kueue as kueue_setup
+from kubetune_dev.cluster import kueue as kueue_setup
 
 from tests.kube import get_json, kubectl, wait_for
 

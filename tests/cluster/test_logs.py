@@ -1,8 +1,8 @@
-"""`kubetune logs`: the node agent's per-pod logs, read from its state dir (no cluster needed)."""
+"""`python -m kubetune_dev logs`: the node agent's per-pod logs, read from its state dir (no cluster needed)."""
 
 
 def test_kubetune_logs_command_reads_the_agents_logs(tmp_path):
-    from kubetune_trainer.cli import app
+    from kubetune_dev.cli import app
     from typer.testing import CliRunner
 
     folder = tmp_path / "logs" / "ml" / "job-0"

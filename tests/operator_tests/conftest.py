@@ -1,4 +1,4 @@
-"""Registers the `e2e` marker used by test_e2e.py (the fixtures come from kubetune_cluster's plugins)."""
+"""Registers the `e2e` marker used by test_e2e.py (the fixtures come from kubetune_dev.cluster's plugins)."""
 
 
 def pytest_configure(config):

@@ -22,7 +22,7 @@ from tests.kube import get_json, kubectl
 from tests.operator_tests import test_e2e as e2e
 
 pytestmark = pytest.mark.cluster
-pytest_plugins = ["kubetune_cluster.pytest_plugin"]
+pytest_plugins = ["kubetune_dev.cluster.pytest_plugin"]
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "finetunejob.yaml"

@@ -17,7 +17,7 @@ from tests.operator_tests.test_e2e import credentials, events_of, submit, traini
 crd, operator, s3_inputs, fake_trainer = e2e.crd, e2e.operator, e2e.s3_inputs, e2e.fake_trainer  # fixtures
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
-pytest_plugins = ["kubetune_cluster.pytest_plugin", "kubetune_cluster.agent_fixtures", "tests.s3fixtures"]
+pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
 
 
 def created_jobs(cp, namespace: str, ftj: str, job: str) -> int:

@@ -1,4 +1,4 @@
-"""`make dev-cluster` end to end: `python -m kubetune_cluster up --dev` (in a temporary state directory, so a
+"""`make dev-cluster` end to end: `python -m kubetune_dev.cluster up --dev` (in a temporary state directory, so a
 developer's own dev cluster is left alone), then what it prints: `export KUBECONFIG=...` and
 `kubectl apply -f <example>`; the example reaches Succeeded on CPU; `down` leaves no process behind.
 
@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from kubetune_dev.s3server import FAKE_CREDENTIALS
 from kubetune_trainer.config import StorageEndpoint
-from kubetune_trainer.s3server import FAKE_CREDENTIALS
 from kubetune_trainer.storage import Storage
 
 from tests.kube import KUBECTL, wait_for
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def cluster_cli(state_dir: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
     env = {**os.environ, "KUBETUNE_STATE": str(state_dir)}
-    return subprocess.run([sys.executable, "-m", "kubetune_cluster", *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "kubetune_dev.cluster", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubetune_dev.s3server import FAKE_CREDENTIALS
 from kubetune_trainer import checkpoint
 from kubetune_trainer.config import StorageEndpoint
-from kubetune_trainer.s3server import FAKE_CREDENTIALS
 from kubetune_trainer.storage import Storage
 
 from tests.datafixtures import tiny_tokenizer
 from tests.kube import free_port, get_json, http_get, kubectl, stop_process, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
-pytest_plugins = ["kubetune_cluster.pytest_plugin", "kubetune_cluster.agent_fixtures", "tests.s3fixtures"]
+pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
@@ -246,7 +246,7 @@ FAKE_IMAGE = "ghcr.io/kubetune/trainer:fake"
 def fake_trainer(node_agent):
     """Map FAKE_IMAGE to fake_trainer.py on the node agent for this test (the real image runs
     `accelerate launch`; the full run with the real trainer replaces this in its own test)."""
-    from kubetune_cluster.agent_pod import ImageRule
+    from kubetune_dev.cluster.agent_pod import ImageRule
 
     rule = ImageRule(match=FAKE_IMAGE, path=[str(Path(sys.executable).parent)], working_dir=str(ROOT),
                      entrypoint=[sys.executable, str(Path(__file__).with_name("fake_trainer.py"))])
@@ -372,7 +372,7 @@ REAL_IMAGE = "ghcr.io/kubetune/trainer:local"
 @pytest.fixture
 def real_trainer(node_agent):
     """The trainer image's entrypoint, `kubetune launch` (accelerate launch), from this repo's .venv."""
-    from kubetune_cluster.agent_pod import ImageRule
+    from kubetune_dev.cluster.agent_pod import ImageRule
 
     venv_bin = Path(sys.executable).parent
     rule = ImageRule(match=REAL_IMAGE, path=[str(venv_bin)], working_dir=str(ROOT),
@@ -384,8 +384,8 @@ def real_trainer(node_agent):
 
 @pytest.fixture
 def tiny_model(s3_server, bucket, tmp_path):
-    from kubetune_trainer.demo_data import generic_texts, write_support_dataset
-    from kubetune_trainer.tiny import make_tiny_base
+    from kubetune_dev.demo_data import generic_texts, write_support_dataset
+    from kubetune_dev.tiny import make_tiny_base
 
     storage = Storage(StorageEndpoint(endpoint=s3_server.endpoint))
     base = make_tiny_base(tmp_path / "tiny", generic_texts(50), vocab_size=512, hidden_size=32, layers=1,
@@ -550,7 +550,7 @@ def test_a_text_classification_job_reports_test_metrics_and_baseline(control_pla
 def test_an_image_classification_job_reports_test_metrics_and_baseline(control_plane, node_agent, namespace,
                                                                         operator, s3_server, bucket,
                                                                         real_trainer, tmp_path):
-    from kubetune_trainer.tiny_vision import make_tiny_vit
+    from kubetune_dev.tiny_vision import make_tiny_vit
 
     generate = example_generator("image-classification")
     storage = Storage(StorageEndpoint(endpoint=s3_server.endpoint))
@@ -567,7 +567,7 @@ def test_an_image_classification_job_reports_test_metrics_and_baseline(control_p
 
 def test_a_missing_image_fails_validation_on_cpu(control_plane, node_agent, namespace, operator, s3_server,
                                                   bucket, tmp_path):
-    from kubetune_trainer.tiny_vision import make_tiny_vit
+    from kubetune_dev.tiny_vision import make_tiny_vit
 
     generate = example_generator("image-classification")
     storage = Storage(StorageEndpoint(endpoint=s3_server.endpoint))
@@ -592,7 +592,7 @@ def test_a_missing_image_fails_validation_on_cpu(control_plane, node_agent, name
 @pytest.mark.slow
 def test_a_dpo_job_reports_rewards_and_publishes_a_merged_model(control_plane, node_agent, namespace, operator,
                                                                  tiny_model, real_trainer, tmp_path):
-    from kubetune_trainer.demo_data import write_preference_dataset
+    from kubetune_dev.demo_data import write_preference_dataset
 
     storage = Storage(StorageEndpoint(endpoint=tiny_model["endpoint"]))
     pairs = tiny_model["output"].replace("/out/", "/pairs/")

@@ -24,7 +24,7 @@ from tests.operator_tests import test_e2e as e2e
 from tests.operator_tests.test_e2e import credentials, submit, training_spec, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
-pytest_plugins = ["kubetune_cluster.pytest_plugin", "kubetune_cluster.agent_fixtures", "tests.s3fixtures"]
+pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
 
 ROOT = Path(__file__).resolve().parents[2]
 PEERING_CRDS = ROOT / "charts" / "kubetune" / "crds" / "kopf.dev_peerings.yaml"

@@ -26,7 +26,7 @@ crd, fake_trainer, real_trainer, s3_inputs, tiny_model = (e2e.crd, e2e.fake_trai
                                                           e2e.tiny_model)  # fixtures
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
-pytest_plugins = ["kubetune_cluster.pytest_plugin", "kubetune_cluster.agent_fixtures", "tests.s3fixtures"]
+pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU = "nvidia.com/gpu"

@@ -26,7 +26,7 @@ from kubetune_trainer.spec import FineTuneJobSpec
 from tests.kube import get_json, kubectl, wait_for
 from tests.operator_tests import test_e2e as e2e
 
-pytest_plugins = ["kubetune_cluster.pytest_plugin", "kubetune_cluster.agent_fixtures", "tests.s3fixtures"]
+pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
 
 ROOT = Path(__file__).resolve().parents[2]
 crd, fake_trainer, s3_inputs = e2e.crd, e2e.fake_trainer, e2e.s3_inputs  # test_e2e.py's fixtures

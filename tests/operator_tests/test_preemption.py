@@ -27,7 +27,7 @@ from tests.operator_tests.test_e2e import (
 crd, operator, tiny_model, real_trainer = e2e.crd, e2e.operator, e2e.tiny_model, e2e.real_trainer  # fixtures
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
-pytest_plugins = ["kubetune_cluster.pytest_plugin", "kubetune_cluster.agent_fixtures", "tests.s3fixtures"]
+pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
 
 # Two workers: the victim and rank 0, which stops for its lost peer. Each extra worker doubles the Job controller's
 # pod-failure backoff before the last round (see below): three workers waited 320 s, two wait 80 s.

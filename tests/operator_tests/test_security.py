@@ -33,7 +33,7 @@ from tests.operator_tests import test_e2e as e2e
 from tests.operator_tests.test_e2e import credentials, submit, training_job_pods, training_spec, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
-pytest_plugins = ["kubetune_cluster.pytest_plugin", "kubetune_cluster.agent_fixtures", "tests.s3fixtures"]
+pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
 
 # test_e2e.py's fixtures: the CRD, the operator, S3 inputs, the tiny model, the stand-in trainer image
 crd, operator, s3_inputs, tiny_model, fake_trainer = e2e.crd, e2e.operator, e2e.s3_inputs, e2e.tiny_model, \
@@ -88,7 +88,7 @@ def test_the_operators_pods_pass_the_restricted_pod_security_standard(control_pl
 @pytest.fixture
 def canary_trainer(node_agent):
     """The real trainer (`kubetune launch`), whose rank 0 keeps serving /metrics 3 s after the run."""
-    from kubetune_cluster.agent_pod import ImageRule
+    from kubetune_dev.cluster.agent_pod import ImageRule
 
     venv_bin = Path(sys.executable).parent
     rule = ImageRule(match=CANARY_IMAGE, path=[str(venv_bin)], working_dir=str(e2e.ROOT),

@@ -281,7 +281,7 @@ def test_error_in_a_directory_names_the_file(tmp_path, tok):
 
 
 def test_chat_needs_a_chat_template(tmp_path):
-    from kubetune_trainer.data import train_tokenizer
+    from kubetune_dev.tokenizer import train_tokenizer
     from kubetune_trainer.errors import ConfigError
 
     plain = train_tokenizer(["hello world"], vocab_size=300)

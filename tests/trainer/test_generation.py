@@ -36,7 +36,7 @@ def tok():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random 2-layer Llama under a LoRA adapter, as the trainer loads it, and its tokenizer."""
-    from kubetune_trainer.tiny import make_tiny_base
+    from kubetune_dev.tiny import make_tiny_base
 
     folder = make_tiny_base(tmp_path_factory.mktemp("tiny"), CORPUS * 4, vocab_size=512, hidden_size=32, layers=2,
                             heads=2, pretrain_steps=0)

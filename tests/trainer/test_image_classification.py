@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kubetune_dev.tiny_vision import make_tiny_resnet, make_tiny_vit
 from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.errors import EXIT_DATA_INVALID, ConfigError, DatasetError
 from kubetune_trainer.fetch import fetch
@@ -18,7 +19,6 @@ from kubetune_trainer.spec import DataFormat
 from kubetune_trainer.tasks import task_for
 from kubetune_trainer.tasks.classification import ClassExample
 from kubetune_trainer.tasks.image_classification import ImageClassification
-from kubetune_trainer.tiny_vision import make_tiny_resnet, make_tiny_vit
 from PIL import Image
 
 LABELS = ["dark", "light", "split"]

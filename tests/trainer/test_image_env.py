@@ -33,15 +33,17 @@ TORCH_RUNTIME = re.compile(r"(cuda-|nvidia-|triton$)")  # torch's own CUDA wheel
 
 # Run in the fresh venv, in one process (importing torch and transformers takes most of the time): a tiny base
 # model and a dataset, then the installed `kubetune` command's `run` on a FineTuneJob manifest of local paths.
+# The tiny model and the data come from kubetune_dev (testing/, never in the image), put on the path after the wheel.
 TRAIN = """
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
+sys.path.append(sys.argv[2])
 import kubetune_trainer
 import yaml
-from kubetune_trainer import demo_data
-from kubetune_trainer.tiny import make_tiny_base
+from kubetune_dev import demo_data
+from kubetune_dev.tiny import make_tiny_base
 
 assert "site-packages" in kubetune_trainer.__file__, kubetune_trainer.__file__  # the wheel, not the sources
 root = Path(sys.argv[1])
@@ -108,9 +110,9 @@ def test_the_locked_versions_train_together(tmp_path, venv):
         assert done.returncode == 0, f"{' '.join(map(str, cmd))}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         return done
 
-    # What the Dockerfile's build stage copies (the .dockerignore'd control-plane code left out).
+    # What the Dockerfile's build stage copies.
     src = tmp_path / "src"
-    skip = shutil.ignore_patterns("__pycache__", "*.py[cod]", "kubetune_cluster")
+    skip = shutil.ignore_patterns("__pycache__", "*.py[cod]")
     src.mkdir()
     shutil.copy(ROOT / "pyproject.toml", src)
     shutil.copytree(ROOT / "operator", src / "operator", ignore=skip)
@@ -128,7 +130,7 @@ def test_the_locked_versions_train_together(tmp_path, venv):
     assert not {n: v for n, v in installed.items() if n in locked and v != locked[n]}
 
     (tmp_path / "train.py").write_text(TRAIN)
-    done = sh(python, "train.py", tmp_path)
+    done = sh(python, "train.py", tmp_path, ROOT / "testing")
     assert f"published {tmp_path / 'out'} (4 steps, test loss" in done.stdout, done.stdout
     published = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert published["steps"] == 4 and (tmp_path / "out" / "adapter_model.safetensors").is_file()

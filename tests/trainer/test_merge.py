@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from kubetune_dev.demo_data import chat_texts, generic_texts, support_records, write_support_dataset
+from kubetune_dev.tiny import make_tiny_base
 from kubetune_trainer import merge as merging
 from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.demo_data import chat_texts, generic_texts, support_records, write_support_dataset
 from kubetune_trainer.merge import base_dtype, merge, merge_output
 from kubetune_trainer.modeling import load_adapter
 from kubetune_trainer.publish import save_output
 from kubetune_trainer.spec import OutputDtype
 from kubetune_trainer.tasks import task_for
-from kubetune_trainer.tiny import make_tiny_base
 
 TEXTS = ["Where is my order?", "The invoice is due on receipt.", "Reset my password, please."]
 RECORDS = [{"text": "Either Party may terminate on notice.", "label": "termination"},
@@ -194,7 +194,7 @@ def test_sequence_classifier_keeps_its_labels_and_trained_head(base, tmp_path):
 def test_image_classifier_keeps_its_labels_and_trained_head(architecture, tmp_path):
     """A ViT (LoRA on its linear layers) and a ResNet whose 5-class head is replaced (LoRA on its convolutions):
     the merged model is base + adapter, with the image processor and the labels."""
-    from kubetune_trainer.tiny_vision import make_tiny_resnet, make_tiny_vit
+    from kubetune_dev.tiny_vision import make_tiny_resnet, make_tiny_vit
     from transformers import AutoConfig, AutoModelForImageClassification
 
     if architecture == "vit":

@@ -80,7 +80,7 @@ def theirs(pairs, pad: int) -> dict[str, torch.Tensor]:
 def policy():
     """A tiny Llama with random weights and a LoRA adapter that is not the identity (so policy and reference
     differ)."""
-    from kubetune_trainer.tiny import tiny_config
+    from kubetune_dev.tiny import tiny_config
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 

@@ -11,9 +11,9 @@ import json
 import subprocess
 
 import pytest
+from kubetune_dev.demo_data import write_preference_dataset
 from kubetune_trainer import checkpoint
 from kubetune_trainer.cli import success_message
-from kubetune_trainer.demo_data import write_preference_dataset
 from kubetune_trainer.pipeline import run
 
 from tests.trainer.test_resume import _config_file, _train_cmd

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from kubetune_dev.tiny import make_tiny_base
 from kubetune_trainer.merge import merge
 from kubetune_trainer.modeling import load_adapter
 from kubetune_trainer.publish import base_model_name
 from kubetune_trainer.spec import BaseModelSpec, OutputDtype
 from kubetune_trainer.tasks import task_for
-from kubetune_trainer.tiny import make_tiny_base
 from safetensors import safe_open
 
 from tests.trainer.test_merge import adapter, logits, trainer_config
@@ -40,7 +40,7 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json"}
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    from kubetune_trainer.demo_data import generic_texts
+    from kubetune_dev.demo_data import generic_texts
 
     return make_tiny_base(tmp_path_factory.mktemp("serving-base"), generic_texts(100), vocab_size=512, hidden_size=64,
                           layers=2, heads=4)

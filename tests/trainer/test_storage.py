@@ -11,9 +11,9 @@ import sys
 
 import boto3
 import pytest
+from kubetune_dev.s3server import endpoint_from_env
 from kubetune_trainer.config import StorageEndpoint
 from kubetune_trainer.errors import EXIT_RETRYABLE, ConfigError, TransientError
-from kubetune_trainer.s3server import endpoint_from_env
 from kubetune_trainer.storage import Storage, is_remote, publish, read_published, sha256_file
 
 pytest_plugins = ["tests.s3fixtures"]
@@ -261,7 +261,7 @@ def test_s3server_command_line(monkeypatch):
     assert endpoint_from_env() is None
     monkeypatch.setenv("KUBETUNE_S3_ENDPOINT", "https://s3.example.com")
     assert endpoint_from_env() == "https://s3.example.com"
-    cmd = [sys.executable, "-m", "kubetune_trainer.s3server", "--port", "0", "--buckets", "models,data"]
+    cmd = [sys.executable, "-m", "kubetune_dev.s3server", "--port", "0", "--buckets", "models,data"]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         endpoint = server.stdout.readline().strip()

@@ -3,8 +3,8 @@
 import json
 
 import torch
-from kubetune_trainer import demo_data
-from kubetune_trainer.tiny import llama3_8b_config, make_tiny_base
+from kubetune_dev import demo_data
+from kubetune_dev.tiny import llama3_8b_config, make_tiny_base
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 

@@ -1,9 +1,8 @@
-"""`kubetune`: the command line of the trainer (and, later, of the operator and the local cluster).
+"""`kubetune`: the command line of the trainer (and, later, of the operator).
 
     kubetune validate --config trainer.yaml   check every record on CPU; exit 65/78 if bad (permanent)
     kubetune train --config trainer.yaml      what each process of `accelerate launch` runs
     kubetune launch ACCELERATE_ARGS...        the pod's entrypoint: `accelerate launch`, exit codes kept
-    kubetune logs POD -n NAMESPACE            a pod's log on the local cluster's node agent (make cluster-up)
     kubetune run finetunejob.yaml             a FineTuneJob manifest, trained on this machine
 """
 
@@ -159,27 +158,6 @@ def launch(ctx: typer.Context) -> None:
     except Exception as e:  # noqa: BLE001
         fail(e)
     raise typer.Exit(code)
-
-
-@app.command()
-def logs(
-    pod: Annotated[str, typer.Argument(help="Pod name")],
-    namespace: Annotated[str, typer.Option("--namespace", "-n")] = "default",
-    container: Annotated[str | None, typer.Option("--container", "-c", help="Needed if the pod has several")] = None,
-    previous: Annotated[bool, typer.Option("--previous", "-p", help="The run before the last restart")] = False,
-    state_dir: Annotated[Path | None, typer.Option(help="The node agent's state dir (default: make cluster-up's)")]
-    = None,
-) -> None:
-    """A container's log, as the local cluster's node agent keeps it (`kubectl logs` serves the same)."""
-    from kubetune_cluster.__main__ import state_dir as cluster_state_dir
-    from kubetune_cluster.agent import read_logs
-
-    try:
-        text = read_logs(state_dir or cluster_state_dir() / "agent", namespace, pod, container, previous)
-    except (ValueError, FileNotFoundError) as e:
-        err.print(f"[bold red]error[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from e
-    sys.stdout.write(text)
 
 
 def _is_number(value) -> bool:

@@ -8,12 +8,11 @@ from .packing import PackedExample, collate, pack_examples
 from .preference import PackedPairs, PreferencePair, blank_pairs, collate_pairs, pair_examples, pair_size
 from .records import Record, load_records
 from .tokenize import IGNORE, Example, tokenize_pair, tokenize_record
-from .tokenizer import train_tokenizer
 from .validate import DatasetReport, tokenize_dataset, validate_dataset
 
 __all__ = [
     "IGNORE", "INSTRUCTION_TEMPLATE", "INSTRUCTION_WITH_INPUT_TEMPLATE", "DatasetReport", "Example",
     "PackedExample", "PackedPairs", "PreferencePair", "Record", "blank_pairs", "collate", "collate_pairs",
     "detect_format", "load_records", "pack_examples", "pair_examples", "pair_size",
-    "tokenize_dataset", "tokenize_pair", "tokenize_record", "train_tokenizer", "validate_dataset",
+    "tokenize_dataset", "tokenize_pair", "tokenize_record", "validate_dataset",
 ]

@@ -4,7 +4,7 @@
         s3.create_bucket("models")
         Storage(StorageEndpoint(endpoint=s3.endpoint)).upload_file(...)
 
-    python -m kubetune_trainer.s3server --port 9000 --buckets models,data,outputs
+    python -m kubetune_dev.s3server --port 9000 --buckets models,data,outputs
 
 It sets placeholder credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) for in-process clients when none
 are set; moto accepts any. State lives in this process's memory (and is shared by every server in it).
@@ -103,7 +103,7 @@ class S3Server:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kubetune_trainer.s3server",
+    parser = argparse.ArgumentParser(prog="python -m kubetune_dev.s3server",
                                      description="Run an in-memory S3-protocol server in the foreground.")
     parser.add_argument("--port", type=int, default=9000, help="0 picks a free port (default 9000)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

@@ -94,7 +94,7 @@ def make_tiny_base(out_dir: Path, texts: list[str], *, vocab_size: int = 2048, h
     """
     from transformers import GenerationConfig, LlamaForCausalLM
 
-    from .data import train_tokenizer
+    from .tokenizer import train_tokenizer
 
     out_dir = Path(out_dir)
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)

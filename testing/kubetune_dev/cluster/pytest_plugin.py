@@ -1,6 +1,6 @@
 """Pytest fixtures for the local control plane.
 
-Register them from a conftest.py:  `from kubetune_cluster.pytest_plugin import control_plane, namespace`.
+Register them from a conftest.py:  `from kubetune_dev.cluster.pytest_plugin import control_plane, namespace`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ status.podIP), its own
 hostname and a private /etc/hosts listing the pods and services of the cluster, so pods of one Job
 reach each other as `<hostname>.<subdomain>` the way they would through cluster DNS.
 
-    python -m kubetune_cluster.agent --kubeconfig KUBECONFIG [--node-name N] [--gpus 2] ...
+    python -m kubetune_dev.cluster.agent --kubeconfig KUBECONFIG [--node-name N] [--gpus 2] ...
 
 See docs/node-agent.md.
 """
@@ -490,7 +490,7 @@ def mount_namespaces_work() -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m kubetune_cluster.agent", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kubetune_dev.cluster.agent", description=__doc__.split("\n\n")[0])
     p.add_argument("--kubeconfig", required=True)
     p.add_argument("--node-name", default="kubetune-node")
     p.add_argument("--gpus", type=int, default=0, help=f"advertise this many {GPU}")

@@ -1,4 +1,4 @@
-"""The dev cluster (`make dev-cluster`: `python -m kubetune_cluster up --dev`): the local cluster plus what a
+"""The dev cluster (`make dev-cluster`: `python -m kubetune_dev.cluster up --dev`): the local cluster plus what a
 FineTuneJob needs, so that `kubectl apply -f examples/demo-finetunejob.yaml` trains on this machine's CPU.
 
 The cluster daemon runs `DevCluster.start()` once the control plane and the node agent are up: it installs the
@@ -21,7 +21,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from kubetune_trainer.s3server import FAKE_CREDENTIALS
+
+from kubetune_dev.s3server import FAKE_CREDENTIALS
 
 from .controlplane import REPO_ROOT, ControlPlaneError, _die_with_parent, free_port
 from .kueue import Kueue, kubectl
@@ -62,9 +63,10 @@ def seed(endpoint: str, work: Path, pretrain_steps: int) -> None:
     """Upload the demo's tiny base model and support-bot splits to the URIs the example names (creating its
     buckets). The server takes any credentials; this process (the daemon) uses the placeholder ones."""
     from kubetune_trainer.config import StorageEndpoint
-    from kubetune_trainer.demo_data import demo_base_texts, write_support_dataset
     from kubetune_trainer.storage import Storage
-    from kubetune_trainer.tiny import make_tiny_base
+
+    from kubetune_dev.demo_data import demo_base_texts, write_support_dataset
+    from kubetune_dev.tiny import make_tiny_base
 
     os.environ.update(FAKE_CREDENTIALS)
     spec, storage = example_spec(), Storage(StorageEndpoint(endpoint=endpoint))

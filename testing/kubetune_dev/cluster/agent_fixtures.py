@@ -1,6 +1,6 @@
 """Pytest fixture: a process node agent attached to the session's local control plane.
 
-Use it from a test module with `from kubetune_cluster.agent_fixtures import node_agent  # noqa: F401`.
+Use it from a test module with `from kubetune_dev.cluster.agent_fixtures import node_agent  # noqa: F401`.
 """
 
 from __future__ import annotations

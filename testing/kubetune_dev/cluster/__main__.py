@@ -1,4 +1,4 @@
-"""python -m kubetune_cluster up|down|status: a local cluster in the background.
+"""python -m kubetune_dev.cluster up|down|status: a local cluster in the background.
 
 `up` starts a daemon that runs the control plane and (when available) the process node agent, waits
 until it is ready, and prints `export KUBECONFIG=...`; `up --dev` adds the CRD, an S3 server seeded with
@@ -73,7 +73,7 @@ def up(args) -> int:
     sd = state_dir()
     shutil.rmtree(sd, ignore_errors=True)
     sd.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "kubetune_cluster", "serve", "--gpus", str(args.gpus)]
+    cmd = [sys.executable, "-m", "kubetune_dev.cluster", "serve", "--gpus", str(args.gpus)]
     if args.no_agent:
         cmd.append("--no-agent")
     if args.dev:
@@ -176,7 +176,7 @@ def start_agent(sd: Path, gpus: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kubetune_cluster", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kubetune_dev.cluster", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     commands = (("up", up, "start the cluster in the background"), ("down", down, "stop it"),
                 ("status", status, "is it running?"), ("serve", serve, "run it in the foreground"))

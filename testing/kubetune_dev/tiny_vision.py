@@ -68,8 +68,7 @@ def _quiet(name: str, **kwargs):
     """The image processor class `name` of transformers, made with kwargs. Without torchvision transformers falls
     back to the PIL processors (which save the same config), with a warning that is not the user's business."""
     import transformers
-
-    from .modeling import quiet_transformers
+    from kubetune_trainer.modeling import quiet_transformers
 
     with quiet_transformers():
         return getattr(transformers, name)(**kwargs)

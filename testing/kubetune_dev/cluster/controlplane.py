@@ -37,7 +37,7 @@ from pathlib import Path
 import yaml
 
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 TOOLS_GO_MOD = REPO_ROOT / "hack" / "k8s-tools" / "go.mod"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
