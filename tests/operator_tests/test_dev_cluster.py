@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from kubetune_trainer.config import StorageEndpoint
+from kubetune_api import StorageEndpoint
 from kubetune_trainer.s3server import FAKE_CREDENTIALS
 from kubetune_trainer.storage import Storage
 

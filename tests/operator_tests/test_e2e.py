@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubetune_api import StorageEndpoint
 from kubetune_trainer import checkpoint
-from kubetune_trainer.config import StorageEndpoint
 from kubetune_trainer.s3server import FAKE_CREDENTIALS
 from kubetune_trainer.storage import Storage
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
-from kubetune_trainer.config import StorageEndpoint, TrainerConfig
+from kubetune_api import StorageEndpoint, TrainerConfig
 from kubetune_trainer.demo_data import chat_texts, generic_texts, support_records, write_support_dataset
 from kubetune_trainer.storage import Storage
 from kubetune_trainer.tiny import make_tiny_base

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from kubetune_trainer.config import TrainerConfig
+from kubetune_api import TrainerConfig
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.tasks import task_for
 from kubetune_trainer.tiny import make_tiny_base
