@@ -55,3 +55,10 @@ def test_dockerignore_keeps_secrets_and_local_state_out():
     assert "**" in patterns, "an allow-list: everything is left out unless re-included"
     for needed in ("**/.env", "**/*.pem", "**/*.key"):
         assert needed in patterns
+
+
+@pytest.mark.parametrize("path", [OPERATOR, TRAINER], ids=["operator", "trainer"])
+def test_both_images_install_the_api_package(path):
+    """kubetune_api (api/) is the spec, status and config both the operator and the trainer import."""
+    assert ("COPY", "api/ api/") in _instructions(path)
+    assert "!api/" in (ROOT / ".dockerignore").read_text().splitlines()
