@@ -1,5 +1,5 @@
 """kubetune_api stands alone: the operator, the trainer and the CRD generator import it, and it imports none of
-them, nor torch, kopf or kubernetes (docs/architecture: what may import what)."""
+them, nor torch, kopf or kubernetes."""
 
 from __future__ import annotations
 
