@@ -9,6 +9,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 RUN python -m venv /opt/kubetune
 COPY pyproject.toml ./
+COPY api/ api/
 COPY operator/ operator/
 COPY trainer-image/kubetune_trainer/ trainer-image/kubetune_trainer/
 RUN /opt/kubetune/bin/pip install --no-cache-dir ".[operator]"

@@ -176,7 +176,7 @@ def rate(times: list[float], tokens: list[int], warmup: int) -> dict:
 
 
 def run_kubetune(args, model_dir: Path, data: Path, work: Path) -> dict:
-    from kubetune_trainer.config import TrainerConfig
+    from kubetune_api import TrainerConfig
     from kubetune_trainer.pipeline import run
 
     cuda = args.device == "cuda"

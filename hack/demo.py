@@ -102,13 +102,14 @@ def upload(storage, base: Path, splits: dict[str, Path]) -> None:
 
 
 def train(endpoint: str, work: Path) -> dict:
+    from kubetune_api import MetricsSpec, StorageEndpoint, TrainerConfig
     from kubetune_trainer.cli import ProgressReporter
-    from kubetune_trainer.config import MetricsSpec, StorageEndpoint, TrainerConfig, load_job
+    from kubetune_trainer.configfile import load_job
     from kubetune_trainer.pipeline import run
 
     job = load_job(MANIFEST)
-    config = TrainerConfig.from_job(job.metadata.name, job.spec, work_dir=str(work / "trainer"),
-                                    metrics=MetricsSpec(port=0))
+    config = TrainerConfig(**dict(job.spec), job_name=job.metadata.name, work_dir=str(work / "trainer"),
+                           metrics=MetricsSpec(port=0))
     config = config.model_copy(update={"storage": StorageEndpoint(endpoint=endpoint)})
     columns = (TextColumn("{task.description:>11}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("{task.fields[loss]}"), TimeElapsedColumn())
@@ -170,9 +171,9 @@ def main() -> int:
     hf_logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from kubetune_api import StorageEndpoint
     from kubetune_dev.demo_data import HELD_OUT, HELD_OUT_PROMPT, support_answer
     from kubetune_dev.s3server import S3Server, endpoint_from_env
-    from kubetune_trainer.config import StorageEndpoint
     from kubetune_trainer.storage import Storage
 
     started = time.monotonic()

@@ -1,8 +1,8 @@
 # The operator: CRD generation and its end-to-end tests (included by the top-level Makefile).
 .PHONY: crds e2e operator-test run-operator dev-cluster dev-cluster-down
 
-crds: venv ## Regenerate crds/ (and the chart's copy) from the typed API (trainer-image/kubetune_trainer/spec.py)
-	$(PY) -m kubetune_operator.crd > crds/kubetune.io_finetunejobs.yaml.tmp
+crds: venv ## Regenerate crds/ (and the chart's copy) from the typed API (api/kubetune_api)
+	$(PY) -m kubetune_api.crd > crds/kubetune.io_finetunejobs.yaml.tmp
 	mv crds/kubetune.io_finetunejobs.yaml.tmp crds/kubetune.io_finetunejobs.yaml
 	$(PY) -m kubetune_operator.policy  # crds/policy/ and the chart's files/admission-policy.yaml
 	$(MAKE) --no-print-directory chart-crds

@@ -1,9 +1,11 @@
 """The Kubetune operator: reconciles FineTuneJob objects into a ConfigMap, a CPU validation Job, a headless
 Service and an Indexed training Job, and reports progress in the FineTuneJob's status.
 
-Modules: `crd` (the CRD, generated from the typed API), `children` (spec -> desired child objects, pure),
-`status` (observed children + trainer metrics -> status and actions, pure), `kube` (the API calls),
-`handlers` (thin kopf handlers), `metrics` (the operator's own Prometheus metrics).
+The API it serves (spec, status, the trainer's config) is the package kubetune_api. Modules: `children` (spec ->
+desired child objects, pure), `reconcile` (observed children + trainer metrics -> a Decision, pure), `observe`
+(what the Jobs and pods say happened), `progress` (the trainer's metrics and reports -> status fields),
+`conditions` (status conditions and times), `kube` (the API calls), `handlers` (thin kopf handlers), `metrics`
+(the operator's own Prometheus metrics).
 """
 
 GROUP = "kubetune.io"

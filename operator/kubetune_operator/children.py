@@ -12,9 +12,18 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kubetune_trainer.config import DEFAULT_GPU_TFLOPS, Hardware, TrainerConfig
-from kubetune_trainer.errors import EXIT_PEER_LOST, PERMANENT_EXIT_CODES
-from kubetune_trainer.spec import API_GROUP, API_VERSION, KIND, FineTuneJobSpec
+from kubetune_api import (
+    API_GROUP,
+    API_VERSION,
+    DEFAULT_GPU_TFLOPS,
+    EXIT_PEER_LOST,
+    KIND,
+    PERMANENT_EXIT_CODES,
+    FineTuneJobSpec,
+    Hardware,
+    MetricsSpec,
+    TrainerConfig,
+)
 
 if TYPE_CHECKING:
     from .settings import OperatorSettings
@@ -124,13 +133,12 @@ def hardware(spec: FineTuneJobSpec, gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> H
 
 def trainer_config(name: str, spec: FineTuneJobSpec, settings: OperatorSettings | None = None,
                    run_id: str | None = None) -> TrainerConfig:
-    """The trainer's config; `run_id` (the FineTuneJob's uid) tells this run's output and checkpoints from
-    another run's. From the operator's settings (None: the environment's, see _from_env): the GPU TFLOPS of the
-    data report's estimate and the port of rank 0's /metrics."""
+    """The trainer's config: the spec and the cluster-side fields. `run_id` (the FineTuneJob's uid) tells this run's
+    output and checkpoints from another run's. From the operator's settings (None: the environment's, see
+    _from_env): the GPU TFLOPS of the data report's estimate and the port of rank 0's /metrics."""
     settings = _from_env(settings)
-    config = TrainerConfig.from_job(name, spec, run_id=run_id, hardware=hardware(spec, settings.gpu_tflops))
-    config.metrics.port = settings.trainer_metrics_port
-    return config
+    return TrainerConfig(**dict(spec), job_name=name, run_id=run_id, hardware=hardware(spec, settings.gpu_tflops),
+                         metrics=MetricsSpec(port=settings.trainer_metrics_port))
 
 
 def pvc_claims(spec: FineTuneJobSpec) -> list[str]:

@@ -9,10 +9,10 @@ import functools
 import json
 
 import kubernetes
+from kubetune_api import Reason
 
 from .children import JOB_FINALIZER, Names
 from .reconcile import Decision
-from .status import Reason
 
 POOL_SIZE = 16  # connections: one per reconcile thread (loop.THREADS)
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import kopf
+from kubetune_api import Reason
 
 from . import children, kube, metrics, policy, reconcile
 from .reconcile import Decision, Observed, decide
 from .scrape import Scraper
 from .settings import OperatorSettings
-from .status import Reason
 
 ERROR_DELAYS = (1, 2, 5, 10, 30, 60)
 THREADS = 16  # worker threads for the API calls of reconciles (and as many pooled connections)

@@ -7,9 +7,8 @@ import threading
 import time
 from contextlib import contextmanager
 
+from kubetune_api import Phase, Reason
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-from .status import Phase, Reason
 
 REGISTRY = CollectorRegistry()
 JOBS = Gauge("kubetune_operator_finetunejobs", "FineTuneJobs seen by this operator, by phase", ["phase"],

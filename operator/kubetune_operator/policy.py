@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from kubetune_trainer.spec import API_GROUP, FineTuneJobSpec
+from kubetune_api import API_GROUP, FineTuneJobSpec, Reason
 
 from . import PLURAL, children
-from .status import Reason, get_condition
+from .conditions import get_condition
 
 POLICY = "kubetune-finetunejobs"  # the ValidatingAdmissionPolicy, and its binding (the chart prefixes its release)
 PARAMS = "kubetune-policy"  # the parameters ConfigMap

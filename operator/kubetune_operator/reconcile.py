@@ -21,38 +21,28 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from kubetune_trainer.config import join_uri
-from kubetune_trainer.spec import FineTuneJobSpec
+from kubetune_api import TERMINAL, FineTuneJobSpec, Phase, Reason, join_uri
 from pydantic import ValidationError
 
 from . import children, kueue, policy
-from .settings import OperatorSettings
-from .status import (
+from .conditions import get_condition, parse_time, rfc3339, set_condition
+from .observe import (
     PERMANENT,
-    TERMINAL,
-    Phase,
-    Reason,
-    apply_metrics,
     charged,
     completion_index,
-    dataset_status,
     disruption,
     explain_failure,
-    final_progress,
-    get_condition,
     job_finished,
     last_line,
-    parse_time,
     peer_lost,
     permanent_failure,
     pod_problem,
-    result_from_pods,
-    rfc3339,
-    set_condition,
     success_report,
     terminations,
     validation_report,
 )
+from .progress import apply_metrics, dataset_status, final_progress, result_from_pods
+from .settings import OperatorSettings
 
 GPU_ACCOUNTING_SECONDS = 30  # gpuSeconds is brought up to date at most this often while running
 VALIDATION_RETRY_SECONDS = (10, 300)  # first and longest delay before a transient validation failure is retried

@@ -9,8 +9,8 @@ import time
 
 import aiohttp
 
+from .progress import parse_trainer_metrics
 from .settings import SCRAPE_SECONDS
-from .status import parse_trainer_metrics
 
 TIMEOUT_SECONDS = 3.0
 MAX_BYTES = 1 << 20

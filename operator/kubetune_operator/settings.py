@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kubetune_trainer.config import DEFAULT_GPU_TFLOPS, MetricsSpec
+from kubetune_api import DEFAULT_GPU_TFLOPS, MetricsSpec
 
 from . import children
 from .policy import Settings as PolicySettings

@@ -147,8 +147,8 @@ def test_the_operator_applies_the_storage_defaults_the_chart_sets(monkeypatch):
 def test_the_operator_applies_the_validation_defaults_the_chart_sets(monkeypatch):
     from types import SimpleNamespace
 
+    from kubetune_api import ValidationSpec
     from kubetune_operator.children import validation_settings
-    from kubetune_trainer.spec import ValidationSpec
 
     values = {"validation.cpu": "2", "validation.memory": "4Gi", "validation.ephemeralStorage": "50Gi",
               "validation.activeDeadlineSeconds": "600"}
@@ -161,8 +161,8 @@ def test_the_operator_applies_the_validation_defaults_the_chart_sets(monkeypatch
 
 
 def test_the_operator_estimates_with_the_gpu_tflops_the_chart_sets(monkeypatch):
+    from kubetune_api import FineTuneJobSpec
     from kubetune_operator.children import trainer_config
-    from kubetune_trainer.spec import FineTuneJobSpec
 
     spec = FineTuneJobSpec.model_validate({
         "baseModel": {"uri": "s3://models/m/"}, "dataset": {"train": "s3://data/train.jsonl"},

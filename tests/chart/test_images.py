@@ -122,3 +122,10 @@ def test_the_dev_kit_is_its_own_distribution():
         assert not [p for p in shipped.iterdir() if p.name in DEV_ONLY_PACKAGES], f"a dev-only package in {folder}/"
     reincluded = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")]
     assert not [line for line in reincluded if line.lstrip("!/").startswith("testing")], ".dockerignore: testing/"
+
+
+@pytest.mark.parametrize("path", [OPERATOR, TRAINER], ids=["operator", "trainer"])
+def test_both_images_install_the_api_package(path):
+    """kubetune_api (api/) is the spec, status and config both the operator and the trainer import."""
+    assert ("COPY", "api/ api/") in _instructions(path)
+    assert "!api/" in (ROOT / ".dockerignore").read_text().splitlines()

@@ -29,11 +29,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubetune_api import StorageEndpoint
 from kubetune_dashboard import panel_queries, substitute
 from kubetune_dashboard.alerts import render_rules
 from kubetune_dev.cluster.agent_pod import ImageRule
 from kubetune_dev.s3server import FAKE_CREDENTIALS
-from kubetune_trainer.config import StorageEndpoint
 from kubetune_trainer.storage import Storage
 
 from tests.chart.conftest import CHART, ROOT, Prometheus, entrypoint, rbac_matrix, tool

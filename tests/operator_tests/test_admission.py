@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubetune_operator import crd as generator
-from kubetune_trainer.spec import FineTuneJob
+from kubetune_api import FineTuneJob
+from kubetune_api import crd as generator
 from pydantic import ValidationError
 
 from tests.kube import get_json, kubectl

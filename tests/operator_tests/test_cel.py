@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubetune_operator import crd
-from kubetune_trainer.spec import QUANTITY
+from kubetune_api import crd
+from kubetune_api.finetunejob import QUANTITY
 
 celpy = pytest.importorskip("celpy")
 

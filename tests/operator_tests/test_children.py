@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from kubetune_api import FineTuneJobSpec, TrainerConfig
 from kubetune_operator import children
 from kubetune_operator.settings import OperatorSettings
-from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.spec import FineTuneJobSpec
 
 from .builders import UID, ftj
 

@@ -6,14 +6,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kubetune_operator import crd
-from kubetune_trainer.spec import (
+from kubetune_api import FineTuneJob, crd
+from kubetune_api.finetunejob import (
     NODE_SELECTOR_KEYS,
     NODE_SELECTOR_VALUES,
     QLORA_FSDP,
     SYNTAX,
     TOLERATION_EXISTS_VALUE,
-    FineTuneJob,
 )
 from pydantic import ValidationError
 

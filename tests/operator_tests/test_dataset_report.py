@@ -7,12 +7,11 @@ import json
 
 import pytest
 import yaml
+from kubetune_api import DEFAULT_GPU_TFLOPS, FineTuneJobSpec, TrainerConfig
 from kubetune_operator import children
+from kubetune_operator.conditions import get_condition
 from kubetune_operator.reconcile import Observed
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.status import get_condition
-from kubetune_trainer.config import DEFAULT_GPU_TFLOPS, TrainerConfig
-from kubetune_trainer.spec import FineTuneJobSpec
 
 from .builders import ftj, job, pod
 from .test_reconcile import desired, kinds, run

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from kubetune_api import StorageEndpoint
 from kubetune_dev.s3server import FAKE_CREDENTIALS
-from kubetune_trainer.config import StorageEndpoint
 from kubetune_trainer.storage import Storage
 
 from tests.kube import KUBECTL, wait_for

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubetune_api import StorageEndpoint
 from kubetune_dev.s3server import FAKE_CREDENTIALS
 from kubetune_trainer import checkpoint
-from kubetune_trainer.config import StorageEndpoint
 from kubetune_trainer.storage import Storage
 
 from tests.datafixtures import tiny_tokenizer

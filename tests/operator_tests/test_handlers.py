@@ -8,11 +8,11 @@ import time
 
 import kopf
 import pytest
+from kubetune_api import FineTuneJobSpec
 from kubetune_operator import children, kube, loop, metrics
 from kubetune_operator.__main__ import parse_args
 from kubetune_operator.reconcile import Observed
 from kubetune_operator.settings import OperatorSettings
-from kubetune_trainer.spec import FineTuneJobSpec
 from prometheus_client import generate_latest
 
 from .builders import ftj

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubetune_api import StorageEndpoint
 from kubetune_operator import policy
-from kubetune_trainer.config import StorageEndpoint
 from kubetune_trainer.storage import Storage
 
 from tests.kube import get_json, kubectl, wait_for

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubetune_api import FineTuneJobSpec
 from kubetune_operator import policy
 from kubetune_operator.reconcile import Observed, decide
 from kubetune_operator.settings import OperatorSettings
-from kubetune_trainer.spec import FineTuneJobSpec
 
 from tests.kube import get_json, kubectl, wait_for
 from tests.operator_tests import test_e2e as e2e

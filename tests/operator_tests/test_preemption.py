@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from kubetune_trainer.config import StorageEndpoint
+from kubetune_api import StorageEndpoint
 from kubetune_trainer.storage import Storage
 
 from tests.kube import get_json, kubectl, wait_for

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from kubetune_api import FineTuneJobSpec, FineTuneJobStatus
 from kubetune_operator import children
+from kubetune_operator.conditions import get_condition
 from kubetune_operator.reconcile import Decision, Observed, decide
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.status import FineTuneJobStatus, get_condition
-from kubetune_trainer.spec import FineTuneJobSpec
 
 from .builders import NOW, ftj, job, pod
 

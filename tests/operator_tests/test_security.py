@@ -24,7 +24,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from kubetune_trainer.config import StorageEndpoint
+from kubetune_api import StorageEndpoint
 from kubetune_trainer.storage import Storage
 
 from tests.datafixtures import tiny_tokenizer

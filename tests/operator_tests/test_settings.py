@@ -8,11 +8,11 @@ import json
 import re
 from pathlib import Path
 
+from kubetune_api import Reason
 from kubetune_operator import __main__ as main
 from kubetune_operator import children, metrics, peering, policy
 from kubetune_operator.reconcile import Observed, decide
 from kubetune_operator.settings import OperatorSettings
-from kubetune_operator.status import Reason
 
 from .builders import NOW, ftj, pod
 

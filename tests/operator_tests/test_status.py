@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 
+from kubetune_api import FineTuneJobStatus
 from kubetune_operator import metrics as operator_metrics
-from kubetune_operator.status import (
-    PERMANENT,
-    FineTuneJobStatus,
+from kubetune_operator.conditions import set_condition
+from kubetune_operator.observe import PERMANENT, charged, explain_failure, failure_reason, peer_lost
+from kubetune_operator.progress import (
     apply_metrics,
-    charged,
-    explain_failure,
-    failure_reason,
     human_duration,
     parse_trainer_metrics,
-    peer_lost,
     result_from_pods,
     result_summary,
-    set_condition,
 )
 from kubetune_trainer.cli import success_message
 from kubetune_trainer.metrics import TrainerMetrics

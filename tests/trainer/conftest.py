@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from filelock import FileLock
+from kubetune_api import StorageEndpoint, TrainerConfig
 from kubetune_dev.demo_data import chat_texts, generic_texts, support_records, write_support_dataset
 from kubetune_dev.tiny import make_tiny_base
-from kubetune_trainer.config import StorageEndpoint, TrainerConfig
 from kubetune_trainer.storage import Storage
 
 

@@ -7,9 +7,9 @@ import importlib.util
 
 import pytest
 import torch
+from kubetune_api import AttentionKernel
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.kernels.attention import FIELD, attention_implementation, flash_varlen_kwargs
-from kubetune_trainer.spec import AttentionKernel
 
 VOCAB = 64
 # Two packed rows of 16 tokens: samples of 5, 7 and 4 tokens; samples of 6 and 6, then 4 of padding (which
@@ -175,8 +175,8 @@ def test_a_packed_batch_gets_its_sample_boundaries_under_flash_only(implementati
 def test_load_model_logs_its_choice_and_auto_falls_back_to_sdpa(tmp_path, monkeypatch):
     """On CPU auto is sdpa; where auto picks a kernel the model cannot load (flash-attn missing here), sdpa."""
     import kubetune_trainer.kernels.attention as attention
+    from kubetune_api import Hyperparameters, MethodSpec
     from kubetune_trainer.modeling import load_model
-    from kubetune_trainer.spec import Hyperparameters, MethodSpec
 
     folder = tmp_path / "llama"
     tiny_llama().save_pretrained(folder)

@@ -12,11 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from kubetune_api import EXIT_DATA_INVALID, DataFormat, TrainerConfig
 from kubetune_dev.tiny import make_tiny_base
-from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.data.records import load_records
-from kubetune_trainer.errors import EXIT_DATA_INVALID, DatasetError
-from kubetune_trainer.spec import DataFormat
+from kubetune_trainer.errors import DatasetError
 from kubetune_trainer.tasks import task_for
 from kubetune_trainer.tasks.classification import IGNORE, ClassExample, classification_metrics, head_modules
 

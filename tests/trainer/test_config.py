@@ -2,9 +2,9 @@
 
 import pytest
 import yaml
-from kubetune_trainer.config import TrainerConfig, load_config
-from kubetune_trainer.errors import EXIT_CONFIG_INVALID, ConfigError
-from kubetune_trainer.spec import FineTuneJobSpec
+from kubetune_api import EXIT_CONFIG_INVALID, FineTuneJobSpec, TrainerConfig
+from kubetune_trainer.configfile import load_config
+from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.train import Plan, step_indices
 
 JOB = {

@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from kubetune_api import EXIT_DATA_INVALID, DataFormat
 from kubetune_trainer.data import (
     IGNORE,
     Example,
@@ -20,8 +21,7 @@ from kubetune_trainer.data import (
     tokenize_record,
     validate_dataset,
 )
-from kubetune_trainer.errors import EXIT_DATA_INVALID, DatasetError
-from kubetune_trainer.spec import DataFormat
+from kubetune_trainer.errors import DatasetError
 
 from tests.datafixtures import CHAT, COMPLETION, INSTRUCTION, TEXT, tiny_tokenizer, write_jsonl
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kubetune_api import DataFormat
 from kubetune_trainer.data import IGNORE, Example, pack_examples, tokenize_dataset, validate_dataset
 from kubetune_trainer.data import records as records_module
 from kubetune_trainer.data.cache import META, Cache, SplitWriter, TokenizedSplit
@@ -18,7 +19,6 @@ from kubetune_trainer.data.tokenize import record_segments
 from kubetune_trainer.errors import DatasetError
 from kubetune_trainer.fetch import Fetched, tokenizer_sha256, tree_sha256
 from kubetune_trainer.prepare import prepare
-from kubetune_trainer.spec import DataFormat
 from kubetune_trainer.tasks import task_for
 
 from tests.datafixtures import tiny_tokenizer, write_jsonl

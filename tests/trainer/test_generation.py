@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from kubetune_api import DataFormat, GenerationSpec, Hyperparameters, MethodSpec
 from kubetune_trainer.data import IGNORE, Example, tokenize_record
-from kubetune_trainer.spec import DataFormat, GenerationSpec, Hyperparameters, MethodSpec
 from kubetune_trainer.tasks import generation
 from kubetune_trainer.tasks.generation import NO_PROMPTS, Prompt
 

@@ -11,9 +11,9 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
+from kubetune_api import StorageEndpoint
 from kubetune_dev.s3server import FAKE_CREDENTIALS
 from kubetune_trainer import metrics as metrics_module
-from kubetune_trainer.config import StorageEndpoint
 from kubetune_trainer.errors import TransientError
 from kubetune_trainer.metrics import TrainerMetrics
 from kubetune_trainer.pipeline import run

@@ -10,8 +10,9 @@ import uuid
 
 import pytest
 import yaml
-from kubetune_trainer.config import TrainerConfig, load_config
-from kubetune_trainer.errors import EXIT_OUTPUT_IN_USE, OutputInUseError
+from kubetune_api import EXIT_OUTPUT_IN_USE, TrainerConfig
+from kubetune_trainer.configfile import load_config
+from kubetune_trainer.errors import OutputInUseError
 from kubetune_trainer.identity import MARKER, RunIdentity, check_claim, claim
 from kubetune_trainer.storage import Storage, publish, read_published
 

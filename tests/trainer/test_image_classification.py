@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from kubetune_api import EXIT_DATA_INVALID, DataFormat, TrainerConfig
 from kubetune_dev.tiny_vision import make_tiny_resnet, make_tiny_vit
-from kubetune_trainer.config import TrainerConfig
-from kubetune_trainer.errors import EXIT_DATA_INVALID, ConfigError, DatasetError
+from kubetune_trainer.errors import ConfigError, DatasetError
 from kubetune_trainer.fetch import fetch
-from kubetune_trainer.spec import DataFormat
 from kubetune_trainer.tasks import task_for
 from kubetune_trainer.tasks.classification import ClassExample
 from kubetune_trainer.tasks.image_classification import ImageClassification

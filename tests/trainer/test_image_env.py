@@ -115,6 +115,7 @@ def test_the_locked_versions_train_together(tmp_path, venv):
     skip = shutil.ignore_patterns("__pycache__", "*.py[cod]")
     src.mkdir()
     shutil.copy(ROOT / "pyproject.toml", src)
+    shutil.copytree(ROOT / "api", src / "api", ignore=skip)
     shutil.copytree(ROOT / "operator", src / "operator", ignore=skip)
     shutil.copytree(ROOT / "trainer-image" / "kubetune_trainer", src / "trainer-image" / "kubetune_trainer",
                     ignore=skip)

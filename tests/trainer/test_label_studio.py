@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from kubetune_api import EXIT_DATA_INVALID
 from kubetune_trainer.data.label_studio import image_reference, is_export, plain_records
 from kubetune_trainer.data.records import Record, load_records
-from kubetune_trainer.errors import EXIT_DATA_INVALID, DatasetError
+from kubetune_trainer.errors import DatasetError
 
 KEYS = ("text", "text_pair")
 

@@ -6,13 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from kubetune_trainer.errors import (
-    EXIT_CONFIG_INVALID,
-    EXIT_DATA_INVALID,
-    EXIT_OUTPUT_IN_USE,
-    EXIT_PEER_LOST,
-    EXIT_RETRYABLE,
-)
+from kubetune_api import EXIT_CONFIG_INVALID, EXIT_DATA_INVALID, EXIT_OUTPUT_IN_USE, EXIT_PEER_LOST, EXIT_RETRYABLE
 from kubetune_trainer.launch import child_exit_code
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kubetune_api import LossKernel
 from kubetune_trainer.data import IGNORE
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.kernels import loss as kernels
-from kubetune_trainer.spec import LossKernel
 from kubetune_trainer.tasks.causal_lm import targets
 
 VOCAB = 97

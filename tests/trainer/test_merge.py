@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from kubetune_api import OutputDtype, TrainerConfig
 from kubetune_dev.demo_data import chat_texts, generic_texts, support_records, write_support_dataset
 from kubetune_dev.tiny import make_tiny_base
 from kubetune_trainer import merge as merging
-from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.merge import base_dtype, merge, merge_output
 from kubetune_trainer.modeling import load_adapter
 from kubetune_trainer.publish import save_output
-from kubetune_trainer.spec import OutputDtype
 from kubetune_trainer.tasks import task_for
 
 TEXTS = ["Where is my order?", "The invoice is due on receipt.", "Reset my password, please."]

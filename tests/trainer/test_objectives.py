@@ -14,7 +14,7 @@ import random
 
 import pytest
 import torch
-from kubetune_trainer.config import TrainerConfig
+from kubetune_api import TrainerConfig
 from kubetune_trainer.data import IGNORE
 from kubetune_trainer.tasks.preference import Preference
 

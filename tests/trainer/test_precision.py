@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from kubetune_api import Hyperparameters, MethodSpec
 from kubetune_trainer.modeling import load_model
-from kubetune_trainer.spec import Hyperparameters, MethodSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 METHOD = MethodSpec.model_validate({"type": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}})

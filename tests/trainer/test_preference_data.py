@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from kubetune_api import EXIT_DATA_INVALID, DataFormat
 from kubetune_trainer.data import (
     IGNORE,
     Example,
@@ -24,8 +25,7 @@ from kubetune_trainer.data import (
 )
 from kubetune_trainer.data.cache import Cache, SplitWriter, write_meta
 from kubetune_trainer.data.preference import tokenize_pairs
-from kubetune_trainer.errors import EXIT_DATA_INVALID, DatasetError
-from kubetune_trainer.spec import DataFormat
+from kubetune_trainer.errors import DatasetError
 
 from tests.datafixtures import CHAT, COMPLETION, tiny_tokenizer, write_jsonl
 from tests.trainer.test_data import trained_spans
@@ -393,7 +393,7 @@ def test_a_blank_batch_is_shaped_like_one_item_and_trains_nothing(packing):
 def test_the_data_report_counts_pair_rows_and_the_reference_pass(monkeypatch, objective, k):
     from types import SimpleNamespace
 
-    from kubetune_trainer.config import TrainerConfig
+    from kubetune_api import TrainerConfig
     from kubetune_trainer.data import report as report_module
     from kubetune_trainer.data.validate import DatasetReport
 

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
+from kubetune_api import TrainerConfig
 from kubetune_dev.tiny import make_tiny_base
-from kubetune_trainer.config import TrainerConfig
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.tasks import task_for
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from kubetune_api import EXIT_RETRYABLE
 from kubetune_trainer import checkpoint
-from kubetune_trainer.errors import EXIT_RETRYABLE, ConfigError, OutputInUseError
+from kubetune_trainer.errors import ConfigError, OutputInUseError
 from kubetune_trainer.identity import RunIdentity
 from kubetune_trainer.pipeline import run
 from kubetune_trainer.storage import Storage, publish
@@ -252,8 +253,8 @@ def test_rng_state_is_saved_and_restored_per_rank(tmp_path):
 
 
 def test_the_same_seed_gives_the_same_initial_adapter(tiny_base):
+    from kubetune_api import Hyperparameters, MethodSpec
     from kubetune_trainer.modeling import load_model, trainable_state_dict
-    from kubetune_trainer.spec import Hyperparameters, MethodSpec
 
     def adapter(seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(1234 + seed * 7)  # whatever state the generator was in before

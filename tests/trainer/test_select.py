@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 from accelerate import Accelerator
+from kubetune_api import DataFormat
 from kubetune_trainer import checkpoint, train
 from kubetune_trainer.data import pack_examples, tokenize_dataset
 from kubetune_trainer.evaluate import evaluate
 from kubetune_trainer.modeling import load_adapter
 from kubetune_trainer.pipeline import run
-from kubetune_trainer.spec import DataFormat
 from kubetune_trainer.storage import read_published
 from kubetune_trainer.tasks import task_for
 from safetensors.torch import load_file

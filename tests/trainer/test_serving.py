@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from kubetune_api import BaseModelSpec, OutputDtype
 from kubetune_dev.tiny import make_tiny_base
 from kubetune_trainer.merge import merge
 from kubetune_trainer.modeling import load_adapter
 from kubetune_trainer.publish import base_model_name
-from kubetune_trainer.spec import BaseModelSpec, OutputDtype
 from kubetune_trainer.tasks import task_for
 from safetensors import safe_open
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from kubetune_api import EXIT_DATA_INVALID, DataFormat
 from kubetune_trainer.data import detect_format, load_records, tokenize_dataset, tokenize_record, validate_dataset
-from kubetune_trainer.errors import EXIT_DATA_INVALID, DatasetError
-from kubetune_trainer.spec import DataFormat
+from kubetune_trainer.errors import DatasetError
 
 from tests.datafixtures import CHAT, tiny_tokenizer, write_jsonl
 

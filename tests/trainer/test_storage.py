@@ -11,9 +11,9 @@ import sys
 
 import boto3
 import pytest
+from kubetune_api import EXIT_RETRYABLE, StorageEndpoint
 from kubetune_dev.s3server import endpoint_from_env
-from kubetune_trainer.config import StorageEndpoint
-from kubetune_trainer.errors import EXIT_RETRYABLE, ConfigError, TransientError
+from kubetune_trainer.errors import ConfigError, TransientError
 from kubetune_trainer.storage import Storage, is_remote, publish, read_published, sha256_file
 
 pytest_plugins = ["tests.s3fixtures"]

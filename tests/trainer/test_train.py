@@ -11,12 +11,11 @@ import urllib.request
 
 import pytest
 import torch
+from kubetune_api import EXIT_CONFIG_INVALID, EXIT_DATA_INVALID, DataFormat
 from kubetune_trainer import checkpoint
 from kubetune_trainer.data import pack_examples, tokenize_dataset
-from kubetune_trainer.errors import EXIT_CONFIG_INVALID, EXIT_DATA_INVALID
 from kubetune_trainer.evaluate import evaluate
 from kubetune_trainer.pipeline import run
-from kubetune_trainer.spec import DataFormat
 from kubetune_trainer.storage import read_published
 from kubetune_trainer.tasks import task_for
 

@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from kubetune_api import EXIT_UNEXPECTED
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import redact
-from .config import load_config
-from .errors import EXIT_UNEXPECTED, KubetuneError
+from .configfile import load_config
+from .errors import KubetuneError
 
 # No locals in tracebacks: a frame's variables can hold credentials (the callback below prints plain, redacted ones).
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kubetune: fine-tuning on Kubernetes.",
@@ -94,14 +95,15 @@ def validate(config: ConfigOption) -> None:
     if "cache" in data:
         how = "reused" if data["cache"]["reused"] else "written"
         out.print(escape(f"tokenized cache {how}: {data['cache']['uri']}"), highlight=False, soft_wrap=True)
-    # The operator turns this into status.dataset (kubetune_operator.status.validation_report).
+    # The operator turns this into status.dataset (kubetune_operator.observe.validation_report).
     termination_log(json.dumps({"valid": True, **data}, separators=(",", ":")))
 
 
 @app.command()
 def train(config: ConfigOption) -> None:
     """Run the whole pipeline (every process of `accelerate launch`). Logs one JSON line per event."""
-    from .config import join_uri
+    from kubetune_api import join_uri
+
     from .pipeline import run
     from .storage import manifest_sha256
 

@@ -1,29 +1,15 @@
-"""Errors the trainer raises on purpose, and the exit codes they map to.
-
-The exit codes are a contract with the operator (its Job's podFailurePolicy) and are documented in
-trainer-image/README.md:
-
-* 0  - success
-* 65 - EX_DATAERR: the dataset is invalid. Permanent: retrying cannot help.
-* 73 - EX_CANTCREAT: the output (or checkpoint) prefix holds another run's files. Permanent.
-* 78 - EX_CONFIG: the trainer config, model or environment is invalid. Permanent.
-* 75 - EX_TEMPFAIL: a transient failure (object storage, network), or stopped by SIGTERM after writing a
-  checkpoint (preemption, eviction, suspend). Retryable.
-* 76 - EX_PROTOCOL: a peer worker stopped or failed, so a collective could not complete. Not the failure
-  itself: the operator's podFailurePolicy does not charge it to backoffLimit (the failing worker is charged).
-* 1  - anything unexpected (a bug, an out-of-memory error). Retried within the backoff limit.
-"""
+"""Errors the trainer raises on purpose, and the exit codes they map to (the contract: kubetune_api.exitcodes)."""
 
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_UNEXPECTED = 1
-EXIT_DATA_INVALID = 65
-EXIT_OUTPUT_IN_USE = 73
-EXIT_RETRYABLE = 75
-EXIT_PEER_LOST = 76
-EXIT_CONFIG_INVALID = 78
-PERMANENT_EXIT_CODES = (EXIT_DATA_INVALID, EXIT_OUTPUT_IN_USE, EXIT_CONFIG_INVALID)
+from kubetune_api.exitcodes import (
+    EXIT_CONFIG_INVALID,
+    EXIT_DATA_INVALID,
+    EXIT_OUTPUT_IN_USE,
+    EXIT_PEER_LOST,
+    EXIT_RETRYABLE,
+    EXIT_UNEXPECTED,
+)
 
 
 class KubetuneError(Exception):

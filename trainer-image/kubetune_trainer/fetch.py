@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import TrainerConfig
+from kubetune_api import TrainerConfig
+
 from .errors import ConfigError
 from .storage import Storage, is_remote, sha256_file
 

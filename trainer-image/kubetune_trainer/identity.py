@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import TrainerConfig
+from kubetune_api import TrainerConfig
+
 from .errors import OutputInUseError
 from .layout import STEP_DIR
 from .redact import redact

@@ -17,7 +17,7 @@ import os
 import signal
 import subprocess
 
-from .errors import EXIT_PEER_LOST, EXIT_RETRYABLE, EXIT_UNEXPECTED, PERMANENT_EXIT_CODES
+from kubetune_api import EXIT_PEER_LOST, EXIT_RETRYABLE, EXIT_UNEXPECTED, PERMANENT_EXIT_CODES
 
 GRACE_MARGIN_SECONDS = 5
 

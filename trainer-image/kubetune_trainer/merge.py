@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-
-from .spec import OutputDtype
+from kubetune_api import OutputDtype
 
 if TYPE_CHECKING:
     from .tasks import Task

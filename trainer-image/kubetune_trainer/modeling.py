@@ -7,18 +7,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from kubetune_api import AdapterDtype, AttentionKernel, Hyperparameters, MethodSpec, MethodType, Precision
+from kubetune_api.finetunejob import FSDP_FP16, QLORA_FSDP
 
 from .errors import ConfigError
-from .spec import (
-    FSDP_FP16,
-    QLORA_FSDP,
-    AdapterDtype,
-    AttentionKernel,
-    Hyperparameters,
-    MethodSpec,
-    MethodType,
-    Precision,
-)
 
 
 def device_type() -> str:

@@ -12,7 +12,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import TrainerConfig, join_uri
+from kubetune_api import Select, Strategy, TrainerConfig, join_uri
+
 from .data import DatasetReport
 from .data.report import data_report
 from .evaluate import baseline_difference, evaluate
@@ -25,7 +26,6 @@ from .prepare import inputs_of, prepare
 from .publish import publish_output, save_output
 from .redact import redact
 from .sharding import full_trainable_state, is_sharded
-from .spec import Select, Strategy
 from .storage import Storage
 from .tasks import task_for
 from .train import Reporter, StopSignal, collective_failures_are_peer_lost, train

@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import TrainerConfig, join_uri
+from kubetune_api import TrainerConfig, join_uri
+
 from .data import DatasetReport
 from .data import cache as data_cache
 from .errors import DatasetError

@@ -20,7 +20,8 @@ from .manifest import Manifest
 from .storage import Storage, publish
 
 if TYPE_CHECKING:
-    from .spec import BaseModelSpec
+    from kubetune_api import BaseModelSpec
+
     from .tasks import Task
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from kubetune_api import Strategy
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_optimizer_state_dict,
@@ -21,10 +22,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor
 
-from .spec import Strategy
-
 if TYPE_CHECKING:
-    from .config import TrainerConfig
+    from kubetune_api import TrainerConfig
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 

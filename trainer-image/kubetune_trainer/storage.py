@@ -40,8 +40,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
+from kubetune_api import StorageEndpoint
+
 from . import redact
-from .config import StorageEndpoint
 from .errors import ConfigError, KubetuneError, TransientError
 
 MANIFEST = "manifest.json"

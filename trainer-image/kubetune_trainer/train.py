@@ -35,16 +35,15 @@ from typing import NoReturn
 
 import numpy as np
 import torch
+from kubetune_api import Select, TrainerConfig
 
 from . import checkpoint, sharding
-from .config import TrainerConfig
 from .errors import ConfigError, PeerLost, Preempted
 from .evaluate import evaluate
 from .feed import HostFlags, StepBatches, StepFeed
 from .identity import RunIdentity, check_claim
 from .metrics import TrainerMetrics
 from .modeling import load_trainable_state_dict, trainable_state_dict
-from .spec import Select
 from .storage import Storage
 from .tasks import Task
 

@@ -62,7 +62,7 @@ def example_spec() -> dict:
 def seed(endpoint: str, work: Path, pretrain_steps: int) -> None:
     """Upload the demo's tiny base model and support-bot splits to the URIs the example names (creating its
     buckets). The server takes any credentials; this process (the daemon) uses the placeholder ones."""
-    from kubetune_trainer.config import StorageEndpoint
+    from kubetune_api import StorageEndpoint
     from kubetune_trainer.storage import Storage
 
     from kubetune_dev.demo_data import demo_base_texts, write_support_dataset

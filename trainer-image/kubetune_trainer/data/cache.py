@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from kubetune_api import PREFERENCE_FORMATS, DataFormat
 
-from ..spec import PREFERENCE_FORMATS, DataFormat
 from .packing import PackedExample, pack_plan, pack_sequence
 from .preference import PairSplit, pack_pairs
 from .rows import Rows

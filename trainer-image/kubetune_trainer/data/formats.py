@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
+from kubetune_api import PREFERENCE_FORMATS, DataFormat
+
 from ..errors import DatasetError
-from ..spec import PREFERENCE_FORMATS, DataFormat
 
 ROLES = ("system", "user", "assistant")
 # ShareGPT's speakers ("from") as chat roles; "user" and "assistant" are written by some exporters too.

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from kubetune_api import DataFormat
 
-from ..spec import DataFormat
 from .packing import pack_examples, pack_sequence
 from .rows import Rows
 from .tokenize import IGNORE, Example

@@ -15,10 +15,11 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..spec import PREFERENCE_FORMATS, Objective
+from kubetune_api import PREFERENCE_FORMATS, Objective
 
 if TYPE_CHECKING:
-    from ..config import TrainerConfig
+    from kubetune_api import TrainerConfig
+
     from ..tasks import Task
     from .validate import DatasetReport
 

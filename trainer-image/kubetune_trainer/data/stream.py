@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from kubetune_api import PREFERENCE_FORMATS, DataFormat
 
 from ..errors import DatasetError
-from ..spec import PREFERENCE_FORMATS, DataFormat
 from .formats import RecordError, check_record, guess_format
 from .records import Record, load_records, parse
 from .tokenize import IGNORE, assemble, record_sequences

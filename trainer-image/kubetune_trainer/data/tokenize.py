@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+from kubetune_api import PREFERENCE_FORMATS, DataFormat
 
 from ..errors import ConfigError
-from ..spec import PREFERENCE_FORMATS, DataFormat
 from .formats import RecordError, instruction_prompt, preference_pair, sharegpt_messages
 
 IGNORE = -100  # label of a token that gets no loss

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from kubetune_api import DataFormat
 
 from ..errors import DatasetError
-from ..spec import DataFormat
 from .stream import Chunk, encode_split
 from .tokenize import Example
 

@@ -26,9 +26,9 @@ position_ids: every implementation handles it the ordinary way.
 from __future__ import annotations
 
 import torch
+from kubetune_api import AttentionKernel
 
 from ..errors import ConfigError
-from ..spec import AttentionKernel
 
 FIELD = "hyperparameters.performance.attention"
 FLEX_TRAINING_DEVICES = ("cuda", "xpu", "hpu")  # torch's flex_attention has a backward pass on these only

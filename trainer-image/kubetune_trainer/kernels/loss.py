@@ -26,10 +26,10 @@ import importlib.util
 from dataclasses import dataclass
 
 import torch
+from kubetune_api import LossKernel
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
-from ..spec import LossKernel
 from .attention import flash_varlen_kwargs
 
 FIELD = "hyperparameters.performance.loss"

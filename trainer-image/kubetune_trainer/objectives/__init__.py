@@ -7,7 +7,8 @@ loop, the operator and the publishing know neither.
 
 from __future__ import annotations
 
-from ..spec import Objective, ObjectiveParams
+from kubetune_api import Objective, ObjectiveParams
+
 from .base import Logps, PreferenceObjective, prediction_targets, sequence_logps
 
 __all__ = ["Logps", "PreferenceObjective", "objective_for", "prediction_targets", "sequence_logps"]

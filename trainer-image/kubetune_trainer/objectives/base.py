@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from kubetune_api import Objective, ObjectiveParams
 
 from ..data import IGNORE
-from ..spec import Objective, ObjectiveParams
 
 
 @dataclass

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from kubetune_api import DpoLoss, Objective
 
-from ..spec import DpoLoss, Objective
 from .base import Logps, PreferenceObjective, rewards
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from kubetune_api import Objective
 
-from ..spec import Objective
 from .base import Logps, PreferenceObjective, rewards
 
 LN_HALF = -0.6931471805599453

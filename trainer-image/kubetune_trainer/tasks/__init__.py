@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..spec import PREFERENCE_OBJECTIVES, TaskType
+from kubetune_api import PREFERENCE_OBJECTIVES, TaskType
+
 from .base import Evaluation, Task
 
 if TYPE_CHECKING:
-    from ..config import TrainerConfig
+    from kubetune_api import TrainerConfig
+
     from ..storage import Storage
 
 __all__ = ["Evaluation", "Task", "task_for"]

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-
-from ..spec import DataFormat, EvalMetric, TaskType
+from kubetune_api import DataFormat, EvalMetric, TaskType
 
 if TYPE_CHECKING:
-    from ..config import TrainerConfig
+    from kubetune_api import TrainerConfig
+
     from ..data import DatasetReport
     from ..data.cache import Cache
     from ..storage import Storage
@@ -46,7 +46,7 @@ class Task(ABC):
     name: ClassVar[TaskType]
     unit: ClassVar[str]  # what the loss is a mean over, "token" or "sample"
     headline: ClassVar[str]  # the test metric `kubectl get` shows: "loss" or "accuracy"
-    formats: ClassVar[tuple[DataFormat, ...]]  # the concrete formats it reads (spec.TASK_FORMATS less auto)
+    formats: ClassVar[tuple[DataFormat, ...]]  # the concrete formats it reads (kubetune_api.TASK_FORMATS less auto)
 
     def __init__(self, config: TrainerConfig, model_dir: Path, storage: Storage | None = None):
         """`storage`: for what records point at in object storage (images), with the run's credentials."""

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from kubetune_api import TASK_FORMATS, DataFormat, TaskType
 
 from ..data import IGNORE, PackedExample, collate, pack_examples, tokenize_dataset, validate_dataset
 from ..data.cache import Cache, SplitWriter
 from ..kernels.loss import LossHead
 from ..kernels.loss import choose as choose_loss
 from ..sharding import is_sharded
-from ..spec import TASK_FORMATS, DataFormat, TaskType
 from .base import Beat, Evaluation, Task
 
 

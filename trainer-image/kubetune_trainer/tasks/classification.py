@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from kubetune_api import DataFormat
 
 from ..data import DatasetReport, label_studio
 from ..data.formats import RecordError, kind_of
@@ -26,7 +27,6 @@ from ..data.records import Record, load_records
 from ..data.stream import where
 from ..data.validate import check_min_samples
 from ..errors import ConfigError, DatasetError
-from ..spec import DataFormat
 from .base import Evaluation, Task
 
 IGNORE = -100  # the target of a blank row

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from kubetune_api import TASK_FORMATS, DataFormat, MethodType, TaskType
 
 from ..data import DatasetReport, label_studio
 from ..errors import ConfigError, DatasetError
 from ..images import REFERENCE_HINT, ImageStore, Located, decode_problem, imagefolder_records, is_imagefolder, load_rgb
-from ..spec import TASK_FORMATS, DataFormat, MethodType, TaskType
 from .classification import ClassExample, ClassificationTask, at_record, head_modules
 
 PROCESSOR_FILE = "preprocessor_config.json"

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from kubetune_api import PREFERENCE_FORMATS, MethodType, TaskType
 
 from ..data import preference
 from ..data.cache import Cache
 from ..kernels.loss import LossHead, unwrapped
 from ..objectives import Logps, objective_for, prediction_targets, sequence_logps
-from ..spec import PREFERENCE_FORMATS, MethodType, TaskType
 from .base import Evaluation
 from .causal_lm import CausalLM
 

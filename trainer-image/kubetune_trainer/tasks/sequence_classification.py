@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from kubetune_api import DataFormat, MethodType, TaskType
 
 from ..data import DatasetReport
 from ..data.formats import RecordError, kind_of
 from ..data.records import Record
 from ..data.stream import where
 from ..data.validate import truncation_warning
-from ..spec import DataFormat, MethodType, TaskType
 from .classification import IGNORE, ClassExample, ClassificationTask, at_record, head_modules
 
 KEYS = ("text", "text_pair")

@@ -1,8 +1,8 @@
-"""The FineTuneJob API (group kubetune.io, version v1alpha1): the single typed source of truth.
+"""The FineTuneJob spec (group kubetune.io, version v1alpha1): the single typed source of truth.
 
-Field names are the user-facing contract. The operator generates the CRD schema in crds/ from these
-models, and the trainer reads the same models (through TrainerConfig) so a manifest means the same
-thing on a cluster and in `kubetune run`.
+Field names are the user-facing contract. The CRD schema in crds/ is generated from these models (crd.py), and
+the trainer reads the same models (TrainerConfig is this spec plus the cluster-side fields) so a manifest means
+the same thing on a cluster and in `kubetune run`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ KIND = "FineTuneJob"
 URI_SCHEMES = ("s3://", "hf://", "pvc://", "file://", "/")
 
 # Value syntaxes. pydantic checks them here (so `kubetune run` refuses what the cluster refuses) and the CRD's CEL
-# rules (kubetune_operator.crd) on the API server, with the same messages. The patterns mean the same in Python's
+# rules (kubetune_api.crd) on the API server, with the same messages. The patterns mean the same in Python's
 # re and in CEL's RE2. Quantities are non-negative, like a pod's; the API server also parses them (isQuantity).
 QUANTITY = r"^\+?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$"
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
@@ -363,11 +363,18 @@ class SecretRef(Model):
     name: _checked("storage.secretRef.name", 253)
 
 
-class StorageSpec(Model):
-    endpoint: _checked("storage.endpoint") | None = Field(
-        None, description="S3-compatible endpoint URL (MinIO, Ceph, R2); AWS when unset")
+class StorageEndpoint(Model):
+    """Where the object storage is: what the trainer's config holds of StorageSpec (the operator turns the
+    credentials' Secret and ServiceAccount into the pods' env vars and service account)."""
+
+    endpoint: str | None = None
     region: str = "us-east-1"
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
+
+
+class StorageSpec(StorageEndpoint):
+    endpoint: _checked("storage.endpoint") | None = Field(
+        None, description="S3-compatible endpoint URL (MinIO, Ceph, R2); AWS when unset")
     secret_ref: SecretRef | None = Field(
         None, description="Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optional AWS_SESSION_TOKEN)"
     )
@@ -494,7 +501,7 @@ def format_problem(task: TaskType) -> str:
 
 def task_problem(spec: FineTuneJobSpec) -> None:
     """Raise ValueError when the objective, dataset, evaluation or output settings do not fit the task, or each
-    other (the CRD's CEL rules say the same). `spec`: a FineTuneJobSpec or a TrainerConfig."""
+    other (the CRD's CEL rules say the same)."""
     task, dataset, evaluation, output = spec.task, spec.dataset, spec.evaluation, spec.output
     if dataset.format not in TASK_FORMATS[task]:
         raise ValueError(format_problem(task))

@@ -1,0 +1,209 @@
+"""The FineTuneJob status: its typed model (the CRD's status schema is generated from it), the phases and the
+reasons the operator writes."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import Field
+
+from .finetunejob import Model
+
+
+class Phase(StrEnum):
+    Pending = "Pending"
+    Validating = "Validating"
+    Queued = "Queued"
+    Running = "Running"
+    Suspended = "Suspended"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+
+
+class Reason(StrEnum):
+    """Every reason the operator writes itself: status.reason, the conditions' reasons and its Events' reasons.
+    A str enum: each value is the string that goes into the status and the Events. Reasons copied from elsewhere
+    (a waiting container's, the scheduler's, the Job controller's: BackoffLimitExceeded, DeadlineExceeded) stay
+    plain strings."""
+
+    # phases and conditions of a job on its way
+    Accepted = "Accepted"  # the validation Job was created
+    Pending = "Pending"  # the Validated condition, while its Job is created
+    Validating = "Validating"
+    ValidationPending = "ValidationPending"
+    ValidationRetrying = "ValidationRetrying"
+    Validated = "Validated"  # an Event: the validation's data report
+    DatasetValid = "DatasetValid"
+    TrainingJobCreated = "TrainingJobCreated"
+    WaitingForWorkers = "WaitingForWorkers"
+    WaitingForAdmission = "WaitingForAdmission"
+    WorkloadInactive = "WorkloadInactive"
+    Preempted = "Preempted"
+    Resuming = "Resuming"
+    Suspended = "Suspended"
+    Training = "Training"
+    Finishing = "Finishing"
+    RestartingWorkers = "RestartingWorkers"
+    Completed = "Completed"
+    # what happened to the workers and the training Job (Events, and some of them the status)
+    WorkerPreempted = "WorkerPreempted"
+    PeerLost = "PeerLost"
+    WorkerFailed = "WorkerFailed"
+    WorkersHung = "WorkersHung"
+    TrainingJobDeleted = "TrainingJobDeleted"
+    TrainingJobRecreated = "TrainingJobRecreated"
+    SpecUnreadable = "SpecUnreadable"
+    RunPolicyNotApplied = "RunPolicyNotApplied"
+    Created = "Created"  # an Event per Job created; the Blocked condition once creating works again
+    CreateForbidden = "CreateForbidden"  # Blocked: retried
+    QuotaExceeded = "QuotaExceeded"  # Blocked: retried
+    Unschedulable = "Unschedulable"  # a pod the scheduler cannot place, when it gives no reason of its own
+    # failures
+    PolicyDenied = "PolicyDenied"
+    DatasetInvalid = "DatasetInvalid"
+    OutputInUse = "OutputInUse"
+    ConfigInvalid = "ConfigInvalid"
+    InvalidChildSpec = "InvalidChildSpec"
+    ChildConflict = "ChildConflict"
+    TrainingJobLost = "TrainingJobLost"
+    PeerLostLoop = "PeerLostLoop"
+    Hung = "Hung"
+    Failed = "Failed"  # a failed Job whose condition gives no reason
+
+
+TERMINAL = (Phase.Succeeded, Phase.Failed)
+CONDITION_TYPES = ("Validated", "Blocked", "Running", "Suspended", "Succeeded", "Failed")
+
+
+class Condition(Model):
+    type: str = Field(description="Validated, Blocked, Running, Suspended, Succeeded or Failed")
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(description="CamelCase reason, e.g. DatasetInvalid, BackoffLimitExceeded, Hung")
+    message: str = ""
+    last_transition_time: str = Field(description="RFC 3339 time the status last changed")
+    observed_generation: int | None = None
+
+
+class Progress(Model):
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0
+    percent: float = Field(0, ge=0, le=100)
+    eta_seconds: int | None = None
+    eta: str | None = Field(None, description="etaSeconds, for people: 1h02m")
+    text: str | None = Field(None, description="step/totalSteps (percent), for kubectl get")
+
+
+class LastCheckpoint(Model):
+    time: str = Field(description="RFC 3339 time of the last uploaded checkpoint")
+    count: int = Field(0, description="Checkpoints uploaded by the current workers")
+    uri: str = Field(description="Checkpoint prefix; runs resume from its newest complete step-* folder")
+
+
+class ResultMetrics(Model):
+    test: dict[str, float] | None = Field(None, description="The test split's scalar metrics on the fine-tuned model "
+                                          "(loss, accuracy, f1, ...; every one is in manifest.json)")
+    baseline: dict[str, float] | None = Field(None, description="The same on the base model, before fine-tuning "
+                                              "(evaluation.baseline)")
+
+
+class Result(Model):
+    adapter_uri: str = Field(description="Where the adapter (or full model) was published")
+    manifest_uri: str
+    sha256: str | None = Field(None, description="sha256 of manifest.json, when the trainer reported it")
+    task: str | None = Field(None, description="causal-lm, sequence-classification or image-classification")
+    selected_step: int | None = Field(None, description="The step whose weights were published (output.select)")
+    metrics: ResultMetrics | None = Field(None, description="From rank 0's report; per-class scores and the "
+                                          "rest are in manifest.json")
+    summary: str | None = Field(None, description="The task's headline test metric, fine-tuned and baseline, for "
+                                "kubectl get: accuracy 0.912 (base 0.334)")
+
+
+class ChildRef(Model):
+    name: str
+    uid: str | None = None
+    recreations: int | None = Field(None, description="Times it was recreated after it vanished mid-run")
+
+
+class MetricsScrape(Model):
+    failures: int = Field(0, description="Scrapes of rank 0's /metrics that failed in a row")
+    last_error: str | None = None
+
+
+class DatasetReport(Model):
+    """What the CPU validation found the data to cost, before any GPU starts (its termination message)."""
+
+    samples: int | None = Field(None, description="Training records")
+    tokens: int | None = Field(None, description="Tokens of the training records, after truncation")
+    trained_tokens: int | None = Field(None, description="Of those, the tokens the loss is computed on (answers, "
+                                       "not prompts, unless the whole text is trained)")
+    truncated: int | None = Field(None, description="Training records cut at hyperparameters.maxSeqLength")
+    sequences: int | None = Field(None, description="Training sequences after packing (the records without it)")
+    packing_efficiency: float | None = Field(None, description="Training tokens / (sequences x maxSeqLength)")
+    planned_steps: int | None = Field(None, description="Optimizer steps the run will take")
+    estimated_seconds: float | None = Field(None, description="Training time estimate: FLOPs / (GPUs x the chart's "
+                                            "estimate.gpuTflops); progress.eta refines it once training runs")
+    estimated_gpu_hours: float | None = Field(None, alias="estimatedGPUHours",
+                                              description="estimatedSeconds x GPUs / 3600")
+    cache_uri: str | None = Field(None, description="The tokenized data cache the workers memory-map")
+
+
+class QueueStatus(Model):
+    """Where Kueue has the training Job (spec.scheduling.queueName), from its Workload."""
+
+    local_queue: str = Field(description="spec.scheduling.queueName")
+    workload: str | None = Field(None, description="The Workload Kueue made for the training Job")
+    cluster_queue: str | None = Field(None, description="The ClusterQueue that admitted it, while admitted")
+    admitted: bool = Field(False, description="Kueue has admitted the workload (its quota is reserved)")
+    position: int | None = Field(None, description="While pending: 1 = next among this namespace's pending "
+                                 "workloads of the LocalQueue")
+    pending: int | None = Field(None, description="While pending: this namespace's pending workloads of the "
+                                "LocalQueue")
+    preemptions: int | None = Field(None, description="Times Kueue preempted the workload (not charged: the workers "
+                                    "checkpoint on SIGTERM and resume once readmitted)")
+
+
+class FineTuneJobStatus(Model):
+    phase: Phase | None = None
+    reason: str | None = Field(None, description="Why the job is in its phase, e.g. DatasetInvalid")
+    message: str | None = None
+    observed_generation: int | None = None
+    conditions: list[Condition] | None = None
+    start_time: str | None = Field(None, description="When the first training worker started running")
+    completion_time: str | None = None
+    restarts: int | None = Field(
+        None, description="Worker failures charged to runPolicy.backoffLimit (the training Job's status.failed); "
+        "preemptions and PeerLost exits are not charged")
+    preemptions: int | None = Field(
+        None, description="Workers stopped by an eviction, a preemption or a node drain (DisruptionTarget); not "
+        "charged: the workers checkpoint on SIGTERM and resume")
+    peer_lost: int | None = Field(
+        None, description="Workers of the training Job that stopped because another one did (exit 76); not charged")
+    preempted_pods: list[str] | None = Field(
+        None, description="Bookkeeping: the stopping workers already counted in preemptions")
+    hang_restarts: int | None = Field(None, description="Restarts after hangTimeoutSeconds with no step")
+    restarting_workers: bool | None = Field(None, description="A hang restart is suspending the workers")
+    progress: Progress | None = None
+    last_progress_time: str | None = Field(None, description="When the step count last increased")
+    last_heartbeat_time: str | None = Field(
+        None, description="The trainer's last heartbeat (every step, evaluation batch, checkpoint and upload)")
+    metrics_scrape: MetricsScrape | None = Field(None, description="Set while scrapes of rank 0 fail")
+    training_job: ChildRef | None = Field(None, description="The training Job this operator created")
+    queue: QueueStatus | None = Field(None, description="Kueue's view of the training Job, with a queueName")
+    validation_attempts: int | None = Field(None, description="Validation Jobs started; transient failures retry")
+    dataset: DatasetReport | None = Field(None, description="The validation's report: the data's size, the planned "
+                                          "steps and the estimated GPU-hours")
+    validation_retry_time: str | None = Field(None, description="When a failed validation is retried")
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    train_metrics: dict[str, float] | None = Field(
+        None, description="The objective's own training metrics over the last logging window (objective dpo and "
+        "orpo: rewardsAccuracy, rewardsMargin, rewardsChosen, rewardsRejected, ...)")
+    tokens_per_second: float | None = None
+    tokens_trained: int | None = None
+    gpu_seconds: float | None = Field(None, description="GPU time of running workers, brought up to date every 30 s")
+    gpus_in_use: int | None = Field(None, description="GPUs of running workers since gpuAccountedAt")
+    gpu_accounted_at: str | None = None
+    last_checkpoint: LastCheckpoint | None = None
+    result: Result | None = None

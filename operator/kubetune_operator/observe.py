@@ -1,0 +1,148 @@
+"""Observing the children: what the validation and training Jobs and their pods say happened (finished or not,
+how each worker ended, why a pod cannot start, the trainer's termination messages). Pure: no API calls here.
+"""
+
+from __future__ import annotations
+
+import json
+
+from kubetune_api import EXIT_PEER_LOST, PERMANENT_REASONS, Reason
+
+from .conditions import get_condition
+
+
+def job_finished(job: dict | None) -> dict | None:
+    """The Complete or Failed condition of a batch/v1 Job, if it has finished."""
+    for c in (job or {}).get("status", {}).get("conditions") or []:
+        if c.get("type") in ("Complete", "Failed") and c.get("status") == "True":
+            return c
+    return None
+
+
+def terminations(pods: list[dict], container: str) -> list[dict]:
+    """`state.terminated` (or lastState) of `container` in each pod, newest first; `disrupted`: the pod was
+    stopped by an eviction, a preemption or a drain."""
+    found = []
+    for pod in pods:
+        for cs in pod.get("status", {}).get("containerStatuses") or []:
+            if cs.get("name") != container:
+                continue
+            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+            if term:
+                found.append({**term, "pod": pod["metadata"]["name"], "index": completion_index(pod),
+                              "disrupted": disruption(pod) is not None})
+    return sorted(found, key=lambda t: t.get("finishedAt") or "", reverse=True)
+
+
+def disruption(pod: dict) -> dict | None:
+    """The pod's DisruptionTarget condition: the API server, the scheduler or the kubelet is stopping it (an
+    eviction, a preemption, a node drain). The Job's podFailurePolicy does not count such a pod as failed."""
+    cond = get_condition(pod.get("status") or {}, "DisruptionTarget")
+    return cond if cond and cond.get("status") == "True" else None
+
+
+def peer_lost(term: dict) -> bool:
+    """The worker stopped because another one did (exit 76), and not for a disruption of its own."""
+    return term.get("exitCode") == EXIT_PEER_LOST and not term.get("disrupted")
+
+
+def charged(term: dict) -> bool:
+    """A worker failure that the training Job counts against backoffLimit (see children._failure_policy)."""
+    return bool(term.get("exitCode")) and not term.get("disrupted") and term.get("exitCode") != EXIT_PEER_LOST
+
+
+def completion_index(pod: dict) -> str | None:
+    meta = pod.get("metadata", {})
+    return (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index") or (
+        meta.get("labels") or {}).get("batch.kubernetes.io/job-completion-index")
+
+
+STARTING = {"ContainerCreating", "PodInitializing"}
+
+
+def pod_problem(pods: list[dict], container: str) -> tuple[str, str] | None:
+    """(reason, message) of the first pod that cannot start: a waiting container (ImagePullBackOff,
+    CreateContainerConfigError for a missing Secret, ...) or a pod the scheduler cannot place."""
+    for pod in pods:
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        name = pod["metadata"]["name"]
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if cs.get("name") == container and waiting.get("reason") and waiting["reason"] not in STARTING:
+                detail = f": {waiting['message']}" if waiting.get("message") else ""
+                return waiting["reason"], f"pod {name}: {waiting['reason']}{detail}"[:1000]
+        for c in (pod.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "PodScheduled" and c.get("status") == "False":
+                reason = c.get("reason") or Reason.Unschedulable
+                return reason, f"pod {name} cannot be scheduled: {c.get('message') or reason}"[:1000]
+    return None
+
+
+PERMANENT = frozenset(PERMANENT_REASONS.values())  # reasons no retry can help with
+
+
+def failure_reason(term: dict) -> str | None:
+    """DatasetInvalid/OutputInUse/ConfigInvalid when the trainer failed on purpose: by exit code (`kubetune
+    validate`, `kubetune launch`), or by its termination message's prefix, because plain `accelerate launch`
+    turns every child failure into exit 1."""
+    reason = PERMANENT_REASONS.get(term.get("exitCode"))
+    message = (term.get("message") or "").strip()
+    return reason or next((r for r in PERMANENT_REASONS.values() if message.startswith(f"{r}:")), None)
+
+
+def permanent_failure(pods: list[dict], container: str) -> tuple[str, str] | None:
+    """(reason, message) of the newest purposeful trainer failure among the pods, if any."""
+    for t in terminations(pods, container):
+        reason = t.get("exitCode") and failure_reason(t)
+        if reason:
+            return reason, last_line(t)
+    return None
+
+
+def explain_failure(job: dict, pods: list[dict], container: str) -> tuple[str, str]:
+    """(reason, message) for a failed Job: the trainer's own reason and one-line message when it exited on
+    purpose (65/73/78), else the Job controller's reason with the last termination message of a worker that
+    failed itself (not one that stopped because a peer did)."""
+    cond = job_finished(job) or {}
+    permanent = permanent_failure(pods, container)
+    if permanent:
+        return permanent[0], permanent[1] or cond.get("message", "")
+    ends = [t for t in terminations(pods, container) if t.get("exitCode")]
+    ends = [t for t in ends if charged(t)] or ends
+    reason = cond.get("reason") or Reason.Failed
+    detail = last_line(ends[0]) if ends else ""
+    message = cond.get("message") or reason
+    return reason, f"{message}: {detail}" if detail else message
+
+
+def last_line(term: dict) -> str:
+    text = (term.get("message") or "").strip()
+    return text.splitlines()[-1][:1000] if text else ""
+
+
+def success_report(pods: list[dict], container: str) -> dict:
+    """Rank 0's termination message after a successful run, when the trainer wrote it as JSON
+    ({"manifestUri", "manifestSha256", "steps", "totalSteps", "tokensTrained", "task", "headline", "selectedStep",
+    "metrics": {"test": {...}, "baseline": {...}}}: kubetune_trainer.cli.success_message); {} otherwise."""
+    for t in terminations(pods, container):
+        if t.get("exitCode") == 0 and t.get("index") in ("0", None):
+            try:
+                doc = json.loads(t.get("message") or "")
+            except ValueError:
+                continue
+            if isinstance(doc, dict):
+                return doc
+    return {}
+
+
+def validation_report(pods: list[dict], container: str) -> dict | None:
+    """The validation pod's termination message when the trainer wrote it as JSON (kubetune validate: {"valid",
+    "splits", "sequences", "packingEfficiency", "plannedSteps", "estimate", "cache", "summary"}); None for an older
+    trainer's plain text."""
+    ends = terminations(pods, container)
+    try:
+        doc = json.loads((ends[0].get("message") or "") if ends else "")
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None

@@ -1,0 +1,173 @@
+"""The trainer's progress and results, into the status: rank 0's /metrics while it trains, and the reports it
+leaves in its termination message when validation or training ends. Pure: no API calls here.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic.alias_generators import to_camel
+
+from .conditions import rfc3339
+from .observe import success_report
+
+
+def human_duration(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+# -- the reports: the validation's (status.dataset), and rank 0's on success (status.result, progress) -----------
+
+CACHE_LOCATIONS = ("s3://", "pvc://", "/")  # where dataset.cacheUri may point (a local path: a mounted volume)
+
+
+def _count(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _number(value) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return value if ok else None
+
+
+def dataset_status(report: dict) -> dict:
+    """status.dataset from the validation report: only the fields the status schema has, each only when it is
+    there and of its type. Nothing else of the message is copied (it names the data; the cache URI is ours)."""
+    def part(key: str) -> dict:
+        return report.get(key) if isinstance(report.get(key), dict) else {}
+
+    train, estimate, cache = part("splits").get("train"), part("estimate"), part("cache")
+    train = train if isinstance(train, dict) else {}
+    uri = cache.get("uri")
+    fields = {
+        "samples": _count(train.get("samples")), "tokens": _count(train.get("tokens")),
+        "trainedTokens": _count(train.get("trainedTokens")), "truncated": _count(train.get("truncated")),
+        "sequences": _count(report.get("sequences")), "packingEfficiency": _number(report.get("packingEfficiency")),
+        "plannedSteps": _count(report.get("plannedSteps")), "estimatedSeconds": _number(estimate.get("seconds")),
+        "estimatedGPUHours": _number(estimate.get("gpuHours")),
+        "cacheUri": uri if isinstance(uri, str) and uri.startswith(CACHE_LOCATIONS) and len(uri) <= 2048 else None,
+    }
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def result_from_pods(pods: list[dict], container: str, output_uri: str) -> dict:
+    """status.result once training succeeded; the sha256, the task, the published step and the test metrics come
+    from rank 0's success report (what a trainer without them leaves out stays out)."""
+    res = {"adapterUri": output_uri, "manifestUri": output_uri.rstrip("/") + "/manifest.json"}
+    report = success_report(pods, container)
+    if report.get("manifestSha256") or report.get("sha256"):
+        res["sha256"] = report.get("manifestSha256") or report["sha256"]
+    if isinstance(report.get("task"), str):
+        res["task"] = report["task"]
+    if isinstance(report.get("selectedStep"), int) and not isinstance(report["selectedStep"], bool):
+        res["selectedStep"] = report["selectedStep"]
+    reported = report.get("metrics") if isinstance(report.get("metrics"), dict) else {}
+    metrics = {model: _scalars(reported.get(model)) for model in ("test", "baseline")}
+    metrics = {model: values for model, values in metrics.items() if values}
+    if metrics:
+        res["metrics"] = metrics
+    summary = result_summary(metrics, report.get("headline") if isinstance(report.get("headline"), str) else "loss")
+    if summary:
+        res["summary"] = summary
+    return res
+
+
+def _scalars(values) -> dict[str, float]:
+    """The finite numbers of a reported split (the status schema takes numbers only, and JSON no NaN)."""
+    if not isinstance(values, dict):
+        return {}
+    return {str(k): float(v) for k, v in values.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _three(value: float) -> str:
+    return f"{value:.3f}" if abs(value) < 1000 else f"{value:.4g}"
+
+
+def result_summary(metrics: dict, headline: str) -> str | None:
+    """The printer column's text: `accuracy 0.912 (base 0.334)`, `loss 1.234 (base 2.345)`, `loss 1.234` without
+    a baseline; None without a test split."""
+    test = (metrics.get("test") or {}).get(headline)
+    if test is None:
+        return None
+    base = (metrics.get("baseline") or {}).get(headline)
+    return f"{headline} {_three(test)}" + (f" (base {_three(base)})" if base is not None else "")
+
+
+def final_progress(status: dict, report: dict) -> None:
+    """On success, status.progress and tokensTrained say where the run ended (rank 0's success report), not
+    what the last scrape saw, which may be many steps earlier or count only the tokens since a resume; no ETA."""
+    if isinstance(report.get("tokensTrained"), int):
+        status["tokensTrained"] = report["tokensTrained"]
+    progress = {k: v for k, v in (status.get("progress") or {}).items() if k not in ("eta", "etaSeconds")}
+    step, total = report.get("steps"), report.get("totalSteps")
+    if isinstance(step, int) and isinstance(total, int) and total > 0:
+        percent = round(100 * min(step / total, 1.0), 1)
+        progress.update(step=step, totalSteps=total, percent=percent, text=f"{step}/{total} ({percent:g}%)")
+    if progress:
+        status["progress"] = progress
+
+
+# -- rank 0's /metrics while it trains ----------------------------------------------------------------------
+
+TRAINER_PREFIX = "kubetune_trainer_"
+TRAIN_METRIC = "train_metric:"  # kubetune_trainer_train_metric{metric="x"} is parsed as "train_metric:x"
+
+
+def parse_trainer_metrics(text: str, job_name: str) -> dict[str, float | str]:
+    """The rank-0 trainer's /metrics text -> {"step": 12.0, ..., "phase": "training"} for this job; the objective's
+    training metrics as "train_metric:<name>"."""
+    values: dict[str, float | str] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("finetunejob") != job_name or not sample.name.startswith(TRAINER_PREFIX):
+                continue
+            name = sample.name.removeprefix(TRAINER_PREFIX)
+            if name == "phase":
+                if sample.value == 1:
+                    values["phase"] = sample.labels.get("phase", "")
+            elif name == "train_metric" and math.isfinite(sample.value):
+                values[f"{TRAIN_METRIC}{sample.labels.get('metric', '')}"] = sample.value
+            elif name.endswith("_created") or "gpu" in sample.labels or "split" in sample.labels or \
+                    not math.isfinite(sample.value):  # per-GPU and evaluation families: not status fields
+                continue
+            else:
+                values[name] = sample.value
+    return values
+
+
+def apply_metrics(status: dict, m: dict, checkpoint_uri: str, now: datetime) -> None:
+    """Copy what the trainer reported into status (in place). Zero losses mean "not measured yet"."""
+    step, total = int(m.get("step", 0)), int(m.get("total_steps", 0))
+    old = status.get("progress") or {}
+    percent = round(100 * min(m.get("progress_ratio", step / total if total else 0), 1.0), 1)
+    progress = {"step": step, "totalSteps": total, "epoch": round(m.get("epoch", 0), 3), "percent": percent,
+                "text": f"{step}/{total} ({percent:g}%)" if total else None}
+    if m.get("eta_seconds") is not None and total:
+        progress["etaSeconds"] = int(m["eta_seconds"])
+        progress["eta"] = human_duration(m["eta_seconds"])
+    status["progress"] = {k: v for k, v in progress.items() if v is not None}
+    if step > old.get("step", 0) or not status.get("lastProgressTime"):
+        status["lastProgressTime"] = rfc3339(now)
+    for key, metric, cast in (("trainLoss", "train_loss", float), ("evalLoss", "validation_loss", float),
+                              ("tokensPerSecond", "tokens_per_second", float),
+                              ("tokensTrained", "tokens_trained_total", int)):
+        value = m.get(metric)
+        if value is not None and (value > 0 or key == "tokensTrained"):
+            status[key] = round(cast(value), 4) if cast is float else cast(value)
+    objective = {to_camel(k.removeprefix(TRAIN_METRIC)): round(float(v), 4) for k, v in m.items()
+                 if k.startswith(TRAIN_METRIC)}
+    if objective:
+        status["trainMetrics"] = objective
+    beat = m.get("heartbeat_timestamp_seconds")
+    if beat:
+        status["lastHeartbeatTime"] = rfc3339(datetime.fromtimestamp(beat, UTC))
+    stamp = m.get("last_checkpoint_timestamp_seconds")
+    if stamp:
+        status["lastCheckpoint"] = {"time": rfc3339(datetime.fromtimestamp(stamp, UTC)),
+                                    "count": int(m.get("checkpoints_total", 0)), "uri": checkpoint_uri}
