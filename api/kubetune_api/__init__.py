@@ -24,6 +24,7 @@ from .finetunejob import (
     API_GROUP,
     API_VERSION,
     CLASSIFICATION_TASKS,
+    DEFAULT_TRAINER_IMAGE,
     KIND,
     PREFERENCE_FORMATS,
     PREFERENCE_OBJECTIVES,
@@ -85,13 +86,22 @@ from .status import (
     Result,
     ResultMetrics,
 )
-from .trainer_config import CONFIG_VERSION, DEFAULT_GPU_TFLOPS, Hardware, MetricsSpec, TrainerConfig, join_uri
+from .trainer_config import (
+    CONFIG_VERSION,
+    DEFAULT_GPU_TFLOPS,
+    WORK_DIR,
+    Hardware,
+    MetricsSpec,
+    TrainerConfig,
+    join_uri,
+)
 
 __all__ = [
     "API_GROUP", "API_VERSION", "CLASSIFICATION_TASKS", "CONDITION_TYPES", "CONFIG_VERSION", "DEFAULT_GPU_TFLOPS",
+    "DEFAULT_TRAINER_IMAGE",
     "EXIT_CONFIG_INVALID", "EXIT_DATA_INVALID", "EXIT_OK", "EXIT_OUTPUT_IN_USE", "EXIT_PEER_LOST", "EXIT_RETRYABLE",
     "EXIT_UNEXPECTED", "KIND", "PERMANENT_EXIT_CODES", "PERMANENT_REASONS", "PREFERENCE_FORMATS",
-    "PREFERENCE_OBJECTIVES", "TASK_FORMATS", "TERMINAL",
+    "PREFERENCE_OBJECTIVES", "TASK_FORMATS", "TERMINAL", "WORK_DIR",
     "AdapterDtype", "AttentionKernel", "BaseModelSpec", "CheckpointSpec", "ChildRef", "Condition", "DataFormat",
     "DatasetReport", "DatasetSpec", "DpoLoss", "EarlyStoppingSpec", "EvalMetric", "EvaluationSpec", "FineTuneJob",
     "FineTuneJobSpec", "FineTuneJobStatus", "GenerationSpec", "Hardware", "Hyperparameters", "LastCheckpoint",

@@ -18,6 +18,9 @@ API_GROUP = "kubetune.io"
 API_VERSION = "v1alpha1"
 KIND = "FineTuneJob"
 
+# The trainer image a job without spec.image runs (the operator's KUBETUNE_TRAINER_IMAGE, the chart's
+# trainer.image, replaces it); this version's.
+DEFAULT_TRAINER_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 URI_SCHEMES = ("s3://", "hf://", "pvc://", "file://", "/")
 
 # Value syntaxes. pydantic checks them here (so `kubetune run` refuses what the cluster refuses) and the CRD's CEL

@@ -30,6 +30,7 @@ CONFIG_VERSION = "kubetune.io/v1alpha1"
 # An H100 SXM sustains about 400 of its 989 dense bf16 TFLOPS in LoRA fine-tuning (40% model FLOPs
 # utilization); the chart's estimate.gpuTflops sets the figure of the cluster's GPUs.
 DEFAULT_GPU_TFLOPS = 400.0
+WORK_DIR = "/tmp/kubetune"  # model, data and checkpoints; the operator mounts an emptyDir here
 _HEAD = ("apiVersion", "kind", "jobName", "runId")  # first in the file, for whoever reads it
 # The spec's sections only the operator reads: not in the file, so that it keeps the shape every trainer reads.
 OPERATOR_ONLY = {"image", "resources", "run_policy", "scheduling", "validation"}
@@ -62,7 +63,7 @@ class TrainerConfig(FineTuneJobSpec):
     storage: StorageEndpoint = Field(default_factory=StorageEndpoint)
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     hardware: Hardware = Field(default_factory=Hardware)
-    work_dir: str = "/tmp/kubetune"
+    work_dir: str = WORK_DIR
 
     @field_validator("storage", mode="before")
     @classmethod

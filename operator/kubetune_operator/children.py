@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from kubetune_api import (
     API_GROUP,
@@ -19,22 +18,20 @@ from kubetune_api import (
     EXIT_PEER_LOST,
     KIND,
     PERMANENT_EXIT_CODES,
+    WORK_DIR,
     FineTuneJobSpec,
     Hardware,
     MetricsSpec,
     TrainerConfig,
 )
 
-if TYPE_CHECKING:
-    from .settings import OperatorSettings
+from .settings import VALIDATION_DEFAULTS, OperatorSettings
 
-DEFAULT_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 CONFIG_DIR = "/etc/kubetune"
 CONFIG_FILE = "trainer.yaml"
 CONFIG_PATH = f"{CONFIG_DIR}/{CONFIG_FILE}"
 PVC_ROOT = "/mnt/pvc"
 TMP_DIR = "/tmp"  # an emptyDir, and HOME: the root filesystem is read-only
-RENDEZVOUS_PORT = 29500  # unless KUBETUNE_RENDEZVOUS_PORT (OperatorSettings.rendezvous_port) moves it
 TRAINER_CONTAINER = "trainer"
 VALIDATE_CONTAINER = "validate"
 
@@ -54,21 +51,11 @@ CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem
 SECRET_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), ("AWS_SESSION_TOKEN", True))
 
 
-def _from_env(settings: OperatorSettings | None) -> OperatorSettings:
-    """`settings`, else the environment's: only for callers outside the operator (the chart's tests check what the
-    Deployment's environment does). The operator itself always passes its settings, read once by __main__."""
-    if settings is not None:
-        return settings
-    from .settings import OperatorSettings  # settings.py imports this module
 
-    return OperatorSettings.from_env()
-
-
-def with_storage_defaults(spec: dict, settings: OperatorSettings | None = None) -> dict:
+def with_storage_defaults(spec: dict, settings: OperatorSettings) -> dict:
     """The spec with the operator's storage defaults (KUBETUNE_STORAGE_*, the Helm chart's `storage.*`) filled in:
     endpoint and region for a job without `storage.endpoint`; the credentials Secret for a job with neither
     `secretRef` nor `serviceAccountName`."""
-    settings = _from_env(settings)
     storage = dict(spec.get("storage") or {})
     if not storage.get("endpoint"):
         for key, value in (("endpoint", settings.storage_endpoint), ("region", settings.storage_region)):
@@ -131,12 +118,11 @@ def hardware(spec: FineTuneJobSpec, gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> H
     return Hardware(processes=world_size(spec), gpus=res.workers * res.gpus_per_worker, gpu_tflops=gpu_tflops)
 
 
-def trainer_config(name: str, spec: FineTuneJobSpec, settings: OperatorSettings | None = None,
+def trainer_config(name: str, spec: FineTuneJobSpec, settings: OperatorSettings,
                    run_id: str | None = None) -> TrainerConfig:
     """The trainer's config: the spec and the cluster-side fields. `run_id` (the FineTuneJob's uid) tells this run's
-    output and checkpoints from another run's. From the operator's settings (None: the environment's, see
-    _from_env): the GPU TFLOPS of the data report's estimate and the port of rank 0's /metrics."""
-    settings = _from_env(settings)
+    output and checkpoints from another run's. From the operator's settings: the GPU TFLOPS of the data report's
+    estimate and the port of rank 0's /metrics."""
     return TrainerConfig(**dict(spec), job_name=name, run_id=run_id, hardware=hardware(spec, settings.gpu_tflops),
                          metrics=MetricsSpec(port=settings.trainer_metrics_port))
 
@@ -166,13 +152,12 @@ def _storage_env(spec: FineTuneJobSpec) -> list[dict]:
 
 
 def _volumes(meta: dict, spec: FineTuneJobSpec, shm: bool, settings: OperatorSettings) -> tuple[list[dict], list[dict]]:
-    work_dir = trainer_config(meta["name"], spec, settings).work_dir  # model, data, checkpoints
     volumes = [{"name": "config", "configMap": {"name": Names(meta["name"]).config_map}},
                {"name": "tmp", "emptyDir": {}},  # HOME: the Hugging Face, torch, Triton and XDG caches
                {"name": "work", "emptyDir": {}}]
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
               {"name": "tmp", "mountPath": TMP_DIR},
-              {"name": "work", "mountPath": work_dir}]
+              {"name": "work", "mountPath": WORK_DIR}]  # model, data, checkpoints
     if shm:  # NCCL and dataloader workers use shared memory
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
@@ -213,19 +198,9 @@ def _failure_policy(container: str, peers: bool = False) -> dict:
     return {"rules": rules}
 
 
-VALIDATION_DEFAULTS = {  # spec.validation field -> the default of the operator's setting (OperatorSettings)
-    "cpu": "500m",  # KUBETUNE_VALIDATION_CPU, the chart's validation.cpu
-    "memory": "1Gi",  # KUBETUNE_VALIDATION_MEMORY
-    "ephemeral_storage": "10Gi",  # KUBETUNE_VALIDATION_EPHEMERAL_STORAGE
-    "active_deadline_seconds": 3600,  # KUBETUNE_VALIDATION_DEADLINE_SECONDS
-}
-
-
-def validation_settings(spec: FineTuneJobSpec, settings: OperatorSettings | None = None) -> dict:
+def validation_settings(spec: FineTuneJobSpec, settings: OperatorSettings) -> dict:
     """The validation Job's CPU, memory, scratch size and deadline: spec.validation, else the operator's
-    settings (KUBETUNE_VALIDATION_*, the chart's `validation.*`, by default VALIDATION_DEFAULTS; None: the
-    environment's, see _from_env)."""
-    settings = _from_env(settings)
+    settings (KUBETUNE_VALIDATION_*, the chart's `validation.*`, by default settings.VALIDATION_DEFAULTS)."""
     operator = {"cpu": settings.validation_cpu, "memory": settings.validation_memory,
                 "ephemeral_storage": settings.validation_ephemeral_storage,
                 "active_deadline_seconds": settings.validation_deadline_seconds}
@@ -277,7 +252,7 @@ def service(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) -> di
                      "selector": {LABEL_JOB: name, LABEL_COMPONENT: "workers"},
                      "ports": [{"name": "rendezvous", "port": settings.rendezvous_port},
                                {"name": "metrics",
-                                "port": trainer_config(name, spec, settings).metrics.port}]}}
+                                "port": settings.trainer_metrics_port}]}}
 
 
 def world_size(spec: FineTuneJobSpec) -> int:
@@ -323,12 +298,11 @@ def training_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) 
     ]
     if res.gpus_per_worker == 0 and res.workers > 1:  # torchrun sets these itself for GPU workers
         env += [{"name": "RANK", "value": "$(JOB_COMPLETION_INDEX)"}, {"name": "LOCAL_RANK", "value": "0"}]
-    metrics_port = trainer_config(name, spec, settings).metrics.port
     container = {"name": TRAINER_CONTAINER, "image": spec.image or settings.trainer_image,
                  "args": accelerate_args(name, spec, settings),
                  "env": env, "resources": _resources(spec),
                  "ports": [{"name": "rendezvous", "containerPort": settings.rendezvous_port},
-                           {"name": "metrics", "containerPort": metrics_port}]}
+                           {"name": "metrics", "containerPort": settings.trainer_metrics_port}]}
     pod = _pod_spec(meta, spec, container, shm=True, settings=settings)
     pod["subdomain"] = names.service
     # Time to write a checkpoint after SIGTERM. Read when the Job is created: a Job's pod template is immutable.

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from kubetune_api import API_GROUP, FineTuneJobSpec, Reason
+from kubetune_api import API_GROUP, DEFAULT_TRAINER_IMAGE, FineTuneJobSpec, Reason
 
 from . import PLURAL, children
 from .conditions import get_condition
@@ -70,14 +70,6 @@ class Settings:
     credentials_namespaces: tuple[str, ...] = ()  # "*": every namespace
     allow_trust_remote_code: bool = False
     binding: str = ""  # the ValidatingAdmissionPolicyBinding that tells the operator the API server checks authors
-
-    @classmethod
-    def from_env(cls) -> Settings:
-        """The environment's: OperatorSettings.from_env().policy. Only for callers outside the operator (the
-        chart's tests); the operator takes them from the settings __main__ reads once."""
-        from .settings import OperatorSettings  # settings.py imports this module
-
-        return OperatorSettings.from_env().policy
 
     def params(self) -> dict[str, str]:
         """The data of the policy's parameters ConfigMap."""
@@ -227,7 +219,7 @@ FILES = {  # path -> (its note, its documents)
         f"Do not edit. For installs without Helm: create the namespace {PARAMS_NAMESPACE}, then apply; edit the "
         "ConfigMap's data.",
         lambda: [admission_policy(), binding(),
-                 params_config_map(Settings(image_prefixes=(repository(children.DEFAULT_IMAGE),)))]),
+                 params_config_map(Settings(image_prefixes=(repository(DEFAULT_TRAINER_IMAGE),)))]),
 }
 
 

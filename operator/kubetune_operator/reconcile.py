@@ -334,10 +334,9 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
     _account_gpus(d, len(running) * spec.resources.gpus_per_worker)
     if d.phase != Phase.Running:
         return
-    metrics = children.trainer_config(meta["name"], spec, settings).metrics
     rank0 = rank0_pod(pods)
-    if rank0 and metrics.enabled:
-        d.metrics_url = f"http://{rank0['status']['podIP']}:{metrics.port}/metrics"
+    if rank0:  # the trainer's /metrics, on the port the operator's config gave it (children.trainer_config)
+        d.metrics_url = f"http://{rank0['status']['podIP']}:{settings.trainer_metrics_port}/metrics"
     d.status.setdefault("startTime", rfc3339(now))
     if old.get("phase") != Phase.Running or not d.status.get("lastProgressTime"):
         d.status["lastProgressTime"] = rfc3339(now)  # the hang clock starts when the workers do

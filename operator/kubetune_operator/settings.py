@@ -1,9 +1,7 @@
 """The operator's configuration: every KUBETUNE_* environment variable it reads, read once, in `__main__`
 (OperatorSettings.from_env()), and passed down to the handlers (kopf's memo), the loop, the scraper and
 `reconcile.decide`. Nothing else in the operator reads the environment, so `decide` is a function of its
-arguments alone. (children.with_storage_defaults, children.validation_settings, children.trainer_config and
-policy.Settings.from_env still fall back to OperatorSettings.from_env() when a caller gives no settings: that is for
-callers outside the operator, the chart's tests; the operator always passes its own.)
+arguments alone. The defaults of what the variables set are here too.
 """
 
 from __future__ import annotations
@@ -12,12 +10,18 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kubetune_api import DEFAULT_GPU_TFLOPS, MetricsSpec
+from kubetune_api import DEFAULT_GPU_TFLOPS, DEFAULT_TRAINER_IMAGE, MetricsSpec
 
-from . import children
 from .policy import Settings as PolicySettings
 from .policy import repository
 
+RENDEZVOUS_PORT = 29500  # KUBETUNE_RENDEZVOUS_PORT: the workers' rendezvous (torch's default)
+VALIDATION_DEFAULTS = {  # spec.validation field -> the default of the operator's setting
+    "cpu": "500m",  # KUBETUNE_VALIDATION_CPU, the chart's validation.cpu
+    "memory": "1Gi",  # KUBETUNE_VALIDATION_MEMORY
+    "ephemeral_storage": "10Gi",  # KUBETUNE_VALIDATION_EPHEMERAL_STORAGE
+    "active_deadline_seconds": 3600,  # KUBETUNE_VALIDATION_DEADLINE_SECONDS
+}
 RESYNC_SECONDS = 60.0  # KUBETUNE_RESYNC_SECONDS: the loop's safety-net resync
 SCRAPE_SECONDS = 10.0  # KUBETUNE_SCRAPE_SECONDS: how often rank 0's /metrics is scraped
 TRAINER_METRICS_PORT = MetricsSpec.model_fields["port"].default  # the trainer's own default (9400)
@@ -27,8 +31,8 @@ TRAINER_METRICS_PORT = MetricsSpec.model_fields["port"].default  # the trainer's
 class OperatorSettings:
     """The defaults are those of an operator started with none of the variables set."""
 
-    trainer_image: str = children.DEFAULT_IMAGE  # KUBETUNE_TRAINER_IMAGE: for jobs without spec.image
-    rendezvous_port: int = children.RENDEZVOUS_PORT  # KUBETUNE_RENDEZVOUS_PORT (see children.service)
+    trainer_image: str = DEFAULT_TRAINER_IMAGE  # KUBETUNE_TRAINER_IMAGE: for jobs without spec.image
+    rendezvous_port: int = RENDEZVOUS_PORT  # KUBETUNE_RENDEZVOUS_PORT (see children.service)
     trainer_metrics_port: int = TRAINER_METRICS_PORT  # KUBETUNE_TRAINER_METRICS_PORT: rank 0's /metrics
     gpu_tflops: float = DEFAULT_GPU_TFLOPS  # KUBETUNE_ESTIMATE_GPU_TFLOPS: the data report's GPU-hours estimate
     # KUBETUNE_STORAGE_{ENDPOINT,REGION,SECRET_NAME}: the storage defaults ("" : none)
@@ -37,10 +41,10 @@ class OperatorSettings:
     storage_secret_name: str = ""
     # KUBETUNE_VALIDATION_{CPU,MEMORY,EPHEMERAL_STORAGE,DEADLINE_SECONDS}: the validation Job's, unless the job's
     # spec.validation says otherwise
-    validation_cpu: str = children.VALIDATION_DEFAULTS["cpu"]
-    validation_memory: str = children.VALIDATION_DEFAULTS["memory"]
-    validation_ephemeral_storage: str = children.VALIDATION_DEFAULTS["ephemeral_storage"]
-    validation_deadline_seconds: int = children.VALIDATION_DEFAULTS["active_deadline_seconds"]
+    validation_cpu: str = VALIDATION_DEFAULTS["cpu"]
+    validation_memory: str = VALIDATION_DEFAULTS["memory"]
+    validation_ephemeral_storage: str = VALIDATION_DEFAULTS["ephemeral_storage"]
+    validation_deadline_seconds: int = VALIDATION_DEFAULTS["active_deadline_seconds"]
     resync_seconds: float = RESYNC_SECONDS  # KUBETUNE_RESYNC_SECONDS
     scrape_seconds: float = SCRAPE_SECONDS  # KUBETUNE_SCRAPE_SECONDS
     metrics_port: int = 8080  # KUBETUNE_METRICS_PORT (0: off)
@@ -64,12 +68,12 @@ class OperatorSettings:
         def names(var: str) -> tuple[str, ...]:
             return tuple(n.strip() for n in (env(var) or "").split(",") if n.strip())
 
-        image = env("KUBETUNE_TRAINER_IMAGE", children.DEFAULT_IMAGE)
+        image = env("KUBETUNE_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE)
         secret = env("KUBETUNE_STORAGE_SECRET_NAME") or ""
-        defaults = children.VALIDATION_DEFAULTS
+        defaults = VALIDATION_DEFAULTS
         return cls(
             trainer_image=image,
-            rendezvous_port=int(env("KUBETUNE_RENDEZVOUS_PORT") or children.RENDEZVOUS_PORT),
+            rendezvous_port=int(env("KUBETUNE_RENDEZVOUS_PORT") or RENDEZVOUS_PORT),
             trainer_metrics_port=int(env("KUBETUNE_TRAINER_METRICS_PORT") or TRAINER_METRICS_PORT),
             gpu_tflops=float(env("KUBETUNE_ESTIMATE_GPU_TFLOPS") or DEFAULT_GPU_TFLOPS),
             storage_endpoint=env("KUBETUNE_STORAGE_ENDPOINT") or "",

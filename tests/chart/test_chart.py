@@ -131,17 +131,25 @@ def test_full_values_render():
     assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
 
 
-def test_the_operator_applies_the_storage_defaults_the_chart_sets(monkeypatch):
-    from kubetune_operator.children import with_storage_defaults
+def deployment_settings(objects: list[dict], monkeypatch):
+    """The operator's settings as its __main__ reads them from the rendered Deployment's environment."""
+    from kubetune_operator.settings import OperatorSettings
 
-    (deploy,) = find(render(FULL_VALUES), "Deployment")
+    (deploy,) = find(objects, "Deployment")
     for var in deploy["spec"]["template"]["spec"]["containers"][0]["env"]:
         if "value" in var:  # not POD_ID (the pod's name)
             monkeypatch.setenv(var["name"], var["value"])
-    assert with_storage_defaults({})["storage"] == {
+    return OperatorSettings.from_env()
+
+
+def test_the_operator_applies_the_storage_defaults_the_chart_sets(monkeypatch):
+    from kubetune_operator.children import with_storage_defaults
+
+    settings = deployment_settings(render(FULL_VALUES), monkeypatch)
+    assert with_storage_defaults({}, settings)["storage"] == {
         "endpoint": "http://minio.minio:9000", "region": "eu-west-1", "secretRef": {"name": "s3-credentials"}}
     own = {"endpoint": "http://s3.local", "region": "us-east-1", "serviceAccountName": "irsa"}
-    assert with_storage_defaults({"storage": own})["storage"] == own  # a job's own storage wins, as a whole
+    assert with_storage_defaults({"storage": own}, settings)["storage"] == own  # a job's own storage wins, as a whole
 
 
 def test_the_operator_applies_the_validation_defaults_the_chart_sets(monkeypatch):
@@ -152,11 +160,8 @@ def test_the_operator_applies_the_validation_defaults_the_chart_sets(monkeypatch
 
     values = {"validation.cpu": "2", "validation.memory": "4Gi", "validation.ephemeralStorage": "50Gi",
               "validation.activeDeadlineSeconds": "600"}
-    (deploy,) = find(render(values), "Deployment")
-    for var in deploy["spec"]["template"]["spec"]["containers"][0]["env"]:
-        if "value" in var:
-            monkeypatch.setenv(var["name"], var["value"])
-    assert validation_settings(SimpleNamespace(validation=ValidationSpec())) == {
+    settings = deployment_settings(render(values), monkeypatch)
+    assert validation_settings(SimpleNamespace(validation=ValidationSpec()), settings) == {
         "cpu": "2", "memory": "4Gi", "ephemeral_storage": "50Gi", "active_deadline_seconds": 600}
 
 
@@ -168,11 +173,7 @@ def test_the_operator_estimates_with_the_gpu_tflops_the_chart_sets(monkeypatch):
         "baseModel": {"uri": "s3://models/m/"}, "dataset": {"train": "s3://data/train.jsonl"},
         "output": {"uri": "s3://out/"}, "resources": {"workers": 2, "gpusPerWorker": 4}})
     for values, tflops in (({}, 400.0), ({"estimate.gpuTflops": "125"}, 125.0)):
-        (deploy,) = find(render(values), "Deployment")
-        for var in deploy["spec"]["template"]["spec"]["containers"][0]["env"]:
-            if "value" in var:
-                monkeypatch.setenv(var["name"], var["value"])
-        hardware = trainer_config("demo", spec).hardware
+        hardware = trainer_config("demo", spec, deployment_settings(render(values), monkeypatch)).hardware
         assert (hardware.gpu_tflops, hardware.gpus, hardware.processes) == (tflops, 8, 8)
 
 
@@ -371,7 +372,7 @@ POLICY_ENV = ["KUBETUNE_POLICY_IMAGE_PREFIXES", "KUBETUNE_POLICY_CREDENTIALS_NAM
 def test_the_operator_enforces_the_parameters_the_policy_gets(monkeypatch):
     """The operator's own rules (KUBETUNE_POLICY_*, KUBETUNE_STORAGE_SECRET_NAME) and the API server's (the
     params ConfigMap) come from the same values."""
-    from kubetune_operator.policy import Settings
+    from kubetune_operator.settings import OperatorSettings
 
     for values in ({}, FULL_VALUES, {"policy.defaultCredentialsNamespaces": "{*}", "storage.secretName": "s3"}):
         objects = render(values)
@@ -380,7 +381,7 @@ def test_the_operator_enforces_the_parameters_the_policy_gets(monkeypatch):
         for name, value in _env(objects).items():
             monkeypatch.setenv(name, value)
         (params,) = find(objects, "ConfigMap", "kubetune-policy")
-        settings = Settings.from_env()
+        settings = OperatorSettings.from_env().policy
         assert settings.params() == params["data"], values
         assert settings.binding == "kubetune-finetunejobs"
     assert params["data"]["credentialsNamespaces"] == "*"

@@ -90,7 +90,6 @@ def test_decide_never_builds_settings_of_its_own(monkeypatch):
         raise AssertionError("decide read the environment")
 
     monkeypatch.setattr(OperatorSettings, "from_env", refuse)
-    monkeypatch.setattr(policy.Settings, "from_env", refuse)
     body = ftj()
     d = decide(body, Observed(), NOW, settings)
     assert [o["metadata"]["name"] for o in d.create] == ["demo-config", "demo-validate"]
@@ -144,3 +143,4 @@ def test_main_reads_the_environment_once_and_hands_the_settings_to_every_handler
     assert settings == OperatorSettings.from_env()
     assert (settings.resync_seconds, settings.scrape_seconds, settings.trainer_image, settings.rendezvous_port,
             settings.policy.binding) == (1.0, 1.0, "registry.local/trainer:e2e", 31234, "b")
+
