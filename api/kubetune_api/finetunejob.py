@@ -468,6 +468,12 @@ class FineTuneJobSpec(Model):
         description="The CPU validation Job that checks the data and config before training; the operator's "
         "defaults for unset fields")
 
+    def pvc_claims(self) -> list[str]:
+        """The PersistentVolumeClaims its pvc://claim/path URIs name (the operator mounts each at /mnt/pvc/<claim>)."""
+        uris = [self.base_model.uri, self.dataset.train, self.dataset.validation, self.dataset.test,
+                self.output.uri, self.checkpoint.uri, self.dataset.cache_uri]
+        return sorted({u.removeprefix("pvc://").split("/")[0] for u in uris if u and u.startswith("pvc://")})
+
     @model_validator(mode="after")
     def _qlora_needs_gpus(self) -> FineTuneJobSpec:
         if self.method.type == MethodType.qlora and self.resources.gpus_per_worker < 1:

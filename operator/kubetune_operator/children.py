@@ -127,13 +127,6 @@ def trainer_config(name: str, spec: FineTuneJobSpec, settings: OperatorSettings,
                          metrics=MetricsSpec(port=settings.trainer_metrics_port))
 
 
-def pvc_claims(spec: FineTuneJobSpec) -> list[str]:
-    """PersistentVolumeClaims named by pvc://claim/path URIs; each is mounted at /mnt/pvc/<claim>."""
-    uris = [spec.base_model.uri, spec.dataset.train, spec.dataset.validation, spec.dataset.test,
-            spec.output.uri, spec.checkpoint.uri, spec.dataset.cache_uri]
-    return sorted({u.removeprefix("pvc://").split("/")[0] for u in uris if u and u.startswith("pvc://")})
-
-
 def config_map(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) -> dict:
     config = trainer_config(meta["name"], spec, settings, meta["uid"])
     return {"apiVersion": "v1", "kind": "ConfigMap",
@@ -161,7 +154,7 @@ def _volumes(meta: dict, spec: FineTuneJobSpec, shm: bool, settings: OperatorSet
     if shm:  # NCCL and dataloader workers use shared memory
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-    for claim in pvc_claims(spec):
+    for claim in spec.pvc_claims():
         volumes.append({"name": f"pvc-{claim}"[:63], "persistentVolumeClaim": {"claimName": claim}})
         mounts.append({"name": f"pvc-{claim}"[:63], "mountPath": f"{PVC_ROOT}/{claim}"})
     return volumes, mounts

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 from kubetune_api import API_GROUP, DEFAULT_TRAINER_IMAGE, FineTuneJobSpec, Reason
 
-from . import PLURAL, children
+from . import PLURAL
 from .conditions import get_condition
 
 POLICY = "kubetune-finetunejobs"  # the ValidatingAdmissionPolicy, and its binding (the chart prefixes its release)
@@ -120,7 +120,7 @@ def violations(namespace: str, spec: FineTuneJobSpec, settings: Settings, author
 def _author_dependent(spec: FineTuneJobSpec) -> list[tuple[object, str]]:
     """What the job names whose use depends on its author (empty values: nothing named), with each rule's
     message."""
-    return [(spec.storage.service_account_name, SERVICE_ACCOUNT), (children.pvc_claims(spec), CLAIM),
+    return [(spec.storage.service_account_name, SERVICE_ACCOUNT), (spec.pvc_claims(), CLAIM),
             (spec.scheduling.priority_class_name, PRIORITY)]
 
 

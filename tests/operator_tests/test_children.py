@@ -258,7 +258,7 @@ def test_pvc_uris_mount_their_claims():
     meta, spec = build(
         {"dataset": {"train": "pvc://datasets/support/train.jsonl"}, "output": {"uri": "pvc://outputs/demo/"}}
     )
-    assert children.pvc_claims(spec) == ["datasets", "outputs"]
+    assert spec.pvc_claims() == ["datasets", "outputs"]
     pod = children.training_job(meta, spec, SETTINGS)["spec"]["template"]["spec"]
     mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert {"/mnt/pvc/datasets", "/mnt/pvc/outputs", "/etc/kubetune", "/tmp/kubetune", "/dev/shm"} <= mounts
