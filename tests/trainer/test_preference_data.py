@@ -152,6 +152,45 @@ def test_long_pairs_are_truncated_counted_and_named(tmp_path, tok):
     assert lengths[3] == lengths[7] == 32 and lengths[2] < 32
 
 
+# --- the shapes TRL accepts: the prompt extracted as TRL's maybe_extract_prompt does ---------------------------
+
+HH = {"chosen": "\n\nHuman: Why is the sky blue?\n\nAssistant: Rayleigh scattering: blue light scatters most.",
+      "rejected": "\n\nHuman: Why is the sky blue?\n\nAssistant: Because it reflects the sea."}
+HH_TURNS = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: A colour?\n\nAssistant: Teal",
+            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: A colour?\n\nAssistant: No."}
+ULTRAFEEDBACK = {"prompt": "And of Italy?", "prompt_id": "3f2a", "score_chosen": 9.0, "score_rejected": 4.5,
+                 "chosen": PROMPT + [assistant("Rome, of course.")], "rejected": PROMPT + [assistant("Milan.")],
+                 "messages": PROMPT + [assistant("Rome, of course.")]}
+
+
+@pytest.mark.parametrize("record", [HH, HH_TURNS, ULTRAFEEDBACK, IMPLICIT, STRINGS, MESSAGES],
+                         ids=["hh-rlhf", "hh-rlhf-turns", "ultrafeedback", "implicit", "strings", "messages"])
+def test_the_prompt_and_answers_are_trls(record):
+    """HH-RLHF as shipped (whole dialogues as strings) and UltraFeedback-binarized (a string prompt beside whole
+    conversations) train, split as TRL's maybe_extract_prompt splits them; records with their prompt keep it."""
+    from kubetune_trainer.data.formats import preference_pair
+    from trl.data_utils import maybe_extract_prompt
+
+    assert detect_format(record) == FMT.preference
+    ours = preference_pair(copy.deepcopy(record), FMT.preference)
+    trls = maybe_extract_prompt(copy.deepcopy(record))
+    assert ours.prompt == trls["prompt"]
+    for answer, theirs in ((ours.chosen, trls["chosen"]), (ours.rejected, trls["rejected"])):
+        if isinstance(theirs, list):  # a conversation's answer: TRL keeps the array of its one message
+            theirs = theirs[0] if len(theirs) == 1 else theirs
+        assert answer == theirs
+
+
+def test_hh_rlhf_texts_train_the_answers_after_the_shared_dialogue(tmp_path, tok):
+    """The prompt (every turn up to the last "Assistant:") gets no loss; each answer, its space first, does."""
+    path = write_jsonl(tmp_path / "hh.jsonl", [HH, HH_TURNS])
+    chosen, rejected, *_ = tokenize_dataset(path, NAME, fmt=FMT.auto, tokenizer=tok, max_seq_length=256, pairs=True)
+    split = HH["chosen"].index(" Rayleigh")
+    assert tok.decode(prompt_ids(chosen), skip_special_tokens=True) == HH["chosen"][:split]
+    assert prompt_ids(chosen) == prompt_ids(rejected)
+    assert validate_dataset(path, NAME, fmt=FMT.auto, tokenizer=tok, max_seq_length=256, pairs=True).samples == 2
+
+
 # --- bad records: the first problem, with file and line ------------------------------------------------------
 
 
@@ -188,8 +227,13 @@ BAD = {
                                     "'chosen' and 'rejected' differ at message 1"),
     "implicit: lengths": ([{**IMPLICIT, "rejected": [user("Hi"), assistant("b")]}], 1,
                           "'chosen' has 5 messages and 'rejected' 2"),
-    "implicit: strings": ([{"chosen": "a", "rejected": "b"}], 1, "field 'chosen' is a string but the record has no "
-                          "'prompt'"),
+    "implicit: texts sharing no prompt": ([{"chosen": "a", "rejected": "b"}], 1, "'chosen' and 'rejected' share no "
+                                          "prompt (they differ from the start)"),
+    "implicit: one text the start of the other": ([{"chosen": "Human: hi Assistant: yes",
+                                                    "rejected": "Human: hi Assistant: yes, sure"}], 1,
+                                                  "one is the start of the other"),
+    "implicit: a text and a conversation": ([{"chosen": "Human: hi", "rejected": [user("hi"), assistant("b")]}], 1,
+                                            "field 'chosen' is a string but the other answer is not"),
     "implicit: no prompt turns": ([{"chosen": [assistant("a")], "rejected": [assistant("b")]}], 1,
                                   "field 'chosen' has 1 message(s)"),
     "implicit: last not the assistant's": ([{"chosen": [user("Hi"), assistant("a")],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -216,7 +217,10 @@ def preference_pair(value: dict, fmt: DataFormat) -> Pair:
                               '{"messages": [...]}', "put the conversation so far in input.messages")
         names = ("input.messages", "preferred_output", "non_preferred_output")
         prompt, chosen, rejected = inputs["messages"], value["preferred_output"], value["non_preferred_output"]
-    elif value.get("prompt") is None:
+    elif value.get("prompt") is None or (isinstance(value["prompt"], str) and _conversational(value["chosen"])
+                                         and _conversational(value["rejected"])):
+        # TRL's maybe_extract_prompt: no prompt, or UltraFeedback's string prompt beside whole conversations (which
+        # repeat it): the prompt is what chosen and rejected share
         return _implicit_pair(value["chosen"], value["rejected"])
     else:
         names = ("prompt", "chosen", "rejected")
@@ -235,12 +239,20 @@ def preference_pair(value: dict, fmt: DataFormat) -> Pair:
     return pair
 
 
+def _conversational(value: Any) -> bool:
+    """TRL's is_conversational: an array of messages (objects with a role)."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
 def _implicit_pair(chosen: Any, rejected: Any) -> Pair:
-    """TRL's implicit prompt: chosen and rejected are whole conversations that share every message but the last."""
+    """TRL's implicit prompt (extract_prompt): chosen and rejected are whole conversations that share every message
+    but the last, or whole texts (HH-RLHF's "\n\nHuman: ...\n\nAssistant: ...") that share the prompt."""
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        return _text_pair(chosen, rejected)
     for name, conversation in (("chosen", chosen), ("rejected", rejected)):
         if isinstance(conversation, str):
-            raise RecordError(f"field {name!r} is a string but the record has no 'prompt'",
-                              "add the prompt, or write chosen and rejected as whole conversations")
+            raise RecordError(f"field {name!r} is a string but the other answer is not, and the record has no "
+                              "'prompt'", "add the prompt, or write chosen and rejected as whole conversations")
         if not isinstance(conversation, list):
             raise RecordError(f"field {name!r} is {kind_of(conversation)}, expected an array of messages",
                               PREFERENCE_HINT)
@@ -259,6 +271,27 @@ def _implicit_pair(chosen: Any, rejected: Any) -> Pair:
     pair = Pair(chosen[:-1], _answer(chosen[-1], "the last message of 'chosen'", "chosen"),
                 _answer(rejected[-1], "the last message of 'rejected'", "chosen"))
     _prompt_messages(pair.prompt, "chosen")
+    _different(pair, "chosen", "rejected")
+    return pair
+
+
+def _text_pair(chosen: str, rejected: str) -> Pair:
+    """Two whole texts without a prompt, split as TRL's extract_prompt splits them: the prompt is their common
+    start, less a space right before where they differ (the answers keep it)."""
+    if not chosen.strip() or not rejected.strip():
+        raise RecordError(f"field {'chosen' if not chosen.strip() else 'rejected'!r} is empty",
+                          "remove the record or fill the answer in")
+    end = len(os.path.commonprefix([chosen, rejected]))
+    if end == min(len(chosen), len(rejected)):
+        raise RecordError("'chosen' and 'rejected' are the same text, or one is the start of the other, and the "
+                          "record has no 'prompt': the answers cannot be told from the prompt",
+                          "add the prompt, and give only the answers as chosen and rejected")
+    if end and chosen[end - 1] == " ":
+        end -= 1
+    if not chosen[:end].strip():
+        raise RecordError("'chosen' and 'rejected' share no prompt (they differ from the start), and the record "
+                          "has no 'prompt'", "add the prompt, or write both as the whole dialogue, prompt first")
+    pair = Pair(chosen[:end], chosen[end:], rejected[end:])
     _different(pair, "chosen", "rejected")
     return pair
 
