@@ -9,8 +9,8 @@ import torch
 from kubetune_trainer.data import IGNORE
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.kernels import loss as kernels
+from kubetune_trainer.objectives.sft import targets
 from kubetune_trainer.spec import LossKernel
-from kubetune_trainer.tasks.causal_lm import targets
 
 VOCAB = 97
 

@@ -27,7 +27,7 @@ from .redact import redact
 from .sharding import full_trainable_state, is_sharded
 from .spec import Select, Strategy
 from .storage import Storage
-from .tasks import task_for
+from .tasks import GeneratesText, task_for
 from .train import Reporter, StopSignal, collective_failures_are_peer_lost, train
 
 
@@ -111,7 +111,7 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
         for split in ("validation", "test"):
             if split in splits and split not in results:
                 results[split] = evaluate(task, model, splits[split], split, accelerator, hp.batch_size, metrics)
-                if split == "test":
+                if split == "test" and isinstance(task, GeneratesText):
                     results[split].update(task.generation_metrics(model, accelerator, beat))
                 report({"event": split, "step": selected, **results[split]})
         if state.baseline and "test" in results:

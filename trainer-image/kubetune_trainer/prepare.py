@@ -23,7 +23,7 @@ from .data import cache as data_cache
 from .errors import DatasetError
 from .fetch import Fetched, local_path, tokenizer_sha256, tree_sha256
 from .storage import Storage, is_remote
-from .tasks import Task
+from .tasks import CachesRows, Task
 
 Report = Callable[[dict], None]
 
@@ -77,7 +77,7 @@ def prepare(config: TrainerConfig, task: Task, fetched: Fetched, storage: Storag
     place). upload: a cache built here is uploaded for whoever comes next. examples=False (kubetune validate):
     the reports only; a complete cache in object storage is not downloaded. Events: `data_cache` (reused,
     downloaded, built, or found in storage by validation) and `data_cache_rebuilt` (a damaged one, named)."""
-    if not task.caches:
+    if not isinstance(task, CachesRows):
         reports = validate_splits(config, task, fetched, beat=beat)
         splits = {s: task.examples(s, p, fetched.uris[s], reports["train"].format)
                   for s, p in fetched.splits.items()} if examples else {}
