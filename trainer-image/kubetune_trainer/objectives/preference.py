@@ -161,17 +161,19 @@ def prediction_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, to
 
 def sequence_logps(per_token: torch.Tensor, batch: dict[str, torch.Tensor]) -> Logps:
     """The Logps of a batch from the log-probabilities [R, T-1] of the `prediction_targets` (0 where not
-    scored; kernels/loss.LossHead.token_logps)."""
+    scored; kernels/loss.LossHead.token_logps). Padding positions add their 0 to one slot past the pairs, dropped:
+    a blank batch (no pairs) gives empty Logps that are still part of the graph, so its backward pass joins the
+    other processes'."""
     sequence = batch["sequence"]
     pairs = max(int(sequence.max()) + 1, 0) // 2
     labels, target_seq = batch["labels"][:, 1:], sequence[:, 1:]
     _, inner = prediction_targets(batch)
     trained = inner & (labels != IGNORE)
-    index = target_seq.clamp(min=0).reshape(-1)
+    index = torch.where(target_seq >= 0, target_seq, 2 * pairs).reshape(-1)
 
     def per_sequence(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        sums = torch.zeros(2 * pairs, dtype=torch.float32, device=values.device)
-        return sums.index_add(0, index, torch.where(mask, values, 0).reshape(-1).float())
+        sums = torch.zeros(2 * pairs + 1, dtype=torch.float32, device=values.device)
+        return sums.index_add(0, index, torch.where(mask, values, 0).reshape(-1).float())[:-1]
 
     answer = per_sequence(per_token, trained)
     answer_tokens = per_sequence(torch.ones_like(per_token), trained)
