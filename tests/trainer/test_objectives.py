@@ -47,7 +47,7 @@ def pairs_of(tokenizer, seed: int = 0) -> list[tuple[list[int], list[int], list[
 
 
 def ours(pairs, pad: int) -> dict[str, torch.Tensor]:
-    """The preference task's batch (data/preference.collate_pairs' layout): rows chosen_0, rejected_0, ..."""
+    """The preference objectives' batch (data/preference.collate_pairs' layout): rows chosen_0, rejected_0, ..."""
     rows = [(p, a) for p, c, r in pairs for a in (c, r)]
     width = max(len(p) + len(a) for p, a in rows)
     batch = {k: torch.full((len(rows), width), v, dtype=torch.long)

@@ -1,6 +1,6 @@
 """Stages 2 and 3, validate and tokenize: once per data set, not once per process or per start.
 
-For a task that caches (causal-lm, see tasks/base.py), one streaming pass over each split checks every record and
+For a task that caches rows (`tasks.CachesRows`: causal-lm), one streaming pass over each split checks every record and
 writes its tokens into the memory-mapped cache of data/cache.py, kept in object storage at
 `<dataset.cacheUri or checkpoint uri + data-cache/>/<key>/`. The key hashes the data's and the tokenizer's
 sha256, the task, the format, maxSeqLength and packing, so whoever comes next with the same inputs (the training
