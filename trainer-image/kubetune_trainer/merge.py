@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .modeling import load_adapter
 from .spec import OutputDtype
 
 if TYPE_CHECKING:
@@ -53,8 +54,6 @@ def merge(task: Task, adapter_dir: Path, into: Path, dtype: OutputDtype,
     """The folder `into`: the task's base model with the adapter of `adapter_dir` merged, in `dtype` (safetensors,
     in shards with their index when large), its config.json and generation_config.json, and the task's processor
     (tokenizer or image processor)."""
-    from .modeling import load_adapter
-
     base = task.load_base(TORCH_DTYPES[dtype])
     beat()
     model = load_adapter(base, adapter_dir).merge_and_unload()

@@ -21,6 +21,7 @@ from .identity import RunIdentity, check_claim, claim
 from .manifest import Manifest
 from .merge import merge_output
 from .metrics import TrainerMetrics
+from .modeling import resolve_precision
 from .prepare import inputs_of, prepare
 from .publish import publish_output, save_output
 from .redact import redact
@@ -40,8 +41,6 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
     """Train as configured and return the published manifest (or the existing one if already done)."""
     import torch
     from accelerate import Accelerator
-
-    from .modeling import resolve_precision
 
     started = time.time()
     storage = storage or Storage(config.storage)

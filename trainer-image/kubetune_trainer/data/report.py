@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..spec import PREFERENCE_FORMATS, Objective
+from ..train import Plan
 
 if TYPE_CHECKING:
     from ..config import TrainerConfig
@@ -27,8 +28,6 @@ def data_report(config: TrainerConfig, task: Task, reports: dict[str, DatasetRep
                 cache: dict | None = None, processes: int | None = None) -> dict[str, Any]:
     """The data report (the validation's termination message, less "valid"): see the module docstring.
     processes: the training processes, by default config.hardware's."""
-    from ..train import Plan
-
     hp = config.hyperparameters
     train = reports["train"]
     sequences = train.sequences or train.samples
