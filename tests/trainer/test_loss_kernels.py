@@ -10,7 +10,7 @@ from kubetune_api import LossKernel
 from kubetune_trainer.data import IGNORE
 from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.kernels import loss as kernels
-from kubetune_trainer.tasks.causal_lm import targets
+from kubetune_trainer.objectives.sft import targets
 
 VOCAB = 97
 

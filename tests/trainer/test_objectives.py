@@ -1,8 +1,8 @@
 """The preference objectives against their peer: TRL's DPOTrainer and ORPOTrainer (a test-only dependency).
 
 On the tiny model and one fixed batch of pairs, the loss, the reward metrics and the gradients of every trainable
-parameter that the preference task (tasks/preference.py, objectives/) computes equal what TRL computes from the
-same token ids, to float tolerance: DPO with the sigmoid and the IPO loss, reference-free DPO, and ORPO. The
+parameter that the causal-LM task computes with its preference objective (objectives/) equal what TRL computes
+from the same token ids, to float tolerance: DPO with the sigmoid and the IPO loss, reference-free DPO, and ORPO. The
 batches are built here, in both layouts, from the same token lists, so only the losses are compared.
 """
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 from kubetune_api import TrainerConfig
 from kubetune_trainer.data import IGNORE
-from kubetune_trainer.tasks.preference import Preference
+from kubetune_trainer.tasks.causal_lm import CausalLM
 
 trl = pytest.importorskip("trl")
 
@@ -47,7 +47,7 @@ def pairs_of(tokenizer, seed: int = 0) -> list[tuple[list[int], list[int], list[
 
 
 def ours(pairs, pad: int) -> dict[str, torch.Tensor]:
-    """The preference task's batch (data/preference.collate_pairs' layout): rows chosen_0, rejected_0, ..."""
+    """The preference objectives' batch (data/preference.collate_pairs' layout): rows chosen_0, rejected_0, ..."""
     rows = [(p, a) for p, c, r in pairs for a in (c, r)]
     width = max(len(p) + len(a) for p, a in rows)
     batch = {k: torch.full((len(rows), width), v, dtype=torch.long)
@@ -94,14 +94,14 @@ def policy():
     return model, tokenizer
 
 
-def task_for(objective: str, tmp_path, **params) -> Preference:
+def task_for(objective: str, tmp_path, **params) -> CausalLM:
     config = TrainerConfig(job_name="t", objective=objective, objective_params=params,
                            base_model={"uri": str(tmp_path)}, dataset={"train": str(tmp_path)},
                            output={"uri": str(tmp_path / "out")})
-    return Preference(config, tmp_path)
+    return CausalLM(config, tmp_path)
 
 
-def our_loss(task: Preference, model, pairs, pad: int) -> tuple[torch.Tensor, dict[str, float]]:
+def our_loss(task: CausalLM, model, pairs, pad: int) -> tuple[torch.Tensor, dict[str, float]]:
     """The batch's loss as the loop sees it (summed over pairs / pairs), its gradients, and the metrics."""
     model.zero_grad()
     loss_sum, units = task.loss(model, ours(pairs, pad))

@@ -1,12 +1,14 @@
 """Stage 5, evaluate: the task's metrics of the model on a split (validation or test), over every process.
 
-The task scores batches (`Task.evaluation`); this stage shares the split out, runs the model in eval mode, and
-beats per batch. `baseline_difference` is what the manifest reports beside a baseline: fine-tuned minus base.
+The task scores batches (`Task.evaluation`, an `Evaluation`); this stage shares the split out, runs the model in
+eval mode, and beats per batch. `baseline_difference` is what the manifest reports beside a baseline: fine-tuned
+minus base.
 """
 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +16,21 @@ import torch
 
 if TYPE_CHECKING:
     from .metrics import TrainerMetrics
-    from .tasks import Task
+    from .tasks.base import Task
+
+
+class Evaluation(ABC):
+    """One split's evaluation, accumulated batch by batch in every process; `result` combines the processes
+    (a collective: every process calls it). Batches made by `Task.blank` must count for nothing."""
+
+    @abstractmethod
+    def add(self, model, batch: dict[str, torch.Tensor]) -> None:
+        """Score one batch (already on the device, under autocast and no_grad)."""
+
+    @abstractmethod
+    def result(self, accelerator) -> dict[str, Any]:
+        """The split's metrics over all processes: scalars at the top level ("loss", "accuracy", ...), details
+        (per-class scores, a confusion matrix) nested. Every process gets the same result."""
 
 
 def eval_batches(task: Task, examples: Sequence, rank: int, processes: int, batch_size: int) -> Iterator[dict]:

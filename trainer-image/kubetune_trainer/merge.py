@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 from kubetune_api import OutputDtype
 
+from .modeling import load_adapter
+
 if TYPE_CHECKING:
     from .tasks import Task
 
@@ -52,8 +54,6 @@ def merge(task: Task, adapter_dir: Path, into: Path, dtype: OutputDtype,
     """The folder `into`: the task's base model with the adapter of `adapter_dir` merged, in `dtype` (safetensors,
     in shards with their index when large), its config.json and generation_config.json, and the task's processor
     (tokenizer or image processor)."""
-    from .modeling import load_adapter
-
     base = task.load_base(TORCH_DTYPES[dtype])
     beat()
     model = load_adapter(base, adapter_dir).merge_and_unload()

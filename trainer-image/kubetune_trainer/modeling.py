@@ -7,10 +7,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from kubetune_api import AdapterDtype, AttentionKernel, Hyperparameters, MethodSpec, MethodType, Precision
+from kubetune_api import (
+    AdapterDtype,
+    AttentionKernel,
+    Hyperparameters,
+    MethodSpec,
+    MethodType,
+    Precision,
+)
 from kubetune_api.finetunejob import FSDP_FP16, QLORA_FSDP
 
 from .errors import ConfigError
+from .kernels import attention as attention_kernels
+from .kernels import layers as layer_kernels
 
 
 def device_type() -> str:
@@ -109,9 +118,7 @@ def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, hp: Hy
     model = _from_pretrained(model_dir, auto_class, perf.attention, compute_dtype, seed, kwargs, choices)
     model.config.use_cache = False
     if perf.liger:
-        from .kernels.layers import apply_liger
-
-        choices["liger"] = apply_liger(model, device_type())
+        choices["liger"] = layer_kernels.apply_liger(model, device_type())
     choices["base_dtype"] = _dtype_name(kwargs["dtype"]) if method.type != MethodType.qlora else "nf4"
 
     if method.type == MethodType.full:
@@ -154,9 +161,7 @@ def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, hp: Hy
 def _finish(model, hp: Hyperparameters, choices: dict):
     """The last touches (performance.compile) and the record of what was chosen."""
     if hp.performance.compile:
-        from .kernels.layers import compile_layers
-
-        choices["compile"] = compile_layers(model)
+        choices["compile"] = layer_kernels.compile_layers(model)
     model.kubetune_choices = choices
     return model
 
@@ -166,12 +171,10 @@ def _from_pretrained(model_dir: Path, auto_class, attention: AttentionKernel, co
     """auto_class.from_pretrained with the attention implementation of `attention` (kernels/attention.py),
     unless the caller's kwargs name one (None: a model without attention). When auto picks a kernel that this
     model's class does not implement, sdpa it is. Records the choice in `choices`."""
-    from .kernels.attention import attention_implementation
-
     if "attn_implementation" in kwargs:
         tries = [(kwargs.pop("attn_implementation"), "as the task needs")]
     else:
-        tries = [attention_implementation(attention, device_type(), compute_dtype)]
+        tries = [attention_kernels.attention_implementation(attention, device_type(), compute_dtype)]
         if attention == AttentionKernel.auto and tries[0][0] != "sdpa":
             tries.append(("sdpa", f"sdpa: the model does not implement {tries[0][0]}"))
     for i, (implementation, reason) in enumerate(tries):
@@ -223,9 +226,7 @@ def select_checkpointed_layers(model, hp: Hyperparameters, sharded: bool = False
     """With gradient checkpointing on (every decoder layer recomputes), switch it off again for all but
     performance.checkpointLayers of them, spread evenly over the stack; None: all on CPU, as few as the free
     memory allows on CUDA. Returns what it did ("2 of 4", "off") for kubetune_choices."""
-    from .kernels.layers import decoder_layers
-
-    layers = decoder_layers(model)
+    layers = layer_kernels.decoder_layers(model)
     if not hp.gradient_checkpointing:
         return "off"
     if not layers:  # a model of other layers (ResNet...): transformers' own checkpointing as enabled

@@ -22,12 +22,13 @@ from .identity import RunIdentity, check_claim, claim
 from .manifest import Manifest
 from .merge import merge_output
 from .metrics import TrainerMetrics
+from .modeling import resolve_precision
 from .prepare import inputs_of, prepare
 from .publish import publish_output, save_output
 from .redact import redact
 from .sharding import full_trainable_state, is_sharded
 from .storage import Storage
-from .tasks import task_for
+from .tasks import GeneratesText, task_for
 from .train import Reporter, StopSignal, collective_failures_are_peer_lost, train
 
 
@@ -40,8 +41,6 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
     """Train as configured and return the published manifest (or the existing one if already done)."""
     import torch
     from accelerate import Accelerator
-
-    from .modeling import resolve_precision
 
     started = time.time()
     storage = storage or Storage(config.storage)
@@ -111,7 +110,7 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
         for split in ("validation", "test"):
             if split in splits and split not in results:
                 results[split] = evaluate(task, model, splits[split], split, accelerator, hp.batch_size, metrics)
-                if split == "test":
+                if split == "test" and isinstance(task, GeneratesText):
                     results[split].update(task.generation_metrics(model, accelerator, beat))
                 report({"event": split, "step": selected, **results[split]})
         if state.baseline and "test" in results:

@@ -1,6 +1,6 @@
 """Stages 2 and 3, validate and tokenize: once per data set, not once per process or per start.
 
-For a task that caches (causal-lm, see tasks/base.py), one streaming pass over each split checks every record and
+For a task that caches rows (`tasks.CachesRows`: causal-lm), one streaming pass over each split checks every record and
 writes its tokens into the memory-mapped cache of data/cache.py, kept in object storage at
 `<dataset.cacheUri or checkpoint uri + data-cache/>/<key>/`. The key hashes the data's and the tokenizer's
 sha256, the task, the format, maxSeqLength and packing, so whoever comes next with the same inputs (the training
@@ -24,7 +24,7 @@ from .data import cache as data_cache
 from .errors import DatasetError
 from .fetch import Fetched, local_path, tokenizer_sha256, tree_sha256
 from .storage import Storage, is_remote
-from .tasks import Task
+from .tasks import CachesRows, Task
 
 Report = Callable[[dict], None]
 
@@ -78,7 +78,7 @@ def prepare(config: TrainerConfig, task: Task, fetched: Fetched, storage: Storag
     place). upload: a cache built here is uploaded for whoever comes next. examples=False (kubetune validate):
     the reports only; a complete cache in object storage is not downloaded. Events: `data_cache` (reused,
     downloaded, built, or found in storage by validation) and `data_cache_rebuilt` (a damaged one, named)."""
-    if not task.caches:
+    if not isinstance(task, CachesRows):
         reports = validate_splits(config, task, fetched, beat=beat)
         splits = {s: task.examples(s, p, fetched.uris[s], reports["train"].format)
                   for s, p in fetched.splits.items()} if examples else {}

@@ -45,7 +45,7 @@ from .identity import RunIdentity, check_claim
 from .metrics import TrainerMetrics
 from .modeling import load_trainable_state_dict, trainable_state_dict
 from .storage import Storage
-from .tasks import Task
+from .tasks import GeneratesText, Task, WindowMetrics
 
 Reporter = Callable[[dict], None]
 
@@ -349,7 +349,8 @@ class Window:
             "samples_per_second": totals[3] / elapsed,
             "eta_seconds": eta_seconds,
         }
-        own = loop.task.window_metrics(accelerator)  # the task's metrics of the window (preference rewards)
+        # the task's metrics of the window (preference rewards)
+        own = loop.task.window_metrics(accelerator) if isinstance(loop.task, WindowMetrics) else {}
         entry.update(own)
         state.train_time_seconds += elapsed
         state.history.append(entry)
@@ -488,8 +489,9 @@ def _baseline(loop: Loop, model, test_seqs) -> dict:
     if loop.metrics:
         loop.metrics.set_phase("evaluating")
     result = loop.evaluate(model, test_seqs, "test")
-    result.update(loop.task.generation_metrics(model, loop.accelerator, loop.metrics.beat if loop.metrics
-                                               else (lambda: None)))
+    if isinstance(loop.task, GeneratesText):
+        result.update(loop.task.generation_metrics(model, loop.accelerator, loop.metrics.beat if loop.metrics
+                                                   else (lambda: None)))
     loop.report({"event": "baseline", "split": "test", **result})
     if loop.metrics:
         loop.metrics.set_evaluation("test", "baseline", result)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune_api import PREFERENCE_FORMATS, Objective
 
+from ..train import Plan
+
 if TYPE_CHECKING:
     from kubetune_api import TrainerConfig
 
@@ -28,8 +30,6 @@ def data_report(config: TrainerConfig, task: Task, reports: dict[str, DatasetRep
                 cache: dict | None = None, processes: int | None = None) -> dict[str, Any]:
     """The data report (the validation's termination message, less "valid"): see the module docstring.
     processes: the training processes, by default config.hardware's."""
-    from ..train import Plan
-
     hp = config.hyperparameters
     train = reports["train"]
     sequences = train.sequences or train.samples

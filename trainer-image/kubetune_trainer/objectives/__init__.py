@@ -1,24 +1,9 @@
-"""Preference objectives (spec.objective dpo, orpo), each behind the `PreferenceObjective` interface of base.py.
-
-The preference task (tasks/preference.py) runs the model on a batch of (chosen, rejected) pairs and hands the
-objective each sequence's log-probabilities; the objective turns them into a loss per pair and its metrics. The
-loop, the operator and the publishing know neither.
+"""The objectives of the causal-LM task (spec.objective), each behind the `CausalObjective` interface of base.py and
+registered for its spec.Objective: sft (sft.py), and the preference objectives on (chosen, rejected) pairs, dpo and
+orpo (preference.py holds what they share). The loop, the operator and the publishing know none of them.
 """
 
-from __future__ import annotations
+from . import dpo, orpo, sft
+from .base import OBJECTIVES, CausalObjective, objective_for, register
 
-from kubetune_api import Objective, ObjectiveParams
-
-from .base import Logps, PreferenceObjective, prediction_targets, sequence_logps
-
-__all__ = ["Logps", "PreferenceObjective", "objective_for", "prediction_targets", "sequence_logps"]
-
-
-def objective_for(objective: Objective, params: ObjectiveParams) -> PreferenceObjective:
-    if objective == Objective.dpo:
-        from .dpo import DPO as cls
-    elif objective == Objective.orpo:
-        from .orpo import ORPO as cls
-    else:
-        raise ValueError(f"objective {objective.value} is not a preference objective")
-    return cls(params)
+__all__ = ["OBJECTIVES", "CausalObjective", "dpo", "objective_for", "orpo", "register", "sft"]

@@ -1,94 +1,122 @@
-"""What a preference objective sees of a batch, and the interface it implements.
+"""What the causal-LM task trains for (spec.objective), behind the `CausalObjective` interface, and its registry.
 
-A batch (data/preference.collate_pairs) holds sequences numbered 0, 1, 2, ... (`sequence`, -1 on padding): the
-chosen answer of the batch's pair p is sequence 2p, the rejected one 2p + 1, whether each has a row of its own or
-several share a packed row. `sequence_logps` sums the per-token log-probabilities (kernels/loss.py) per sequence; the
-objective turns the sums into a loss per pair.
+The causal-LM task (tasks/causal_lm.py) loads the tokenizer and the model, reads, checks and caches the records,
+and generates for metrics. Its objective decides the rest: what a record is (a sequence, or a (chosen, rejected)
+pair), how the tokenized records are packed and batched, the loss, and the metrics of training and evaluation.
+An objective registers itself for its spec.Objective value with `@register`; the task looks it up in OBJECTIVES,
+so adding one touches neither the task nor the loop.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from kubetune_api import Objective, ObjectiveParams
+from kubetune_api import DataFormat, Objective
 
-from ..data import IGNORE
+from ..errors import ConfigError
+from ..kernels.loss import LossHead
+from ..kernels.loss import choose as choose_loss
+from ..modeling import device_type
 
-
-@dataclass
-class Logps:
-    """Per pair ([P] tensors, float32): the summed log-probabilities of the answer tokens (the trained ones) of the
-    chosen and the rejected sequence and their numbers of tokens; `chosen_nll`, `chosen_tokens_all`: the summed
-    negative log-likelihood of every predicted token of the chosen sequence (prompt included) and their number."""
-
-    chosen: torch.Tensor
-    rejected: torch.Tensor
-    chosen_tokens: torch.Tensor
-    rejected_tokens: torch.Tensor
-    chosen_nll: torch.Tensor
-    chosen_tokens_all: torch.Tensor
-
-    @property
-    def pairs(self) -> int:
-        return self.chosen.shape[0]
+if TYPE_CHECKING:
+    from ..data import Example
+    from ..evaluate import Evaluation
+    from ..tasks.base import Task
 
 
-def prediction_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R, T-1] each: the token that position t predicts (token t + 1) and whether it is scored: predicted from a
-    token of the same sequence (a packed row's next sequence starts a new one)."""
-    sequence = batch["sequence"]
-    inner = (sequence[:, 1:] >= 0) & (sequence[:, 1:] == sequence[:, :-1])
-    return torch.where(inner, batch["input_ids"][:, 1:], 0), inner
+class CausalObjective(ABC):
+    name: ClassVar[Objective]  # set by @register
+    unit: ClassVar[str]  # what the loss is a mean over: "token", or "sample" (a pair)
+    pairs: ClassVar[bool] = False  # its records are (chosen, rejected) pairs: how the data stage reads them
 
-
-def sequence_logps(per_token: torch.Tensor, batch: dict[str, torch.Tensor]) -> Logps:
-    """The Logps of a batch from the log-probabilities [R, T-1] of the `prediction_targets` (0 where not
-    scored; kernels/loss.LossHead.token_logps)."""
-    sequence = batch["sequence"]
-    pairs = max(int(sequence.max()) + 1, 0) // 2
-    labels, target_seq = batch["labels"][:, 1:], sequence[:, 1:]
-    _, inner = prediction_targets(batch)
-    trained = inner & (labels != IGNORE)
-    index = target_seq.clamp(min=0).reshape(-1)
-
-    def per_sequence(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        sums = torch.zeros(2 * pairs, dtype=torch.float32, device=values.device)
-        return sums.index_add(0, index, torch.where(mask, values, 0).reshape(-1).float())
-
-    answer = per_sequence(per_token, trained)
-    answer_tokens = per_sequence(torch.ones_like(per_token), trained)
-    everything = per_sequence(per_token, inner)
-    all_tokens = per_sequence(torch.ones_like(per_token), inner)
-    return Logps(answer[0::2], answer[1::2], answer_tokens[0::2], answer_tokens[1::2], -everything[0::2],
-                 all_tokens[0::2])
-
-
-class PreferenceObjective(ABC):
-    """A preference loss on (chosen, rejected) pairs."""
-
-    name: ClassVar[Objective]
-    # The metrics `pair_losses` returns (per pair, averaged over the pairs of a logging window or a split).
-    metrics: ClassVar[tuple[str, ...]] = ("rewards_chosen", "rewards_rejected", "rewards_margin", "rewards_accuracy",
-                                          "logps_chosen", "logps_rejected")
-
-    def __init__(self, params: ObjectiveParams):
-        self.params = params
+    def __init__(self, task: Task):
+        """`task`: the causal-LM task, for its config, model folder and tokenizer (task.processor, once loaded)."""
+        self.task, self.config, self.params = task, task.config, task.config.objective_params
+        self.head = LossHead()  # how the loss scores tokens (kernels/loss.py); chosen for the model by attach
 
     @property
-    def uses_reference(self) -> bool:
-        """Whether `pair_losses` needs the reference model's Logps of the same batch."""
-        return False
+    def pad_id(self) -> int:
+        return self.task.processor.pad_token_id
+
+    # -- data ---------------------------------------------------------------------------------------------
 
     @abstractmethod
-    def pair_losses(self, policy: Logps, reference: Logps | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(each pair's loss [P], with grad: their mean is the batch's loss; each of `metrics` per pair [P])."""
+    def tokenize(self, path: Path, uri: str, fmt: DataFormat) -> list[Example]:
+        """A split's records as tokenized sequences (a pair as its chosen then its rejected sequence)."""
+
+    @abstractmethod
+    def pack(self, examples: list[Example]) -> Sequence:
+        """The tokenized sequences as training-ready examples (packed where hyperparameters.packing asks)."""
+
+    def prompted(self, examples: Sequence[Example]) -> Sequence[Example]:
+        """The sequences that are a prompt and its reference answer, for generation metrics: all of them."""
+        return examples
+
+    @abstractmethod
+    def collate(self, examples: list) -> dict[str, torch.Tensor]:
+        """Task.collate."""
+
+    @abstractmethod
+    def blank(self, example) -> dict[str, torch.Tensor]:
+        """Task.blank."""
+
+    @abstractmethod
+    def units(self, batch: dict[str, torch.Tensor]) -> int:
+        """Task.units."""
+
+    @abstractmethod
+    def size(self, example) -> tuple[int, int]:
+        """Task.size."""
+
+    # -- model --------------------------------------------------------------------------------------------
+
+    def attach(self, model, mixed_precision: str, sharded: bool) -> None:
+        """Get ready to train `model` (the task's, just loaded): choose the loss head for it, and note the choice
+        in model.kubetune_choices."""
+        self.head = choose_loss(self.config.hyperparameters.performance.loss, model, device_type())
+        model.kubetune_choices = {**getattr(model, "kubetune_choices", {}), "loss": self.head.reason}
+
+    @abstractmethod
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Task.loss."""
+
+    @abstractmethod
+    def evaluation(self, split: str) -> Evaluation:
+        """Task.evaluation."""
+
+    def window_metrics(self, accelerator) -> dict[str, float]:
+        """WindowMetrics.window_metrics: none beside the loss."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records of the objective beside the task: nothing for the default, sft."""
+        return {}
 
 
-def rewards(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The reward metrics every objective reports, per pair (detached)."""
-    chosen, rejected = chosen.detach(), rejected.detach()
-    return {"rewards_chosen": chosen, "rewards_rejected": rejected, "rewards_margin": chosen - rejected,
-            "rewards_accuracy": (chosen > rejected).float()}
+OBJECTIVES: dict[Objective, type[CausalObjective]] = {}
+
+
+def register(objective: Objective) -> Callable[[type[CausalObjective]], type[CausalObjective]]:
+    """Class decorator: `objective` (spec.objective) of the causal-LM task is this class."""
+
+    def add(cls: type[CausalObjective]) -> type[CausalObjective]:
+        if objective in OBJECTIVES:
+            raise ValueError(f"objective {objective.value} is registered twice: {OBJECTIVES[objective].__name__} "
+                             f"and {cls.__name__}")
+        cls.name = objective
+        OBJECTIVES[objective] = cls
+        return cls
+
+    return add
+
+
+def objective_for(task: Task) -> CausalObjective:
+    """The objective of task.config.objective, for `task`."""
+    objective = task.config.objective
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective {objective.value} is not implemented by this trainer image")
+    return OBJECTIVES[objective](task)

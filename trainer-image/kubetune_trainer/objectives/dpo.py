@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from kubetune_api import DpoLoss, Objective
 
-from .base import Logps, PreferenceObjective, rewards
+from .base import register
+from .preference import Logps, PairObjective, rewards
 
 
-class DPO(PreferenceObjective):
-    name = Objective.dpo
-
+@register(Objective.dpo)
+class DPO(PairObjective):
     @property
     def uses_reference(self) -> bool:
         return not self.params.reference_free

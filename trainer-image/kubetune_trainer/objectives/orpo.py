@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from kubetune_api import Objective
 
-from .base import Logps, PreferenceObjective, rewards
+from .base import register
+from .preference import Logps, PairObjective, rewards
 
 LN_HALF = -0.6931471805599453
 
@@ -22,9 +23,9 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < LN_HALF, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-class ORPO(PreferenceObjective):
-    name = Objective.orpo
-    metrics = (*PreferenceObjective.metrics, "nll_loss", "log_odds_ratio", "log_odds_chosen")
+@register(Objective.orpo)
+class ORPO(PairObjective):
+    metrics = (*PairObjective.metrics, "nll_loss", "log_odds_ratio", "log_odds_chosen")
 
     def pair_losses(self, policy: Logps, reference: Logps | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         beta = self.params.beta

@@ -1,30 +1,30 @@
-"""The kinds of fine-tuning (spec.task), each behind the `Task` interface of tasks/base.py."""
+"""The kinds of fine-tuning (spec.task), each behind the `Task` interface of tasks/base.py and registered there for
+its spec.TaskType: causal-lm (causal_lm.py, whose objectives are in objectives/), sequence-classification and
+image-classification (classification.py holds what they share). A new task is one more module here, imported
+below: docs/adding-a-task.md.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kubetune_api import PREFERENCE_OBJECTIVES, TaskType
-
-from .base import Evaluation, Task
+from ..errors import ConfigError
+from ..evaluate import Evaluation
+from . import causal_lm, image_classification, sequence_classification
+from .base import TASKS, CachesRows, GeneratesText, Task, WindowMetrics, register
 
 if TYPE_CHECKING:
     from kubetune_api import TrainerConfig
 
     from ..storage import Storage
 
-__all__ = ["Evaluation", "Task", "task_for"]
+__all__ = ["TASKS", "CachesRows", "Evaluation", "GeneratesText", "Task", "WindowMetrics", "causal_lm",
+           "image_classification", "register", "sequence_classification", "task_for"]
 
 
 def task_for(config: TrainerConfig, model_dir: Path, storage: Storage | None = None) -> Task:
-    """The Task of config.task (and config.objective), for the model folder `model_dir`."""
-    if config.objective in PREFERENCE_OBJECTIVES:
-        from .preference import Preference as cls
-    elif config.task == TaskType.sequence_classification:
-        from .sequence_classification import SequenceClassification as cls
-    elif config.task == TaskType.image_classification:
-        from .image_classification import ImageClassification as cls
-    else:
-        from .causal_lm import CausalLM as cls
-    return cls(config, model_dir, storage)
+    """The Task registered for config.task, for the model folder `model_dir`."""
+    if config.task not in TASKS:
+        raise ConfigError(f"task {config.task.value} is not implemented by this trainer image")
+    return TASKS[config.task](config, model_dir, storage)

@@ -1,11 +1,19 @@
-"""What one kind of fine-tuning contributes to the pipeline, behind one small interface.
+"""What one kind of fine-tuning contributes to the pipeline: a small core interface, optional capabilities, and the
+registry the pipeline finds a task in.
 
 The pipeline (fetch -> validate -> tokenize -> train -> evaluate -> publish), the training loop, checkpointing,
-the metrics and the operator know only `Task`. A task brings its record formats and their checks, how records
-become training examples and batches, how the model is loaded, its loss, and its evaluation metrics.
+the metrics and the operator know only `Task`. A task brings its record checks, how records become training
+examples and batches, how the model is loaded, its loss and its evaluation metrics. What only some tasks do is a
+capability, a mixin the shared code finds by type (`isinstance(task, CachesRows)`), never a flag:
 
-A Task is made once per process for a run (`tasks.task_for(config, model_dir, storage)`); it may keep what validating
-the training split taught it (the class names of a classification task), so splits are validated train first.
+- `CachesRows`: validates and tokenizes in one pass into the shared memory-mapped cache (data/cache.py).
+- `GeneratesText`: scores generated answers on the test split (evaluation.generation).
+- `WindowMetrics`: training metrics of its own beside the loss, on each log line.
+
+A task registers itself for its spec.TaskType with `@register(TaskType.x)`; its record formats are
+spec.TASK_FORMATS[x], nothing else. A Task is made once per process for a run (`tasks.task_for`); it may keep
+what validating the training split taught it (the class names of a classification task), so splits are validated
+train first. docs/adding-a-task.md walks through adding one; tests/trainer/test_task_contract.py checks them all.
 """
 
 from __future__ import annotations
@@ -16,42 +24,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from kubetune_api import DataFormat, EvalMetric, TaskType
+from kubetune_api import TASK_FORMATS, DataFormat, EvalMetric, TaskType
 
 if TYPE_CHECKING:
     from kubetune_api import TrainerConfig
 
     from ..data import DatasetReport
     from ..data.cache import Cache
+    from ..evaluate import Evaluation
     from ..storage import Storage
 
 Beat = Callable[[], None]
 
 
-class Evaluation(ABC):
-    """One split's evaluation, accumulated batch by batch in every process; `result` combines the processes
-    (a collective: every process calls it). Batches made by `Task.blank` must count for nothing."""
-
-    @abstractmethod
-    def add(self, model, batch: dict[str, torch.Tensor]) -> None:
-        """Score one batch (already on the device, under autocast and no_grad)."""
-
-    @abstractmethod
-    def result(self, accelerator) -> dict[str, Any]:
-        """The split's metrics over all processes: scalars at the top level ("loss", "accuracy", ...), details
-        (per-class scores, a confusion matrix) nested. Every process gets the same result."""
-
-
 class Task(ABC):
-    name: ClassVar[TaskType]
-    unit: ClassVar[str]  # what the loss is a mean over, "token" or "sample"
-    headline: ClassVar[str]  # the test metric `kubectl get` shows: "loss" or "accuracy"
-    formats: ClassVar[tuple[DataFormat, ...]]  # the concrete formats it reads (kubetune_api.TASK_FORMATS less auto)
+    name: ClassVar[TaskType]  # set by @register
+    unit: str  # what the loss is a mean over, "token" or "sample"
+    headline: str  # the test metric `kubectl get` shows: "loss" or "accuracy"
 
     def __init__(self, config: TrainerConfig, model_dir: Path, storage: Storage | None = None):
         """`storage`: for what records point at in object storage (images), with the run's credentials."""
         self.config, self.model_dir, self.storage = config, Path(model_dir), storage
         self.processor: Any = None  # set by load_processor
+
+    @property
+    def formats(self) -> tuple[DataFormat, ...]:
+        """The concrete record formats the task reads: spec.TASK_FORMATS of its type, less auto."""
+        return tuple(f for f in TASK_FORMATS[self.name] if f != DataFormat.auto)
 
     @property
     def remote_code(self) -> dict[str, bool]:
@@ -76,21 +75,6 @@ class Task(ABC):
     def examples(self, split: str, path: Path, uri: str, fmt: DataFormat) -> Sequence:
         """The split as training-ready examples (tokenized, packed where the task packs), indexable."""
 
-    # Tasks whose examples are token arrays (causal-lm) validate and tokenize in one pass into the memory-mapped
-    # cache of data/cache.py, shared by the processes, the retries and the jobs with the same data: the pipeline
-    # then calls prepare() and load() instead of validate() and examples().
-    caches: ClassVar[bool] = False
-
-    def prepare(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int, into: Path,
-                beat: Beat | None = None) -> DatasetReport:
-        """validate(), writing the split's training-ready arrays into the folder `into` in the same pass; beats
-        as the records go by (a pass over millions of records takes minutes)."""
-        raise NotImplementedError
-
-    def load(self, split: str, cache: Cache) -> Sequence:
-        """examples() of a split, from the cache that prepare() wrote (memory-mapped)."""
-        raise NotImplementedError
-
     @abstractmethod
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
         """A batch of examples, as the model's keyword arguments plus what `loss` and `units` read."""
@@ -104,9 +88,9 @@ class Task(ABC):
     def units(self, batch: dict[str, torch.Tensor]) -> int:
         """The loss-bearing units of a batch: trained tokens, or labelled samples."""
 
-    @abstractmethod
     def size(self, example) -> tuple[int, int]:
         """(tokens, samples) of an example, for throughput: tokens is 0 for images, samples > 1 when packed."""
+        return 0, 1
 
     # -- model --------------------------------------------------------------------------------------------
 
@@ -119,21 +103,16 @@ class Task(ABC):
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss over the batch's units, the number of units), in this process."""
 
-    def window_metrics(self, accelerator) -> dict[str, float]:
-        """The task's own training metrics since the last call, over every process (a collective when there are
-        any), for the log line of each logging step; {} for a task that has none beside the loss."""
-        return {}
-
     @abstractmethod
     def evaluation(self, split: str) -> Evaluation:
         """A fresh accumulator for evaluating `split` ("validation" or "test")."""
 
-    def generation_metrics(self, model, accelerator, beat: Beat) -> dict[str, Any]:
-        """Metrics of generated answers on the test split (causal-lm with evaluation.generation); {} otherwise.
-        A collective: every process calls it."""
-        return {}
-
     # -- what is recorded and published ---------------------------------------------------------------------
+
+    @abstractmethod
+    def load_base(self, dtype: torch.dtype):
+        """The base model for inference or merging (output.merged), without an adapter: the task's auto class and
+        head settings, every weight in `dtype`, on the CPU."""
 
     def describe(self) -> dict[str, Any]:
         """What the manifest and the checkpoints' fingerprint record of the task (its labels, for example)."""
@@ -151,12 +130,57 @@ class Task(ABC):
             return True
         return value < best - min_delta if metric == EvalMetric.loss else value > best + min_delta
 
-    def load_base(self, dtype: torch.dtype):
-        """The base model for inference or merging (output.merged), without an adapter: the task's auto class and
-        head settings, every weight in `dtype`, on the CPU."""
-        from transformers import AutoModelForCausalLM
 
-        from ..modeling import quiet_transformers
+# -- capabilities: what only some tasks do, found by isinstance ---------------------------------------------------
 
-        with quiet_transformers():
-            return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, **self.remote_code)
+
+class CachesRows(ABC):
+    """The task's examples are token arrays: it validates and tokenizes in one pass into the memory-mapped cache of
+    data/cache.py, shared by the processes, the retries and the jobs with the same data. The pipeline then calls
+    prepare() and load() instead of validate() and examples()."""
+
+    @abstractmethod
+    def prepare(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int, into: Path,
+                beat: Beat | None = None) -> DatasetReport:
+        """validate(), writing the split's training-ready arrays into the folder `into` in the same pass; beats
+        as the records go by (a pass over millions of records takes minutes)."""
+
+    @abstractmethod
+    def load(self, split: str, cache: Cache) -> Sequence:
+        """examples() of a split, from the cache that prepare() wrote (memory-mapped)."""
+
+
+class GeneratesText(ABC):
+    """The task generates text, and scores generated answers on the test split (evaluation.generation)."""
+
+    @abstractmethod
+    def generation_metrics(self, model, accelerator, beat: Beat) -> dict[str, Any]:
+        """Metrics of generated answers on the test split; {} when the spec asks for none. A collective: every
+        process calls it."""
+
+
+class WindowMetrics(ABC):
+    """The task has training metrics of its own beside the loss (preference rewards), on each log line."""
+
+    @abstractmethod
+    def window_metrics(self, accelerator) -> dict[str, float]:
+        """The metrics since the last call, over every process (a collective when there are any); {} when none."""
+
+
+# -- the registry -------------------------------------------------------------------------------------------------
+
+TASKS: dict[TaskType, type[Task]] = {}
+
+
+def register(task_type: TaskType) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator: `task_type` (spec.task) is trained by this class."""
+
+    def add(cls: type[Task]) -> type[Task]:
+        if task_type in TASKS:
+            raise ValueError(f"task {task_type.value} is registered twice: {TASKS[task_type].__name__} and "
+                             f"{cls.__name__}")
+        cls.name = task_type
+        TASKS[task_type] = cls
+        return cls
+
+    return add

@@ -27,7 +27,9 @@ from ..data.records import Record, load_records
 from ..data.stream import where
 from ..data.validate import check_min_samples
 from ..errors import ConfigError, DatasetError
-from .base import Evaluation, Task
+from ..evaluate import Evaluation
+from ..modeling import quiet_transformers
+from .base import Task
 
 IGNORE = -100  # the target of a blank row
 SUM_TOLERANCE = 1e-3  # how far from 1 the probabilities of a soft label may sum
@@ -236,8 +238,6 @@ class ClassificationTask(Task):
         """The base under a head for these labels, initialised anew (a head of another size is replaced): the
         adapter's modules_to_save brings the trained one."""
         import transformers
-
-        from ..modeling import quiet_transformers
 
         with quiet_transformers():
             return getattr(transformers, self.auto_class).from_pretrained(

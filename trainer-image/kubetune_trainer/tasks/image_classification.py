@@ -13,21 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kubetune_api import TASK_FORMATS, DataFormat, MethodType, TaskType
+from kubetune_api import DataFormat, MethodType, TaskType
 
 from ..data import DatasetReport, label_studio
 from ..errors import ConfigError, DatasetError
 from ..images import REFERENCE_HINT, ImageStore, Located, decode_problem, imagefolder_records, is_imagefolder, load_rgb
+from ..modeling import load_model, quiet_transformers
+from .base import register
 from .classification import ClassExample, ClassificationTask, at_record, head_modules
 
 PROCESSOR_FILE = "preprocessor_config.json"
 KEYS = ("image",)  # what a record holds beside its label
 
 
+@register(TaskType.image_classification)
 class ImageClassification(ClassificationTask):
-    name = TaskType.image_classification
     auto_class = "AutoModelForImageClassification"
-    formats = tuple(f for f in TASK_FORMATS[TaskType.image_classification] if f != DataFormat.auto)
 
     def __init__(self, config, model_dir: Path, storage=None):
         super().__init__(config, model_dir, storage)
@@ -41,8 +42,6 @@ class ImageClassification(ClassificationTask):
 
     def load_processor(self):
         from transformers import AutoImageProcessor
-
-        from ..modeling import quiet_transformers
 
         if not (self.model_dir / PROCESSOR_FILE).is_file():
             raise ConfigError(f"baseModel: {self.config.base_model.uri} has no image processor ({PROCESSOR_FILE}); "
@@ -143,8 +142,6 @@ class ImageClassification(ClassificationTask):
         in full (modules_to_save). A convolutional base (ResNet) has no linear layers for the default
         targetModules all-linear: LoRA then adapts its convolutions."""
         from transformers import AutoModelForImageClassification
-
-        from ..modeling import load_model
 
         hp = self.config.hyperparameters
         skeleton = self._skeleton()

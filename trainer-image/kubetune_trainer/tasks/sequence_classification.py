@@ -20,19 +20,18 @@ from ..data.formats import RecordError, kind_of
 from ..data.records import Record
 from ..data.stream import where
 from ..data.validate import truncation_warning
+from ..modeling import load_model, load_tokenizer
+from .base import register
 from .classification import IGNORE, ClassExample, ClassificationTask, at_record, head_modules
 
 KEYS = ("text", "text_pair")
 
 
+@register(TaskType.sequence_classification)
 class SequenceClassification(ClassificationTask):
-    name = TaskType.sequence_classification
-    formats = (DataFormat.classification, DataFormat.label_studio)
     auto_class = "AutoModelForSequenceClassification"
 
     def load_processor(self):
-        from ..modeling import load_tokenizer
-
         self.processor = load_tokenizer(self.model_dir, **self.remote_code)
         return self.processor
 
@@ -111,8 +110,6 @@ class SequenceClassification(ClassificationTask):
         """The base model under a new head of len(labels) outputs (initialised from hyperparameters.seed); with
         LoRA the head is trained in full (modules_to_save)."""
         from transformers import AutoModelForSequenceClassification
-
-        from ..modeling import load_model
 
         hp, method = self.config.hyperparameters, self.config.method
         kwargs = self.model_kwargs()
