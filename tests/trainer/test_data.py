@@ -63,6 +63,34 @@ def test_chat_trains_only_assistant_turns_and_their_end_of_turn(tok):
     assert "<|im_start|>assistant\n" in prompt
 
 
+def weighted(record: dict, *weights) -> dict:
+    """The record with OpenAI's "weight" on its assistant turns, in order (None: no weight)."""
+    record = copy.deepcopy(record)
+    answers = [m for m in record["messages"] if m["role"] == "assistant"]
+    for message, weight in zip(answers, weights, strict=True):
+        if weight is not None:
+            message["weight"] = weight
+    return record
+
+
+def test_an_assistant_turn_of_weight_0_is_rendered_but_not_trained(tmp_path, tok):
+    """OpenAI's `"weight": 0`: the turn stays in the conversation (the model reads it) and gets no loss; weight 1
+    is the default. The data report counts only what is trained."""
+    example = tokenize_record(weighted(CHAT, 0, 1), FMT.chat, tok, 512)
+    assert trained_spans(example, tok) == ["Rome, of course.<|im_end|>"]
+    assert tok.decode(example.input_ids) == tok.apply_chat_template(CHAT["messages"], tokenize=False)
+    assert example.input_ids == tokenize_record(CHAT, FMT.chat, tok, 512).input_ids
+    assert trained_spans(tokenize_record(weighted(CHAT, 1, None), FMT.chat, tok, 512), tok) == [
+        "Paris.<|im_end|>", "Rome, of course.<|im_end|>"]
+    reports = [validate_dataset(write_jsonl(tmp_path / f"{name}.jsonl", records), None, fmt=FMT.auto, tokenizer=tok,
+                                max_seq_length=512) for name, records in (("plain", [CHAT, CHAT]),
+                                                                          ("weighted", [CHAT, weighted(CHAT, 0, 1)]))]
+    plain, with_weights = reports
+    assert with_weights.tokens == plain.tokens
+    assert with_weights.trained_tokens == plain.trained_tokens - len(tok("Paris.<|im_end|>",
+                                                                         add_special_tokens=False)["input_ids"])
+
+
 def test_chat_template_that_rerenders_earlier_turns(tok):
     """Like Qwen3's template, which renders the last assistant turn differently from earlier ones."""
     other = copy.deepcopy(tok)
@@ -196,6 +224,15 @@ BAD_RECORDS = {
     "assistant first": ([message_list(("assistant", "Hi"), ("user", "A"))], FMT.chat, 1,
                         "before any user turn"),
     "empty messages": ([{"messages": []}], FMT.auto, 1, "non-empty array"),
+    "weight not 0 or 1": ([GOOD, weighted(chat("Hi", "Hello", "Bye", "Ciao"), 1, 0.5)], FMT.auto, 2,
+                          "message 4 (assistant) has weight 0.5; a weight is 0 (do not train this turn) or 1"),
+    "weight as a string": ([weighted(GOOD, "0")], FMT.chat, 1, "has weight '0'"),
+    "weight as a boolean": ([weighted(GOOD, False)], FMT.chat, 1, "has weight False"),
+    "weight on a user turn": ([{"messages": [{"role": "user", "content": "Hi", "weight": 1},
+                                             {"role": "assistant", "content": "A"}]}], FMT.chat, 1,
+                              "message 1 (user) has a weight; only assistant turns take one"),
+    "every answer weight 0": ([GOOD, GOOD, weighted(chat("Hi", "Hello", "Bye", "Ciao"), 0, 0)], FMT.auto, 3,
+                              "every assistant message has weight 0: nothing to train on"),
     "mixed formats": ([GOOD, GOOD, COMPLETION], FMT.auto, 3, "record is completion but the first record"),
     "declared format missing field": ([TEXT, COMPLETION], FMT.text, 2,
                                       "missing field 'text' required by format text; the record looks like "

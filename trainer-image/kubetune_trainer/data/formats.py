@@ -148,10 +148,32 @@ def check_messages(messages: Any, words: _Words = CHAT_WORDS, answered: bool = T
                               "flatten structured content (e.g. a list of parts) into text")
         if not content.strip():
             raise RecordError(f"{w.turn} {n} ({name}) has empty {w.content}", "remove the turn or fill it in")
+        if "weight" in message:
+            _check_weight(message, n, name, w)
         previous = role
     if answered and not any(m["role"] == "assistant" for m in messages):
         raise RecordError(f"no {w.roles['assistant']} {w.turn}: nothing to train on",
                           f"every conversation needs at least one {w.roles['assistant']} turn")
+    if answered and not any(trained(m) for m in messages):
+        raise RecordError(f"every {w.roles['assistant']} {w.turn} has weight 0: nothing to train on",
+                          "give at least one answer weight 1 (or no weight), or leave the conversation out")
+
+
+def trained(message: dict) -> bool:
+    """Whether a checked message is trained: an assistant turn without OpenAI's `"weight": 0`."""
+    return message["role"] == "assistant" and message.get("weight", 1) == 1
+
+
+def _check_weight(message: dict, n: int, name: str, w: _Words) -> None:
+    """OpenAI's chat format: `"weight": 0` on an assistant turn leaves it out of training, 1 (the default) trains
+    it; nothing else is meant."""
+    weight = message["weight"]
+    if message["role"] != "assistant":
+        raise RecordError(f"{w.turn} {n} ({name}) has a weight; only {w.roles['assistant']} turns take one",
+                          "remove the weight: only answers are trained")
+    if type(weight) not in (int, float) or weight not in (0, 1):
+        raise RecordError(f"{w.turn} {n} ({name}) has weight {weight!r}; a weight is 0 (do not train this turn) "
+                          "or 1 (train it)", "set it to 0 or 1, or remove it (1)")
 
 
 def sharegpt_messages(conversations: Any) -> list[dict]:

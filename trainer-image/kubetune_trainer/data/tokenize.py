@@ -10,6 +10,7 @@ from kubetune_api import PREFERENCE_FORMATS, DataFormat
 
 from ..errors import ConfigError
 from .formats import RecordError, instruction_prompt, preference_pair, sharegpt_messages
+from .formats import trained as is_trained
 
 IGNORE = -100  # label of a token that gets no loss
 
@@ -197,12 +198,15 @@ def _compiled_template(tokenizer):
 def chat_segments(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, trained) pieces: each assistant turn is trained from the end
     of its generation prompt to its end-of-turn marker (what render(messages[:i+1]) adds after the prompt,
-    less trailing whitespace). Templates that re-render earlier turns fall back to finding the content."""
+    less trailing whitespace). Templates that re-render earlier turns fall back to finding the content. An
+    assistant turn with OpenAI's `"weight": 0` is rendered but not trained."""
+    train = [is_trained(m) for m in messages]
+    messages = [{k: v for k, v in m.items() if k != "weight"} for m in messages]  # the template never sees it
     full = render(tokenizer, messages)
     spans: list[tuple[int, int]] = []
     cursor = 0
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if not train[i]:
             continue
         prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
         turn = (full if i == len(messages) - 1 else render(tokenizer, messages[: i + 1])).rstrip()
