@@ -218,6 +218,59 @@ def test_parquet_with_embedded_images_as_hugging_face_datasets_export_them(tmp_p
     assert paths[0].parent == Path(config.work_dir) / config.job_name / "images" / "embedded"
 
 
+def test_a_hugging_face_class_label_names_the_classes_in_its_order(tmp_path, vit):
+    """`datasets` keeps a ClassLabel column as integers and the class names in the Parquet schema's metadata: the
+    classes are those names, in that order (what datasets' int2str and the transformers examples' id2label give).
+    Integers without names stay integers, and the data report says so."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["bees", "ants"])})
+    rows = {"image": [{"bytes": png_bytes(c, i), "path": None} for i, c in enumerate(["dark", "light", "dark"])],
+            "label": [1, 0, 1]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "train.parquet")
+    task, reports = validated(make_config(tmp_path, vit, str(tmp_path / "train.parquet")))
+    assert task.labels == features["label"].names == ["bees", "ants"]
+    assert reports["train"].classes == {"bees": 1, "ants": 2}
+    assert not [w for w in reports["train"].warnings if "integers" in w]
+
+    plain = datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict(rows, features=plain).to_parquet(tmp_path / "ints.parquet")
+    task, reports = validated(make_config(tmp_path, vit, str(tmp_path / "ints.parquet")))
+    assert task.labels == ["0", "1"]
+    assert any("the labels are integers and the file names no classes" in w for w in reports["train"].warnings)
+
+    rows["label"] = [1, 0, 2]
+    datasets.Dataset.from_dict(rows, features=datasets.Features({
+        "image": datasets.Image(), "label": datasets.Value("int64")})).to_parquet(tmp_path / "bad.parquet")
+    table = pq.read_table(tmp_path / "bad.parquet")  # the names of two classes, a label of a third
+    schema = table.schema.with_metadata({b"huggingface": json.dumps(
+        {"info": {"features": {"label": {"names": ["bees", "ants"], "_type": "ClassLabel"}}}}).encode()})
+    pq.write_table(table.cast(schema), tmp_path / "bad.parquet")
+    with pytest.raises(DatasetError) as err:
+        validated(make_config(tmp_path, vit, str(tmp_path / "bad.parquet")))
+    assert (err.value.line, err.value.problem) == (3, "label 2 is not a class of the file's ClassLabel (2 classes: "
+                                                      "0 to 1)")
+
+
+def test_a_folder_of_split_folders_is_refused_with_the_fields_to_set(tmp_path, vit):
+    """hymenoptera_data/{train,val,test}/{ants,bees}: as one image folder it would train the classes test, train
+    and val. It is refused, naming the split folders and where each belongs."""
+    root = tmp_path / "hymenoptera_data"
+    for split in ("train", "val", "test"):
+        for label in ("ants", "bees"):
+            _png(root / split / label / "0.png", "dark" if label == "ants" else "light")
+    with pytest.raises(DatasetError) as err:
+        validated(make_config(tmp_path, vit, str(root) + "/"))
+    error = err.value
+    assert error.problem == "the folder holds split folders (test, train, val), not class folders <label>/<image>"
+    assert error.hint == (f"point each split at its folder: dataset.train: {root}/train/, dataset.validation: "
+                          f"{root}/val/, dataset.test: {root}/test/")
+    task, reports = validated(make_config(tmp_path, vit, str(root / "train"), dataset={
+        "validation": str(root / "val"), "test": str(root / "test")}))
+    assert reports["train"].classes == {"ants": 1, "bees": 1}
+
+
 # -- the CPU validation refuses what cannot train ----------------------------------------------------------
 
 

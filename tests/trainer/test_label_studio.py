@@ -39,7 +39,7 @@ def json_min(task_id: int, text: str, choice, annotation_id: int | None = 10, an
 
 
 def plain(values: list[dict], keys=KEYS) -> list[Record]:
-    return plain_records([Record(i + 1, v, "s3://b/export.json") for i, v in enumerate(values)], keys)
+    return plain_records([Record(i + 1, v, "s3://b/export.json") for i, v in enumerate(values)], keys).records
 
 
 def refused(values: list[dict], line: int, *words: str, keys=KEYS) -> DatasetError:
@@ -63,7 +63,7 @@ def test_json_export(tmp_path):
     ]
     path = tmp_path / "export.json"
     path.write_text(json.dumps(export, indent=2))  # Label Studio writes one JSON array
-    records = plain_records(load_records(path, "s3://b/export.json"), KEYS)
+    records = plain_records(load_records(path, "s3://b/export.json"), KEYS).records
     assert [(r.line, r.value) for r in records] == [
         (1, {"text": "Great product", "label": "Positive"}),
         (2, {"text": "Broke in a day", "label": "Negative"}),  # two annotators, one label
@@ -93,13 +93,29 @@ def test_ground_truth_settles_a_disagreement():
     assert records[0].value["label"] == "Neutral"
 
 
-def test_no_annotation():
-    refused([task(1, "a", annotation(1, result("A"))), task(7, "Unlabelled")], 2, "Label Studio task 7",
-            "no annotation")
-    error = refused([task(8, "Skipped", annotation(1, result("A"), was_cancelled=True))], 1,
-                    "Label Studio task 8", "every annotation was cancelled or skipped")
-    assert "annotate it" in error.hint
-    refused([json_min(9, "Unlabelled", None, annotation_id=None)], 1, "Label Studio task 9", "no annotation")
+def test_tasks_nobody_annotated_are_skipped_and_counted():
+    """Label Studio's default export holds the tasks nobody annotated and those whose annotations were all
+    cancelled (skipped): they are left out, and the data report says which."""
+    tasks = plain_records([Record(i + 1, v, "s3://b/export.json") for i, v in enumerate([
+        task(1, "a", annotation(1, result("A"))), task(7, "Unlabelled"),
+        task(8, "Skipped", annotation(2, result("A"), was_cancelled=True)),
+        task(9, "b", annotation(3, result("B"), was_cancelled=True), annotation(4, result("B"))),
+    ])], KEYS)
+    assert [(r.line, r.value["label"]) for r in tasks.records] == [(1, "A"), (4, "B")]
+    assert tasks.skipped == [7, 8]
+    assert tasks.warning() == ("2 tasks skipped in Label Studio, not trained (no annotation, or every annotation "
+                               "cancelled): 7, 8")
+    assert plain_records([Record(1, task(1, "a", annotation(1, result("A"))), "f")], KEYS).warning() is None
+    minimal = plain_records([Record(1, json_min(9, "Unlabelled", None, annotation_id=None), "f"),
+                             Record(2, json_min(2, "b", "B"), "f")], KEYS)
+    assert ([r.value["label"] for r in minimal.records], minimal.skipped) == (["B"], [9])
+
+
+def test_an_export_without_any_annotated_task_is_refused():
+    error = refused([task(7, "Unlabelled"), task(8, "Skipped", annotation(1, result("A"), was_cancelled=True))], 1,
+                    "no task of the Label Studio export is annotated (2 tasks")
+    assert "annotate the tasks" in error.hint
+    refused([json_min(9, "Unlabelled", None, annotation_id=None)], 1, "no task of the Label Studio export")
 
 
 def test_conflicting_annotations_name_the_labels():

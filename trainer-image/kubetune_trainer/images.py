@@ -48,6 +48,16 @@ def is_imagefolder(path: Path) -> bool:
     return any(image_files(sub) for sub in _label_folders(path))
 
 
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "dev", "eval", "test", "testing"}
+
+
+def split_folders(path: Path) -> list[str]:
+    """The subfolders of an image folder that are splits, not classes: named like a split (train, val, test, ...)
+    and themselves laid out <label>/<image>. Two or more of them make the folder a root of splits."""
+    found = [p.name for p in _label_folders(Path(path)) if p.name.lower() in SPLIT_NAMES and is_imagefolder(p)]
+    return found if len(found) > 1 else []
+
+
 def _label_folders(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not _hidden((p.name,)))
 

@@ -8,16 +8,17 @@ Two export formats are read, as Label Studio writes them (a JSON array; JSONL wo
   when several were chosen), "annotator", "annotation_id", "created_at", "updated_at", "lead_time"}; a task
   annotated twice appears twice, with the same "id".
 
-A task becomes one record with one label. What cannot be trained on is refused with the task id rather than
-guessed at: a task nobody annotated (or whose annotations were all cancelled), annotators who disagree, several
-choices in one annotation (multi-label) and annotations with no Choices result. An annotation marked ground truth
+A task becomes one record with one label. A task nobody annotated, or whose annotations were all cancelled
+(skipped), is left out and counted: Label Studio's default export holds them. What cannot be trained on is refused
+with the task id rather than guessed at: annotators who disagree, several choices in one annotation (multi-label),
+annotations with no Choices result, and an export with no annotated task at all. An annotation marked ground truth
 settles a disagreement.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from ..errors import DatasetError
@@ -43,12 +44,27 @@ def is_json_min(value: dict) -> bool:
     return is_export(value) and not ("annotations" in value or "completions" in value or "data" in value)
 
 
-def plain_records(records: Iterable[Record], keys: Sequence[str]) -> list[Record]:
-    """One plain record per task, at the file and line of the task's (first) record, in the export's order.
+class Tasks(NamedTuple):
+    records: list[Record]  # one plain record per annotated task
+    skipped: list[Any]  # the ids of the tasks left out: no annotation, or every one cancelled
+
+    def warning(self) -> str | None:
+        """The data report's line for the skipped tasks, if any."""
+        if not self.skipped:
+            return None
+        listed = ", ".join(map(str, self.skipped[:10])) + (", ..." if len(self.skipped) > 10 else "")
+        return (f"{len(self.skipped)} tasks skipped in Label Studio, not trained (no annotation, or every "
+                f"annotation cancelled): {listed}")
+
+
+def plain_records(records: Iterable[Record], keys: Sequence[str]) -> Tasks:
+    """One plain record per annotated task, at the file and line of the task's (first) record, in the export's
+    order, and the tasks left out (nobody annotated them, or every annotation was cancelled).
 
     `keys` are the data fields kept, the first one required ("text", or "image"); "label" is the chosen class.
     JSON-MIN records are grouped by task id, so a task's annotations are compared wherever they are in the split.
-    Raises DatasetError (file, line, task id) for a task that does not give one label."""
+    Raises DatasetError (file, line, task id) for a task that does not give one label, and for a split where no
+    task is annotated."""
     order: list[tuple[Record, list[dict] | None]] = []  # (first record, JSON-MIN group) per task
     groups: dict[tuple[str, Any], list[dict]] = {}
     for record in records:
@@ -65,18 +81,27 @@ def plain_records(records: Iterable[Record], keys: Sequence[str]) -> list[Record
             groups[group_key] = []
             order.append((record, groups[group_key]))
         groups[group_key].append(value)
-    plain = []
+    plain, skipped = [], []
     for record, group in order:
         try:
             value = from_json_min(group, keys) if group is not None else from_task(record.value, keys)
         except RecordError as e:
             raise DatasetError(record.file, record.line, e.problem, e.hint) from None
-        plain.append(Record(record.line, value, record.file))
-    return plain
+        if value is None:
+            skipped.append(record.value.get("id"))
+        else:
+            plain.append(Record(record.line, value, record.file))
+    if order and not plain:
+        first = order[0][0]
+        raise DatasetError(first.file, first.line, f"no task of the Label Studio export is annotated ({len(order)} "
+                           "tasks, none with an annotation that was not cancelled)",
+                           "annotate the tasks in Label Studio and export again")
+    return Tasks(plain, skipped)
 
 
-def from_task(task: dict, keys: Sequence[str]) -> dict:
-    """A JSON-export task as {keys[0]: ..., ..., "label": ...}; RecordError naming the task otherwise."""
+def from_task(task: dict, keys: Sequence[str]) -> dict | None:
+    """A JSON-export task as {keys[0]: ..., ..., "label": ...}; None for a task without an annotation that was
+    not cancelled; RecordError naming the task otherwise."""
     who = _task(task.get("id"))
     data = task.get("data")
     if not isinstance(data, dict):
@@ -89,17 +114,16 @@ def from_task(task: dict, keys: Sequence[str]) -> dict:
         raise RecordError(f"{who}: annotations is not an array", EXPORT_HINT)
     kept = [a for a in annotations if isinstance(a, dict) and not (a.get("was_cancelled") or a.get("skipped"))]
     if not kept:
-        why = " (every annotation was cancelled or skipped)" if annotations else ""
-        raise RecordError(f"{who} has no annotation{why}",
-                          "annotate it, or export only annotated tasks (filter the tasks by Annotations)")
+        return None
     truth = [a for a in kept if a.get("ground_truth")]
     votes = [(_annotation_label(a, who), _annotation(a.get("id"), _annotator(a.get("completed_by"))))
              for a in truth or kept]
     return {**value, "label": _agreed(votes, who)}
 
 
-def from_json_min(records: list[dict], keys: Sequence[str]) -> dict:
-    """One task's JSON-MIN records (one per annotation) as {keys[0]: ..., ..., "label": ...}."""
+def from_json_min(records: list[dict], keys: Sequence[str]) -> dict | None:
+    """One task's JSON-MIN records (one per annotation) as {keys[0]: ..., ..., "label": ...}; None for a task
+    written without an annotation."""
     who = _task(records[0].get("id"))
     value = _inputs(records[0], keys, who)
     votes = []
@@ -121,8 +145,7 @@ def from_json_min(records: list[dict], keys: Sequence[str]) -> dict:
         where = _annotation(record.get("annotation_id"), _annotator(record.get("annotator")))
         votes.append((_single(choices, f"{who}, {where}"), where))
     if not votes:
-        raise RecordError(f"{who} has no annotation",
-                          "annotate it, or export only annotated tasks (filter the tasks by Annotations)")
+        return None
     return {**value, "label": _agreed(votes, who)}
 
 

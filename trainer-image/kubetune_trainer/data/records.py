@@ -205,6 +205,25 @@ def _load_parquet(path: Path, name: str) -> Iterator[Record]:
             yield Record(line, value, name)
 
 
+def class_names(path: Path, column: str = "label") -> list[str] | None:
+    """The class names a Hugging Face `datasets` export keeps for an integer column: its ClassLabel feature in the
+    Parquet schema's "huggingface" metadata (`names`, in the order of the integers). None for another file, or a
+    column without them. A folder: its first Parquet file."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    files = [f for f in (data_files(path) if path.is_dir() else [path]) if f.suffix.lower() == ".parquet"]
+    if not files:
+        return None
+    try:
+        metadata = pq.read_schema(files[0]).metadata or {}
+        feature = json.loads(metadata.get(b"huggingface", b"{}")).get("info", {}).get("features", {}).get(column)
+    except (OSError, ValueError):
+        return None
+    names = feature.get("names") if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
+    return [str(n) for n in names] if isinstance(names, list) and names else None
+
+
 def _load_csv(path: Path, name: str, delimiter: str) -> Iterator[Record]:
     """Rows as records keyed by the header row's column names; every value is a string (an empty cell is "")."""
     csv.field_size_limit(1 << 30)  # the default (128 KiB a field) is less than a long document

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from kubetune_api import DataFormat
 
 from ..data import DatasetReport, label_studio
 from ..data.formats import RecordError, kind_of
-from ..data.records import Record, load_records
+from ..data.records import Record, class_names, load_records
 from ..data.stream import where
 from ..data.validate import check_min_samples
 from ..errors import ConfigError, DatasetError
@@ -58,10 +58,11 @@ class ClassificationTask(Task):
 
     # -- labels and targets -------------------------------------------------------------------------------
 
-    def resolve_labels(self, seen: Iterable[str]) -> list[str]:
-        """dataset.labels when set, else the sorted labels seen in the training split; kept as self.labels.
-        Labels that are all integers ("0", "1", "10") sort as numbers."""
-        declared = self.config.dataset.labels
+    def resolve_labels(self, seen: Iterable[str], classes: list[str] | None = None) -> list[str]:
+        """dataset.labels when set, else the classes the file names (a ClassLabel's), else the sorted labels seen
+        in the training split; kept as self.labels. Labels that are all integers ("0", "1", "10") sort as
+        numbers."""
+        declared = self.config.dataset.labels or classes
         if declared:
             twice = sorted({label for label in declared if declared.count(label) > 1})
             if twice:
@@ -116,15 +117,17 @@ class ClassificationTask(Task):
             return "add it to dataset.labels, or fix the record"
         return "add records of it to the training split, or list every class in dataset.labels"
 
-    def check_labels(self, split: str, name: str, records: Sequence[Record]) -> list[int | list[float]]:
+    def check_labels(self, split: str, name: str, records: Sequence[Record],
+                     classes: list[str] | None = None) -> list[int | list[float]]:
         """The targets of a split's records (their "label"). The train split resolves the class names first
-        (resolve_labels) and must hold at least 2 classes; DatasetError names the file and line of a bad label."""
+        (resolve_labels; `classes`: the file's own, in order) and must hold at least 2 classes; DatasetError names
+        the file and line of a bad label."""
         if split == "train":
             seen: list[str] = []
             for record in records:
                 with at_record(record, name):
                     seen += label_names(record_label(record.value))
-            self.resolve_labels(seen)
+            self.resolve_labels(seen, classes)
         targets = []
         for record in records:
             with at_record(record, name):
@@ -147,11 +150,11 @@ class ClassificationTask(Task):
                     + (", ..." if len(empty) > 10 else "")] if empty else []
         return counts, warnings
 
-    def read_split(self, path: Path, uri: str, fmt: DataFormat, keys: Sequence[str]) -> tuple[DataFormat,
-                                                                                            list[Record]]:
+    def read_split(self, path: Path, uri: str, fmt: DataFormat, keys: Sequence[str]) -> Split:
         """A split's records as plain {keys..., "label"} records, Label Studio exports converted, with the format
-        found (`fmt` auto: detected per record, all records alike). keys[0] is the required input ("text" or
-        "image")."""
+        found (`fmt` auto: detected per record, all records alike), and what the data report says about them.
+        keys[0] is the required input ("text" or "image"). Integer labels become the class names a Hugging Face
+        export keeps in its Parquet metadata (ClassLabel), in their order."""
         fmt = DataFormat(fmt)
         records = list(load_records(path, uri))
         first: tuple[Record, DataFormat] | None = None
@@ -164,8 +167,15 @@ class ClassificationTask(Task):
             first = first or (record, found)
         fmt = first[1] if first else (DataFormat.classification if fmt == DataFormat.auto else fmt)
         if fmt == DataFormat.label_studio:
-            records = label_studio.plain_records(records, keys)
-        return fmt, records
+            tasks = label_studio.plain_records(records, keys)
+            return Split(fmt, tasks.records, [tasks.warning()] if tasks.skipped else [])
+        names = class_names(path)
+        if names:
+            return Split(fmt, [_named(record, names, uri) for record in records], [], names)
+        integers = records and all(isinstance(r.value.get("label"), int) for r in records)
+        note = ("the labels are integers and the file names no classes (no ClassLabel names in its metadata): the "
+                "published model's classes are the integers; write class names as labels to name them")
+        return Split(fmt, records, [note] if integers else [])
 
     def report(self, uri: str, fmt: DataFormat, samples: int, min_samples: int, split: str) -> DatasetReport:
         """An empty report for a split, after checking it has at least min_samples records."""
@@ -428,6 +438,26 @@ def _classes(target: int | list[float]) -> list[int]:
 
 def _argmax(target: int | list[float]) -> int:
     return max(range(len(target)), key=target.__getitem__) if isinstance(target, list) else target
+
+
+class Split(NamedTuple):
+    """A split's plain records as read_split returns them."""
+
+    format: DataFormat
+    records: list[Record]
+    notes: list[str]  # for the data report's warnings: what was left out or could not be named
+    classes: list[str] | None = None  # the class names the file keeps, in order (a ClassLabel's)
+
+
+def _named(record: Record, names: list[str], uri: str) -> Record:
+    """The record with its integer label replaced by the class name at that index."""
+    label = record.value.get("label")
+    if isinstance(label, bool) or not isinstance(label, int):
+        return record
+    if not 0 <= label < len(names):
+        raise DatasetError(record.file or uri, record.line, f"label {label} is not a class of the file's ClassLabel "
+                           f"({len(names)} classes: 0 to {len(names) - 1})", "re-export the dataset")
+    return Record(record.line, {**record.value, "label": names[label]}, record.file)
 
 
 @contextmanager

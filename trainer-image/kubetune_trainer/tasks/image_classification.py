@@ -17,10 +17,19 @@ from kubetune_api import DataFormat, MethodType, TaskType
 
 from ..data import DatasetReport, label_studio
 from ..errors import ConfigError, DatasetError
-from ..images import REFERENCE_HINT, ImageStore, Located, decode_problem, imagefolder_records, is_imagefolder, load_rgb
+from ..images import (
+    REFERENCE_HINT,
+    ImageStore,
+    Located,
+    decode_problem,
+    imagefolder_records,
+    is_imagefolder,
+    load_rgb,
+    split_folders,
+)
 from ..modeling import load_model, quiet_transformers
 from .base import register
-from .classification import ClassExample, ClassificationTask, at_record, head_modules
+from .classification import ClassExample, ClassificationTask, Split, at_record, head_modules
 
 PROCESSOR_FILE = "preprocessor_config.json"
 KEYS = ("image",)  # what a record holds beside its label
@@ -58,8 +67,9 @@ class ImageClassification(ClassificationTask):
     def validate(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int) -> DatasetReport:
         """Every record's fields and label, then every image: it exists (fetched, or downloaded now) and decodes.
         The first bad one raises DatasetError naming the record's file and line (an image folder's image itself)."""
-        fmt, rows, targets = self._read(split, path, uri, fmt)
+        fmt, rows, targets, notes = self._read(split, path, uri, fmt)
         report = self.report(uri, fmt, len(rows), min_samples, split)
+        report.warnings += notes
         examples = []
         for (record, located), image, target in zip(rows, self._fetch(rows, path, uri), targets, strict=True):
             problem = decode_problem(image)
@@ -77,24 +87,32 @@ class ImageClassification(ClassificationTask):
         decoded: collate does that, batch by batch)."""
         if (split, uri) in self._validated:
             return self._validated[(split, uri)]
-        _, rows, targets = self._read(split, path, uri, fmt)
+        _, rows, targets, _ = self._read(split, path, uri, fmt)
         return [ClassExample(str(image), target)
                 for image, target in zip(self._fetch(rows, path, uri), targets, strict=True)]
 
     def _read(self, split: str, path: Path, uri: str, fmt: DataFormat):
-        """(the format, [(record, where its image is)], the targets) of a split, in record order; the train split
-        resolves the class names. A bad record raises DatasetError naming its file and line."""
+        """(the format, [(record, where its image is)], the targets, the data report's notes) of a split, in record
+        order; the train split resolves the class names. A bad record raises DatasetError naming its file and
+        line."""
         fmt, path = DataFormat(fmt), Path(path)
         if fmt == DataFormat.imagefolder or (fmt == DataFormat.auto and is_imagefolder(path)):
             if not path.is_dir():
                 raise DatasetError(uri, 0, "format imagefolder needs a folder laid out <prefix>/<label>/<image>",
                                    "point the split at the folder (a prefix ending in '/'), or use another format")
-            fmt, records = DataFormat.imagefolder, list(imagefolder_records(path, uri))
-            if not records:
+            splits = split_folders(path)
+            if splits:  # training on it would make a model whose classes are the split names
+                prefix = uri.rstrip("/")
+                fields = ", ".join(f"dataset.{field}: {prefix}/{name}/" for field, name in _split_fields(splits))
+                raise DatasetError(uri, 0, f"the folder holds split folders ({', '.join(splits)}), not class folders "
+                                   "<label>/<image>", f"point each split at its folder: {fields}")
+            read = Split(DataFormat.imagefolder, list(imagefolder_records(path, uri)), [])
+            if not read.records:
                 raise DatasetError(uri, 0, "no images in the label folders", "lay the images out as "
                                    "<prefix>/<label>/<image file>, or point the split at a data file")
         else:
-            fmt, records = self.read_split(path, uri, fmt, KEYS)
+            read = self.read_split(path, uri, fmt, KEYS)
+        fmt, records = read.format, read.records
         store = self._store(path, uri)
         rows = []
         for record in records:
@@ -106,7 +124,7 @@ class ImageClassification(ClassificationTask):
                 if fmt == DataFormat.label_studio and isinstance(image, str):
                     image = label_studio.image_reference(image)
                 rows.append((record, store.locate(image, record.file or uri)))
-        return fmt, rows, self.check_labels(split, uri, records)
+        return fmt, rows, self.check_labels(split, uri, records, read.classes), read.notes
 
     def _fetch(self, rows: list, path: Path, uri: str) -> list[Path]:
         """The local path of every row's image (downloading those not here yet); DatasetError for the first one
@@ -202,3 +220,10 @@ def _missing_hint(uri: str) -> str:
 def _ref(value: dict) -> str:
     image = value.get("image")
     return (image.get("path") or "(embedded image)") if isinstance(image, dict) else str(image)
+
+
+def _split_fields(folders: list[str]) -> list[tuple[str, str]]:
+    """The spec field each split folder belongs in: dataset.train, .validation or .test."""
+    field = {"train": "train", "training": "train", "test": "test", "testing": "test"}
+    ordered = sorted(folders, key=lambda n: ("train", "validation", "test").index(field.get(n.lower(), "validation")))
+    return [(field.get(name.lower(), "validation"), name) for name in ordered]

@@ -17,12 +17,11 @@ from kubetune_api import DataFormat, MethodType, TaskType
 
 from ..data import DatasetReport
 from ..data.formats import RecordError, kind_of
-from ..data.records import Record
 from ..data.stream import where
 from ..data.validate import truncation_warning
 from ..modeling import load_model, load_tokenizer
 from .base import register
-from .classification import IGNORE, ClassExample, ClassificationTask, at_record, head_modules
+from .classification import IGNORE, ClassExample, ClassificationTask, Split, at_record, head_modules
 
 KEYS = ("text", "text_pair")
 
@@ -37,13 +36,13 @@ class SequenceClassification(ClassificationTask):
 
     # -- data ---------------------------------------------------------------------------------------------
 
-    def _records(self, path: Path, uri: str, fmt: DataFormat) -> tuple[DataFormat, list[Record]]:
+    def _records(self, path: Path, uri: str, fmt: DataFormat) -> Split:
         """The split's plain records, each with a non-empty text (and a text_pair string where there is one)."""
-        fmt, records = self.read_split(path, uri, fmt, KEYS)
-        for record in records:
+        split = self.read_split(path, uri, fmt, KEYS)
+        for record in split.records:
             with at_record(record, uri):
                 check_texts(record.value)
-        return fmt, records
+        return split
 
     def encode(self, value: dict, truncate: bool = True) -> dict[str, list[int]]:
         """A record's model inputs: input_ids (and token_type_ids where the tokenizer makes them, BERT's segment
@@ -55,9 +54,11 @@ class SequenceClassification(ClassificationTask):
         return {k: list(v) for k, v in encoded.items() if k in ("input_ids", "token_type_ids")}
 
     def validate(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int) -> DatasetReport:
-        fmt, records = self._records(path, uri, fmt)
-        report = self.report(uri, fmt, len(records), min_samples, split)
-        targets = self.check_labels(split, uri, records)
+        read = self._records(path, uri, fmt)
+        records = read.records
+        report = self.report(uri, read.format, len(records), min_samples, split)
+        report.warnings += read.notes
+        targets = self.check_labels(split, uri, records, read.classes)
         limit = self.config.hyperparameters.max_seq_length
         truncated_at = []
         for record in records:
@@ -75,8 +76,9 @@ class SequenceClassification(ClassificationTask):
         return report
 
     def examples(self, split: str, path: Path, uri: str, fmt: DataFormat) -> list[ClassExample]:
-        _, records = self._records(path, uri, fmt)
-        targets = self.check_labels(split, uri, records)
+        read = self._records(path, uri, fmt)
+        records = read.records
+        targets = self.check_labels(split, uri, records, read.classes)
         return [ClassExample(self.encode(r.value), t) for r, t in zip(records, targets, strict=True)]
 
     def collate(self, examples: list[ClassExample]) -> dict[str, torch.Tensor]:
