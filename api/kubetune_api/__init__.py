@@ -25,6 +25,7 @@ from .finetunejob import (
     API_VERSION,
     CLASSIFICATION_TASKS,
     DEFAULT_TRAINER_IMAGE,
+    FORMAT_FIELDS,
     KIND,
     PREFERENCE_FORMATS,
     PREFERENCE_OBJECTIVES,
@@ -67,7 +68,9 @@ from .finetunejob import (
     TaskType,
     Toleration,
     ValidationSpec,
+    fields_problem,
     format_problem,
+    mappable_fields,
     task_problem,
 )
 from .status import (
@@ -98,7 +101,7 @@ from .trainer_config import (
 
 __all__ = [
     "API_GROUP", "API_VERSION", "CLASSIFICATION_TASKS", "CONDITION_TYPES", "CONFIG_VERSION", "DEFAULT_GPU_TFLOPS",
-    "DEFAULT_TRAINER_IMAGE",
+    "DEFAULT_TRAINER_IMAGE", "FORMAT_FIELDS",
     "EXIT_CONFIG_INVALID", "EXIT_DATA_INVALID", "EXIT_OK", "EXIT_OUTPUT_IN_USE", "EXIT_PEER_LOST", "EXIT_RETRYABLE",
     "EXIT_UNEXPECTED", "KIND", "PERMANENT_EXIT_CODES", "PERMANENT_REASONS", "PREFERENCE_FORMATS",
     "PREFERENCE_OBJECTIVES", "TASK_FORMATS", "TERMINAL", "WORK_DIR",
@@ -109,5 +112,6 @@ __all__ = [
     "Objective", "ObjectiveParams", "OutputDtype", "OutputSpec", "PerformanceSpec", "Phase", "Precision",
     "Progress", "QueueStatus", "Reason", "ResourcesSpec", "Result", "ResultMetrics", "RunPolicy", "Scheduler",
     "SchedulingSpec", "SecretRef", "Select", "StorageEndpoint", "StorageSpec", "Strategy", "TaskType", "Toleration",
-    "TrainerConfig", "ValidationSpec", "format_problem", "join_uri", "task_problem",
+    "TrainerConfig", "ValidationSpec", "fields_problem", "format_problem", "join_uri",
+    "mappable_fields", "task_problem",
 ]

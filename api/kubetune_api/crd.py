@@ -44,8 +44,11 @@ from .finetunejob import (
     SYNTAX,
     TASK_FORMATS,
     TOLERATION_EXISTS_VALUE,
+    DataFormat,
     FineTuneJobSpec,
+    fields_problem,
     format_problem,
+    mappable_fields,
 )
 from .status import FineTuneJobStatus
 
@@ -97,7 +100,7 @@ def _task_rules() -> list[dict]:
                         + ", ".join(f"'{f.value}'" for f in allowed) + "]",
                 "message": format_problem(task), "fieldPath": ".dataset.format"}
                for task, allowed in TASK_FORMATS.items()]
-    return formats + [
+    return formats + _fields_rules() + [
         {"rule": f"!has(self.evaluation) || !has(self.evaluation.metric) || self.evaluation.metric == 'loss' || "
                  f"{TASK} in {CLASSIFICATION}",
          "message": METRIC_NEEDS_CLASSIFICATION, "fieldPath": ".evaluation.metric"},
@@ -110,6 +113,20 @@ def _task_rules() -> list[dict]:
          "message": SELECT_BEST_NEEDS_VALIDATION, "fieldPath": ".output.select"},
         *_objective_rules(),
     ]
+
+
+def _fields_rules() -> list[dict]:
+    """dataset.fields keys: the fields of the task's declared format, or with format auto of all its formats."""
+    rules = []
+    for task, formats in TASK_FORMATS.items():
+        for fmt in formats:
+            declared = ("(!has(self.dataset.format) || self.dataset.format == 'auto')" if fmt == DataFormat.auto
+                        else f"(has(self.dataset.format) && self.dataset.format == '{fmt.value}')")
+            keys = "[" + ", ".join(f"'{f}'" for f in mappable_fields(task, fmt)) + "]"
+            rules.append({"rule": f"!has(self.dataset.fields) || {TASK} != '{task.value}' || !{declared} || "
+                                  f"self.dataset.fields.all(k, k in {keys})",
+                          "message": fields_problem(task, fmt), "fieldPath": ".dataset.fields"})
+    return rules
 
 
 def _objective_rules() -> list[dict]:

@@ -122,6 +122,17 @@ TASK_FORMATS: dict[TaskType, tuple[DataFormat, ...]] = {
     TaskType.image_classification: (DataFormat.auto, DataFormat.classification, DataFormat.label_studio,
                                     DataFormat.imagefolder),
 }
+# The fields of each format's records, which dataset.fields can map the user's own column names onto.
+FORMAT_FIELDS: dict[DataFormat, tuple[str, ...]] = {
+    DataFormat.chat: ("messages",),
+    DataFormat.sharegpt: ("conversations",),
+    DataFormat.instruction: ("instruction", "input", "output"),
+    DataFormat.completion: ("prompt", "completion"),
+    DataFormat.text: ("text",),
+    DataFormat.preference: ("prompt", "chosen", "rejected"),
+    DataFormat.openai_preference: ("input", "preferred_output", "non_preferred_output"),
+    DataFormat.classification: ("text", "text_pair", "image", "label"),
+}
 CLASSIFICATION_TASKS = (TaskType.sequence_classification, TaskType.image_classification)
 PREFERENCE_FORMATS = (DataFormat.preference, DataFormat.openai_preference)  # pairs: what dpo and orpo train on
 
@@ -212,6 +223,12 @@ class DatasetSpec(Model):
     labels: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
         None, min_length=2, max_length=MAX_LABELS, description="Classification: the class names, in the order of "
         "the model's outputs; by default the labels of the training split, sorted")
+    fields: dict[Annotated[str, Field(min_length=1, max_length=64)],
+                 Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        None, max_length=MAX_LIST, description="Your column names for the format's fields, {field: column}: e.g. "
+        "{input: context, output: response} reads Dolly's records as the instruction format, {label: "
+        "airline_sentiment} a CSV's class column. The keys must be fields of the format (of the task's formats "
+        "with format auto)")
     cache_uri: str | None = Field(
         None, max_length=1024, description="s3:// or pvc:// prefix (a local path with kubetune run) of the "
         "tokenized-data cache that validation "
@@ -503,6 +520,24 @@ MERGED_NEEDS_ADAPTER = ("output.merged applies to method.type lora and qlora: a 
 DTYPE_NEEDS_MERGED = "output.dtype is the merged model's dtype: set output.merged true, or leave dtype unset"
 
 
+def mappable_fields(task: TaskType, fmt: DataFormat = DataFormat.auto) -> tuple[str, ...]:
+    """The fields dataset.fields may map: the format's, or with format auto those of every format of the task (a
+    classification record's input is text for one task, an image for the other)."""
+    formats = TASK_FORMATS[task] if fmt == DataFormat.auto else (fmt,)
+    other = {TaskType.sequence_classification: {"image"}, TaskType.image_classification: {"text", "text_pair"}}
+    return tuple(dict.fromkeys(f for each in formats for f in FORMAT_FIELDS.get(each, ())
+                               if f not in other.get(task, ())))
+
+
+def fields_problem(task: TaskType, fmt: DataFormat = DataFormat.auto) -> str:
+    """The message for a dataset.fields key that is not a field of the format (the same in the CRD's CEL rule)."""
+    of = f"format {fmt.value} of task {task.value}" if fmt != DataFormat.auto else f"the formats of task {task.value}"
+    fields = mappable_fields(task, fmt)
+    if not fields:
+        return f"dataset.fields does not apply to {of}: its records have no fields to map"
+    return f"dataset.fields keys must be fields of {of}: {', '.join(fields)}"
+
+
 def format_problem(task: TaskType) -> str:
     formats = ", ".join(f.value for f in TASK_FORMATS[task])
     return f"dataset.format does not fit task {task.value}: use one of {formats}"
@@ -521,6 +556,8 @@ def task_problem(spec: FineTuneJobSpec) -> None:
         raise ValueError(GENERATION_NEEDS_CAUSAL_LM)
     if dataset.labels is not None and not classification:
         raise ValueError(LABELS_NEED_CLASSIFICATION)
+    if dataset.fields and not set(dataset.fields) <= set(mappable_fields(task, dataset.format)):
+        raise ValueError(fields_problem(task, dataset.format))
     if output.select == Select.best and (dataset.validation is None or evaluation.every_steps is None):
         raise ValueError(SELECT_BEST_NEEDS_VALIDATION)
     preference = spec.objective in PREFERENCE_OBJECTIVES

@@ -222,6 +222,39 @@ def test_csv_records_and_their_lines(tmp_path, base):
     assert [r.value for r in load_records(tsv)] == [{"label": "payment", "text": "Pay now."}]
 
 
+def test_dataset_fields_name_the_class_column(tmp_path, base):
+    """A CSV whose class is in `airline_sentiment` and text in `tweet`: refused with the mapping to set, then read
+    with fields {label: airline_sentiment, text: tweet}."""
+    path = tmp_path / "Tweets.csv"
+    path.write_text("tweet_id,airline_sentiment,tweet\n1,negative,Late again.\n2,positive,Great crew!\n"
+                    "3,neutral,Flying tomorrow.\n")
+    error = refused(make_task(tmp_path, base), "train", path, AUTO, 2, "unrecognized record keys (airline_sentiment, "
+                    "tweet, tweet_id); expected text + label")
+    assert error.hint == ('write records as {"text": ..., "label": ...}; or name your columns with dataset.fields, '
+                          "e.g. fields: {text: <your text column>, label: <your class column>} (the record's other "
+                          "keys: airline_sentiment, tweet, tweet_id)")
+    task = make_task(tmp_path, base, dataset={"fields": {"label": "airline_sentiment", "text": "tweet"}})
+    report = task.validate("train", path, "s3://b/Tweets.csv", AUTO, 1)
+    assert (report.format, report.samples, report.classes) == (CLS, 3, {"negative": 1, "neutral": 1, "positive": 1})
+    [example, *_] = task.examples("train", path, "s3://b/Tweets.csv", AUTO)
+    assert example.inputs == task.encode({"text": "Late again."})
+
+
+def test_dataset_fields_keys_are_the_formats_fields():
+    """The typed API refuses what the CRD's CEL rule refuses, with its message."""
+    from kubetune_api import FineTuneJobSpec, TaskType, fields_problem
+    from pydantic import ValidationError
+
+    doc = {"baseModel": {"uri": "s3://m/"}, "output": {"uri": "s3://o/"}, "task": "sequence-classification",
+           "dataset": {"train": "s3://d/t.csv", "fields": {"label": "airline_sentiment"}}}
+    assert FineTuneJobSpec.model_validate(doc).dataset.fields == {"label": "airline_sentiment"}
+    for fields, fmt in (({"image": "photo"}, "auto"), ({"output": "response"}, "classification"),
+                        ({"label": "choice"}, "label-studio")):
+        with pytest.raises(ValidationError) as e:
+            FineTuneJobSpec.model_validate({**doc, "dataset": {**doc["dataset"], "fields": fields, "format": fmt}})
+        assert fields_problem(TaskType.sequence_classification, DataFormat(fmt)) in str(e.value)
+
+
 def test_bad_csv(tmp_path, base):
     task = make_task(tmp_path, base)
     path = tmp_path / "train.csv"

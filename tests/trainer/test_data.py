@@ -91,6 +91,28 @@ def test_an_assistant_turn_of_weight_0_is_rendered_but_not_trained(tmp_path, tok
                                                                          add_special_tokens=False)["input_ids"])
 
 
+DOLLY = {"instruction": "Translate to French.", "context": "good morning", "response": "bonjour",
+         "category": "open_qa"}
+
+
+def test_dataset_fields_read_other_column_names_as_the_formats_fields(tmp_path, tok):
+    """Dolly's instruction/context/response read as the instruction format with fields {input: context, output:
+    response}: the same tokens and labels as the Alpaca record; without the mapping the refusal suggests it."""
+    path = write_jsonl(tmp_path / "dolly.jsonl", [DOLLY, DOLLY])
+    fields = (("input", "context"), ("output", "response"))
+    mapped = tokenize_dataset(path, None, fmt=FMT.auto, tokenizer=tok, max_seq_length=512, fields=fields)
+    alpaca = tokenize_record(INSTRUCTION, FMT.instruction, tok, 512)
+    assert [(e.input_ids, e.labels) for e in mapped] == [(alpaca.input_ids, alpaca.labels)] * 2
+    report = validate_dataset(path, None, fmt=FMT.auto, tokenizer=tok, max_seq_length=512, fields=fields)
+    assert (report.format, report.samples) == (FMT.instruction, 2)
+    error = assert_bad(path, FMT.auto, tok, 1, "missing field 'output' required by format instruction")
+    assert error.hint == ("the record's other keys are category, context, response: if one holds output, map it "
+                          "with dataset.fields (e.g. fields: {output: response}), or fix dataset.format")
+    error = assert_bad(write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}]), FMT.auto, tok, 1,
+                       "unrecognized record keys (answer, question)")
+    assert "dataset.fields" in error.hint
+
+
 def test_chat_template_that_rerenders_earlier_turns(tok):
     """Like Qwen3's template, which renders the last assistant turn differently from earlier ones."""
     other = copy.deepcopy(tok)
@@ -267,6 +289,7 @@ def assert_bad(path, fmt, tok, line, problem, name="s3://bucket/data.jsonl", min
         assert str(error).startswith(f"{file or name}:{line}: " if line else f"{file or name}: ")
         if min_samples > 1:
             break  # tokenize_dataset has no minimum
+    return error
 
 
 def test_bad_json_on_line_3(tmp_path, tok):

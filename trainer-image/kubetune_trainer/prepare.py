@@ -48,7 +48,8 @@ def cache_parts(config: TrainerConfig, task: Task, inputs: dict) -> dict:
     hp = config.hyperparameters
     return {"datasets": inputs["datasets"], "tokenizer": inputs["tokenizer"], **task.describe(),
             "format": config.dataset.format.value, "maxSeqLength": hp.max_seq_length, "packing": hp.packing,
-            **({"seed": hp.seed} if hp.packing else {})}
+            **({"seed": hp.seed} if hp.packing else {}),
+            **({"fields": dict(config.dataset.fields)} if config.dataset.fields else {})}
 
 
 def validate_splits(config: TrainerConfig, task: Task, fetched: Fetched, check: Callable | None = None,

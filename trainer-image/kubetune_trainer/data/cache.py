@@ -40,7 +40,7 @@ from .stream import Chunk
 from .tokenize import Example
 from .validate import DatasetReport
 
-VERSION = 1
+VERSION = 2  # 2: chat turns of weight 0 are not trained (a cache of 1 trained them)
 META = "meta.json"
 ABSENT = "no cache"
 DTYPES = {"ids": np.int32, "trained": np.uint8, "lengths": np.int32, "members": np.int64, "bounds": np.int64}

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
-from kubetune_api import PREFERENCE_FORMATS, DataFormat
+from kubetune_api import FORMAT_FIELDS, PREFERENCE_FORMATS, DataFormat
 
 from ..errors import DatasetError
 
@@ -57,6 +58,34 @@ class RecordError(Exception):
         self.problem, self.hint = problem, hint
 
 
+Fields = tuple[tuple[str, str], ...]  # dataset.fields as (format field, the records' column) pairs
+
+
+def as_fields(fields: Mapping[str, str] | None) -> Fields:
+    return tuple((fields or {}).items())
+
+
+def with_fields(value: Any, fields: Fields) -> Any:
+    """The record with its columns renamed to the format's fields (dataset.fields): {"response": r} with
+    (("output", "response"),) is {"output": r}. A record without the column is left as it is."""
+    if not fields or not isinstance(value, dict):
+        return value
+    value = dict(value)
+    for field, column in fields:
+        if column in value:
+            value[field] = value.pop(column)
+    return value
+
+
+def mapping_hint(value: dict, fmt: DataFormat, missing: str) -> str:
+    """How to read a record whose columns have other names: map one of its other keys with dataset.fields."""
+    others = sorted(k for k in value if k not in FORMAT_FIELDS.get(fmt, ()))
+    if not others:
+        return "use one format for every record, or fix dataset.format"
+    return (f"the record's other keys are {', '.join(others)}: if one holds {missing}, map it with dataset.fields "
+            f"(e.g. fields: {{{missing}: {others[-1]}}}), or fix dataset.format")
+
+
 def detect_format(value: dict, file: str = "record", line: int = 0) -> DataFormat:
     """The format a record is in, from its keys. Raises DatasetError when no format matches."""
     try:
@@ -82,7 +111,8 @@ def guess_format(value: dict) -> DataFormat:
         return DataFormat.text
     keys = ", ".join(sorted(value)) or "none"
     raise RecordError(f"unrecognized record keys ({keys}); expected {EXPECTED_KEYS}",
-                      "rename the fields to match one of these formats")
+                      "map your keys onto a format's fields with dataset.fields (e.g. fields: {output: response}), "
+                      "or rename them")
 
 
 def check_record(value: dict, fmt: DataFormat) -> None:
@@ -97,7 +127,7 @@ def check_record(value: dict, fmt: DataFormat) -> None:
             pass
         fields = ", ".join(map(repr, missing))
         raise RecordError(f"missing field {fields} required by format {fmt.value}{looks}",
-                          "use one format for every record, or fix dataset.format")
+                          mapping_hint(value, fmt, missing[0]))
     if fmt == DataFormat.chat:
         check_messages(value["messages"])
     elif fmt == DataFormat.sharegpt:

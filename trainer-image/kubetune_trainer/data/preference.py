@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from kubetune_api import DataFormat
 
+from .formats import Fields
 from .packing import pack_examples, pack_sequence
 from .rows import Rows
 from .tokenize import IGNORE, Example
@@ -57,11 +58,11 @@ def pack_pairs(pairs: list[PreferencePair]) -> PackedPairs:
 
 
 def tokenize_pairs(path: Path, display_name: str | None, *, fmt: DataFormat, tokenizer,
-                   max_seq_length: int) -> list[Example]:
+                   max_seq_length: int, fields: Fields = ()) -> list[Example]:
     """Every pair of a split tokenized and truncated, in pair order (chosen, rejected, chosen, ...): small data; bad
     records raise as in validate_dataset(pairs=True)."""
     return tokenize_dataset(path, display_name, fmt=fmt, tokenizer=tokenizer, max_seq_length=max_seq_length,
-                            pairs=True)
+                            pairs=True, fields=fields)
 
 
 def pair_examples(examples: list[Example], max_seq_length: int, packing: bool,

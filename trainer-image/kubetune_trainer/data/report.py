@@ -50,6 +50,8 @@ def data_report(config: TrainerConfig, task: Task, reports: dict[str, DatasetRep
         doc["estimate"] = estimate
     if cache:
         doc["cache"] = cache
+    if config.dataset.fields:  # the records' columns read as the format's fields
+        doc["fields"] = dict(config.dataset.fields)
     doc["summary"] = summary(doc)
     return doc
 
@@ -102,6 +104,8 @@ def summary(doc: dict[str, Any]) -> str:
     estimate = doc.get("estimate")
     if estimate:
         text += f"; about {_hours(estimate['gpuHours'])} GPU-hours on {estimate['gpus']} GPUs"
+    if doc.get("fields"):
+        text += "; fields " + ", ".join(f"{field} <- {column}" for field, column in doc["fields"].items())
     return text
 
 

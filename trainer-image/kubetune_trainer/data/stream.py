@@ -21,7 +21,7 @@ import numpy as np
 from kubetune_api import PREFERENCE_FORMATS, DataFormat
 
 from ..errors import DatasetError
-from .formats import RecordError, check_record, guess_format
+from .formats import Fields, RecordError, check_record, guess_format, with_fields
 from .records import Record, load_records, parse
 from .tokenize import IGNORE, assemble, record_sequences
 
@@ -39,6 +39,7 @@ class Encoding:
     first: str  # where the first record is, for the message about a record in another format
     max_seq_length: int
     pairs: bool = False  # preference pairs: each record is two examples, chosen then rejected
+    fields: Fields = ()  # dataset.fields: the records' columns renamed to the format's fields
 
     @property
     def per_record(self) -> int:
@@ -66,6 +67,7 @@ def encode_chunk(records: list[Record], enc: Encoding, tokenizer, name: str) -> 
     for record in records:
         try:
             record = parse(record)
+            record.value = with_fields(record.value, enc.fields)
             if enc.detected:
                 found = guess_format(record.value)
                 if found != enc.fmt:
@@ -116,10 +118,12 @@ def where(record: Record, name: str) -> str:
 
 
 def encode_split(path: Path, name: str, fmt: DataFormat, tokenizer, max_seq_length: int,
-                 workers: int | None = None, *, pairs: bool = False) -> tuple[DataFormat, Iterator[Chunk]]:
+                 workers: int | None = None, *, pairs: bool = False,
+                 fields: Fields = ()) -> tuple[DataFormat, Iterator[Chunk]]:
     """(the split's concrete format, its chunks in file order). Raises DatasetError for the first bad record
     while iterating. workers: processes to use (default: the CPUs this process may use; small data: none).
-    pairs: the objective trains on preference pairs (dpo, orpo); the records must be pairs exactly then."""
+    pairs: the objective trains on preference pairs (dpo, orpo); the records must be pairs exactly then.
+    fields: dataset.fields, the records' own column names for the format's fields."""
     fmt = DataFormat(fmt)
     records = load_records(path, name, raw=True)
     first = next(records, None)
@@ -127,6 +131,7 @@ def encode_split(path: Path, name: str, fmt: DataFormat, tokenizer, max_seq_leng
         empty = DataFormat.preference if pairs else DataFormat.text
         return fmt if fmt != DataFormat.auto else empty, iter(())
     first = parse(first)
+    first.value = with_fields(first.value, fields)
     detected = fmt == DataFormat.auto
     if detected:
         try:
@@ -135,7 +140,7 @@ def encode_split(path: Path, name: str, fmt: DataFormat, tokenizer, max_seq_leng
             raise DatasetError(first.file or name, first.line, e.problem, e.hint) from None
     if (fmt in PREFERENCE_FORMATS) != pairs:
         raise DatasetError(first.file or name, first.line, *_objective_mismatch(fmt))
-    enc = Encoding(fmt, detected, where(first, name), max_seq_length, pairs)
+    enc = Encoding(fmt, detected, where(first, name), max_seq_length, pairs, fields)
     chunks = _batched(itertools.chain([first], records), CHUNK)
     if workers is None:
         workers = cpu_budget() if data_size(path) >= INLINE_BELOW else 1

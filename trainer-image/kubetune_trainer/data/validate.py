@@ -10,6 +10,7 @@ import numpy as np
 from kubetune_api import DataFormat
 
 from ..errors import DatasetError
+from .formats import Fields
 from .stream import Chunk, encode_split
 from .tokenize import Example
 
@@ -32,13 +33,14 @@ class DatasetReport:
 
 def validate_dataset(path: Path, display_name: str | None, *, fmt: DataFormat, tokenizer, max_seq_length: int,
                      min_samples: int = 1, split: str = "train", sink: Callable[[Chunk], None] | None = None,
-                     workers: int | None = None, pairs: bool = False) -> DatasetReport:
+                     workers: int | None = None, pairs: bool = False, fields: Fields = ()) -> DatasetReport:
     """Check every record, in one streaming pass that also tokenizes them (data/stream.py); raise DatasetError
     (exit 65) for the first bad one, with its file and line. `sink` receives the tokenized chunks in order (the
     cache writer). pairs: the objective trains on preference pairs (dpo, orpo), so the records must be pairs (and
-    must not be otherwise); each is two examples, and `samples` counts pairs."""
+    must not be otherwise); each is two examples, and `samples` counts pairs. fields: dataset.fields."""
     name = display_name or str(path)
-    record_fmt, chunks = encode_split(path, name, fmt, tokenizer, max_seq_length, workers, pairs=pairs)
+    record_fmt, chunks = encode_split(path, name, fmt, tokenizer, max_seq_length, workers, pairs=pairs,
+                                      fields=fields)
     report = DatasetReport(name, record_fmt, 0, 0, 0, 0, 0)
     truncated_at: list[str] = []
     for chunk in chunks:
@@ -76,12 +78,12 @@ def truncation_warning(truncated_at: list[str], samples: int, max_seq_length: in
 
 
 def tokenize_dataset(path: Path, display_name: str | None, *, fmt: DataFormat, tokenizer,
-                     max_seq_length: int, pairs: bool = False) -> list[Example]:
+                     max_seq_length: int, pairs: bool = False, fields: Fields = ()) -> list[Example]:
     """Every record tokenized and truncated to max_seq_length, as a list (small data: tests, tools; pairs: chosen,
     rejected, chosen, ...); bad records raise as in validate_dataset. Training reads the memory-mapped cache
     instead (data/cache.py)."""
     name = display_name or str(path)
-    _, chunks = encode_split(path, name, fmt, tokenizer, max_seq_length, workers=1, pairs=pairs)
+    _, chunks = encode_split(path, name, fmt, tokenizer, max_seq_length, workers=1, pairs=pairs, fields=fields)
     examples = []
     for chunk in chunks:
         ends = np.cumsum(chunk.lengths)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from kubetune_api import DataFormat
 
 from ..data import DatasetReport, label_studio
-from ..data.formats import RecordError, kind_of
+from ..data.formats import RecordError, as_fields, kind_of, with_fields
 from ..data.records import Record, class_names, load_records
 from ..data.stream import where
 from ..data.validate import check_min_samples
@@ -156,7 +156,8 @@ class ClassificationTask(Task):
         keys[0] is the required input ("text" or "image"). Integer labels become the class names a Hugging Face
         export keeps in its Parquet metadata (ClassLabel), in their order."""
         fmt = DataFormat(fmt)
-        records = list(load_records(path, uri))
+        fields = as_fields(self.config.dataset.fields)
+        records = [Record(r.line, with_fields(r.value, fields), r.file) for r in load_records(path, uri)]
         first: tuple[Record, DataFormat] | None = None
         for record in records:
             with at_record(record, uri):
@@ -400,7 +401,11 @@ def record_format(value: dict, key: str, fmt: DataFormat) -> DataFormat:
                    if fmt == DataFormat.classification else
                    f"unrecognized record keys ({', '.join(sorted(value)) or 'none'}); expected {key} + label "
                    "(classification) or a Label Studio export (id, data, annotations)")
-        raise RecordError(problem, f'write records as {{"{key}": ..., "label": ...}}')
+        others = sorted(k for k in value if k not in (key, "label"))
+        example = ", ".join(f"{k}: <your {'class' if k == 'label' else k} column>" for k in missing)
+        mapping = (f"; or name your columns with dataset.fields, e.g. fields: {{{example}}} (the record's other "
+                   f"keys: {', '.join(others)})") if others else ""
+        raise RecordError(problem, f'write records as {{"{key}": ..., "label": ...}}{mapping}')
     return DataFormat.classification
 
 
