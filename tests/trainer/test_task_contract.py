@@ -27,6 +27,7 @@ from kubetune_trainer.data.cache import Cache, write_meta
 from kubetune_trainer.data.records import load_records
 from kubetune_trainer.evaluate import Evaluation, evaluate
 from kubetune_trainer.objectives import OBJECTIVES
+from kubetune_trainer.registry import Registry
 from kubetune_trainer.tasks import TASKS, CachesRows, GeneratesText, Task, WindowMetrics, base, register, task_for
 from PIL import Image
 
@@ -228,16 +229,18 @@ def test_the_registry_knows_each_task_by_its_type():
         assert cls.name == task_type and issubclass(cls, Task)
 
 
-def test_a_task_registers_once(monkeypatch):
-    monkeypatch.setattr(base, "TASKS", {})
+def test_a_task_registers_once():
+    assert register == TASKS.register and TASKS is base.TASKS
+    assert TASKS[TaskType.sequence_classification].__name__ == "SequenceClassification"
+    tasks = Registry("task")  # a registry of its own: the trainer's stays as it is
 
-    @register(TaskType.sequence_classification)
+    @tasks.register(TaskType.sequence_classification)
     class Again(Toy):
         pass
 
-    assert base.TASKS == {TaskType.sequence_classification: Again} and Again.name == TaskType.sequence_classification
-    with pytest.raises(ValueError, match="registered twice"):
-        register(TaskType.sequence_classification)(Toy)
+    assert tasks == {TaskType.sequence_classification: Again} and Again.name == TaskType.sequence_classification
+    with pytest.raises(ValueError, match="task sequence-classification is registered twice: Again and Toy"):
+        tasks.register(TaskType.sequence_classification)(Toy)
 
 
 def test_formats_come_from_the_spec(contract):

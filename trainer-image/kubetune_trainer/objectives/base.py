@@ -10,7 +10,7 @@ so adding one touches neither the task nor the loop.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..kernels.loss import LossHead
 from ..kernels.loss import choose as choose_loss
 from ..modeling import device_type
+from ..registry import Registry
 
 if TYPE_CHECKING:
     from ..data import Example
@@ -97,21 +98,8 @@ class CausalObjective(ABC):
         return {}
 
 
-OBJECTIVES: dict[Objective, type[CausalObjective]] = {}
-
-
-def register(objective: Objective) -> Callable[[type[CausalObjective]], type[CausalObjective]]:
-    """Class decorator: `objective` (spec.objective) of the causal-LM task is this class."""
-
-    def add(cls: type[CausalObjective]) -> type[CausalObjective]:
-        if objective in OBJECTIVES:
-            raise ValueError(f"objective {objective.value} is registered twice: {OBJECTIVES[objective].__name__} "
-                             f"and {cls.__name__}")
-        cls.name = objective
-        OBJECTIVES[objective] = cls
-        return cls
-
-    return add
+OBJECTIVES: Registry[type[CausalObjective]] = Registry("objective")  # spec.objective -> its class
+register = OBJECTIVES.register  # class decorator: @register(Objective.x)
 
 
 def objective_for(task: Task) -> CausalObjective:

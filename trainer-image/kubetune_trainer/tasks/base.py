@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from kubetune_api import TASK_FORMATS, DataFormat, EvalMetric, TaskType
 
+from ..registry import Registry
+
 if TYPE_CHECKING:
     from kubetune_api import TrainerConfig
 
@@ -169,18 +171,5 @@ class WindowMetrics(ABC):
 
 # -- the registry -------------------------------------------------------------------------------------------------
 
-TASKS: dict[TaskType, type[Task]] = {}
-
-
-def register(task_type: TaskType) -> Callable[[type[Task]], type[Task]]:
-    """Class decorator: `task_type` (spec.task) is trained by this class."""
-
-    def add(cls: type[Task]) -> type[Task]:
-        if task_type in TASKS:
-            raise ValueError(f"task {task_type.value} is registered twice: {TASKS[task_type].__name__} and "
-                             f"{cls.__name__}")
-        cls.name = task_type
-        TASKS[task_type] = cls
-        return cls
-
-    return add
+TASKS: Registry[type[Task]] = Registry("task")  # spec.task -> the class that trains it
+register = TASKS.register  # class decorator: @register(TaskType.x)
