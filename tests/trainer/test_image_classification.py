@@ -3,6 +3,7 @@ a new head (LoRA and full), and one whole run on generated images whose publishe
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import uuid
@@ -122,12 +123,12 @@ def test_s3_data_with_relative_and_s3_references_is_downloaded_once_into_the_run
     storage.upload_file(records, f"{prefix}/splits/train.jsonl")
     config = make_config(tmp_path, vit, f"{prefix}/splits/train.jsonl", endpoint=s3.endpoint)
     task, reports = validated(config, storage)
-    cache = Path(config.work_dir) / config.job_name / "images"
-    bucket, key = prefix.removeprefix("s3://").split("/", 1)
-    expected = [cache / bucket / key / "images/a.png", cache / bucket / f"{key}-elsewhere/b.png"]
+    cache = Path(config.work_dir) / config.job_name / "images" / "remote"  # each named by its URI's sha256
+    uris = [f"{prefix}/images/a.png", f"{prefix}-elsewhere/b.png"]
+    expected = [cache / (hashlib.sha256(uri.encode()).hexdigest() + ".png") for uri in uris]
     examples = task.examples("train", task.fetched.splits["train"], config.dataset.train, reports["train"].format)
     assert [Path(e.inputs) for e in examples] == expected
-    assert all(p.read_bytes() == (tmp_path / p.name).read_bytes() for p in expected)
+    assert [p.read_bytes() for p in expected] == [(tmp_path / name).read_bytes() for name in ("a.png", "b.png")]
     written = [p.stat().st_mtime_ns for p in expected]
     again = task_for(config, task.fetched.model_dir, storage)  # another process of the run: the cache is shared
     split = task.fetched.splits["train"]

@@ -276,3 +276,50 @@ def test_s3server_command_line(monkeypatch):
     finally:
         server.terminate()
         assert server.wait(timeout=30) == 0
+
+
+# -- no object key leads out of its folder ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("evil", ["model/../escape.txt", "model/sub/../../escape.txt"])
+def test_an_object_key_with_dotdot_is_refused_and_writes_nothing_outside(s3_server, bucket, tmp_path, evil):
+    """S3 keeps keys with '..' as they are (so does this server); a model prefix holding one must neither overwrite
+    what lies beside the download folder nor be reported as fetched."""
+    from kubetune_trainer.fetch import fetch_model
+
+    client = s3_server.client()
+    client.put_object(Bucket=bucket, Key="model/config.json", Body=b"{}")
+    client.put_object(Bucket=bucket, Key=evil, Body=b"planted")
+    assert evil in [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
+    storage = Storage(StorageEndpoint(endpoint=s3_server.endpoint))
+    dest = tmp_path / "deep" / "model"
+    for fetch in (lambda: fetch_model(storage, f"s3://{bucket}/model/", dest),
+                  lambda: storage.download(f"s3://{bucket}/model/", dest)):
+        with pytest.raises(ConfigError, match=r"refusing object name '(sub/)?\.\./.*escape\.txt'.*outside its folder"):
+            fetch()
+    assert not [p for p in tmp_path.rglob("escape.txt")], "nothing is written outside the download folder"
+
+
+def test_a_link_out_of_the_folder_is_refused(tmp_path):
+    from kubetune_trainer.storage import safe_join
+
+    root = tmp_path / "root"
+    (root / "inside").mkdir(parents=True)
+    (root / "out").symlink_to(tmp_path)
+    assert safe_join(root, "inside/model.safetensors", "s3://b/m/") == root / "inside" / "model.safetensors"
+    for rel in ("out/x", "/etc/passwd", "../x", "a/../../x", ""):
+        with pytest.raises(ConfigError, match="refusing object name"):
+            safe_join(root, rel, "s3://b/m/")
+
+
+def test_a_remote_image_is_cached_under_the_hash_of_its_uri(tmp_path):
+    """A record's s3:// image with '..' in its key still lands in the run's image cache, named by its URI."""
+    from kubetune_trainer.images import ImageStore
+
+    store = ImageStore(None, tmp_path / "images", tmp_path / "split", "s3://b/split/")
+    for uri in ("s3://b/../../model/model.safetensors", "s3://b/a/../../x.png", "s3://b/photos/ant.JPG"):
+        cached = store.cached(uri)
+        assert cached.parent == tmp_path / "images" / "remote"
+        assert cached.name.startswith(hashlib.sha256(uri.encode()).hexdigest())
+    assert store.cached("s3://b/photos/ant.JPG").suffix == ".jpg"
+    assert store.cached("s3://b/../../model/model.safetensors").suffix == ""

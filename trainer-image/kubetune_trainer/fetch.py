@@ -17,7 +17,7 @@ from pathlib import Path
 from kubetune_api import TrainerConfig
 
 from .errors import ConfigError
-from .storage import Storage, is_remote, sha256_file
+from .storage import Storage, is_remote, safe_join, sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 SPLITS = ("train", "validation", "test")
@@ -54,9 +54,7 @@ def fetch_model(storage: Storage, uri: str, dest: Path, *, weights: bool = True,
             rel = obj.removeprefix(prefix)
             if not weights and rel.endswith(WEIGHT_SUFFIXES):
                 continue
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            storage.download(obj, target.parent)
+            storage.download_to(obj, safe_join(dest, rel, obj))
         return dest
     path = local_path(uri)
     if not (path / "config.json").exists():

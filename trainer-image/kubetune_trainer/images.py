@@ -3,8 +3,9 @@
 A record's `image` is a path relative to the folder of its data file (s3://data/defects/train.jsonl with
 "images/1.png" means s3://data/defects/images/1.png), an s3:// URI, or an absolute local path. Images that came
 with the split (a prefix holds the data file and its images) are used where they were fetched; the others are
-downloaded once per run into <workDir>/<job>/images/<bucket>/<key>. Parquet exports of Hugging Face datasets
-carry the image itself ({"bytes": ..., "path": ...}); those bytes are written there too, named by their hash.
+downloaded once per run into <workDir>/<job>/images/remote/, each named by the sha256 of its URI (so no key can
+lead out of it). Parquet exports of Hugging Face datasets carry the image itself ({"bytes": ..., "path": ...});
+those bytes are written under images/embedded/, named by their hash.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .data.formats import RecordError
@@ -140,8 +141,11 @@ class ImageStore:
         return Located(name or f"(embedded image sha256 {digest[:12]})", target)
 
     def cached(self, uri: str) -> Path:
-        bucket, _, key = uri.removeprefix("s3://").partition("/")
-        return self.cache / bucket / key
+        """Where a remote image is kept: named by the sha256 of its URI (whatever its key holds, '..' included,
+        it stays in the cache), with its image suffix."""
+        suffix = PurePosixPath(uri).suffix.lower()
+        return self.cache / "remote" / (hashlib.sha256(uri.encode()).hexdigest() + (suffix if suffix in
+                                                                                   IMAGE_SUFFIXES else ""))
 
     def fetch(self, located: list[Located]) -> list[Path | None]:
         """Local paths of the located images, downloading the remote ones not here yet (in parallel); None for an
@@ -157,8 +161,7 @@ class ImageStore:
                 raise ConfigError(f"{item.uri}: no object storage configured to download the image from")
             if not self.storage.exists(item.uri):
                 return None
-            self.storage.download(item.uri, target.parent)
-            return target
+            return self.storage.download_to(item.uri, target)
 
         workers = max(1, min(getattr(self.storage, "max_concurrency", 8), len(located)))
         with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -95,11 +95,18 @@ def _local(uri: str) -> Path:
     return Path(uri.removeprefix("file://"))
 
 
-def _safe_relative(rel: str, uri: str) -> str:
+def safe_join(root: Path, rel: str, uri: str) -> Path:
+    """root/rel for an object key (or a manifest's path) below a prefix: every key-to-path join goes through here.
+    Refuses (ConfigError naming `uri`) what would land outside root: an absolute name, a '..' part, or a link
+    on the way that points out."""
     parts = PurePosixPath(rel).parts
-    if not parts or rel.startswith("/") or ".." in parts:
-        raise ConfigError(f"{uri}: refusing object name {rel!r} (absolute or contains '..')")
-    return rel
+    if not parts or rel.startswith("/") or ".." in parts or "\\" in rel:
+        raise ConfigError(f"{uri}: refusing object name {rel!r} (absolute, or contains '..'): it would be written "
+                          "outside its folder; rename or remove the object")
+    target = Path(root) / rel
+    if not target.resolve().is_relative_to(Path(root).resolve()):
+        raise ConfigError(f"{uri}: refusing object name {rel!r}: a link in the way leads out of its folder")
+    return target
 
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
@@ -323,7 +330,7 @@ class Storage:
             raise ConfigError(f"download {uri}: no object or prefix with that name; check the URI")
 
         def one(k: str) -> Path:
-            target = dest / _safe_relative(k[len(prefix):], uri)
+            target = safe_join(dest, k[len(prefix):], uri)
             return self._call(f"s3://{bucket}/{k}", "download", lambda: self._get_object(bucket, k, target))
 
         _parallel(one, keys, self.max_concurrency)
@@ -506,7 +513,7 @@ class Storage:
         self._call(src, "delete", lambda: self._delete_keys(src_bucket, keys, src))
         return len(keys)
 
-    def _fetch_to(self, uri: str, target: Path) -> Path:
+    def download_to(self, uri: str, target: Path) -> Path:
         """One object or local file to exactly `target` (a copy for local paths)."""
         if not is_remote(uri):
             if not _local(uri).is_file():
@@ -550,8 +557,8 @@ def read_published(storage: Storage, uri_prefix: str, dest: Path) -> dict:
         raise ConfigError(f"{prefix}: no {MANIFEST}; it was never published or its upload did not finish")
     dest = Path(dest)
     for f in manifest.get("files", []):
-        rel = _safe_relative(f["path"], prefix)
-        target = storage._fetch_to(prefix + rel, dest / rel)
+        rel = f["path"]
+        target = storage.download_to(prefix + rel, safe_join(dest, rel, prefix))
         size = target.stat().st_size
         if size != f["size"] or sha256_file(target) != f["sha256"]:
             raise ConfigError(
