@@ -99,7 +99,7 @@ def test_dataset_fields_read_other_column_names_as_the_formats_fields(tmp_path, 
     """Dolly's instruction/context/response read as the instruction format with fields {input: context, output:
     response}: the same tokens and labels as the Alpaca record; without the mapping the refusal suggests it."""
     path = write_jsonl(tmp_path / "dolly.jsonl", [DOLLY, DOLLY])
-    fields = (("input", "context"), ("output", "response"))
+    fields = {"input": "context", "output": "response"}
     mapped = tokenize_dataset(path, None, fmt=FMT.auto, tokenizer=tok, max_seq_length=512, fields=fields)
     alpaca = tokenize_record(INSTRUCTION, FMT.instruction, tok, 512)
     assert [(e.input_ids, e.labels) for e in mapped] == [(alpaca.input_ids, alpaca.labels)] * 2

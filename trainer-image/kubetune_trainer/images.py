@@ -49,13 +49,16 @@ def is_imagefolder(path: Path) -> bool:
     return any(image_files(sub) for sub in _label_folders(path))
 
 
-SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "dev", "eval", "test", "testing"}
+# Folder names that mean a split, not a class, and the dataset field each belongs in.
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
+                 "validation": "validation", "dev": "validation", "eval": "validation", "test": "test",
+                 "testing": "test"}
 
 
 def split_folders(path: Path) -> list[str]:
     """The subfolders of an image folder that are splits, not classes: named like a split (train, val, test, ...)
     and themselves laid out <label>/<image>. Two or more of them make the folder a root of splits."""
-    found = [p.name for p in _label_folders(Path(path)) if p.name.lower() in SPLIT_NAMES and is_imagefolder(p)]
+    found = [p.name for p in _label_folders(Path(path)) if p.name.lower() in SPLIT_FOLDERS and is_imagefolder(p)]
     return found if len(found) > 1 else []
 
 

@@ -100,7 +100,7 @@ def safe_join(root: Path, rel: str, uri: str) -> Path:
     Refuses (ConfigError naming `uri`) what would land outside root: an absolute name, a '..' part, or a link
     on the way that points out."""
     parts = PurePosixPath(rel).parts
-    if not parts or rel.startswith("/") or ".." in parts or "\\" in rel:
+    if not parts or rel.startswith("/") or ".." in parts:
         raise ConfigError(f"{uri}: refusing object name {rel!r} (absolute, or contains '..'): it would be written "
                           "outside its folder; rename or remove the object")
     target = Path(root) / rel

@@ -58,20 +58,16 @@ class RecordError(Exception):
         self.problem, self.hint = problem, hint
 
 
-Fields = tuple[tuple[str, str], ...]  # dataset.fields as (format field, the records' column) pairs
+Fields = Mapping[str, str]  # dataset.fields: {format field: the records' column}
 
 
-def as_fields(fields: Mapping[str, str] | None) -> Fields:
-    return tuple((fields or {}).items())
-
-
-def with_fields(value: Any, fields: Fields) -> Any:
+def with_fields(value: Any, fields: Fields | None) -> Any:
     """The record with its columns renamed to the format's fields (dataset.fields): {"response": r} with
-    (("output", "response"),) is {"output": r}. A record without the column is left as it is."""
+    {"output": "response"} is {"output": r}. A record without the column is left as it is."""
     if not fields or not isinstance(value, dict):
         return value
     value = dict(value)
-    for field, column in fields:
+    for field, column in fields.items():
         if column in value:
             value[field] = value.pop(column)
     return value

@@ -58,7 +58,7 @@ def pack_pairs(pairs: list[PreferencePair]) -> PackedPairs:
 
 
 def tokenize_pairs(path: Path, display_name: str | None, *, fmt: DataFormat, tokenizer,
-                   max_seq_length: int, fields: Fields = ()) -> list[Example]:
+                   max_seq_length: int, fields: Fields | None = None) -> list[Example]:
     """Every pair of a split tokenized and truncated, in pair order (chosen, rejected, chosen, ...): small data; bad
     records raise as in validate_dataset(pairs=True)."""
     return tokenize_dataset(path, display_name, fmt=fmt, tokenizer=tokenizer, max_seq_length=max_seq_length,

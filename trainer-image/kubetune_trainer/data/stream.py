@@ -39,7 +39,7 @@ class Encoding:
     first: str  # where the first record is, for the message about a record in another format
     max_seq_length: int
     pairs: bool = False  # preference pairs: each record is two examples, chosen then rejected
-    fields: Fields = ()  # dataset.fields: the records' columns renamed to the format's fields
+    fields: Fields | None = None  # dataset.fields: the records' columns renamed to the format's fields
 
     @property
     def per_record(self) -> int:
@@ -119,7 +119,7 @@ def where(record: Record, name: str) -> str:
 
 def encode_split(path: Path, name: str, fmt: DataFormat, tokenizer, max_seq_length: int,
                  workers: int | None = None, *, pairs: bool = False,
-                 fields: Fields = ()) -> tuple[DataFormat, Iterator[Chunk]]:
+                 fields: Fields | None = None) -> tuple[DataFormat, Iterator[Chunk]]:
     """(the split's concrete format, its chunks in file order). Raises DatasetError for the first bad record
     while iterating. workers: processes to use (default: the CPUs this process may use; small data: none).
     pairs: the objective trains on preference pairs (dpo, orpo); the records must be pairs exactly then.

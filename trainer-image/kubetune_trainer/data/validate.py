@@ -33,7 +33,7 @@ class DatasetReport:
 
 def validate_dataset(path: Path, display_name: str | None, *, fmt: DataFormat, tokenizer, max_seq_length: int,
                      min_samples: int = 1, split: str = "train", sink: Callable[[Chunk], None] | None = None,
-                     workers: int | None = None, pairs: bool = False, fields: Fields = ()) -> DatasetReport:
+                     workers: int | None = None, pairs: bool = False, fields: Fields | None = None) -> DatasetReport:
     """Check every record, in one streaming pass that also tokenizes them (data/stream.py); raise DatasetError
     (exit 65) for the first bad one, with its file and line. `sink` receives the tokenized chunks in order (the
     cache writer). pairs: the objective trains on preference pairs (dpo, orpo), so the records must be pairs (and
@@ -78,7 +78,7 @@ def truncation_warning(truncated_at: list[str], samples: int, max_seq_length: in
 
 
 def tokenize_dataset(path: Path, display_name: str | None, *, fmt: DataFormat, tokenizer,
-                     max_seq_length: int, pairs: bool = False, fields: Fields = ()) -> list[Example]:
+                     max_seq_length: int, pairs: bool = False, fields: Fields | None = None) -> list[Example]:
     """Every record tokenized and truncated to max_seq_length, as a list (small data: tests, tools; pairs: chosen,
     rejected, chosen, ...); bad records raise as in validate_dataset. Training reads the memory-mapped cache
     instead (data/cache.py)."""

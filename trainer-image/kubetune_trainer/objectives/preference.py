@@ -32,7 +32,6 @@ from kubetune_api import DataFormat, MethodType
 
 from .. import sharding
 from ..data import IGNORE, preference
-from ..data.formats import as_fields
 from ..evaluate import Evaluation
 from ..kernels.loss import LossHead, unwrapped
 from ..modeling import load_reference
@@ -87,7 +86,7 @@ class PairObjective(CausalObjective):
     def tokenize(self, path: Path, uri: str, fmt: DataFormat) -> list:
         return preference.tokenize_pairs(path, uri, fmt=fmt, tokenizer=self.task.processor,
                                          max_seq_length=self.config.hyperparameters.max_seq_length,
-                                         fields=as_fields(self.config.dataset.fields))
+                                         fields=self.config.dataset.fields)
 
     def pack(self, examples: list) -> list:
         hp = self.config.hyperparameters

@@ -12,7 +12,6 @@ import torch
 from kubetune_api import DataFormat, Objective
 
 from ..data import IGNORE, PackedExample, collate, pack_examples, tokenize_dataset
-from ..data.formats import as_fields
 from ..evaluate import Evaluation
 from ..kernels.loss import LossHead
 from .base import CausalObjective, register
@@ -25,7 +24,7 @@ class SFT(CausalObjective):
     def tokenize(self, path: Path, uri: str, fmt: DataFormat) -> list:
         return tokenize_dataset(path, uri, fmt=fmt, tokenizer=self.task.processor,
                                 max_seq_length=self.config.hyperparameters.max_seq_length,
-                                fields=as_fields(self.config.dataset.fields))
+                                fields=self.config.dataset.fields)
 
     def pack(self, examples: list) -> list:
         hp = self.config.hyperparameters

@@ -16,7 +16,6 @@ from kubetune_api import DataFormat, TaskType
 
 from ..data import validate_dataset
 from ..data.cache import Cache, SplitWriter
-from ..data.formats import as_fields
 from ..evaluate import Evaluation
 from ..modeling import load_model, load_tokenizer, quiet_transformers
 from ..objectives import objective_for
@@ -48,7 +47,7 @@ class CausalLM(Task, CachesRows, GeneratesText, WindowMetrics):
         return validate_dataset(path, uri, fmt=fmt, tokenizer=self.processor,
                                 max_seq_length=self.config.hyperparameters.max_seq_length,
                                 min_samples=min_samples, split=split, pairs=self.objective.pairs,
-                                fields=as_fields(self.config.dataset.fields))
+                                fields=self.config.dataset.fields)
 
     def examples(self, split: str, path: Path, uri: str, fmt: DataFormat) -> list:
         examples = self.objective.tokenize(path, uri, fmt)
@@ -67,7 +66,7 @@ class CausalLM(Task, CachesRows, GeneratesText, WindowMetrics):
 
         report = validate_dataset(path, uri, fmt=fmt, tokenizer=self.processor, max_seq_length=hp.max_seq_length,
                                   min_samples=min_samples, split=split, sink=sink, pairs=pairs,
-                                  fields=as_fields(self.config.dataset.fields))
+                                  fields=self.config.dataset.fields)
         report.sequences = writer.close(hp.max_seq_length, hp.packing, hp.seed, pairs=pairs)
         return report
 

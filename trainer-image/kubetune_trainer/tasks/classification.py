@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from kubetune_api import DataFormat
 
 from ..data import DatasetReport, label_studio
-from ..data.formats import RecordError, as_fields, kind_of, with_fields
+from ..data.formats import RecordError, kind_of, with_fields
 from ..data.records import Record, class_names, load_records
 from ..data.stream import where
 from ..data.validate import check_min_samples
@@ -156,7 +156,7 @@ class ClassificationTask(Task):
         keys[0] is the required input ("text" or "image"). Integer labels become the class names a Hugging Face
         export keeps in its Parquet metadata (ClassLabel), in their order."""
         fmt = DataFormat(fmt)
-        fields = as_fields(self.config.dataset.fields)
+        fields = self.config.dataset.fields
         records = [Record(r.line, with_fields(r.value, fields), r.file) for r in load_records(path, uri)]
         first: tuple[Record, DataFormat] | None = None
         for record in records:

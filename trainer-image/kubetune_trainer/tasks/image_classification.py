@@ -19,6 +19,7 @@ from ..data import DatasetReport, label_studio
 from ..errors import ConfigError, DatasetError
 from ..images import (
     REFERENCE_HINT,
+    SPLIT_FOLDERS,
     ImageStore,
     Located,
     decode_problem,
@@ -223,7 +224,6 @@ def _ref(value: dict) -> str:
 
 
 def _split_fields(folders: list[str]) -> list[tuple[str, str]]:
-    """The spec field each split folder belongs in: dataset.train, .validation or .test."""
-    field = {"train": "train", "training": "train", "test": "test", "testing": "test"}
-    ordered = sorted(folders, key=lambda n: ("train", "validation", "test").index(field.get(n.lower(), "validation")))
-    return [(field.get(name.lower(), "validation"), name) for name in ordered]
+    """(the dataset field, the folder) of each split folder, train first, then validation, then test."""
+    fields = [(SPLIT_FOLDERS[name.lower()], name) for name in folders]
+    return sorted(fields, key=lambda pair: ("train", "validation", "test").index(pair[0]))
