@@ -58,3 +58,28 @@ def pytest_collection_modifyitems(config, items):
     cluster = [i for i in items if i.get_closest_marker("cluster")]
     rest = [i for i in items if not i.get_closest_marker("cluster")]
     items[:] = sorted(cluster, key=lambda i: order[i.nodeid.split("@", 1)[0]]) + rest
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """KUBETUNE_TEST_CPU=FILE: append each test's CPU seconds (setup + call + teardown, of this process and of the
+    child processes it reaped meanwhile: the trainer's processes, the pods of the node agent) and its wall seconds
+    to FILE, one tab-separated line per test (docs/testing.md, "Where the CPU goes")."""
+    path = os.environ.get("KUBETUNE_TEST_CPU")
+    if not path:
+        return (yield)
+    import time
+
+    cpu, wall = _cpu_seconds(), time.monotonic()
+    try:
+        return (yield)
+    finally:
+        with open(path, "a") as f:
+            f.write(f"{item.nodeid}\t{_cpu_seconds() - cpu:.1f}\t{time.monotonic() - wall:.1f}\n")
