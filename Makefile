@@ -7,10 +7,10 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 .DEFAULT_GOAL := help
 .PHONY: help venv test test-unit test-fast lint fmt clean system-deps
 
-# Tests run on TEST_WORKERS pytest-xdist workers (tests/conftest.py, docs/testing.md): the `cluster` tests in two
+# Tests run on TEST_WORKERS pytest-xdist workers (tests/conftest.py, docs/testing.md): the `cluster` tests in three
 # shards, each on a worker with its own control plane (they mostly wait on it), the other files spread over the
-# workers. Four workers keep both cores busy on a 2-core machine; TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 4
+# workers. Five workers keep both cores busy on a 2-core machine; TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 5
 PARALLEL = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 help: ## List the targets

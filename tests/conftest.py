@@ -3,7 +3,8 @@
 - The tests marked `cluster` are split by file into CLUSTER_SHARDS xdist groups, balanced by the files' measured
   seconds. A worker runs a shard's files one after another against its own local control plane, node agent and
   S3 server (session fixtures: one each per worker, shared by every cluster test it runs). The cluster tests
-  mostly wait on the API server and on pods, so two shards on two cores halve their time.
+  mostly wait on the API server and on pods, so three shards on two cores cut their time to a third; the files
+  that start Kueue share one (ONE_SHARD).
 - Every other test is grouped by its file, so a file's module and session fixtures (a tiny model, a TRL peer) are
   built on one worker, and the files spread over the workers.
 - pytest-randomly shuffles the order of the files and of the tests inside each file (its seed is printed in the
@@ -19,25 +20,34 @@ import pytest
 
 pytest_plugins = ["tests.s3fixtures"]  # one S3 server per pytest process, for the trainer and the cluster tests
 
-CLUSTER_SHARDS = int(os.environ.get("KUBETUNE_CLUSTER_SHARDS", "2"))
-# Seconds each cluster file took in one serial run on this machine (docs/testing.md); a new file counts DEFAULT_S.
+CLUSTER_SHARDS = int(os.environ.get("KUBETUNE_CLUSTER_SHARDS", "3"))
+# Seconds each cluster file took in one quiet parallel run on this machine (docs/testing.md); a new file counts
+# DEFAULT_S.
 CLUSTER_SECONDS = {
-    "tests/operator_tests/test_e2e.py": 480, "tests/operator_tests/test_preemption.py": 300,
-    "tests/operator_tests/test_kueue.py": 230, "tests/operator_tests/test_control_loop.py": 180,
-    "tests/operator_tests/test_dev_cluster.py": 150, "tests/operator_tests/test_security.py": 130,
+    "tests/operator_tests/test_e2e.py": 480, "tests/operator_tests/test_preemption.py": 320,
+    "tests/operator_tests/test_kueue.py": 230, "tests/operator_tests/test_dev_cluster.py": 190,
+    "tests/operator_tests/test_control_loop.py": 180, "tests/operator_tests/test_security.py": 130,
     "tests/chart/test_install.py": 130, "tests/operator_tests/test_failover.py": 70,
     "tests/cluster/test_agent.py": 40, "tests/cluster/test_kueue.py": 35,
-    "tests/operator_tests/test_policy.py": 25, "tests/operator_tests/test_admission.py": 25,
+    "tests/operator_tests/test_admission.py": 35, "tests/operator_tests/test_policy.py": 25,
 }
 DEFAULT_S = 30
+# Files that start Kueue share a shard: every Kueue binds its metrics certificate at one host path
+# (kubetune_dev.cluster.kueue.METRICS_CERTS), made and removed by whichever Kueue found it missing.
+ONE_SHARD = ("tests/cluster/test_kueue.py", "tests/operator_tests/test_kueue.py",
+             "tests/operator_tests/test_dev_cluster.py")
 
 
 def cluster_shards(files: list[str], shards: int = CLUSTER_SHARDS) -> dict[str, int]:
-    """file -> shard: the longest files first, each onto the shard with the fewest seconds so far."""
+    """file -> shard: the longest units first (a file, or the ONE_SHARD files together), each onto the shard
+    with the fewest seconds so far."""
+    together = [f for f in files if f in ONE_SHARD]
+    units = [[f] for f in files if f not in ONE_SHARD] + ([together] if together else [])
     load, shard_of = [0] * max(shards, 1), {}
-    for file in sorted(files, key=lambda f: (-CLUSTER_SECONDS.get(f, DEFAULT_S), f)):
-        shard_of[file] = load.index(min(load))
-        load[shard_of[file]] += CLUSTER_SECONDS.get(file, DEFAULT_S)
+    for unit in sorted(units, key=lambda u: (-sum(CLUSTER_SECONDS.get(f, DEFAULT_S) for f in u), u)):
+        shard = load.index(min(load))
+        shard_of.update(dict.fromkeys(unit, shard))
+        load[shard] += sum(CLUSTER_SECONDS.get(f, DEFAULT_S) for f in unit)
     return shard_of
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -63,3 +64,40 @@ def test_an_error_message_with_brackets_is_printed_as_it_is():
     with pytest.raises(typer.Exit) as done:
         fail(PeerLost("[/__w/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Connection closed by peer"))
     assert done.value.exit_code == EXIT_PEER_LOST
+
+
+def _launch_cpu(script) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kubetune_trainer", "launch", "--cpu", "--num_processes", "1",
+                             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_one_process_runs_in_the_launchers_process_with_accelerates_environment(tmp_path):
+    """A pod with one process (a CPU worker): no second interpreter that imports torch and accelerate again; the
+    trainer sees what accelerate's simple launcher would have given it."""
+    script = tmp_path / "child.py"
+    script.write_text("import json, os, sys\n"
+                      "print(json.dumps({'pid': os.getpid(), 'argv': sys.argv,\n"
+                      "                  'cpu': os.environ.get('ACCELERATE_USE_CPU'),\n"
+                      "                  'precision': os.environ.get('ACCELERATE_MIXED_PRECISION')}))\n")
+    launcher = _launch_cpu(script)
+    out, err = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0, err[-2000:]
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen == {"pid": launcher.pid, "argv": [str(script)], "cpu": "True", "precision": "no"}
+
+
+def test_sigterm_before_the_trainer_has_a_handler_still_ends_the_pod(tmp_path):
+    """The container's first process ignores signals it has no handler for: until the trainer installs its own
+    (once training starts), the launcher's handler ends the process with 143, as a signalled child would."""
+    import signal
+
+    script = tmp_path / "child.py"
+    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    launcher = _launch_cpu(script)
+    try:
+        assert launcher.stdout.readline().strip() == "ready"
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        launcher.kill()

@@ -1,7 +1,13 @@
 """`kubetune launch ARGS`: `accelerate launch ARGS`, with the trainer's exit code passed through.
 
-`accelerate launch` turns every failed child into exit code 1 (a CalledProcessError from its simple
-launcher, a ChildFailedError from torchrun). Kubernetes' podFailurePolicy needs the trainer's own code
+One process in this pod (a CPU worker, one GPU per worker: where accelerate would use its simple launcher): the
+trainer runs in this process, with the environment accelerate's simple launcher would give it
+(`prepare_simple_launcher_cmd_env`). Starting a second interpreter would import torch and accelerate again (about
+4 CPU-seconds per pod), and the trainer, as the container's first process, gets SIGTERM and sets the pod's exit
+code itself.
+
+Several processes (`--multi_gpu`, FSDP: torchrun): `accelerate launch` turns every failed child into exit code 1
+(a CalledProcessError, a ChildFailedError from torchrun). Kubernetes' podFailurePolicy needs the trainer's own code
 (65/73/78: permanent, 75: retryable, 76: a peer stopped), so this runs accelerate's launcher in-process and
 returns it.
 
@@ -14,8 +20,10 @@ workers, and waits for them up to TORCH_ELASTIC_SHUTDOWN_TIMEOUT, set here from 
 from __future__ import annotations
 
 import os
+import runpy
 import signal
 import subprocess
+import sys
 
 from kubetune_api import EXIT_PEER_LOST, EXIT_RETRYABLE, EXIT_UNEXPECTED, PERMANENT_EXIT_CODES
 
@@ -58,18 +66,56 @@ def _forward_sigterm(signum, frame) -> None:
             pass
 
 
+def one_process(args, defaults) -> bool:
+    """Whether `accelerate launch` would start exactly one process here: its simple launcher, without mpirun
+    (the branches of accelerate's `launch_command`, after `_validate_launch_command` filled in the defaults)."""
+    several = args.use_deepspeed or args.use_fsdp or args.use_megatron_lm or args.multi_gpu or args.tpu
+    sagemaker = defaults is not None and defaults.compute_environment == "AMAZON_SAGEMAKER"
+    return (args.cpu or not several) and not sagemaker and not args.mpirun_hostfile
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    """Until the trainer installs its own handler: the container's first process ignores a signal it has no
+    handler for, so SIGTERM would wait for the grace period's SIGKILL."""
+    raise SystemExit(128 + signum)
+
+
+def run_here(args) -> int:
+    """The training script or module in this process, as accelerate's simple launcher would start it."""
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    cmd, env = prepare_simple_launcher_cmd_env(args)
+    os.environ.update(env)
+    argv = cmd[1:]  # [-m] target args...: what follows the interpreter
+    module = argv[0] == "-m"
+    target, sys.argv = (argv[1], argv[1:]) if module else (argv[0], argv)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        if module:
+            runpy.run_module(target, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(target, run_name="__main__")
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
 def launch(argv: list[str]) -> int:
-    from accelerate.commands.launch import launch_command, launch_command_parser
+    from accelerate.commands.launch import _validate_launch_command, launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    args, defaults, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    if one_process(args, defaults):
+        return run_here(args)
     grace = os.environ.get("KUBETUNE_TERMINATION_GRACE_SECONDS")
     if grace and grace.isdigit():
         os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(max(int(grace) - GRACE_MARGIN_SECONDS, 1)))
-    args = launch_command_parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _forward_sigterm)
     try:
-        launch_command(args)
+        launch_command(args)  # validates the filled-in args again: nothing left to fill, nothing warned twice
     except subprocess.CalledProcessError as e:
         return child_exit_code([e.returncode])
     except ChildFailedError as e:
