@@ -252,7 +252,8 @@ class ClassificationTask(Task):
 
         with quiet_transformers():
             return getattr(transformers, self.auto_class).from_pretrained(
-                self.model_dir, dtype=dtype, ignore_mismatched_sizes=True, **self.model_kwargs())
+                self.model_dir, dtype=dtype, ignore_mismatched_sizes=True, **self.model_kwargs(),
+                **self.weight_formats)
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.name.value, "labels": self.labels}

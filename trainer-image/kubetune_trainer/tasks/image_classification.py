@@ -178,7 +178,7 @@ class ImageClassification(ClassificationTask):
         return load_model(self.model_dir, self._method(skeleton, heads or []), mixed_precision, hp,
                           sharded=sharded,
                           auto_class=AutoModelForImageClassification, task_type=None, modules_to_save=heads,
-                          ignore_mismatched_sizes=True, **self.model_kwargs(), **kwargs)
+                          ignore_mismatched_sizes=True, **self.model_kwargs(), **self.weight_formats, **kwargs)
 
     def _skeleton(self):
         """The model with its new head, without weights (on the meta device): its class and module names."""
