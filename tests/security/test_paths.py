@@ -152,3 +152,136 @@ def test_the_trainer_loads_only_safetensors_unless_the_spec_opts_in(tmp_path):
     assert fetch(opted, Storage()).model_dir == model
     assert task_for(opted, model).load_base(torch.float32).config.num_hidden_layers == 1
 
+
+# -- what a record may name ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory) -> Path:
+    from kubetune_dev.tiny_vision import make_tiny_vit
+
+    return make_tiny_vit(tmp_path_factory.mktemp("vit"), image_size=32, patch_size=8, hidden_size=32, layers=2,
+                         heads=2)
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (40, 40, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _image_config(tmp_path: Path, model: Path, train: str, endpoint: str | None = None) -> TrainerConfig:
+    return TrainerConfig.model_validate({
+        "jobName": "paths", "task": "image-classification", "baseModel": {"uri": str(model)},
+        "dataset": {"train": train}, "output": {"uri": str(tmp_path / "out")}, "metrics": {"port": 0},
+        "workDir": str(tmp_path / "work"), **({"storage": {"endpoint": endpoint}} if endpoint else {})})
+
+
+def _validate(config: TrainerConfig, storage: Storage | None = None):
+    """`kubetune validate` as the validation Job runs it (pipeline.validate_only)."""
+    from kubetune_trainer.pipeline import validate_only
+
+    return validate_only(config, storage or Storage(config.storage))
+
+
+def _records(*images: str) -> bytes:
+    return "".join(json.dumps({"image": image, "label": label}) + "\n"
+                   for image, label in zip(images, ["dark", "light"] * len(images), strict=False)).encode()
+
+
+@pytest.mark.parametrize("evil", ["/etc/passwd", "file:///proc/self/environ", "../../../../../../etc/passwd"])
+def test_a_record_naming_a_file_of_the_pod_is_refused_with_its_line(s3_server, bucket, tmp_path, vit, evil):
+    """Attack: a dataset on object storage whose record names a file of the pod as its image (the pod's
+    environment holds the storage credentials). Answer: validation fails (DatasetError, exit 65) naming the data
+    file's URI and the line, and the file is not read."""
+    from kubetune_trainer.errors import DatasetError
+
+    client = s3_server.client()
+    client.put_object(Bucket=bucket, Key="ds/images/a.png", Body=_png())
+    client.put_object(Bucket=bucket, Key="ds/train.jsonl", Body=_records("images/a.png", "images/a.png"))
+    client.put_object(Bucket=bucket, Key="ds/more.jsonl", Body=_records("images/a.png", evil))
+    with pytest.raises(DatasetError) as refused:
+        _validate(_image_config(tmp_path, vit, f"s3://{bucket}/ds/", s3_server.endpoint))
+    assert (refused.value.file, refused.value.line) == (f"s3://{bucket}/ds/more.jsonl", 2)
+    if evil.startswith("/") or evil.startswith("file:"):  # a relative path climbs the bucket: refused as such
+        assert f"image {evil!r} is outside the dataset's folder" in refused.value.message
+    else:
+        assert f"image {evil!r} points above the bucket" in refused.value.message
+
+
+def test_a_label_studio_local_files_url_onto_a_file_of_the_pod_is_refused(tmp_path, vit):
+    """Attack: a Label Studio export whose task names /data/local-files/?d=/etc/passwd. Answer: refused naming
+    the export and the task's place in it."""
+    from kubetune_trainer.errors import DatasetError
+
+    folder = tmp_path / "ds"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "a.png").write_bytes(_png())
+    tasks = [{"id": i, "data": {"image": image}, "annotations": [{"id": i, "result": [
+        {"type": "choices", "from_name": "c", "to_name": "image", "value": {"choices": [label]}}]}]}
+        for i, (image, label) in enumerate([("/data/local-files/?d=images/a.png", "dark"),
+                                            ("/data/local-files/?d=/etc/passwd", "light")], start=1)]
+    export = folder / "export.json"
+    export.write_text(json.dumps(tasks))
+    config = _image_config(tmp_path, vit, str(export))
+    with pytest.raises(DatasetError, match=rf"{export}:2: .*image '/etc/passwd' is outside the dataset's folder"):
+        _validate(config)
+
+
+def test_a_local_split_may_name_only_images_inside_its_folder(tmp_path, vit):
+    """Attack: a local (kubetune run) or pvc:// dataset with a relative path that climbs out, an absolute path, or
+    a link inside the folder that points at /etc/passwd. Answer: each is refused naming its line; images inside
+    the folder (relative, or absolute under it) are read."""
+    from kubetune_trainer.errors import DatasetError
+
+    folder = tmp_path / "ds"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "a.png").write_bytes(_png())
+    (folder / "images" / "link.png").symlink_to("/etc/passwd")
+    (tmp_path / "outside.png").write_bytes(_png())
+    train = folder / "train.jsonl"
+    good = ["images/a.png", str(folder / "images" / "a.png"), f"file://{folder}/images/a.png"]
+    train.write_bytes(_records(*good))
+    reports, _ = _validate(_image_config(tmp_path, vit, str(train)))
+    assert reports["train"].samples == 3
+    for evil in ("../outside.png", str(tmp_path / "outside.png"), "images/link.png", "file://etc/passwd"):
+        train.write_bytes(_records("images/a.png", "images/a.png", evil))
+        with pytest.raises(DatasetError, match=rf"{train}:3: image '{evil}' is outside the dataset's folder"):
+            _validate(_image_config(tmp_path, vit, str(train)))
+
+
+def test_a_pvc_split_may_name_images_anywhere_on_its_volume_only(monkeypatch, tmp_path, vit):
+    """A pvc:// split's records may name images on the same volume (absolute paths under its mount, or relative
+    ones); a path onto another claim's volume is refused, naming the claim the split is on."""
+    from kubetune_trainer.errors import DatasetError
+
+    monkeypatch.setenv("KUBETUNE_PVC_ROOT", str(tmp_path / "pvc"))
+    mine, theirs = tmp_path / "pvc" / "mine", tmp_path / "pvc" / "theirs"
+    for claim in (mine, theirs):
+        (claim / "images").mkdir(parents=True)
+        (claim / "images" / "a.png").write_bytes(_png())
+    (mine / "data").mkdir()
+    (mine / "data" / "train.jsonl").write_bytes(_records("../images/a.png", str(mine / "images" / "a.png")))
+    config = _image_config(tmp_path, vit, "pvc://mine/data/train.jsonl")
+    assert _validate(config)[0]["train"].samples == 2
+    (mine / "data" / "train.jsonl").write_bytes(_records("../images/a.png", "../../theirs/images/a.png"))
+    with pytest.raises(DatasetError, match=r"train\.jsonl:2: image '\.\./\.\./theirs/images/a\.png' is outside "
+                                           r"the dataset's folder pvc://mine/"):
+        _validate(config)
+
+
+def test_a_dataset_prefix_holding_a_key_with_dotdot_is_refused(s3_server, bucket, tmp_path, vit):
+    """Attack: the dataset prefix holds an object whose key climbs out (ds/../../work/x.png: S3 keeps it as it
+    is). Answer: the fetch is refused naming the key, before any record is read; nothing is written outside the
+    split's download folder. A record naming an s3:// image with '..' in its key is cached under the hash of its
+    URI (tests/trainer/test_storage.py)."""
+    client = s3_server.client()
+    client.put_object(Bucket=bucket, Key="ds/train.jsonl", Body=_records("a.png"))
+    client.put_object(Bucket=bucket, Key="ds/../../../escape.png", Body=_png())
+    with pytest.raises(ConfigError, match=r"refusing object name '\.\./\.\./\.\./escape\.png'"):
+        _validate(_image_config(tmp_path, vit, f"s3://{bucket}/ds/", s3_server.endpoint))
+    assert not list(tmp_path.rglob("escape.png"))

@@ -1,7 +1,10 @@
 """Images for image classification: image folders, where a record's image is, fetching it, and checking it decodes.
 
 A record's `image` is a path relative to the folder of its data file (s3://data/defects/train.jsonl with
-"images/1.png" means s3://data/defects/images/1.png), an s3:// URI, or an absolute local path. Images that came
+"images/1.png" means s3://data/defects/images/1.png), an s3:// URI, or a local path (relative, absolute or file://)
+inside the split's own folder: the folder of its data file, or the whole volume of a pvc:// split. A local path
+that leads anywhere else (/etc/passwd, file:///proc/self/environ, ../../x, a link out) is refused, naming the
+record's file and line: a dataset cannot make the pod read its own files. Images that came
 with the split (a prefix holds the data file and its images) are used where they were fetched; the others are
 downloaded once per run into <workDir>/<job>/images/remote/, each named by the sha256 of its URI (so no key can
 lead out of it). Parquet exports of Hugging Face datasets carry the image itself ({"bytes": ..., "path": ...});
@@ -23,11 +26,13 @@ from typing import Any
 from .data.formats import RecordError
 from .data.records import Record, data_files
 from .errors import ConfigError
+from .fetch import local_path
 from .storage import Storage, is_remote
 
 # What torchvision's ImageFolder and Hugging Face's imagefolder read (the formats Pillow decodes).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 REFERENCE_HINT = "give a path relative to the data file's folder, or an s3:// URI"
+OUTSIDE_HINT = "records may name only images inside the dataset's own folder: " + REFERENCE_HINT
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -106,7 +111,7 @@ class ImageStore:
             return self._remote(image)
         if image.startswith("file://") or image.startswith("/"):
             local = Path(image.removeprefix("file://"))
-            return Located(str(local), local)
+            return self._inside(image, Located(str(local), local))
         if _SCHEME.match(image):
             raise RecordError(f"image {image!r}: only s3:// URIs and paths are read, not "
                               f"{image.split('://')[0]}://", "copy the images to object storage; " + REFERENCE_HINT)
@@ -118,8 +123,26 @@ class ImageStore:
                 raise RecordError(f"image {image!r} points above the bucket s3://{bucket}/", REFERENCE_HINT)
             return self._remote(f"s3://{bucket}/{joined}")
         data_file = self._local_data_file(record_file)
-        return Located(posixpath.normpath(posixpath.join(folder, image)),
-                       Path(posixpath.normpath((data_file.parent / image).as_posix())))
+        return self._inside(image, Located(posixpath.normpath(posixpath.join(folder, image)),
+                                           Path(posixpath.normpath((data_file.parent / image).as_posix()))))
+
+    @property
+    def root(self) -> Path:
+        """The folder a record's local image must lie in: the claim's volume for a pvc:// split, else the split's
+        folder (for a split that is one file, the folder that holds it)."""
+        if self.split_uri.startswith("pvc://"):
+            return local_path("pvc://" + self.split_uri.removeprefix("pvc://").split("/")[0])
+        return self.split_path if self.split_path.is_dir() else self.split_path.parent
+
+    def _inside(self, image: str, located: Located) -> Located:
+        """`located` if its local path (links followed) is inside `root`; RecordError otherwise."""
+        root = self.root
+        if not located.local.resolve().is_relative_to(root.resolve()):
+            where = (f"pvc://{self.split_uri.removeprefix('pvc://').split('/')[0]}/"
+                     if self.split_uri.startswith("pvc://") else str(root))
+            raise RecordError(f"image {image!r} is outside the dataset's folder {where}: refusing to read it",
+                              OUTSIDE_HINT)
+        return located
 
     def _local_data_file(self, record_file: str) -> Path:
         """The local copy of a data file named by its URI (the split itself, or a file under the split folder)."""
