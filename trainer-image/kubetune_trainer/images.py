@@ -194,25 +194,45 @@ class ImageStore:
             return list(pool.map(one, located))
 
 
-def decode_problem(path: Path) -> str | None:
-    """Why Pillow cannot read the image at `path` in full, or None when it can."""
+# Pillow's own limit warns from 89 Mpx and refuses from 179 Mpx: a few kilobytes of PNG can decode to gigabytes.
+# Images for a classifier are a few hundred pixels a side; this trainer refuses any image over 50 Mpx, on open,
+# before a pixel is decoded (DecompressionBombWarning is made an error).
+MAX_IMAGE_PIXELS = 50_000_000
+BOMB_HINT = f"resize the image below {MAX_IMAGE_PIXELS // 1_000_000} megapixels, or remove the record"
+
+
+def _pillow():
+    """PIL.Image with the lower pixel limit, its decompression-bomb warning an error."""
+    import warnings
+
     from PIL import Image
 
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+    return Image
+
+
+def decode_problem(path: Path) -> tuple[str, str] | None:
+    """(why Pillow cannot read the image at `path` in full, what to do), or None when it can."""
+    Image = _pillow()
     try:
         with Image.open(path) as image:
             image.verify()  # the file's structure (chunks, checksums)
         with Image.open(path) as image:
             image.load()  # every pixel: a truncated file fails here
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        return f"it is too large to decode ({e})", BOMB_HINT
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        return f"{type(e).__name__}: {e}", "re-export the image as PNG or JPEG, or remove the record"
+    except MemoryError:
+        return "it does not fit in the memory this process has", BOMB_HINT
     return None
 
 
 def load_rgb(path: str | Path):
-    """The image at `path` as an RGB Pillow image (grey, palette, alpha and CMYK images converted)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
+    """The image at `path` as an RGB Pillow image (grey, palette, alpha and CMYK images converted); the same
+    pixel limit as decode_problem."""
+    with _pillow().open(path) as image:
         return image.convert("RGB")
 
 

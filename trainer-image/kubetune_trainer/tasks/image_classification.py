@@ -76,7 +76,7 @@ class ImageClassification(ClassificationTask):
             problem = decode_problem(image)
             if problem:
                 raise DatasetError(record.file or uri, record.line, f"image {located.uri} cannot be decoded "
-                                   f"({problem})", "re-export the image as PNG or JPEG, or remove the record")
+                                   f"({problem[0]})", problem[1])
             examples.append(ClassExample(str(image), target))
         self._validated[(split, uri)] = examples
         report.classes, warnings = self.class_report(targets)
