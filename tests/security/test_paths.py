@@ -254,6 +254,23 @@ def test_a_local_split_may_name_only_images_inside_its_folder(tmp_path, vit):
             _validate(_image_config(tmp_path, vit, str(train)))
 
 
+def test_a_link_in_an_image_folder_that_points_out_is_refused(tmp_path, vit):
+    """Attack: an image folder (<label>/<image>) on a local or pvc:// volume whose "image" is a link to a file of
+    the pod. Answer: refused naming the image, as a record naming the file would be."""
+    from kubetune_trainer.errors import DatasetError
+
+    folder = tmp_path / "folder"
+    for label in ("dark", "light"):
+        (folder / label).mkdir(parents=True)
+        (folder / label / "a.png").write_bytes(_png())
+    (folder / "light" / "b.png").symlink_to("/etc/passwd")
+    with pytest.raises(DatasetError, match=rf"{folder}/light/b\.png: image '{folder}/light/b\.png' is outside "
+                                           "the dataset's folder"):
+        _validate(_image_config(tmp_path, vit, f"{folder}/"))
+    (folder / "light" / "b.png").unlink()
+    assert _validate(_image_config(tmp_path, vit, f"{folder}/"))[0]["train"].samples == 2
+
+
 def test_a_pvc_split_may_name_images_anywhere_on_its_volume_only(monkeypatch, tmp_path, vit):
     """A pvc:// split's records may name images on the same volume (absolute paths under its mount, or relative
     ones); a path onto another claim's volume is refused, naming the claim the split is on."""

@@ -111,7 +111,7 @@ class ImageStore:
             return self._remote(image)
         if image.startswith("file://") or image.startswith("/"):
             local = Path(image.removeprefix("file://"))
-            return self._inside(image, Located(str(local), local))
+            return self.inside(image, Located(str(local), local))
         if _SCHEME.match(image):
             raise RecordError(f"image {image!r}: only s3:// URIs and paths are read, not "
                               f"{image.split('://')[0]}://", "copy the images to object storage; " + REFERENCE_HINT)
@@ -123,7 +123,7 @@ class ImageStore:
                 raise RecordError(f"image {image!r} points above the bucket s3://{bucket}/", REFERENCE_HINT)
             return self._remote(f"s3://{bucket}/{joined}")
         data_file = self._local_data_file(record_file)
-        return self._inside(image, Located(posixpath.normpath(posixpath.join(folder, image)),
+        return self.inside(image, Located(posixpath.normpath(posixpath.join(folder, image)),
                                            Path(posixpath.normpath((data_file.parent / image).as_posix()))))
 
     @property
@@ -134,7 +134,7 @@ class ImageStore:
             return local_path("pvc://" + self.split_uri.removeprefix("pvc://").split("/")[0])
         return self.split_path if self.split_path.is_dir() else self.split_path.parent
 
-    def _inside(self, image: str, located: Located) -> Located:
+    def inside(self, image: str, located: Located) -> Located:
         """`located` if its local path (links followed) is inside `root`; RecordError otherwise."""
         root = self.root
         if not located.local.resolve().is_relative_to(root.resolve()):

@@ -119,8 +119,8 @@ class ImageClassification(ClassificationTask):
         for record in records:
             with at_record(record, uri):
                 image = record.value["image"]
-                if fmt == DataFormat.imagefolder:  # named by its URI, found where it was fetched
-                    rows.append((record, Located(record.file, Path(image))))
+                if fmt == DataFormat.imagefolder:  # named by its URI, found where it was fetched (no link out)
+                    rows.append((record, store.inside(record.file, Located(record.file, Path(image)))))
                     continue
                 if fmt == DataFormat.label_studio and isinstance(image, str):
                     image = label_studio.image_reference(image)
