@@ -109,7 +109,7 @@ def fetch(config: TrainerConfig, storage: Storage, *, weights: bool = True) -> F
     work = Path(config.work_dir) / config.job_name
     work.mkdir(parents=True, exist_ok=True)
     marker = work / ("fetched.json" if weights else "fetched-no-weights.json")
-    allow_pickle = config.base_model.allow_pickle_weights
+    allow_pickle = bool(config.base_model.allow_pickle_weights)
     key = {"model": config.base_model.uri, "allowPickleWeights": allow_pickle, **config.dataset.dump()}
     if marker.exists():
         saved = json.loads(marker.read_text())
