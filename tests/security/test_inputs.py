@@ -1,10 +1,11 @@
-"""Bad input can never loop or exhaust memory (issue 27.6, the trainer's side).
+"""Bad input can never loop or exhaust memory (issue 27.6).
 
 The attacker writes the dataset (or a file in a prefix the job reads) to make the validator crash the same way on
 every attempt: a gigabyte-long line, JSON nested past Python's recursion limit, a tiny PNG that decodes to
 gigabytes, records that need more memory than the pod has. Each test checks the answer: a DatasetError (exit 65)
 naming the file and line, or for the memory budget a ConfigError (exit 78) naming spec.validation.memory; all
-permanent, so the operator does not retry them.
+permanent, so the operator does not retry them. What still fails transiently every time is retried a bounded number
+of times: the last test runs the operator on the real control plane.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ from kubetune_trainer.data.records import MAX_RECORD_BYTES, load_records
 from kubetune_trainer.errors import DatasetError
 
 from tests.datafixtures import tiny_tokenizer
+from tests.faults import FaultProxy
+from tests.kube import get_json
+from tests.operator_tests import test_e2e as e2e
+
+crd, s3_inputs, fake_trainer = e2e.crd, e2e.s3_inputs, e2e.fake_trainer  # cluster fixtures
+pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
 
 ROOT = Path(__file__).resolve().parents[2]
 DEEP = 100_000  # levels of JSON nesting: far past Python's recursion limit (1000)
@@ -202,3 +209,46 @@ def test_validation_over_its_memory_limit_stops_clearly_instead_of_an_oom_kill(t
     message = termination.read_text()
     assert message.startswith("ConfigInvalid: validation used ") and "of its 64 MiB memory limit" in message
     assert "raise spec.validation.memory" in message and "memory limit" in done.stderr
+
+
+# -- validation that fails every time ends -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def impatient_operator(control_plane, crd, tmp_path_factory):
+    """The operator, trying validation twice (the chart's validation.maxAttempts: 2)."""
+    yield from e2e.run_operator(tmp_path_factory, e2e.operator_env(control_plane,
+                                                                   KUBETUNE_VALIDATION_MAX_ATTEMPTS="2"))
+
+
+@pytest.mark.cluster
+@pytest.mark.e2e
+def test_validation_that_fails_every_time_ends_failed_not_retried_forever(control_plane, node_agent, namespace,
+                                                                          impatient_operator, s3_inputs,
+                                                                          fake_trainer):
+    """Attack: a job whose validation fails transiently on every attempt (here: its storage answers 503 forever;
+    a crash or an OOM kill would do the same), which used to make a new validation Job, pod and Warning Event
+    forever. Answer: after validation.maxAttempts Jobs (counted in status.validationAttempts) the job is Failed
+    with reason ValidationFailed and the last failure's message, no training Job is created, and the operator's
+    failure metric counts it under ValidationFailed."""
+    import urllib.request
+
+    e2e.credentials(control_plane, namespace)
+    with FaultProxy(s3_inputs["endpoint"]) as proxy:
+        proxy.inject("*", "", "status", status=503, times=None)  # storage down, for good
+        spec = e2e.training_spec(s3_inputs, fake_trainer, hyperparameters={"maxSteps": 3})
+        spec["storage"]["endpoint"] = proxy.endpoint
+        e2e.submit(control_plane, namespace, "storage-down", spec)
+        status = e2e.wait_phase(control_plane, namespace, "storage-down", ("Succeeded", "Failed"),
+                                timeout=420)["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "ValidationFailed"), status
+    assert status["validationAttempts"] == 2
+    assert status["message"].startswith("validation failed 2 times, as many as the operator tries "
+                                        "(validation.maxAttempts); the last: "), status["message"]
+    assert "StorageUnavailable" in status["message"], status["message"]
+    reasons = [e["reason"] for e in e2e.events_of(control_plane, namespace, "storage-down")]
+    assert reasons.count("ValidationRetrying") == 1 and reasons.count("ValidationFailed") == 1, reasons
+    jobs = [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"]]
+    assert "storage-down-train" not in jobs
+    metrics = urllib.request.urlopen(impatient_operator.metrics, timeout=10).read().decode()
+    assert 'kubetune_operator_finetunejob_failures_total{reason="ValidationFailed"} 1.0' in metrics
