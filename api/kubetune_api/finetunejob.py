@@ -209,6 +209,11 @@ class BaseModelSpec(Model):
     trust_remote_code: bool = Field(
         False, description="Run the Python code a model folder ships (transformers' trust_remote_code); the "
         "platform's policy may forbid it")
+    # Unset rather than false by default: a config without the opt-in stays readable by older trainer images.
+    allow_pickle_weights: bool | None = Field(
+        None, description="Also load weights in pickle-based formats (pytorch_model.bin, .pt, .pth, .pkl), which "
+        "can run code when loaded; unset or false: only safetensors weights are downloaded and loaded, and a model "
+        "folder without them is refused")
 
 
 class DatasetSpec(Model):

@@ -62,6 +62,7 @@ class Reason(StrEnum):
     # failures
     PolicyDenied = "PolicyDenied"
     DatasetInvalid = "DatasetInvalid"
+    ValidationFailed = "ValidationFailed"  # validation failed transiently (a crash, OOM, storage) too many times
     OutputInUse = "OutputInUse"
     ConfigInvalid = "ConfigInvalid"
     InvalidChildSpec = "InvalidChildSpec"

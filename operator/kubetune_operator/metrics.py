@@ -32,9 +32,9 @@ RESULT_MODELS = {"test": "finetuned", "baseline": "baseline"}  # status.result.m
 # Export every known label value from the start (0), so dashboards and rate() have series before the first
 # reconcile error or failure.
 HANDLERS = ("reconcile",)
-# the operator's own reasons, the Job controller's (BackoffLimitExceeded, DeadlineExceeded), and ValidationFailed,
-# which no reconcile writes today: its series is still created, as before
-FAILURE_REASONS = (Reason.DatasetInvalid, Reason.ConfigInvalid, "ValidationFailed", "BackoffLimitExceeded",
+# the operator's own reasons (ValidationFailed: validation's attempts ran out) and the Job controller's
+# (BackoffLimitExceeded, DeadlineExceeded)
+FAILURE_REASONS = (Reason.DatasetInvalid, Reason.ConfigInvalid, Reason.ValidationFailed, "BackoffLimitExceeded",
                    "DeadlineExceeded", Reason.Hung)
 for _phase in Phase:
     JOBS.labels(_phase.value)

@@ -183,7 +183,9 @@ def _clean_up(d: Decision, observed: Observed) -> None:
 
 
 def _validate(d: Decision, meta, spec, observed: Observed, settings: OperatorSettings) -> bool:
-    """Run the CPU validation Job; True once the data is known good. Transient failures are retried."""
+    """Run the CPU validation Job; True once the data is known good. Transient failures are retried until
+    status.validationAttempts (the Jobs created) reaches settings.validation_max_attempts: then the job fails
+    ValidationFailed with the last failure's reason and message."""
     job, old, now = observed.validation_job, d.status, d.now
     attempts = old.get("validationAttempts", 0)
     retry_at = parse_time(old.get("validationRetryTime"))
@@ -220,6 +222,12 @@ def _validate(d: Decision, meta, spec, observed: Observed, settings: OperatorSet
         if retry_at:  # this failure was handled: its Job is being deleted, the retry is scheduled
             d.requeue_after = max((retry_at - now).total_seconds(), 1)
             d.delete.append(job)
+            return False
+        if max(attempts, 1) >= settings.validation_max_attempts:  # counted in the status, never in memory
+            message = (f"validation failed {max(attempts, 1)} times, as many as the operator tries "
+                       f"(validation.maxAttempts); the last: {reason}: {message}")
+            d.condition("Validated", False, Reason.ValidationFailed, message)
+            d.finish(Phase.Failed, Reason.ValidationFailed, message)
             return False
         first, longest = VALIDATION_RETRY_SECONDS
         delay = min(first * 2 ** max(attempts - 1, 0), longest)

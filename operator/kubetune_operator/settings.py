@@ -22,6 +22,7 @@ VALIDATION_DEFAULTS = {  # spec.validation field -> the default of the operator'
     "ephemeral_storage": "10Gi",  # KUBETUNE_VALIDATION_EPHEMERAL_STORAGE
     "active_deadline_seconds": 3600,  # KUBETUNE_VALIDATION_DEADLINE_SECONDS
 }
+VALIDATION_MAX_ATTEMPTS = 5  # KUBETUNE_VALIDATION_MAX_ATTEMPTS: validation Jobs per FineTuneJob, then Failed
 RESYNC_SECONDS = 60.0  # KUBETUNE_RESYNC_SECONDS: the loop's safety-net resync
 SCRAPE_SECONDS = 10.0  # KUBETUNE_SCRAPE_SECONDS: how often rank 0's /metrics is scraped
 TRAINER_METRICS_PORT = MetricsSpec.model_fields["port"].default  # the trainer's own default (9400)
@@ -45,6 +46,9 @@ class OperatorSettings:
     validation_memory: str = VALIDATION_DEFAULTS["memory"]
     validation_ephemeral_storage: str = VALIDATION_DEFAULTS["ephemeral_storage"]
     validation_deadline_seconds: int = VALIDATION_DEFAULTS["active_deadline_seconds"]
+    # KUBETUNE_VALIDATION_MAX_ATTEMPTS: validation Jobs that fail transiently (exit 75, a crash, an OOM kill, the
+    # deadline) before the FineTuneJob fails ValidationFailed; counted in status.validationAttempts
+    validation_max_attempts: int = VALIDATION_MAX_ATTEMPTS
     resync_seconds: float = RESYNC_SECONDS  # KUBETUNE_RESYNC_SECONDS
     scrape_seconds: float = SCRAPE_SECONDS  # KUBETUNE_SCRAPE_SECONDS
     metrics_port: int = 8080  # KUBETUNE_METRICS_PORT (0: off)
@@ -84,6 +88,7 @@ class OperatorSettings:
             validation_ephemeral_storage=env("KUBETUNE_VALIDATION_EPHEMERAL_STORAGE") or defaults["ephemeral_storage"],
             validation_deadline_seconds=int(env("KUBETUNE_VALIDATION_DEADLINE_SECONDS")
                                             or defaults["active_deadline_seconds"]),
+            validation_max_attempts=max(1, int(env("KUBETUNE_VALIDATION_MAX_ATTEMPTS") or VALIDATION_MAX_ATTEMPTS)),
             resync_seconds=float(env("KUBETUNE_RESYNC_SECONDS", str(RESYNC_SECONDS))),
             scrape_seconds=float(env("KUBETUNE_SCRAPE_SECONDS", str(SCRAPE_SECONDS))),
             metrics_port=int(env("KUBETUNE_METRICS_PORT", "8080")),

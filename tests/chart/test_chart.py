@@ -61,8 +61,8 @@ def test_default_render():
     assert env["KUBETUNE_READY_PORT"] == "8082"
     assert env["KUBETUNE_RESYNC_SECONDS"] == "60"
     assert (env["KUBETUNE_VALIDATION_CPU"], env["KUBETUNE_VALIDATION_MEMORY"],
-            env["KUBETUNE_VALIDATION_EPHEMERAL_STORAGE"], env["KUBETUNE_VALIDATION_DEADLINE_SECONDS"]) == (
-        "500m", "1Gi", "10Gi", "3600")
+            env["KUBETUNE_VALIDATION_EPHEMERAL_STORAGE"], env["KUBETUNE_VALIDATION_DEADLINE_SECONDS"],
+            env["KUBETUNE_VALIDATION_MAX_ATTEMPTS"]) == ("500m", "1Gi", "10Gi", "3600", "5")
     pod_id = next(e for e in container["env"] if e["name"] == "POD_ID")  # kopf's identity among its peers
     assert pod_id["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert "KUBETUNE_STORAGE_ENDPOINT" not in env

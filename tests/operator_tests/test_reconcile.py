@@ -161,6 +161,35 @@ def test_a_transient_validation_failure_is_retried_with_a_growing_delay():
     assert d.requeue_after == 20 and d.phase == "Pending"
 
 
+def test_validation_that_keeps_failing_ends_failed_after_the_attempts_allowed():
+    """A failure that recurs (an OOM kill each time) is retried until status.validationAttempts reaches
+    validation_max_attempts (counted in the API, so an operator restart does not reset it); then the job fails
+    ValidationFailed with the last failure's reason and message, and no training Job is created."""
+    settings = OperatorSettings(trainer_image=IMAGE, validation_max_attempts=3)
+    body = ftj(status={"validationAttempts": 2})
+    c = desired(body)
+    vj = job(c["validation"], finished="Failed", reason="BackoffLimitExceeded", message="Job has reached the limit")
+    oom = Observed(config_map=c["cm"], validation_job=vj,
+                   validation_pods=[pod(vj, exit_code=137, message="OOMKilled", container="validate")])
+    d = decide(body, oom, NOW, settings)
+    assert (d.phase, d.status["reason"]) == ("Pending", "ValidationRetrying")  # attempt 2 of 3: retried
+
+    body["status"] = {**d.status, "validationAttempts": 3}
+    body["status"].pop("validationRetryTime")  # the third Job was created, and failed the same way
+    d = decide(body, oom, NOW + timedelta(minutes=5), settings)
+    FineTuneJobStatus.model_validate(d.status)
+    assert (d.phase, d.status["reason"]) == ("Failed", "ValidationFailed")
+    assert d.status["message"].startswith("validation failed 3 times, as many as the operator tries "
+                                          "(validation.maxAttempts); the last: BackoffLimitExceeded: ")
+    assert "OOMKilled" in d.status["message"] and d.status["completionTime"]
+    assert get_condition(d.status, "Validated")["reason"] == "ValidationFailed"
+    assert get_condition(d.status, "Failed")["status"] == "True"
+    assert d.events == [("Warning", "ValidationFailed", f"Failed: {d.status['message']}")]
+    assert d.create == [] and d.delete == [vj]  # the failed validation Job is cleaned up, nothing new starts
+    body["status"] = d.status
+    assert decide(body, Observed(config_map=c["cm"]), NOW + timedelta(hours=1), settings).create == []
+
+
 def test_valid_dataset_starts_training():
     body = ftj()
     c = desired(body)

@@ -24,7 +24,7 @@ def test_the_defaults_are_those_of_an_empty_environment():
     s = OperatorSettings()
     assert (s.trainer_image, s.rendezvous_port, s.gpu_tflops) == ("ghcr.io/kubetune/trainer:0.1.0", 29500, 400.0)
     assert (s.validation_cpu, s.validation_memory, s.validation_ephemeral_storage,
-            s.validation_deadline_seconds) == ("500m", "1Gi", "10Gi", 3600)
+            s.validation_deadline_seconds, s.validation_max_attempts) == ("500m", "1Gi", "10Gi", 3600, 5)
     assert (s.resync_seconds, s.scrape_seconds, s.metrics_port, s.health_port, s.ready_port) == (60, 10, 8080, 8081,
                                                                                                  8082)
     assert (s.storage_endpoint, s.storage_region, s.storage_secret_name) == ("", "", "")
@@ -38,6 +38,7 @@ def test_every_variable_takes_effect():
         "KUBETUNE_STORAGE_REGION": "eu-west-1", "KUBETUNE_STORAGE_SECRET_NAME": "platform-s3",
         "KUBETUNE_VALIDATION_CPU": "2", "KUBETUNE_VALIDATION_MEMORY": "2Gi",
         "KUBETUNE_VALIDATION_EPHEMERAL_STORAGE": "20Gi", "KUBETUNE_VALIDATION_DEADLINE_SECONDS": "600",
+        "KUBETUNE_VALIDATION_MAX_ATTEMPTS": "2",
         "KUBETUNE_RESYNC_SECONDS": "1", "KUBETUNE_SCRAPE_SECONDS": "1", "KUBETUNE_METRICS_PORT": "0",
         "KUBETUNE_HEALTH_PORT": "18081", "KUBETUNE_READY_PORT": "0",
         "KUBETUNE_POLICY_IMAGE_PREFIXES": "a.io/x, b.io/", "KUBETUNE_POLICY_CREDENTIALS_NAMESPACES": "team-a,*",
@@ -47,7 +48,8 @@ def test_every_variable_takes_effect():
         trainer_image="registry.local/trainer:1", rendezvous_port=31234, trainer_metrics_port=31235, gpu_tflops=125.0,
         storage_endpoint="http://minio:9000", storage_region="eu-west-1", storage_secret_name="platform-s3",
         validation_cpu="2", validation_memory="2Gi", validation_ephemeral_storage="20Gi",
-        validation_deadline_seconds=600, resync_seconds=1.0, scrape_seconds=1.0, metrics_port=0, health_port=18081,
+        validation_deadline_seconds=600, validation_max_attempts=2,
+        resync_seconds=1.0, scrape_seconds=1.0, metrics_port=0, health_port=18081,
         ready_port=0,
         policy=policy.Settings(image_prefixes=("a.io/x", "b.io/"), credentials_secret="platform-s3",
                                credentials_namespaces=("team-a", "*"), allow_trust_remote_code=True,

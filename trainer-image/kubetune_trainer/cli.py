@@ -25,7 +25,7 @@ from rich.table import Table
 
 from . import redact
 from .configfile import load_config
-from .errors import KubetuneError
+from .errors import ConfigError, KubetuneError
 
 # No locals in tracebacks: a frame's variables can hold credentials (the callback below prints plain, redacted ones).
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kubetune: fine-tuning on Kubernetes.",
@@ -53,14 +53,22 @@ def termination_log(message: str) -> None:
 def fail(e: BaseException) -> None:
     """The one way a command fails: a redacted one-line message on stderr and as the termination message (an
     unexpected exception's text can hold a presigned URL or a key as much as ours), and the exception's exit code."""
+    if isinstance(e, MemoryError):  # outside a record (records.beyond_limits names those)
+        e = ConfigError("the process ran out of memory: raise spec.validation.memory (resources.memory for "
+                        "training), or make the data smaller per record")
     if isinstance(e, KubetuneError):
         message, code = f"{e.reason}: {e.message}", e.exit_code
     else:
         message, code = f"Unexpected: {type(e).__name__}: {e}", EXIT_UNEXPECTED
+    report_failure(message)
+    raise typer.Exit(code)
+
+
+def report_failure(message: str) -> None:
+    """A failure's one line, redacted, on stderr and as the termination message."""
     message = redact.redact(message)
     err.print(f"[bold red]error[/] {escape(message)}", highlight=False, soft_wrap=True)
     termination_log(message)
-    raise typer.Exit(code)
 
 
 @app.callback()
@@ -71,9 +79,12 @@ def _redacting() -> None:
 
 @app.command()
 def validate(config: ConfigOption) -> None:
-    """Check the datasets against the config, on CPU, without downloading model weights."""
+    """Check the datasets against the config, on CPU, without downloading model weights; within the pod's memory
+    limit (memory.py: a clear error, exit 78, rather than an out-of-memory kill)."""
+    from .memory import stop_now, watch
     from .pipeline import validate_only
 
+    watch(stop_now(lambda message: report_failure(f"{ConfigError.reason}: {message}")))
     try:
         reports, data = validate_only(load_config(config))
     except Exception as e:  # noqa: BLE001 - every failure becomes a clear message and exit code

@@ -3,6 +3,10 @@
 Model URIs: `s3://bucket/prefix/` (a Hugging Face model folder), `hf://org/name` (the Hub, for real
 clusters), `pvc://claim/path` (a volume the operator mounts under $KUBETUNE_PVC_ROOT, default /mnt/pvc),
 `file://` or a plain local path. Dataset URIs: an s3:// object or prefix, pvc:// or a local path.
+
+Weights in pickle-based formats (.bin, .pt, .pth, .pkl) can run code when they are loaded. Unless the spec opts in
+(baseModel.allowPickleWeights) they are neither downloaded (s3://, hf://) nor loaded (the tasks pass
+from_pretrained use_safetensors=True), and a model folder whose weights are only in those formats is refused.
 """
 
 from __future__ import annotations
@@ -10,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from kubetune_api import TrainerConfig
 
@@ -20,6 +24,8 @@ from .errors import ConfigError
 from .storage import Storage, is_remote, safe_join, sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")  # torch.save / pickle files: loading them can run code
+PICKLE_OPT_IN = "baseModel.allowPickleWeights"
 SPLITS = ("train", "validation", "test")
 
 
@@ -37,28 +43,55 @@ def local_path(uri: str) -> Path:
     return Path(uri.removeprefix("file://"))
 
 
-def fetch_model(storage: Storage, uri: str, dest: Path, *, weights: bool = True, revision: str | None = None) -> Path:
-    """The model folder on local disk; with weights=False only its config and tokenizer files."""
+def check_weight_formats(names: Iterable[str], uri: str, allow_pickle: bool) -> None:
+    """Refuse (ConfigError naming baseModel.allowPickleWeights) a model folder, given its file names, whose weights
+    are only in pickle-based formats, unless the spec allows them."""
+    names = [PurePosixPath(n).name for n in names]
+    if allow_pickle or any(n.endswith(".safetensors") for n in names):
+        return
+    pickled = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    if pickled:
+        shown = ", ".join(pickled[:3]) + (", ..." if len(pickled) > 3 else "")
+        raise ConfigError(f"baseModel.uri: {uri} has weights only in pickle-based formats ({shown}), which can run "
+                          "code when loaded, and no .safetensors weights: convert them to safetensors "
+                          "(save_pretrained(..., safe_serialization=True)), or, if you trust the folder's author, "
+                          f"set {PICKLE_OPT_IN}: true")
+
+
+def fetch_model(storage: Storage, uri: str, dest: Path, *, weights: bool = True, revision: str | None = None,
+                allow_pickle: bool = False) -> Path:
+    """The model folder on local disk; with weights=False only its config and tokenizer files. Pickle-based
+    weights are skipped (and a folder with only those refused) unless allow_pickle."""
     if uri.startswith("hf://"):
         from huggingface_hub import snapshot_download
 
         patterns = None if weights else ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
-        return Path(snapshot_download(uri.removeprefix("hf://"), revision=revision, allow_patterns=patterns))
+        skipped = None if allow_pickle else [f"*{suffix}" for suffix in PICKLE_SUFFIXES]
+        path = Path(snapshot_download(uri.removeprefix("hf://"), revision=revision, allow_patterns=patterns,
+                                      ignore_patterns=skipped))
+        if weights and not allow_pickle and not any(path.rglob("*.safetensors")):
+            raise ConfigError(f"baseModel.uri: {uri} has no .safetensors weights (pickle-based formats "
+                              f"{', '.join(PICKLE_SUFFIXES)} are not downloaded, as loading them can run code): "
+                              f"use a revision with safetensors weights, or, if you trust the repository's "
+                              f"author, set {PICKLE_OPT_IN}: true")
+        return path
     if is_remote(uri):
         prefix = uri.rstrip("/") + "/"
         dest.mkdir(parents=True, exist_ok=True)
         objects = storage.list(prefix)
         if not objects:
             raise ConfigError(f"baseModel.uri: no objects under {prefix}; upload a Hugging Face model folder there")
+        check_weight_formats(objects, uri, allow_pickle)
         for obj in objects:
             rel = obj.removeprefix(prefix)
-            if not weights and rel.endswith(WEIGHT_SUFFIXES):
+            if (not weights and rel.endswith(WEIGHT_SUFFIXES)) or (not allow_pickle and rel.endswith(PICKLE_SUFFIXES)):
                 continue
             storage.download_to(obj, safe_join(dest, rel, obj))
         return dest
     path = local_path(uri)
     if not (path / "config.json").exists():
         raise ConfigError(f"baseModel.uri: {uri} is not a Hugging Face model folder (no config.json)")
+    check_weight_formats((p.name for p in path.iterdir()), uri, allow_pickle)
     return path
 
 
@@ -76,14 +109,15 @@ def fetch(config: TrainerConfig, storage: Storage, *, weights: bool = True) -> F
     work = Path(config.work_dir) / config.job_name
     work.mkdir(parents=True, exist_ok=True)
     marker = work / ("fetched.json" if weights else "fetched-no-weights.json")
-    key = {"model": config.base_model.uri, **config.dataset.dump()}
+    allow_pickle = bool(config.base_model.allow_pickle_weights)
+    key = {"model": config.base_model.uri, "allowPickleWeights": allow_pickle, **config.dataset.dump()}
     if marker.exists():
         saved = json.loads(marker.read_text())
         if saved["key"] == key:
             return Fetched(Path(saved["model_dir"]), {s: Path(p) for s, p in saved["splits"].items()}, saved["uris"])
     model_dir = fetch_model(
-        storage, config.base_model.uri, work / "model", weights=weights, revision=config.base_model.revision
-    )
+        storage, config.base_model.uri, work / "model", weights=weights, revision=config.base_model.revision,
+        allow_pickle=allow_pickle)
     uris = {s: getattr(config.dataset, s) for s in SPLITS if getattr(config.dataset, s)}
     splits = {s: fetch_dataset(storage, uri, work / "data" / s) for s, uri in uris.items()}
     marker.write_text(json.dumps({"key": key, "model_dir": str(model_dir), "uris": uris,

@@ -1,7 +1,10 @@
 """Images for image classification: image folders, where a record's image is, fetching it, and checking it decodes.
 
 A record's `image` is a path relative to the folder of its data file (s3://data/defects/train.jsonl with
-"images/1.png" means s3://data/defects/images/1.png), an s3:// URI, or an absolute local path. Images that came
+"images/1.png" means s3://data/defects/images/1.png), an s3:// URI, or a local path (relative, absolute or file://)
+inside the split's own folder: the folder of its data file, or the whole volume of a pvc:// split. A local path
+that leads anywhere else (/etc/passwd, file:///proc/self/environ, ../../x, a link out) is refused, naming the
+record's file and line: a dataset cannot make the pod read its own files. Images that came
 with the split (a prefix holds the data file and its images) are used where they were fetched; the others are
 downloaded once per run into <workDir>/<job>/images/remote/, each named by the sha256 of its URI (so no key can
 lead out of it). Parquet exports of Hugging Face datasets carry the image itself ({"bytes": ..., "path": ...});
@@ -23,11 +26,13 @@ from typing import Any
 from .data.formats import RecordError
 from .data.records import Record, data_files
 from .errors import ConfigError
+from .fetch import local_path
 from .storage import Storage, is_remote
 
 # What torchvision's ImageFolder and Hugging Face's imagefolder read (the formats Pillow decodes).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 REFERENCE_HINT = "give a path relative to the data file's folder, or an s3:// URI"
+OUTSIDE_HINT = "records may name only images inside the dataset's own folder: " + REFERENCE_HINT
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -106,7 +111,7 @@ class ImageStore:
             return self._remote(image)
         if image.startswith("file://") or image.startswith("/"):
             local = Path(image.removeprefix("file://"))
-            return Located(str(local), local)
+            return self.inside(image, Located(str(local), local))
         if _SCHEME.match(image):
             raise RecordError(f"image {image!r}: only s3:// URIs and paths are read, not "
                               f"{image.split('://')[0]}://", "copy the images to object storage; " + REFERENCE_HINT)
@@ -118,8 +123,26 @@ class ImageStore:
                 raise RecordError(f"image {image!r} points above the bucket s3://{bucket}/", REFERENCE_HINT)
             return self._remote(f"s3://{bucket}/{joined}")
         data_file = self._local_data_file(record_file)
-        return Located(posixpath.normpath(posixpath.join(folder, image)),
-                       Path(posixpath.normpath((data_file.parent / image).as_posix())))
+        return self.inside(image, Located(posixpath.normpath(posixpath.join(folder, image)),
+                                           Path(posixpath.normpath((data_file.parent / image).as_posix()))))
+
+    @property
+    def root(self) -> Path:
+        """The folder a record's local image must lie in: the claim's volume for a pvc:// split, else the split's
+        folder (for a split that is one file, the folder that holds it)."""
+        if self.split_uri.startswith("pvc://"):
+            return local_path("pvc://" + self.split_uri.removeprefix("pvc://").split("/")[0])
+        return self.split_path if self.split_path.is_dir() else self.split_path.parent
+
+    def inside(self, image: str, located: Located) -> Located:
+        """`located` if its local path (links followed) is inside `root`; RecordError otherwise."""
+        root = self.root
+        if not located.local.resolve().is_relative_to(root.resolve()):
+            where = (f"pvc://{self.split_uri.removeprefix('pvc://').split('/')[0]}/"
+                     if self.split_uri.startswith("pvc://") else str(root))
+            raise RecordError(f"image {image!r} is outside the dataset's folder {where}: refusing to read it",
+                              OUTSIDE_HINT)
+        return located
 
     def _local_data_file(self, record_file: str) -> Path:
         """The local copy of a data file named by its URI (the split itself, or a file under the split folder)."""
@@ -171,25 +194,45 @@ class ImageStore:
             return list(pool.map(one, located))
 
 
-def decode_problem(path: Path) -> str | None:
-    """Why Pillow cannot read the image at `path` in full, or None when it can."""
+# Pillow's own limit warns from 89 Mpx and refuses from 179 Mpx: a few kilobytes of PNG can decode to gigabytes.
+# Images for a classifier are a few hundred pixels a side; this trainer refuses any image over 50 Mpx, on open,
+# before a pixel is decoded (DecompressionBombWarning is made an error).
+MAX_IMAGE_PIXELS = 50_000_000
+BOMB_HINT = f"resize the image below {MAX_IMAGE_PIXELS // 1_000_000} megapixels, or remove the record"
+
+
+def _pillow():
+    """PIL.Image with the lower pixel limit, its decompression-bomb warning an error."""
+    import warnings
+
     from PIL import Image
 
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+    return Image
+
+
+def decode_problem(path: Path) -> tuple[str, str] | None:
+    """(why Pillow cannot read the image at `path` in full, what to do), or None when it can."""
+    Image = _pillow()
     try:
         with Image.open(path) as image:
             image.verify()  # the file's structure (chunks, checksums)
         with Image.open(path) as image:
             image.load()  # every pixel: a truncated file fails here
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        return f"it is too large to decode ({e})", BOMB_HINT
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        return f"{type(e).__name__}: {e}", "re-export the image as PNG or JPEG, or remove the record"
+    except MemoryError:
+        return "it does not fit in the memory this process has", BOMB_HINT
     return None
 
 
 def load_rgb(path: str | Path):
-    """The image at `path` as an RGB Pillow image (grey, palette, alpha and CMYK images converted)."""
-    from PIL import Image
-
-    with Image.open(path) as image:
+    """The image at `path` as an RGB Pillow image (grey, palette, alpha and CMYK images converted); the same
+    pixel limit as decode_problem."""
+    with _pillow().open(path) as image:
         return image.convert("RGB")
 
 

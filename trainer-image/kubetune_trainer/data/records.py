@@ -13,6 +13,9 @@ from typing import Any
 from ..errors import DatasetError
 
 DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv")
+MAX_RECORD_BYTES = 16 << 20  # a JSONL or CSV line, or a JSON array's element, longer than this is refused unread
+SMALLER_RECORD = ("a record is text and references: keep each under 16 MiB, and put images and large documents in "
+                  "object storage")
 DELIMITERS = {".csv": ",", ".tsv": "\t"}
 PARQUET_MAGIC = b"PAR1"
 
@@ -71,13 +74,38 @@ def _load_file(path: Path, name: str, raw: bool) -> Iterator[Record]:
         yield from _load_jsonl(path, name, raw)
 
 
-def _load_jsonl(path: Path, name: str, raw: bool) -> Iterator[Record]:
+def _lines(path: Path, name: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of every line of a file; a line longer than MAX_RECORD_BYTES raises DatasetError
+    naming it, having held at most that much of it in memory."""
     with path.open("rb") as f:
-        for line, data in enumerate(f, start=1):
-            if data.isspace():
-                continue
-            record = Record(line, data, name)
-            yield record if raw else parse(record)
+        line = 0
+        while data := f.readline(MAX_RECORD_BYTES + 1):
+            line += 1
+            if len(data) > MAX_RECORD_BYTES:
+                raise too_long(name, line)
+            yield line, data
+
+
+def too_long(name: str, line: int) -> DatasetError:
+    return DatasetError(name, line, f"the record is longer than {MAX_RECORD_BYTES >> 20} MiB", SMALLER_RECORD)
+
+
+def beyond_limits(name: str, line: int, e: RecursionError | MemoryError) -> DatasetError:
+    """The DatasetError for a record that parsing or checking could not hold: nested too deeply for Python's
+    recursion limit, or too large for the memory the process has."""
+    if isinstance(e, RecursionError):
+        return DatasetError(name, line, "the record is nested too deeply to read",
+                            "flatten it: records hold strings, numbers and shallow lists and objects")
+    return DatasetError(name, line, "the record does not fit in the memory this process has",
+                        f"{SMALLER_RECORD}; or raise spec.validation.memory")
+
+
+def _load_jsonl(path: Path, name: str, raw: bool) -> Iterator[Record]:
+    for line, data in _lines(path, name):
+        if data.isspace():
+            continue
+        record = Record(line, data, name)
+        yield record if raw else parse(record)
 
 
 def parse(record: Record) -> Record:
@@ -94,17 +122,18 @@ def parse(record: Record) -> Record:
     except json.JSONDecodeError as e:
         raise DatasetError(record.file, record.line, f"invalid JSON: {e.msg} at column {e.colno}",
                            "each line must be one complete JSON object") from None
+    except (RecursionError, MemoryError) as e:
+        raise beyond_limits(record.file, record.line, e) from None
     return _object(Record(record.line, value, record.file))
 
 
 def _utf8_lines(path: Path, name: str) -> Iterator[str]:
     """The file's lines as text (a leading BOM dropped); DatasetError with the line of an invalid byte."""
-    with path.open("rb") as f:
-        for line, data in enumerate(f, start=1):
-            try:
-                yield data.decode("utf-8-sig" if line == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise DatasetError(name, line, "not valid UTF-8", "save the file as UTF-8") from None
+    for line, data in _lines(path, name):
+        try:
+            yield data.decode("utf-8-sig" if line == 1 else "utf-8")
+        except UnicodeDecodeError:
+            raise DatasetError(name, line, "not valid UTF-8", "save the file as UTF-8") from None
 
 
 def _utf8_chunks(path: Path, name: str, size: int) -> Iterator[str]:
@@ -127,7 +156,6 @@ def _utf8_chunks(path: Path, name: str, size: int) -> Iterator[str]:
 
 
 JSON_CHUNK = 1 << 20  # characters read at a time from a JSON array
-MAX_JSON_RECORD = 64 << 20  # a record longer than this is reported as invalid rather than buffered further
 
 
 def _load_json_array(path: Path, name: str) -> Iterator[Record]:
@@ -170,12 +198,19 @@ def _load_json_array(path: Path, name: str) -> Iterator[Record]:
         while True:
             while True:
                 try:
-                    value, pos = decoder.raw_decode(buf, pos)
+                    value, end = decoder.raw_decode(buf, pos)
+                    if end - pos > MAX_RECORD_BYTES:
+                        raise too_long(name, index + 1)
+                    pos = end
                     break
                 except json.JSONDecodeError as e:
-                    if eof or len(buf) - pos > MAX_JSON_RECORD:
+                    if eof:
                         raise invalid(e.msg if buf.strip() else "unterminated array", e.pos) from None
+                    if len(buf) - pos > MAX_RECORD_BYTES:
+                        raise too_long(name, index + 1) from None
                     more()  # the record may go on in the next chunk: decode it again with more text
+                except (RecursionError, MemoryError) as e:
+                    raise beyond_limits(name, index + 1, e) from None
             index += 1
             yield _object(Record(index, value, name))
             after = skip_space()
@@ -226,7 +261,7 @@ def class_names(path: Path, column: str = "label") -> list[str] | None:
 
 def _load_csv(path: Path, name: str, delimiter: str) -> Iterator[Record]:
     """Rows as records keyed by the header row's column names; every value is a string (an empty cell is "")."""
-    csv.field_size_limit(1 << 30)  # the default (128 KiB a field) is less than a long document
+    csv.field_size_limit(MAX_RECORD_BYTES)  # the default (128 KiB a field) is less than a long document
     reader = csv.reader(_utf8_lines(path, name), delimiter=delimiter, strict=True)
     header: list[str] | None = None
     while True:

@@ -22,7 +22,7 @@ from kubetune_api import PREFERENCE_FORMATS, DataFormat
 
 from ..errors import DatasetError
 from .formats import Fields, RecordError, check_record, guess_format, with_fields
-from .records import Record, load_records, parse
+from .records import Record, beyond_limits, load_records, parse
 from .tokenize import IGNORE, assemble, record_sequences
 
 CHUNK = 512  # records a worker checks and tokenizes at a time
@@ -79,6 +79,10 @@ def encode_chunk(records: list[Record], enc: Encoding, tokenizer, name: str) -> 
             error = (record.file or name, record.line, e.problem, e.hint)
             break
         except DatasetError as e:
+            error = (e.file, e.line, e.problem, e.hint)
+            break
+        except (RecursionError, MemoryError) as e:  # a record nested too deeply, or too large, to check
+            e = beyond_limits(record.file or name, record.line, e)
             error = (e.file, e.line, e.problem, e.hint)
             break
         good.append(record)

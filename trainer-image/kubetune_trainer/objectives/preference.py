@@ -114,7 +114,8 @@ class PairObjective(CausalObjective):
         self._sharded, self._mixed_precision = sharded, mixed_precision
         if self.config.method.type == MethodType.full and self.uses_reference:
             self.reference = load_reference(self.task.model_dir, mixed_precision,
-                                            unwrapped(model).config._attn_implementation, **self.task.remote_code)
+                                            unwrapped(model).config._attn_implementation, **self.task.remote_code,
+                                            **self.task.weight_formats)
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         losses, metrics = self.scored_pairs(model, batch)

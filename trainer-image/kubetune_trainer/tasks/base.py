@@ -60,6 +60,13 @@ class Task(ABC):
         transformers refuses a folder that needs its own Python code rather than running it."""
         return {"trust_remote_code": True} if self.config.base_model.trust_remote_code else {}
 
+    @property
+    def weight_formats(self) -> dict[str, bool]:
+        """from_pretrained's use_safetensors=True for the model's weights (never the config's or the tokenizer's),
+        unless the spec opts in to pickle-based formats (baseModel.allowPickleWeights): loading those can run
+        code. fetch.check_weight_formats has refused a folder without safetensors weights already."""
+        return {} if self.config.base_model.allow_pickle_weights else {"use_safetensors": True}
+
     # -- data ---------------------------------------------------------------------------------------------
 
     @abstractmethod

@@ -95,7 +95,7 @@ class CausalLM(Task, CachesRows, GeneratesText, WindowMetrics):
 
     def load_model(self, mixed_precision: str, sharded: bool):
         model = load_model(self.model_dir, self.config.method, mixed_precision, self.config.hyperparameters,
-                           sharded=sharded, **self.remote_code)
+                           sharded=sharded, **self.remote_code, **self.weight_formats)
         self.objective.attach(model, mixed_precision, sharded)
         return model
 
@@ -124,4 +124,5 @@ class CausalLM(Task, CachesRows, GeneratesText, WindowMetrics):
         from transformers import AutoModelForCausalLM
 
         with quiet_transformers():
-            return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, **self.remote_code)
+            return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype, **self.remote_code,
+                                                        **self.weight_formats)

@@ -23,7 +23,7 @@ from kubetune_api import DataFormat
 
 from ..data import DatasetReport, label_studio
 from ..data.formats import RecordError, kind_of, with_fields
-from ..data.records import Record, class_names, load_records
+from ..data.records import Record, beyond_limits, class_names, load_records
 from ..data.stream import where
 from ..data.validate import check_min_samples
 from ..errors import ConfigError, DatasetError
@@ -252,7 +252,8 @@ class ClassificationTask(Task):
 
         with quiet_transformers():
             return getattr(transformers, self.auto_class).from_pretrained(
-                self.model_dir, dtype=dtype, ignore_mismatched_sizes=True, **self.model_kwargs())
+                self.model_dir, dtype=dtype, ignore_mismatched_sizes=True, **self.model_kwargs(),
+                **self.weight_formats)
 
     def describe(self) -> dict[str, Any]:
         return {"task": self.name.value, "labels": self.labels}
@@ -467,8 +468,11 @@ def _named(record: Record, names: list[str], uri: str) -> Record:
 
 @contextmanager
 def at_record(record: Record, name: str) -> Iterator[None]:
-    """A RecordError in the block becomes the DatasetError of the record's file and line."""
+    """A RecordError in the block becomes the DatasetError of the record's file and line; so do a RecursionError
+    and a MemoryError (a record nested too deeply, or too large, to check)."""
     try:
         yield
     except RecordError as e:
         raise DatasetError(record.file or name, record.line, e.problem, e.hint) from None
+    except (RecursionError, MemoryError) as e:
+        raise beyond_limits(record.file or name, record.line, e) from None

@@ -76,7 +76,7 @@ class ImageClassification(ClassificationTask):
             problem = decode_problem(image)
             if problem:
                 raise DatasetError(record.file or uri, record.line, f"image {located.uri} cannot be decoded "
-                                   f"({problem})", "re-export the image as PNG or JPEG, or remove the record")
+                                   f"({problem[0]})", problem[1])
             examples.append(ClassExample(str(image), target))
         self._validated[(split, uri)] = examples
         report.classes, warnings = self.class_report(targets)
@@ -119,8 +119,8 @@ class ImageClassification(ClassificationTask):
         for record in records:
             with at_record(record, uri):
                 image = record.value["image"]
-                if fmt == DataFormat.imagefolder:  # named by its URI, found where it was fetched
-                    rows.append((record, Located(record.file, Path(image))))
+                if fmt == DataFormat.imagefolder:  # named by its URI, found where it was fetched (no link out)
+                    rows.append((record, store.inside(record.file, Located(record.file, Path(image)))))
                     continue
                 if fmt == DataFormat.label_studio and isinstance(image, str):
                     image = label_studio.image_reference(image)
@@ -178,7 +178,7 @@ class ImageClassification(ClassificationTask):
         return load_model(self.model_dir, self._method(skeleton, heads or []), mixed_precision, hp,
                           sharded=sharded,
                           auto_class=AutoModelForImageClassification, task_type=None, modules_to_save=heads,
-                          ignore_mismatched_sizes=True, **self.model_kwargs(), **kwargs)
+                          ignore_mismatched_sizes=True, **self.model_kwargs(), **self.weight_formats, **kwargs)
 
     def _skeleton(self):
         """The model with its new head, without weights (on the meta device): its class and module names."""

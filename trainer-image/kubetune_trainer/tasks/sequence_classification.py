@@ -120,7 +120,7 @@ class SequenceClassification(ClassificationTask):
             heads = head_modules(self.model_dir, AutoModelForSequenceClassification, **kwargs)
         return load_model(self.model_dir, method, mixed_precision, hp, sharded=sharded,
                           auto_class=AutoModelForSequenceClassification, task_type="SEQ_CLS",
-                          modules_to_save=heads, ignore_mismatched_sizes=True, **kwargs)
+                          modules_to_save=heads, ignore_mismatched_sizes=True, **kwargs, **self.weight_formats)
 
     def model_kwargs(self) -> dict[str, Any]:
         """The head's and trust_remote_code, and pad_token_id: it tells a causal model's head which token is the
