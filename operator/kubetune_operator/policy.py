@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from kubetune_api import API_GROUP, DEFAULT_TRAINER_IMAGE, FineTuneJobSpec, Reason
+from kubetune_api import API_GROUP, DEFAULT_TRAINER_IMAGE, FineTuneJobSpec, Reason, ResourcesSpec, RunPolicy
 
 from . import PLURAL
 from .conditions import get_condition
@@ -54,9 +54,49 @@ CLAIM = ("spec: a pvc:// URI names a PersistentVolumeClaim you may not use: a Fi
          "if its author has the verb `use` on it (persistentvolumeclaims) or may create pods in the namespace")
 PRIORITY = ("spec.scheduling.priorityClassName: you may not use this priority class: a FineTuneJob may name one "
             "only if its author has the verb `use` on it (priorityclasses.scheduling.k8s.io)")
+DEFAULT_GPU_RESOURCE = ResourcesSpec.model_fields["gpu_resource_name"].default  # nvidia.com/gpu
+DEFAULT_GRACE_SECONDS = RunPolicy.model_fields["termination_grace_period_seconds"].default
+NODE_SELECTOR = ("spec.resources.nodeSelector: you may not select these nodes: a FineTuneJob may set a node "
+                 "selector outside the platform's allowed ones (policy.allowedNodeSelectors) only if its author may "
+                 "create pods in the namespace")
+TOLERATION = ("spec.resources.tolerations: you may not tolerate these taints: a FineTuneJob may tolerate taints "
+              "outside the platform's allowed ones (policy.allowedTolerations; `operator: Exists` without a key "
+              "tolerates every taint, without an effect every effect) only if its author may create pods in the "
+              "namespace")
+AFFINITY = ("spec.resources.affinity: a FineTuneJob may set affinity only if its author may create pods in the "
+            "namespace (a required podAntiAffinity can keep other pods off the nodes); use resources.nodeSelector "
+            "with the platform's allowed node selectors")
+GPU_RESOURCE = ("spec.resources.gpuResourceName: a FineTuneJob may request a resource outside the platform's "
+                "allowed GPU resource names (policy.allowedGPUResourceNames) only if its author may create pods in "
+                "the namespace")
+GRACE = ("spec.runPolicy.terminationGracePeriodSeconds: a FineTuneJob may set a grace period above the "
+         "platform's maximum (policy.maxTerminationGracePeriodSeconds) only if its author (or whoever raises it) "
+         "may create pods in the namespace")
+QUEUE = ("spec.scheduling.queueName: this platform runs every FineTuneJob through Kueue (policy.requireQueue); "
+         "set scheduling.queueName to a LocalQueue of this namespace")
 UNCHECKED = ("; the operator cannot check that the job's author may use it, because this cluster does not enforce "
              "the Kubetune admission policy (install it: the chart's policy.admission.enabled, or "
              "crds/policy/admission-policy.yaml)")
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    """Where and how any author's pods may run (the chart's policy.allowedNodeSelectors, allowedTolerations,
+    allowedGPUResourceNames, maxTerminationGracePeriodSeconds, requireQueue; KUBETUNE_POLICY_NODE_SELECTORS,
+    _TOLERATIONS, _GPU_RESOURCE_NAMES, _MAX_GRACE_SECONDS, _REQUIRE_QUEUE). Outside them, a job needs its
+    author's right to create pods in the namespace (see "scheduling and resource fields" below)."""
+
+    node_selectors: tuple[str, ...] = ()  # "key=value", or "key": any value
+    tolerations: tuple[str, ...] = ()  # "key[=value][:effect]": no value, any value; no effect, every effect
+    gpu_resource_names: tuple[str, ...] = (DEFAULT_GPU_RESOURCE,)
+    max_grace_seconds: int = 3600
+    require_queue: bool = False  # every job names scheduling.queueName (Kueue)
+
+    def params(self) -> dict[str, str]:
+        return {"nodeSelectors": ",".join(self.node_selectors), "tolerations": ",".join(self.tolerations),
+                "gpuResourceNames": ",".join(self.gpu_resource_names),
+                "maxTerminationGracePeriodSeconds": str(self.max_grace_seconds),
+                "requireQueue": str(self.require_queue).lower()}
 
 
 @dataclass(frozen=True)
@@ -70,12 +110,13 @@ class Settings:
     credentials_namespaces: tuple[str, ...] = ()  # "*": every namespace
     allow_trust_remote_code: bool = False
     binding: str = ""  # the ValidatingAdmissionPolicyBinding that tells the operator the API server checks authors
+    scheduling: Scheduling = Scheduling()
 
     def params(self) -> dict[str, str]:
         """The data of the policy's parameters ConfigMap."""
         return {"imagePrefixes": ",".join(self.image_prefixes), "credentialsSecret": self.credentials_secret,
                 "credentialsNamespaces": ",".join(self.credentials_namespaces),
-                "allowTrustRemoteCode": str(self.allow_trust_remote_code).lower()}
+                "allowTrustRemoteCode": str(self.allow_trust_remote_code).lower(), **self.scheduling.params()}
 
 
 def repository(image: str) -> str:
@@ -114,7 +155,7 @@ def violations(namespace: str, spec: FineTuneJobSpec, settings: Settings, author
         out.append(REMOTE_CODE)
     if not author_checked:
         out += [message + UNCHECKED for value, message in _author_dependent(spec) if value]
-    return out
+    return out + scheduling_violations(spec, settings, author_checked)
 
 
 def _author_dependent(spec: FineTuneJobSpec) -> list[tuple[object, str]]:
@@ -131,16 +172,79 @@ def author_checked(meta: dict, policy_since: str | None) -> bool:
     return bool(policy_since and created and created > policy_since)
 
 
-def needs_admission_check(body: dict) -> bool:
+def needs_admission_check(body: dict, settings: Settings | None = None) -> bool:
     """Whether the operator must ask the API server if the admission policy is in force before it decides: the
-    job has no child yet (no Validated condition) and names an object whose use depends on its author."""
-    if get_condition(body.get("status") or {}, "Validated"):
-        return False
+    job has no child yet (no Validated condition) and names an object whose use depends on its author, or sets a
+    scheduling field outside the `settings`; or, at any time, its grace period is above the maximum (runPolicy
+    is mutable: it is checked again before each training Job)."""
     try:
         spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
     except ValueError:  # the reconcile reports it
         return False
-    return any(value for value, _ in _author_dependent(spec))
+    if settings is not None and _grace_outside(spec, settings.scheduling):
+        return True
+    if get_condition(body.get("status") or {}, "Validated"):
+        return False
+    return any(value for value, _ in _author_dependent(spec)) or bool(
+        settings is not None and _scheduling_outside(spec, settings.scheduling))
+
+
+# -- scheduling and resource fields (issue 27.3) and the queue requirement (27.7) ---------------------------------
+# A pod's node selector, tolerations, affinity, extended resources and grace period decide which nodes it may use
+# and for how long. Outside the platform's Scheduling lists, a job may set them only if its author may create
+# pods in the namespace (they could create such a pod directly). Every field but the grace period is immutable;
+# runPolicy.terminationGracePeriodSeconds is not, so the admission policy also judges an update that raises it
+# (against the user who raises it), and the operator checks it again before it creates a training Job.
+
+def node_selector_allowed(key: str, value: str, allowed: tuple[str, ...]) -> bool:
+    return key in allowed or f"{key}={value}" in allowed
+
+
+def toleration_allowed(toleration, allowed: tuple[str, ...]) -> bool:
+    """The toleration tolerates no more than one allowed entry `key[=value][:effect]` does: the same key; the
+    entry's value, if it names one (then `operator: Exists` is too broad); the entry's effect, if it names one
+    (then a toleration without an effect, which tolerates every effect, is too broad). tolerationSeconds only
+    narrows it."""
+    key, value, effect = toleration.key or "", toleration.value or "", toleration.effect or ""
+    equal = toleration.operator != "Exists"
+    for entry in allowed:
+        head, _, allowed_effect = entry.partition(":")
+        allowed_key, named, allowed_value = head.partition("=")
+        if key == allowed_key and (not named or (equal and value == allowed_value)) and \
+                (not allowed_effect or effect == allowed_effect):
+            return True
+    return False
+
+
+def _grace_outside(spec: FineTuneJobSpec, scheduling: Scheduling) -> bool:
+    return spec.run_policy.termination_grace_period_seconds > scheduling.max_grace_seconds
+
+
+def _scheduling_outside(spec: FineTuneJobSpec, scheduling: Scheduling) -> list[str]:
+    """The messages of the scheduling rules the job is outside of (each needs an author who may create pods)."""
+    res = spec.resources
+    checks = [
+        (NODE_SELECTOR, any(not node_selector_allowed(k, v, scheduling.node_selectors)
+                            for k, v in (res.node_selector or {}).items())),
+        (TOLERATION, any(not toleration_allowed(t, scheduling.tolerations) for t in res.tolerations or [])),
+        (AFFINITY, bool(res.affinity)),
+        (GPU_RESOURCE, res.gpus_per_worker > 0 and res.gpu_resource_name not in scheduling.gpu_resource_names),
+        (GRACE, _grace_outside(spec, scheduling)),
+    ]
+    return [message for message, outside in checks if outside]
+
+
+def scheduling_violations(spec: FineTuneJobSpec, settings: Settings, author_checked: bool) -> list[str]:
+    """The scheduling rules the job breaks (see violations)."""
+    out = [QUEUE] if settings.scheduling.require_queue and not spec.scheduling.queue_name else []
+    if not author_checked:
+        out += [message + UNCHECKED for message in _scheduling_outside(spec, settings.scheduling)]
+    return out
+
+
+def training_violations(spec: FineTuneJobSpec, settings: Settings, author_checked: bool) -> list[str]:
+    """What the operator checks again before it creates a training Job: the mutable grace period."""
+    return [GRACE + UNCHECKED] if not author_checked and _grace_outside(spec, settings.scheduling) else []
 
 
 # -- the same rules in CEL ---------------------------------------------------------------------------------------
@@ -175,12 +279,49 @@ VALIDATIONS = [
     ("variables.priorityClass == '' || authorizer.group('scheduling.k8s.io').resource('priorityclasses')"
      ".name(variables.priorityClass).check('use').allowed()", PRIORITY),
 ]
+_TOLERATIONS = "object.spec.?resources.?tolerations.orValue([])"
+_HEAD = "e.split(':')[0]"
+SCHEDULING_VARIABLES = [  # after VARIABLES: they use variables.podCreator
+    ("nodeSelector", "object.spec.?resources.?nodeSelector.orValue({})"),
+    ("allowedNodeSelectors", "params.data.?nodeSelectors.orValue('').split(',')"),
+    # each allowed toleration `key[=value][:effect]` as [key, '=' if it names a value, the value, the effect]
+    ("allowedTolerations", "params.data.?tolerations.orValue('').split(',').filter(e, e != '').map(e, "
+                           f"[{_HEAD}.split('=')[0], {_HEAD}.contains('=') ? '=' : '', "
+                           f"{_HEAD}.contains('=') ? {_HEAD}.split('=')[1] : '', "
+                           "e.contains(':') ? e.split(':')[1] : ''])"),
+    ("gracePeriod", f"object.spec.?runPolicy.?terminationGracePeriodSeconds.orValue({DEFAULT_GRACE_SECONDS})"),
+]
+SCHEDULING_VALIDATIONS = [
+    ("variables.podCreator || variables.nodeSelector.all(k, variables.allowedNodeSelectors.exists(s, "
+     "s == k || s == k + '=' + variables.nodeSelector[k]))", NODE_SELECTOR),
+    (f"variables.podCreator || {_TOLERATIONS}.all(t, variables.allowedTolerations.exists(a, "
+     "t.?key.orValue('') == a[0] && "
+     "(a[1] == '' || (t.?operator.orValue('Equal') == 'Equal' && t.?value.orValue('') == a[2])) && "
+     "(a[3] == '' || t.?effect.orValue('') == a[3])))", TOLERATION),
+    ("variables.podCreator || size(object.spec.?resources.?affinity.orValue({})) == 0", AFFINITY),
+    ("object.spec.?resources.?gpusPerWorker.orValue(1) == 0 || variables.podCreator || "
+     f"params.data.?gpuResourceNames.orValue('{DEFAULT_GPU_RESOURCE}').split(',').exists(n, "
+     f"n == object.spec.?resources.?gpuResourceName.orValue('{DEFAULT_GPU_RESOURCE}'))", GPU_RESOURCE),
+    ("variables.gracePeriod <= int(params.data.?maxTerminationGracePeriodSeconds"
+     f".orValue('{Scheduling().max_grace_seconds}')) || variables.podCreator", GRACE),
+    ("params.data.?requireQueue.orValue('false') != 'true' || "
+     "object.spec.?scheduling.?queueName.orValue('') != ''", QUEUE),
+]
+# Updates are judged only when they raise the grace period (the one mutable field a rule reads): never the
+# operator's own updates (finalizers, annotations), nor edits of other runPolicy fields.
+MATCH_CONDITIONS = [{
+    "name": "create-or-raise-grace-period",
+    "expression": "request.operation == 'CREATE' || "
+                  f"object.spec.?runPolicy.?terminationGracePeriodSeconds.orValue({DEFAULT_GRACE_SECONDS}) > "
+                  f"oldObject.spec.?runPolicy.?terminationGracePeriodSeconds.orValue({DEFAULT_GRACE_SECONDS})",
+}]
 LABELS = {"app.kubernetes.io/name": "kubetune"}
 ADMISSION = "admissionregistration.k8s.io/v1"
 
 
 def admission_policy() -> dict:
-    """The ValidatingAdmissionPolicy. Only CREATE is checked: every field a rule reads is immutable afterwards
+    """The ValidatingAdmissionPolicy. CREATE is checked, and an UPDATE only when it raises the grace period
+    (MATCH_CONDITIONS), against the user who raises it: every other field a rule reads is immutable afterwards
     (the CRD's transition rules), and the operator's own updates (finalizers, annotations) must not be judged
     against what the operator may do."""
     return {
@@ -190,10 +331,11 @@ def admission_policy() -> dict:
             "failurePolicy": "Fail",
             "paramKind": {"apiVersion": "v1", "kind": "ConfigMap"},
             "matchConstraints": {"resourceRules": [{"apiGroups": [API_GROUP], "apiVersions": ["*"],
-                                                    "operations": ["CREATE"], "resources": [PLURAL]}]},
-            "variables": [{"name": name, "expression": expr} for name, expr in VARIABLES],
+                                                    "operations": ["CREATE", "UPDATE"], "resources": [PLURAL]}]},
+            "matchConditions": MATCH_CONDITIONS,
+            "variables": [{"name": name, "expression": expr} for name, expr in [*VARIABLES, *SCHEDULING_VARIABLES]],
             "validations": [{"expression": expr, "message": message, "reason": "Forbidden"}
-                            for expr, message in VALIDATIONS],
+                            for expr, message in [*VALIDATIONS, *SCHEDULING_VALIDATIONS]],
         },
     }
 

@@ -156,6 +156,12 @@ def decide(body: dict, observed: Observed, now: datetime, settings: OperatorSett
         if denied:
             d.finish(Phase.Failed, Reason.PolicyDenied, "; ".join(denied))
             return _transition(d, old)
+    elif observed.training_job is None:  # runPolicy is mutable: checked again before each training Job
+        denied = policy.training_violations(spec, settings.policy,
+                                            policy.author_checked(meta, observed.admission_policy))
+        if denied:
+            d.finish(Phase.Failed, Reason.PolicyDenied, "; ".join(denied))
+            return _transition(d, old)
 
     cm = children.config_map(meta, spec, settings)
     if observed.config_map is None:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from kubetune_api import DEFAULT_GPU_TFLOPS, DEFAULT_TRAINER_IMAGE, MetricsSpec
 
+from .policy import Scheduling, repository
 from .policy import Settings as PolicySettings
-from .policy import repository
 
 RENDEZVOUS_PORT = 29500  # KUBETUNE_RENDEZVOUS_PORT: the workers' rendezvous (torch's default)
 VALIDATION_DEFAULTS = {  # spec.validation field -> the default of the operator's setting
@@ -99,5 +99,23 @@ class OperatorSettings:
                 credentials_secret=secret,
                 credentials_namespaces=names("KUBETUNE_POLICY_CREDENTIALS_NAMESPACES"),
                 allow_trust_remote_code=env("KUBETUNE_POLICY_ALLOW_TRUST_REMOTE_CODE") == "true",
-                binding=env("KUBETUNE_POLICY_BINDING") or ""),
+                binding=env("KUBETUNE_POLICY_BINDING") or "",
+                scheduling=_scheduling(env)),
         )
+
+
+def _scheduling(env) -> Scheduling:
+    """KUBETUNE_POLICY_{NODE_SELECTORS,TOLERATIONS,GPU_RESOURCE_NAMES,MAX_GRACE_SECONDS,REQUIRE_QUEUE} (the
+    chart's policy.allowedNodeSelectors, ...): comma-separated lists; unset, the defaults. GPU resource names set
+    but empty: none."""
+    def names(var: str) -> tuple[str, ...]:
+        return tuple(n.strip() for n in (env(var) or "").split(",") if n.strip())
+
+    default = Scheduling()
+    gpus = env("KUBETUNE_POLICY_GPU_RESOURCE_NAMES")
+    return Scheduling(node_selectors=names("KUBETUNE_POLICY_NODE_SELECTORS"),
+                      tolerations=names("KUBETUNE_POLICY_TOLERATIONS"),
+                      gpu_resource_names=default.gpu_resource_names if gpus is None
+                      else names("KUBETUNE_POLICY_GPU_RESOURCE_NAMES"),
+                      max_grace_seconds=int(env("KUBETUNE_POLICY_MAX_GRACE_SECONDS") or default.max_grace_seconds),
+                      require_queue=env("KUBETUNE_POLICY_REQUIRE_QUEUE") == "true")

@@ -132,6 +132,11 @@ FULL_VALUES = {
     "policy.allowedImagePrefixes": "{registry.example.com/ml/,ghcr.io/kubetune/trainer}",
     "policy.defaultCredentialsNamespaces": "{team-a}",
     "policy.allowTrustRemoteCode": "true",
+    "policy.allowedNodeSelectors": "{kubetune.io/pool=training,topology.kubernetes.io/zone}",
+    "policy.allowedTolerations": "{nvidia.com/gpu:NoSchedule,kubetune.io/pool=training}",
+    "policy.allowedGPUResourceNames": "{nvidia.com/gpu,amd.com/gpu}",
+    "policy.maxTerminationGracePeriodSeconds": "900",
+    "policy.requireQueue": "true",
 }
 
 

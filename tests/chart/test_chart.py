@@ -359,14 +359,18 @@ def test_policy_parameters_default_to_the_trainer_image_and_no_default_credentia
     objects = render({"trainer.image.repository": "registry.example.com/ml/trainer", "storage.secretName": "s3"})
     (params,) = find(objects, "ConfigMap", "kubetune-policy")
     assert params["data"] == {"imagePrefixes": "registry.example.com/ml/trainer", "credentialsSecret": "s3",
-                              "credentialsNamespaces": "", "allowTrustRemoteCode": "false"}
+                              "credentialsNamespaces": "", "allowTrustRemoteCode": "false",
+                              "nodeSelectors": "", "tolerations": "", "gpuResourceNames": "nvidia.com/gpu",
+                              "maxTerminationGracePeriodSeconds": "3600", "requireQueue": "false"}
     env = _env(objects)
     assert (env["KUBETUNE_POLICY_IMAGE_PREFIXES"], env["KUBETUNE_POLICY_CREDENTIALS_NAMESPACES"],
             env["KUBETUNE_POLICY_ALLOW_TRUST_REMOTE_CODE"]) == ("registry.example.com/ml/trainer", "", "false")
 
 
 POLICY_ENV = ["KUBETUNE_POLICY_IMAGE_PREFIXES", "KUBETUNE_POLICY_CREDENTIALS_NAMESPACES",
-              "KUBETUNE_POLICY_ALLOW_TRUST_REMOTE_CODE", "KUBETUNE_POLICY_BINDING", "KUBETUNE_STORAGE_SECRET_NAME"]
+              "KUBETUNE_POLICY_ALLOW_TRUST_REMOTE_CODE", "KUBETUNE_POLICY_BINDING", "KUBETUNE_STORAGE_SECRET_NAME",
+              "KUBETUNE_POLICY_NODE_SELECTORS", "KUBETUNE_POLICY_TOLERATIONS", "KUBETUNE_POLICY_GPU_RESOURCE_NAMES",
+              "KUBETUNE_POLICY_MAX_GRACE_SECONDS", "KUBETUNE_POLICY_REQUIRE_QUEUE"]
 
 
 def test_the_operator_enforces_the_parameters_the_policy_gets(monkeypatch):
@@ -391,7 +395,11 @@ def test_full_values_policy():
     (params,) = find(render(FULL_VALUES), "ConfigMap", "kubetune-policy")
     assert params["data"] == {"imagePrefixes": "registry.example.com/ml/,ghcr.io/kubetune/trainer",
                               "credentialsSecret": "s3-credentials", "credentialsNamespaces": "team-a",
-                              "allowTrustRemoteCode": "true"}
+                              "allowTrustRemoteCode": "true",
+                              "nodeSelectors": "kubetune.io/pool=training,topology.kubernetes.io/zone",
+                              "tolerations": "nvidia.com/gpu:NoSchedule,kubetune.io/pool=training",
+                              "gpuResourceNames": "nvidia.com/gpu,amd.com/gpu",
+                              "maxTerminationGracePeriodSeconds": "900", "requireQueue": "true"}
 
 
 def test_the_admission_policy_can_be_left_out():
@@ -421,6 +429,13 @@ def test_the_admission_policy_can_be_left_out():
     ({"policy.allowedImagePrefixes": "{ghcr.io/a b}"}, "allowedImagePrefixes"),
     ({"policy.defaultCredentialsNamespaces": "{Team_A}"}, "defaultCredentialsNamespaces"),
     ({"policy.allowTrustRemoteCode": "yes"}, "allowTrustRemoteCode"),
+    ({"policy.allowedNodeSelectors": "{gpu type=a}"}, "allowedNodeSelectors"),
+    ({"policy.allowedNodeSelectors": "{a\\,b}"}, "allowedNodeSelectors"),
+    ({"policy.allowedTolerations": "{nvidia.com/gpu:Never}"}, "allowedTolerations"),
+    ({"policy.allowedTolerations": "{:NoSchedule}"}, "allowedTolerations"),
+    ({"policy.allowedGPUResourceNames": "{nvidia gpu}"}, "allowedGPUResourceNames"),
+    ({"policy.maxTerminationGracePeriodSeconds": "86401"}, "maxTerminationGracePeriodSeconds"),
+    ({"policy.requireQueue": "yes"}, "requireQueue"),
     ({"tenants.excludedNamespaces": "{Kube_System}"}, "excludedNamespaces"),
     ({"tenants.namespaceSelector.matchExpressions[0].key": "team"}, "matchExpressions"),
 ])

@@ -14,10 +14,20 @@ from tests.kube import get_json, kubectl, wait_for
 from tests.operator_tests import test_e2e as e2e
 from tests.operator_tests.test_e2e import credentials, events_of, submit, training_spec, wait_phase
 
-crd, operator, s3_inputs, fake_trainer = e2e.crd, e2e.operator, e2e.s3_inputs, e2e.fake_trainer  # fixtures
+crd, s3_inputs, fake_trainer = e2e.crd, e2e.s3_inputs, e2e.fake_trainer  # fixtures
+POOL, TAINT = "kubetune.io/accelerator", "kubetune.io/test"  # a node selector key and a taint these tests use
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, crd, tmp_path_factory):
+    """test_e2e.py's operator (no admission policy: it cannot check authors), whose policy allows the node
+    selector and the taint these tests use to any author."""
+    env = e2e.operator_env(control_plane, KUBETUNE_POLICY_NODE_SELECTORS=POOL,
+                           KUBETUNE_POLICY_TOLERATIONS=f"{TAINT}:NoSchedule")
+    yield from e2e.run_operator(tmp_path_factory, env)
 
 
 def created_jobs(cp, namespace: str, ftj: str, job: str) -> int:
@@ -77,12 +87,11 @@ def test_a_training_job_deleted_mid_run_is_recreated_once(control_plane, node_ag
 
 def test_a_child_the_api_refuses_fails_the_job_with_the_api_message(control_plane, node_agent, namespace,
                                                                     operator, s3_inputs, fake_trainer):
-    """The affinity map is free-form in the CRD: only the Job's own validation can refuse it."""
+    """A toleration's tolerationSeconds with an effect other than NoExecute passes the CRD (and the policy: the
+    taint is allowed): only the Job's own validation refuses it."""
     credentials(control_plane, namespace)
-    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "gpu", "operator": "Bogus", "values": ["h100"]}]}]}}}
     spec = training_spec(s3_inputs, fake_trainer)
-    spec["resources"]["affinity"] = affinity
+    spec["resources"]["tolerations"] = [{"key": TAINT, "effect": "NoSchedule", "tolerationSeconds": 60}]
     submit(control_plane, namespace, "bad-child", spec)
 
     def validated():
@@ -93,7 +102,7 @@ def test_a_child_the_api_refuses_fails_the_job_with_the_api_message(control_plan
     wait_for("validation", validated, timeout=120)
     status = wait_phase(control_plane, namespace, "bad-child", ("Failed",), timeout=30)["status"]
     assert status["reason"] == "InvalidChildSpec", status
-    assert "Job bad-child-train" in status["message"] and "Bogus" in status["message"]
+    assert "Job bad-child-train" in status["message"] and "tolerationSeconds" in status["message"]
     assert any(e["reason"] == "InvalidChildSpec" and e["type"] == "Warning"
                for e in events_of(control_plane, namespace, "bad-child"))
 
@@ -138,7 +147,7 @@ def test_workers_that_cannot_be_scheduled_say_why(control_plane, node_agent, nam
                                                   fake_trainer):
     credentials(control_plane, namespace)
     spec = training_spec(s3_inputs, fake_trainer)
-    spec["resources"]["nodeSelector"] = {"kubetune.io/accelerator": "none-here"}
+    spec["resources"]["nodeSelector"] = {POOL: "none-here"}
     submit(control_plane, namespace, "nowhere-to-run", spec)
 
     def explained():
