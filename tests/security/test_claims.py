@@ -1,0 +1,148 @@
+"""Output claims are atomic (issue 27, item 4): two runs never both own an output prefix, and a run whose prefix
+was taken over never reports Succeeded.
+
+Each test names what a second run (a careless colleague, or a tenant with `output.overwrite: true`) tries and what
+the trainer answers. Against the project's own S3 server (moto, over HTTP) and local paths alike.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+from kubetune_api import StorageEndpoint, TrainerConfig
+from kubetune_trainer.errors import OutputInUseError
+from kubetune_trainer.identity import MARKER, RunIdentity, check_claim, claim, staging_uri
+from kubetune_trainer.manifest import Manifest
+from kubetune_trainer.publish import publish_output
+from kubetune_trainer.storage import Storage, read_published
+
+
+@pytest.fixture(params=["s3", "local"])
+def where(request, tmp_path):
+    """(storage, a fresh base URI) on the project's S3 server or a local directory."""
+    if request.param == "local":
+        return Storage(), str(tmp_path / "store")
+    server, bucket = request.getfixturevalue("s3_server"), request.getfixturevalue("bucket")
+    return Storage(StorageEndpoint(endpoint=server.endpoint)), f"s3://{bucket}/claims-{uuid.uuid4().hex[:6]}"
+
+
+def config_for(out: str, name: str, r: int = 8, overwrite: bool = False) -> TrainerConfig:
+    return TrainerConfig.model_validate({
+        "jobName": name, "baseModel": {"uri": "s3://models/tiny/"}, "dataset": {"train": "s3://data/t.jsonl"},
+        "method": {"type": "lora", "lora": {"r": r}}, "output": {"uri": out, "overwrite": overwrite}})
+
+
+def manifest_of(config: TrainerConfig, identity: RunIdentity) -> Manifest:
+    return Manifest(job=config.job_name, run=identity.dump(), task_fields={"task": "causal-lm"}, headline="loss",
+                    method="lora", base_model={"uri": config.base_model.uri, "sha256": "0" * 64}, datasets={},
+                    format="text", hyperparameters={}, lora={"r": 8}, steps=1, total_steps=1, epochs=1.0,
+                    early_stopped=False, tokens_trained=1, metrics={}, selected={"select": "last", "step": 1},
+                    history=[], wall_time_seconds=1.0, train_time_seconds=1.0, processes=1, precision="no")
+
+
+def adapter(tmp_path, content: bytes):
+    folder = tmp_path / f"adapter-{uuid.uuid4().hex[:6]}"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "adapter_model.safetensors").write_bytes(content)
+    (folder / "sub" / "tokenizer.json").write_bytes(b"{}")
+    return folder
+
+
+def test_two_runs_claiming_a_fresh_prefix_at_once_exactly_one_wins(where):
+    """Attack: two FineTuneJobs with different specs start on the same fresh output.uri at the same instant (both
+    read "nobody here" before either writes). Answer: the claim is a conditional write (If-None-Match: *, or a
+    hard link locally), so exactly one run claims the prefix; the other fails at claim time, before any GPU work,
+    with a message naming the run and job that won."""
+    storage, base = where
+    for round_ in range(5):
+        out = f"{base}/round-{round_}/"
+        configs = [config_for(out, "alice", r=8), config_for(out, "bob", r=16)]
+        start, results = threading.Barrier(2), {}
+
+        def run(config: TrainerConfig, start=start, results=results) -> None:
+            start.wait()
+            try:
+                claim(storage, config, RunIdentity.of(config), report=lambda e: None)
+                results[config.job_name] = "won"
+            except OutputInUseError as e:
+                results[config.job_name] = e
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in configs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [name for name, r in results.items() if r == "won"]
+        assert len(winners) == 1, results
+        loser = next(c for c in configs if c.job_name not in winners)
+        winner = next(c for c in configs if c.job_name in winners)
+        message = str(results[loser.job_name])
+        assert RunIdentity.of(winner).uid in message and f"job '{winner.job_name}'" in message
+        assert storage.get_json(out + MARKER)["run"] == RunIdentity.of(winner).dump()
+        check_claim(storage, winner, RunIdentity.of(winner))
+
+
+def test_publishing_goes_through_staging_and_keeps_the_layout(where, tmp_path):
+    """Not an attack: the layout readers expect. Files land at <output>/ with manifest.json last; nothing is left
+    under <output>/.staging/, and the claim marker records the commit."""
+    storage, base = where
+    config = config_for(f"{base}/out/", "alice")
+    me = RunIdentity.of(config)
+    claim(storage, config, me)
+    manifest = publish_output(storage, adapter(tmp_path, b"alice weights"), config, me, manifest_of(config, me))
+    assert {f["path"] for f in manifest["files"]} == {"adapter_model.safetensors", "sub/tokenizer.json"}
+    assert read_published(storage, f"{base}/out/", tmp_path / "back") == manifest
+    assert (tmp_path / "back" / "adapter_model.safetensors").read_bytes() == b"alice weights"
+    assert sorted(storage.list(f"{base}/out/")) == sorted(
+        f"{base}/out/{p}" for p in ("adapter_model.safetensors", "sub/tokenizer.json", "manifest.json", MARKER))
+    assert storage.get_json(f"{base}/out/{MARKER}")["committed"]["staging"] == staging_uri(config, me)
+    assert claim(storage, config, me) == manifest  # the same run again: already published
+
+
+def test_a_run_whose_prefix_was_taken_over_before_publishing_fails(where, tmp_path):
+    """Attack: while run A saves and merges its adapter (minutes after its last claim check), run B with
+    output.overwrite: true moves A's files aside and claims the prefix. Answer: A's commit is a write
+    conditional on its claim's ETag; it fails with OutputInUseError naming B, A publishes nothing into B's
+    prefix, and B's claim is untouched."""
+    storage, base = where
+    a = config_for(f"{base}/out/", "alice")
+    b = config_for(f"{base}/out/", "bob", r=16, overwrite=True)
+    claim(storage, a, RunIdentity.of(a))
+    check_claim(storage, a, RunIdentity.of(a))  # A's last check before publishing passes ...
+    claim(storage, b, RunIdentity.of(b), report=lambda e: None)  # ... then B takes the prefix over
+    with pytest.raises(OutputInUseError) as e:
+        publish_output(storage, adapter(tmp_path, b"alice weights"), a, RunIdentity.of(a),
+                       manifest_of(a, RunIdentity.of(a)))
+    assert RunIdentity.of(b).uid in str(e.value) and "job 'bob'" in str(e.value)
+    assert storage.get_json(f"{base}/out/manifest.json") is None
+    assert not storage.exists(f"{base}/out/adapter_model.safetensors")
+    assert storage.get_json(f"{base}/out/{MARKER}")["run"] == RunIdentity.of(b).dump()
+
+
+def test_a_takeover_during_the_commit_withdraws_the_manifest(where, tmp_path):
+    """Attack: B takes the prefix over in the seconds while A's commit moves its staged files into place (after
+    A's conditional commit of the marker). Answer: A's final conditional write of the marker fails, A withdraws
+    the manifest it wrote and fails with OutputInUseError; no manifest of A is left to be trusted."""
+    storage, base = where
+    a = config_for(f"{base}/out/", "alice")
+    b = config_for(f"{base}/out/", "bob", r=16, overwrite=True)
+    me = RunIdentity.of(a)
+    claim(storage, a, me)
+
+    class TakenOverMidway(Storage):
+        def put_json_if(self, uri, obj, *, match=None):
+            result = super().put_json_if(uri, obj, match=match)
+            if uri.endswith("manifest.json"):  # A's manifest is written: now B strikes
+                claim(storage, b, RunIdentity.of(b), report=lambda e: None)
+            return result
+
+    racing = TakenOverMidway(storage.endpoint)
+    racing._client = storage._client
+    with pytest.raises(OutputInUseError, match="changed while it committed|holds another run's files"):
+        publish_output(racing, adapter(tmp_path, b"alice weights"), a, me, manifest_of(a, me))
+    left = storage.get_json(f"{base}/out/manifest.json")
+    assert left is None or not me.matches(left.get("run"))
+    assert storage.get_json(f"{base}/out/{MARKER}")["run"] == RunIdentity.of(b).dump()
+
