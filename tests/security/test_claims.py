@@ -146,3 +146,30 @@ def test_a_takeover_during_the_commit_withdraws_the_manifest(where, tmp_path):
     assert left is None or not me.matches(left.get("run"))
     assert storage.get_json(f"{base}/out/{MARKER}")["run"] == RunIdentity.of(b).dump()
 
+
+def test_pruning_deletes_only_this_runs_checkpoints(where, tmp_path):
+    """Attack: another run's checkpoints (or a half-uploaded folder nobody can attribute) sit under this run's
+    checkpoint prefix, older than the ones it keeps; pruning used to delete step-N/ folders by number, whoever
+    wrote them. Answer: only folders whose manifest names this run are deleted; the others are left and
+    reported, and another run's newer checkpoint does not push this run's own out of `keep`."""
+    from kubetune_trainer import checkpoint
+    from kubetune_trainer.storage import publish
+
+    storage, base = where
+    prefix = f"{base}/ckpt/"
+    me, other = RunIdentity("me-uid", "aa" * 32), RunIdentity("other-uid", "bb" * 32)
+    for step, run in ((2, me), (4, me), (6, me), (1, other), (3, other), (99, other), (8, me)):
+        publish(storage, adapter(tmp_path, f"step {step}".encode()), checkpoint.step_uri(prefix, step),
+                {"kind": "checkpoint", "step": step, "run": run.dump()})
+    publish(storage, adapter(tmp_path, b"my best"), checkpoint.best_uri(prefix, 4), {"kind": "best", "run": me.dump()})
+    publish(storage, adapter(tmp_path, b"other best"), checkpoint.best_uri(prefix, 3),
+            {"kind": "best", "run": other.dump()})
+    storage.upload_dir(adapter(tmp_path, b"partial"), checkpoint.step_uri(prefix, 5))  # no manifest: unfinished
+
+    left = checkpoint.prune(storage, prefix, 2, me)
+    assert sorted(checkpoint.complete_steps(storage, prefix)) == [1, 3, 6, 8, 99]  # mine: the newest 2 (8, 6)
+    assert left == [checkpoint.step_uri(prefix, s) for s in (1, 3, 5)]
+    assert storage.exists(checkpoint.step_uri(prefix, 5) + "adapter_model.safetensors")
+    assert checkpoint.prune_best(storage, prefix, None, me) == [checkpoint.best_uri(prefix, 3)]
+    assert not storage.exists(checkpoint.best_uri(prefix, 4)) and storage.exists(checkpoint.best_uri(prefix, 3))
+
