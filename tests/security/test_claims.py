@@ -18,6 +18,11 @@ from kubetune_trainer.manifest import Manifest
 from kubetune_trainer.publish import publish_output
 from kubetune_trainer.storage import Storage, read_published
 
+from tests.operator_tests import test_e2e as e2e
+
+crd, operator = e2e.crd, e2e.operator  # fixtures for the cluster test (the real API server and operator)
+pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "tests.s3fixtures"]
+
 
 @pytest.fixture(params=["s3", "local"])
 def where(request, tmp_path):
@@ -173,3 +178,26 @@ def test_pruning_deletes_only_this_runs_checkpoints(where, tmp_path):
     assert checkpoint.prune_best(storage, prefix, None, me) == [checkpoint.best_uri(prefix, 3)]
     assert not storage.exists(checkpoint.best_uri(prefix, 4)) and storage.exists(checkpoint.best_uri(prefix, 3))
 
+
+@pytest.mark.cluster
+@pytest.mark.e2e
+def test_a_second_unfinished_finetunejob_on_the_same_output_is_refused(control_plane, namespace, operator):
+    """Attack: while FineTuneJob `first` has not finished, a colleague creates `second` writing to a prefix inside
+    first's output (with overwrite it would move first's files aside mid-run). Answer: the operator reads the
+    other FineTuneJobs from the API server before creating any child of `second`, and fails it OutputInUse,
+    naming `first`; `first` goes on."""
+    from tests.kube import get_json
+    from tests.operator_tests.test_e2e import submit, wait_phase
+
+    spec = {"baseModel": {"uri": "s3://nowhere/model/"}, "dataset": {"train": "s3://nowhere/train.jsonl"},
+            "output": {"uri": "s3://shared-outputs/team/"}}
+    submit(control_plane, namespace, "first", spec)
+    wait_phase(control_plane, namespace, "first", ("Pending", "Validating"), timeout=60)  # no node: stays unfinished
+    submit(control_plane, namespace, "second", {**spec, "output": {"uri": "s3://shared-outputs/team/v2",
+                                                                   "overwrite": True}})
+    status = wait_phase(control_plane, namespace, "second", ("Failed",), timeout=60)["status"]
+    assert status["reason"] == "OutputInUse", status
+    assert f"FineTuneJob {namespace}/first" in status["message"] and "s3://shared-outputs/team/" in status["message"]
+    assert not [j for j in get_json(control_plane, "jobs", "-n", namespace)["items"]
+                if j["metadata"]["name"].startswith("second-")], "no child of the refused job"
+    assert get_json(control_plane, "ftj", "-n", namespace, "first")["status"]["phase"] != "Failed"
