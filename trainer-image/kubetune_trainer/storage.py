@@ -100,8 +100,24 @@ def _folder(prefix: str) -> str:
     return prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
-def _local(uri: str) -> Path:
-    return Path(uri.removeprefix("file://"))
+PVC_ROOT = "/mnt/pvc"  # where the operator mounts each claim of a job's pvc:// URIs ($KUBETUNE_PVC_ROOT/<claim>)
+
+
+def local_path(uri: str) -> Path:
+    """A `pvc://claim/path` URI (the claim's volume at $KUBETUNE_PVC_ROOT/claim, default /mnt/pvc), a `file://`
+    URI or a plain path, as a local path: what every read and write of a non-s3:// URI goes through (output,
+    checkpoint, cache and data alike). A pvc:// path never leads out of its claim's folder."""
+    if not uri.startswith("pvc://"):
+        return Path(uri.removeprefix("file://"))
+    claim, _, rest = uri.removeprefix("pvc://").partition("/")
+    if not claim or claim in (".", ".."):
+        raise ConfigError(f"{uri}: not a valid pvc:// URI; expected pvc://claim/path")
+    root = Path(os.environ.get("KUBETUNE_PVC_ROOT") or PVC_ROOT) / claim
+    rest = rest.strip("/")
+    return safe_join(root, rest, uri) if rest else root
+
+
+_local = local_path
 
 
 def safe_join(root: Path, rel: str, uri: str) -> Path:

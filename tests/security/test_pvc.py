@@ -1,0 +1,109 @@
+"""`pvc://` is honoured everywhere (issue 27, item 5): output, checkpoint and cache URIs on a PersistentVolumeClaim
+go to the claim's volume ($KUBETUNE_PVC_ROOT/<claim>, where the operator mounts it), like reads always did.
+
+Before, every write took `pvc://c/out` for the relative path `pvc:/c/out`: on the cluster it failed on the
+read-only root, and `kubetune run` reported Succeeded with nothing on the volume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+import yaml
+from kubetune_trainer.errors import ConfigError
+from kubetune_trainer.identity import MARKER, RunIdentity, claim
+from kubetune_trainer.storage import Storage, local_path, publish, read_published
+
+
+@pytest.fixture
+def pvc_root(tmp_path, monkeypatch):
+    """A folder standing for the operator's /mnt/pvc, with the claim `vol` mounted in it."""
+    root = tmp_path / "mnt-pvc"
+    (root / "vol").mkdir(parents=True)
+    monkeypatch.setenv("KUBETUNE_PVC_ROOT", str(root))
+    monkeypatch.chdir(tmp_path)  # where the old code's relative `pvc:/...` folder would appear
+    return root
+
+
+def test_every_storage_operation_maps_pvc_uris_to_the_volume(pvc_root, tmp_path):
+    """Not an attack: writes (JSON, files, folders, conditional claims, moves, deletes) and reads of pvc:// URIs
+    land on the claim's volume, and nothing lands in the working directory."""
+    storage = Storage()
+    src = tmp_path / "adapter"
+    src.mkdir()
+    (src / "adapter_model.safetensors").write_bytes(b"weights")
+    storage.put_json("pvc://vol/out/a.json", {"a": 1})
+    assert json.loads((pvc_root / "vol/out/a.json").read_text()) == {"a": 1}
+    assert storage.get_json("pvc://vol/out/a.json") == {"a": 1}
+    assert storage.put_json_if("pvc://vol/out/a.json", {"a": 2}) is None
+    manifest = publish(storage, src, "pvc://vol/out/adapter/", {"kind": "test"})
+    assert (pvc_root / "vol/out/adapter/manifest.json").is_file()
+    assert read_published(storage, "pvc://vol/out/adapter/", tmp_path / "back") == manifest
+    assert storage.list("pvc://vol/out/") == ["pvc://vol/out/a.json", "pvc://vol/out/adapter/adapter_model.safetensors",
+                                              "pvc://vol/out/adapter/manifest.json"]
+    assert storage.move_prefix("pvc://vol/out/adapter/", "pvc://vol/aside/") == 2
+    assert (pvc_root / "vol/aside/manifest.json").is_file() and storage.exists("pvc://vol/aside/")
+    storage.delete_prefix("pvc://vol/aside/")
+    assert not (pvc_root / "vol/aside").exists()
+    assert not (tmp_path / "pvc:").exists()
+
+
+def test_a_claim_on_a_pvc_output_marks_the_volume(pvc_root):
+    """The output claim of a pvc:// output (and its checkpoint prefix) is on the volume, so a second run with
+    another spec is refused there."""
+    from kubetune_api import TrainerConfig
+
+    config = TrainerConfig.model_validate({
+        "jobName": "on-pvc", "baseModel": {"uri": "pvc://vol/model/"}, "dataset": {"train": "pvc://vol/t.jsonl"},
+        "output": {"uri": "pvc://vol/out/"}, "checkpoint": {"uri": "pvc://vol/ckpt/"}})
+    claim(Storage(), config, RunIdentity.of(config))
+    assert (pvc_root / "vol/out" / MARKER).is_file() and (pvc_root / "vol/ckpt" / MARKER).is_file()
+
+
+@pytest.mark.parametrize("uri", ["pvc://vol/../../etc/passwd", "pvc://vol/a/../../other/x", "pvc://../etc",
+                                 "pvc:///etc/passwd"])
+def test_a_pvc_uri_never_leads_out_of_its_claim(pvc_root, uri):
+    """Attack: a pvc:// URI that climbs out of its claim's folder (to another claim's volume, or the pod's own
+    files). Answer: refused, naming the URI, before anything is read or written."""
+    with pytest.raises(ConfigError, match="pvc://"):
+        local_path(uri)
+    with pytest.raises(ConfigError):
+        Storage().put_json(uri.rstrip("/") + "/x.json", {})
+
+
+@pytest.mark.slow
+def test_kubetune_run_writes_output_checkpoints_and_cache_to_the_volume(pvc_root, tmp_path):
+    """`kubetune run` of a FineTuneJob whose model, data, output, checkpoints and cache are all on a claim: the
+    adapter, its manifest, the checkpoints and the data cache are on the volume (before: Succeeded, with
+    everything under ./pvc:/ and nothing on the volume)."""
+    from kubetune_dev.demo_data import chat_texts, support_records, write_support_dataset
+    from kubetune_dev.tiny import make_tiny_base
+
+    make_tiny_base(pvc_root / "vol/model", chat_texts(support_records(60, seed=1)), vocab_size=512,
+                   hidden_size=32, layers=1, heads=2)
+    write_support_dataset(pvc_root / "vol/data", train=32, validation=8, test=8)
+    job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "pvc-run"},
+           "spec": {"baseModel": {"uri": "pvc://vol/model/"},
+                    "dataset": {"train": "pvc://vol/data/train.jsonl", "validation": "pvc://vol/data/validation.jsonl",
+                                "test": "pvc://vol/data/test.jsonl", "cacheUri": "pvc://vol/cache/"},
+                    "hyperparameters": {"maxSteps": 4, "batchSize": 4, "maxSeqLength": 256},
+                    "checkpoint": {"uri": "pvc://vol/ckpt/", "everySteps": 2, "keep": 1},
+                    "output": {"uri": "pvc://vol/out/"}}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    env = {**os.environ, "KUBETUNE_TERMINATION_LOG": os.devnull}
+    done = subprocess.run([sys.executable, "-m", "kubetune_trainer", "run", str(path), "--work-dir",
+                           str(tmp_path / f"work-{uuid.uuid4().hex[:6]}"), "--metrics-port", "-1"],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((pvc_root / "vol/out/manifest.json").read_text())
+    assert manifest["steps"] == 4 and (pvc_root / "vol/out/adapter_model.safetensors").is_file()
+    assert not (pvc_root / "vol/out/.staging").exists() or not any((pvc_root / "vol/out/.staging").iterdir())
+    assert sorted(p.name for p in (pvc_root / "vol/ckpt").glob("step-*")) == ["step-00000002"]
+    assert list((pvc_root / "vol/cache").glob("*/meta.json")), "the data cache is on the volume"
+    assert not (tmp_path / "pvc:").exists()
