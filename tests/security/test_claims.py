@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 from kubetune_api import StorageEndpoint, TrainerConfig
@@ -103,6 +104,7 @@ def test_publishing_goes_through_staging_and_keeps_the_layout(where, tmp_path):
     assert sorted(storage.list(f"{base}/out/")) == sorted(
         f"{base}/out/{p}" for p in ("adapter_model.safetensors", "sub/tokenizer.json", "manifest.json", MARKER))
     assert storage.get_json(f"{base}/out/{MARKER}")["committed"]["staging"] == staging_uri(config, me)
+    assert not storage.exists(f"{base}/out/.staging/") and not Path(f"{base}/out/.staging").exists()
     assert claim(storage, config, me) == manifest  # the same run again: already published
 
 

@@ -19,6 +19,11 @@ from kubetune_trainer.errors import ConfigError
 from kubetune_trainer.identity import MARKER, RunIdentity, claim
 from kubetune_trainer.storage import Storage, local_path, publish, read_published
 
+from tests.operator_tests import test_e2e as e2e
+
+crd, real_trainer = e2e.crd, e2e.real_trainer  # fixtures for the cluster test
+pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
+
 
 @pytest.fixture
 def pvc_root(tmp_path, monkeypatch):
@@ -103,7 +108,96 @@ def test_kubetune_run_writes_output_checkpoints_and_cache_to_the_volume(pvc_root
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((pvc_root / "vol/out/manifest.json").read_text())
     assert manifest["steps"] == 4 and (pvc_root / "vol/out/adapter_model.safetensors").is_file()
-    assert not (pvc_root / "vol/out/.staging").exists() or not any((pvc_root / "vol/out/.staging").iterdir())
+    assert not (pvc_root / "vol/out/.staging").exists()
     assert sorted(p.name for p in (pvc_root / "vol/ckpt").glob("step-*")) == ["step-00000002"]
     assert list((pvc_root / "vol/cache").glob("*/meta.json")), "the data cache is on the volume"
     assert not (tmp_path / "pvc:").exists()
+
+
+# --- on the cluster: the real API server, scheduler, operator and trainer; the node agent mounts the claim --------
+
+POLICY_LABEL = "kubetune.io/pvc-test"
+
+
+@pytest.fixture(scope="module")
+def pvc_admission(control_plane, crd):
+    """The admission policy bound to namespaces labelled POLICY_LABEL: the operator then trusts the API server's
+    check that the author may use the claims a job names (without it, a pvc:// job is refused)."""
+    from pathlib import Path
+
+    from kubetune_operator import policy
+
+    from tests.kube import kubectl
+
+    root = Path(__file__).resolve().parents[2]
+    name = f"kubetune-pvc-test-{uuid.uuid4().hex[:6]}"
+    vap, binding, params = yaml.safe_load_all((root / "crds" / "policy" / "admission-policy.yaml").read_text())
+    ns = f"kubetune-system-{uuid.uuid4().hex[:6]}"
+    kubectl(control_plane, "create", "namespace", ns)
+    params["metadata"]["namespace"] = binding["spec"]["paramRef"]["namespace"] = ns
+    vap["metadata"]["name"] = binding["metadata"]["name"] = binding["spec"]["policyName"] = name
+    params["data"] = policy.Settings(image_prefixes=("ghcr.io/kubetune/trainer",)).params()
+    binding["spec"]["matchResources"] = {"namespaceSelector": {"matchLabels": {POLICY_LABEL: "true"}}}
+    for doc in (vap, params, binding):
+        kubectl(control_plane, "apply", "-f", "-", stdin=json.dumps(doc))
+    yield name
+    for kind in ("validatingadmissionpolicybinding", "validatingadmissionpolicy"):
+        kubectl(control_plane, "delete", kind, name, "--wait=false")
+    kubectl(control_plane, "delete", "namespace", ns, "--wait=false")
+
+
+@pytest.fixture(scope="module")
+def pvc_operator(control_plane, crd, pvc_admission, tmp_path_factory):
+    yield from e2e.run_operator(tmp_path_factory, e2e.operator_env(control_plane,
+                                                                   KUBETUNE_POLICY_BINDING=pvc_admission))
+
+
+def _claim(cp, namespace: str, name: str) -> None:
+    """A PersistentVolumeClaim bound to a PersistentVolume of its own (the node agent backs every claim with a
+    folder of its state dir: state_dir/pvcs/<namespace>/<claim>)."""
+    from tests.kube import kubectl
+
+    pv = f"pv-{namespace}-{name}"
+    for doc in ({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+                 "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"], "storageClassName": "",
+                          "hostPath": {"path": f"/tmp/{pv}"}, "claimRef": {"namespace": namespace, "name": name}}},
+                {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+                 "metadata": {"name": name, "namespace": namespace},
+                 "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "", "volumeName": pv,
+                          "resources": {"requests": {"storage": "1Gi"}}}}):
+        kubectl(cp, "apply", "-f", "-", stdin=json.dumps(doc))
+
+
+@pytest.mark.cluster
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_a_finetunejob_on_a_pvc_writes_output_checkpoints_and_cache_to_the_claim(
+        control_plane, node_agent, namespace, pvc_operator, real_trainer):
+    """On the cluster: model, data, output, checkpoints and cache all on one claim. The validation Job and the
+    training pods mount it at /mnt/pvc/<claim>; the run succeeds and everything is on the claim's volume (before:
+    the writes went to the relative path pvc:/..., on the pods' read-only root, and the job failed)."""
+    from kubetune_dev.demo_data import generic_texts, write_support_dataset
+    from kubetune_dev.tiny import make_tiny_base
+
+    from tests.kube import kubectl
+    from tests.operator_tests.test_e2e import submit, wait_phase
+
+    kubectl(control_plane, "label", "namespace", namespace, f"{POLICY_LABEL}=true")
+    _claim(control_plane, namespace, "vol")
+    volume = node_agent.state_dir / "pvcs" / namespace / "vol"
+    make_tiny_base(volume / "model", generic_texts(50), vocab_size=512, hidden_size=32, layers=1, heads=2)
+    write_support_dataset(volume / "data", train=32, validation=8, test=8)
+    submit(control_plane, namespace, "on-pvc", {
+        "baseModel": {"uri": "pvc://vol/model/"}, "image": real_trainer,
+        "dataset": {"train": "pvc://vol/data/train.jsonl", "validation": "pvc://vol/data/validation.jsonl",
+                    "test": "pvc://vol/data/test.jsonl", "cacheUri": "pvc://vol/cache/"},
+        "hyperparameters": {"maxSteps": 4, "batchSize": 2, "maxSeqLength": 256},
+        "checkpoint": {"uri": "pvc://vol/ckpt/", "everySteps": 2},
+        "output": {"uri": "pvc://vol/out/"}, "resources": {"workers": 1, "gpusPerWorker": 0}})
+    status = wait_phase(control_plane, namespace, "on-pvc", ("Succeeded", "Failed"), timeout=480)["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["result"]["manifestUri"] == "pvc://vol/out/manifest.json"
+    manifest = json.loads((volume / "out" / "manifest.json").read_text())
+    assert manifest["steps"] == 4 and (volume / "out" / "adapter_model.safetensors").is_file()
+    assert (volume / "ckpt" / "step-00000002" / "manifest.json").is_file()
+    assert list((volume / "cache").glob("*/meta.json")), "the validation Job's data cache is on the claim"

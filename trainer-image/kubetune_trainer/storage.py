@@ -33,6 +33,7 @@ False): a race between two writers is then caught by the later re-reads of the c
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import fcntl
 import hashlib
@@ -586,6 +587,8 @@ class Storage:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(f, target)
                 shutil.rmtree(source)
+                with contextlib.suppress(OSError):  # a folder has no object of its own: drop one left empty
+                    source.parent.rmdir()
                 return len(files)
             _local(dst).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(source, _local(dst))
