@@ -21,7 +21,7 @@ from kubetune_trainer.storage import Storage, local_path, publish, read_publishe
 
 from tests.operator_tests import test_e2e as e2e
 
-crd, real_trainer = e2e.crd, e2e.real_trainer  # fixtures for the cluster test
+crd = e2e.crd  # the fixture that applies the CRD, for the cluster test
 pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
 
 
@@ -150,6 +150,23 @@ def pvc_admission(control_plane, crd):
 def pvc_operator(control_plane, crd, pvc_admission, tmp_path_factory):
     yield from e2e.run_operator(tmp_path_factory, e2e.operator_env(control_plane,
                                                                    KUBETUNE_POLICY_BINDING=pvc_admission))
+
+
+@pytest.fixture
+def real_trainer(node_agent):
+    """test_e2e's real trainer (`kubetune launch` from the .venv), with this checkout's PYTHONPATH: the .venv's
+    editable installs may point at another checkout, whose trainer the pods would run otherwise."""
+    from pathlib import Path
+
+    from kubetune_dev.cluster.agent_pod import ImageRule
+
+    venv_bin = Path(sys.executable).parent
+    rule = ImageRule(match=e2e.REAL_IMAGE, path=[str(venv_bin)], working_dir=str(e2e.ROOT),
+                     entrypoint=[str(venv_bin / "kubetune"), "launch"],
+                     env={k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ})
+    node_agent.image_rules.insert(0, rule)
+    yield e2e.REAL_IMAGE
+    node_agent.image_rules.remove(rule)
 
 
 def _claim(cp, namespace: str, name: str) -> None:
