@@ -11,6 +11,7 @@ import json
 import kubernetes
 from kubetune_api import Reason
 
+from . import GROUP, PLURAL, VERSION
 from .children import JOB_FINALIZER, Names
 from .reconcile import Decision
 
@@ -133,6 +134,17 @@ class Kube:
         if not policy or "Deny" not in (spec.get("validationActions") or []):
             return None
         return max(_last_change(found), _last_change(policy))
+
+    def finetunejobs(self, namespace: str) -> list[dict]:
+        """Every FineTuneJob the operator may list: in every namespace (an operator serving all of them), else in
+        `namespace` (an operator given its namespaces may list only those)."""
+        base = f"/apis/{GROUP}/{VERSION}"
+        try:
+            return self.call("GET", f"{base}/{PLURAL}").get("items") or []
+        except ApiError as e:
+            if e.status != 403:
+                raise
+        return self.call("GET", f"{base}/namespaces/{namespace}/{PLURAL}").get("items") or []
 
     def serves(self, api_version: str, plural: str) -> bool:
         """Whether the API server serves `plural` in `api_version` (discovery, readable by every user)."""

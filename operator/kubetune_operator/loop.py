@@ -199,6 +199,8 @@ def apply(api: kube.Kube, body: dict, observed: Observed, logger: logging.Logger
         observed.training_job = kube.owned_by(api.get(kube.training_job_path(meta)), meta["uid"])
     if policy.needs_admission_check(body, settings.policy):
         observed.admission_policy = api.admission_policy(settings.policy.binding)
+    if reconcile.needs_output_check(body):  # from the API server, not the index: a job created a moment ago too
+        observed.finetunejobs = api.finetunejobs(meta["namespace"])
     d = decide(body, observed, now, settings)
     created: list[dict] = []
     try:

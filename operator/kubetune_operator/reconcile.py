@@ -64,6 +64,9 @@ class Observed:
     scrape_failures: int = 0  # scrapes of rank 0 that failed in a row
     scrape_error: str | None = None
     admission_policy: str | None = None  # since when the API server enforces the admission policy (policy.py)
+    # Before the first child (needs_output_check): the FineTuneJobs the operator may list, read from the API
+    # server (loop.apply), for the refusal of a second unfinished job on one output prefix. None: not read.
+    finetunejobs: list[dict] | None = None
     workloads: list[dict] = field(default_factory=list)  # Kueue's Workloads in the FineTuneJob's namespace
 
     @property
@@ -156,6 +159,10 @@ def decide(body: dict, observed: Observed, now: datetime, settings: OperatorSett
         if denied:
             d.finish(Phase.Failed, Reason.PolicyDenied, "; ".join(denied))
             return _transition(d, old)
+        taken = output_taken(body, spec, observed.finetunejobs)
+        if taken:
+            d.finish(Phase.Failed, Reason.OutputInUse, taken)
+            return _transition(d, old)
     elif observed.training_job is None:  # runPolicy is mutable: checked again before each training Job
         denied = policy.training_violations(spec, settings.policy,
                                             policy.author_checked(meta, observed.admission_policy))
@@ -174,6 +181,45 @@ def decide(body: dict, observed: Observed, now: datetime, settings: OperatorSett
         _train(d, old, meta, spec, observed, settings)
     _clean_up(d, observed)
     return _transition(d, old)
+
+
+def needs_output_check(body: dict) -> bool:
+    """Whether the reconcile of `body` needs the other FineTuneJobs (Observed.finetunejobs): before its first
+    child, as for the policy check; a job that has started keeps its output prefix."""
+    status = body.get("status") or {}
+    return status.get("phase") not in TERMINAL and not get_condition(status, "Validated")
+
+
+def _output_key(namespace: str, uri: str) -> tuple[str, str]:
+    """What two outputs share when one prefix lies in the other: an s3:// prefix is the same for every namespace,
+    a pvc:// (or local) path only within one (each namespace has its own claims)."""
+    folder = uri.rstrip("/") + "/"
+    return ("", folder) if folder.startswith("s3://") else (namespace, folder)
+
+
+def output_taken(body: dict, spec: FineTuneJobSpec, others: list[dict] | None) -> str | None:
+    """Why `body` may not start: another unfinished FineTuneJob writes to its output prefix (the same, or one
+    inside the other) and came first (created earlier, or already past validation). None: it may start."""
+    meta = body["metadata"]
+    scope, mine = _output_key(meta["namespace"], spec.output.uri)
+    me = (meta.get("creationTimestamp") or "", meta["namespace"], meta["name"])
+    for other in others or []:
+        ometa, ostatus = other.get("metadata") or {}, other.get("status") or {}
+        if ometa.get("uid") == meta.get("uid") or ostatus.get("phase") in TERMINAL or ometa.get("deletionTimestamp"):
+            continue
+        uri = ((other.get("spec") or {}).get("output") or {}).get("uri")
+        if not isinstance(uri, str) or not uri:
+            continue
+        oscope, theirs = _output_key(ometa.get("namespace", ""), uri)
+        if oscope != scope or not (theirs.startswith(mine) or mine.startswith(theirs)):
+            continue
+        first = (ometa.get("creationTimestamp") or "", ometa.get("namespace", ""), ometa.get("name", ""))
+        if first < me or get_condition(ostatus, "Validated"):
+            return (f"output.uri {spec.output.uri} is in use: FineTuneJob {ometa.get('namespace')}/{ometa.get('name')}"
+                    f" (phase {ostatus.get('phase') or 'Pending'}) writes to {uri} and has not finished; two runs "
+                    "on one prefix would overwrite each other. Set another output.uri, or wait until that job has "
+                    "finished (or delete it) and create this one again")
+    return None
 
 
 def _clean_up(d: Decision, observed: Observed) -> None:

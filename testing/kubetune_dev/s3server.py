@@ -9,6 +9,10 @@
 It sets placeholder credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) for in-process clients when none
 are set; moto accepts any. State lives in this process's memory (and is shared by every server in it).
 Set KUBETUNE_S3_ENDPOINT to use a real S3-compatible endpoint instead (see endpoint_from_env).
+
+Conditional writes (If-None-Match: *, If-Match) are atomic here as on AWS S3: moto checks the condition and
+then stores the object in two steps, so the server runs each object write or delete under one lock
+(`_serialize_object_writes`); two clients racing to create the same key get one 200 and one 412.
 """
 
 from __future__ import annotations
@@ -31,6 +35,27 @@ FAKE_CREDENTIALS = {
 def endpoint_from_env() -> str | None:
     """The real S3-compatible endpoint named by KUBETUNE_S3_ENDPOINT, or None to use an embedded server."""
     return os.environ.get("KUBETUNE_S3_ENDPOINT") or None
+
+
+_WRITE_LOCK = threading.RLock()
+
+
+def _serialize_object_writes() -> None:
+    """Make moto's check-then-store of conditional writes atomic: one object write or delete at a time (reads and
+    the request bodies' transfer stay concurrent). Idempotent; process-wide, like moto's state."""
+    from moto.s3.responses import S3Response
+
+    for name in ("put_object", "copy_object", "delete_object"):
+        method = getattr(S3Response, name, None)
+        if method is None or getattr(method, "_kubetune_serialized", False):
+            continue
+
+        def serialized(self, *args, _method=method, **kwargs):
+            with _WRITE_LOCK:
+                return _method(self, *args, **kwargs)
+
+        serialized._kubetune_serialized = True
+        setattr(S3Response, name, serialized)
 
 
 class S3Server:
@@ -58,6 +83,7 @@ class S3Server:
                     probe.bind((self.host, self.port))
                 except OSError as e:
                     raise OSError(f"cannot listen on {self.host}:{self.port}: {e.strerror}") from None
+        _serialize_object_writes()
         server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
         server.start()
         self._server = server

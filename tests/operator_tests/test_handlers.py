@@ -44,6 +44,10 @@ class FakeKube(kube.Kube):
                 raise kube.ApiError(409, "exists")
             self.objects[full] = {**body, "metadata": {**body["metadata"], "uid": "uid-" + name}}
             return self.objects[full]
+        if method == "GET" and path.endswith("/finetunejobs"):  # a list, cluster-wide or of one namespace
+            return {"items": [o for p, o in self.objects.items() if o.get("kind") == "FineTuneJob"
+                              and p.startswith(path.removesuffix("finetunejobs").split("/namespaces/")[0])
+                              and (f"/namespaces/{o['metadata']['namespace']}/" in path or "/namespaces/" not in path)]}
         if method == "GET":
             if path not in self.objects:
                 raise kube.ApiError(404, "not found")
@@ -222,3 +226,22 @@ def test_a_child_just_created_counts_as_observed_until_the_index_has_it():
     key = ("ml", "demo")
     caught_up = loop.Indexes(jobs={key: [created]}, pods={}, services={}, config_maps={}, workloads={})
     assert caught_up.observe(b, expected).validation_job == created and expected == {}
+
+
+def test_apply_reads_the_other_finetunejobs_from_the_api_before_the_first_child(fake):
+    """The output-prefix check reads the FineTuneJobs from the API server (not an index): a job on the prefix of
+    an earlier unfinished one fails OutputInUse and creates nothing; once started, it lists nothing more."""
+    first = body(name="first")
+    first["metadata"].update(uid="uid-first", creationTimestamp="2026-01-01T10:00:00Z")
+    fake.objects[kube.object_path(first)] = first
+    b = body()
+    b["metadata"]["creationTimestamp"] = "2026-01-01T11:00:00Z"
+    d, _, created = loop.apply(fake, b, Observed(), LOG, SETTINGS)
+    assert ("GET", "/apis/kubetune.io/v1alpha1/finetunejobs") in fake.calls
+    assert created == [] and d.status["reason"] == "OutputInUse" and "FineTuneJob ml/first" in d.status["message"]
+    fake.calls.clear()
+    validating = {"type": "Validated", "status": "Unknown", "reason": "Validating",
+                  "lastTransitionTime": "2026-01-01T11:00:00Z"}
+    started = body(status={"phase": "Pending", "conditions": [validating]})
+    loop.apply(fake, started, Observed(), LOG, SETTINGS)
+    assert not [c for c in fake.calls if c[1].endswith("/finetunejobs")]

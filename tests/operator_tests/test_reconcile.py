@@ -766,3 +766,51 @@ def test_workers_that_only_lose_each_other_fail_after_three_rounds():
     observed, tj = training_observed(body, active=2)
     observed.training_pods = lost  # three preemptions explain three of them: 3 unexplained are not 3 rounds
     assert run(body, observed).phase == "Queued"
+
+
+def _other(name: str, uri: str, created: str, namespace: str = "ml", **status) -> dict:
+    body = ftj({"output": {"uri": uri}}, status=status, name=name)
+    body["metadata"].update(namespace=namespace, uid=f"uid-{name}", creationTimestamp=created)
+    return body
+
+
+def test_a_second_unfinished_job_on_one_output_prefix_is_refused_naming_the_first():
+    """The other FineTuneJobs come in as observed state (read from the API by loop.apply): the later of two
+    unfinished jobs on one prefix (or one inside the other) fails OutputInUse before any child; the first, a
+    finished one, another namespace's pvc:// path and an unrelated prefix do not count."""
+    body = ftj()
+    body["metadata"]["creationTimestamp"] = "2026-01-01T11:00:00Z"
+    first = _other("first", "s3://adapters/demo", "2026-01-01T10:00:00Z", phase="Running")
+    d = run(body, Observed(finetunejobs=[body, first]))
+    assert d.phase == "Failed" and d.status["reason"] == "OutputInUse" and not d.create
+    assert "FineTuneJob ml/first (phase Running) writes to s3://adapters/demo" in d.status["message"]
+    assert "Set another output.uri" in d.status["message"]
+    inner = _other("inner", "s3://adapters/demo/sub/", "2026-01-01T10:00:00Z", namespace="other-team")
+    assert run(body, Observed(finetunejobs=[inner])).status["reason"] == "OutputInUse"  # s3: every namespace
+    later_but_started = _other("later", "s3://adapters/demo/", "2026-01-01T12:00:00Z",
+                               conditions=[{"type": "Validated", "status": "Unknown", "reason": "Validating"}])
+    assert run(body, Observed(finetunejobs=[later_but_started])).status["reason"] == "OutputInUse"
+
+    free = [_other("done", "s3://adapters/demo/", "2026-01-01T10:00:00Z", phase="Succeeded"),
+            _other("later", "s3://adapters/demo/", "2026-01-01T12:00:00Z"),
+            _other("elsewhere", "s3://adapters/demo-2/", "2026-01-01T10:00:00Z"),
+            body]
+    assert kinds(run(body, Observed(finetunejobs=free))) == ["demo-config", "demo-validate"]
+    assert kinds(run(body, Observed())) == ["demo-config", "demo-validate"]  # not read: no refusal
+
+    pvc = ftj({"output": {"uri": "pvc://shared/out/"}})
+    pvc["metadata"]["creationTimestamp"] = "2026-01-01T11:00:00Z"
+    theirs = _other("theirs", "pvc://shared/out/", "2026-01-01T10:00:00Z", namespace="other-team")
+    policy = "2025-01-01T00:00:00Z"  # the admission policy checked who may mount the claim
+    assert kinds(run(pvc, Observed(finetunejobs=[theirs], admission_policy=policy))) == ["demo-config",
+                                                                                         "demo-validate"]
+    ours = _other("ours", "pvc://shared/out/", "2026-01-01T10:00:00Z")
+    assert run(pvc, Observed(finetunejobs=[ours], admission_policy=policy)).status["reason"] == "OutputInUse"
+
+
+def test_a_started_job_does_not_look_for_other_jobs():
+    from kubetune_operator.reconcile import needs_output_check
+
+    assert needs_output_check(ftj())
+    assert not needs_output_check(validated(ftj()))
+    assert not needs_output_check(ftj(status={"phase": "Failed"}))

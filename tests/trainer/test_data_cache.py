@@ -210,6 +210,30 @@ def test_a_truncated_or_foreign_cache_is_detected_and_rebuilt(stage, storage):
     assert prepared.reports == built.reports
 
 
+def test_a_shared_cache_whose_arrays_were_changed_is_not_trusted(stage, storage, tmp_path):
+    """Attack (issue 27.7): someone who can write dataset.cacheUri replaces a token array with one of the same size
+    (other tokens: the model would train on what they chose), leaving meta.json as it was. Answer: every array
+    of a cache from the cache URI is checked against the sha256 its meta.json records before it is trusted; this
+    one is rebuilt from the data (data_cache_rebuilt names the file) and uploaded again whole."""
+    built, _, config = stage()
+    uri = built.cache["uri"]
+    meta = storage.get_json(uri + META)
+    assert meta["version"] == 3 and all(len(f["sha256"]) == 64 for entry in meta["splits"].values()
+                                        for f in entry["files"].values())
+    original = storage.download(uri + "train/ids.bin", tmp_path / "original").read_bytes()
+    forged = tmp_path / "forged" / "ids.bin"
+    forged.parent.mkdir()
+    forged.write_bytes(np.full(len(original) // 4, 7, dtype=np.int32).tobytes())  # same size, other tokens
+    storage.upload_file(forged, uri + "train/ids.bin")
+
+    prepared, events, _ = stage()  # a fresh node: the cache comes from the cache URI
+    assert events[0]["event"] == "data_cache_rebuilt", events
+    assert "train/ids.bin does not match the sha256 in its meta.json" in events[0]["problem"]
+    assert [e["cache"] for e in events if e["event"] == "data_cache"] == ["built"]
+    assert storage.download(uri + "train/ids.bin", tmp_path / "again").read_bytes() == original
+    assert prepared.reports == built.reports
+
+
 # --- what the data costs ------------------------------------------------------------------------------------
 
 

@@ -323,3 +323,42 @@ def test_a_remote_image_is_cached_under_the_hash_of_its_uri(tmp_path):
         assert cached.name.startswith(hashlib.sha256(uri.encode()).hexdigest())
     assert store.cached("s3://b/photos/ant.JPG").suffix == ".jpg"
     assert store.cached("s3://b/../../model/model.safetensors").suffix == ""
+
+
+def test_conditional_json_writes(base):
+    """put_json_if: create only if absent, replace only at the ETag that was read; a failed condition writes
+    nothing and answers None. delete_if deletes only that version. The same on S3 and local paths."""
+    storage, root = base
+    uri = f"{root}/claim/run.json"
+    first = storage.put_json_if(uri, {"v": 1})
+    assert first and storage.put_json_if(uri, {"v": 2}) is None
+    assert storage.get_json_etag(uri) == ({"v": 1}, first)
+    second = storage.put_json_if(uri, {"v": 3}, match=first)
+    assert second and second != first and storage.put_json_if(uri, {"v": 4}, match=first) is None
+    assert storage.get_json(uri) == {"v": 3}
+    assert storage.put_json_if(f"{root}/claim/absent.json", {"v": 5}, match=first) is None
+    assert not storage.delete_if(uri, first) and storage.delete_if(uri, second)
+    assert storage.list(f"{root}/claim/") == []  # the local lock files are never listed
+
+
+def test_a_store_without_conditional_writes_falls_back_to_compare_and_write(s3_server, bucket, monkeypatch):
+    """A store that answers 501 NotImplemented to If-None-Match/If-Match: the documented fallback reads the ETag,
+    compares and writes (not atomic: the claim's later re-reads catch a race), and says so."""
+    from botocore.exceptions import ClientError
+
+    storage = fast_storage(s3_server.endpoint)
+    real = storage.client.put_object
+
+    def put_object(**kwargs):
+        if "IfNoneMatch" in kwargs or "IfMatch" in kwargs:
+            raise ClientError({"Error": {"Code": "NotImplemented", "Message": "A header you provided implies "
+                                         "functionality that is not implemented"},
+                               "ResponseMetadata": {"HTTPStatusCode": 501}}, "PutObject")
+        return real(**kwargs)
+
+    monkeypatch.setattr(storage.client, "put_object", put_object)
+    uri = f"s3://{bucket}/fallback/run.json"
+    first = storage.put_json_if(uri, {"v": 1})
+    assert first and not storage.conditional_writes
+    assert storage.put_json_if(uri, {"v": 2}) is None and storage.get_json(uri) == {"v": 1}
+    assert storage.put_json_if(uri, {"v": 3}, match=first) and storage.put_json_if(uri, {"v": 4}, match=first) is None

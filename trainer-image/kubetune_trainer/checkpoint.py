@@ -6,8 +6,11 @@ says which run wrote it (`run`) and with what inputs (`fingerprint`): a run resu
 checkpoints, and only when the data, tokenizer and batch shape are the ones it was written with.
 
 On start the trainer resumes from the newest complete checkpoint that loads; a corrupt one is reported and the
-one before it is tried. Older ones beyond `keep` are deleted. Nothing here runs code from storage: weights and
-RNG are safetensors, the optimizer state is read with `torch.load(weights_only=True)`, the rest is JSON.
+one before it is tried. Older ones beyond `keep` are deleted, but only those whose manifest names this run: a
+folder another run wrote, or one without a manifest (an upload that did not finish, whoever made it), is never
+pruned (`prune` returns what it left; the same step of this run, written again, replaces its files).
+Nothing here runs code from storage: weights and RNG are safetensors, the optimizer state is read with
+`torch.load(weights_only=True)`, the rest is JSON.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from .errors import OutputInUseError, TransientError
 from .identity import RunIdentity
 from .layout import BEST_DIR, STEP, STEP_DIR
-from .storage import Storage, publish, read_published
+from .storage import MANIFEST, Storage, publish, read_published
 
 
 @dataclass
@@ -195,23 +198,36 @@ def load_best(storage: Storage, prefix: str, step: int, dest: Path) -> dict[str,
     return load_file(target / "trainable.safetensors")
 
 
-def prune_best(storage: Storage, prefix: str, keep_step: int | None) -> None:
-    """Delete the best-step-N/ weights but those of `keep_step` (the best the newest checkpoint records)."""
-    _delete_folders(storage, prefix, BEST_DIR, best_uri, lambda step: step != keep_step)
+def prune_best(storage: Storage, prefix: str, keep_step: int | None, run: RunIdentity) -> list[str]:
+    """Delete this run's best-step-N/ weights but those of `keep_step` (the best the newest checkpoint records);
+    returns the folders left because their manifest does not name this run."""
+    return _delete_folders(storage, prefix, BEST_DIR, best_uri, lambda step: step != keep_step, run)
 
 
 def _delete_folders(storage: Storage, prefix: str, folder: re.Pattern, uri_of: Callable[[str, int], str],
-                    drop: Callable[[int], bool]) -> None:
-    """Delete every step folder under prefix that `folder` matches (its group: the step) and `drop` says to."""
+                    drop: Callable[[int], bool], run: RunIdentity) -> list[str]:
+    """Delete every step folder under prefix that `folder` matches (its group: the step), `drop` says to and whose
+    manifest names `run`; returns those it left because they have no manifest or it names another run."""
     steps = {int(m.group(1)) for uri in storage.list(prefix.rstrip("/") + "/") if (m := folder.search(uri))}
+    left = []
     for step in sorted(s for s in steps if drop(s)):
-        storage.delete_prefix(uri_of(prefix, step))
+        uri = uri_of(prefix, step)
+        if not _ours(storage, uri, run):
+            left.append(uri)  # another run's, or unfinished: not provably this run's, so never deleted
+            continue
+        storage.delete_prefix(uri)
+    return left
 
 
-def prune(storage: Storage, prefix: str, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; drop older ones and abandoned partial uploads."""
-    steps = complete_steps(storage, prefix)
+def _ours(storage: Storage, folder: str, run: RunIdentity) -> bool:
+    return run.matches((storage.get_json(folder + MANIFEST) or {}).get("run"))
+
+
+def prune(storage: Storage, prefix: str, keep: int, run: RunIdentity) -> list[str]:
+    """Keep the newest `keep` complete checkpoints; drop this run's older ones. Returns the older folders left
+    because their manifest does not name this run (another run's, or an unfinished upload)."""
+    steps = [step for step in complete_steps(storage, prefix) if _ours(storage, step_uri(prefix, step), run)]
     if not steps:
-        return
-    oldest_kept = steps[: max(keep, 1)][-1]
-    _delete_folders(storage, prefix, STEP, step_uri, lambda step: step < oldest_kept)
+        return []
+    oldest_kept = steps[: max(keep, 1)][-1]  # another run's newer checkpoints do not count
+    return _delete_folders(storage, prefix, STEP, step_uri, lambda step: step < oldest_kept, run)

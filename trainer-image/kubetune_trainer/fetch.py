@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -21,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from kubetune_api import TrainerConfig
 
 from .errors import ConfigError
-from .storage import Storage, is_remote, safe_join, sha256_file
+from .storage import Storage, is_remote, local_path, safe_join, sha256_file
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl")  # torch.save / pickle files: loading them can run code
@@ -34,13 +33,6 @@ class Fetched:
     model_dir: Path
     splits: dict[str, Path]  # split name -> local file or directory
     uris: dict[str, str]  # split name -> URI as the user wrote it
-
-
-def local_path(uri: str) -> Path:
-    """pvc:// and file:// URIs and plain paths, as a local path."""
-    if uri.startswith("pvc://"):
-        return Path(os.environ.get("KUBETUNE_PVC_ROOT", "/mnt/pvc")) / uri.removeprefix("pvc://")
-    return Path(uri.removeprefix("file://"))
 
 
 def check_weight_formats(names: Iterable[str], uri: str, allow_pickle: bool) -> None:

@@ -9,8 +9,15 @@ checkpoints for its own.
 checkpoints or claim marker is refused (OutputInUseError, exit 73) unless `output.overwrite: true`, which moves
 the old files aside to `<prefix>.replaced-<UTC time>/` (never deletes them). A first claim writes the marker
 `run.json` (the identity, the job, the time) at the output prefix, and at the checkpoint prefix when that lies
-outside it, so two runs that start on a fresh prefix are told apart before either has written a checkpoint.
+outside it, with a conditional write (If-None-Match: *, storage.put_json_if): of two runs that start on a fresh
+prefix at once exactly one claims it, the other is refused at once, naming the run (and job) that won.
 The marker is not part of the adapter: the manifest's `files` lists only what `publish` uploaded.
+
+`commit` publishes: the files were uploaded to `<output>/.staging/<run uid>/` (minutes, outside the published
+files); the commit is the marker rewritten with If-Match on the ETag of this run's claim (one conditional write:
+whoever moved or claimed the prefix since makes it fail), then the staged files moved next to it, manifest.json
+written (only if absent) and the marker rewritten again, conditionally, as committed. A run whose claim was
+taken over at any point fails with OutputInUseError instead of reporting Succeeded.
 """
 
 from __future__ import annotations
@@ -27,10 +34,11 @@ from kubetune_api import TrainerConfig
 from .errors import OutputInUseError
 from .layout import STEP_DIR
 from .redact import redact
-from .storage import MANIFEST, Storage
+from .storage import MANIFEST, Storage, manifest_sha256
 
 TRAINING_FIELDS = ("baseModel", "dataset", "method", "hyperparameters")
 MARKER = "run.json"
+STAGING = ".staging/"  # under the output prefix: <output>/.staging/<run uid>/ holds the files until the commit
 
 
 def _sha256(doc) -> str:
@@ -143,10 +151,54 @@ def claim(storage: Storage, config: TrainerConfig, identity: RunIdentity, *, wri
         marker = {"kind": "RunClaim", "job": config.job_name, "run": identity.dump(),
                   "claimedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         for uri in _markers(config):
-            if storage.get_json(uri) is None:
-                storage.put_json(uri, marker)
+            if storage.put_json_if(uri, marker) is None:  # If-None-Match: *: of two runs at once, one claims
+                current = storage.get_json(uri)
+                if current is None:
+                    raise OutputInUseError(f"{uri}: the claim marker changed while this {identity} claimed it "
+                                           "(another run moved the prefix); set a new output.uri")
+                if not identity.matches(current.get("run")):  # another run was first: refused before any GPU
+                    raise OutputInUseError(_refusal(config, identity, uri, current))
+        if not storage.conditional_writes:
+            report({"event": "conditional_writes_unsupported", "uri": _markers(config)[0],
+                    "fallback": "read, compare, write: a concurrent claim is caught by the checks before each "
+                                "checkpoint and the commit"})
         check_claim(storage, config, identity)
     return None
+
+
+def staging_uri(config: TrainerConfig, identity: RunIdentity) -> str:
+    """Where `publish_output` uploads this run's files before the commit."""
+    return f"{_folder(config.output.uri)}{STAGING}{identity.uid}/"
+
+
+def commit(storage: Storage, config: TrainerConfig, identity: RunIdentity, staging: str, manifest: dict) -> dict:
+    """Publish the files under `staging` (this run's `staging_uri`) at the output prefix, with `manifest` (the
+    full manifest.json, `files` included) last. Raises OutputInUseError, and leaves no manifest of this run, when
+    the prefix is no longer this run's claim."""
+    out = _folder(config.output.uri)
+    marker_uri = out + MARKER
+    marker, etag = storage.get_json_etag(marker_uri)
+    if marker is None or not identity.matches(marker.get("run")):
+        check_claim(storage, config, identity)  # raises, naming who holds the prefix now
+    committing = {**marker, "committing": {"staging": staging, "manifestSha256": manifest_sha256(manifest)}}
+    etag = storage.put_json_if(marker_uri, committing, match=etag)  # the commit: only while the claim is ours
+    if etag is None:
+        check_claim(storage, config, identity)
+        raise OutputInUseError(f"{marker_uri}: the claim of this {identity} changed while it committed; set a "
+                               "new output.uri")
+    storage.move_prefix(staging, out, into=True)
+    manifest_etag = storage.put_json_if(out + MANIFEST, manifest)
+    if manifest_etag is None:
+        other = storage.get_json(out + MANIFEST) or {}
+        raise OutputInUseError(_refusal(config, identity, out + MANIFEST, other))
+    done = {**marker, "committed": committing["committing"]}
+    if storage.put_json_if(marker_uri, done, match=etag) is None:  # taken over while the files moved
+        storage.delete_if(out + MANIFEST, manifest_etag)
+        check_claim(storage, config, identity)
+        raise OutputInUseError(f"{marker_uri}: the claim of this {identity} changed while it committed; its "
+                               "manifest was withdrawn; set a new output.uri")
+    storage.delete_prefix(staging)  # empty after the move; a leftover of a store that listed late
+    return manifest
 
 
 def check_claim(storage: Storage, config: TrainerConfig, identity: RunIdentity) -> None:

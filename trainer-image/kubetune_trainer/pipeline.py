@@ -138,7 +138,7 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
             beat()
             merged = merge_output(task, out, beat)  # output.merged: the merged model under out/merged/
             last = state.history[-1] if state.history else {}
-            manifest = publish_output(storage, out, config.output.uri, Manifest(
+            manifest = publish_output(storage, out, config, identity, Manifest(
                 job=config.job_name,
                 run=identity.dump(),
                 task_fields=task.describe(),

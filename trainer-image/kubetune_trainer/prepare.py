@@ -111,23 +111,25 @@ def _find(storage: Storage, uri: str, local: Path, key: str, report: Report,
           download: bool) -> tuple[data_cache.Cache | None, str]:
     """The cache from this node's disk, else (download) from object storage; (None, "") when there is no complete
     one. How it was found: "reused" (on this machine) or "downloaded"."""
-    def usable(directory: Path, where: str) -> bool:
-        why = data_cache.problem(directory, key)
+    def usable(directory: Path, where: str, verify: bool) -> bool:
+        why = data_cache.problem(directory, key, verify=verify)
         if why and why != data_cache.ABSENT:
             report({"event": "data_cache_rebuilt", "uri": where, "problem": why})
         return why is None
 
-    if usable(local, str(local)):
+    if usable(local, str(local), verify=False):  # this pod's own disk: built or verified here
         return data_cache.Cache(local), "reused"
-    if not is_remote(uri):  # a folder on this machine: memory-mapped where it is
+    # A cache at the cache URI may have been written by anyone who can write there: every file is checked
+    # against the sha256 its meta.json records before its arrays are trusted.
+    if not is_remote(uri):  # a folder on this machine (a volume): memory-mapped where it is
         there = local_path(uri)
-        return (data_cache.Cache(there), "reused") if usable(there, uri) else (None, "")
+        return (data_cache.Cache(there), "reused") if usable(there, uri, verify=True) else (None, "")
     if not download or not storage.exists(join_uri(uri, data_cache.META)):
         return None, ""
     partial = local.with_name(f"{key}.download-{os.getpid()}")
     data_cache.remove(partial)
     storage.download(uri, partial)
-    if not usable(partial, uri):
+    if not usable(partial, uri, verify=True):
         data_cache.remove(partial)
         return None, ""
     return data_cache.Cache(_settle(partial, local)), "downloaded"

@@ -5,22 +5,25 @@ The folder loads with `peft.PeftModel.from_pretrained(base, folder)` (lora/qlora
 classification tasks, whose folder's config.json carries id2label/label2id). A LoRA folder is peft's layout
 (adapter_config.json, adapter_model.safetensors) with the tokenizer beside it, naming the base model as the spec
 does: what vLLM's --lora-modules and KServe's Hugging Face runtime load as they are (docs/serving.md). Files go
-up first and manifest.json last, so a reader that trusts only prefixes with a manifest never sees a half-written
-adapter.
+up first, to `<output>/.staging/<run uid>/`, and `identity.commit` moves them next to the claim marker and writes
+manifest.json last, only while the prefix is still this run's claim: a reader that trusts only prefixes with a
+manifest never sees a half-written adapter, and a run whose prefix was taken over never publishes into it.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .identity import RunIdentity, commit, staging_uri
 from .manifest import Manifest
-from .storage import Storage, publish
+from .storage import MANIFEST, Storage
 
 if TYPE_CHECKING:
-    from kubetune_api import BaseModelSpec
+    from kubetune_api import BaseModelSpec, TrainerConfig
 
     from .tasks import Task
 
@@ -54,6 +57,11 @@ def base_model_name(base_model: BaseModelSpec) -> str:
     return uri.removeprefix("hf://").strip("/") if uri.startswith("hf://") else uri
 
 
-def publish_output(storage: Storage, directory: Path, uri: str, manifest: Manifest) -> dict:
-    """Upload the folder, then its manifest.json; returns the manifest as stored (with `files`)."""
-    return publish(storage, directory, uri, manifest.dump())
+def publish_output(storage: Storage, directory: Path, config: TrainerConfig, identity: RunIdentity,
+                   manifest: Manifest) -> dict:
+    """Upload the folder to this run's staging prefix, then commit it (identity.commit) at output.uri with its
+    manifest.json; returns the manifest as stored (with `files`)."""
+    staging = staging_uri(config, identity)
+    storage.delete_prefix(staging)  # what an earlier attempt of this run left
+    files = storage.upload_dir(directory, staging, skip=(MANIFEST,))
+    return commit(storage, config, identity, staging, {**manifest.dump(), "files": [asdict(e) for e in files]})

@@ -20,12 +20,22 @@ file move. Storage that moves nothing never beats, so the operator can tell a hu
 Run metadata: `with_run(uid)` gives a Storage whose uploads say which run made them (x-amz-meta-kubetune-run;
 local files have no metadata, their manifests say it). `move_prefix` moves a prefix aside: a server-side copy
 of every object, each verified, then the originals are deleted; nothing is deleted that was not copied.
+
+Conditional writes (`put_json_if`, `get_json_etag`): a JSON document written only if it is absent
+(`If-None-Match: *`) or still the version that was read (`If-Match` on its ETag), so that of two writers exactly
+one wins; identity.py claims and commits an output prefix with them. AWS S3, MinIO and the project's S3 server
+(moto, made atomic in kubetune_dev.s3server) honour both headers. Local paths (file://, pvc:// volumes) do the
+same with a hard link (create only if absent) and an flock'd compare-and-replace; their ETag is the sha256 of
+the bytes. A store that answers 501 NotImplemented falls back to read-compare-write (`conditional_writes` turns
+False): a race between two writers is then caught by the later re-reads of the claim (docs/security.md).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
+import fcntl
 import hashlib
 import json
 import os
@@ -91,8 +101,24 @@ def _folder(prefix: str) -> str:
     return prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
-def _local(uri: str) -> Path:
-    return Path(uri.removeprefix("file://"))
+PVC_ROOT = "/mnt/pvc"  # where the operator mounts each claim of a job's pvc:// URIs ($KUBETUNE_PVC_ROOT/<claim>)
+
+
+def local_path(uri: str) -> Path:
+    """A `pvc://claim/path` URI (the claim's volume at $KUBETUNE_PVC_ROOT/claim, default /mnt/pvc), a `file://`
+    URI or a plain path, as a local path: what every read and write of a non-s3:// URI goes through (output,
+    checkpoint, cache and data alike). A pvc:// path never leads out of its claim's folder."""
+    if not uri.startswith("pvc://"):
+        return Path(uri.removeprefix("file://"))
+    claim, _, rest = uri.removeprefix("pvc://").partition("/")
+    if not claim or claim in (".", ".."):
+        raise ConfigError(f"{uri}: not a valid pvc:// URI; expected pvc://claim/path")
+    root = Path(os.environ.get("KUBETUNE_PVC_ROOT") or PVC_ROOT) / claim
+    rest = rest.strip("/")
+    return safe_join(root, rest, uri) if rest else root
+
+
+_local = local_path
 
 
 def safe_join(root: Path, rel: str, uri: str) -> Path:
@@ -159,6 +185,7 @@ class Storage:
     retry_backoff = 0.5  # seconds, doubled per attempt, for whole-object retries (tests make it small)
     heartbeat: Callable[..., None] | None = None  # TrainerMetrics.beat(min_interval=...); see with_heartbeat
     run: str | None = None  # the run whose objects this Storage writes (x-amz-meta-kubetune-run); see with_run
+    conditional_writes = True  # False once the S3 store answered NotImplemented to If-None-Match/If-Match
 
     def __init__(
         self,
@@ -361,9 +388,12 @@ class Storage:
         self._call(uri, "upload", put)
         return entry
 
-    def upload_dir(self, src: Path, uri_prefix: str) -> list[FileEntry]:
-        """Upload every file under src (in parallel), keeping relative paths; entries sorted by path."""
-        return self._upload_files(Path(src), _folder(uri_prefix), _files(Path(src)))
+    def upload_dir(self, src: Path, uri_prefix: str, *, skip: tuple[str, ...] = ()) -> list[FileEntry]:
+        """Upload every file under src (in parallel) but the relative paths in `skip`, keeping relative paths;
+        entries sorted by path."""
+        src = Path(src)
+        return self._upload_files(src, _folder(uri_prefix), [f for f in _files(src) if f.relative_to(src).as_posix()
+                                                             not in skip])
 
     def _upload_files(self, src: Path, prefix: str, files: list[Path]) -> list[FileEntry]:
         def one(f: Path) -> FileEntry:
@@ -385,27 +415,92 @@ class Storage:
 
     def get_json(self, uri: str) -> dict | None:
         """The parsed JSON document, or None when the object (or file) does not exist."""
+        return self.get_json_etag(uri)[0]
+
+    def get_json_etag(self, uri: str) -> tuple[dict | None, str | None]:
+        """(document, ETag) of a JSON object, (None, None) when it does not exist: the ETag is what put_json_if's
+        `match` takes (local files: the sha256 of their bytes)."""
         if not is_remote(uri):
             path = _local(uri)
             body = path.read_bytes() if path.is_file() else None
+            etag = hashlib.sha256(body).hexdigest() if body is not None else None
         else:
             bucket, key = _split(uri)
-            body = self._call(uri, "download", lambda: self._get_bytes(bucket, key))
+            body, etag = self._call(uri, "download", lambda: self._get_bytes(bucket, key))
         if body is None:
-            return None
+            return None, None
         try:
-            return json.loads(body)
+            return json.loads(body), etag
         except ValueError as e:
             raise ConfigError(f"{uri}: not valid JSON ({e}); delete or fix it") from None
 
-    def _get_bytes(self, bucket: str, key: str) -> bytes | None:
+    def put_json_if(self, uri: str, obj, *, match: str | None = None) -> str | None:
+        """Write a JSON document only if the object is absent (match None: If-None-Match: *) or its ETag is still
+        `match` (If-Match). Returns the new ETag; None when the condition does not hold (another writer came
+        first, or the object is gone), and then nothing was written."""
+        body = json_body(obj)
+        if not is_remote(uri):
+            return _local_put_if(_local(uri), body, match)
+        bucket, key = _split(uri)
+        condition = {"IfNoneMatch": "*"} if match is None else {"IfMatch": match}
+
+        def put() -> str | None:
+            from botocore.exceptions import ClientError
+
+            args = dict(Bucket=bucket, Key=key, Body=body, ContentType="application/json",
+                        ContentMD5=base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode(),
+                        Metadata=self._metadata(hashlib.sha256(body).hexdigest()))
+            if not self.conditional_writes:
+                return self._put_compared(bucket, key, args, match)
+            try:
+                return self.client.put_object(**args, **condition)["ETag"]
+            except ClientError as e:
+                code = str(e.response.get("Error", {}).get("Code"))
+                if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409") or code in _NOT_FOUND:
+                    return None  # 409: a conditional write to the same key was in flight: the other one won
+                if code not in ("NotImplemented", "501"):
+                    raise
+            self.conditional_writes = False  # the documented fallback: compare, then write
+            return self._put_compared(bucket, key, args, match)
+
+        return self._call(uri, "upload", put)
+
+    def _put_compared(self, bucket: str, key: str, args: dict, match: str | None) -> str | None:
+        """put_json_if for a store without conditional writes: read the ETag, compare, write (not atomic)."""
+        head = self._head(bucket, key)
+        if (head is None) != (match is None) or (head is not None and head["ETag"].strip('"') != match.strip('"')):
+            return None
+        return self.client.put_object(**args)["ETag"]
+
+    def delete_if(self, uri: str, match: str) -> bool:
+        """Delete an object only while its ETag is `match` (what put_json_if returned): whether it was deleted.
+        S3: read-compare-delete (If-Match on DeleteObject is not offered by every store); local: flock'd."""
+        if not is_remote(uri):
+            path = _local(uri)
+            with _flocked(path):
+                if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != match:
+                    return False
+                path.unlink()
+                return True
+        bucket, key = _split(uri)
+
+        def delete() -> bool:
+            head = self._head(bucket, key)
+            if head is None or head["ETag"].strip('"') != match.strip('"'):
+                return False
+            self.client.delete_object(Bucket=bucket, Key=key)
+            return True
+
+        return self._call(uri, "delete", delete)
+
+    def _get_bytes(self, bucket: str, key: str) -> tuple[bytes | None, str | None]:
         from botocore.exceptions import ClientError
 
         try:
             response = self.client.get_object(Bucket=bucket, Key=key)
         except ClientError as e:
             if str(e.response.get("Error", {}).get("Code")) in _NOT_FOUND:
-                return None
+                return None, None
             raise
         body = response["Body"].read()
         if len(body) != response["ContentLength"]:
@@ -413,7 +508,7 @@ class Storage:
         expected = response.get("Metadata", {}).get("sha256")
         if expected and hashlib.sha256(body).hexdigest() != expected:
             raise _Corrupt(f"s3://{bucket}/{key}: sha256 mismatch")
-        return body
+        return body, response.get("ETag")
 
     def list(self, uri_prefix: str) -> list[str]:
         """Full URIs (or paths) of the objects under the prefix, sorted; a prefix is a folder."""
@@ -470,27 +565,36 @@ class Storage:
                 first = errors["Errors"][0]
                 raise TransientError(f"delete {uri}: {first.get('Key')}: {first.get('Code')}")
 
-    def move_prefix(self, src: str, dst: str) -> int:
+    def move_prefix(self, src: str, dst: str, *, into: bool = False) -> int:
         """Move everything under src to dst (both folders) and return how many objects moved.
 
         S3: a server-side copy of each object (metadata kept), checked against the original's size, sha256
         metadata and plain-MD5 ETag, then the copied originals are deleted. Local: a rename. Refuses a whole
-        bucket, and a dst that already holds anything."""
+        bucket, and (unless `into`: same-named objects at dst are replaced) a dst that already holds anything."""
         src, dst = _folder(src), _folder(dst)
         if is_remote(src) != is_remote(dst):
             raise ConfigError(f"move {src} to {dst}: both must be s3:// URIs or both local paths")
-        if self.exists(dst):
+        if not into and self.exists(dst):
             raise ConfigError(f"move {src} to {dst}: the destination is not empty; nothing was moved")
         if not is_remote(src):
             source = _local(src)
             if not source.is_dir():
                 return 0
-            count = len(_files(source))
+            files = _files(source)
+            if into:
+                for f in files:
+                    target = safe_join(_local(dst), f.relative_to(source).as_posix(), dst)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(f, target)
+                shutil.rmtree(source)
+                with contextlib.suppress(OSError):  # a folder has no object of its own: drop one left empty
+                    source.parent.rmdir()
+                return len(files)
             _local(dst).parent.mkdir(parents=True, exist_ok=True)
             shutil.move(source, _local(dst))
-            return count
+            return len(files)
         (src_bucket, src_key), (dst_bucket, dst_key) = _split(src), _split(dst)
-        if not src_key.strip("/") or not dst_key.strip("/"):
+        if not src_key.strip("/") or not (into or dst_key.strip("/")):
             raise ConfigError(f"move {src} to {dst}: refusing to move a whole bucket; use a prefix")
         keys = self._call(src, "list", lambda: self._keys(src_bucket, src_key))
 
@@ -543,7 +647,7 @@ def publish(storage: Storage, src_dir: Path, uri_prefix: str, manifest: dict) ->
     prefix = _folder(uri_prefix)
     storage.delete(prefix + MANIFEST)
     src_dir = Path(src_dir)
-    files = storage._upload_files(src_dir, prefix, [f for f in _files(src_dir) if f != src_dir / MANIFEST])
+    files = storage.upload_dir(src_dir, prefix, skip=(MANIFEST,))
     full = {**manifest, "files": [asdict(e) for e in files]}
     storage.put_json(prefix + MANIFEST, full)
     return full
@@ -629,6 +733,44 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class _flocked:
+    """An exclusive flock on a lock file beside `path` (named so that list() never shows it)."""
+
+    def __init__(self, path: Path):
+        self.lock = path.parent / f".{path.name}{_TMP_MARK}lock"
+
+    def __enter__(self):
+        self.lock.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)  # releases the lock
+
+
+def _local_put_if(path: Path, body: bytes, match: str | None) -> str | None:
+    """put_json_if for a local file: create only if absent (a hard link of a complete temporary file, which fails
+    when the name exists), or replace only if the current bytes still hash to `match` (under an flock)."""
+    etag = hashlib.sha256(body).hexdigest()
+    with _flocked(path):
+        if match is not None:
+            if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != match:
+                return None
+            _atomic_write(path, body)
+            return etag
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP_MARK}")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            os.link(tmp, path)
+        except FileExistsError:
+            return None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return etag
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:

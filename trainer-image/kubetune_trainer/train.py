@@ -587,9 +587,13 @@ def _checkpoint(loop: Loop, t: Training) -> None:
         metrics.beat()  # written locally; the upload beats per file and while bytes move (storage heartbeat)
     check_claim(loop.storage, config, loop.run)  # the prefix is still this run's: nobody moved it meanwhile
     uri = checkpoint.upload(loop.storage, directory, config.checkpoint_uri, state.step, loop.run, t.fingerprint)
-    checkpoint.prune(loop.storage, config.checkpoint_uri, config.checkpoint.keep)
+    left = checkpoint.prune(loop.storage, config.checkpoint_uri, config.checkpoint.keep, loop.run)
     if config.output.select == Select.best:  # the best this checkpoint records is the one a resume would use
-        checkpoint.prune_best(loop.storage, config.checkpoint_uri, (state.best_validation or {}).get("step"))
+        left += checkpoint.prune_best(loop.storage, config.checkpoint_uri, (state.best_validation or {}).get("step"),
+                                      loop.run)
+    if left:
+        loop.report({"event": "checkpoints_not_pruned", "uris": left,
+                     "reason": "their manifest does not name this run (another run's, or an unfinished upload)"})
     if metrics:
         metrics.checkpoint_done()
     loop.report({"event": "checkpoint", "step": state.step, "uri": uri})

@@ -3,7 +3,8 @@
 A cache is a folder per key, one subfolder per split, of flat binary arrays that every process memory-maps (the
 operating system shares the pages between the processes of a node; nothing is copied into Python objects):
 
-    <key>/meta.json              written last: the key and what it was made of, each file's size, the reports
+    <key>/meta.json              written last: the key and what it was made of, each file's size and sha256,
+                                 the reports
     <key>/<split>/ids.bin        int32 token ids, the examples end to end
     <key>/<split>/trained.bin    uint8, 1 where the token has a loss (its label is the token, else IGNORE)
     <key>/<split>/lengths.bin    int32, each example's length
@@ -16,7 +17,9 @@ are pair i), and their packing plan packs pairs: members are pair numbers (data/
 The key hashes everything the arrays depend on (the data's and the tokenizer's sha256, the task, the format, the
 maximum length, packing and its seed, this layout's version), so a cache is reused exactly when it holds what
 tokenizing again would produce. A cache with another key (foreign), another version or a file of another size
-(truncated) is not opened: it is rebuilt.
+(truncated) is not opened: it is rebuilt. A cache from a place others can write (a `dataset.cacheUri` in object
+storage or on a volume, `problem(..., verify=True)`) is also checked file by file against the sha256 its meta.json
+records before its arrays are trusted; one that does not match is rebuilt (and the event names the file).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -40,7 +43,7 @@ from .stream import Chunk
 from .tokenize import Example
 from .validate import DatasetReport
 
-VERSION = 2  # 2: chat turns of weight 0 are not trained (a cache of 1 trained them)
+VERSION = 3  # 2: chat turns of weight 0 are not trained (a cache of 1 trained them); 3: a sha256 per file
 META = "meta.json"
 ABSENT = "no cache"
 DTYPES = {"ids": np.int32, "trained": np.uint8, "lengths": np.int32, "members": np.int64, "bounds": np.int64}
@@ -84,7 +87,8 @@ class SplitWriter:
 
 def write_meta(directory: Path, key: str, parts: dict, reports: dict[str, DatasetReport]) -> None:
     """The last file of a cache: without it (a build or a download cut short) the folder is no cache."""
-    splits = {split: {"files": {f.name: f.stat().st_size for f in sorted((directory / split).glob("*.bin"))},
+    splits = {split: {"files": {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+                                for f in sorted((directory / split).glob("*.bin"))},
                       "report": {**asdict(report), "format": report.format.value}}
               for split, report in reports.items()}
     doc = {"version": VERSION, "key": key, "parts": parts, "splits": splits}
@@ -93,8 +97,17 @@ def write_meta(directory: Path, key: str, parts: dict, reports: dict[str, Datase
     os.replace(tmp, directory / META)
 
 
-def problem(directory: Path, key: str) -> str | None:
-    """Why the folder is not a complete cache of `key` (None: it is)."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def problem(directory: Path, key: str, *, verify: bool = False) -> str | None:
+    """Why the folder is not a complete cache of `key` (None: it is). verify: also check every file against the
+    sha256 meta.json records (for a cache others can write)."""
     try:
         meta = json.loads((Path(directory) / META).read_text())
     except FileNotFoundError:
@@ -106,11 +119,17 @@ def problem(directory: Path, key: str) -> str | None:
     if meta.get("key") != key:
         return f"a foreign cache (key {str(meta.get('key'))[:12]}, not {key[:12]})"
     for split, entry in meta.get("splits", {}).items():
-        for name, size in entry.get("files", {}).items():
+        for name, recorded in entry.get("files", {}).items():
             path = Path(directory) / split / name
-            actual = path.stat().st_size if path.exists() else None
-            if actual != size:
-                return f"{split}/{name} is truncated ({actual or 0} of {size} bytes)"
+            if not isinstance(recorded, dict) or PurePosixPath(split, name).parts != (split, name) or \
+                    split in ("", ".", "..") or name in ("", ".", ".."):
+                return f"unreadable {META} (its entry {split}/{name})"
+            actual = path.stat().st_size if path.is_file() else None
+            if actual != recorded.get("size"):
+                return f"{split}/{name} is truncated ({actual or 0} of {recorded.get('size')} bytes)"
+            if verify and _sha256(path) != recorded.get("sha256"):
+                return (f"{split}/{name} does not match the sha256 in its {META}: changed after the cache was "
+                        "written")
     return None
 
 
