@@ -106,7 +106,9 @@ def test_two_jobs_and_a_quota_for_one(control_plane, node_agent, namespace, oper
     q = queue({GPU: 1})
     submit(control_plane, namespace, "first", fake_job(s3_inputs, fake_trainer, q, steps=40))  # outlasts a validation
     wait_phase(control_plane, namespace, "first", ("Running",), timeout=120)
-    submit(control_plane, namespace, "second", fake_job(s3_inputs, fake_trainer, q))
+    # its own output: the operator refuses a second unfinished job on one output prefix (tests/security/test_claims.py)
+    second = {**s3_inputs, "output": s3_inputs["output"].replace("/out/", "/out-second/")}
+    submit(control_plane, namespace, "second", fake_job(second, fake_trainer, q))
 
     def waiting():
         s = status_of(control_plane, namespace, "second")
