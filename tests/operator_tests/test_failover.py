@@ -95,7 +95,7 @@ class Replica:
     def identity(self) -> str:
         """The holder identity it logged on taking the Lease ("" before)."""
         marker = "This replica ("
-        lines = [line for line in self.log.read_text().splitlines() if marker in line and "holds the Lease" in line]
+        lines = [line for line in self.log.read_text().splitlines() if marker in line and "it is the leader" in line]
         return lines[-1].split(marker, 1)[1].split(")", 1)[0] if lines else ""
 
 
