@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import sys
-import threading
 import time
 
 import kopf
@@ -95,7 +94,6 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         leader.set_active(False)
         if elector:
-            elector.stop.set()
             elector.release()
 
 
@@ -110,7 +108,7 @@ def elect(config: OperatorSettings) -> leader.Elector:
         elector.acquire()
     finally:
         leader.stop_serving(probe)  # kopf serves /healthz from now on
-    threading.Thread(target=elector.keep, args=(_lost,), name="lease", daemon=True).start()
+    elector.keep_in_background(_lost)
     return elector
 
 

@@ -124,6 +124,7 @@ class Elector:
         self._seen: str | None = None  # the resourceVersion last read ...
         self._seen_at = 0.0  # ... and when this replica first saw it
         self.stop = threading.Event()  # ends keep()
+        self._keeper: threading.Thread | None = None
 
     def leading(self) -> bool:
         return self.renewed_at is not None and self.clock() - self.renewed_at < self.timing.renew_deadline
@@ -187,7 +188,7 @@ class Elector:
         wait = self.timing.retry_period
         while not self.stop.wait(wait):
             wait = self.timing.retry_period
-            if self._attempt():
+            if self._attempt() or self.stop.is_set():  # stopping: release() has the last word
                 continue
             if self.holder not in (None, self.me):
                 return on_lost(f"{self.holder} holds the Lease {self.name}")
@@ -195,8 +196,16 @@ class Elector:
                 return on_lost(f"the Lease {self.name} was not renewed for {self.timing.renew_deadline:g} s")
             wait = min(wait, self.renewed_at + self.timing.renew_deadline - self.clock())  # no later than that
 
+    def keep_in_background(self, on_lost: Callable[[str], None]) -> None:
+        self._keeper = threading.Thread(target=self.keep, args=(on_lost,), name="lease", daemon=True)
+        self._keeper.start()
+
     def release(self) -> None:
-        """On a clean exit: leave the Lease free, so that a standby takes over at its next attempt."""
+        """On a clean exit: stop renewing, then leave the Lease free, so that a standby takes over at its next
+        attempt (a renewal after this would take it again, for a process about to exit)."""
+        self.stop.set()
+        if self._keeper:
+            self._keeper.join(self.timing.renew_deadline)
         try:
             lease = self.leases.get(self.timing.retry_period)
             if lease and (lease.get("spec") or {}).get("holderIdentity") == self.me:

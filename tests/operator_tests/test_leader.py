@@ -73,15 +73,18 @@ class FakeStop:
     """Elector.stop for keep(): waiting advances the fake clock."""
 
     def __init__(self, clock: Clock):
-        self.clock, self.waits = clock, []
+        self.clock, self.waits, self.stopped = clock, [], False
 
     def wait(self, seconds: float) -> bool:
         self.waits.append(seconds)
         self.clock.advance(seconds)
-        return len(self.waits) > 100  # a runaway loop ends the test
+        return self.stopped or len(self.waits) > 100  # a runaway loop ends the test
 
     def set(self) -> None:
-        pass
+        self.stopped = True
+
+    def is_set(self) -> bool:
+        return self.stopped
 
 
 @pytest.fixture
@@ -213,14 +216,34 @@ def test_a_leader_rides_out_a_short_outage(api, clock):
     assert lost == [] and api.holder() == "a" and a.leading()
 
 
-def test_keep_ends_when_stopped(api, clock):
+def test_release_stops_the_renewals_first_so_the_lease_stays_free(api):
+    """Real time, a 0.05 s retry period: release() ends keep()'s thread before it frees the Lease, so no renewal
+    after it takes the Lease again for a process about to exit."""
+    a = leader.Elector(api, "kubetune-operator", "a", leader.Timing(1, 0.5, 0.05))
+    assert a.try_acquire_or_renew()
+    a.keep_in_background(pytest.fail)
+    threading.Event().wait(0.3)  # a few renewals
+    renewed = api.rv
+    a.release()
+    assert renewed > 1 and not a._keeper.is_alive()
+    released = api.rv
+    threading.Event().wait(0.2)
+    assert api.holder() is None and api.rv == released
+
+
+def test_a_stopping_leader_does_not_report_a_loss(api, clock):
     a = replica(api, clock, "a")
     assert a.try_acquire_or_renew()
-    a.stop.set()
-    thread = threading.Thread(target=a.keep, args=(pytest.fail,))
-    thread.start()
-    thread.join(5)
-    assert not thread.is_alive()
+    api.down, stop = True, FakeStop(clock)
+
+    def get(timeout: float):  # the process is told to stop while a renewal hangs past the deadline
+        clock.advance(20)
+        stop.set()
+        raise TimeoutError("read timed out")
+
+    api.get = get
+    a.stop = stop
+    a.keep(pytest.fail)
 
 
 @pytest.mark.parametrize("timing", [(15, 15, 2), (15, 10, 10), (15, 10, 0), (10, 15, 2)])

@@ -152,12 +152,6 @@ def test_main_reads_the_environment_once_and_hands_the_settings_to_every_handler
 class FakeElector:
     released = False
 
-    def __init__(self):
-        self.stop = self
-
-    def set(self) -> None:
-        pass
-
     def release(self) -> None:
         FakeElector.released = True
 
