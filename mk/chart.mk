@@ -7,9 +7,9 @@ ALERTS_DIR := .work/alerts
 
 .PHONY: chart-crds dashboard alerts lint-chart lint-images chart-e2e
 
-# The chart's crds/ = the generated crds/ + kopf's peering CRDs (kopf.dev_peerings.yaml, vendored).
+# The chart's crds/ = the generated crds/.
 chart-crds: ## Copy the generated CRDs (crds/) into the chart (charts/kubetune/crds/)
-	find $(CHART)/crds -name '*.yaml' ! -name kopf.dev_peerings.yaml -delete
+	find $(CHART)/crds -name '*.yaml' -delete
 	cp crds/*.yaml $(CHART)/crds/
 
 dashboard: venv ## Regenerate the Grafana dashboard JSON from operator/kubetune_dashboard
@@ -25,7 +25,7 @@ alerts: venv ## Render the chart's alerts as a plain rules file and check them w
 
 lint-chart: venv ## helm lint the chart (default, every optional part on, and without the admission policy)
 	$(HELM) lint --strict $(CHART)
-	$(HELM) lint --strict $(CHART) --set replicas=2 --set peering.create=true \
+	$(HELM) lint --strict $(CHART) --set replicas=2 --set leaderElection.leaseName=ops \
 	  --set 'watchNamespaces={team-a,team-b}' --set serviceMonitor.enabled=true \
 	  --set podMonitor.enabled=true --set prometheusRule.enabled=true \
 	  --set 'policy.allowedImagePrefixes={registry.example.com/ml/}' --set 'policy.defaultCredentialsNamespaces={team-a}'

@@ -3,7 +3,9 @@
 Runs the kopf operator. Environment, read once at startup (settings.OperatorSettings.from_env) and passed down:
 KUBETUNE_TRAINER_IMAGE (default ghcr.io/kubetune/trainer:0.1.0), KUBETUNE_HEALTH_PORT (8081, liveness at
 /healthz), KUBETUNE_READY_PORT (8082, readiness at /readyz: 200 `active`, 503 `standby` while another replica
-works, or `starting`; 0 turns it off), KUBETUNE_METRICS_PORT (8080, /metrics; 0 turns it off),
+holds the Lease; 0 turns it off), KUBETUNE_METRICS_PORT (8080, /metrics; 0 turns it off),
+KUBETUNE_LEASE_NAME, KUBETUNE_LEASE_NAMESPACE (kubetune-operator in default: the leader election's Lease; the
+chart's is in the operator's namespace), KUBETUNE_LEASE_{DURATION,RENEW_DEADLINE,RETRY_PERIOD}_SECONDS (15, 10, 2),
 KUBETUNE_RESYNC_SECONDS (60), KUBETUNE_SCRAPE_SECONDS (10, rank 0's /metrics),
 KUBETUNE_RENDEZVOUS_PORT (29500, the workers' rendezvous), KUBETUNE_TRAINER_METRICS_PORT (9400, rank 0's /metrics),
 KUBETUNE_VALIDATION_{CPU,MEMORY,EPHEMERAL_STORAGE,DEADLINE_SECONDS} (500m, 1Gi, 10Gi, 3600),
@@ -19,12 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
+import sys
 import time
 
 import kopf
 
-from . import handlers, kube, kueue, metrics, peering
+from . import handlers, kube, kueue, leader, metrics
 from .settings import OperatorSettings
 
 
@@ -35,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="watch this namespace (repeatable)")
     scope.add_argument("--all-namespaces", "-A", action="store_true",
                        help="watch every namespace (the default)")
-    p.add_argument("--standalone", action="store_true", help="never peer, even if kopf's peering CRDs exist")
+    p.add_argument("--standalone", action="store_true",
+                   help="no leader election: for a single replica only (never two with it)")
     p.add_argument("--verbose", "-v", action="store_true")
     return p.parse_args(argv)
 
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     if config.metrics_port:
         metrics.serve(config.metrics_port)
     if config.ready_port:
-        peering.serve(config.ready_port)
+        leader.serve(config.ready_port)
     clusterwide = not args.namespace
     assert handlers.FTJ  # the import registers the handlers
     if kueue_served():
@@ -74,18 +79,47 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(__name__).info(
             "Kueue is not installed (the API server serves no %s %s): jobs with spec.scheduling.queueName wait "
             "for it; restart the operator once Kueue is installed", kueue.API_VERSION, kueue.PLURAL)
-    peering.prepare(namespaces=args.namespace, standalone=args.standalone)
+    elector = None if args.standalone else elect(config)
+    leader.set_active(True)
     kopf_settings = kopf.OperatorSettings()
     # With namespaces given, serve exactly those and the resources found at startup: kopf then lists neither
     # namespaces nor CRDs, so the operator needs no permission outside the namespaces it serves.
     kopf_settings.scanning.disabled = not clusterwide
-    asyncio.run(kopf.operator(
-        settings=kopf_settings, clusterwide=clusterwide, namespaces=args.namespace,
-        standalone=True if args.standalone else None,
-        liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
-        memo=kopf.Memo(settings=config),  # every handler's `memo`: the supervisors take their settings from it
-    ))
+    try:
+        asyncio.run(kopf.operator(
+            settings=kopf_settings, clusterwide=clusterwide, namespaces=args.namespace,
+            standalone=True,  # no kopf peering: the Lease (or --standalone) makes this replica the only one
+            liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
+            memo=kopf.Memo(settings=config),  # every handler's `memo`: the supervisors take their settings from it
+        ))
+    finally:
+        leader.set_active(False)
+        if elector:
+            elector.release()
 
+
+def elect(config: OperatorSettings) -> leader.Elector:
+    """Block until this replica holds the Lease (alive on the liveness port meanwhile, not ready), then renew it
+    in a thread that ends the process with LOST_EXIT_CODE, at once, when it is lost."""
+    timing = leader.Timing.of(config)  # ValueError naming the variables, before anything else
+    elector = leader.Elector(leader.KubeLeases(kube.client(), config.lease_namespace, config.lease_name),
+                             config.lease_name, leader.identity(), timing)
+    probe = leader.serve(config.health_port)
+    try:
+        elector.acquire()
+    finally:
+        leader.stop_serving(probe)  # kopf serves /healthz from now on
+    elector.keep_in_background(_lost)
+    return elector
+
+
+def _lost(why: str) -> None:
+    """Another replica may lead from now on: stop reconciling this instant, without cleanup (the Deployment
+    restarts this pod, a standby now)."""
+    logging.getLogger(__name__).error("Lost the leadership: %s; exiting (status %d)", why, leader.LOST_EXIT_CODE)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(leader.LOST_EXIT_CODE)
 
 if __name__ == "__main__":
     main()

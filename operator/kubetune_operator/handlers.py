@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import kopf
 
-from . import GROUP, PLURAL, VERSION, children, kube, kueue, loop, metrics, peering
+from . import GROUP, PLURAL, VERSION, children, kube, kueue, loop, metrics
 
 FTJ = (GROUP, VERSION, PLURAL)
 CHILDREN = {"jobs": ("batch", "v1", "jobs"), "pods": ("", "v1", "pods"), "services": ("", "v1", "services"),
@@ -30,7 +30,6 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
         prefix=GROUP, key="last-handled-configuration")
     settings.persistence.finalizer = loop.KOPF_FINALIZER
     settings.posting.level = logging.WARNING  # our own Events tell the story; kopf adds only problems
-    peering.configure(settings)
     settings.watching.server_timeout = 300
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
     for resource in CHILDREN.values():  # server-side: only our children are listed and watched

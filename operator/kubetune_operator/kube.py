@@ -59,12 +59,13 @@ class Kube:
         config.connection_pool_maxsize = POOL_SIZE
         return cls(kubernetes.client.ApiClient(config))
 
-    def call(self, method: str, path: str, body=None, query=None, content_type="application/json"):
+    def call(self, method: str, path: str, body=None, query=None, content_type="application/json",
+             timeout: float = 30):
         headers = {"Accept": "application/json", "Content-Type": content_type}
         _, url, headers, body, _ = self.api.param_serialize(
             method=method, resource_path=path, query_params=list((query or {}).items()),
             header_params=headers, body=body, auth_settings=["BearerToken"])
-        resp = self.api.call_api(method, url, headers, body, _request_timeout=30)
+        resp = self.api.call_api(method, url, headers, body, _request_timeout=timeout)
         data = resp.read()
         if resp.status >= 400:
             raise ApiError(resp.status, data.decode(errors="replace"))

@@ -106,5 +106,5 @@ def _refresh() -> None:
     GPUS.set(sum(g for _, g in _jobs.values()))
 
 
-ACTIVE = Gauge("kubetune_operator_active", "1 while this replica reconciles; 0 on standby (peering) or starting",
+ACTIVE = Gauge("kubetune_operator_active", "1 while this replica reconciles; 0 on standby (another holds the Lease)",
                registry=REGISTRY)

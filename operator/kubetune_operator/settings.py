@@ -25,6 +25,9 @@ VALIDATION_DEFAULTS = {  # spec.validation field -> the default of the operator'
 VALIDATION_MAX_ATTEMPTS = 5  # KUBETUNE_VALIDATION_MAX_ATTEMPTS: validation Jobs per FineTuneJob, then Failed
 RESYNC_SECONDS = 60.0  # KUBETUNE_RESYNC_SECONDS: the loop's safety-net resync
 SCRAPE_SECONDS = 10.0  # KUBETUNE_SCRAPE_SECONDS: how often rank 0's /metrics is scraped
+LEASE_NAME = "kubetune-operator"  # KUBETUNE_LEASE_NAME: leader election's Lease (the chart: the release's name)
+# KUBETUNE_LEASE_{DURATION,RENEW_DEADLINE,RETRY_PERIOD}_SECONDS, client-go's defaults (leader.Timing)
+LEASE_DURATION_SECONDS, LEASE_RENEW_DEADLINE_SECONDS, LEASE_RETRY_PERIOD_SECONDS = 15.0, 10.0, 2.0
 TRAINER_METRICS_PORT = MetricsSpec.model_fields["port"].default  # the trainer's own default (9400)
 
 
@@ -57,6 +60,13 @@ class OperatorSettings:
     # KUBETUNE_POLICY_* and KUBETUNE_STORAGE_SECRET_NAME (policy.py); None: the defaults, the image prefixes being
     # the trainer image's repository
     policy: PolicySettings = None  # type: ignore[assignment]
+    # Leader election (leader.py): the Lease KUBETUNE_LEASE_NAME in KUBETUNE_LEASE_NAMESPACE (the chart: the
+    # operator's own namespace, from the downward API); KUBETUNE_LEASE_{DURATION,RENEW_DEADLINE,RETRY_PERIOD}_SECONDS
+    lease_name: str = LEASE_NAME
+    lease_namespace: str = "default"
+    lease_duration_seconds: float = LEASE_DURATION_SECONDS
+    lease_renew_deadline_seconds: float = LEASE_RENEW_DEADLINE_SECONDS
+    lease_retry_period_seconds: float = LEASE_RETRY_PERIOD_SECONDS
 
     def __post_init__(self) -> None:
         if self.policy is None:
@@ -101,6 +111,12 @@ class OperatorSettings:
                 allow_trust_remote_code=env("KUBETUNE_POLICY_ALLOW_TRUST_REMOTE_CODE") == "true",
                 binding=env("KUBETUNE_POLICY_BINDING") or "",
                 scheduling=_scheduling(env)),
+            lease_name=env("KUBETUNE_LEASE_NAME") or LEASE_NAME,
+            lease_namespace=env("KUBETUNE_LEASE_NAMESPACE") or "default",
+            lease_duration_seconds=float(env("KUBETUNE_LEASE_DURATION_SECONDS") or LEASE_DURATION_SECONDS),
+            lease_renew_deadline_seconds=float(env("KUBETUNE_LEASE_RENEW_DEADLINE_SECONDS")
+                                               or LEASE_RENEW_DEADLINE_SECONDS),
+            lease_retry_period_seconds=float(env("KUBETUNE_LEASE_RETRY_PERIOD_SECONDS") or LEASE_RETRY_PERIOD_SECONDS),
         )
 
 

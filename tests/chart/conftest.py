@@ -117,7 +117,7 @@ def find(objects: list[dict], kind: str, name: str | None = None) -> list[dict]:
 FULL_VALUES = {
     "replicas": "2",
     "watchNamespaces": "{team-a,team-b}",
-    "peering.create": "true",
+    "leaderElection.leaseName": "kubetune-ops",
     "imagePullSecrets[0].name": "regcred",
     "serviceMonitor.enabled": "true",
     "podMonitor.enabled": "true",

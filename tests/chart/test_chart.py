@@ -47,9 +47,9 @@ def test_rendered_objects_are_well_formed(values):
 def test_default_render():
     objects = render()
     kinds = sorted(o["kind"] for o in objects)
-    assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service",
-                            "Deployment", "ConfigMap", "ConfigMap", "KopfPeering", "ValidatingAdmissionPolicy",
-                            "ValidatingAdmissionPolicyBinding"])
+    assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Role",
+                            "RoleBinding", "Service", "Deployment", "ConfigMap", "ConfigMap",
+                            "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"])
     (deploy,) = find(objects, "Deployment")
     container = deploy["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "ghcr.io/kubetune/operator:0.1.0"
@@ -63,15 +63,19 @@ def test_default_render():
     assert (env["KUBETUNE_VALIDATION_CPU"], env["KUBETUNE_VALIDATION_MEMORY"],
             env["KUBETUNE_VALIDATION_EPHEMERAL_STORAGE"], env["KUBETUNE_VALIDATION_DEADLINE_SECONDS"],
             env["KUBETUNE_VALIDATION_MAX_ATTEMPTS"]) == ("500m", "1Gi", "10Gi", "3600", "5")
-    pod_id = next(e for e in container["env"] if e["name"] == "POD_ID")  # kopf's identity among its peers
-    assert pod_id["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    # leader election: a Lease in the operator's own namespace (the downward API), client-go's durations
+    lease_ns = next(e for e in container["env"] if e["name"] == "KUBETUNE_LEASE_NAMESPACE")
+    assert lease_ns["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert (env["KUBETUNE_LEASE_NAME"], env["KUBETUNE_LEASE_DURATION_SECONDS"],
+            env["KUBETUNE_LEASE_RENEW_DEADLINE_SECONDS"], env["KUBETUNE_LEASE_RETRY_PERIOD_SECONDS"]) == (
+        "kubetune-operator", "15", "10", "2")
+    assert "POD_ID" not in env
     assert "KUBETUNE_STORAGE_ENDPOINT" not in env
     assert deploy["spec"]["replicas"] == 1
     # Optional parts stay off
     assert not find(objects, "ServiceMonitor") and not find(objects, "PodMonitor")
     assert not find(objects, "PrometheusRule")
-    (peering,) = find(objects, "KopfPeering", "kubetune")  # on by default: its CRDs are in crds/
-    assert peering["metadata"]["namespace"] == "kubetune-system"
+    assert not find(objects, "KopfPeering"), "no kopf peering: a tenant could pause the operator through it"
 
 
 def test_operator_pod_is_locked_down():
@@ -127,8 +131,8 @@ def test_full_values_render():
     alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
     assert alerts == {"KubetuneFineTuneJobFailed", "KubetuneTrainingStalled", "KubetuneLossNotFinite",
                       "KubetuneOperatorDown"}
-    peerings = find(objects, "KopfPeering", "kubetune")
-    assert sorted(p["metadata"]["namespace"] for p in peerings) == ["team-a", "team-b"]
+    assert not find(objects, "KopfPeering")
+    assert _env(objects)["KUBETUNE_LEASE_NAME"] == "kubetune-ops"
 
 
 def deployment_settings(objects: list[dict], monkeypatch):
@@ -137,7 +141,7 @@ def deployment_settings(objects: list[dict], monkeypatch):
 
     (deploy,) = find(objects, "Deployment")
     for var in deploy["spec"]["template"]["spec"]["containers"][0]["env"]:
-        if "value" in var:  # not POD_ID (the pod's name)
+        if "value" in var:  # not KUBETUNE_LEASE_NAMESPACE (the pod's namespace)
             monkeypatch.setenv(var["name"], var["value"])
     return OperatorSettings.from_env()
 
@@ -214,10 +218,19 @@ NAMESPACED_RULES = {
 }
 POLICY_RULES = {("admissionregistration.k8s.io", "validatingadmissionpolicies"): {"get"},
                 ("admissionregistration.k8s.io", "validatingadmissionpolicybindings"): {"get"}}
-PER_NAMESPACE_ONLY = {("kopf.dev", "kopfpeerings"): {"list", "watch", "patch"}}
+LEADER_RULES = {("coordination.k8s.io", "leases"): {"create", "get", "update"}}  # in the release namespace
 # `python -m kubetune_operator --all-namespaces` (docs/operator.md): kopf then observes CRDs; the chart never runs it
-ALL_NAMESPACES_ONLY = {("kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch"},
-                       ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
+ALL_NAMESPACES_ONLY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
+
+
+def served_roles(objects: list[dict], kind: str = "Role") -> list[dict]:
+    """The Roles (or RoleBindings) of the served namespaces, not the leader election's."""
+    return [r for r in find(objects, kind) if not r["metadata"]["name"].endswith("-leader-election")]
+
+
+def leader_role(objects: list[dict], kind: str = "Role") -> dict:
+    (role,) = [r for r in find(objects, kind) if r["metadata"]["name"].endswith("-leader-election")]
+    return role
 
 
 def _served(objects: list[dict]) -> dict[str, list[str]]:
@@ -230,9 +243,8 @@ def _served(objects: list[dict]) -> dict[str, list[str]]:
     (pm,) = find(objects, "PodMonitor")
     assert args[::2] == ["--namespace"] * (len(args) // 2), args
     return {"args": args[1::2],
-            "roles": sorted(r["metadata"]["namespace"] for r in find(objects, "Role")),
-            "rolebindings": sorted(b["metadata"]["namespace"] for b in find(objects, "RoleBinding")),
-            "peerings": sorted(p["metadata"]["namespace"] for p in find(objects, "KopfPeering")),
+            "roles": sorted(r["metadata"]["namespace"] for r in served_roles(objects)),
+            "rolebindings": sorted(b["metadata"]["namespace"] for b in served_roles(objects, "RoleBinding")),
             "policy binding": expression["values"],
             "podmonitor": pm["spec"]["namespaceSelector"]["matchNames"]}
 
@@ -251,7 +263,7 @@ def test_without_tenant_namespaces_the_release_namespace_alone_is_served():
 
 
 def test_the_operator_never_runs_cluster_wide():
-    for values in ({}, FULL_VALUES, {"watchNamespaces": "null"}, {"peering.create": "true"}):
+    for values in ({}, FULL_VALUES, {"watchNamespaces": "null"}, {"leaderElection.enabled": "false"}):
         objects = render(values)
         (deploy,) = find(objects, "Deployment")
         assert "--all-namespaces" not in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -275,11 +287,11 @@ def test_rbac_is_least_privilege():
         (binding,) = find(objects, "ClusterRoleBinding")
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}]
-        roles = find(objects, "Role")
+        roles = served_roles(objects)
         assert sorted(r["metadata"]["namespace"] for r in roles) == served
         for role in roles:
-            assert _rules(role) == {**PER_NAMESPACE_ONLY, **NAMESPACED_RULES}
-        bindings = find(objects, "RoleBinding")
+            assert _rules(role) == NAMESPACED_RULES
+        bindings = served_roles(objects, "RoleBinding")
         assert sorted(b["metadata"]["namespace"] for b in bindings) == served
         for binding in bindings:
             assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "kubetune"}
@@ -293,7 +305,45 @@ def test_rbac_is_least_privilege():
 def test_rbac_without_the_admission_policy_is_namespaced_only():
     objects = render({"policy.admission.enabled": "false"})
     assert not find(objects, "ClusterRole") and not find(objects, "ClusterRoleBinding")
-    assert find(objects, "Role")
+    assert served_roles(objects) and leader_role(objects)
+
+
+def test_the_leader_election_lease_is_the_only_right_in_the_release_namespace():
+    """The operator's Lease is in its own namespace: get and update that Lease by name, create (which RBAC cannot
+    limit to a name). No KopfPeering, no kopf.dev right anywhere (a tenant who may patch `kopfpeerings` in their
+    namespace could pause the operator for every tenant)."""
+    for values, lease in (({}, "kubetune-operator"), ({"leaderElection.leaseName": "ops-lock"}, "ops-lock")):
+        objects = render({"watchNamespaces": "{team-a}", **values}, namespace="ml-platform")
+        role, binding = leader_role(objects), leader_role(objects, "RoleBinding")
+        assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "ml-platform"
+        assert role["rules"] == [
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": [lease],
+             "verbs": ["get", "update"]}]
+        assert binding["roleRef"]["name"] == role["metadata"]["name"]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune", "namespace": "ml-platform"}]
+        assert _env(objects)["KUBETUNE_LEASE_NAME"] == lease
+        assert not [r for o in objects for r in o.get("rules", []) if "kopf.dev" in r["apiGroups"]]
+
+
+def test_without_leader_election_the_operator_runs_standalone():
+    objects = render({"leaderElection.enabled": "false"})
+    (deploy,) = find(objects, "Deployment")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["--namespace", "kubetune-system", "--standalone"]
+    assert not [e for e in container["env"] if e["name"].startswith("KUBETUNE_LEASE_")]
+    assert not [r for r in find(objects, "Role") if r["metadata"]["name"].endswith("-leader-election")]
+    proc = helm_template({"leaderElection.enabled": "false", "replicas": "2"}, check=False)
+    assert proc.returncode != 0 and "replicas must be 0 or 1" in proc.stderr, proc.stderr
+
+
+def test_the_operator_elects_with_the_durations_the_chart_sets(monkeypatch):
+    from kubetune_operator.leader import Timing
+
+    values = {"leaderElection.leaseDurationSeconds": "30", "leaderElection.renewDeadlineSeconds": "20",
+              "leaderElection.retryPeriodSeconds": "4"}
+    settings = deployment_settings(render(values), monkeypatch)
+    assert Timing.of(settings) == Timing(30, 20, 4) and settings.lease_name == "kubetune-operator"
 
 
 def test_rbac_equals_docs_operator_md():
@@ -304,8 +354,9 @@ def test_rbac_equals_docs_operator_md():
     assert documented, "no RBAC table in docs/operator.md"
     objects = render({"watchNamespaces": "{team-a}"})
     (cluster_role,) = find(objects, "ClusterRole")
-    (ns_role,) = find(objects, "Role")
-    assert {**_rules(cluster_role), **_rules(ns_role), **ALL_NAMESPACES_ONLY} == documented
+    (ns_role,) = served_roles(objects)
+    assert {**_rules(cluster_role), **_rules(ns_role), **_rules(leader_role(objects)), **ALL_NAMESPACES_ONLY} == (
+        documented)
 
 
 # The releases tests/chart/test_install.py installs, as `helm template` can render them (watchNamespaces in place
@@ -322,9 +373,10 @@ def test_rbac_equals_the_committed_matrix():
     for mode, (release, namespace, served) in MATRIX_RELEASES.items():
         objects = render({"watchNamespaces": f"{{{served}}}"}, release=release, namespace=namespace)
         (cluster_role,) = find(objects, "ClusterRole")
-        (role,) = find(objects, "Role")
+        (role,) = served_roles(objects)
         assert matrix[mode] == {"served": granted(cluster_role, role), "kube-system": granted(cluster_role),
-                                "unserved": granted(cluster_role)}, mode
+                                "unserved": granted(cluster_role),
+                                "operator": granted(cluster_role, leader_role(objects))}, mode
 
 
 # -- the admission policy -------------------------------------------------------------------------------------
@@ -438,6 +490,10 @@ def test_the_admission_policy_can_be_left_out():
     ({"policy.requireQueue": "yes"}, "requireQueue"),
     ({"tenants.excludedNamespaces": "{Kube_System}"}, "excludedNamespaces"),
     ({"tenants.namespaceSelector.matchExpressions[0].key": "team"}, "matchExpressions"),
+    ({"leaderElection.enabled": "sometimes"}, "enabled"),
+    ({"leaderElection.leaseName": "Kubetune_Lock"}, "leaseName"),
+    ({"leaderElection.renewDeadlineSeconds": "0"}, "renewDeadlineSeconds"),
+    ({"leaderElection.peering": "true"}, "peering"),
 ])
 def test_schema_rejects_bad_values(values, message):
     proc = helm_template(values, check=False)
@@ -445,7 +501,7 @@ def test_schema_rejects_bad_values(values, message):
     assert "schema" in proc.stderr and message in proc.stderr, proc.stderr
 
 
-VENDORED_CRDS = ["kopf.dev_peerings.yaml"]  # kopf's peering CRDs: in the chart only
+VENDORED_CRDS: list[str] = []  # CRDs in the chart only (none since kopf peering gave way to a Lease)
 
 
 def test_chart_crds_equal_generated_crds():
@@ -459,22 +515,6 @@ def test_chart_crds_equal_generated_crds():
         for doc in yaml.safe_load_all((CHART / "crds" / name).read_text()):
             if doc:
                 assert doc["kind"] == "CustomResourceDefinition", name
-
-
-def test_kopf_peering_crds_match_what_kopf_uses():
-    """The vendored CRDs serve exactly the resources kopf's peering reads and patches."""
-    from kopf._cogs.structs import references
-
-    docs = [d for d in yaml.safe_load_all((CHART / "crds" / "kopf.dev_peerings.yaml").read_text()) if d]
-    served = {(d["spec"]["group"], d["spec"]["versions"][0]["name"], d["spec"]["names"]["plural"],
-               d["spec"]["scope"]) for d in docs}
-    def wanted(selector, scope: str) -> tuple:
-        return selector.group, selector.version, selector.plural or selector.any_name, scope
-
-    assert served == {wanted(references.CLUSTER_PEERINGS_K, "Cluster"),
-                      wanted(references.NAMESPACED_PEERINGS_K, "Namespaced")}
-    for doc in docs:  # kopf merge-patches .status on the object itself: no status subresource
-        assert "subresources" not in doc["spec"]["versions"][0]
 
 
 def test_crd_has_the_short_name_notes_uses():

@@ -1,10 +1,12 @@
-"""Two operator replicas through kopf peering on the local control plane (docs/install.md, "Several replicas").
+"""Two operator replicas electing a leader through a Lease on the local control plane (docs/operator.md, "Leader
+election and high availability"; docs/install.md, "Several replicas").
 
-Without peering CRDs, and with `--standalone`, a lone operator is active. With the chart's peering CRDs and the
-ClusterKopfPeering `kubetune`: two `python -m kubetune_operator` processes, the older active and the other on
-standby (/readyz, kubetune_operator_active, distinct priorities); only the active one handles a FineTuneJob and
-its deletion; SIGKILL the active one mid-run and the standby takes over within 30 s and finishes the run; a
-restarted replica is younger and stands by.
+With `--standalone`, a lone operator is active and takes no Lease. Two `python -m kubetune_operator` processes with
+a Lease in their own namespace: the first holds it and is active, the other stands by (/readyz,
+kubetune_operator_active, alive but not ready); only the active one handles a FineTuneJob and its deletion;
+SIGKILL the active one mid-run and the standby takes over within 30 s and finishes the run; a restarted replica
+stands by; a clean stop hands the Lease over at once; a leader that finds another holder in its Lease exits
+(status 3) at once. A watcher polls both replicas' /readyz all along: never are both active.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
+from kubetune_operator.leader import LOST_EXIT_CODE
 
 from tests.kube import free_port, get_json, http_get, kubectl, stop_process, wait_for
 from tests.operator_tests import test_e2e as e2e
@@ -27,21 +32,23 @@ pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
 
 ROOT = Path(__file__).resolve().parents[2]
-PEERING_CRDS = ROOT / "charts" / "kubetune" / "crds" / "kopf.dev_peerings.yaml"
-TAKEOVER_S = 30
+TAKEOVER_S = 30  # the Lease's duration (15 s) and a retry period (2 s), with room to spare
+HANDOVER_S = 8  # after a clean stop: the standby's next attempt (2 s), with room to spare
 
 # test_e2e.py's fixtures: the FineTuneJob CRD, S3 inputs, the stand-in trainer image
 crd, s3_inputs, fake_trainer = e2e.crd, e2e.s3_inputs, e2e.fake_trainer
 
 
 class Replica:
-    """`python -m kubetune_operator --all-namespaces` with its own ports and log."""
+    """`python -m kubetune_operator --all-namespaces` with its own ports and log, electing through the Lease
+    `lease` (namespace/name)."""
 
-    def __init__(self, cp, log: Path, *args: str):
+    def __init__(self, cp, log: Path, *args: str, lease: tuple[str, str] = ("default", "kubetune-operator")):
         self.log, self.args = log, args
         self.env = {**cp.env(), "KUBETUNE_HEALTH_PORT": str(free_port()), "KUBETUNE_READY_PORT": str(free_port()),
                     "KUBETUNE_METRICS_PORT": str(free_port()), "KUBETUNE_RESYNC_SECONDS": "1",
-                    "KUBETUNE_TRAINER_IMAGE": e2e.IMAGE}
+                    "KUBETUNE_TRAINER_IMAGE": e2e.IMAGE,
+                    "KUBETUNE_LEASE_NAMESPACE": lease[0], "KUBETUNE_LEASE_NAME": lease[1]}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Replica:
@@ -85,6 +92,12 @@ class Replica:
     def log_size(self) -> int:
         return len(self.log.read_text())
 
+    def identity(self) -> str:
+        """The holder identity it logged on taking the Lease ("" before)."""
+        marker = "This replica ("
+        lines = [line for line in self.log.read_text().splitlines() if marker in line and "it is the leader" in line]
+        return lines[-1].split(marker, 1)[1].split(")", 1)[0] if lines else ""
+
 
 ACTIVE, STANDBY = "200 active", "503 standby"
 
@@ -94,75 +107,85 @@ def logs(tmp_path_factory):
     return tmp_path_factory.mktemp("replicas")
 
 
-def crd_names(cp) -> set[str]:
-    return {c["metadata"]["name"] for c in get_json(cp, "crds")["items"]}
+def lease_of(cp, namespace: str, name: str) -> dict:
+    return get_json(cp, "lease", "-n", namespace, name)
 
 
-def test_a_lone_operator_is_active_without_peering_crds_and_with_standalone(control_plane, crd, logs):
-    if not {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} & crd_names(control_plane):
-        auto = Replica(control_plane, logs / "auto.log").start()
-        try:
-            auto.wait_state(ACTIVE)
-            assert auto.active_metric() == "1.0"
-        finally:
-            auto.stop()
-    standalone = Replica(control_plane, logs / "standalone.log", "--standalone").start()
+def test_a_lone_standalone_operator_is_active_and_takes_no_lease(control_plane, crd, logs):
+    name = f"standalone-{uuid.uuid4().hex[:6]}"
+    standalone = Replica(control_plane, logs / "standalone.log", "--standalone", lease=("default", name)).start()
     try:
         standalone.wait_state(ACTIVE)
+        assert standalone.active_metric() == "1.0"
+        assert kubectl(control_plane, "get", "lease", "-n", "default", name, check=False).returncode != 0
     finally:
         standalone.stop()
 
 
 @pytest.fixture(scope="module")
-def peering(control_plane):
-    """The chart's peering CRDs and the ClusterKopfPeering `kubetune`; both removed afterwards."""
-    before = crd_names(control_plane)
-    kubectl(control_plane, "apply", "--server-side", "-f", str(PEERING_CRDS))
-    for name in ("clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"):
-        kubectl(control_plane, "wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
-    obj = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "kubetune"}}
-    kubectl(control_plane, "apply", "-f", "-", stdin=json.dumps(obj))
+def lease(control_plane):
+    """(namespace, name): the replicas' Lease, in a namespace of their own (the chart: the release namespace)."""
+    namespace = f"operator-{uuid.uuid4().hex[:6]}"
+    kubectl(control_plane, "create", "namespace", namespace)
     try:
-        yield
+        yield namespace, "kubetune-operator"
     finally:
-        kubectl(control_plane, "delete", "clusterkopfpeering", "kubetune", "--ignore-not-found", check=False)
-        if added := crd_names(control_plane) - before:
-            kubectl(control_plane, "delete", "crd", *sorted(added), check=False)
+        kubectl(control_plane, "delete", "namespace", namespace, "--wait=false", check=False)
+
+
+class Watcher:
+    """Polls every replica's /readyz every 0.2 s in a thread; `both` lists the instants two said `active`."""
+
+    def __init__(self, replicas: list[Replica]):
+        self.replicas, self.both, self.samples = replicas, [], 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.2):
+            states = [r.state() for r in self.replicas if r.proc and r.proc.poll() is None]
+            self.samples += 1
+            if states.count(ACTIVE) > 1:
+                self.both.append(time.monotonic())
 
 
 @pytest.fixture(scope="module")
-def replicas(control_plane, crd, peering, tmp_path_factory):
-    """[older, younger]: started one after the other, each once it is up."""
+def replicas(control_plane, crd, lease, tmp_path_factory):
+    """[older, younger]: started one after the other, each once it is up; a Watcher runs all along."""
     logs = tmp_path_factory.mktemp("peers")
-    older = Replica(control_plane, logs / "older.log").start()
+    older = Replica(control_plane, logs / "older.log", lease=lease).start()
     started = []
+    watcher = Watcher(started)
     try:
         older.wait_state(ACTIVE)
         started.append(older)
-        younger = Replica(control_plane, logs / "younger.log").start()
+        younger = Replica(control_plane, logs / "younger.log", lease=lease).start()
         started.append(younger)
         younger.wait_state(STANDBY)
         yield started
     finally:
+        watcher.stop.set()
         for replica in started:
             replica.stop()
-        print(f"replica logs: {logs}")
+        print(f"replica logs: {logs}; /readyz sampled {watcher.samples} times")
+    assert not watcher.both, f"both replicas active at {len(watcher.both)} samples"
 
 
-def peers(cp) -> dict[str, dict]:
-    return get_json(cp, "clusterkopfpeering", "kubetune").get("status") or {}
-
-
-def test_one_replica_is_active_and_the_other_stands_by(control_plane, replicas):
+def test_one_replica_is_active_and_the_other_stands_by(control_plane, replicas, lease):
     older, younger = replicas
     assert (older.state(), younger.state()) == (ACTIVE, STANDBY)
     assert (older.active_metric(), younger.active_metric()) == ("1.0", "0.0")
     assert older.alive() and younger.alive(), "the standby is alive (liveness), only not ready"
-    status = peers(control_plane)
-    priorities = sorted((p["priority"] for p in status.values()), reverse=True)
-    assert len(status) == 2 and len(set(priorities)) == 2, status
-    assert all(p["lifetime"] <= 20 for p in status.values()), status
-    assert "This replica is on standby" in younger.log.read_text()
+    spec = lease_of(control_plane, *lease)["spec"]
+    assert spec["holderIdentity"] == older.identity() != "" and spec["leaseDurationSeconds"] == 15
+    assert not younger.identity()
+    assert f"stands by: {older.identity()} holds the Lease" in younger.log.read_text()
+
+
+def test_the_leader_renews_its_lease(control_plane, replicas, lease):
+    before = lease_of(control_plane, *lease)["spec"]["renewTime"]
+    wait_for("a renewal", lambda: lease_of(control_plane, *lease)["spec"]["renewTime"] != before, 10)
 
 
 def test_only_the_active_replica_handles_a_job_and_its_deletion(control_plane, replicas, namespace):
@@ -178,7 +201,7 @@ def test_only_the_active_replica_handles_a_job_and_its_deletion(control_plane, r
 
 
 def test_the_standby_takes_over_from_a_killed_replica_and_finishes_its_job(
-        control_plane, node_agent, replicas, namespace, s3_inputs, fake_trainer):
+        control_plane, node_agent, replicas, lease, namespace, s3_inputs, fake_trainer):
     older, younger = replicas
     credentials(control_plane, namespace)
     spec = training_spec(s3_inputs, fake_trainer, hyperparameters={"maxSteps": 40})
@@ -189,12 +212,14 @@ def test_the_standby_takes_over_from_a_killed_replica_and_finishes_its_job(
     train_uid = get_json(control_plane, "job", "-n", namespace, "failover-train")["metadata"]["uid"]
     assert not younger.handled(), "the standby ran a handler"
 
-    older.stop(kill=True)  # SIGKILL: no goodbye in the peering object
+    older.stop(kill=True)  # SIGKILL: the Lease is not released
     killed = time.monotonic()
     younger.wait_state(ACTIVE, timeout=TAKEOVER_S)
     took = time.monotonic() - killed
     print(f"takeover after SIGKILL: {took:.1f} s")
     assert younger.active_metric() == "1.0"
+    spec = lease_of(control_plane, *lease)["spec"]
+    assert spec["holderIdentity"] == younger.identity() and spec["leaseTransitions"] == 1
 
     status = wait_phase(control_plane, namespace, "failover", ("Succeeded", "Failed"), timeout=120)["status"]
     assert status["phase"] == "Succeeded", status
@@ -202,12 +227,43 @@ def test_the_standby_takes_over_from_a_killed_replica_and_finishes_its_job(
     assert younger.handled()
     train = get_json(control_plane, "job", "-n", namespace, "failover-train")
     assert train["metadata"]["uid"] == train_uid, "the standby took over the training Job, no new one"
-    assert len(peers(control_plane)) == 1, "the dead replica is cleaned from the peering object"
 
-    # A new replica is younger than the one now working: it stands by, no flapping.
+    # A restarted replica finds the Lease held and renewed: it stands by, no flapping.
     since = older.log_size()
     older.start()
     older.wait_state(STANDBY)
     time.sleep(3)
     assert (older.state(), younger.state()) == (STANDBY, ACTIVE)
     assert not older.handled(since), "the restarted replica ran a handler"
+
+
+def test_a_clean_stop_releases_the_lease_and_the_standby_takes_over_at_once(control_plane, replicas, lease):
+    older, younger = replicas  # after the takeover: younger leads, older stands by
+    younger.wait_state(ACTIVE)
+    older.wait_state(STANDBY)
+    younger.stop()  # SIGTERM: kopf stops, then the Lease is released
+    stopped = time.monotonic()
+    assert younger.proc.returncode == 0, younger.log.read_text()[-3000:]
+    assert "released the Lease" in younger.log.read_text()
+    older.wait_state(ACTIVE, timeout=HANDOVER_S)
+    print(f"handover after a clean stop: {time.monotonic() - stopped:.1f} s")
+    assert lease_of(control_plane, *lease)["spec"]["holderIdentity"] == older.identity()
+    younger.start()
+    younger.wait_state(STANDBY)
+
+
+def test_a_leader_that_finds_another_holder_exits_at_once(control_plane, replicas, lease):
+    """Were the Lease ever written by someone else (a clock jump, an intruder with rights in the operator's
+    namespace), the leader stops reconciling within a retry period: it exits with LOST_EXIT_CODE."""
+    older, younger = replicas  # older leads
+    older.wait_state(ACTIVE)
+    patch = {"spec": {"holderIdentity": "intruder"}}
+    kubectl(control_plane, "patch", "lease", "-n", lease[0], lease[1], "--type=merge", "-p", json.dumps(patch))
+    patched = time.monotonic()
+    wait_for("the leader to exit", lambda: older.proc.poll() is not None, 10)
+    print(f"the leader exited {time.monotonic() - patched:.1f} s after the Lease named another holder")
+    assert older.proc.returncode == LOST_EXIT_CODE
+    assert "Lost the leadership: intruder holds the Lease" in older.log.read_text()
+    # nobody renews for the intruder: the standby takes over after the Lease's duration
+    younger.wait_state(ACTIVE, timeout=TAKEOVER_S)
+    assert lease_of(control_plane, *lease)["spec"]["holderIdentity"] == younger.identity()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kubetune_api import Reason
 from kubetune_operator import __main__ as main
-from kubetune_operator import children, metrics, peering, policy
+from kubetune_operator import children, leader, metrics, policy
 from kubetune_operator.reconcile import Observed, decide
 from kubetune_operator.settings import OperatorSettings
 
@@ -130,9 +130,10 @@ def test_main_reads_the_environment_once_and_hands_the_settings_to_every_handler
     monkeypatch.setattr(main.kopf, "configure", lambda **_: None)
     monkeypatch.setattr(main.kopf, "operator", operator)
     monkeypatch.setattr(main, "kueue_served", lambda: False)
-    monkeypatch.setattr(peering, "prepare", lambda **_: None)
+    elected = []
+    monkeypatch.setattr(main, "elect", lambda config: elected.append(config) or FakeElector())
     monkeypatch.setattr(metrics, "serve", lambda port: served.append(("metrics", port)))
-    monkeypatch.setattr(peering, "serve", lambda port: served.append(("ready", port)))
+    monkeypatch.setattr(leader, "serve", lambda port: served.append(("ready", port)))
     for name, value in {"KUBETUNE_HEALTH_PORT": "18081", "KUBETUNE_METRICS_PORT": "18080",
                         "KUBETUNE_READY_PORT": "18082", "KUBETUNE_RESYNC_SECONDS": "1",
                         "KUBETUNE_SCRAPE_SECONDS": "1", "KUBETUNE_TRAINER_IMAGE": "registry.local/trainer:e2e",
@@ -141,8 +142,35 @@ def test_main_reads_the_environment_once_and_hands_the_settings_to_every_handler
     main.main(["-n", "ml"])
     assert served == [("metrics", 18080), ("ready", 18082)]
     assert started["liveness_endpoint"] == "http://0.0.0.0:18081/healthz"
+    assert started["standalone"] is True, "no kopf peering: the Lease elects the replica"
+    assert elected == [OperatorSettings.from_env()] and elected[0].lease_name == "kubetune-operator"
+    assert FakeElector.released, "a clean exit releases the Lease"
     settings = started["memo"].settings
     assert settings == OperatorSettings.from_env()
     assert (settings.resync_seconds, settings.scrape_seconds, settings.trainer_image, settings.rendezvous_port,
             settings.policy.binding) == (1.0, 1.0, "registry.local/trainer:e2e", 31234, "b")
 
+
+class FakeElector:
+    released = False
+
+    def release(self) -> None:
+        FakeElector.released = True
+
+
+def test_standalone_runs_kopf_without_election(monkeypatch):
+    """`--standalone` (a single replica): no Lease, active at once."""
+    started = {}
+
+    async def operator(**kwargs):
+        started.update(kwargs, active=leader.state())
+
+    monkeypatch.setattr(main.kopf, "configure", lambda **_: None)
+    monkeypatch.setattr(main.kopf, "operator", operator)
+    monkeypatch.setattr(main, "kueue_served", lambda: False)
+    monkeypatch.setattr(main, "elect", lambda config: (_ for _ in ()).throw(AssertionError("elected")))
+    monkeypatch.setattr(metrics, "serve", lambda port: None)
+    monkeypatch.setattr(leader, "serve", lambda port: None)
+    main.main(["-n", "ml", "--standalone"])
+    assert started["standalone"] is True and started["active"] == "active"
+    assert leader.state() == "standby", "not ready once kopf has stopped"

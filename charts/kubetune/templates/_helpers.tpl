@@ -95,7 +95,7 @@ upgraded; `helm template` and `helm lint` find none.
 {{/*
 The namespaces this release serves (a JSON list, never empty): watchNamespaces if set, else the tenant namespaces,
 else the release namespace alone. The one source of the operator's --namespace arguments, its Roles and
-RoleBindings, the KopfPeerings, the PodMonitor's namespaces and the admission policy binding's namespaces.
+RoleBindings, the PodMonitor's namespaces and the admission policy binding's namespaces.
 */}}
 {{- define "kubetune.servedNamespaces" -}}
 {{- $served := .Values.watchNamespaces | default (include "kubetune.tenantNamespaces" . | fromJsonArray) }}
@@ -168,4 +168,9 @@ Exactly the calls the operator makes: docs/operator.md, section RBAC (a test kee
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads"]
   verbs: ["get", "list", "watch", "patch"]
+{{- end }}
+
+{{/* The leader election's Lease, in the release namespace */}}
+{{- define "kubetune.leaseName" -}}
+{{- .Values.leaderElection.leaseName | default (printf "%s-operator" (include "kubetune.fullname" .)) }}
 {{- end }}
