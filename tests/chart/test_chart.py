@@ -211,6 +211,7 @@ NAMESPACED_RULES = {
     ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create"},
     ("kueue.x-k8s.io", "workloads"): {"get", "list", "watch", "patch"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create"},
 }
 POLICY_RULES = {("admissionregistration.k8s.io", "validatingadmissionpolicies"): {"get"},
                 ("admissionregistration.k8s.io", "validatingadmissionpolicybindings"): {"get"}}
@@ -493,7 +494,7 @@ def test_dashboard_configmap_carries_the_sidecar_label_and_json():
 
 
 # Values documented as a whole (a Kubernetes object, not chart settings)
-WHOLE = {"resources", "podSecurityContext", "securityContext", "strategy", "selector", "livenessProbe",
+WHOLE = {"prometheus", "resources", "podSecurityContext", "securityContext", "strategy", "selector", "livenessProbe",
          "readinessProbe", "namespaceSelector"}
 
 
@@ -514,3 +515,28 @@ def test_every_value_is_documented_in_install_md():
     documented = set(re.findall(r"^\| `([^`]+)` \|", doc, flags=re.MULTILINE))
     missing = _leaf_keys(values) - documented
     assert not missing, f"values not in the docs/install.md values table: {sorted(missing)}"
+
+
+def test_each_job_gets_a_network_policy_the_operator_may_create(monkeypatch):
+    """networkPolicy.*: the operator gets the selectors of its own pods (the release namespace, the Deployment's
+    pod labels) and of Prometheus, and the right to create NetworkPolicies; `enabled: false` takes both away."""
+    from kubetune_operator.children import network_policy
+
+    objects = render({"networkPolicy.prometheus.namespaceSelector.team": "observability"})
+    settings = deployment_settings(objects, monkeypatch)
+    (deploy,) = find(objects, "Deployment")
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert settings.network_policy and settings.network_operator_namespace == deploy["metadata"]["namespace"]
+    assert dict(settings.network_operator_pods).items() <= pod_labels.items()
+    assert dict(settings.network_operator_pods) == deploy["spec"]["selector"]["matchLabels"]
+    policy = network_policy({"name": "demo", "namespace": "ml-team", "uid": "u"}, settings)
+    operator_peer, prometheus_peer = policy["spec"]["ingress"][1]["from"]
+    assert prometheus_peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring",
+                                                                   "team": "observability"}
+    for role in find(objects, "Role"):
+        assert "create" in _rules(role)[("networking.k8s.io", "networkpolicies")]
+
+    objects = render({"networkPolicy.enabled": "false"})
+    assert not deployment_settings(objects, monkeypatch).network_policy
+    for role in find(objects, "Role"):
+        assert _rules(role)[("networking.k8s.io", "networkpolicies")] == {"get", "list", "watch"}

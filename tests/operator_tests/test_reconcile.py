@@ -23,6 +23,7 @@ def desired(body: dict) -> dict:
         "validation": children.validation_job(meta, spec, SETTINGS),
         "service": children.service(meta, spec, SETTINGS),
         "training": children.training_job(meta, spec, SETTINGS),
+        "network": children.network_policy(meta, SETTINGS),
     }
 
 
@@ -58,6 +59,7 @@ def training_observed(body: dict, **job_kwargs) -> tuple[Observed, dict]:
         config_map=c["cm"],
         validation_job=job(c["validation"], finished="Complete"),
         service=c["service"],
+        network_policy=c["network"],
         training_job=tj,
     ), tj
 
@@ -210,7 +212,7 @@ def test_valid_dataset_starts_training():
             ],
         ),
     )
-    assert kinds(d) == ["demo-workers", "demo-train"]
+    assert kinds(d) == ["demo-ingress", "demo-workers", "demo-train"]  # the NetworkPolicy before any worker
     assert get_condition(d.status, "Validated")["message"] == "dataset valid: train 100 samples"
     assert d.phase == "Queued"
 
