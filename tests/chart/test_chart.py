@@ -48,6 +48,7 @@ def test_default_render():
     objects = render()
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Service",
+                            "ClusterRole", "ClusterRoleBinding",  # the finalizer removals
                             "Deployment", "ConfigMap", "ConfigMap", "KopfPeering", "ValidatingAdmissionPolicy",
                             "ValidatingAdmissionPolicyBinding"])
     (deploy,) = find(objects, "Deployment")
@@ -215,6 +216,8 @@ NAMESPACED_RULES = {
 }
 POLICY_RULES = {("admissionregistration.k8s.io", "validatingadmissionpolicies"): {"get"},
                 ("admissionregistration.k8s.io", "validatingadmissionpolicybindings"): {"get"}}
+# Bound cluster-wide, so that a deleted namespace never sticks on the operator's finalizers (docs/security.md, 2)
+FINALIZER_RULES = {("kubetune.io", "finetunejobs"): {"patch"}, ("batch", "jobs"): {"patch"}}
 PER_NAMESPACE_ONLY = {("kopf.dev", "kopfpeerings"): {"list", "watch", "patch"}}
 # `python -m kubetune_operator --all-namespaces` (docs/operator.md): kopf then observes CRDs; the chart never runs it
 ALL_NAMESPACES_ONLY = {("kopf.dev", "clusterkopfpeerings"): {"list", "watch", "patch"},
@@ -257,7 +260,8 @@ def test_the_operator_never_runs_cluster_wide():
         (deploy,) = find(objects, "Deployment")
         assert "--all-namespaces" not in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
         assert not find(objects, "ClusterKopfPeering")
-        assert not [r for r in find(objects, "ClusterRole") if set(_rules(r)) - set(POLICY_RULES)]
+        assert not [r for r in find(objects, "ClusterRole") if set(_rules(r)) - set(POLICY_RULES)
+                    and _rules(r) != FINALIZER_RULES]
 
 
 def test_podmonitor_namespaces_override_the_served_ones():
@@ -268,12 +272,17 @@ def test_podmonitor_namespaces_override_the_served_ones():
 def test_rbac_is_least_privilege():
     for values, served in (({}, ["kubetune-system"]), ({"watchNamespaces": "{team-a,team-b}"}, ["team-a", "team-b"])):
         objects = render(values)
-        (cluster_role,) = find(objects, "ClusterRole")
-        assert _rules(cluster_role) == POLICY_RULES  # nothing namespaced cluster-wide
+        (cluster_role,) = find(objects, "ClusterRole", "kubetune")
+        assert _rules(cluster_role) == POLICY_RULES  # nothing namespaced cluster-wide but the finalizer removals
+        (finalizers,) = find(objects, "ClusterRole", "kubetune-finalizers")
+        assert _rules(finalizers) == FINALIZER_RULES  # patch alone: no read, create or delete outside
+        (binding,) = find(objects, "ClusterRoleBinding", "kubetune-finalizers")
+        assert binding["roleRef"]["name"] == "kubetune-finalizers" and binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}]
         for rule in cluster_role["rules"]:  # its own admission policy and binding only, by name
             if rule["apiGroups"] == ["admissionregistration.k8s.io"]:
                 assert rule["resourceNames"] == ["kubetune-finetunejobs"]
-        (binding,) = find(objects, "ClusterRoleBinding")
+        (binding,) = find(objects, "ClusterRoleBinding", "kubetune")
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}]
         roles = find(objects, "Role")
@@ -291,9 +300,10 @@ def test_rbac_is_least_privilege():
                 assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
 
 
-def test_rbac_without_the_admission_policy_is_namespaced_only():
+def test_rbac_without_the_admission_policy_is_namespaced_only_but_the_finalizer_removals():
     objects = render({"policy.admission.enabled": "false"})
-    assert not find(objects, "ClusterRole") and not find(objects, "ClusterRoleBinding")
+    assert [_rules(r) for r in find(objects, "ClusterRole")] == [FINALIZER_RULES]
+    assert [b["metadata"]["name"] for b in find(objects, "ClusterRoleBinding")] == ["kubetune-finalizers"]
     assert find(objects, "Role")
 
 
@@ -304,9 +314,10 @@ def test_rbac_equals_docs_operator_md():
     documented = documented_rbac()
     assert documented, "no RBAC table in docs/operator.md"
     objects = render({"watchNamespaces": "{team-a}"})
-    (cluster_role,) = find(objects, "ClusterRole")
+    (cluster_role,) = find(objects, "ClusterRole", "kubetune")
     (ns_role,) = find(objects, "Role")
-    assert {**_rules(cluster_role), **_rules(ns_role), **ALL_NAMESPACES_ONLY} == documented
+    assert {**FINALIZER_RULES, **_rules(cluster_role), **_rules(ns_role), **ALL_NAMESPACES_ONLY} == documented
+    assert _rules(find(objects, "ClusterRole", "kubetune-finalizers")[0]) == FINALIZER_RULES
 
 
 # The releases tests/chart/test_install.py installs, as `helm template` can render them (watchNamespaces in place
@@ -322,10 +333,10 @@ def test_rbac_equals_the_committed_matrix():
     assert set(matrix) == set(MATRIX_RELEASES)
     for mode, (release, namespace, served) in MATRIX_RELEASES.items():
         objects = render({"watchNamespaces": f"{{{served}}}"}, release=release, namespace=namespace)
-        (cluster_role,) = find(objects, "ClusterRole")
+        cluster_roles = find(objects, "ClusterRole")
         (role,) = find(objects, "Role")
-        assert matrix[mode] == {"served": granted(cluster_role, role), "kube-system": granted(cluster_role),
-                                "unserved": granted(cluster_role)}, mode
+        assert matrix[mode] == {"served": granted(*cluster_roles, role), "kube-system": granted(*cluster_roles),
+                                "unserved": granted(*cluster_roles)}, mode
 
 
 # -- the admission policy -------------------------------------------------------------------------------------
@@ -352,7 +363,7 @@ def test_the_admission_policy_is_the_generated_one_under_the_releases_name():
     (params,) = find(objects, "ConfigMap", "ml-kubetune-policy")
     assert params["metadata"]["namespace"] == "ml-platform"
     assert _env(objects)["KUBETUNE_POLICY_BINDING"] == "ml-kubetune-finetunejobs"
-    (cluster_role,) = find(objects, "ClusterRole")
+    (cluster_role,) = find(objects, "ClusterRole", "ml-kubetune")
     assert {n for r in cluster_role["rules"] for n in r.get("resourceNames", [])} == {"ml-kubetune-finetunejobs"}
 
 
