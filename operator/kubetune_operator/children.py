@@ -89,6 +89,10 @@ class Names:
     def training(self) -> str:
         return f"{self.job}{TRAINING_SUFFIX}"
 
+    @property
+    def network_policy(self) -> str:
+        return f"{self.job}-ingress"
+
     def worker_host(self, index: int) -> str:
         """DNS name of worker `index`: an Indexed Job's pod <job>-<index>, under subdomain <service>."""
         return f"{self.training}-{index}.{self.service}"
@@ -320,3 +324,28 @@ def mutable_job_spec(spec: FineTuneJobSpec) -> dict:
     run = spec.run_policy
     return {"backoffLimit": run.backoff_limit, "activeDeadlineSeconds": run.active_deadline_seconds,
             "ttlSecondsAfterFinished": run.ttl_seconds_after_finished}
+
+
+def network_policy(meta: dict, settings: OperatorSettings) -> dict:
+    """The job's NetworkPolicy, created before its training Job: its pods (the workers and the validation pod)
+    take ingress only from the job's own pods (every port: the rendezvous, torch's TCPStore, has no
+    authentication, and NCCL and gloo connect on ports of their own), and on the trainer's /metrics port from the
+    operator's pods and Prometheus (the settings' KUBETUNE_NETWORK_* selectors). Egress is not restricted: storage
+    endpoints are arbitrary. Enforced only where the cluster's network plugin enforces NetworkPolicies."""
+    name = meta["name"]
+    own = {"podSelector": {"matchLabels": {LABEL_JOB: name}}}  # in the job's namespace only
+    scrapers = []
+    if settings.network_operator_namespace:
+        scrapers.append({"namespaceSelector": {"matchLabels": {
+                             "kubernetes.io/metadata.name": settings.network_operator_namespace}},
+                         "podSelector": {"matchLabels": dict(settings.network_operator_pods)}})
+    if settings.network_prometheus_namespaces or settings.network_prometheus_pods:
+        scrapers.append({"namespaceSelector": {"matchLabels": dict(settings.network_prometheus_namespaces)},
+                         "podSelector": {"matchLabels": dict(settings.network_prometheus_pods)}})
+    ingress = [{"from": [own]}]
+    if scrapers:
+        ingress.append({"from": scrapers, "ports": [{"protocol": "TCP", "port": settings.trainer_metrics_port}]})
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": child_meta(meta, Names(name).network_policy, "network"),
+            "spec": {"podSelector": {"matchLabels": {LABEL_JOB: name}}, "policyTypes": ["Ingress"],
+                     "ingress": ingress}}

@@ -17,7 +17,8 @@ from . import GROUP, PLURAL, VERSION, children, kube, kueue, loop, metrics
 
 FTJ = (GROUP, VERSION, PLURAL)
 CHILDREN = {"jobs": ("batch", "v1", "jobs"), "pods": ("", "v1", "pods"), "services": ("", "v1", "services"),
-            "config_maps": ("", "v1", "configmaps")}
+            "config_maps": ("", "v1", "configmaps"),
+            "network_policies": ("networking.k8s.io", "v1", "networkpolicies")}
 OURS = f"app.kubernetes.io/managed-by={children.MANAGED_BY}"
 LABELS = {children.LABEL_JOB: kopf.PRESENT}
 WORKLOADS = (kueue.GROUP, kueue.VERSION, kueue.PLURAL)  # Kueue's: watched when served at startup (serve_kueue)
@@ -77,6 +78,7 @@ def serve_kueue() -> None:
 @kopf.on.event(*CHILDREN["pods"], labels=LABELS)
 @kopf.on.event(*CHILDREN["services"], labels=LABELS)
 @kopf.on.event(*CHILDREN["config_maps"], labels=LABELS)
+@kopf.on.event(*CHILDREN["network_policies"], labels=LABELS)
 async def child_changed(labels, namespace, **_) -> None:
     loop.wake(namespace, labels[children.LABEL_JOB])
 
@@ -101,7 +103,8 @@ async def finetunejob_changed(type, body, namespace, name, uid, jobs: kopf.Index
 @kopf.daemon(*FTJ, cancellation_timeout=10)
 async def supervise(body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger, memo: kopf.Memo,
                     jobs: kopf.Index, pods: kopf.Index, services: kopf.Index, config_maps: kopf.Index,
-                    workloads: kopf.Index | None = None, **_) -> None:
+                    network_policies: kopf.Index, workloads: kopf.Index | None = None, **_) -> None:
     # None without Kueue (serve_kueue not called); an empty Index is falsy, and is the live one all the same
-    indexes = loop.Indexes(jobs, pods, services, config_maps, {} if workloads is None else workloads)
+    indexes = loop.Indexes(jobs, pods, services, config_maps, {} if workloads is None else workloads,
+                           network_policies)
     await loop.Supervisor(body, logger, memo.settings).run(stopped, indexes)

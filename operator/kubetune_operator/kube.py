@@ -176,7 +176,9 @@ def _last_change(obj: dict) -> str:
 def collection_path(obj: dict) -> str:
     api = obj["apiVersion"]
     prefix = "/api/v1" if api == "v1" else f"/apis/{api}"
-    return f"{prefix}/namespaces/{obj['metadata']['namespace']}/{obj['kind'].lower()}s"
+    kind = obj["kind"].lower()
+    plural = f"{kind[:-1]}ies" if kind.endswith("y") else f"{kind}s"  # NetworkPolicy: networkpolicies
+    return f"{prefix}/namespaces/{obj['metadata']['namespace']}/{plural}"
 
 
 def object_path(obj: dict) -> str:

@@ -17,7 +17,7 @@ import collections
 import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import kopf
@@ -54,6 +54,7 @@ class Indexes:
     services: kopf.Index
     config_maps: kopf.Index
     workloads: kopf.Index  # Kueue's, by namespace
+    network_policies: kopf.Index | dict = field(default_factory=dict)
 
     def observe(self, body: dict, expected: dict[str, dict]) -> Observed:
         """The children as the indexes hold them; `expected` (by name) are children this supervisor has just
@@ -77,6 +78,7 @@ class Indexes:
                      training_job=named(self.jobs, names.training))
         o.validation_pods, o.training_pods = pods_of(o.validation_job), pods_of(o.training_job)
         o.workloads = list(self.workloads.get(meta["namespace"], []))
+        o.network_policy = named(self.network_policies, names.network_policy)
         return copy.deepcopy(o)
 
 

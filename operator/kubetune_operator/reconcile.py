@@ -68,6 +68,7 @@ class Observed:
     # server (loop.apply), for the refusal of a second unfinished job on one output prefix. None: not read.
     finetunejobs: list[dict] | None = None
     workloads: list[dict] = field(default_factory=list)  # Kueue's Workloads in the FineTuneJob's namespace
+    network_policy: dict | None = None  # children.network_policy
 
     @property
     def workload(self) -> dict | None:
@@ -309,6 +310,8 @@ def _validate(d: Decision, meta, spec, observed: Observed, settings: OperatorSet
 def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observed,
            settings: OperatorSettings) -> None:
     run, now = spec.run_policy, d.now
+    if settings.network_policy and observed.network_policy is None:  # before the workers: they never run unguarded
+        d.create.append(children.network_policy(meta, settings))
     if observed.service is None:
         d.create.append(children.service(meta, spec, settings))
     job = observed.training_job

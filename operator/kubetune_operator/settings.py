@@ -29,6 +29,11 @@ LEASE_NAME = "kubetune-operator"  # KUBETUNE_LEASE_NAME: leader election's Lease
 # KUBETUNE_LEASE_{DURATION,RENEW_DEADLINE,RETRY_PERIOD}_SECONDS, client-go's defaults (leader.Timing)
 LEASE_DURATION_SECONDS, LEASE_RENEW_DEADLINE_SECONDS, LEASE_RETRY_PERIOD_SECONDS = 15.0, 10.0, 2.0
 TRAINER_METRICS_PORT = MetricsSpec.model_fields["port"].default  # the trainer's own default (9400)
+# Prometheus as kube-prometheus-stack deploys it (the chart's PodMonitor is for it): the Prometheus Operator labels
+# its pods app.kubernetes.io/name=prometheus; the namespace is by name (a label only the API server sets), so no
+# tenant can label their own pods into the peer
+PROMETHEUS_NAMESPACES = (("kubernetes.io/metadata.name", "monitoring"),)
+PROMETHEUS_PODS = (("app.kubernetes.io/name", "prometheus"),)
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,15 @@ class OperatorSettings:
     lease_duration_seconds: float = LEASE_DURATION_SECONDS
     lease_renew_deadline_seconds: float = LEASE_RENEW_DEADLINE_SECONDS
     lease_retry_period_seconds: float = LEASE_RETRY_PERIOD_SECONDS
+    # KUBETUNE_NETWORK_*: the NetworkPolicy of each job (children.network_policy; the chart's networkPolicy.*)
+    network_policy: bool = True  # KUBETUNE_NETWORK_POLICY ("false": none is created)
+    # KUBETUNE_NETWORK_OPERATOR_NAMESPACE and _POD_LABELS: where the operator's pods run and their labels, the
+    # peers that may scrape /metrics ("": no operator peer, as for an operator that runs outside the cluster)
+    network_operator_namespace: str = ""
+    network_operator_pods: tuple[tuple[str, str], ...] = ()
+    # KUBETUNE_NETWORK_PROMETHEUS_NAMESPACE_SELECTOR and _POD_SELECTOR: Prometheus, the other peer of /metrics
+    network_prometheus_namespaces: tuple[tuple[str, str], ...] = PROMETHEUS_NAMESPACES
+    network_prometheus_pods: tuple[tuple[str, str], ...] = PROMETHEUS_PODS
 
     def __post_init__(self) -> None:
         if self.policy is None:
@@ -104,6 +118,7 @@ class OperatorSettings:
             metrics_port=int(env("KUBETUNE_METRICS_PORT", "8080")),
             health_port=int(env("KUBETUNE_HEALTH_PORT", "8081")),
             ready_port=int(env("KUBETUNE_READY_PORT", "8082")),
+            **network_settings(env),
             policy=PolicySettings(
                 image_prefixes=names("KUBETUNE_POLICY_IMAGE_PREFIXES") or (repository(image),),
                 credentials_secret=secret,
@@ -135,3 +150,32 @@ def _scheduling(env) -> Scheduling:
                       else names("KUBETUNE_POLICY_GPU_RESOURCE_NAMES"),
                       max_grace_seconds=int(env("KUBETUNE_POLICY_MAX_GRACE_SECONDS") or default.max_grace_seconds),
                       require_queue=env("KUBETUNE_POLICY_REQUIRE_QUEUE") == "true")
+
+
+def labels_setting(value: str, var: str) -> tuple[tuple[str, str], ...]:
+    """`k=v,k2=v2` (a label selector's matchLabels, as `kubectl label` takes them) as pairs; a pair without `=`
+    is an error naming the variable."""
+    pairs = []
+    for item in (i.strip() for i in value.split(",") if i.strip()):
+        key, eq, val = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{var}: {item!r} is not key=value; write labels as k=v,k2=v2")
+        pairs.append((key.strip(), val.strip()))
+    return tuple(pairs)
+
+
+def network_settings(env) -> dict:
+    """KUBETUNE_NETWORK_{POLICY,OPERATOR_NAMESPACE,OPERATOR_POD_LABELS,PROMETHEUS_NAMESPACE_SELECTOR,
+    PROMETHEUS_POD_SELECTOR} (the chart's networkPolicy.*). The Prometheus selectors, unset: the defaults; set but
+    empty: no Prometheus peer (with both empty)."""
+    def selector(var: str, default: tuple) -> tuple:
+        value = env(var)
+        return default if value is None else labels_setting(value, var)
+
+    return {"network_policy": (env("KUBETUNE_NETWORK_POLICY") or "true").strip().lower() != "false",
+            "network_operator_namespace": (env("KUBETUNE_NETWORK_OPERATOR_NAMESPACE") or "").strip(),
+            "network_operator_pods": labels_setting(env("KUBETUNE_NETWORK_OPERATOR_POD_LABELS") or "",
+                                                    "KUBETUNE_NETWORK_OPERATOR_POD_LABELS"),
+            "network_prometheus_namespaces": selector("KUBETUNE_NETWORK_PROMETHEUS_NAMESPACE_SELECTOR",
+                                                      PROMETHEUS_NAMESPACES),
+            "network_prometheus_pods": selector("KUBETUNE_NETWORK_PROMETHEUS_POD_SELECTOR", PROMETHEUS_PODS)}

@@ -49,6 +49,7 @@ def test_default_render():
     kinds = sorted(o["kind"] for o in objects)
     assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Role",
                             "RoleBinding", "Service", "Deployment", "ConfigMap", "ConfigMap",
+                            "ClusterRole", "ClusterRoleBinding",  # the finalizer removals
                             "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"])
     (deploy,) = find(objects, "Deployment")
     container = deploy["spec"]["template"]["spec"]["containers"][0]
@@ -215,10 +216,13 @@ NAMESPACED_RULES = {
     ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create"},
     ("kueue.x-k8s.io", "workloads"): {"get", "list", "watch", "patch"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create"},
 }
 POLICY_RULES = {("admissionregistration.k8s.io", "validatingadmissionpolicies"): {"get"},
                 ("admissionregistration.k8s.io", "validatingadmissionpolicybindings"): {"get"}}
 LEADER_RULES = {("coordination.k8s.io", "leases"): {"create", "get", "update"}}  # in the release namespace
+# Bound cluster-wide, so that a deleted namespace never sticks on the operator's finalizers (docs/security.md, 2)
+FINALIZER_RULES = {("kubetune.io", "finetunejobs"): {"patch"}, ("batch", "jobs"): {"patch"}}
 # `python -m kubetune_operator --all-namespaces` (docs/operator.md): kopf then observes CRDs; the chart never runs it
 ALL_NAMESPACES_ONLY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 
@@ -268,7 +272,8 @@ def test_the_operator_never_runs_cluster_wide():
         (deploy,) = find(objects, "Deployment")
         assert "--all-namespaces" not in deploy["spec"]["template"]["spec"]["containers"][0]["args"]
         assert not find(objects, "ClusterKopfPeering")
-        assert not [r for r in find(objects, "ClusterRole") if set(_rules(r)) - set(POLICY_RULES)]
+        assert not [r for r in find(objects, "ClusterRole") if set(_rules(r)) - set(POLICY_RULES)
+                    and _rules(r) != FINALIZER_RULES]
 
 
 def test_podmonitor_namespaces_override_the_served_ones():
@@ -279,12 +284,17 @@ def test_podmonitor_namespaces_override_the_served_ones():
 def test_rbac_is_least_privilege():
     for values, served in (({}, ["kubetune-system"]), ({"watchNamespaces": "{team-a,team-b}"}, ["team-a", "team-b"])):
         objects = render(values)
-        (cluster_role,) = find(objects, "ClusterRole")
-        assert _rules(cluster_role) == POLICY_RULES  # nothing namespaced cluster-wide
+        (cluster_role,) = find(objects, "ClusterRole", "kubetune")
+        assert _rules(cluster_role) == POLICY_RULES  # nothing namespaced cluster-wide but the finalizer removals
+        (finalizers,) = find(objects, "ClusterRole", "kubetune-finalizers")
+        assert _rules(finalizers) == FINALIZER_RULES  # patch alone: no read, create or delete outside
+        (binding,) = find(objects, "ClusterRoleBinding", "kubetune-finalizers")
+        assert binding["roleRef"]["name"] == "kubetune-finalizers" and binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}]
         for rule in cluster_role["rules"]:  # its own admission policy and binding only, by name
             if rule["apiGroups"] == ["admissionregistration.k8s.io"]:
                 assert rule["resourceNames"] == ["kubetune-finetunejobs"]
-        (binding,) = find(objects, "ClusterRoleBinding")
+        (binding,) = find(objects, "ClusterRoleBinding", "kubetune")
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": "kubetune", "namespace": "kubetune-system"}]
         roles = served_roles(objects)
@@ -302,9 +312,10 @@ def test_rbac_is_least_privilege():
                 assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
 
 
-def test_rbac_without_the_admission_policy_is_namespaced_only():
+def test_rbac_without_the_admission_policy_is_namespaced_only_but_the_finalizer_removals():
     objects = render({"policy.admission.enabled": "false"})
-    assert not find(objects, "ClusterRole") and not find(objects, "ClusterRoleBinding")
+    assert [_rules(r) for r in find(objects, "ClusterRole")] == [FINALIZER_RULES]
+    assert [b["metadata"]["name"] for b in find(objects, "ClusterRoleBinding")] == ["kubetune-finalizers"]
     assert served_roles(objects) and leader_role(objects)
 
 
@@ -353,10 +364,11 @@ def test_rbac_equals_docs_operator_md():
     documented = documented_rbac()
     assert documented, "no RBAC table in docs/operator.md"
     objects = render({"watchNamespaces": "{team-a}"})
-    (cluster_role,) = find(objects, "ClusterRole")
+    (cluster_role,) = find(objects, "ClusterRole", "kubetune")
     (ns_role,) = served_roles(objects)
-    assert {**_rules(cluster_role), **_rules(ns_role), **_rules(leader_role(objects)), **ALL_NAMESPACES_ONLY} == (
-        documented)
+    assert {**FINALIZER_RULES, **_rules(cluster_role), **_rules(ns_role), **_rules(leader_role(objects)),
+            **ALL_NAMESPACES_ONLY} == documented
+    assert _rules(find(objects, "ClusterRole", "kubetune-finalizers")[0]) == FINALIZER_RULES
 
 
 # The releases tests/chart/test_install.py installs, as `helm template` can render them (watchNamespaces in place
@@ -372,11 +384,11 @@ def test_rbac_equals_the_committed_matrix():
     assert set(matrix) == set(MATRIX_RELEASES)
     for mode, (release, namespace, served) in MATRIX_RELEASES.items():
         objects = render({"watchNamespaces": f"{{{served}}}"}, release=release, namespace=namespace)
-        (cluster_role,) = find(objects, "ClusterRole")
+        cluster_roles = find(objects, "ClusterRole")
         (role,) = served_roles(objects)
-        assert matrix[mode] == {"served": granted(cluster_role, role), "kube-system": granted(cluster_role),
-                                "unserved": granted(cluster_role),
-                                "operator": granted(cluster_role, leader_role(objects))}, mode
+        assert matrix[mode] == {"served": granted(*cluster_roles, role), "kube-system": granted(*cluster_roles),
+                                "unserved": granted(*cluster_roles),
+                                "operator": granted(*cluster_roles, leader_role(objects))}, mode
 
 
 # -- the admission policy -------------------------------------------------------------------------------------
@@ -403,7 +415,7 @@ def test_the_admission_policy_is_the_generated_one_under_the_releases_name():
     (params,) = find(objects, "ConfigMap", "ml-kubetune-policy")
     assert params["metadata"]["namespace"] == "ml-platform"
     assert _env(objects)["KUBETUNE_POLICY_BINDING"] == "ml-kubetune-finetunejobs"
-    (cluster_role,) = find(objects, "ClusterRole")
+    (cluster_role,) = find(objects, "ClusterRole", "ml-kubetune")
     assert {n for r in cluster_role["rules"] for n in r.get("resourceNames", [])} == {"ml-kubetune-finetunejobs"}
 
 
@@ -533,7 +545,7 @@ def test_dashboard_configmap_carries_the_sidecar_label_and_json():
 
 
 # Values documented as a whole (a Kubernetes object, not chart settings)
-WHOLE = {"resources", "podSecurityContext", "securityContext", "strategy", "selector", "livenessProbe",
+WHOLE = {"prometheus", "resources", "podSecurityContext", "securityContext", "strategy", "selector", "livenessProbe",
          "readinessProbe", "namespaceSelector"}
 
 
@@ -554,3 +566,28 @@ def test_every_value_is_documented_in_install_md():
     documented = set(re.findall(r"^\| `([^`]+)` \|", doc, flags=re.MULTILINE))
     missing = _leaf_keys(values) - documented
     assert not missing, f"values not in the docs/install.md values table: {sorted(missing)}"
+
+
+def test_each_job_gets_a_network_policy_the_operator_may_create(monkeypatch):
+    """networkPolicy.*: the operator gets the selectors of its own pods (the release namespace, the Deployment's
+    pod labels) and of Prometheus, and the right to create NetworkPolicies; `enabled: false` takes both away."""
+    from kubetune_operator.children import network_policy
+
+    objects = render({"networkPolicy.prometheus.namespaceSelector.team": "observability"})
+    settings = deployment_settings(objects, monkeypatch)
+    (deploy,) = find(objects, "Deployment")
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert settings.network_policy and settings.network_operator_namespace == deploy["metadata"]["namespace"]
+    assert dict(settings.network_operator_pods).items() <= pod_labels.items()
+    assert dict(settings.network_operator_pods) == deploy["spec"]["selector"]["matchLabels"]
+    policy = network_policy({"name": "demo", "namespace": "ml-team", "uid": "u"}, settings)
+    operator_peer, prometheus_peer = policy["spec"]["ingress"][1]["from"]
+    assert prometheus_peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring",
+                                                                   "team": "observability"}
+    for role in served_roles(objects):
+        assert "create" in _rules(role)[("networking.k8s.io", "networkpolicies")]
+
+    objects = render({"networkPolicy.enabled": "false"})
+    assert not deployment_settings(objects, monkeypatch).network_policy
+    for role in served_roles(objects):
+        assert _rules(role)[("networking.k8s.io", "networkpolicies")] == {"get", "list", "watch"}

@@ -354,3 +354,41 @@ def test_no_service_account_token_unless_the_job_names_a_service_account():
         assert pod["enableServiceLinks"] is False  # no other Service's address in the environment either
     for kind, pod in pod_specs(WORKLOAD_IDENTITY).items():
         assert pod["automountServiceAccountToken"] is True and pod["serviceAccountName"] == "trainer", kind
+
+
+NETWORKED = OperatorSettings(
+    trainer_image=IMAGE, trainer_metrics_port=9400, network_operator_namespace="kubetune-system",
+    network_operator_pods=(("app.kubernetes.io/name", "kubetune"), ("app.kubernetes.io/component", "operator")))
+
+
+def test_network_policy_lets_in_only_the_jobs_pods_the_operator_and_prometheus():
+    """The job's pods (workers and validation) are selected; every port is open to the job's own pods (the
+    rendezvous, NCCL/gloo), only the metrics port to the operator's pods and Prometheus; egress is not touched."""
+    meta, _ = build()
+    policy = children.network_policy(meta, NETWORKED)
+    assert (policy["apiVersion"], policy["kind"], policy["metadata"]["name"]) == (
+        "networking.k8s.io/v1", "NetworkPolicy", "demo-ingress")
+    assert policy["metadata"]["ownerReferences"][0]["uid"] == meta["uid"]
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": {"kubetune.io/finetunejob": "demo"}}
+    assert spec["policyTypes"] == ["Ingress"]  # egress: storage endpoints are arbitrary
+    own, scrapers = spec["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": {"kubetune.io/finetunejob": "demo"}}}]}  # no ports: all
+    assert scrapers["ports"] == [{"protocol": "TCP", "port": 9400}]
+    assert scrapers["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubetune-system"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubetune",
+                                         "app.kubernetes.io/component": "operator"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    job_spec = build()[1]
+    for obj in (children.training_job(meta, job_spec, NETWORKED), children.validation_job(meta, job_spec, NETWORKED)):
+        labels = obj["spec"]["template"]["metadata"]["labels"]
+        assert labels["kubetune.io/finetunejob"] == "demo", "the policy selects every pod of the job"
+
+
+def test_network_policy_without_scrapers_admits_only_the_jobs_pods():
+    meta, _ = build()
+    settings = OperatorSettings(trainer_image=IMAGE, network_prometheus_namespaces=(), network_prometheus_pods=())
+    assert children.network_policy(meta, settings)["spec"]["ingress"] == [
+        {"from": [{"podSelector": {"matchLabels": {"kubetune.io/finetunejob": "demo"}}}]}]

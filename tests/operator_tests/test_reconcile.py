@@ -23,6 +23,7 @@ def desired(body: dict) -> dict:
         "validation": children.validation_job(meta, spec, SETTINGS),
         "service": children.service(meta, spec, SETTINGS),
         "training": children.training_job(meta, spec, SETTINGS),
+        "network": children.network_policy(meta, SETTINGS),
     }
 
 
@@ -58,6 +59,7 @@ def training_observed(body: dict, **job_kwargs) -> tuple[Observed, dict]:
         config_map=c["cm"],
         validation_job=job(c["validation"], finished="Complete"),
         service=c["service"],
+        network_policy=c["network"],
         training_job=tj,
     ), tj
 
@@ -210,7 +212,7 @@ def test_valid_dataset_starts_training():
             ],
         ),
     )
-    assert kinds(d) == ["demo-workers", "demo-train"]
+    assert kinds(d) == ["demo-ingress", "demo-workers", "demo-train"]  # the NetworkPolicy before any worker
     assert get_condition(d.status, "Validated")["message"] == "dataset valid: train 100 samples"
     assert d.phase == "Queued"
 
@@ -814,3 +816,19 @@ def test_a_started_job_does_not_look_for_other_jobs():
     assert needs_output_check(ftj())
     assert not needs_output_check(validated(ftj()))
     assert not needs_output_check(ftj(status={"phase": "Failed"}))
+
+
+def test_the_network_policy_comes_before_the_workers_and_only_when_enabled():
+    """Created with the training Job (never later than its pods), once; KUBETUNE_NETWORK_POLICY=false: never."""
+    from dataclasses import replace
+
+    body = validated(ftj())
+    observed, _ = training_observed(body)
+    observed.training_job = observed.network_policy = observed.service = None
+    d = run(body, observed)
+    assert kinds(d) == ["demo-ingress", "demo-workers", "demo-train"]
+    observed.network_policy = d.create[0]
+    assert "demo-ingress" not in kinds(run(body, observed))
+    observed.network_policy = None
+    off = decide(body, observed, NOW, replace(SETTINGS, network_policy=False))
+    assert [o["metadata"]["name"] for o in off.create] == ["demo-workers", "demo-train"]

@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from kubetune_api import Reason
 from kubetune_operator import __main__ as main
 from kubetune_operator import children, leader, metrics, policy
@@ -100,7 +101,8 @@ def test_decide_never_builds_settings_of_its_own(monkeypatch):
     body["status"] = {"phase": "Queued", "conditions": [{"type": "Validated", "status": "True", "reason": "ok",
                                                           "lastTransitionTime": "2026-01-01T10:00:00Z"}]}
     d = decide(body, Observed(config_map=cm), NOW, settings)
-    service, training = d.create
+    network, service, training = d.create
+    assert network["kind"] == "NetworkPolicy"
     assert {"name": "rendezvous", "port": 31234} in service["spec"]["ports"]
     training["metadata"]["uid"], training["status"] = "tj", {"active": 2}
     d = decide(body, Observed(config_map=cm, service=service, training_job=training,
@@ -174,3 +176,22 @@ def test_standalone_runs_kopf_without_election(monkeypatch):
     main.main(["-n", "ml", "--standalone"])
     assert started["standalone"] is True and started["active"] == "active"
     assert leader.state() == "standby", "not ready once kopf has stopped"
+
+def test_the_network_policy_variables_take_effect():
+    """KUBETUNE_NETWORK_*, as the chart sets them (networkPolicy.*): off, the operator's namespace and pod labels,
+    Prometheus's selectors; set but empty, no Prometheus peer; a label without `=` names the variable."""
+    s = OperatorSettings()
+    assert (s.network_policy, s.network_operator_namespace, s.network_operator_pods) == (True, "", ())
+    assert dict(s.network_prometheus_namespaces) == {"kubernetes.io/metadata.name": "monitoring"}
+    assert dict(s.network_prometheus_pods) == {"app.kubernetes.io/name": "prometheus"}
+    s = OperatorSettings.from_env({
+        "KUBETUNE_NETWORK_POLICY": "false", "KUBETUNE_NETWORK_OPERATOR_NAMESPACE": "kubetune-system",
+        "KUBETUNE_NETWORK_OPERATOR_POD_LABELS": "app.kubernetes.io/name=kubetune,app.kubernetes.io/component=operator",
+        "KUBETUNE_NETWORK_PROMETHEUS_NAMESPACE_SELECTOR": "team=observability",
+        "KUBETUNE_NETWORK_PROMETHEUS_POD_SELECTOR": ""})
+    assert s.network_policy is False and s.network_operator_namespace == "kubetune-system"
+    assert dict(s.network_operator_pods) == {"app.kubernetes.io/name": "kubetune",
+                                             "app.kubernetes.io/component": "operator"}
+    assert (s.network_prometheus_namespaces, s.network_prometheus_pods) == ((("team", "observability"),), ())
+    with pytest.raises(ValueError, match="KUBETUNE_NETWORK_PROMETHEUS_POD_SELECTOR: 'prometheus' is not key=value"):
+        OperatorSettings.from_env({"KUBETUNE_NETWORK_PROMETHEUS_POD_SELECTOR": "prometheus"})

@@ -102,6 +102,15 @@ RoleBindings, the PodMonitor's namespaces and the admission policy binding's nam
 {{- toJson ($served | default (list .Release.Namespace)) }}
 {{- end }}
 
+{{/* A map of labels as `kubectl label` takes them: k=v,k2=v2 (sorted by key). */}}
+{{- define "kubetune.labelPairs" -}}
+{{- $pairs := list }}
+{{- range $key, $value := . }}
+{{- $pairs = append $pairs (printf "%s=%s" $key (toString $value)) }}
+{{- end }}
+{{- join "," $pairs }}
+{{- end }}
+
 {{/* The tenant label selector as `kubectl label` takes it: k=v,k2=v2. */}}
 {{- define "kubetune.tenantLabels" -}}
 {{- $pairs := list }}
@@ -168,6 +177,11 @@ Exactly the calls the operator makes: docs/operator.md, section RBAC (a test kee
 - apiGroups: ["kueue.x-k8s.io"]
   resources: ["workloads"]
   verbs: ["get", "list", "watch", "patch"]
+# each job's NetworkPolicy: watched (kopf indexes it), created with the training Job when networkPolicy.enabled;
+# the garbage collector deletes it with its FineTuneJob
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch"{{ if .Values.networkPolicy.enabled }}, "create"{{ end }}]
 {{- end }}
 
 {{/* The leader election's Lease, in the release namespace */}}
