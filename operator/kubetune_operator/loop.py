@@ -197,7 +197,7 @@ def apply(api: kube.Kube, body: dict, observed: Observed, logger: logging.Logger
     if (old.get("trainingJob") or {}).get("uid") and observed.training_job is None and old.get("phase") not in \
             reconcile.TERMINAL:  # the index may lag behind our own create: ask the API before calling it gone
         observed.training_job = kube.owned_by(api.get(kube.training_job_path(meta)), meta["uid"])
-    if policy.needs_admission_check(body):
+    if policy.needs_admission_check(body, settings.policy):
         observed.admission_policy = api.admission_policy(settings.policy.binding)
     d = decide(body, observed, now, settings)
     created: list[dict] = []

@@ -20,6 +20,8 @@ What "use" means for each object a job names (docs/security.md): the author coul
 * a PVC C (a `pvc://C/...` URI): `use persistentvolumeclaims` C (a verb for RBAC only, granted per claim), or
   create pods, in the job's namespace.
 * `scheduling.priorityClassName` P: `use priorityclasses.scheduling.k8s.io` P (cluster-wide).
+* `storage.secretRef` naming a Secret K other than the platform's default credentials: `get secrets` K in the
+  job's namespace (the pods would hold its keys, and could send them to any endpoint the job names).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ CLAIM = ("spec: a pvc:// URI names a PersistentVolumeClaim you may not use: a Fi
          "if its author has the verb `use` on it (persistentvolumeclaims) or may create pods in the namespace")
 PRIORITY = ("spec.scheduling.priorityClassName: you may not use this priority class: a FineTuneJob may name one "
             "only if its author has the verb `use` on it (priorityclasses.scheduling.k8s.io)")
+SECRET = ("spec.storage.secretRef: you may not use this Secret: a FineTuneJob may name a Secret other than the "
+          "platform's default storage credentials only if its author may read it (get secrets) in the namespace")
 UNCHECKED = ("; the operator cannot check that the job's author may use it, because this cluster does not enforce "
              "the Kubetune admission policy (install it: the chart's policy.admission.enabled, or "
              "crds/policy/admission-policy.yaml)")
@@ -113,15 +117,21 @@ def violations(namespace: str, spec: FineTuneJobSpec, settings: Settings, author
     if spec.base_model.trust_remote_code and not settings.allow_trust_remote_code:
         out.append(REMOTE_CODE)
     if not author_checked:
-        out += [message + UNCHECKED for value, message in _author_dependent(spec) if value]
+        out += [message + UNCHECKED for value, message in _author_dependent(spec, settings) if value]
     return out
 
 
-def _author_dependent(spec: FineTuneJobSpec) -> list[tuple[object, str]]:
+def own_secret(spec: FineTuneJobSpec, settings: Settings) -> str:
+    """The Secret the job names, unless it is the platform's default credentials ("": none)."""
+    named = spec.storage.secret_ref.name if spec.storage.secret_ref else ""
+    return "" if named == settings.credentials_secret else named
+
+
+def _author_dependent(spec: FineTuneJobSpec, settings: Settings) -> list[tuple[object, str]]:
     """What the job names whose use depends on its author (empty values: nothing named), with each rule's
     message."""
     return [(spec.storage.service_account_name, SERVICE_ACCOUNT), (spec.pvc_claims(), CLAIM),
-            (spec.scheduling.priority_class_name, PRIORITY)]
+            (spec.scheduling.priority_class_name, PRIORITY), (own_secret(spec, settings), SECRET)]
 
 
 def author_checked(meta: dict, policy_since: str | None) -> bool:
@@ -131,7 +141,7 @@ def author_checked(meta: dict, policy_since: str | None) -> bool:
     return bool(policy_since and created and created > policy_since)
 
 
-def needs_admission_check(body: dict) -> bool:
+def needs_admission_check(body: dict, settings: Settings) -> bool:
     """Whether the operator must ask the API server if the admission policy is in force before it decides: the
     job has no child yet (no Validated condition) and names an object whose use depends on its author."""
     if get_condition(body.get("status") or {}, "Validated"):
@@ -140,7 +150,7 @@ def needs_admission_check(body: dict) -> bool:
         spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
     except ValueError:  # the reconcile reports it
         return False
-    return any(value for value, _ in _author_dependent(spec))
+    return any(value for value, _ in _author_dependent(spec, settings))
 
 
 # -- the same rules in CEL ---------------------------------------------------------------------------------------
@@ -165,6 +175,8 @@ VALIDATIONS = [
     ("variables.defaultSecret == '' || !(variables.secretName == variables.defaultSecret || "
      "(variables.secretName == '' && variables.serviceAccount == '')) || "
      "variables.credentialsNamespaces.exists(n, n == '*' || n == request.namespace)", CREDENTIALS),
+    ("variables.secretName == '' || variables.secretName == variables.defaultSecret || authorizer.group('')"
+     ".resource('secrets').namespace(request.namespace).name(variables.secretName).check('get').allowed()", SECRET),
     ("!object.spec.?baseModel.?trustRemoteCode.orValue(false) || "
      "params.data.?allowTrustRemoteCode.orValue('false') == 'true'", REMOTE_CODE),
     ("variables.serviceAccount == '' || variables.podCreator || authorizer.group('').resource('serviceaccounts')"

@@ -15,6 +15,7 @@ from tests.operator_tests import test_e2e as e2e
 from tests.operator_tests.test_e2e import credentials, events_of, submit, training_spec, wait_phase
 
 crd, operator, s3_inputs, fake_trainer = e2e.crd, e2e.operator, e2e.s3_inputs, e2e.fake_trainer  # fixtures
+author_policy = e2e.author_policy  # the operator's (it trusts the API server for authors)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
