@@ -22,6 +22,14 @@ What "use" means for each object a job names (docs/security.md): the author coul
 * `scheduling.priorityClassName` P: `use priorityclasses.scheduling.k8s.io` P (cluster-wide).
 * `storage.secretRef` naming a Secret K other than the platform's default credentials: `get secrets` K in the
   job's namespace (the pods would hold its keys, and could send them to any endpoint the job names).
+
+Where the platform's default credentials go: only to the platform's endpoint. A job that sets its own
+`storage.endpoint` (another than the chart's `storage.endpoint`) never gets the default Secret filled in, and may
+not name it; with `policy.allowedStorageEndpoints` set, its endpoint must be one of them.
+
+And where the job's data may be, whoever its author is: with `policy.allowedStoragePrefixes` set, every storage URI
+of the spec (base model, dataset splits, data cache, checkpoints, output) starts with one of the prefixes, each
+with `{namespace}` replaced by the job's namespace (`s3://ml-{namespace}/`), and has no `.` or `..` segment.
 """
 
 from __future__ import annotations
@@ -58,6 +66,14 @@ PRIORITY = ("spec.scheduling.priorityClassName: you may not use this priority cl
             "only if its author has the verb `use` on it (priorityclasses.scheduling.k8s.io)")
 SECRET = ("spec.storage.secretRef: you may not use this Secret: a FineTuneJob may name a Secret other than the "
           "platform's default storage credentials only if its author may read it (get secrets) in the namespace")
+ENDPOINT = ("spec.storage.endpoint: this storage endpoint is not allowed here; use one of the platform's "
+            "(policy.allowedStorageEndpoints), or leave storage.endpoint unset for the platform's default")
+DEFAULT_CREDENTIALS_ENDPOINT = (
+    "spec.storage: the platform's default storage credentials (storage.secretName) go only to the platform's "
+    "endpoint; with storage.endpoint set to another, set storage.secretRef to a Secret of this namespace, or "
+    "storage.serviceAccountName, or leave storage.endpoint unset")
+STORAGE_PREFIX = ("spec: these storage URIs are outside the prefixes this namespace may use "
+                  "(policy.allowedStoragePrefixes)")
 UNCHECKED = ("; the operator cannot check that the job's author may use it, because this cluster does not enforce "
              "the Kubetune admission policy (install it: the chart's policy.admission.enabled, or "
              "crds/policy/admission-policy.yaml)")
@@ -73,13 +89,18 @@ class Settings:
     credentials_secret: str = ""
     credentials_namespaces: tuple[str, ...] = ()  # "*": every namespace
     allow_trust_remote_code: bool = False
+    storage_prefixes: tuple[str, ...] = ()  # "{namespace}": the job's; empty: any URI
+    storage_endpoint: str = ""  # the platform's (KUBETUNE_STORAGE_ENDPOINT): the default credentials go only there
+    storage_endpoints: tuple[str, ...] = ()  # the endpoints a job may set; empty: any
     binding: str = ""  # the ValidatingAdmissionPolicyBinding that tells the operator the API server checks authors
 
     def params(self) -> dict[str, str]:
         """The data of the policy's parameters ConfigMap."""
         return {"imagePrefixes": ",".join(self.image_prefixes), "credentialsSecret": self.credentials_secret,
                 "credentialsNamespaces": ",".join(self.credentials_namespaces),
-                "allowTrustRemoteCode": str(self.allow_trust_remote_code).lower()}
+                "allowTrustRemoteCode": str(self.allow_trust_remote_code).lower(),
+                "storagePrefixes": ",".join(self.storage_prefixes), "defaultEndpoint": self.storage_endpoint,
+                "storageEndpoints": ",".join(self.storage_endpoints)}
 
 
 def repository(image: str) -> str:
@@ -97,12 +118,49 @@ def image_allowed(image: str, prefixes: tuple[str, ...]) -> bool:
                for p in prefixes)
 
 
+def same_endpoint(a: str, b: str) -> bool:
+    """The same endpoint URL, but for a trailing slash (as the admission policy's CEL compares them)."""
+    return a in (b, b + "/") or a + "/" == b
+
+
+def _same_endpoint(a: str, b: str) -> str:
+    """same_endpoint in CEL, for two CEL string expressions."""
+    return f"{a} == {b} || {a} == {b} + '/' || {a} + '/' == {b}"
+
+
+def own_endpoint(endpoint: str | None, settings: Settings) -> bool:
+    """Whether a job's storage.endpoint is its own: set, and not the platform's."""
+    return bool(endpoint) and not same_endpoint(endpoint, settings.storage_endpoint)
+
+
 def uses_default_credentials(spec: FineTuneJobSpec, settings: Settings) -> bool:
-    """The job names the platform's default Secret, or no credentials at all (the operator fills the default in)."""
+    """The job names the platform's default Secret, or no credentials at all and no endpoint of its own (the
+    operator fills the default in)."""
     storage = spec.storage
     named = storage.secret_ref.name if storage.secret_ref else ""
-    return bool(settings.credentials_secret) and (
-        named == settings.credentials_secret or not (named or storage.service_account_name))
+    return bool(settings.credentials_secret) and (named == settings.credentials_secret or not (
+        named or storage.service_account_name or own_endpoint(storage.endpoint, settings)))
+
+
+def storage_uris(spec: FineTuneJobSpec) -> list[str]:
+    """Every storage URI the spec sets, in the order of the admission policy's `uris`."""
+    return [u for u in (spec.base_model.uri, spec.dataset.train, spec.output.uri, spec.dataset.validation,
+                        spec.dataset.test, spec.checkpoint.uri, spec.dataset.cache_uri) if u]
+
+
+def storage_prefixes(namespace: str, settings: Settings) -> list[str]:
+    return [p.replace("{namespace}", namespace) for p in settings.storage_prefixes]
+
+
+def uri_allowed(uri: str, prefixes: list[str]) -> bool:
+    """Under one of `prefixes` (none: any URI), with no `.` or `..` segment (S3 keeps such keys as they are, but
+    a path or a proxy may resolve them)."""
+    return not prefixes or (not {".", ".."} & set(uri.split("/")) and any(uri.startswith(p) for p in prefixes))
+
+
+def storage_prefix_message(outside: list[str], prefixes: list[str]) -> str:
+    """The rule's message: the URIs outside the prefixes, and the prefixes (the same text as its CEL)."""
+    return f"{STORAGE_PREFIX}: {', '.join(outside)}; allowed: {', '.join(prefixes)} (no . or .. path segments)"
 
 
 def violations(namespace: str, spec: FineTuneJobSpec, settings: Settings, author_checked: bool) -> list[str]:
@@ -116,6 +174,17 @@ def violations(namespace: str, spec: FineTuneJobSpec, settings: Settings, author
         out.append(CREDENTIALS)
     if spec.base_model.trust_remote_code and not settings.allow_trust_remote_code:
         out.append(REMOTE_CODE)
+    endpoint = spec.storage.endpoint or ""
+    own = own_endpoint(endpoint, settings)
+    if own and settings.storage_endpoints and not any(same_endpoint(endpoint, e) for e in settings.storage_endpoints):
+        out.append(ENDPOINT)
+    named = spec.storage.secret_ref.name if spec.storage.secret_ref else ""
+    if own and settings.credentials_secret and named == settings.credentials_secret:
+        out.append(DEFAULT_CREDENTIALS_ENDPOINT)
+    prefixes = storage_prefixes(namespace, settings)
+    outside = [u for u in storage_uris(spec) if not uri_allowed(u, prefixes)]
+    if outside:
+        out.append(storage_prefix_message(outside, prefixes))
     if not author_checked:
         out += [message + UNCHECKED for value, message in _author_dependent(spec, settings) if value]
     return out
@@ -167,13 +236,23 @@ VARIABLES = [
              + ", ".join(f"object.spec.{path}.orValue('')" for path in OPTIONAL_URIS) + "]"),
     ("claims", "variables.uris.filter(u, u.startsWith('pvc://')).map(u, u.substring(6).split('/')[0])"),
     ("priorityClass", "object.spec.?scheduling.?priorityClassName.orValue('')"),
+    ("endpoint", "object.spec.?storage.?endpoint.orValue('')"),
+    ("defaultEndpoint", "params.data.?defaultEndpoint.orValue('')"),
+    ("ownEndpoint", "variables.endpoint != '' && !(" + _same_endpoint("variables.endpoint", "variables.defaultEndpoint")
+                    + ")"),
+    ("storageEndpoints", "params.data.?storageEndpoints.orValue('').split(',').filter(e, e != '')"),
+    ("storagePrefixes", "params.data.?storagePrefixes.orValue('').split(',').filter(p, p != '')"
+                        ".map(p, p.replace('{namespace}', request.namespace))"),
+    ("outsidePrefixes", "variables.storagePrefixes.size() == 0 ? [] : variables.uris.filter(u, u != '' && "
+                        "(u.split('/').exists(s, s == '.' || s == '..') || "
+                        "!variables.storagePrefixes.exists(p, u.startsWith(p))))"),
 ]
 VALIDATIONS = [
     ("!has(object.spec.image) || variables.imagePrefixes.exists(p, p.endsWith('/') ? object.spec.image.startsWith(p)"
      " : object.spec.image == p || object.spec.image.startsWith(p + ':') || object.spec.image.startsWith(p + '@'))",
      IMAGE),
     ("variables.defaultSecret == '' || !(variables.secretName == variables.defaultSecret || "
-     "(variables.secretName == '' && variables.serviceAccount == '')) || "
+     "(variables.secretName == '' && variables.serviceAccount == '' && !variables.ownEndpoint)) || "
      "variables.credentialsNamespaces.exists(n, n == '*' || n == request.namespace)", CREDENTIALS),
     ("variables.secretName == '' || variables.secretName == variables.defaultSecret || authorizer.group('')"
      ".resource('secrets').namespace(request.namespace).name(variables.secretName).check('get').allowed()", SECRET),
@@ -186,7 +265,15 @@ VALIDATIONS = [
      ".namespace(request.namespace).name(c).check('use').allowed())", CLAIM),
     ("variables.priorityClass == '' || authorizer.group('scheduling.k8s.io').resource('priorityclasses')"
      ".name(variables.priorityClass).check('use').allowed()", PRIORITY),
+    ("!variables.ownEndpoint || variables.storageEndpoints.size() == 0 || variables.storageEndpoints.exists(e, "
+     + _same_endpoint("variables.endpoint", "e") + ")", ENDPOINT),
+    ("variables.defaultSecret == '' || variables.secretName != variables.defaultSecret || !variables.ownEndpoint",
+     DEFAULT_CREDENTIALS_ENDPOINT),
+    ("variables.outsidePrefixes.size() == 0", STORAGE_PREFIX,
+     f"'{STORAGE_PREFIX}: ' + variables.outsidePrefixes.join(', ') + '; allowed: ' + "
+     "variables.storagePrefixes.join(', ') + ' (no . or .. path segments)'"),
 ]
+
 LABELS = {"app.kubernetes.io/name": "kubetune"}
 ADMISSION = "admissionregistration.k8s.io/v1"
 
@@ -204,10 +291,16 @@ def admission_policy() -> dict:
             "matchConstraints": {"resourceRules": [{"apiGroups": [API_GROUP], "apiVersions": ["*"],
                                                     "operations": ["CREATE"], "resources": [PLURAL]}]},
             "variables": [{"name": name, "expression": expr} for name, expr in VARIABLES],
-            "validations": [{"expression": expr, "message": message, "reason": "Forbidden"}
-                            for expr, message in VALIDATIONS],
+            "validations": [_validation(*rule) for rule in VALIDATIONS],
         },
     }
+
+
+def _validation(expr: str, message: str, message_expression: str = "") -> dict:
+    """A rule: its CEL, its message, and the CEL that builds a message naming the values (falling back to the
+    message if it fails)."""
+    out = {"expression": expr, "message": message, "reason": "Forbidden"}
+    return {**out, "messageExpression": message_expression} if message_expression else out
 
 
 def binding(namespace: str = PARAMS_NAMESPACE) -> dict:

@@ -132,6 +132,9 @@ FULL_VALUES = {
     "policy.allowedImagePrefixes": "{registry.example.com/ml/,ghcr.io/kubetune/trainer}",
     "policy.defaultCredentialsNamespaces": "{team-a}",
     "policy.allowTrustRemoteCode": "true",
+    "policy.allowedStoragePrefixes[0]": "s3://ml-{namespace}/",
+    "policy.allowedStoragePrefixes[1]": "hf://",
+    "policy.allowedStorageEndpoints": "{https://s3.eu-west-1.amazonaws.com}",
 }
 
 

@@ -222,9 +222,11 @@ def grant(cp, namespace: str, name: str, verb: str, resource: str, resource_name
 
 
 @pytest.fixture(scope="module")
-def policy_operator(control_plane, crd, tenants, tmp_path_factory):
-    """The operator as the chart configures it: it trusts the API server for authors once the binding exists."""
+def policy_operator(control_plane, crd, tenants, s3_server, tmp_path_factory):
+    """The operator as the chart configures it: it trusts the API server for authors once the binding exists; its
+    default credentials are for the S3 server's endpoint."""
     env = e2e.operator_env(control_plane, KUBETUNE_STORAGE_SECRET_NAME="s3-credentials",
+                           KUBETUNE_STORAGE_ENDPOINT=s3_server.endpoint,
                            KUBETUNE_POLICY_CREDENTIALS_NAMESPACES=tenants["team-a"], KUBETUNE_POLICY_BINDING=NAME)
     yield from e2e.run_operator(tmp_path_factory, env)
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 from kubetune_api import FineTuneJobSpec
-from kubetune_operator import policy
+from kubetune_operator import children, policy
+from kubetune_operator.settings import OperatorSettings
 
 from tests.kube import get_json, kubectl, wait_for
 from tests.operator_tests import test_e2e as e2e
@@ -30,9 +31,10 @@ TRAINER = "ghcr.io/kubetune/trainer"
 PLATFORM_SECRET = "s3-credentials"  # the chart's storage.secretName
 
 
-def spec(**extra) -> dict:
-    return {"baseModel": {"uri": "s3://models/tiny/"}, "dataset": {"train": "s3://data/train.jsonl"},
-            "output": {"uri": "s3://out/run/"}, **extra}
+def spec(ns: str = "t", **extra) -> dict:
+    """A job of namespace `ns` whose data is in its bucket (PLATFORM's allowed prefix)."""
+    return {"baseModel": {"uri": f"s3://ml-{ns}/models/tiny/"}, "dataset": {"train": f"s3://ml-{ns}/data/train.jsonl"},
+            "output": {"uri": f"s3://ml-{ns}/out/run/"}, **extra}
 
 
 def settings(**extra) -> policy.Settings:
@@ -85,7 +87,11 @@ def install_policy(cp, platform: policy.Settings, name: str) -> callable:
     return remove
 
 
-PLATFORM = settings(credentials_namespaces=("*",))
+PLATFORM_ENDPOINT = "http://s3.platform.local:9000"  # the chart's storage.endpoint
+PARTNER_ENDPOINT = "https://s3.partner.example.com"  # policy.allowedStorageEndpoints
+ATTACKER_ENDPOINT = "https://s3.attacker.example"
+PLATFORM = settings(credentials_namespaces=("*",), storage_prefixes=("s3://ml-{namespace}/",),
+                    storage_endpoint=PLATFORM_ENDPOINT, storage_endpoints=(PARTNER_ENDPOINT,))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +100,7 @@ def admission(control_plane, tenant_ns):
     remove = install_policy(control_plane, PLATFORM, f"{policy.POLICY}-{uuid.uuid4().hex[:6]}")
 
     def enforced() -> bool:  # the API server's policy informers take a moment
-        out = create(control_plane, tenant_ns, spec(image="docker.io/x/miner:1"))
+        out = create(control_plane, tenant_ns, spec(tenant_ns, image="docker.io/x/miner:1"))
         return out.returncode != 0 and policy.IMAGE in out.stderr
 
     wait_for("the admission policy to be enforced", enforced, timeout=60)
@@ -144,20 +150,20 @@ def test_naming_a_secret_needs_get_on_it(control_plane, tenant_ns, admission):
     Secret (the `edit` role) may name any."""
     ns = tenant_ns
     for secret in ("finance-s3", "team-s3"):
-        out = create(control_plane, ns, spec(storage={"secretRef": {"name": secret}}))
+        out = create(control_plane, ns, spec(ns, storage={"secretRef": {"name": secret}}))
         assert refused_with(out, policy.SECRET), (secret, out.stderr)
     grant_get_secret(control_plane, ns, "team-s3")
     ok = wait_for("mallory's grant to reach the authorizer", lambda: create(
-        control_plane, ns, spec(storage={"secretRef": {"name": "team-s3"}})).returncode == 0, timeout=30)
+        control_plane, ns, spec(ns, storage={"secretRef": {"name": "team-s3"}})).returncode == 0, timeout=30)
     assert ok
-    assert refused_with(create(control_plane, ns, spec(storage={"secretRef": {"name": "finance-s3"}})),
+    assert refused_with(create(control_plane, ns, spec(ns, storage={"secretRef": {"name": "finance-s3"}})),
                         policy.SECRET)
     for storage in ({"secretRef": {"name": PLATFORM_SECRET}}, {}):
-        out = create(control_plane, ns, spec(storage=storage))
+        out = create(control_plane, ns, spec(ns, storage=storage))
         assert out.returncode == 0, out.stderr
     kubectl(control_plane, "create", "rolebinding", "bob-edit", "-n", ns, "--clusterrole=edit", "--user=bob")
     kubectl(control_plane, "create", "rolebinding", "bob-ftj", "-n", ns, "--role=ftj-author", "--user=bob")
-    out = create(control_plane, ns, spec(storage={"secretRef": {"name": "finance-s3"}}), user="bob")
+    out = create(control_plane, ns, spec(ns, storage={"secretRef": {"name": "finance-s3"}}), user="bob")
     assert out.returncode == 0, out.stderr
 
 
@@ -178,7 +184,7 @@ def test_without_the_policy_the_operator_refuses_a_secret_of_the_namespace(contr
     ns = f"unchecked-{uuid.uuid4().hex[:6]}"
     kubectl(control_plane, "create", "namespace", ns)
     try:
-        e2e.submit(control_plane, ns, "other-secret", spec(storage={"secretRef": {"name": "finance-s3"}}))
+        e2e.submit(control_plane, ns, "other-secret", spec(ns, storage={"secretRef": {"name": "finance-s3"}}))
         status = e2e.wait_phase(control_plane, ns, "other-secret", ("Failed", "Pending", "Validating"),
                                 timeout=60)["status"]
         assert (status["phase"], status["reason"]) == ("Failed", "PolicyDenied"), status
@@ -188,3 +194,145 @@ def test_without_the_policy_the_operator_refuses_a_secret_of_the_namespace(contr
         assert children["items"] == []
     finally:
         kubectl(control_plane, "delete", "namespace", ns, "--wait=false")
+
+
+# -- 2. every storage URI under the namespace's prefixes ---------------------------------------------------------
+
+URI_FIELDS = {  # where a URI can be: the spec changes that put `uri` there
+    "baseModel.uri": lambda uri: {"baseModel": {"uri": uri}},
+    "dataset.train": lambda uri: {"dataset": {"train": uri}},
+    "dataset.validation": lambda uri: {"dataset": {"train": "s3://ml-t/d/train.jsonl", "validation": uri}},
+    "dataset.test": lambda uri: {"dataset": {"train": "s3://ml-t/d/train.jsonl", "test": uri}},
+    "dataset.cacheUri": lambda uri: {"dataset": {"train": "s3://ml-t/d/train.jsonl", "cacheUri": uri}},
+    "checkpoint.uri": lambda uri: {"checkpoint": {"uri": uri}},
+    "output.uri": lambda uri: {"output": {"uri": uri}},
+}
+
+
+@pytest.mark.parametrize("field", URI_FIELDS)
+def test_every_storage_uri_must_be_under_the_namespaces_prefixes(field):
+    """Attack: mallory (namespace t) points one URI of her job at another team's bucket: reading their dataset
+    or base model, or, with output.overwrite, moving their published adapter aside and publishing hers in its
+    place. Answer: with policy.allowedStoragePrefixes `s3://ml-{namespace}/`, the job is refused (by the API
+    server and, without the policy, by the operator) with a message naming the URI and the allowed prefixes;
+    the same field under s3://ml-t/ is allowed, and with no prefixes configured any URI is (as before)."""
+    other = "s3://ml-finance/" + ("data/x.jsonl" if field.startswith("dataset.") and field != "dataset.cacheUri"
+                                  else "prefix/")
+    job = spec(**URI_FIELDS[field](other))
+    expected = policy.storage_prefix_message([other], ["s3://ml-t/"])
+    assert violations("t", job, PLATFORM, author_checked=True) == [expected]
+    assert other in expected and "s3://ml-t/" in expected and "policy.allowedStoragePrefixes" in expected
+    assert violations("finance", job, PLATFORM, True) != [expected]  # {namespace} is the job's
+    mine = other.replace("ml-finance", "ml-t")
+    assert violations("t", spec(**URI_FIELDS[field](mine)), PLATFORM, author_checked=True) == []
+    assert violations("t", job, settings(credentials_namespaces=("*",)), author_checked=True) == []
+
+
+@pytest.mark.parametrize("uri", ["s3://ml-t/../ml-finance/out/", "s3://ml-t/./x/../../ml-finance/",
+                                 "s3://ml-tx/out/", "s3://ml-t", "hf://org/model", "pvc://claim/out/",
+                                 "S3://ml-t/out/"])
+def test_a_uri_cannot_escape_its_prefix(uri):
+    """Attack: a URI that starts like an allowed one but is not under it: `..` segments (S3 keeps them as they
+    are, a path or proxy may resolve them), a bucket whose name only begins like the allowed one, another
+    scheme. Answer: refused; hf:// and pvc:// need their own prefixes (`hf://`, `pvc://`)."""
+    assert not policy.uri_allowed(uri, ["s3://ml-t/"])
+    assert policy.uri_allowed("s3://ml-t/out/run-1/", ["s3://ml-t/"])
+    assert policy.uri_allowed("hf://org/model", ["s3://ml-t/", "hf://"])
+
+
+@pytest.mark.cluster
+def test_the_api_server_refuses_uris_outside_the_prefixes(control_plane, tenant_ns, admission):
+    """Attack: on the real API server, mallory sends jobs whose output, base model or data cache is in another
+    team's bucket, or escapes her bucket with `..`. Answer: refused, with the same message as the operator's
+    (naming the URIs and the allowed prefix for her namespace); her own bucket is accepted."""
+    ns = tenant_ns
+    assert create(control_plane, ns, spec(ns)).returncode == 0
+    for field, uri in (("output.uri", "s3://ml-finance/adapters/"), ("baseModel.uri", "s3://ml-finance/models/"),
+                       ("dataset.cacheUri", f"s3://ml-{ns}/../ml-finance/cache/")):
+        job = spec(ns, **URI_FIELDS[field](uri))
+        out = create(control_plane, ns, job)
+        expected = policy.storage_prefix_message(
+            [u for u in policy.storage_uris(FineTuneJobSpec.model_validate(job)) if not u.startswith(f"s3://ml-{ns}/")
+             or ".." in u], [f"s3://ml-{ns}/"])
+        assert refused_with(out, expected), (field, out.stderr)
+        assert violations(ns, job, PLATFORM, author_checked=True) == [expected]
+
+
+# -- 3. the platform's credentials go to the platform's endpoint only; endpoints on a list -----------------------
+
+OPERATOR = OperatorSettings(storage_endpoint=PLATFORM_ENDPOINT, storage_secret_name=PLATFORM_SECRET, policy=PLATFORM)
+META = {"name": "j", "namespace": "t", "uid": "u-1"}
+
+
+def pod_env(job: dict) -> dict:
+    """The env of the validation and training pods the operator would create for `job` (its storage defaults
+    filled in as the operator does)."""
+    parsed = FineTuneJobSpec.model_validate(children.with_storage_defaults(job, OPERATOR))
+    out = {}
+    for child in (children.validation_job(META, parsed, OPERATOR), children.training_job(META, parsed, OPERATOR)):
+        (container,) = child["spec"]["template"]["spec"]["containers"]
+        out[child["metadata"]["name"]] = {e["name"]: e.get("valueFrom", e.get("value")) for e in container["env"]}
+    return out
+
+
+def test_the_default_secret_is_never_filled_in_for_an_endpoint_of_the_jobs_own():
+    """Attack: mallory sets storage.endpoint to her own server and names no credentials, expecting the platform's
+    default Secret to be filled in: the pods would send its key id, and signatures made with its secret key, to
+    her host. Answer: a job with an endpoint of its own gets no default credentials: no AWS_* variable in any
+    pod. A job with no endpoint, or the platform's own (a trailing slash aside), still gets them."""
+    for endpoint in (ATTACKER_ENDPOINT, PARTNER_ENDPOINT):
+        job = spec(storage={"endpoint": endpoint})
+        assert "secretRef" not in children.with_storage_defaults(job, OPERATOR)["storage"]
+        for env in pod_env(job).values():
+            assert not {k for k in env if k.startswith("AWS_")}, env
+    for storage in ({}, {"endpoint": PLATFORM_ENDPOINT + "/"}):
+        for env in pod_env(spec(storage=storage)).values():
+            assert env["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {
+                "name": PLATFORM_SECRET, "key": "AWS_SECRET_ACCESS_KEY", "optional": False}}
+
+
+def test_naming_the_default_secret_with_an_endpoint_of_ones_own_is_refused():
+    """Attack: mallory names the platform's Secret explicitly, with her own storage.endpoint. Answer: refused
+    (API server and operator alike) with a message saying the default credentials go only to the platform's
+    endpoint. Had such a job been admitted before this rule, the operator would still attach no keys to its
+    pods."""
+    job = spec(storage={"endpoint": PARTNER_ENDPOINT, "secretRef": {"name": PLATFORM_SECRET}})
+    assert violations("t", job, PLATFORM, author_checked=True) == [policy.DEFAULT_CREDENTIALS_ENDPOINT]
+    parsed = FineTuneJobSpec.model_validate(job)
+    for child in (children.validation_job(META, parsed, OPERATOR), children.training_job(META, parsed, OPERATOR)):
+        (container,) = child["spec"]["template"]["spec"]["containers"]
+        assert not [e for e in container["env"] if e["name"].startswith("AWS_")]
+    own = spec(storage={"endpoint": PLATFORM_ENDPOINT, "secretRef": {"name": PLATFORM_SECRET}})
+    assert violations("t", own, PLATFORM, author_checked=True) == []
+
+
+def test_only_listed_endpoints_may_be_named():
+    """Attack: mallory points her job at an endpoint the platform does not know (to exfiltrate the data her
+    credentials can read, or to serve the pods a poisoned model). Answer: with policy.allowedStorageEndpoints
+    set, an endpoint not on it (nor the platform's own) is refused naming storage.endpoint; without the list,
+    any endpoint is allowed, as before (with no default credentials)."""
+    for endpoint, allowed in ((ATTACKER_ENDPOINT, False), (PARTNER_ENDPOINT, True), (PARTNER_ENDPOINT + "/", True),
+                              (PLATFORM_ENDPOINT, True), (PARTNER_ENDPOINT + ".attacker.example", False)):
+        job = spec(storage={"endpoint": endpoint, "secretRef": {"name": "team-s3"}})
+        assert (violations("t", job, PLATFORM, True) == [policy.ENDPOINT]) is not allowed, endpoint
+    anywhere = settings(credentials_namespaces=("*",))
+    assert violations("t", spec(storage={"endpoint": ATTACKER_ENDPOINT}), anywhere, True) == []
+
+
+@pytest.mark.cluster
+def test_the_api_server_keeps_the_default_credentials_on_the_platforms_endpoint(control_plane, tenant_ns, admission):
+    """Attack: on the real API server, mallory names the platform's Secret with her own endpoint, or an endpoint
+    not on the platform's list. Answer: refused with the operator's messages; the platform's Secret with no
+    endpoint, a listed endpoint with no credentials, and the platform's endpoint are accepted."""
+    ns = tenant_ns
+    refused = {
+        policy.DEFAULT_CREDENTIALS_ENDPOINT: {"endpoint": PARTNER_ENDPOINT, "secretRef": {"name": PLATFORM_SECRET}},
+        policy.ENDPOINT: {"endpoint": ATTACKER_ENDPOINT},
+    }
+    for message, storage in refused.items():
+        out = create(control_plane, ns, spec(ns, storage=storage))
+        assert refused_with(out, message), (storage, out.stderr)
+    for storage in ({"secretRef": {"name": PLATFORM_SECRET}}, {"endpoint": PARTNER_ENDPOINT},
+                    {"endpoint": PLATFORM_ENDPOINT + "/", "secretRef": {"name": PLATFORM_SECRET}}):
+        out = create(control_plane, ns, spec(ns, storage=storage))
+        assert out.returncode == 0, (storage, out.stderr)
