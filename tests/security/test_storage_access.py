@@ -336,3 +336,101 @@ def test_the_api_server_keeps_the_default_credentials_on_the_platforms_endpoint(
                     {"endpoint": PLATFORM_ENDPOINT + "/", "secretRef": {"name": PLATFORM_SECRET}}):
         out = create(control_plane, ns, spec(ns, storage=storage))
         assert out.returncode == 0, (storage, out.stderr)
+
+
+# -- 4. storage errors in the status: the operation and the bucket, never the endpoint's words -------------------
+
+HOSTILE = "Your session expired: sign in again at https://login.attacker.example/?next=kubetune"
+
+
+class HostileEndpoint:
+    """An S3 endpoint (a tenant's, or one in the middle) that answers every request with `status` and an S3 error
+    whose Code and Message it chooses: what it writes must not reach the FineTuneJob's status, where other users
+    (and the platform's alerts) read it as Kubetune's word."""
+
+    def __init__(self, status: int, code: str):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        body = f"<Error><Code>{code}</Code><Message>{HOSTILE}</Message></Error>".encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _answer(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+
+    def __enter__(self) -> str:
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(("status", "code", "kind"), [
+    (403, "AccessDenied", "ConfigError"), (400, "InvalidRequest", "ConfigError"),
+    (503, "SlowDown", "TransientError"), (500, f"Internal {HOSTILE}", "TransientError"),
+    (403, "&lt;script&gt;alert(1)&lt;/script&gt;", "ConfigError"),  # the Code's text: <script>...
+])
+def test_storage_errors_name_the_operation_and_the_bucket_not_the_endpoints_reply(monkeypatch, tmp_path, status,
+                                                                                   code, kind):
+    """Attack: an endpoint answers the trainer's requests with an error whose text it chooses (a phishing link, a
+    fake instruction, markup), hoping the trainer copies it into the job's status, the kubectl output and the
+    Events. Answer: the error the trainer ends with (its termination message, which the operator copies into the
+    status) names the operation, the URI with its bucket and the HTTP status, with the S3 error code only when it
+    is a plain code word; the reply's message never appears, nor a code with other characters."""
+    from kubetune_trainer.errors import KubetuneError
+    from kubetune_trainer.storage import Storage
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-example")
+    with HostileEndpoint(status, code) as endpoint:
+        storage = Storage(FineTuneJobSpec.model_fields["storage"].annotation(endpoint=endpoint), max_attempts=1)
+        storage.retry_backoff = 0
+        source = tmp_path / "x.bin"
+        source.write_bytes(b"x")
+        for action, call in (("download", lambda: storage.download("s3://team-bucket/data/x.bin", tmp_path / "o")),
+                             ("upload", lambda: storage.upload_file(source, "s3://team-bucket/out/x.bin"))):
+            with pytest.raises(KubetuneError) as err:
+                call()
+            message = err.value.message
+            assert type(err.value).__name__ == kind, message
+            assert message.startswith(f"{action} s3://team-bucket/"), message
+            assert "s3://team-bucket/" in message and f"HTTP {status}" in message, message
+            assert "attacker" not in message and "<" not in message and "sign in" not in message, message
+            if action == "upload" and code.isalnum():  # a download's HEAD reply has no body: no code
+                assert code in message, message
+
+
+def test_an_unmapped_storage_error_keeps_the_reply_out_of_the_termination_message(monkeypatch, tmp_path):
+    """Attack: the same hostile reply, reaching the trainer through a call that no Storage method wraps (an
+    error that escapes to the command's last resort). Answer: the termination message (the status) says the
+    storage operation failed, with the HTTP status and code, never the reply's message."""
+    import typer
+    from botocore.exceptions import ClientError
+    from kubetune_trainer import cli
+
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(log))
+    error = ClientError({"Error": {"Code": "InternalError", "Message": HOSTILE},
+                         "ResponseMetadata": {"HTTPStatusCode": 500}}, "PutObject")
+    with pytest.raises(typer.Exit):
+        cli.fail(error)
+    assert log.read_text() == "Unexpected: object storage failed in PutObject (HTTP 500 InternalError)"
