@@ -122,16 +122,18 @@ def hardware(spec: FineTuneJobSpec, gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> H
 
 
 def trainer_config(name: str, spec: FineTuneJobSpec, settings: OperatorSettings,
-                   run_id: str | None = None) -> TrainerConfig:
+                   run_id: str | None = None, namespace: str | None = None) -> TrainerConfig:
     """The trainer's config: the spec and the cluster-side fields. `run_id` (the FineTuneJob's uid) tells this run's
     output and checkpoints from another run's. From the operator's settings: the GPU TFLOPS of the data report's
-    estimate and the port of rank 0's /metrics."""
+    estimate, the port of rank 0's /metrics, and (given the job's `namespace`) the storage prefixes its data files'
+    image references must be under."""
+    prefixes = policy.storage_prefixes(namespace, settings.policy) if namespace is not None else []
     return TrainerConfig(**dict(spec), job_name=name, run_id=run_id, hardware=hardware(spec, settings.gpu_tflops),
-                         metrics=MetricsSpec(port=settings.trainer_metrics_port))
+                         metrics=MetricsSpec(port=settings.trainer_metrics_port), storage_prefixes=prefixes or None)
 
 
 def config_map(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) -> dict:
-    config = trainer_config(meta["name"], spec, settings, meta["uid"])
+    config = trainer_config(meta["name"], spec, settings, meta["uid"], meta.get("namespace") or "")
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": child_meta(meta, Names(meta["name"]).config_map, "config"),
             "data": {CONFIG_FILE: config.to_yaml()}}

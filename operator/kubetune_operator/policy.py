@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from kubetune_api import API_GROUP, DEFAULT_TRAINER_IMAGE, FineTuneJobSpec, Reason
+from kubetune_api import API_GROUP, DEFAULT_TRAINER_IMAGE, FineTuneJobSpec, Reason, uri_allowed
 
 from . import PLURAL
 from .conditions import get_condition
@@ -150,12 +150,6 @@ def storage_uris(spec: FineTuneJobSpec) -> list[str]:
 
 def storage_prefixes(namespace: str, settings: Settings) -> list[str]:
     return [p.replace("{namespace}", namespace) for p in settings.storage_prefixes]
-
-
-def uri_allowed(uri: str, prefixes: list[str]) -> bool:
-    """Under one of `prefixes` (none: any URI), with no `.` or `..` segment (S3 keeps such keys as they are, but
-    a path or a proxy may resolve them)."""
-    return not prefixes or (not {".", ".."} & set(uri.split("/")) and any(uri.startswith(p) for p in prefixes))
 
 
 def storage_prefix_message(outside: list[str], prefixes: list[str]) -> str:

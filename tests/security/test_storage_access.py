@@ -434,3 +434,53 @@ def test_an_unmapped_storage_error_keeps_the_reply_out_of_the_termination_messag
     with pytest.raises(typer.Exit):
         cli.fail(error)
     assert log.read_text() == "Unexpected: object storage failed in PutObject (HTTP 500 InternalError)"
+
+
+# -- 2, in the data: the trainer's s3:// image references -------------------------------------------------------
+
+def test_the_operator_tells_the_trainer_its_prefixes():
+    """The trainer config the operator writes holds the namespace's allowed prefixes, for the data files'
+    image references (the spec's own URIs were checked at admission); with none configured, it holds none."""
+    parsed = FineTuneJobSpec.model_validate(spec())
+    config = yaml.safe_load(children.config_map(META, parsed, OPERATOR)["data"]["trainer.yaml"])
+    assert config["storagePrefixes"] == ["s3://ml-t/"]
+    anywhere = OperatorSettings(policy=settings(credentials_namespaces=("*",)))
+    assert "storagePrefixes" not in yaml.safe_load(children.config_map(META, parsed, anywhere)["data"]["trainer.yaml"])
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    from tests.trainer.test_image_classification import make_tiny_vit
+
+    return make_tiny_vit(tmp_path_factory.mktemp("vit"), image_size=32, patch_size=8, hidden_size=32, layers=2,
+                         heads=2)
+
+
+@pytest.mark.parametrize("reference", ["s3://ml-finance/private/1.png", "s3://ml-t/../ml-finance/private/1.png",
+                                       "s3://ml-tx/1.png"])
+def test_an_image_reference_outside_the_prefixes_is_refused_naming_the_line(tmp_path, vit, reference):
+    """Attack: mallory's data file (under her prefix, so admitted) names, on line 2, an image in another team's
+    bucket by an s3:// URI, hoping the validation and training pods fetch it with whatever credentials they
+    hold. Answer: validation fails DatasetInvalid naming the file, the line, the URI and the allowed prefixes,
+    before anything is downloaded."""
+    from kubetune_trainer.errors import DatasetError
+
+    from tests.trainer.test_image_classification import LABELS, make_config, validated, write_split
+
+    folder = tmp_path / "data"
+    train = write_split(folder, "train", LABELS, **{"1": {"image": reference, "label": "dark"}})
+    config = make_config(tmp_path, vit, str(train), storagePrefixes=["s3://ml-t/"])
+    with pytest.raises(DatasetError) as err:
+        validated(config)
+    assert f"train.jsonl:2: image {reference!r} is outside the storage prefixes" in str(err.value)
+    assert "policy.allowedStoragePrefixes: s3://ml-t/" in str(err.value)
+
+
+def test_an_image_reference_under_the_prefixes_is_located(tmp_path):
+    """The same reference under the allowed prefix (or with no prefixes) is an image to fetch, as before."""
+    from kubetune_trainer.images import ImageStore
+
+    for prefixes in (("s3://ml-t/",), ()):
+        store = ImageStore(None, tmp_path / "cache", tmp_path / "train.jsonl", "s3://ml-t/data/train.jsonl", prefixes)
+        assert store.locate("s3://ml-t/images/1.png", "s3://ml-t/data/train.jsonl").uri == "s3://ml-t/images/1.png"
+        assert store.locate("../images/2.png", "s3://ml-t/data/train.jsonl").uri == "s3://ml-t/images/2.png"
