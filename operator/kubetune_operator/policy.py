@@ -267,7 +267,6 @@ VALIDATIONS = [
      f"'{STORAGE_PREFIX}: ' + variables.outsidePrefixes.join(', ') + '; allowed: ' + "
      "variables.storagePrefixes.join(', ') + ' (no . or .. path segments)'"),
 ]
-
 LABELS = {"app.kubernetes.io/name": "kubetune"}
 ADMISSION = "admissionregistration.k8s.io/v1"
 
