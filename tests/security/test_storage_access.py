@@ -1,16 +1,25 @@
 """Storage access follows the author (issue 27, item 1): what a tenant who may create FineTuneJobs tries, to reach
 storage or credentials they could not reach themselves, and what the system answers.
 
+1. A Secret other than the platform's default needs the author's `get` on it.
+2. Every storage URI of the spec, and every s3:// image reference in the data, is under the namespace's prefixes
+   (policy.allowedStoragePrefixes).
+3. The platform's default credentials go to the platform's endpoint only; other endpoints must be on
+   policy.allowedStorageEndpoints.
+4. A storage error in the status names the operation and the bucket, never the endpoint's reply.
+
 Each test's docstring names the attack and the answer. The cluster tests run against the real API server with the
 admission policy of crds/policy/admission-policy.yaml, and with the operator as `python -m kubetune_operator`; the
 tenant is `mallory` (`kubectl --as`), who may create FineTuneJobs in her namespace and nothing else unless a test
-grants it. The unit tests check the operator's own enforcement (policy.violations), for clusters without the policy.
+grants it. The unit tests check the operator's own enforcement (policy.violations, children), for clusters without
+the policy, and the trainer's (a local S3 endpoint that answers with hostile text; image references in data files).
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -65,7 +74,7 @@ def tenant_ns(control_plane, crd):
     kubectl(control_plane, "delete", "namespace", ns, "--wait=false")
 
 
-def install_policy(cp, platform: policy.Settings, name: str) -> callable:
+def install_policy(cp, platform: policy.Settings, name: str) -> Callable[[], None]:
     """crds/policy/admission-policy.yaml under `name`, its params from `platform`, bound to the namespaces of
     this module; returns the function that removes it all."""
     vap, binding, params = yaml.safe_load_all((ROOT / "crds" / "policy" / "admission-policy.yaml").read_text())
