@@ -97,6 +97,7 @@ from .trainer_config import (
     MetricsSpec,
     TrainerConfig,
     join_uri,
+    uri_allowed,
 )
 
 __all__ = [
@@ -113,5 +114,5 @@ __all__ = [
     "Progress", "QueueStatus", "Reason", "ResourcesSpec", "Result", "ResultMetrics", "RunPolicy", "Scheduler",
     "SchedulingSpec", "SecretRef", "Select", "StorageEndpoint", "StorageSpec", "Strategy", "TaskType", "Toleration",
     "TrainerConfig", "ValidationSpec", "fields_problem", "format_problem", "join_uri",
-    "mappable_fields", "task_problem",
+    "mappable_fields", "task_problem", "uri_allowed",
 ]

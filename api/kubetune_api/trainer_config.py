@@ -64,6 +64,10 @@ class TrainerConfig(FineTuneJobSpec):
     metrics: MetricsSpec = Field(default_factory=MetricsSpec)
     hardware: Hardware = Field(default_factory=Hardware)
     work_dir: str = WORK_DIR
+    storage_prefixes: list[str] | None = Field(
+        None, max_length=64, description="Where the job's data may be: the platform's policy.allowedStoragePrefixes "
+        "for the job's namespace (the operator fills them in; the spec's own URIs were checked at admission). An "
+        "s3:// image reference in a data file must be under one (uri_allowed); unset: anywhere")
 
     @field_validator("storage", mode="before")
     @classmethod
@@ -88,6 +92,12 @@ class TrainerConfig(FineTuneJobSpec):
     def to_yaml(self) -> str:
         doc = self.dump()
         return yaml.safe_dump({**{k: doc.pop(k) for k in _HEAD if k in doc}, **doc}, sort_keys=False)
+
+
+def uri_allowed(uri: str, prefixes: list[str] | tuple[str, ...] | None) -> bool:
+    """Under one of `prefixes` (none: any URI), with no `.` or `..` segment (S3 keeps such keys as they are, but
+    a path or a proxy may resolve them). The operator's policy and the trainer's image references share it."""
+    return not prefixes or (not {".", ".."} & set(uri.split("/")) and any(uri.startswith(p) for p in prefixes))
 
 
 def join_uri(prefix: str, name: str) -> str:

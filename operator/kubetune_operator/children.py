@@ -25,6 +25,7 @@ from kubetune_api import (
     TrainerConfig,
 )
 
+from . import policy
 from .settings import VALIDATION_DEFAULTS, OperatorSettings
 
 CONFIG_DIR = "/etc/kubetune"
@@ -55,14 +56,16 @@ SECRET_KEYS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False), (
 def with_storage_defaults(spec: dict, settings: OperatorSettings) -> dict:
     """The spec with the operator's storage defaults (KUBETUNE_STORAGE_*, the Helm chart's `storage.*`) filled in:
     endpoint and region for a job without `storage.endpoint`; the credentials Secret for a job with neither
-    `secretRef` nor `serviceAccountName`."""
+    `secretRef` nor `serviceAccountName`, unless it sets an endpoint of its own (the platform's credentials go to
+    the platform's endpoint only)."""
     storage = dict(spec.get("storage") or {})
+    own = policy.own_endpoint(storage.get("endpoint"), settings.policy)
     if not storage.get("endpoint"):
         for key, value in (("endpoint", settings.storage_endpoint), ("region", settings.storage_region)):
             if value:
                 storage[key] = value
     secret = settings.storage_secret_name
-    if secret and not (storage.get("secretRef") or storage.get("serviceAccountName")):
+    if secret and not (storage.get("secretRef") or storage.get("serviceAccountName") or own):
         storage["secretRef"] = {"name": secret}
     return {**spec, "storage": storage}
 
@@ -123,24 +126,31 @@ def hardware(spec: FineTuneJobSpec, gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> H
 
 
 def trainer_config(name: str, spec: FineTuneJobSpec, settings: OperatorSettings,
-                   run_id: str | None = None) -> TrainerConfig:
+                   run_id: str | None = None, namespace: str | None = None) -> TrainerConfig:
     """The trainer's config: the spec and the cluster-side fields. `run_id` (the FineTuneJob's uid) tells this run's
     output and checkpoints from another run's. From the operator's settings: the GPU TFLOPS of the data report's
-    estimate and the port of rank 0's /metrics."""
+    estimate, the port of rank 0's /metrics, and (given the job's `namespace`) the storage prefixes its data files'
+    image references must be under."""
+    prefixes = policy.storage_prefixes(namespace, settings.policy) if namespace is not None else []
     return TrainerConfig(**dict(spec), job_name=name, run_id=run_id, hardware=hardware(spec, settings.gpu_tflops),
-                         metrics=MetricsSpec(port=settings.trainer_metrics_port))
+                         metrics=MetricsSpec(port=settings.trainer_metrics_port), storage_prefixes=prefixes or None)
 
 
 def config_map(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) -> dict:
-    config = trainer_config(meta["name"], spec, settings, meta["uid"])
+    config = trainer_config(meta["name"], spec, settings, meta["uid"], meta.get("namespace") or "")
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": child_meta(meta, Names(meta["name"]).config_map, "config"),
             "data": {CONFIG_FILE: config.to_yaml()}}
 
 
-def _storage_env(spec: FineTuneJobSpec) -> list[dict]:
+def _storage_env(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[dict]:
+    """HOME, the PVC root and the Secret's keys: never the platform's default Secret for an endpoint of the job's
+    own (policy.DEFAULT_CREDENTIALS_ENDPOINT refuses such a job; one admitted before that rule gets no keys)."""
     env = [{"name": "HOME", "value": "/tmp"}, {"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT}]
     ref = spec.storage.secret_ref
+    if ref and ref.name == settings.storage_secret_name and policy.own_endpoint(spec.storage.endpoint,
+                                                                                 settings.policy):
+        ref = None
     if ref:
         env += [{"name": key,
                  "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key, "optional": optional}}}
@@ -224,7 +234,8 @@ def validation_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings
     container = {"name": VALIDATE_CONTAINER, "image": spec.image or settings.trainer_image,
                  "command": ["kubetune", "validate", "--config", CONFIG_PATH],
                  # The validating and tokenizing pass runs one process per CPU the pod requests.
-                 "env": [*_storage_env(spec), {"name": "KUBETUNE_DATA_WORKERS", "value": str(cpus(v["cpu"]))}],
+                 "env": [*_storage_env(spec, settings),
+                         {"name": "KUBETUNE_DATA_WORKERS", "value": str(cpus(v["cpu"]))}],
                  "resources": {"requests": {"cpu": v["cpu"], "memory": v["memory"], **scratch},
                                "limits": {"memory": v["memory"], **scratch}}}
     pod = _pod_spec(meta, spec, container, shm=False, settings=settings)
@@ -291,7 +302,7 @@ def training_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) 
         {"name": "WORLD_SIZE", "value": str(world_size(spec))},
         {"name": "KUBETUNE_JOB", "value": name},
         {"name": "KUBETUNE_TERMINATION_GRACE_SECONDS", "value": str(run.termination_grace_period_seconds)},
-        *_storage_env(spec),
+        *_storage_env(spec, settings),
     ]
     if res.gpus_per_worker == 0 and res.workers > 1:  # torchrun sets these itself for GPU workers
         env += [{"name": "RANK", "value": "$(JOB_COMPLETION_INDEX)"}, {"name": "LOCAL_RANK", "value": "0"}]

@@ -20,6 +20,16 @@ What "use" means for each object a job names (docs/security.md): the author coul
 * a PVC C (a `pvc://C/...` URI): `use persistentvolumeclaims` C (a verb for RBAC only, granted per claim), or
   create pods, in the job's namespace.
 * `scheduling.priorityClassName` P: `use priorityclasses.scheduling.k8s.io` P (cluster-wide).
+* `storage.secretRef` naming a Secret K other than the platform's default credentials: `get secrets` K in the
+  job's namespace (the pods would hold its keys, and could send them to any endpoint the job names).
+
+Where the platform's default credentials go: only to the platform's endpoint. A job that sets its own
+`storage.endpoint` (another than the chart's `storage.endpoint`) never gets the default Secret filled in, and may
+not name it; with `policy.allowedStorageEndpoints` set, its endpoint must be one of them.
+
+And where the job's data may be, whoever its author is: with `policy.allowedStoragePrefixes` set, every storage URI
+of the spec (base model, dataset splits, data cache, checkpoints, output) starts with one of the prefixes, each
+with `{namespace}` replaced by the job's namespace (`s3://ml-{namespace}/`), and has no `.` or `..` segment.
 """
 
 from __future__ import annotations
@@ -29,7 +39,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from kubetune_api import API_GROUP, DEFAULT_TRAINER_IMAGE, FineTuneJobSpec, Reason, ResourcesSpec, RunPolicy
+from kubetune_api import (
+    API_GROUP,
+    DEFAULT_TRAINER_IMAGE,
+    FineTuneJobSpec,
+    Reason,
+    ResourcesSpec,
+    RunPolicy,
+    uri_allowed,
+)
 
 from . import PLURAL
 from .conditions import get_condition
@@ -74,6 +92,16 @@ GRACE = ("spec.runPolicy.terminationGracePeriodSeconds: a FineTuneJob may set a 
          "may create pods in the namespace")
 QUEUE = ("spec.scheduling.queueName: this platform runs every FineTuneJob through Kueue (policy.requireQueue); "
          "set scheduling.queueName to a LocalQueue of this namespace")
+SECRET = ("spec.storage.secretRef: you may not use this Secret: a FineTuneJob may name a Secret other than the "
+          "platform's default storage credentials only if its author may read it (get secrets) in the namespace")
+ENDPOINT = ("spec.storage.endpoint: this storage endpoint is not allowed here; use one of the platform's "
+            "(policy.allowedStorageEndpoints), or leave storage.endpoint unset for the platform's default")
+DEFAULT_CREDENTIALS_ENDPOINT = (
+    "spec.storage: the platform's default storage credentials (storage.secretName) go only to the platform's "
+    "endpoint; with storage.endpoint set to another, set storage.secretRef to a Secret of this namespace, or "
+    "storage.serviceAccountName, or leave storage.endpoint unset")
+STORAGE_PREFIX = ("spec: these storage URIs are outside the prefixes this namespace may use "
+                  "(policy.allowedStoragePrefixes)")
 UNCHECKED = ("; the operator cannot check that the job's author may use it, because this cluster does not enforce "
              "the Kubetune admission policy (install it: the chart's policy.admission.enabled, or "
              "crds/policy/admission-policy.yaml)")
@@ -109,6 +137,9 @@ class Settings:
     credentials_secret: str = ""
     credentials_namespaces: tuple[str, ...] = ()  # "*": every namespace
     allow_trust_remote_code: bool = False
+    storage_prefixes: tuple[str, ...] = ()  # "{namespace}": the job's; empty: any URI
+    storage_endpoint: str = ""  # the platform's (KUBETUNE_STORAGE_ENDPOINT): the default credentials go only there
+    storage_endpoints: tuple[str, ...] = ()  # the endpoints a job may set; empty: any
     binding: str = ""  # the ValidatingAdmissionPolicyBinding that tells the operator the API server checks authors
     scheduling: Scheduling = Scheduling()
 
@@ -116,7 +147,9 @@ class Settings:
         """The data of the policy's parameters ConfigMap."""
         return {"imagePrefixes": ",".join(self.image_prefixes), "credentialsSecret": self.credentials_secret,
                 "credentialsNamespaces": ",".join(self.credentials_namespaces),
-                "allowTrustRemoteCode": str(self.allow_trust_remote_code).lower(), **self.scheduling.params()}
+                "allowTrustRemoteCode": str(self.allow_trust_remote_code).lower(),
+                "storagePrefixes": ",".join(self.storage_prefixes), "defaultEndpoint": self.storage_endpoint,
+                "storageEndpoints": ",".join(self.storage_endpoints), **self.scheduling.params()}
 
 
 def repository(image: str) -> str:
@@ -134,12 +167,43 @@ def image_allowed(image: str, prefixes: tuple[str, ...]) -> bool:
                for p in prefixes)
 
 
+def same_endpoint(a: str, b: str) -> bool:
+    """The same endpoint URL, but for a trailing slash (as the admission policy's CEL compares them)."""
+    return a in (b, b + "/") or a + "/" == b
+
+
+def _same_endpoint(a: str, b: str) -> str:
+    """same_endpoint in CEL, for two CEL string expressions."""
+    return f"{a} == {b} || {a} == {b} + '/' || {a} + '/' == {b}"
+
+
+def own_endpoint(endpoint: str | None, settings: Settings) -> bool:
+    """Whether a job's storage.endpoint is its own: set, and not the platform's."""
+    return bool(endpoint) and not same_endpoint(endpoint, settings.storage_endpoint)
+
+
 def uses_default_credentials(spec: FineTuneJobSpec, settings: Settings) -> bool:
-    """The job names the platform's default Secret, or no credentials at all (the operator fills the default in)."""
+    """The job names the platform's default Secret, or no credentials at all and no endpoint of its own (the
+    operator fills the default in)."""
     storage = spec.storage
     named = storage.secret_ref.name if storage.secret_ref else ""
-    return bool(settings.credentials_secret) and (
-        named == settings.credentials_secret or not (named or storage.service_account_name))
+    return bool(settings.credentials_secret) and (named == settings.credentials_secret or not (
+        named or storage.service_account_name or own_endpoint(storage.endpoint, settings)))
+
+
+def storage_uris(spec: FineTuneJobSpec) -> list[str]:
+    """Every storage URI the spec sets, in the order of the admission policy's `uris`."""
+    return [u for u in (spec.base_model.uri, spec.dataset.train, spec.output.uri, spec.dataset.validation,
+                        spec.dataset.test, spec.checkpoint.uri, spec.dataset.cache_uri) if u]
+
+
+def storage_prefixes(namespace: str, settings: Settings) -> list[str]:
+    return [p.replace("{namespace}", namespace) for p in settings.storage_prefixes]
+
+
+def storage_prefix_message(outside: list[str], prefixes: list[str]) -> str:
+    """The rule's message: the URIs outside the prefixes, and the prefixes (the same text as its CEL)."""
+    return f"{STORAGE_PREFIX}: {', '.join(outside)}; allowed: {', '.join(prefixes)} (no . or .. path segments)"
 
 
 def violations(namespace: str, spec: FineTuneJobSpec, settings: Settings, author_checked: bool) -> list[str]:
@@ -153,16 +217,33 @@ def violations(namespace: str, spec: FineTuneJobSpec, settings: Settings, author
         out.append(CREDENTIALS)
     if spec.base_model.trust_remote_code and not settings.allow_trust_remote_code:
         out.append(REMOTE_CODE)
+    endpoint = spec.storage.endpoint or ""
+    own = own_endpoint(endpoint, settings)
+    if own and settings.storage_endpoints and not any(same_endpoint(endpoint, e) for e in settings.storage_endpoints):
+        out.append(ENDPOINT)
+    named = spec.storage.secret_ref.name if spec.storage.secret_ref else ""
+    if own and settings.credentials_secret and named == settings.credentials_secret:
+        out.append(DEFAULT_CREDENTIALS_ENDPOINT)
+    prefixes = storage_prefixes(namespace, settings)
+    outside = [u for u in storage_uris(spec) if not uri_allowed(u, prefixes)]
+    if outside:
+        out.append(storage_prefix_message(outside, prefixes))
     if not author_checked:
-        out += [message + UNCHECKED for value, message in _author_dependent(spec) if value]
+        out += [message + UNCHECKED for value, message in _author_dependent(spec, settings) if value]
     return out + scheduling_violations(spec, settings, author_checked)
 
 
-def _author_dependent(spec: FineTuneJobSpec) -> list[tuple[object, str]]:
+def own_secret(spec: FineTuneJobSpec, settings: Settings) -> str:
+    """The Secret the job names, unless it is the platform's default credentials ("": none)."""
+    named = spec.storage.secret_ref.name if spec.storage.secret_ref else ""
+    return "" if named == settings.credentials_secret else named
+
+
+def _author_dependent(spec: FineTuneJobSpec, settings: Settings) -> list[tuple[object, str]]:
     """What the job names whose use depends on its author (empty values: nothing named), with each rule's
     message."""
     return [(spec.storage.service_account_name, SERVICE_ACCOUNT), (spec.pvc_claims(), CLAIM),
-            (spec.scheduling.priority_class_name, PRIORITY)]
+            (spec.scheduling.priority_class_name, PRIORITY), (own_secret(spec, settings), SECRET)]
 
 
 def author_checked(meta: dict, policy_since: str | None) -> bool:
@@ -172,7 +253,7 @@ def author_checked(meta: dict, policy_since: str | None) -> bool:
     return bool(policy_since and created and created > policy_since)
 
 
-def needs_admission_check(body: dict, settings: Settings | None = None) -> bool:
+def needs_admission_check(body: dict, settings: Settings) -> bool:
     """Whether the operator must ask the API server if the admission policy is in force before it decides: the
     job has no child yet (no Validated condition) and names an object whose use depends on its author, or sets a
     scheduling field outside the `settings`; or, at any time, its grace period is above the maximum (runPolicy
@@ -181,12 +262,12 @@ def needs_admission_check(body: dict, settings: Settings | None = None) -> bool:
         spec = FineTuneJobSpec.model_validate(body.get("spec") or {})
     except ValueError:  # the reconcile reports it
         return False
-    if settings is not None and _grace_outside(spec, settings.scheduling):
+    if _grace_outside(spec, settings.scheduling):
         return True
     if get_condition(body.get("status") or {}, "Validated"):
         return False
-    return any(value for value, _ in _author_dependent(spec)) or bool(
-        settings is not None and _scheduling_outside(spec, settings.scheduling))
+    return any(value for value, _ in _author_dependent(spec, settings)) or bool(
+        _scheduling_outside(spec, settings.scheduling))
 
 
 # -- scheduling and resource fields (issue 27.3) and the queue requirement (27.7) ---------------------------------
@@ -261,14 +342,26 @@ VARIABLES = [
              + ", ".join(f"object.spec.{path}.orValue('')" for path in OPTIONAL_URIS) + "]"),
     ("claims", "variables.uris.filter(u, u.startsWith('pvc://')).map(u, u.substring(6).split('/')[0])"),
     ("priorityClass", "object.spec.?scheduling.?priorityClassName.orValue('')"),
+    ("endpoint", "object.spec.?storage.?endpoint.orValue('')"),
+    ("defaultEndpoint", "params.data.?defaultEndpoint.orValue('')"),
+    ("ownEndpoint", "variables.endpoint != '' && !(" + _same_endpoint("variables.endpoint", "variables.defaultEndpoint")
+                    + ")"),
+    ("storageEndpoints", "params.data.?storageEndpoints.orValue('').split(',').filter(e, e != '')"),
+    ("storagePrefixes", "params.data.?storagePrefixes.orValue('').split(',').filter(p, p != '')"
+                        ".map(p, p.replace('{namespace}', request.namespace))"),
+    ("outsidePrefixes", "variables.storagePrefixes.size() == 0 ? [] : variables.uris.filter(u, u != '' && "
+                        "(u.split('/').exists(s, s == '.' || s == '..') || "
+                        "!variables.storagePrefixes.exists(p, u.startsWith(p))))"),
 ]
 VALIDATIONS = [
     ("!has(object.spec.image) || variables.imagePrefixes.exists(p, p.endsWith('/') ? object.spec.image.startsWith(p)"
      " : object.spec.image == p || object.spec.image.startsWith(p + ':') || object.spec.image.startsWith(p + '@'))",
      IMAGE),
     ("variables.defaultSecret == '' || !(variables.secretName == variables.defaultSecret || "
-     "(variables.secretName == '' && variables.serviceAccount == '')) || "
+     "(variables.secretName == '' && variables.serviceAccount == '' && !variables.ownEndpoint)) || "
      "variables.credentialsNamespaces.exists(n, n == '*' || n == request.namespace)", CREDENTIALS),
+    ("variables.secretName == '' || variables.secretName == variables.defaultSecret || authorizer.group('')"
+     ".resource('secrets').namespace(request.namespace).name(variables.secretName).check('get').allowed()", SECRET),
     ("!object.spec.?baseModel.?trustRemoteCode.orValue(false) || "
      "params.data.?allowTrustRemoteCode.orValue('false') == 'true'", REMOTE_CODE),
     ("variables.serviceAccount == '' || variables.podCreator || authorizer.group('').resource('serviceaccounts')"
@@ -278,6 +371,13 @@ VALIDATIONS = [
      ".namespace(request.namespace).name(c).check('use').allowed())", CLAIM),
     ("variables.priorityClass == '' || authorizer.group('scheduling.k8s.io').resource('priorityclasses')"
      ".name(variables.priorityClass).check('use').allowed()", PRIORITY),
+    ("!variables.ownEndpoint || variables.storageEndpoints.size() == 0 || variables.storageEndpoints.exists(e, "
+     + _same_endpoint("variables.endpoint", "e") + ")", ENDPOINT),
+    ("variables.defaultSecret == '' || variables.secretName != variables.defaultSecret || !variables.ownEndpoint",
+     DEFAULT_CREDENTIALS_ENDPOINT),
+    ("variables.outsidePrefixes.size() == 0", STORAGE_PREFIX,
+     f"'{STORAGE_PREFIX}: ' + variables.outsidePrefixes.join(', ') + '; allowed: ' + "
+     "variables.storagePrefixes.join(', ') + ' (no . or .. path segments)'"),
 ]
 _TOLERATIONS = "object.spec.?resources.?tolerations.orValue([])"
 _HEAD = "e.split(':')[0]"
@@ -334,10 +434,16 @@ def admission_policy() -> dict:
                                                     "operations": ["CREATE", "UPDATE"], "resources": [PLURAL]}]},
             "matchConditions": MATCH_CONDITIONS,
             "variables": [{"name": name, "expression": expr} for name, expr in [*VARIABLES, *SCHEDULING_VARIABLES]],
-            "validations": [{"expression": expr, "message": message, "reason": "Forbidden"}
-                            for expr, message in [*VALIDATIONS, *SCHEDULING_VALIDATIONS]],
+            "validations": [_validation(*rule) for rule in [*VALIDATIONS, *SCHEDULING_VALIDATIONS]],
         },
     }
+
+
+def _validation(expr: str, message: str, message_expression: str = "") -> dict:
+    """A rule: its CEL, its message, and the CEL that builds a message naming the values (falling back to the
+    message if it fails)."""
+    out = {"expression": expr, "message": message, "reason": "Forbidden"}
+    return {**out, "messageExpression": message_expression} if message_expression else out
 
 
 def binding(namespace: str = PARAMS_NAMESPACE) -> dict:

@@ -62,8 +62,8 @@ class OperatorSettings:
     metrics_port: int = 8080  # KUBETUNE_METRICS_PORT (0: off)
     health_port: int = 8081  # KUBETUNE_HEALTH_PORT
     ready_port: int = 8082  # KUBETUNE_READY_PORT (0: off)
-    # KUBETUNE_POLICY_* and KUBETUNE_STORAGE_SECRET_NAME (policy.py); None: the defaults, the image prefixes being
-    # the trainer image's repository
+    # KUBETUNE_POLICY_* and KUBETUNE_STORAGE_{SECRET_NAME,ENDPOINT} (policy.py); None: the defaults, the image
+    # prefixes being the trainer image's repository
     policy: PolicySettings = None  # type: ignore[assignment]
     # Leader election (leader.py): the Lease KUBETUNE_LEASE_NAME in KUBETUNE_LEASE_NAMESPACE (the chart: the
     # operator's own namespace, from the downward API); KUBETUNE_LEASE_{DURATION,RENEW_DEADLINE,RETRY_PERIOD}_SECONDS
@@ -85,7 +85,8 @@ class OperatorSettings:
     def __post_init__(self) -> None:
         if self.policy is None:
             object.__setattr__(self, "policy", PolicySettings(image_prefixes=(repository(self.trainer_image),),
-                                                              credentials_secret=self.storage_secret_name))
+                                                              credentials_secret=self.storage_secret_name,
+                                                              storage_endpoint=self.storage_endpoint))
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -98,13 +99,14 @@ class OperatorSettings:
 
         image = env("KUBETUNE_TRAINER_IMAGE", DEFAULT_TRAINER_IMAGE)
         secret = env("KUBETUNE_STORAGE_SECRET_NAME") or ""
+        endpoint = env("KUBETUNE_STORAGE_ENDPOINT") or ""
         defaults = VALIDATION_DEFAULTS
         return cls(
             trainer_image=image,
             rendezvous_port=int(env("KUBETUNE_RENDEZVOUS_PORT") or RENDEZVOUS_PORT),
             trainer_metrics_port=int(env("KUBETUNE_TRAINER_METRICS_PORT") or TRAINER_METRICS_PORT),
             gpu_tflops=float(env("KUBETUNE_ESTIMATE_GPU_TFLOPS") or DEFAULT_GPU_TFLOPS),
-            storage_endpoint=env("KUBETUNE_STORAGE_ENDPOINT") or "",
+            storage_endpoint=endpoint,
             storage_region=env("KUBETUNE_STORAGE_REGION") or "",
             storage_secret_name=secret,
             validation_cpu=env("KUBETUNE_VALIDATION_CPU") or defaults["cpu"],
@@ -124,6 +126,9 @@ class OperatorSettings:
                 credentials_secret=secret,
                 credentials_namespaces=names("KUBETUNE_POLICY_CREDENTIALS_NAMESPACES"),
                 allow_trust_remote_code=env("KUBETUNE_POLICY_ALLOW_TRUST_REMOTE_CODE") == "true",
+                storage_prefixes=names("KUBETUNE_POLICY_STORAGE_PREFIXES"),
+                storage_endpoint=endpoint,
+                storage_endpoints=names("KUBETUNE_POLICY_STORAGE_ENDPOINTS"),
                 binding=env("KUBETUNE_POLICY_BINDING") or "",
                 scheduling=_scheduling(env)),
             lease_name=env("KUBETUNE_LEASE_NAME") or LEASE_NAME,

@@ -137,6 +137,9 @@ FULL_VALUES = {
     "policy.allowedGPUResourceNames": "{nvidia.com/gpu,amd.com/gpu}",
     "policy.maxTerminationGracePeriodSeconds": "900",
     "policy.requireQueue": "true",
+    "policy.allowedStoragePrefixes[0]": "s3://ml-{namespace}/",
+    "policy.allowedStoragePrefixes[1]": "hf://",
+    "policy.allowedStorageEndpoints": "{https://s3.eu-west-1.amazonaws.com}",
 }
 
 

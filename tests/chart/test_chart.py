@@ -423,7 +423,8 @@ def test_policy_parameters_default_to_the_trainer_image_and_no_default_credentia
     objects = render({"trainer.image.repository": "registry.example.com/ml/trainer", "storage.secretName": "s3"})
     (params,) = find(objects, "ConfigMap", "kubetune-policy")
     assert params["data"] == {"imagePrefixes": "registry.example.com/ml/trainer", "credentialsSecret": "s3",
-                              "credentialsNamespaces": "", "allowTrustRemoteCode": "false",
+                              "credentialsNamespaces": "", "allowTrustRemoteCode": "false", "storagePrefixes": "",
+                              "defaultEndpoint": "", "storageEndpoints": "",
                               "nodeSelectors": "", "tolerations": "", "gpuResourceNames": "nvidia.com/gpu",
                               "maxTerminationGracePeriodSeconds": "3600", "requireQueue": "false"}
     env = _env(objects)
@@ -434,7 +435,8 @@ def test_policy_parameters_default_to_the_trainer_image_and_no_default_credentia
 POLICY_ENV = ["KUBETUNE_POLICY_IMAGE_PREFIXES", "KUBETUNE_POLICY_CREDENTIALS_NAMESPACES",
               "KUBETUNE_POLICY_ALLOW_TRUST_REMOTE_CODE", "KUBETUNE_POLICY_BINDING", "KUBETUNE_STORAGE_SECRET_NAME",
               "KUBETUNE_POLICY_NODE_SELECTORS", "KUBETUNE_POLICY_TOLERATIONS", "KUBETUNE_POLICY_GPU_RESOURCE_NAMES",
-              "KUBETUNE_POLICY_MAX_GRACE_SECONDS", "KUBETUNE_POLICY_REQUIRE_QUEUE"]
+              "KUBETUNE_POLICY_MAX_GRACE_SECONDS", "KUBETUNE_POLICY_REQUIRE_QUEUE",
+              "KUBETUNE_POLICY_STORAGE_PREFIXES", "KUBETUNE_POLICY_STORAGE_ENDPOINTS", "KUBETUNE_STORAGE_ENDPOINT"]
 
 
 def test_the_operator_enforces_the_parameters_the_policy_gets(monkeypatch):
@@ -459,7 +461,9 @@ def test_full_values_policy():
     (params,) = find(render(FULL_VALUES), "ConfigMap", "kubetune-policy")
     assert params["data"] == {"imagePrefixes": "registry.example.com/ml/,ghcr.io/kubetune/trainer",
                               "credentialsSecret": "s3-credentials", "credentialsNamespaces": "team-a",
-                              "allowTrustRemoteCode": "true",
+                              "allowTrustRemoteCode": "true", "storagePrefixes": "s3://ml-{namespace}/,hf://",
+                              "defaultEndpoint": "http://minio.minio:9000",
+                              "storageEndpoints": "https://s3.eu-west-1.amazonaws.com",
                               "nodeSelectors": "kubetune.io/pool=training,topology.kubernetes.io/zone",
                               "tolerations": "nvidia.com/gpu:NoSchedule,kubetune.io/pool=training",
                               "gpuResourceNames": "nvidia.com/gpu,amd.com/gpu",

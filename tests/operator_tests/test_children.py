@@ -55,8 +55,11 @@ def test_every_child_is_labelled_and_owned():
         }
 
 
+CREDENTIALS = {"storage": {"secretRef": {"name": "s3-credentials"}}}
+
+
 def test_config_map_holds_the_trainer_config_and_no_secret():
-    meta, spec = build()
+    meta, spec = build(CREDENTIALS)
     cm = children.config_map(meta, spec, SETTINGS)
     config = TrainerConfig.model_validate(yaml.safe_load(cm["data"]["trainer.yaml"]))
     assert config.job_name == "demo" and config.dataset.train == "s3://data/train.jsonl"
@@ -111,7 +114,7 @@ def test_the_validation_pass_runs_one_process_per_requested_cpu():
 
 
 def test_credentials_come_from_the_secret_as_env():
-    meta, spec = build()
+    meta, spec = build(CREDENTIALS)
     e = env(children.validation_job(meta, spec, SETTINGS))
     assert e["AWS_ACCESS_KEY_ID"] == {
         "secretKeyRef": {"name": "s3-credentials", "key": "AWS_ACCESS_KEY_ID", "optional": False}

@@ -15,6 +15,7 @@ from tests.operator_tests import test_e2e as e2e
 from tests.operator_tests.test_e2e import credentials, events_of, submit, training_spec, wait_phase
 
 crd, s3_inputs, fake_trainer = e2e.crd, e2e.s3_inputs, e2e.fake_trainer  # fixtures
+author_policy = e2e.author_policy  # the operator's (it trusts the API server for authors)
 POOL, TAINT = "kubetune.io/accelerator", "kubetune.io/test"  # a node selector key and a taint these tests use
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
@@ -22,10 +23,10 @@ pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.ag
 
 
 @pytest.fixture(scope="module")
-def operator(control_plane, crd, tmp_path_factory):
-    """test_e2e.py's operator (no admission policy: it cannot check authors), whose policy allows the node
-    selector and the taint these tests use to any author."""
-    env = e2e.operator_env(control_plane, KUBETUNE_POLICY_NODE_SELECTORS=POOL,
+def operator(control_plane, crd, author_policy, tmp_path_factory):
+    """test_e2e.py's operator (with the admission policy in force, which checks the authors), whose policy allows
+    the node selector and the taint these tests use to any author."""
+    env = e2e.operator_env(control_plane, KUBETUNE_POLICY_BINDING=author_policy, KUBETUNE_POLICY_NODE_SELECTORS=POOL,
                            KUBETUNE_POLICY_TOLERATIONS=f"{TAINT}:NoSchedule")
     yield from e2e.run_operator(tmp_path_factory, env)
 

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -91,8 +92,39 @@ def run_operator(tmp_path_factory, env: dict):
 
 
 @pytest.fixture(scope="module")
-def operator(control_plane, crd, tmp_path_factory):
-    yield from run_operator(tmp_path_factory, operator_env(control_plane))
+def author_policy(control_plane, crd):
+    """The admission policy of crds/policy/admission-policy.yaml, bound to every namespace while the module runs,
+    as the chart installs it: the test jobs name a Secret of their namespace (s3-credentials), which the operator
+    allows only when the API server has checked that the job's author may read it (policy.SECRET). Yields the
+    binding's name; once removed, waits until the API server no longer enforces it (the next module's jobs)."""
+    name = f"kubetune-e2e-{uuid.uuid4().hex[:6]}"
+    ns = f"kubetune-system-{uuid.uuid4().hex[:6]}"
+    vap, binding, params = yaml.safe_load_all((ROOT / "crds" / "policy" / "admission-policy.yaml").read_text())
+    params["metadata"]["namespace"] = binding["spec"]["paramRef"]["namespace"] = ns
+    vap["metadata"]["name"] = binding["metadata"]["name"] = binding["spec"]["policyName"] = name
+    kubectl(control_plane, "create", "namespace", ns)
+    for doc in (vap, params, binding):
+        kubectl(control_plane, "apply", "-f", "-", stdin=json.dumps(doc))
+
+    def refused() -> bool:  # a job the policy refuses (its image), as the API server judges it now
+        doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "probe"},
+               "spec": {"baseModel": {"uri": "s3://m/"}, "dataset": {"train": "s3://d/t.jsonl"},
+                        "output": {"uri": "s3://o/"}, "image": "docker.io/x/miner:1"}}
+        return kubectl(control_plane, "create", "-n", ns, "--dry-run=server", "-f", "-", stdin=json.dumps(doc),
+                       check=False).returncode != 0
+
+    wait_for("the admission policy to be enforced", refused, timeout=60)
+    time.sleep(1.1)  # jobs created from now on are newer than the binding (the API's times are in whole seconds)
+    yield name
+    for kind, doc in (("validatingadmissionpolicybinding", binding), ("validatingadmissionpolicy", vap)):
+        kubectl(control_plane, "delete", kind, doc["metadata"]["name"])
+    wait_for("the admission policy to be lifted", lambda: not refused(), timeout=60)
+    kubectl(control_plane, "delete", "namespace", ns, "--wait=false")
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, crd, author_policy, tmp_path_factory):
+    yield from run_operator(tmp_path_factory, operator_env(control_plane, KUBETUNE_POLICY_BINDING=author_policy))
 
 
 def submit(cp, namespace: str, name: str, spec: dict) -> None:

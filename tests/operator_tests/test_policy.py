@@ -3,7 +3,8 @@
 * Pure: the rules in Python (the operator's own enforcement) and decide()'s PolicyDenied before any child.
 * The generated policy files are up to date.
 * The real API server: the ValidatingAdmissionPolicy of crds/policy/admission-policy.yaml, bound to two tenant
-  namespaces, judges FineTuneJobs created by `alice` (`kubectl --as`), who may only create FineTuneJobs there.
+  namespaces, judges FineTuneJobs created by `alice` (`kubectl --as`), who may only create FineTuneJobs there
+  (and read her team's Secret).
   Each forbidden case is refused with the rule's message; each case allowed by a grant of exactly the permission
   docs/security.md names is accepted; an allowed job trains to Succeeded. Without the policy, the operator
   itself fails a job that names a priority class with PolicyDenied, and creates no child.
@@ -95,7 +96,9 @@ def test_without_the_admission_policy_named_objects_are_refused():
     assert violations(**named) == []  # the API server checked the author
     assert violations(author_checked=False, **named) == [
         policy.SERVICE_ACCOUNT + policy.UNCHECKED, policy.CLAIM + policy.UNCHECKED, policy.PRIORITY + policy.UNCHECKED]
-    assert violations(author_checked=False) == []
+    assert violations(author_checked=False) == [policy.SECRET + policy.UNCHECKED]  # a Secret of its own
+    platform = {"storage": {"secretRef": {"name": "platform-s3"}}}  # the platform's: nothing to check
+    assert violations("team-a", author_checked=False, **platform) == []
 
 
 def body(spec_: dict, status: dict | None = None) -> dict:
@@ -105,11 +108,12 @@ def body(spec_: dict, status: dict | None = None) -> dict:
 
 
 def test_decide_fails_policydenied_before_any_child():
-    d = decide(body(spec(image="docker.io/x/miner:1")), Observed(), NOW, operator("ghcr.io/kubetune/trainer:0.1.0"))
+    checked = Observed(admission_policy="2026-11-30T12:00:00Z")  # the job's own Secret: its author was checked
+    d = decide(body(spec(image="docker.io/x/miner:1")), checked, NOW, operator("ghcr.io/kubetune/trainer:0.1.0"))
     assert d.phase == "Failed" and d.status["reason"] == "PolicyDenied" and not d.create
     assert d.status["message"] == policy.IMAGE
     assert ("Warning", "PolicyDenied", f"Failed: {policy.IMAGE}") in d.events
-    ok = decide(body(spec()), Observed(), NOW, operator("ghcr.io/kubetune/trainer:0.1.0"))
+    ok = decide(body(spec()), checked, NOW, operator("ghcr.io/kubetune/trainer:0.1.0"))
     assert ok.phase == "Pending" and {o["kind"] for o in ok.create} == {"ConfigMap", "Job"}
 
 
@@ -122,11 +126,13 @@ def test_decide_checks_authors_only_through_the_admission_policy():
     for since in ("2026-12-01T00:00:00Z", "2026-12-01T08:00:00Z"):
         late = Observed(admission_policy=since)
         assert decide(named, late, NOW, operator(TRAINER)).status["reason"] == "PolicyDenied"
-    assert policy.needs_admission_check(named)
+    assert policy.needs_admission_check(named, SETTINGS)
+    assert not policy.needs_admission_check(body(spec(storage={"secretRef": {"name": "platform-s3"}})), SETTINGS)
+    assert policy.needs_admission_check(body(spec()), SETTINGS)  # its own Secret
     started = body(spec(scheduling={"priorityClassName": "high"}),
                    {"phase": "Validating", "conditions": [{"type": "Validated", "status": "Unknown",
                                                             "lastTransitionTime": "2026-12-01T00:00:00Z"}]})
-    assert not policy.needs_admission_check(started)  # a job that started keeps running
+    assert not policy.needs_admission_check(started, SETTINGS)  # a job that started keeps running
     assert decide(started, Observed(), NOW, operator(TRAINER)).status.get("reason") != "PolicyDenied"
 
 
@@ -146,7 +152,7 @@ PRIORITY = "team-high"
 @pytest.fixture(scope="module")
 def tenants(control_plane, crd):
     """Namespaces team-a (may use the platform's credentials) and team-b, where alice may create FineTuneJobs
-    and nothing else."""
+    and read the Secret own-s3, and nothing else."""
     names = {k: f"{k}-{uuid.uuid4().hex[:6]}" for k in ("team-a", "team-b")}
     for ns in names.values():
         kubectl(control_plane, "create", "namespace", ns)
@@ -154,6 +160,11 @@ def tenants(control_plane, crd):
         kubectl(control_plane, "create", "role", "ftj-author", "-n", ns, "--verb=create",
                 "--resource=finetunejobs.kubetune.io")
         kubectl(control_plane, "create", "rolebinding", "ftj-author", "-n", ns, "--role=ftj-author",
+                f"--user={ALICE}")
+        # her team's Secret, which spec() names
+        kubectl(control_plane, "create", "role", "own-s3-reader", "-n", ns, "--verb=get", "--resource=secrets",
+                "--resource-name=own-s3")
+        kubectl(control_plane, "create", "rolebinding", "own-s3-reader", "-n", ns, "--role=own-s3-reader",
                 f"--user={ALICE}")
     kubectl(control_plane, "apply", "-f", "-", stdin=json.dumps({
         "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": PRIORITY},
@@ -211,9 +222,11 @@ def grant(cp, namespace: str, name: str, verb: str, resource: str, resource_name
 
 
 @pytest.fixture(scope="module")
-def policy_operator(control_plane, crd, tenants, tmp_path_factory):
-    """The operator as the chart configures it: it trusts the API server for authors once the binding exists."""
+def policy_operator(control_plane, crd, tenants, s3_server, tmp_path_factory):
+    """The operator as the chart configures it: it trusts the API server for authors once the binding exists; its
+    default credentials are for the S3 server's endpoint."""
     env = e2e.operator_env(control_plane, KUBETUNE_STORAGE_SECRET_NAME="s3-credentials",
+                           KUBETUNE_STORAGE_ENDPOINT=s3_server.endpoint,
                            KUBETUNE_POLICY_CREDENTIALS_NAMESPACES=tenants["team-a"], KUBETUNE_POLICY_BINDING=NAME)
     yield from e2e.run_operator(tmp_path_factory, env)
 
@@ -252,10 +265,11 @@ FORBIDDEN = {  # case -> (namespace key, spec changes, the rule's message)
                     policy.REMOTE_CODE),
     "default credentials": ("team-b", {"storage": {"secretRef": {"name": "s3-credentials"}}}, policy.CREDENTIALS),
     "no credentials": ("team-b", {"storage": {}}, policy.CREDENTIALS),
+    "secret": ("team-b", {"storage": {"secretRef": {"name": "other-team-s3"}}}, policy.SECRET),
 }
 
 
-AUTHOR_RULES = (policy.SERVICE_ACCOUNT, policy.CLAIM, policy.PRIORITY)
+AUTHOR_RULES = (policy.SERVICE_ACCOUNT, policy.CLAIM, policy.PRIORITY, policy.SECRET)
 
 
 @pytest.mark.parametrize("case", FORBIDDEN)
@@ -266,8 +280,9 @@ def test_the_operator_refuses_the_same_cases_with_the_same_message(case):
                                credentials_namespaces=("team-a",))
     job = FineTuneJobSpec.model_validate(spec(**changes))
     author = message in AUTHOR_RULES
+    own = [policy.SECRET + policy.UNCHECKED] if "storage" not in changes else []  # spec()'s own-s3
     assert policy.violations("team-b", job, settings, author_checked=False) == [
-        message + policy.UNCHECKED if author else message]
+        message + policy.UNCHECKED if author else message] + own
     assert policy.violations("team-b", job, settings, author_checked=True) == ([] if author else [message])
 
 

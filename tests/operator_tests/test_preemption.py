@@ -25,6 +25,7 @@ from tests.operator_tests.test_e2e import (
 )
 
 crd, operator, tiny_model, real_trainer = e2e.crd, e2e.operator, e2e.tiny_model, e2e.real_trainer  # fixtures
+author_policy = e2e.author_policy  # the operator's (it trusts the API server for authors)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]

@@ -38,6 +38,7 @@ pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.ag
 # test_e2e.py's fixtures: the CRD, the operator, S3 inputs, the tiny model, the stand-in trainer image
 crd, operator, s3_inputs, tiny_model, fake_trainer = e2e.crd, e2e.operator, e2e.s3_inputs, e2e.tiny_model, \
     e2e.fake_trainer
+author_policy = e2e.author_policy  # the operator's (it trusts the API server for authors)
 
 CANARY_IMAGE = "ghcr.io/kubetune/trainer:canary"
 CANARY_ID = f"CANARYID{uuid.uuid4().hex[:12].upper()}"  # not AKIA...: no pattern would hide it, only its absence

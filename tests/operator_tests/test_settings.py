@@ -44,6 +44,8 @@ def test_every_variable_takes_effect():
         "KUBETUNE_HEALTH_PORT": "18081", "KUBETUNE_READY_PORT": "0",
         "KUBETUNE_POLICY_IMAGE_PREFIXES": "a.io/x, b.io/", "KUBETUNE_POLICY_CREDENTIALS_NAMESPACES": "team-a,*",
         "KUBETUNE_POLICY_ALLOW_TRUST_REMOTE_CODE": "true", "KUBETUNE_POLICY_BINDING": "kubetune-finetunejobs",
+        "KUBETUNE_POLICY_STORAGE_PREFIXES": "s3://ml-{namespace}/, hf://",
+        "KUBETUNE_POLICY_STORAGE_ENDPOINTS": "https://s3.example.com",
     })
     assert s == OperatorSettings(
         trainer_image="registry.local/trainer:1", rendezvous_port=31234, trainer_metrics_port=31235, gpu_tflops=125.0,
@@ -54,7 +56,8 @@ def test_every_variable_takes_effect():
         ready_port=0,
         policy=policy.Settings(image_prefixes=("a.io/x", "b.io/"), credentials_secret="platform-s3",
                                credentials_namespaces=("team-a", "*"), allow_trust_remote_code=True,
-                               binding="kubetune-finetunejobs"))
+                               storage_prefixes=("s3://ml-{namespace}/", "hf://"), storage_endpoint="http://minio:9000",
+                               storage_endpoints=("https://s3.example.com",), binding="kubetune-finetunejobs"))
 
 
 def test_empty_values_keep_the_defaults_as_before():

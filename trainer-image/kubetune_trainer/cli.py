@@ -26,6 +26,7 @@ from rich.table import Table
 from . import redact
 from .configfile import load_config
 from .errors import ConfigError, KubetuneError
+from .storage import describe_error, is_storage_error
 
 # No locals in tracebacks: a frame's variables can hold credentials (the callback below prints plain, redacted ones).
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kubetune: fine-tuning on Kubernetes.",
@@ -58,6 +59,9 @@ def fail(e: BaseException) -> None:
                         "training), or make the data smaller per record")
     if isinstance(e, KubetuneError):
         message, code = f"{e.reason}: {e.message}", e.exit_code
+    elif is_storage_error(e):  # one no Storage call mapped: the endpoint's reply stays out of the status too
+        operation = getattr(e, "operation_name", "") or "a request"
+        message, code = f"Unexpected: object storage failed in {operation} ({describe_error(e)})", EXIT_UNEXPECTED
     else:
         message, code = f"Unexpected: {type(e).__name__}: {e}", EXIT_UNEXPECTED
     report_failure(message)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from kubetune_api import uri_allowed
+
 from .data.formats import RecordError
 from .data.records import Record, data_files
 from .errors import ConfigError
@@ -93,10 +95,12 @@ class Located:
 class ImageStore:
     """Resolves the images of one split and brings the remote ones to local disk, once per run."""
 
-    def __init__(self, storage: Storage | None, cache: Path, split_path: Path, split_uri: str):
+    def __init__(self, storage: Storage | None, cache: Path, split_path: Path, split_uri: str,
+                 prefixes: list[str] | tuple[str, ...] = ()):
         self.storage, self.cache = storage, Path(cache)
         self.split_path, self.split_uri = Path(split_path), split_uri
         self.split_prefix = split_uri.rstrip("/") + "/"
+        self.prefixes = tuple(prefixes)  # the config's storagePrefixes: where remote images may be (empty: anywhere)
 
     def locate(self, image: Any, record_file: str) -> Located:
         """The image a record in `record_file` (its data file's URI) refers to. RecordError for what cannot be
@@ -151,6 +155,10 @@ class ImageStore:
         return self.split_path
 
     def _remote(self, uri: str) -> Located:
+        if not uri_allowed(uri, self.prefixes):
+            raise RecordError(f"image {uri!r} is outside the storage prefixes this job may use "
+                              f"(policy.allowedStoragePrefixes: {', '.join(self.prefixes)})",
+                              "keep the images under one of them, next to the data file or by an s3:// URI there")
         if is_remote(self.split_uri) and self.split_path.is_dir() and uri.startswith(self.split_prefix):
             return Located(uri, self.split_path / uri[len(self.split_prefix):])  # fetched with the split
         return Located(uri, None)

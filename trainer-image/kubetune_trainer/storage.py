@@ -142,8 +142,36 @@ _TRANSIENT_CODES = {"RequestTimeout", "RequestTimeTooSkewed", "ExpiredToken", "R
                     "SlowDown", "Throttling", "ThrottlingException", "TooManyRequests"}
 
 
+_ERROR_CODE = re.compile(r"[A-Za-z][A-Za-z0-9.]{0,63}")  # an S3 error code: AccessDenied, SlowDown, 503
+
+
+def reply_summary(error: dict, status: int) -> str:
+    """What of an endpoint's error reply may reach a message (and so the FineTuneJob's status): the HTTP status
+    and the S3 error code when it is a plain code word; never the reply's Message, or a Code of any other
+    shape: the endpoint chooses them, and a status is read as Kubetune's word."""
+    code = str(error.get("Code", ""))
+    code = code if _ERROR_CODE.fullmatch(code) and code != str(status) else ""
+    return " ".join(part for part in (f"HTTP {status}" if status else "", code) if part) or "no status"
+
+
+def describe_error(exc: BaseException) -> str:
+    """A boto3/botocore/s3transfer error in a few words of ours: the reply's status and code for an error reply,
+    else the exception's type (EndpointConnectionError, ReadTimeoutError, ...), never its text."""
+    from botocore.exceptions import ClientError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ClientError):
+            status = int(seen.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            return reply_summary(seen.response.get("Error", {}), status)
+        seen = getattr(seen, "last_exception", None) or seen.__cause__ or seen.__context__
+    inner = getattr(exc, "last_exception", None) or exc.__cause__ or exc
+    return type(inner).__name__
+
+
 def _classify(exc: BaseException, uri: str, action: str) -> KubetuneError:
-    """Map a boto3/botocore/s3transfer error to ConfigError (permanent) or TransientError (retryable)."""
+    """Map a boto3/botocore/s3transfer error to ConfigError (permanent) or TransientError (retryable). The
+    message names the action and the URI (so its bucket), and of the endpoint's reply only reply_summary()."""
     from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
     seen = exc
@@ -158,7 +186,7 @@ def _classify(exc: BaseException, uri: str, action: str) -> KubetuneError:
             error = seen.response.get("Error", {})
             code = str(error.get("Code", ""))
             status = int(seen.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            detail = redact.redact(f"{code or status}: {error.get('Message') or seen}")
+            detail = reply_summary(error, status)
             if code == "NoSuchBucket":
                 return ConfigError(f"{action} {uri}: the bucket does not exist; create it or fix the URI")
             if code in _NOT_FOUND:
@@ -170,13 +198,7 @@ def _classify(exc: BaseException, uri: str, action: str) -> KubetuneError:
                 break
             return ConfigError(f"{action} {uri}: rejected by the storage service ({detail})")
         seen = getattr(seen, "last_exception", None) or seen.__cause__ or seen.__context__
-    return TransientError(f"{action} {uri}: object storage failed after retries: {redact.redact(_describe(exc))}")
-
-
-def _describe(exc: BaseException) -> str:
-    """The underlying error (s3transfer wraps it), as 'Type: message'."""
-    exc = getattr(exc, "last_exception", None) or exc.__cause__ or exc
-    return f"{type(exc).__name__}: {exc}"
+    return TransientError(f"{action} {uri}: object storage failed after retries ({describe_error(exc)})")
 
 
 class Storage:
@@ -293,7 +315,7 @@ class Storage:
             except KubetuneError:
                 raise
             except Exception as e:
-                if _is_boto_error(e):
+                if is_storage_error(e):
                     raise _classify(e, uri, action) from None
                 raise
         raise AssertionError("unreachable")
@@ -674,7 +696,8 @@ def read_published(storage: Storage, uri_prefix: str, dest: Path) -> dict:
 # -- helpers -----------------------------------------------------------------------------------------
 
 
-def _is_boto_error(e: BaseException) -> bool:
+def is_storage_error(e: BaseException) -> bool:
+    """A boto3, botocore or s3transfer exception."""
     return type(e).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer")
 
 

@@ -31,6 +31,7 @@ EXAMPLE = REPO_ROOT / "examples" / "demo-finetunejob.yaml"
 S3_MANIFEST = REPO_ROOT / "hack" / "dev-cluster-s3.yaml"
 CRD = REPO_ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
 SECRET = "s3-credentials"
+EXAMPLE_ENDPOINT = "http://minio.minio:9000"  # the in-cluster S3 server's Service, as the examples name it
 CLUSTER_QUEUE, LOCAL_QUEUE = "cluster-queue", "user-queue"
 GPU = "nvidia.com/gpu"
 
@@ -129,8 +130,11 @@ class DevCluster:
 
     def start_operator(self, log: Path) -> None:
         health = free_port()
+        # The Secret and endpoint the examples name are the platform's defaults (the chart's storage.*), for jobs
+        # in any namespace: without the admission policy, the operator lets a job name no other Secret.
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBETUNE_HEALTH_PORT": str(health),
-               "KUBETUNE_METRICS_PORT": str(free_port())}
+               "KUBETUNE_METRICS_PORT": str(free_port()), "KUBETUNE_STORAGE_SECRET_NAME": SECRET,
+               "KUBETUNE_STORAGE_ENDPOINT": EXAMPLE_ENDPOINT, "KUBETUNE_POLICY_CREDENTIALS_NAMESPACES": "*"}
         with log.open("ab") as out:
             self.operator = subprocess.Popen(
                 [sys.executable, "-m", "kubetune_operator", "--all-namespaces"], env=env, cwd=REPO_ROOT,

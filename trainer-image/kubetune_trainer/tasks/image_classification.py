@@ -138,7 +138,7 @@ class ImageClassification(ClassificationTask):
         return local
 
     def _store(self, path: Path, uri: str) -> ImageStore:
-        return ImageStore(self.storage, self.image_cache, path, uri)
+        return ImageStore(self.storage, self.image_cache, path, uri, self.config.storage_prefixes or ())
 
     def collate(self, examples: list[ClassExample]) -> dict[str, torch.Tensor]:
         images = [load_rgb(e.inputs) for e in examples]
