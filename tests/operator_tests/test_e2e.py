@@ -79,6 +79,13 @@ def operator_env(cp, **extra: str) -> dict:
             **extra}
 
 
+def platform_credentials(endpoint: str) -> dict:
+    """Operator settings that make the test jobs' Secret (s3-credentials, at the test S3 server) the platform's
+    default credentials: an operator without the admission policy refuses any other Secret (policy.SECRET)."""
+    return {"KUBETUNE_STORAGE_SECRET_NAME": "s3-credentials", "KUBETUNE_STORAGE_ENDPOINT": endpoint,
+            "KUBETUNE_POLICY_CREDENTIALS_NAMESPACES": "*"}
+
+
 def run_operator(tmp_path_factory, env: dict):
     """For a fixture to `yield from`: an Operator with `env`, started, then stopped and its log named."""
     log = tmp_path_factory.mktemp("operator") / "operator.log"

@@ -43,12 +43,13 @@ class Replica:
     """`python -m kubetune_operator --all-namespaces` with its own ports and log, electing through the Lease
     `lease` (namespace/name)."""
 
-    def __init__(self, cp, log: Path, *args: str, lease: tuple[str, str] = ("default", "kubetune-operator")):
+    def __init__(self, cp, log: Path, *args: str, lease: tuple[str, str] = ("default", "kubetune-operator"),
+                 env: dict | None = None):
         self.log, self.args = log, args
         self.env = {**cp.env(), "KUBETUNE_HEALTH_PORT": str(free_port()), "KUBETUNE_READY_PORT": str(free_port()),
                     "KUBETUNE_METRICS_PORT": str(free_port()), "KUBETUNE_RESYNC_SECONDS": "1",
                     "KUBETUNE_TRAINER_IMAGE": e2e.IMAGE,
-                    "KUBETUNE_LEASE_NAMESPACE": lease[0], "KUBETUNE_LEASE_NAME": lease[1]}
+                    "KUBETUNE_LEASE_NAMESPACE": lease[0], "KUBETUNE_LEASE_NAME": lease[1], **(env or {})}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Replica:
@@ -151,16 +152,17 @@ class Watcher:
 
 
 @pytest.fixture(scope="module")
-def replicas(control_plane, crd, lease, tmp_path_factory):
+def replicas(control_plane, crd, lease, s3_server, tmp_path_factory):
     """[older, younger]: started one after the other, each once it is up; a Watcher runs all along."""
     logs = tmp_path_factory.mktemp("peers")
-    older = Replica(control_plane, logs / "older.log", lease=lease).start()
+    credentials = e2e.platform_credentials(s3_server.endpoint)
+    older = Replica(control_plane, logs / "older.log", lease=lease, env=credentials).start()
     started = []
     watcher = Watcher(started)
     try:
         older.wait_state(ACTIVE)
         started.append(older)
-        younger = Replica(control_plane, logs / "younger.log", lease=lease).start()
+        younger = Replica(control_plane, logs / "younger.log", lease=lease, env=credentials).start()
         started.append(younger)
         younger.wait_state(STANDBY)
         yield started

@@ -112,7 +112,8 @@ def test_two_jobs_and_a_quota_for_one(control_plane, node_agent, namespace, oper
 
     def waiting():
         s = status_of(control_plane, namespace, "second")
-        return s if s.get("reason") == "WaitingForAdmission" and s.get("queue", {}).get("workload") else None
+        return s if s.get("reason") == "WaitingForAdmission" and s.get("queue", {}).get("workload") and \
+            "insufficient unused quota" in s.get("message", "") else None  # Kueue's reason, once it has one
 
     s = wait_for("the second job to wait for admission", waiting, timeout=120)
     assert s["phase"] == "Queued", s

@@ -21,7 +21,7 @@ from kubetune_trainer.storage import Storage, read_published
 
 from tests.operator_tests import test_e2e as e2e
 
-crd, operator = e2e.crd, e2e.operator  # fixtures for the cluster test (the real API server and operator)
+crd, operator, author_policy = e2e.crd, e2e.operator, e2e.author_policy  # the cluster test's fixtures
 pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "tests.s3fixtures"]
 
 

@@ -29,7 +29,7 @@ from tests.faults import FaultProxy
 from tests.kube import get_json
 from tests.operator_tests import test_e2e as e2e
 
-crd, s3_inputs, fake_trainer = e2e.crd, e2e.s3_inputs, e2e.fake_trainer  # cluster fixtures
+crd, s3_inputs, fake_trainer, author_policy = e2e.crd, e2e.s3_inputs, e2e.fake_trainer, e2e.author_policy  # fixtures
 pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -215,10 +215,11 @@ def test_validation_over_its_memory_limit_stops_clearly_instead_of_an_oom_kill(t
 
 
 @pytest.fixture(scope="module")
-def impatient_operator(control_plane, crd, tmp_path_factory):
-    """The operator, trying validation twice (the chart's validation.maxAttempts: 2)."""
-    yield from e2e.run_operator(tmp_path_factory, e2e.operator_env(control_plane,
-                                                                   KUBETUNE_VALIDATION_MAX_ATTEMPTS="2"))
+def impatient_operator(control_plane, crd, author_policy, tmp_path_factory):
+    """The operator, trying validation twice (the chart's validation.maxAttempts: 2), with the admission policy in
+    force (the job names a Secret of its namespace for an endpoint of its own)."""
+    yield from e2e.run_operator(tmp_path_factory, e2e.operator_env(
+        control_plane, KUBETUNE_VALIDATION_MAX_ATTEMPTS="2", KUBETUNE_POLICY_BINDING=author_policy))
 
 
 @pytest.mark.cluster

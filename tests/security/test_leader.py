@@ -85,9 +85,10 @@ def tenancy(control_plane, peering_crds):
 
 
 @pytest.fixture(scope="module")
-def operator(control_plane, crd, tenancy, tmp_path_factory):
+def operator(control_plane, crd, tenancy, s3_server, tmp_path_factory):
     """The operator as the chart runs it: `--namespace` per served tenant, its Lease in its own namespace."""
-    env = e2e.operator_env(control_plane, KUBETUNE_LEASE_NAMESPACE=tenancy["operator"], KUBETUNE_LEASE_NAME=LEASE)
+    env = e2e.operator_env(control_plane, KUBETUNE_LEASE_NAMESPACE=tenancy["operator"], KUBETUNE_LEASE_NAME=LEASE,
+                           **e2e.platform_credentials(s3_server.endpoint))
     log = tmp_path_factory.mktemp("operator") / "operator.log"
     cmd = [sys.executable, "-m", "kubetune_operator", "-n", tenancy["mallory"], "-n", tenancy["victim"], "-v"]
     with log.open("a") as out:
@@ -130,7 +131,8 @@ def handled(cp, namespace: str, name: str) -> None:
     """A suspended FineTuneJob; the operator handles it (its ConfigMap appears) within 60 s."""
     submit(cp, namespace, name, {
         "baseModel": {"uri": "s3://nowhere/model/"}, "dataset": {"train": "s3://nowhere/train.jsonl"},
-        "output": {"uri": "s3://nowhere/out/"}, "runPolicy": {"suspend": True}})
+        "output": {"uri": f"s3://nowhere/{name}/"},  # one unfinished job per output prefix
+        "runPolicy": {"suspend": True}})
     wait_for(f"the operator to handle {namespace}/{name}", lambda: kubectl(
         cp, "get", "configmap", "-n", namespace, f"{name}-config", check=False).returncode == 0, 60)
 

@@ -71,7 +71,7 @@ def tenant(request, control_plane, crd, s3_inputs, tmp_path):
     (account,) = [o for o in objects if o["kind"] == "ServiceAccount"]
     kubeconfig = service_account_kubeconfig(cp, operator_ns, account["metadata"]["name"], tmp_path / "sa.kubeconfig")
     log = tmp_path / "operator.log"
-    env = {**e2e.operator_env(cp), "KUBECONFIG": str(kubeconfig)}
+    env = {**e2e.operator_env(cp, **e2e.platform_credentials(s3_inputs["endpoint"])), "KUBECONFIG": str(kubeconfig)}
     with log.open("a") as out:
         proc = subprocess.Popen([sys.executable, "-m", "kubetune_operator", "--namespace", tenant_ns, "--standalone",
                                  "-v"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=e2e.ROOT)

@@ -32,12 +32,13 @@ OPERATOR_LABELS = {"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/comp
 
 
 @pytest.fixture(scope="module")
-def operator(control_plane, crd, tmp_path_factory):
+def operator(control_plane, crd, s3_server, tmp_path_factory):
     """The operator, told (as the chart tells it) where its own pods run and where Prometheus runs."""
     labels = ",".join(f"{k}={v}" for k, v in OPERATOR_LABELS.items())
     env = e2e.operator_env(control_plane, KUBETUNE_NETWORK_OPERATOR_NAMESPACE=OPERATOR_NS,
                            KUBETUNE_NETWORK_OPERATOR_POD_LABELS=labels,
-                           KUBETUNE_NETWORK_PROMETHEUS_NAMESPACE_SELECTOR=f"kubernetes.io/metadata.name={MONITORING_NS}")
+                           KUBETUNE_NETWORK_PROMETHEUS_NAMESPACE_SELECTOR=f"kubernetes.io/metadata.name={MONITORING_NS}",
+                           **e2e.platform_credentials(s3_server.endpoint))
     for ns in (OPERATOR_NS, MONITORING_NS):
         kubectl(control_plane, "create", "namespace", ns)
     try:
