@@ -746,12 +746,22 @@ def _parallel(fn: Callable[[T], object], items: list, workers: int) -> list:
             raise
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _temp_beside(path: Path, data: bytes) -> str:
+    """A complete temporary file holding `data` in path's folder (named so that list() never shows it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP_MARK}")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = _temp_beside(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -784,10 +794,8 @@ def _local_put_if(path: Path, body: bytes, match: str | None) -> str | None:
                 return None
             _atomic_write(path, body)
             return etag
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}{_TMP_MARK}")
+        tmp = _temp_beside(path, body)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
             os.link(tmp, path)
         except FileExistsError:
             return None
