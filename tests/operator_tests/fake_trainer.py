@@ -2,7 +2,8 @@
 `ghcr.io/kubetune/trainer:fake` to `python fake_trainer.py ARGS`): it takes the operator's accelerate args,
 counts `hyperparameters.maxSteps` steps (one every FAKE_STEP_SECONDS) and, on rank 0, serves the real
 TrainerMetrics on `metrics.port` and writes `{"manifestSha256": ...}` as its termination message.
-A job whose name contains "hang" stops counting after step 2.
+A job whose name contains "hang" stops counting after step 2; one whose name contains "held" waits after step 2
+until `release(run_id)` (its FineTuneJob's uid) is called, so that a test can keep it running as long as it needs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ import yaml
 from kubetune_trainer.metrics import TrainerMetrics
 
 SHA = "0" * 63 + "1"
+# outside /tmp, which a pod has as its own emptyDir
+RELEASES = Path("/var/tmp/kubetune-fake-trainer-releases")
+
+
+def release(run_id: str) -> None:
+    """Let the held job of this run (its FineTuneJob's uid) count on to its last step."""
+    RELEASES.mkdir(parents=True, exist_ok=True)
+    (RELEASES / run_id).touch()
 
 
 def main(argv: list[str]) -> None:
@@ -35,6 +44,8 @@ def main(argv: list[str]) -> None:
         time.sleep(every)
         while "hang" in name and step > 2:
             time.sleep(1)
+        while "held" in name and step > 2 and not (RELEASES / str(config.get("runId"))).exists():
+            time.sleep(0.2)
         if metrics:
             metrics.set(step=step, total_steps=steps, epoch=step / steps, progress_ratio=step / steps,
                         eta_seconds=(steps - step) * every, train_loss=3.0 / step, tokens_per_second=1000.0)

@@ -20,6 +20,7 @@ from kubetune_trainer.storage import Storage
 
 from tests.kube import get_json, kubectl, wait_for
 from tests.operator_tests import test_e2e as e2e
+from tests.operator_tests.fake_trainer import release
 from tests.operator_tests.test_e2e import credentials, events_of, submit, trainer_events, training_job_pods, wait_phase
 
 crd, fake_trainer, real_trainer, s3_inputs, tiny_model = (e2e.crd, e2e.fake_trainer, e2e.real_trainer, e2e.s3_inputs,
@@ -104,8 +105,9 @@ def test_two_jobs_and_a_quota_for_one(control_plane, node_agent, namespace, oper
     """The second job waits, Queued: WaitingForAdmission with Kueue's reason and its place, until the first ends."""
     credentials(control_plane, namespace)
     q = queue({GPU: 1})
-    submit(control_plane, namespace, "first", fake_job(s3_inputs, fake_trainer, q, steps=40))  # outlasts a validation
-    wait_phase(control_plane, namespace, "first", ("Running",), timeout=120)
+    # held after its second step until released: it outlasts the second job's validation however slow the machine
+    submit(control_plane, namespace, "first-held", fake_job(s3_inputs, fake_trainer, q, steps=6))
+    wait_phase(control_plane, namespace, "first-held", ("Running",), timeout=120)
     # its own output: the operator refuses a second unfinished job on one output prefix (tests/security/test_claims.py)
     second = {**s3_inputs, "output": s3_inputs["output"].replace("/out/", "/out-second/")}
     submit(control_plane, namespace, "second", fake_job(second, fake_trainer, q))
@@ -121,11 +123,13 @@ def test_two_jobs_and_a_quota_for_one(control_plane, node_agent, namespace, oper
         s["message"], s["message"]
     assert s["queue"]["admitted"] is False and (s["queue"]["position"], s["queue"]["pending"]) == (1, 1), s
     assert not training_job_pods(control_plane, namespace, "second")
-    first = status_of(control_plane, namespace, "first")
+    first = status_of(control_plane, namespace, "first-held")
     assert first["phase"] == "Running" and first["queue"]["admitted"] is True, first
     assert first["queue"]["clusterQueue"] == f"cq-{namespace}"
 
-    assert wait_phase(control_plane, namespace, "first", ("Succeeded", "Failed"))["status"]["phase"] == "Succeeded"
+    release(get_json(control_plane, "ftj", "-n", namespace, "first-held")["metadata"]["uid"])
+    assert wait_phase(control_plane, namespace, "first-held", ("Succeeded", "Failed"))["status"]["phase"] == \
+        "Succeeded"
     done = wait_phase(control_plane, namespace, "second", ("Succeeded", "Failed"), timeout=180)["status"]
     assert done["phase"] == "Succeeded" and done["queue"]["admitted"] is True, done
     assert done.get("restarts", 0) == 0

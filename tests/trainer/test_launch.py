@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from kubetune_api import EXIT_CONFIG_INVALID, EXIT_DATA_INVALID, EXIT_OUTPUT_IN_USE, EXIT_PEER_LOST, EXIT_RETRYABLE
@@ -99,5 +100,28 @@ def test_sigterm_before_the_trainer_has_a_handler_still_ends_the_pod(tmp_path):
         assert launcher.stdout.readline().strip() == "ready"
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        launcher.kill()
+
+
+def test_only_the_main_thread_can_receive_sigterm(tmp_path):
+    """The kernel gives a process's signal to any thread that does not block it, and only the main thread runs
+    Python's handlers: a SIGTERM taken by torch's thread would wait until the main thread's sleep or read returned
+    (the test above, once in a while, without this). Every other thread blocks it."""
+    import signal
+
+    script = tmp_path / "child.py"
+    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    launcher = _launch_cpu(script)
+    try:
+        assert launcher.stdout.readline().strip() == "ready"
+        masks = {}
+        for task in Path(f"/proc/{launcher.pid}/task").iterdir():
+            status = (task / "status").read_text()
+            masks[int(task.name)] = int(status.split("SigBlk:")[1].split()[0], 16)
+        sigterm = 1 << (signal.SIGTERM - 1)
+        assert len(masks) > 1, "torch starts a thread at import: the test no longer shows what it is about"
+        assert not masks.pop(launcher.pid) & sigterm
+        assert all(mask & sigterm for mask in masks.values()), masks
     finally:
         launcher.kill()

@@ -80,6 +80,13 @@ def _exit_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _take_sigterm(handler):
+    """Install handler for SIGTERM and let this thread (the main one) receive it; return the previous handler."""
+    previous = signal.signal(signal.SIGTERM, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    return previous
+
+
 def run_here(args) -> int:
     """The training script or module in this process, as accelerate's simple launcher would start it."""
     from accelerate.utils.launch import prepare_simple_launcher_cmd_env
@@ -89,7 +96,7 @@ def run_here(args) -> int:
     argv = cmd[1:]  # [-m] target args...: what follows the interpreter
     module = argv[0] == "-m"
     target, sys.argv = (argv[1], argv[1:]) if module else (argv[0], argv)
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    previous = _take_sigterm(_exit_on_sigterm)
     try:
         if module:
             runpy.run_module(target, run_name="__main__", alter_sys=True)
@@ -103,6 +110,11 @@ def run_here(args) -> int:
 
 
 def launch(argv: list[str]) -> int:
+    # torch starts a thread at import. The kernel gives a process's SIGTERM to any thread that does not block it,
+    # and only the main thread runs Python's handlers: one asleep in a system call would not see the signal until
+    # the call returned. Threads inherit the mask of the thread that starts them, so the imports run with SIGTERM
+    # blocked; _take_sigterm unblocks it in this thread once a handler is in place (a pending signal comes then).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     from accelerate.commands.launch import _validate_launch_command, launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -113,7 +125,7 @@ def launch(argv: list[str]) -> int:
     grace = os.environ.get("KUBETUNE_TERMINATION_GRACE_SECONDS")
     if grace and grace.isdigit():
         os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(max(int(grace) - GRACE_MARGIN_SECONDS, 1)))
-    previous = signal.signal(signal.SIGTERM, _forward_sigterm)
+    previous = _take_sigterm(_forward_sigterm)
     try:
         launch_command(args)  # validates the filled-in args again: nothing left to fill, nothing warned twice
     except subprocess.CalledProcessError as e:
