@@ -216,6 +216,39 @@ class BaseModelSpec(Model):
         "folder without them is refused")
 
 
+class QualityAction(StrEnum):
+    fail = "fail"  # refuse the data before any GPU pod starts, naming the lines
+    drop = "drop"  # train without the records (removed from the train split), named in the report and manifest
+    warn = "warn"  # report them and train on them
+    off = "off"  # do not look
+
+
+class QualitySpec(Model):
+    """What the validation does about each data-quality finding (docs/data-quality.md). The defaults keep a run's
+    test metrics honest: an evaluation record that the train split also holds is removed from train, not from the
+    evaluation split, so the test set stays the one the user chose and runs on it stay comparable."""
+
+    duplicates: QualityAction = Field(QualityAction.drop, description="Train records that repeat an earlier one "
+                                      "after normalization (Unicode NFKC, case, whitespace, punctuation); drop "
+                                      "keeps the first. Repeats inside validation and test are reported only")
+    leakage: QualityAction = Field(QualityAction.drop, description="Validation and test records that the train "
+                                   "split holds, exactly or nearly (MinHash Jaccard >= nearThreshold; images: the "
+                                   "same file or perceptual hash); drop removes the train copies")
+    conflicts: QualityAction = Field(QualityAction.warn, description="Classification: one normalized text or image "
+                                     "under two labels in train; drop removes every copy")
+    label_errors: QualityAction = Field(QualityAction.warn, description="Classification: train records whose label "
+                                        "cleanlab's confident learning suspects (out-of-fold predictions of a cheap "
+                                        "CPU model)")
+    personal_data: QualityAction = Field(QualityAction.warn, description="E-mail addresses, phone numbers, payment "
+                                         "card numbers and credentials in the training text; reported by kind, "
+                                         "count and line, never the value")
+    near_threshold: float = Field(0.8, ge=0.5, le=1.0, description="Estimated Jaccard similarity of word "
+                                  "shingles from which a validation or test record counts as a near copy of a "
+                                  "train record")
+    rare_class_ratio: float = Field(0.25, gt=0, le=1, description="Classification: a class with fewer train records "
+                                    "than this times the mean per class is reported as rare")
+
+
 class DatasetSpec(Model):
     train: str = Field(description="s3:// object or prefix, or a local path, of JSONL, JSON, CSV or Parquet records")
     validation: str | None = Field(None, description="Validation split, used for evaluation and early stopping")
@@ -239,6 +272,8 @@ class DatasetSpec(Model):
         "tokenized-data cache that validation "
         "writes and training memory-maps, keyed by the data, tokenizer and settings; defaults to "
         "<checkpoint uri>data-cache/. Point several jobs at one prefix to tokenize shared data once")
+    quality: QualitySpec = Field(default_factory=QualitySpec, description="Data-quality checks of the validation "
+                                 "and what each does: fail, drop, warn or off")
 
 
 class LoraSpec(Model):
