@@ -216,6 +216,8 @@ PRINTER_COLUMNS = [
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
     {"name": "GPU-h", "type": "number", "jsonPath": ".status.dataset.estimatedGPUHours", "priority": 1,
      "description": "GPU-hours the validation estimated for the run (the ETA column refines it once it trains)"},
+    {"name": "Quality", "type": "integer", "jsonPath": ".status.dataset.quality.findings", "priority": 1,
+     "description": "Data-quality checks that found something (status.dataset.quality; 0: none)"},
 ]
 
 

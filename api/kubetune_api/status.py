@@ -4,7 +4,7 @@ reasons the operator writes."""
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -34,6 +34,7 @@ class Reason(StrEnum):
     ValidationPending = "ValidationPending"
     ValidationRetrying = "ValidationRetrying"
     Validated = "Validated"  # an Event: the validation's data report
+    DataQuality = "DataQuality"  # a Warning Event: the validation's data-quality findings (status.dataset.quality)
     DatasetValid = "DatasetValid"
     TrainingJobCreated = "TrainingJobCreated"
     WaitingForWorkers = "WaitingForWorkers"
@@ -132,6 +133,58 @@ class MetricsScrape(Model):
     last_error: str | None = None
 
 
+Count = Annotated[int, Field(ge=0)]
+QUALITY_CLASSES = 20  # status.dataset.quality.labels lists at most this many rare (or unseen) classes
+
+
+class LeakageCounts(Model):
+    """One evaluation split's records that the train split also holds."""
+
+    exact: int | None = Field(None, ge=0, description="Records equal to a train record after normalization")
+    near: int | None = Field(None, ge=0, description="Records whose estimated Jaccard similarity to a train record "
+                             "is at least dataset.quality.nearThreshold")
+
+
+class PersonalDataCounts(Model):
+    """Personal data and secrets found in one split's text, by kind: counts only, never a value."""
+
+    email: int | None = Field(None, ge=0, description="E-mail addresses")
+    phone: int | None = Field(None, ge=0, description="Phone numbers")
+    card: int | None = Field(None, ge=0, description="Payment card numbers (Luhn-checked)")
+    secret: int | None = Field(None, ge=0, description="Credentials: key ids, private keys, bearer tokens")
+
+
+class LabelQuality(Model):
+    """Classification only: what the label checks found in the data."""
+
+    conflicts: int | None = Field(None, ge=0, description="Train texts or images that appear under two labels")
+    suspected: int | None = Field(None, ge=0, description="Train records whose label cleanlab's confident learning "
+                                  "suspects")
+    rare: list[str] | None = Field(None, max_length=QUALITY_CLASSES, description="Classes under "
+                                   "dataset.quality.rareClassRatio x the mean train records per class")
+    unseen: list[str] | None = Field(None, max_length=QUALITY_CLASSES, description="Classes of the validation or "
+                                     "test split that train lacks")
+
+
+class DatasetQuality(Model):
+    """What the validation's data-quality checks found (docs/data-quality.md); keys of the maps are split names.
+    Counts only: the lines are in the validation's report (`kubetune validate --json`), never a matched value."""
+
+    duplicates: dict[str, Count] | None = Field(None, description="Per split: records that repeat an earlier record "
+                                              "of the same split after normalization")
+    leakage: dict[str, LeakageCounts] | None = Field(None, description="Per evaluation split (validation, test): "
+                                                     "its exact and near copies of train records")
+    pii: dict[str, PersonalDataCounts] | None = Field(None, description="Per split: personal data and secrets by "
+                                                      "kind (dataset.quality.personalData)")
+    labels: LabelQuality | None = Field(None, description="Classification: conflicting and suspected labels, rare "
+                                        "and unseen classes")
+    dropped: dict[str, Count] | None = Field(None, description="Per split: records the policy (dataset.quality) "
+                                           "removed before training")
+    findings: int | None = Field(None, ge=0, description="How many checks found something (0: clean data); above "
+                                 "0 the Validated condition and a Warning DataQuality Event say the summary")
+    summary: str | None = Field(None, description="The findings, for people, in one line")
+
+
 class DatasetReport(Model):
     """What the CPU validation found the data to cost, before any GPU starts (its termination message)."""
 
@@ -148,6 +201,9 @@ class DatasetReport(Model):
     estimated_gpu_hours: float | None = Field(None, alias="estimatedGPUHours",
                                               description="estimatedSeconds x GPUs / 3600")
     cache_uri: str | None = Field(None, description="The tokenized data cache the workers memory-map")
+    quality: DatasetQuality | None = Field(None, description="What the data-quality checks found: duplicates, "
+                                           "train/evaluation leakage, personal data, label problems, and the "
+                                           "records dropped")
 
 
 class QueueStatus(Model):

@@ -162,6 +162,20 @@ def test_status_conditions_are_a_map_list():
     assert status["properties"]["phase"]["enum"][0] == "Pending"
 
 
+def test_status_dataset_quality_is_typed_and_has_a_wide_column():
+    dataset = version()["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["dataset"]
+    quality = dataset["properties"]["quality"]
+    assert set(quality["properties"]) == {"duplicates", "leakage", "pii", "labels", "dropped", "findings", "summary"}
+    props = quality["properties"]
+    assert props["duplicates"]["additionalProperties"] == {"type": "integer", "minimum": 0}  # split -> count
+    assert set(props["leakage"]["additionalProperties"]["properties"]) == {"exact", "near"}
+    assert set(props["pii"]["additionalProperties"]["properties"]) == {"email", "phone", "card", "secret"}
+    assert props["labels"]["properties"]["rare"]["maxItems"] == 20
+    assert all("description" in p for p in props.values())
+    (column,) = [c for c in version()["additionalPrinterColumns"] if c["name"] == "Quality"]
+    assert column == {**column, "type": "integer", "jsonPath": ".status.dataset.quality.findings", "priority": 1}
+
+
 @pytest.mark.parametrize("example", VALID_EXAMPLES)
 def test_valid_examples_parse_with_the_typed_api(example):
     FineTuneJob.model_validate(yaml.safe_load((ROOT / "examples" / example).read_text()))
