@@ -228,7 +228,8 @@ def apply(api: kube.Kube, body: dict, observed: Observed, logger: logging.Logger
     if d.phase != old.get("phase"):
         logger.info("phase %s -> %s: %s", old.get("phase"), d.phase, d.status.get("message"))
     metrics.record(meta["uid"], old.get("phase"), d.phase, d.status.get("reason"), d.status.get("gpusInUse", 0),
-                   job=(meta["namespace"], meta["name"]), result=d.status.get("result"))
+                   job=(meta["namespace"], meta["name"]), result=d.status.get("result"),
+                   quality=(d.status.get("dataset") or {}).get("quality"))
     return d, written, created
 
 

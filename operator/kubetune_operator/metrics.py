@@ -28,6 +28,11 @@ TEST_METRIC = Gauge(
     "model; `finetunejob_namespace`, not `namespace`, which Prometheus sets to the operator's own",
     ["finetunejob_namespace", "finetunejob", "model", "metric"], registry=REGISTRY)
 RESULT_MODELS = {"test": "finetuned", "baseline": "baseline"}  # status.result.metrics key -> `model` label
+DATA_QUALITY = Gauge(
+    "kubetune_operator_finetunejob_data_quality_findings",
+    "What a FineTuneJob's data-quality checks found (status.dataset.quality), per check and split: records (classes "
+    "for rare_classes and unseen_classes), never a value of the data",
+    ["finetunejob_namespace", "finetunejob", "check", "split"], registry=REGISTRY)
 
 # Export every known label value from the start (0), so dashboards and rate() have series before the first
 # reconcile error or failure.
@@ -46,6 +51,7 @@ for _reason in FAILURE_REASONS:
 
 _jobs: dict[str, tuple[str, int]] = {}  # uid -> (phase, GPUs in use); a metrics cache only, never state
 _results: dict[str, set[tuple[str, ...]]] = {}  # uid -> the label values of its TEST_METRIC series
+_quality: dict[str, set[tuple[str, ...]]] = {}  # uid -> the label values of its DATA_QUALITY series
 _lock = threading.Lock()
 
 
@@ -67,9 +73,10 @@ def track(handler: str):
 
 
 def record(uid: str, old_phase: str | None, phase: str | None, reason: str | None, gpus: int,
-           job: tuple[str, str] | None = None, result: dict | None = None) -> None:
+           job: tuple[str, str] | None = None, result: dict | None = None, quality: dict | None = None) -> None:
     """After each reconcile: the job's phase and GPUs; with `job` (namespace, name), the test metrics of
-    status.result once it has succeeded (again after an operator restart: its first reconcile records them)."""
+    status.result once it has succeeded and the counts of status.dataset.quality once validated (again after an
+    operator restart: its first reconcile records them)."""
     if phase == Phase.Failed and old_phase != Phase.Failed:
         FAILURES.labels(reason or "Unknown").inc()
     with _lock:
@@ -77,6 +84,8 @@ def record(uid: str, old_phase: str | None, phase: str | None, reason: str | Non
         _refresh()
         if job is not None:
             _set_results(uid, job, result if phase == Phase.Succeeded else None)
+            _set_series(DATA_QUALITY, _quality, uid, {(*job, *labels): value
+                                                       for labels, value in quality_series(quality).items()})
 
 
 def forget(uid: str) -> None:
@@ -85,6 +94,38 @@ def forget(uid: str) -> None:
         _jobs.pop(uid, None)
         _refresh()
         _set_results(uid, None, None)
+        _set_series(DATA_QUALITY, _quality, uid, {})
+
+
+def quality_series(quality: dict | None) -> dict[tuple[str, str], float]:
+    """status.dataset.quality -> {(check, split): count}: duplicates, leakage_exact, leakage_near, pii_<kind>
+    (email, phone, card, secret) and dropped per split; label_conflicts, label_suspected and rare_classes of
+    train; unseen_classes of the evaluation splits. Split names are the status's (plain names only)."""
+    quality = quality or {}
+    series: dict[tuple[str, str], float] = {}
+    for check in ("duplicates", "dropped"):
+        series.update({(check, split): n for split, n in (quality.get(check) or {}).items()})
+    for prefix, key in (("leakage", "leakage"), ("pii", "pii")):
+        for split, kinds in (quality.get(key) or {}).items():
+            series.update({(f"{prefix}_{kind}", split): n for kind, n in kinds.items()})
+    labels = quality.get("labels") or {}
+    for check, key, split in (("label_conflicts", "conflicts", "train"), ("label_suspected", "suspected", "train"),
+                              ("rare_classes", "rare", "train"), ("unseen_classes", "unseen", "evaluation")):
+        value = labels.get(key)
+        if value is not None:
+            series[(check, split)] = len(value) if isinstance(value, list) else value
+    return {key: float(n) for key, n in series.items() if isinstance(n, int | float) and not isinstance(n, bool)}
+
+
+def _set_series(gauge: Gauge, known: dict[str, set[tuple[str, ...]]], uid: str,
+                series: dict[tuple[str, ...], float]) -> None:
+    """The job's series of `gauge` are `series` now: set them, remove the ones it no longer has."""
+    for labels in known.pop(uid, set()) - series.keys():
+        gauge.remove(*labels)
+    for labels, value in series.items():
+        gauge.labels(*labels).set(value)
+    if series:
+        known[uid] = set(series)
 
 
 def _set_results(uid: str, job: tuple[str, str] | None, result: dict | None) -> None:
@@ -92,12 +133,7 @@ def _set_results(uid: str, job: tuple[str, str] | None, result: dict | None) -> 
     series = {(*job, model, str(name)): float(value)
               for key, model in RESULT_MODELS.items() for name, value in (metrics.get(key) or {}).items()
               if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)} if job else {}
-    for labels in _results.pop(uid, set()) - series.keys():
-        TEST_METRIC.remove(*labels)
-    for labels, value in series.items():
-        TEST_METRIC.labels(*labels).set(value)
-    if series:
-        _results[uid] = set(series)
+    _set_series(TEST_METRIC, _results, uid, series)
 
 
 def _refresh() -> None:

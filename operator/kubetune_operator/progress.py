@@ -5,8 +5,10 @@ leaves in its termination message when validation or training ends. Pure: no API
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime
 
+from kubetune_api import QUALITY_CLASSES
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic.alias_generators import to_camel
 
@@ -51,8 +53,80 @@ def dataset_status(report: dict) -> dict:
         "plannedSteps": _count(report.get("plannedSteps")), "estimatedSeconds": _number(estimate.get("seconds")),
         "estimatedGPUHours": _number(estimate.get("gpuHours")),
         "cacheUri": uri if isinstance(uri, str) and uri.startswith(CACHE_LOCATIONS) and len(uri) <= 2048 else None,
+        "quality": dataset_quality(report.get("quality")),
     }
     return {k: v for k, v in fields.items() if v is not None}
+
+
+# -- status.dataset.quality: counts only, from the report's `quality` (kubetune_api.DatasetQuality) -------------
+
+SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # a split name the status and a metric label may carry
+PII_KINDS = ("email", "phone", "card", "secret")
+SUMMARY_LIMIT = 1000
+
+
+def _per_split(value, read) -> dict | None:
+    """{split: read(value)} for the splits with a plain name and a value `read` accepts (not None, not {})."""
+    if not isinstance(value, dict):
+        return None
+    kept = {k: read(v) for k, v in value.items() if isinstance(k, str) and SPLIT_NAME.fullmatch(k)}
+    return {k: v for k, v in kept.items() if v not in (None, {})} or None
+
+
+def _kinds(kinds: tuple[str, ...]):
+    """A reader of {kind: count} for these kinds."""
+    def read(value) -> dict | None:
+        counts = {k: _count(value.get(k)) for k in kinds} if isinstance(value, dict) else {}
+        return {k: v for k, v in counts.items() if v is not None}
+    return read
+
+
+def _classes(value) -> list[str] | None:
+    """Class names (a classifier's labels: str or int), each at most 100 characters, at most QUALITY_CLASSES."""
+    if not isinstance(value, list):
+        return None
+    names = [str(v)[:100] for v in value if isinstance(v, str | int) and not isinstance(v, bool)]
+    return names[:QUALITY_CLASSES] or None
+
+
+def _labels(value) -> dict | None:
+    if not isinstance(value, dict):
+        return None
+    suspected = value.get("suspected")  # a count, or {"count": N, "lines": [...]} (the lines stay out)
+    suspected = suspected.get("count") if isinstance(suspected, dict) else suspected
+    labels = {"conflicts": _count(value.get("conflicts")), "suspected": _count(suspected),
+              "rare": _classes(value.get("rare")), "unseen": _classes(value.get("unseen"))}
+    return {k: v for k, v in labels.items() if v is not None} or None
+
+
+def dataset_quality(quality) -> dict | None:
+    """status.dataset.quality from the report's `quality`: each count that is a count, for splits with a plain
+    name, the labels' class names and the one-line summary; anything else of it (the line numbers) is left out,
+    and a malformed part is dropped, never an error."""
+    if not isinstance(quality, dict):
+        return None
+    summary = quality.get("summary")
+    summary = summary.strip().splitlines()[0][:SUMMARY_LIMIT] if isinstance(summary, str) and summary.strip() else None
+    fields = {
+        "duplicates": _per_split(quality.get("duplicates"), _count),
+        "leakage": _per_split(quality.get("leakage"), _kinds(("exact", "near"))),
+        "pii": _per_split(quality.get("pii"), _kinds(PII_KINDS)),
+        "labels": _labels(quality.get("labels")),
+        "dropped": _per_split(quality.get("dropped"), _count),
+        "findings": _count(quality.get("findings")),
+        "summary": summary,
+    }
+    return {k: v for k, v in fields.items() if v is not None} or None
+
+
+def quality_message(quality: dict | None) -> str | None:
+    """What the Validated condition and the DataQuality Event say when a check found something; None when none
+    did."""
+    findings = (quality or {}).get("findings")
+    if not findings:
+        return None
+    return quality.get("summary") or (f"{findings} data-quality check{'s' if findings > 1 else ''} found "
+                                      "something; see status.dataset.quality")
 
 
 def result_from_pods(pods: list[dict], container: str, output_uri: str) -> dict:

@@ -41,7 +41,7 @@ from .observe import (
     terminations,
     validation_report,
 )
-from .progress import apply_metrics, dataset_status, final_progress, result_from_pods
+from .progress import apply_metrics, dataset_status, final_progress, quality_message, result_from_pods
 from .settings import OperatorSettings
 
 GPU_ACCOUNTING_SECONDS = 30  # gpuSeconds is brought up to date at most this often while running
@@ -302,6 +302,10 @@ def _validate(d: Decision, meta, spec, observed: Observed, settings: OperatorSet
         d.status["dataset"] = dataset_status(report) or None
         if message:
             d.event("Normal", Reason.Validated, message)
+        quality = quality_message((d.status["dataset"] or {}).get("quality"))
+        if quality:  # once: the validation passes once
+            d.event("Warning", Reason.DataQuality, f"data quality: {quality}")
+            message = f"{message or 'dataset valid'}; data quality: {quality}"
     d.condition("Validated", True, Reason.DatasetValid, message or "dataset valid")
     d.status.pop("validationRetryTime", None)
     return True
