@@ -36,6 +36,7 @@ JOB = f'finetunejob="${JOB_VAR}"'
 TEST_SPLIT = ', split="test"'
 # the validation panel leaves out counts, and perplexity, whose scale would flatten the rest
 VALIDATION_SHOWN = ', split="validation", model="finetuned", metric!~"tokens|samples|generated|perplexity"'
+QUALITY = "kubetune_operator_finetunejob_data_quality_findings"
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def _timeseries(title: str, queries: list[Query], unit: str = "short", width: in
     return _with_targets(panel, queries, description)
 
 
-def _table(title: str, query: Query, rows: str, columns: str, width: int = 12, description: str = ""):
+def _table(title: str, query: Query, rows: str, columns: str, width: int = 12, description: str = "",
+           decimals: int = 4):
     """The latest value of each series of an instant query, as a matrix: a row per `rows` label value, a column
     per `columns` label value."""
     target = _target(query, "A").instant().format(PromQueryFormat.TABLE)
@@ -103,7 +105,7 @@ def _table(title: str, query: Query, rows: str, columns: str, width: int = 12, d
         .datasource(DATASOURCE)
         .height(8)
         .span(width)
-        .decimals(4)
+        .decimals(decimals)
         .show_header(True)
         .with_target(target)
         .with_transformation(DataTransformerConfig(id_val="groupingToMatrix", options={
@@ -151,6 +153,15 @@ def _fleet_panels() -> list:
                "sum by (handler) (rate(kubetune_operator_reconcile_errors_total[$__rate_interval]))",
                "{{handler}} errors"),
         ], unit="ops"),
+        _table("Data quality by job", _q(
+            "Data quality by job",
+            # a row per FineTuneJob (namespace/name), a column per check, the splits added up
+            "label_join(sum by (finetunejob_namespace, finetunejob, check) (max by (finetunejob_namespace, "
+            f'finetunejob, check, split) ({QUALITY})), "ftj", "/", "finetunejob_namespace", "finetunejob")',
+        ), rows="ftj", columns="check", width=24, decimals=0,
+            description="What each validated job's data-quality checks found (status.dataset.quality), all splits "
+                        "together: duplicates, leakage (exact, near), personal data by kind, label conflicts and "
+                        "suspected label errors, rare and unseen classes, and the records dropped"),
         _timeseries("Reconcile duration p95", [
             _q("Reconcile duration p95",
                "histogram_quantile(0.95, sum by (le, handler) "
@@ -212,6 +223,11 @@ def _job_panels() -> list:
         ), rows="metric", columns="model",
             description="The test split on the fine-tuned model and on the base model before fine-tuning "
                         "(evaluation.baseline); per-class scores are in the manifest"),
+        _table("Data quality", _q(
+            "Data quality", f"max by (check, split) ({QUALITY}{{{JOB}}})",
+        ), rows="check", columns="split", decimals=0,
+            description="What the validation's data-quality checks found in each split (status.dataset.quality); "
+                        "the lines are in `kubetune validate --json`"),
         _timeseries("Validation metrics", [
             _q("Validation metrics", f"max by (metric) ({m('evaluation', VALIDATION_SHOWN)})", "{{metric}}"),
         ], description="The validation split at each evaluation (evaluation.everySteps): loss, and for "

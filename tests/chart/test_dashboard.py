@@ -60,7 +60,8 @@ def test_fleet_and_job_views_cover_the_metrics():
                    "kubetune_trainer_eta_seconds", "kubetune_trainer_gpu_memory_used_bytes",
                    "kubetune_trainer_gpu_utilization_ratio",
                    "kubetune_trainer_last_checkpoint_timestamp_seconds", "kubetune_trainer_evaluation",
-                   "kubetune_operator_finetunejob_test_metric"):
+                   "kubetune_operator_finetunejob_test_metric",
+                   "kubetune_operator_finetunejob_data_quality_findings"):
         assert metric in exprs, f"no panel shows {metric}"
     for query in panel_queries(_model()):
         if "kubetune_trainer_" not in query.expr or "by (finetunejob)" in query.expr:
@@ -84,7 +85,7 @@ def test_the_metrics_the_panels_query_are_exported():
                                  "learning_rate", "grad_norm", "tokens_per_second", "samples_per_second",
                                  "last_checkpoint_timestamp_seconds"), 1.0))
     operator_metrics.record("dash-uid", "Running", "Succeeded", None, 0, job=("ml", "job"),
-                            result={"metrics": {"test": {"loss": 1.0}}})
+                            result={"metrics": {"test": {"loss": 1.0}}}, quality={"duplicates": {"train": 2}})
     try:
         exported = {sample.name for registry in (trainer.registry, operator_metrics.REGISTRY)
                     for family in registry.collect() for sample in family.samples}
@@ -109,6 +110,8 @@ OPERATOR = 'job="kubetune-metrics", namespace="kubetune-system", pod="kubetune-0
 
 
 RESULT_SAMPLES = 8  # the operator's result series: the last 8 samples only
+QUALITY = {("duplicates", "train"): 60, ("duplicates", "test"): 2, ("leakage_exact", "test"): 80,
+           ("leakage_near", "test"): 3, ("pii_email", "train"): 3, ("label_conflicts", "train"): 25}
 
 
 def _synthetic_series(end: float, minutes: int = 30, step: int = 15) -> str:
@@ -168,6 +171,11 @@ def _synthetic_series(end: float, minutes: int = 30, step: int = 15) -> str:
                     labels = f'{OPERATOR}, finetunejob_namespace="ml", finetunejob="{JOB}", model="{model}", ' \
                              f'metric="{metric}"'
                     add("kubetune_operator_finetunejob_test_metric", labels, value, t)
+        for (check, split), value in QUALITY.items():  # the operator's, from the validation on
+            for namespace in ("ml", "other"):  # a job of the same name in another namespace is its own row
+                labels = f'{OPERATOR}, finetunejob_namespace="{namespace}", finetunejob="{JOB}", check="{check}", ' \
+                         f'split="{split}"'
+                add("kubetune_operator_finetunejob_data_quality_findings", labels, value, t)
     lines = [f"{key} {sample}" for key, samples in series.items() for sample in samples]
     return "\n".join(lines) + "\n# EOF\n"
 
@@ -199,5 +207,14 @@ def test_every_query_returns_data_from_a_real_prometheus(tmp_path):
         assert test_metrics(end - 15 * (RESULT_SAMPLES + 2)) == {
             ("finetuned", "loss"): 1.1, ("finetuned", "accuracy"): 0.9, ("baseline", "loss"): 2.4,
             ("baseline", "accuracy"): 0.3}
+        (quality,) = [q for q in panel_queries(_model()) if q.panel == "Data quality"]
+        per_split = {(r["metric"]["check"], r["metric"]["split"]): float(r["value"][1])
+                     for r in server.query(substitute(quality.expr, JOB), at=end)}
+        assert per_split == QUALITY
+        (fleet,) = [q for q in panel_queries(_model()) if q.panel == "Data quality by job"]
+        rows = {(r["metric"]["ftj"], r["metric"]["check"]): float(r["value"][1])
+                for r in server.query(substitute(fleet.expr, JOB), at=end)}
+        assert rows[(f"ml/{JOB}", "duplicates")] == 62 and rows[(f"other/{JOB}", "leakage_exact")] == 80
+        assert len(rows) == 2 * 5  # five checks for each of the two jobs
     finally:
         server.stop()
