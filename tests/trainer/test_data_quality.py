@@ -165,3 +165,54 @@ def test_bad_input_gets_a_message_not_a_crash(tmp_path):
             assert "records left after the data-quality checks dropped" in log, log
         else:
             assert json.loads(done.stdout)["splits"]["train"]["samples"] == len(train) - 1
+
+
+TOPICS = {"billing": "invoice refund charge payment card receipt price bill discount coupon".split(),
+          "shipping": "parcel delivery courier tracking address package truck warehouse route arrival".split(),
+          "account": "password login profile email username reset security session verify settings".split(),
+          "rare": "warranty repair broken screen battery replace fix technician defect service".split()}
+
+
+def classification(tmp_path, rng: random.Random) -> dict:
+    """train: 3 topics x 100 texts, 6 of a rare one, 25 texts repeated under another label (conflicts), 30 flipped
+    labels; test: 30 of its own and 2 of a class train never has. Returns the planted lines (1-based)."""
+    common = [t for t in TOPICS if t != "rare"]
+    train = [{"text": " ".join(rng.choice(TOPICS[t]) for _ in range(12)), "label": t}
+             for t in common for _ in range(100)]
+    rng.shuffle(train)
+    flipped = sorted(rng.sample(range(len(train)), 30))
+    for i in flipped:
+        train[i]["label"] = rng.choice([t for t in common if t != train[i]["label"]])
+    train += [{"text": " ".join(rng.choice(TOPICS["rare"]) for _ in range(12)), "label": "rare"} for _ in range(6)]
+    conflicts = [{"text": train[i]["text"], "label": next(t for t in common if t != train[i]["label"])}
+                 for i in range(0, 50, 2) if i not in flipped]
+    train += conflicts
+    test = [{"text": " ".join(rng.choice(TOPICS[t]) for _ in range(12)), "label": t} for t in common for _ in range(10)]
+    test += [{"text": "a question about something else entirely", "label": "other"} for _ in range(2)]
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "test.jsonl", test)
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "config.json").write_text("{}")
+    return {"flipped": [i + 1 for i in flipped], "conflicts": len(conflicts)}
+
+
+def test_classification_labels_conflicts_suspects_rare_and_unseen_classes(tmp_path):
+    planted = classification(tmp_path, random.Random(3))
+    job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "topics"},
+           "spec": {"task": "sequence-classification", "baseModel": {"uri": str(tmp_path / "model")},
+                    "dataset": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl"),
+                                "labels": ["account", "billing", "other", "rare", "shipping"]},
+                    "output": {"uri": str(tmp_path / "out") + "/"}}}
+    (tmp_path / "job.yaml").write_text(json.dumps(job))
+    done = CliRunner().invoke(app, ["validate", "--config", str(tmp_path / "job.yaml"), "--json"],
+                              env={"COLUMNS": "160", "KUBETUNE_TERMINATION_LOG": str(tmp_path / "log")})
+    assert done.exit_code == 0, done.output
+    labels = json.loads(done.stdout)["quality"]["labels"]
+    # each conflicting text is there twice, under two labels: both copies are named
+    assert labels["conflicts"] == 2 * planted["conflicts"], labels["conflicts"]
+    assert labels["rare"] == ["rare"] and labels["unseen"] == {"test": ["other"]}
+    assert labels["classes"]["rare"] == 6
+    suspected = set(labels["suspected"]["lines"])
+    found = suspected & set(planted["flipped"])
+    assert len(found) >= 0.6 * len(planted["flipped"]), (len(found), len(suspected))
+    assert len(found) >= 0.5 * len(suspected - set(range(307, 400))), (len(found), len(suspected))
