@@ -12,7 +12,12 @@ sides alike):
   packing, maxSeqLength 512, metrics off, a fresh `dataset.cacheUri` (a local folder) and output: timed until the
   `plan` event (the first optimizer step starts right after), and to the end;
 * kubetune, cached: the same data and cacheUri with a new job name, output and work folder (as a second job, or a
-  retry on another node): the cache is reused.
+  retry on another node): the cache is reused;
+* kubetune, unchecked: the first run again (a fresh cacheUri) with every data-quality check off
+  (`dataset.quality`: off), for what the checks cost (docs/data-quality.md).
+
+Kubetune's runs also read a test split (`--test-records`, 10,000 by default, written with another seed), which
+the train split is checked against for leakage; the baseline maps the train split only.
 
 "data" is the time from the first `phase` event to the `training` phase (fetching, validating and tokenizing;
 interpreter start, imports, model loading and the optimizer left out): the cached run's goal is under 10% of the
@@ -48,7 +53,8 @@ from pathlib import Path
 import psutil
 import yaml
 
-GOALS = {"time_ratio": 1.2, "rss_bytes": 1.5e9, "rss_growth": 1.3, "cached_ratio": 0.10}
+GOALS = {"time_ratio": 1.2, "rss_bytes": 1.5e9, "rss_growth": 1.3, "cached_ratio": 0.10, "quality_cost": 1.25}
+QUALITY_OFF = dict.fromkeys(("duplicates", "leakage", "conflicts", "labelErrors", "personalData"), "off")
 MIB = 2**20
 
 
@@ -227,12 +233,14 @@ def measure(name: str, command: list[str], log: Path, timeout: float, env: dict 
 
 # -- one size ---------------------------------------------------------------------------------------
 
-def trainer_config(name: str, data: Path, model: Path, cache: Path, work: Path) -> dict:
+def trainer_config(name: str, data: Path, model: Path, cache: Path, work: Path, checks: bool = True) -> dict:
+    test = data.with_name("test.jsonl")
     return {
         "apiVersion": "kubetune.io/v1alpha1", "kind": "TrainerConfig",
         "jobName": name,
         "baseModel": {"uri": str(model)},
-        "dataset": {"train": str(data), "format": "chat", "cacheUri": str(cache) + "/"},
+        "dataset": {"train": str(data), "format": "chat", "cacheUri": str(cache) + "/",
+                    **({"test": str(test)} if test.exists() else {}), **({} if checks else {"quality": QUALITY_OFF})},
         "hyperparameters": {"maxSteps": 1, "packing": True, "maxSeqLength": 512},
         "output": {"uri": str(work / "output") + "/"},
         "metrics": {"enabled": False},
@@ -240,10 +248,11 @@ def trainer_config(name: str, data: Path, model: Path, cache: Path, work: Path) 
     }
 
 
-def kubetune_run(name: str, data: Path, model: Path, cache: Path, work: Path, timeout: float) -> Run:
+def kubetune_run(name: str, data: Path, model: Path, cache: Path, work: Path, timeout: float,
+                 checks: bool = True) -> Run:
     work.mkdir(parents=True)
     config = work / "trainer.yaml"
-    config.write_text(yaml.safe_dump(trainer_config(name, data, model, cache, work), sort_keys=False))
+    config.write_text(yaml.safe_dump(trainer_config(name, data, model, cache, work, checks), sort_keys=False))
     command = [sys.executable, "-m", "kubetune_trainer", "train", "--config", str(config)]
     return measure(name, command, work / "stderr.log", timeout, marks=("plan",))
 
@@ -254,6 +263,8 @@ def bench_size(records: int, args, model: Path, root: Path) -> dict[str, Run]:
     root.mkdir(parents=True)
     started = time.perf_counter()
     data = write_chat_records(root / "train.jsonl", records, seed=args.seed)
+    if args.test_records:
+        write_chat_records(root / "test.jsonl", args.test_records, seed=args.seed + 1)
     print(f"{records:,} records: {data.stat().st_size / MIB:,.0f} MiB of JSONL in "
           f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     runs: dict[str, Run] = {}
@@ -267,6 +278,8 @@ def bench_size(records: int, args, model: Path, root: Path) -> dict[str, Run]:
     runs["first"] = kubetune_run("bench-data-first", data, model, cache, root / "first", args.timeout)
     if runs["first"].ok:
         runs["cached"] = kubetune_run("bench-data-cached", data, model, cache, root / "cached", args.timeout)
+    runs["unchecked"] = kubetune_run("bench-data-unchecked", data, model, root / "unchecked-cache",
+                                     root / "unchecked", args.timeout, checks=False)
     return runs
 
 
@@ -397,7 +410,7 @@ def markdown(args, results: dict[int, dict[str, Run]], load: tuple[float, float]
               "| records | run | data | to first step | total | RSS / PSS, whole run | cache reused |",
               "|---:|---|---:|---:|---:|---:|---|"]
     for n in sizes:
-        for key in ("first", "cached"):
+        for key in ("first", "cached", "unchecked"):
             r = results[n].get(key)
             if r is None:
                 continue
@@ -417,6 +430,8 @@ def markdown(args, results: dict[int, dict[str, Run]], load: tuple[float, float]
     cached_ratios = {n: ratio(data_seconds(results[n]["cached"]), data_seconds(results[n]["first"]))
                      if "cached" in results[n] else None for n in sizes}
     growth = ratio(rss_large, rss_small) if largest != smallest else None
+    quality_ratios = {n: ratio(data_seconds(results[n]["first"]), data_seconds(results[n]["unchecked"]))
+                      if "unchecked" in results[n] else None for n in sizes}
     lines += [
         "",
         "Against the goals:",
@@ -435,6 +450,10 @@ def markdown(args, results: dict[int, dict[str, Run]], load: tuple[float, float]
         "- cached run under 10% of the first run's data time: "
         + ", ".join(f"{fmt_ratio(cached_ratios[n], percent=True)} at {n:,}" for n in sizes)
         + f": {verdict(all_of([None if r is None else r < GOALS['cached_ratio'] for r in cached_ratios.values()]))}.",
+        "- the data-quality checks add at most 25% to the data time (first run / unchecked run, both with the "
+        f"{args.test_records:,}-record test split): "
+        + ", ".join(f"{fmt_ratio(quality_ratios[n])} at {n:,}" for n in sizes)
+        + f": {verdict(all_of([None if r is None else r <= GOALS['quality_cost'] for r in quality_ratios.values()]))}.",
     ]
     return "\n".join(lines)
 
@@ -467,6 +486,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run before it is killed")
     parser.add_argument("--num-proc", type=int, default=2, help="the baseline's map(num_proc=...)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-records", type=int, default=10_000,
+                        help="records of the test split Kubetune's runs check train against (0: none)")
     parser.add_argument("--work-dir", help="keep the files here (default: a temporary folder, removed)")
     parser.add_argument("--side", choices=["hf"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)

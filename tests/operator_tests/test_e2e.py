@@ -239,6 +239,60 @@ def test_bad_dataset_fails_on_cpu_without_a_gpu_job(control_plane, node_agent, n
     assert 'kubetune_operator_finetunejob_failures_total{reason="DatasetInvalid"} 1.0' in operator.metrics_text()
 
 
+def _planted(s3_inputs: dict, tmp_path) -> dict:
+    """s3_inputs with a train split holding 3 repeats and an e-mail address, and a test split of which 2 records are
+    train records: the data-quality checks' findings."""
+    storage = Storage(StorageEndpoint(endpoint=s3_inputs["endpoint"]))
+    records = [{"text": f"record number {i} says something of its own"} for i in range(12)]
+    train = records[:10] + records[:3] + [{"text": "write to jane.doe@example.com for help"}]
+    test = records[10:] + records[4:6]
+    uris = {split: s3_inputs["output"].replace("/out/", f"/quality/{split}.jsonl") for split in ("train", "test")}
+    for split, rows in (("train", train), ("test", test)):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        storage.upload_file(tmp_path / f"{split}.jsonl", uris[split])
+    return uris
+
+
+def test_data_quality_findings_are_in_the_status_an_event_and_a_gauge(control_plane, node_agent, namespace,
+                                                                      operator, s3_inputs, fake_trainer, tmp_path):
+    """The validation Job's quality checks: the repeats and the train copies of test records dropped before any
+    GPU pod starts, counts in status.dataset.quality, a DataQuality Warning, the gauge; never the address."""
+    credentials(control_plane, namespace)
+    spec = training_spec(s3_inputs, fake_trainer, hyperparameters={"maxSteps": 2})
+    spec["dataset"] = _planted(s3_inputs, tmp_path)
+    submit(control_plane, namespace, "noisy", spec)
+    ftj = wait_for("the validation's report", lambda: (get_json(control_plane, "ftj", "-n", namespace, "noisy")
+                                                       .get("status", {}).get("dataset") or {}).get("quality")
+                   and get_json(control_plane, "ftj", "-n", namespace, "noisy"), timeout=180)
+    quality = ftj["status"]["dataset"]["quality"]
+    assert quality["duplicates"] == {"train": 3, "test": 0}, quality
+    assert quality["leakage"] == {"test": {"exact": 2, "near": 0}}, quality
+    assert quality["pii"]["train"]["email"] == 1 and quality["dropped"] == {"train": 5}, quality
+    assert ftj["status"]["dataset"]["samples"] == 9  # 14 less 3 repeats and the 2 the test split holds
+    validated = next(c for c in ftj["status"]["conditions"] if c["type"] == "Validated")
+    assert "data quality: train:" in validated["message"], validated
+    warning = wait_for("the DataQuality event", lambda: next(
+        (e for e in events_of(control_plane, namespace, "noisy") if e["reason"] == "DataQuality"), None), timeout=30)
+    assert warning["type"] == "Warning" and "records also in train" in warning["message"], warning
+    assert "jane.doe" not in json.dumps(ftj) + json.dumps(events_of(control_plane, namespace, "noisy"))
+    assert "kubetune_operator_finetunejob_data_quality_findings" in operator.metrics_text()
+
+
+def test_a_fail_policy_ends_the_job_before_any_training_pod(control_plane, node_agent, namespace, operator,
+                                                             s3_inputs, fake_trainer, tmp_path):
+    """dataset.quality.leakage: fail refuses the data on CPU, naming the test lines the train split holds."""
+    credentials(control_plane, namespace)
+    spec = training_spec(s3_inputs, fake_trainer, hyperparameters={"maxSteps": 2})
+    spec["dataset"] = {**_planted(s3_inputs, tmp_path), "quality": {"leakage": "fail"}}
+    submit(control_plane, namespace, "leaky", spec)
+    status = wait_phase(control_plane, namespace, "leaky", ("Failed", "Succeeded", "Running"))["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "DatasetInvalid"), status
+    assert "test.jsonl:3" in status["message"] and "dataset.quality.leakage" in status["message"], status
+    assert not training_job_pods(control_plane, namespace, "leaky")
+    assert "leaky-train" not in [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n",
+                                                                          namespace)["items"]]
+
+
 def test_an_output_holding_another_runs_manifest_fails_in_validation(control_plane, node_agent, namespace,
                                                                      operator, s3_inputs):
     """Run identity: the output prefix holds a manifest that another run published. `kubetune validate` exits 73

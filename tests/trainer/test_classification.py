@@ -430,7 +430,7 @@ def test_pipeline_trains_publishes_and_beats_the_baseline(tmp_path, base):
     from sklearn.metrics import accuracy_score
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    data = generate.write_dataset(tmp_path / "data", train=160, validation=40, test=60, seed=3)
+    data = generate.write_dataset(tmp_path / "data", train=240, validation=40, test=60, seed=3)
     cfg = config(tmp_path, base, dataset={k: str(v) for k, v in data.items()},
                  method={"lora": {"r": 8, "alpha": 16}},
                  hyperparameters={"maxSteps": 100, "batchSize": 8, "learningRate": 0.005, "maxSeqLength": 96,
@@ -441,7 +441,10 @@ def test_pipeline_trains_publishes_and_beats_the_baseline(tmp_path, base):
     assert manifest["task"] == "sequence-classification" and manifest["headline"] == "accuracy"
     assert manifest["labels"] == sorted(generate.LABELS)
     test, baseline = manifest["metrics"]["test"], manifest["metrics"]["baseline"]["test"]
-    assert test["accuracy"] > baseline["accuracy"] + 0.5, (test, baseline)  # measured: 0.92 against 0.22
+    # measured: 0.83 against 0.22. The templated clauses repeat: the quality checks drop 37 of the 240 training
+    # records that repeat one or copy a test or validation clause (with 160, 0.92 was a score on leaked records).
+    assert test["accuracy"] > baseline["accuracy"] + 0.5, (test, baseline)
+    assert manifest["quality"]["dropped"]["train"]["count"] > 0
 
     # The published adapter on the base, loaded the documented way, gives the manifest's test accuracy.
     out = Path(cfg.output.uri)

@@ -60,6 +60,7 @@ class Fingerprint:
     processes: int
     step_samples: int  # sequences per optimizer step, over all processes
     task: dict = field(default_factory=dict)  # Task.describe(): the task and, for classification, its labels
+    quality: dict = field(default_factory=dict)  # dataset.quality: which records the checks dropped
 
     def differences(self, saved: dict) -> list[str]:
         """The fields (but `processes`, `step_samples`) in which a saved fingerprint differs from this one."""

@@ -82,17 +82,26 @@ def _redacting() -> None:
 
 
 @app.command()
-def validate(config: ConfigOption) -> None:
+def validate(config: ConfigOption,
+             as_json: Annotated[bool, typer.Option("--json", help="Print the whole data report as one JSON object "
+                                                   "on stdout, the quality section's lines included")] = False) -> None:
     """Check the datasets against the config, on CPU, without downloading model weights; within the pod's memory
     limit (memory.py: a clear error, exit 78, rather than an out-of-memory kill)."""
     from .memory import stop_now, watch
     from .pipeline import validate_only
+    from .quality.report import compact
 
     watch(stop_now(lambda message: report_failure(f"{ConfigError.reason}: {message}")))
     try:
         reports, data = validate_only(load_config(config))
     except Exception as e:  # noqa: BLE001 - every failure becomes a clear message and exit code
         fail(e)
+    # The operator turns this into status.dataset (kubetune_operator.observe.validation_report): counts, no lines.
+    brief = {**data, "quality": compact(data["quality"])} if "quality" in data else data
+    termination_log(json.dumps({"valid": True, **brief}, separators=(",", ":")))
+    if as_json:
+        print(json.dumps(data, indent=1, sort_keys=False))
+        return
     table = Table("split", "file", "format", "samples", "tokens", "trained tokens", "truncated")
     for split, r in reports.items():
         table.add_row(split, r.file, r.format.value, str(r.samples), str(r.tokens), str(r.trained_tokens),
@@ -106,12 +115,41 @@ def validate(config: ConfigOption) -> None:
     for r in reports.values():
         for w in r.warnings:
             err.print(f"[yellow]warning[/] {escape(f'{r.file}: {w}')}", highlight=False)
+    if "quality" in data:
+        out.print(quality_table(compact(data["quality"]), data["quality"]["policy"]))
     out.print(escape(data["summary"]), highlight=False, soft_wrap=True)
     if "cache" in data:
         how = "reused" if data["cache"]["reused"] else "written"
         out.print(escape(f"tokenized cache {how}: {data['cache']['uri']}"), highlight=False, soft_wrap=True)
-    # The operator turns this into status.dataset (kubetune_operator.observe.validation_report).
-    termination_log(json.dumps({"valid": True, **data}, separators=(",", ":")))
+
+
+def quality_table(quality: dict, policy: dict) -> Table:
+    """The data-quality findings (the compact section, quality/report.py) per check and split, and what the
+    dataset.quality policy did about each."""
+    table = Table("quality check", "split", "found", "action")
+
+    def row(check: str, field: str, split: str, found: str, nonzero: bool) -> None:
+        action = policy.get(field, "") if split == "train" or field == "leakage" else "report"
+        table.add_row(check, split, found, action if nonzero else "")
+
+    for split, n in (quality.get("duplicates") or {}).items():
+        row("duplicates", "duplicates", split, f"{n:,}", n > 0)
+    for split, leak in (quality.get("leakage") or {}).items():
+        row("in train (leakage)", "leakage", split, f"{leak['exact']:,} exact, {leak['near']:,} near",
+            leak["exact"] + leak["near"] > 0)
+    for split, kinds in (quality.get("pii") or {}).items():
+        found = ", ".join(f"{n:,} {kind}" for kind, n in kinds.items() if n) or "0"
+        row("personal data", "personalData", split, found, found != "0")
+    labels = quality.get("labels")
+    if labels is not None:
+        row("label conflicts", "conflicts", "train", f"{labels['conflicts']:,}", labels["conflicts"] > 0)
+        row("suspected label errors", "labelErrors", "train", f"{labels['suspected']:,}", labels["suspected"] > 0)
+        table.add_row("rare classes", "train", ", ".join(map(str, labels["rare"])) or "none", "")
+        if labels.get("unseen"):
+            table.add_row("classes not in train", "", ", ".join(map(str, labels["unseen"])), "")
+    for split, n in (quality.get("dropped") or {}).items():
+        table.add_row("dropped in all", split, f"{n:,}", "")
+    return table
 
 
 @app.command()
@@ -274,8 +312,10 @@ class ProgressReporter:
             self.progress.update(self.task, completed=event["step"], loss=f"loss {event['loss']:.4f}{rewards}")
         elif kind == "already_published":
             self.already_published = True
-        elif kind == "data":  # what the data costs, one line
+        elif kind == "data":  # what the data costs, one line; the data-quality findings as a table
             console.print(f"[cyan]data[/] {escape(event['summary'])}", highlight=False, soft_wrap=True)
+            if event.get("quality"):
+                console.print(quality_table(event["quality"], event["quality"].get("policy", {})))
         elif kind == "data_cache":
             console.print(f"[cyan]data cache[/] {event['cache']}: {escape(event['uri'])}", highlight=False,
                           soft_wrap=True)

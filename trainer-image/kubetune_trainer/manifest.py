@@ -38,6 +38,8 @@ class Manifest:
     processes: int
     precision: str  # accelerate's mixed_precision
     merged: dict[str, str] | None = None  # output.merged: {"path", "dtype"} of the merged model
+    quality: dict[str, Any] | None = None  # the data report's quality section: what was found, and dropped (lines,
+    #                                        fingerprints), so that a run can be reproduced and audited
 
     def dump(self) -> dict[str, Any]:
         """The JSON document, less `files` (publish adds them)."""
@@ -67,4 +69,5 @@ class Manifest:
             "processes": self.processes,
             "precision": self.precision,
             **({"merged": self.merged} if self.merged is not None else {}),
+            **({"quality": self.quality} if self.quality is not None else {}),
         }

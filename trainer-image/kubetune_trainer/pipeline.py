@@ -25,6 +25,7 @@ from .metrics import TrainerMetrics
 from .modeling import resolve_precision
 from .prepare import inputs_of, prepare
 from .publish import publish_output, save_output
+from .quality.report import compact
 from .redact import redact
 from .sharding import full_trainable_state, is_sharded
 from .storage import Storage
@@ -88,8 +89,11 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
     report({"event": "validated", **{s: {"samples": r.samples, "tokens": r.tokens, "truncated": r.truncated,
                                          **({"classes": r.classes} if r.classes else {})}
                                      for s, r in reports.items()}})
-    report({"event": "data", **data_report(config, task, reports, fetched.model_dir, data.cache,
-                                           accelerator.num_processes)})
+    data_doc = data_report(config, task, reports, fetched.model_dir, data.cache, accelerator.num_processes)
+    quality_section = data_doc.get("quality")
+    if "quality" in data_doc:  # the log gets the counts; the lines are in the manifest
+        data_doc["quality"] = {**compact(data_doc["quality"]), "policy": data_doc["quality"]["policy"]}
+    report({"event": "data", **data_doc})
 
     phase("training")
     precision = accelerator.mixed_precision
@@ -165,6 +169,7 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
                 processes=accelerator.num_processes,
                 precision=precision,
                 merged=merged.get("merged"),
+                quality=quality_section,
             ))
             phase("done")
             report({"event": "published", "uri": config.output.uri, "manifest": manifest_uri})

@@ -13,16 +13,20 @@ Other tasks validate here and build their examples in memory (tasks/classificati
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubetune_api import TrainerConfig, join_uri
+from kubetune_api import DataFormat, QualityAction, TrainerConfig, join_uri
 
 from .data import DatasetReport
 from .data import cache as data_cache
+from .data.formats import RecordError, guess_format, with_fields
+from .data.records import load_records
 from .errors import DatasetError
 from .fetch import Fetched, local_path, tokenizer_sha256, tree_sha256
+from .quality.checks import Evaluation, Quality
+from .quality.normalize import record_text
 from .storage import Storage, is_remote
 from .tasks import CachesRows, Task
 
@@ -49,14 +53,17 @@ def cache_parts(config: TrainerConfig, task: Task, inputs: dict) -> dict:
     return {"datasets": inputs["datasets"], "tokenizer": inputs["tokenizer"], **task.describe(),
             "format": config.dataset.format.value, "maxSeqLength": hp.max_seq_length, "packing": hp.packing,
             **({"seed": hp.seed} if hp.packing else {}),
-            **({"fields": dict(config.dataset.fields)} if config.dataset.fields else {})}
+            **({"fields": dict(config.dataset.fields)} if config.dataset.fields else {}),
+            "quality": config.dataset.quality.dump()}  # what the checks drop is not in the arrays
 
 
 def validate_splits(config: TrainerConfig, task: Task, fetched: Fetched, check: Callable | None = None,
                     beat: Callable[[], None] | None = None) -> dict[str, DatasetReport]:
     """Check every record of every split, train first; the first bad one raises DatasetError (exit 65). `check`:
-    what checks a split (task.validate, or a pass that also writes the cache). Beats per split."""
+    what checks a split (task.validate, or a pass that also writes the cache). Beats per split. The task's
+    quality checks (task.quality) compare train with the validation and test splits, indexed first."""
     check = check or task.validate
+    task.quality = quality_of(config, fetched)
     reports: dict[str, DatasetReport] = {}
     for split, path in fetched.splits.items():
         fmt = reports["train"].format if reports else config.dataset.format
@@ -68,6 +75,33 @@ def validate_splits(config: TrainerConfig, task: Task, fetched: Fetched, check: 
         if beat:
             beat()
     return reports
+
+
+def quality_of(config: TrainerConfig, fetched: Fetched) -> Quality:
+    """The run's quality checks, with the validation and test splits indexed for the leakage check."""
+    policy = config.dataset.quality
+    if policy.leakage == QualityAction.off or set(fetched.splits) == {"train"}:
+        return Quality(policy)
+    return Quality(policy, Evaluation.build(_evaluation_texts(config, fetched), policy.near_threshold))
+
+
+def _evaluation_texts(config: TrainerConfig, fetched: Fetched) -> Iterator[tuple[str, int, str]]:
+    """(split, line, text) of every validation and test record that parses; one that does not is left to the
+    split's own pass, which names it."""
+    fmt, fields = config.dataset.format, config.dataset.fields
+    for split, path in fetched.splits.items():
+        if split == "train":
+            continue
+        try:
+            for record in load_records(path, fetched.uris[split]):
+                value = with_fields(record.value, fields)
+                try:
+                    found = guess_format(value) if fmt == DataFormat.auto else fmt
+                except RecordError:
+                    continue
+                yield split, record.line, record_text(value, found)
+        except DatasetError:
+            continue
 
 
 def prepare(config: TrainerConfig, task: Task, fetched: Fetched, storage: Storage, inputs: dict, *,

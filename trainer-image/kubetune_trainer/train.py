@@ -417,7 +417,8 @@ def _fingerprint(loop: Loop, plan: Plan, inputs: dict) -> checkpoint.Fingerprint
         datasets=inputs.get("datasets", {}), tokenizer=inputs.get("tokenizer", ""),
         max_seq_length=hp.max_seq_length, packing=hp.packing, batch_size=hp.batch_size,
         accumulation=hp.gradient_accumulation_steps, strategy=hp.strategy.value,
-        processes=loop.accelerator.num_processes, step_samples=plan.step_samples, task=loop.task.describe())
+        processes=loop.accelerator.num_processes, step_samples=plan.step_samples, task=loop.task.describe(),
+        quality=loop.config.dataset.quality.dump())
 
 
 def _start(loop: Loop, t: Training) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune_api import PREFERENCE_FORMATS, Objective
 
+from ..quality import report as quality
 from ..train import Plan
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ def data_report(config: TrainerConfig, task: Task, reports: dict[str, DatasetRep
         doc["cache"] = cache
     if config.dataset.fields:  # the records' columns read as the format's fields
         doc["fields"] = dict(config.dataset.fields)
+    found = quality.section(config.dataset.quality, {s: r.quality for s, r in reports.items()})
+    if found:
+        doc["quality"] = found
     doc["summary"] = summary(doc)
     return doc
 
@@ -106,6 +110,8 @@ def summary(doc: dict[str, Any]) -> str:
         text += f"; about {_hours(estimate['gpuHours'])} GPU-hours on {estimate['gpus']} GPUs"
     if doc.get("fields"):
         text += "; fields " + ", ".join(f"{field} <- {column}" for field, column in doc["fields"].items())
+    if doc.get("quality", {}).get("findings"):
+        text += f"; data quality: {doc['quality']['summary']}"
     return text
 
 

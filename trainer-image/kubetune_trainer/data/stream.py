@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from kubetune_api import PREFERENCE_FORMATS, DataFormat
@@ -24,6 +25,9 @@ from ..errors import DatasetError
 from .formats import Fields, RecordError, check_record, guess_format, with_fields
 from .records import Record, beyond_limits, load_records, parse
 from .tokenize import IGNORE, assemble, record_sequences
+
+if TYPE_CHECKING:
+    from ..quality.checks import Probe, Prober, SplitChecks
 
 CHUNK = 512  # records a worker checks and tokenizes at a time
 AHEAD = 3  # chunks in flight per worker
@@ -40,6 +44,7 @@ class Encoding:
     max_seq_length: int
     pairs: bool = False  # preference pairs: each record is two examples, chosen then rejected
     fields: Fields | None = None  # dataset.fields: the records' columns renamed to the format's fields
+    prober: Prober | None = None  # the data-quality facts of each record (quality/checks.py)
 
     @property
     def per_record(self) -> int:
@@ -57,6 +62,20 @@ class Chunk:
     full_lengths: np.ndarray  # int32, before truncation
     truncated_at: list[str] = field(default_factory=list)  # where each truncated record is
     error: tuple[str, int, str, str] | None = None  # (file, line, problem, hint) of the first bad record
+    probes: list[tuple[int, Probe]] = field(default_factory=list)  # (line, quality facts) of each good record
+
+    def without(self, keep: list[bool], per_record: int) -> Chunk:
+        """The chunk less the records whose `keep` is False (each is per_record examples)."""
+        examples = np.repeat(np.array(keep, dtype=bool), per_record)
+        tokens = np.repeat(examples, self.lengths)
+        kept = {line for (line, _), k in zip(self.probes, keep, strict=True) if k}
+        return Chunk(self.ids[tokens], self.trained[tokens], self.lengths[examples], self.full_lengths[examples],
+                     [w for w in self.truncated_at if _line_of(w) in kept], self.error,
+                     [p for p, k in zip(self.probes, keep, strict=True) if k])
+
+
+def _line_of(where: str) -> int:
+    return int(where.rsplit(" ", 1)[-1].rsplit(":", 1)[-1])
 
 
 def encode_chunk(records: list[Record], enc: Encoding, tokenizer, name: str) -> Chunk:
@@ -87,7 +106,7 @@ def encode_chunk(records: list[Record], enc: Encoding, tokenizer, name: str) -> 
             break
         good.append(record)
     examples = assemble(sequences, tokenizer)
-    ids, trained, lengths, full_lengths, truncated_at = [], [], [], [], []
+    ids, trained, lengths, full_lengths, truncated_at, probes = [], [], [], [], [], []
     n = enc.per_record
     for k, record in enumerate(good):
         group = examples[n * k : n * (k + 1)]
@@ -99,6 +118,8 @@ def encode_chunk(records: list[Record], enc: Encoding, tokenizer, name: str) -> 
             error = (record.file or name, record.line, problem,
                      "shorten the prompt or raise hyperparameters.maxSeqLength")
             break
+        if enc.prober:
+            probes.append((record.line, enc.prober(record.value)))
         for example, mask in zip(group, masks, strict=True):
             ids += example.input_ids[:enc.max_seq_length]
             trained += mask
@@ -107,7 +128,8 @@ def encode_chunk(records: list[Record], enc: Encoding, tokenizer, name: str) -> 
         if any(len(e) > enc.max_seq_length for e in group):
             truncated_at.append(where(record, name))
     return Chunk(np.array(ids, dtype=np.int32), np.array(trained, dtype=np.uint8),
-                 np.array(lengths, dtype=np.int32), np.array(full_lengths, dtype=np.int32), truncated_at, error)
+                 np.array(lengths, dtype=np.int32), np.array(full_lengths, dtype=np.int32), truncated_at, error,
+                 probes)
 
 
 def _no_trained_tokens(labels: list[int], max_seq_length: int, what: str = "the record") -> str:
@@ -122,12 +144,13 @@ def where(record: Record, name: str) -> str:
 
 
 def encode_split(path: Path, name: str, fmt: DataFormat, tokenizer, max_seq_length: int,
-                 workers: int | None = None, *, pairs: bool = False,
-                 fields: Fields | None = None) -> tuple[DataFormat, Iterator[Chunk]]:
+                 workers: int | None = None, *, pairs: bool = False, fields: Fields | None = None,
+                 checks: SplitChecks | None = None) -> tuple[DataFormat, Iterator[Chunk]]:
     """(the split's concrete format, its chunks in file order). Raises DatasetError for the first bad record
     while iterating. workers: processes to use (default: the CPUs this process may use; small data: none).
     pairs: the objective trains on preference pairs (dpo, orpo); the records must be pairs exactly then.
-    fields: dataset.fields, the records' own column names for the format's fields."""
+    fields: dataset.fields, the records' own column names for the format's fields. checks: the split's quality
+    checks, whose facts of each record the chunks carry (Chunk.probes)."""
     fmt = DataFormat(fmt)
     records = load_records(path, name, raw=True)
     first = next(records, None)
@@ -144,7 +167,8 @@ def encode_split(path: Path, name: str, fmt: DataFormat, tokenizer, max_seq_leng
             raise DatasetError(first.file or name, first.line, e.problem, e.hint) from None
     if (fmt in PREFERENCE_FORMATS) != pairs:
         raise DatasetError(first.file or name, first.line, *_objective_mismatch(fmt))
-    enc = Encoding(fmt, detected, where(first, name), max_seq_length, pairs, fields)
+    enc = Encoding(fmt, detected, where(first, name), max_seq_length, pairs, fields,
+                   checks.prober(fmt) if checks else None)
     chunks = _batched(itertools.chain([first], records), CHUNK)
     if workers is None:
         workers = cpu_budget() if data_size(path) >= INLINE_BELOW else 1

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from ..data import DatasetReport
     from ..data.cache import Cache
     from ..evaluate import Evaluation
+    from ..quality.checks import Quality, SplitChecks
     from ..storage import Storage
 
 Beat = Callable[[], None]
@@ -48,6 +49,7 @@ class Task(ABC):
         """`storage`: for what records point at in object storage (images), with the run's credentials."""
         self.config, self.model_dir, self.storage = config, Path(model_dir), storage
         self.processor: Any = None  # set by load_processor
+        self.quality: Quality | None = None  # the data-quality checks of this pass over the splits (prepare.py)
 
     @property
     def formats(self) -> tuple[DataFormat, ...]:
@@ -68,6 +70,10 @@ class Task(ABC):
         return {} if self.config.base_model.allow_pickle_weights else {"use_safetensors": True}
 
     # -- data ---------------------------------------------------------------------------------------------
+
+    def checks(self, split: str, uri: str) -> SplitChecks | None:
+        """The quality checks of a split, when prepare.validate_splits has set up this pass's."""
+        return self.quality.checks(split, uri) if self.quality else None
 
     @abstractmethod
     def load_processor(self) -> Any:

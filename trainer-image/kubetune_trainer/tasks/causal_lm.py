@@ -47,7 +47,7 @@ class CausalLM(Task, CachesRows, GeneratesText, WindowMetrics):
         return validate_dataset(path, uri, fmt=fmt, tokenizer=self.processor,
                                 max_seq_length=self.config.hyperparameters.max_seq_length,
                                 min_samples=min_samples, split=split, pairs=self.objective.pairs,
-                                fields=self.config.dataset.fields)
+                                fields=self.config.dataset.fields, checks=self.checks(split, uri))
 
     def examples(self, split: str, path: Path, uri: str, fmt: DataFormat) -> list:
         examples = self.objective.tokenize(path, uri, fmt)
@@ -66,7 +66,7 @@ class CausalLM(Task, CachesRows, GeneratesText, WindowMetrics):
 
         report = validate_dataset(path, uri, fmt=fmt, tokenizer=self.processor, max_seq_length=hp.max_seq_length,
                                   min_samples=min_samples, split=split, sink=sink, pairs=pairs,
-                                  fields=self.config.dataset.fields)
+                                  fields=self.config.dataset.fields, checks=self.checks(split, uri))
         report.sequences = writer.close(hp.max_seq_length, hp.packing, hp.seed, pairs=pairs)
         return report
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from kubetune_api import DataFormat
+from kubetune_api import DataFormat, QualityAction
 
 from ..data import DatasetReport, label_studio
 from ..data.formats import RecordError, kind_of, with_fields
@@ -55,6 +55,8 @@ class ClassificationTask(Task):
     def __init__(self, config, model_dir: Path, storage=None):
         super().__init__(config, model_dir, storage)
         self._set_labels(list(config.dataset.labels or []))
+        self._checked: dict[str, tuple[set, dict]] = {}  # split -> (records kept, quality findings)
+        self._train_counts: dict[str, int] = {}  # records per class in train, as the quality checks count them
 
     # -- labels and targets -------------------------------------------------------------------------------
 
@@ -177,6 +179,67 @@ class ClassificationTask(Task):
         note = ("the labels are integers and the file names no classes (no ClassLabel names in its metadata): the "
                 "published model's classes are the integers; write class names as labels to name them")
         return Split(fmt, records, [note] if integers else [])
+
+    def checked(self, split: str, uri: str, read: Split) -> Split:
+        """The split less the records the data-quality checks drop (task.quality, set by prepare.validate_splits),
+        with what they found: repeats, copies of evaluation records and personal data (quality/checks.py) and,
+        for train, the labels: conflicts, counts, rare classes and suspected errors (quality/labels.py). Done once
+        per split and process: validate and examples share it."""
+        if self.quality is None:
+            return read
+        done = self._checked.get(split)
+        if done is None:
+            done = self._check(split, uri, read)
+            self._checked[split] = done
+        kept, doc = done
+        return read._replace(records=[r for r in read.records if (r.file, r.line) in kept], quality=doc)
+
+    def _check(self, split: str, uri: str, read: Split) -> tuple[set, dict]:
+        from ..quality import labels as label_checks
+        from ..quality.normalize import normalize, record_text
+
+        checks = self.quality.checks(split, uri)
+        probe = checks.prober(DataFormat.classification)
+        records = read.records
+        kept = [i for i, r in enumerate(records) if checks.keep(r.line, probe(r.value))]
+        doc = checks.finish()
+        names = [_main_label(r.value) for r in records]
+        counts = label_checks.class_counts([names[i] for i in kept if names[i] is not None])
+        if split != "train":
+            doc["unseenClasses"] = label_checks.unseen_classes(self._train_counts, counts)
+            return {(records[i].file, records[i].line) for i in kept}, doc
+        self._train_counts = counts
+        policy = self.quality.policy
+        texts = [normalize(record_text(r.value, DataFormat.classification)) for r in records]
+        labelled = [i for i, n in enumerate(names) if n is not None]
+        # conflicts among every record (a repeat under another label is one, even where repeats are dropped)
+        conflicts = [] if policy.conflicts == QualityAction.off else sorted(
+            labelled[i] for i in label_checks.conflicts([texts[i] for i in labelled], [names[i] for i in labelled]))
+        suspected: list[int] = []
+        if policy.label_errors != QualityAction.off and isinstance(self, TextClassifier):
+            judged = [i for i in kept if names[i] is not None]
+            suspected = sorted(judged[i] for i in label_checks.suspected_label_errors(
+                [texts[i] for i in judged], [names[i] for i in judged], seed=self.config.hyperparameters.seed))
+        doc["labels"] = {"conflicts": len(conflicts), "conflictLines": [records[i].line for i in conflicts],
+                         "suspected": {"count": len(suspected), "lines": [records[i].line for i in suspected]},
+                         "classes": counts, "rare": label_checks.rare_classes(counts, policy.rare_class_ratio)}
+        drop: set[int] = set()
+        for check, found in (("conflicts", conflicts), ("label_errors", suspected)):
+            if getattr(policy, check) == QualityAction.drop:
+                drop |= set(found)
+            elif getattr(policy, check) == QualityAction.fail and found:
+                field = {"label_errors": "labelErrors"}.get(check, check)
+                lines = [records[i].line for i in found]
+                listed = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
+                what = "have a text also labelled otherwise" if check == "conflicts" else "have a suspect label"
+                raise DatasetError(uri, lines[0], f"{len(lines)} records {what} (lines {listed})",
+                                   f"fix their labels, or set dataset.quality.{field} to drop or warn")
+        drop &= set(kept)
+        if drop:
+            dropped = doc["dropped"]
+            dropped["lines"] = sorted(dropped["lines"] + [records[i].line for i in drop])
+            dropped["count"] = len(dropped["lines"])
+        return {(records[i].file, records[i].line) for i in kept if i not in drop}, doc
 
     def report(self, uri: str, fmt: DataFormat, samples: int, min_samples: int, split: str) -> DatasetReport:
         """An empty report for a split, after checking it has at least min_samples records."""
@@ -410,6 +473,23 @@ def record_format(value: dict, key: str, fmt: DataFormat) -> DataFormat:
     return DataFormat.classification
 
 
+class TextClassifier:
+    """A classification task of texts: its suspected label errors come from a text model (quality/labels.py)."""
+
+
+def _main_label(value: Any) -> str | None:
+    """A record's class name, the most likely one of class probabilities; None for a label of another shape
+    (the split's own checks name it)."""
+    label = value.get("label") if isinstance(value, dict) else None
+    if isinstance(label, dict):
+        numbers = {k: v for k, v in label.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        return str(max(numbers, key=numbers.get)) if numbers else None
+    try:
+        return label_name(label)
+    except RecordError:
+        return None
+
+
 def record_label(value: dict) -> Any:
     """A record's "label"; RecordError when it has none."""
     if "label" not in value:
@@ -453,6 +533,7 @@ class Split(NamedTuple):
     records: list[Record]
     notes: list[str]  # for the data report's warnings: what was left out or could not be named
     classes: list[str] | None = None  # the class names the file keeps, in order (a ClassLabel's)
+    quality: dict | None = None  # what the data-quality checks found (ClassificationTask.checked)
 
 
 def _named(record: Record, names: list[str], uri: str) -> Record:

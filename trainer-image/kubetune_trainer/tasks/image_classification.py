@@ -79,6 +79,7 @@ class ImageClassification(ClassificationTask):
                                    f"({problem[0]})", problem[1])
             examples.append(ClassExample(str(image), target))
         self._validated[(split, uri)] = examples
+        report.quality = self._checked[split][1] if split in self._checked else None
         report.classes, warnings = self.class_report(targets)
         report.warnings += warnings if split == "train" else []
         return report
@@ -113,6 +114,7 @@ class ImageClassification(ClassificationTask):
                                    "<prefix>/<label>/<image file>, or point the split at a data file")
         else:
             read = self.read_split(path, uri, fmt, KEYS)
+        read = self.checked(split, uri, read)
         fmt, records = read.format, read.records
         store = self._store(path, uri)
         rows = []

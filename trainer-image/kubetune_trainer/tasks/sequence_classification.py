@@ -21,13 +21,13 @@ from ..data.stream import where
 from ..data.validate import truncation_warning
 from ..modeling import load_model, load_tokenizer
 from .base import register
-from .classification import IGNORE, ClassExample, ClassificationTask, Split, at_record, head_modules
+from .classification import IGNORE, ClassExample, ClassificationTask, Split, TextClassifier, at_record, head_modules
 
 KEYS = ("text", "text_pair")
 
 
 @register(TaskType.sequence_classification)
-class SequenceClassification(ClassificationTask):
+class SequenceClassification(ClassificationTask, TextClassifier):
     auto_class = "AutoModelForSequenceClassification"
 
     def load_processor(self):
@@ -36,13 +36,14 @@ class SequenceClassification(ClassificationTask):
 
     # -- data ---------------------------------------------------------------------------------------------
 
-    def _records(self, path: Path, uri: str, fmt: DataFormat) -> Split:
-        """The split's plain records, each with a non-empty text (and a text_pair string where there is one)."""
-        split = self.read_split(path, uri, fmt, KEYS)
-        for record in split.records:
+    def _records(self, split: str, path: Path, uri: str, fmt: DataFormat) -> Split:
+        """The split's plain records, each with a non-empty text (and a text_pair string where there is one), less
+        those the data-quality checks drop."""
+        read = self.read_split(path, uri, fmt, KEYS)
+        for record in read.records:
             with at_record(record, uri):
                 check_texts(record.value)
-        return split
+        return self.checked(split, uri, read)
 
     def encode(self, value: dict, truncate: bool = True) -> dict[str, list[int]]:
         """A record's model inputs: input_ids (and token_type_ids where the tokenizer makes them, BERT's segment
@@ -54,10 +55,11 @@ class SequenceClassification(ClassificationTask):
         return {k: list(v) for k, v in encoded.items() if k in ("input_ids", "token_type_ids")}
 
     def validate(self, split: str, path: Path, uri: str, fmt: DataFormat, min_samples: int) -> DatasetReport:
-        read = self._records(path, uri, fmt)
+        read = self._records(split, path, uri, fmt)
         records = read.records
         report = self.report(uri, read.format, len(records), min_samples, split)
         report.warnings += read.notes
+        report.quality = read.quality
         targets = self.check_labels(split, uri, records, read.classes)
         limit = self.config.hyperparameters.max_seq_length
         truncated_at = []
@@ -76,7 +78,7 @@ class SequenceClassification(ClassificationTask):
         return report
 
     def examples(self, split: str, path: Path, uri: str, fmt: DataFormat) -> list[ClassExample]:
-        read = self._records(path, uri, fmt)
+        read = self._records(split, path, uri, fmt)
         records = read.records
         targets = self.check_labels(split, uri, records, read.classes)
         return [ClassExample(self.encode(r.value), t) for r, t in zip(records, targets, strict=True)]

@@ -1,0 +1,146 @@
+"""Label checks for classification tasks: conflicts, class counts, rare and unseen classes, suspected label errors.
+
+Suspected label errors are cleanlab's confident learning (`cleanlab.filter.find_label_issues`) on out-of-fold
+predicted probabilities of a cheap CPU model (`out_of_fold_probabilities`): a record is suspected when a model that
+never saw it confidently predicts another class than its label, beyond the noise cleanlab estimates per class pair.
+These are candidates for a human to look at, not certain errors: a model this simple also flags hard or ambiguous
+records, and misses errors between classes it cannot tell apart.
+
+The model cannot judge (no record is suspected) with fewer than MIN_RECORDS records, fewer than 2 classes, or
+texts (images) that give no feature at all. A class with a single record cannot be held out and predicted by a model
+that saw its class, so such records are left out of the model (they are never suspected; `rare_classes` names them).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+from cleanlab.filter import find_label_issues
+from PIL import Image
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.preprocessing import StandardScaler
+
+MIN_RECORDS = 10
+FOLDS = 5
+# Features for images: a 16x16 grayscale thumbnail and a 4x4x4 color histogram.
+THUMBNAIL = 16
+COLOR_BINS = 4
+
+
+def conflicts(keys: Sequence[Hashable], labels: Sequence[str]) -> list[int]:
+    """Indices of the records whose key (normalized text, image hash) appears under 2 or more distinct labels."""
+    seen: dict[Hashable, set[str]] = defaultdict(set)
+    for key, label in zip(keys, labels, strict=True):
+        seen[key].add(label)
+    return [i for i, key in enumerate(keys) if len(seen[key]) > 1]
+
+
+def class_counts(labels: Sequence[str]) -> dict[str, int]:
+    """Records per class, the largest class first (ties by label)."""
+    return dict(sorted(Counter(labels).items(), key=lambda item: (-item[1], item[0])))
+
+
+def rare_classes(counts: dict[str, int], ratio: float) -> list[str]:
+    """Classes with fewer records than ratio times the mean records per class, the rarest first."""
+    if not counts:
+        return []
+    limit = ratio * sum(counts.values()) / len(counts)
+    return sorted((label for label, count in counts.items() if count < limit), key=lambda label: (counts[label], label))
+
+
+def unseen_classes(train: dict[str, int], other: dict[str, int]) -> list[str]:
+    """Classes with records in `other` (validation or test) but none in train, sorted."""
+    return sorted(label for label, count in other.items() if count and not train.get(label))
+
+
+def out_of_fold_probabilities(features, labels: Sequence[str], *, seed: int = 0):
+    """(indices judged, their class numbers, out-of-fold probabilities) of a logistic regression, or None.
+
+    `features` is a matrix with one row per record. Records of single-record classes are left out; stratified folds,
+    k = min(FOLDS, smallest class count). None when the model cannot judge (see the module's docstring).
+    """
+    counts = Counter(labels)
+    kept = np.array([i for i, label in enumerate(labels) if counts[label] > 1], dtype=np.int64)
+    if kept.size < MIN_RECORDS:
+        return None
+    _, classes = np.unique(np.asarray(labels, dtype=object)[kept].astype(str), return_inverse=True)
+    sizes = np.bincount(classes)
+    rows = features[kept]
+    blank = rows.nnz == 0 if hasattr(rows, "nnz") else not np.any(rows)
+    if sizes.size < 2 or blank:
+        return None
+    folds = StratifiedKFold(n_splits=min(FOLDS, int(sizes.min())), shuffle=True, random_state=seed)
+    model = LogisticRegression(max_iter=300)
+    probabilities = cross_val_predict(model, rows, classes, cv=folds, method="predict_proba")
+    return kept, classes, probabilities
+
+
+def _suspected(features, labels: Sequence[str], seed: int) -> list[int]:
+    judged = out_of_fold_probabilities(features, labels, seed=seed)
+    if judged is None:
+        return []
+    kept, classes, probabilities = judged
+    issues = find_label_issues(classes, probabilities, n_jobs=1)
+    return sorted(int(i) for i in kept[issues])
+
+
+def text_features(texts: Sequence[str]):
+    """TF-IDF of word unigrams and bigrams, or None when the texts give no feature (all empty).
+
+    Word n-grams: the texts are normalized already (case, punctuation), where character n-grams would add little but
+    several times the features and time; bigrams keep short phrases ("not good"). Fitted on all texts without their
+    labels (unsupervised, so no label leaks into the folds), once rather than per fold.
+    """
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, max_features=200_000, dtype=np.float32)
+    try:
+        return vectorizer.fit_transform(texts)
+    except ValueError:  # an empty vocabulary: no text has a word
+        return None
+
+
+def suspected_label_errors(texts: Sequence[str], labels: Sequence[str], *, seed: int = 0) -> list[int]:
+    """Sorted indices of the records whose label confident learning suspects, from TF-IDF + logistic regression."""
+    if len(texts) != len(labels) or len(set(texts)) < 2:
+        return []
+    features = text_features(texts)
+    return [] if features is None else _suspected(features, labels, seed)
+
+
+def image_features(images: Sequence) -> tuple[np.ndarray, list[int]]:
+    """Standardized thumbnail + color histogram per image, and the indices of the images that gave one."""
+    rows, indices = [], []
+    for i, image in enumerate(images):
+        try:
+            rgb = image.convert("RGB")
+            small = np.asarray(rgb.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR), dtype=np.float32)
+        except Exception:  # None, or a mode or file Pillow cannot convert: the image is left out
+            continue
+        gray = small @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        bins = (small // (256 // COLOR_BINS)).astype(np.int64).reshape(-1, 3)
+        histogram = np.bincount(bins @ [COLOR_BINS * COLOR_BINS, COLOR_BINS, 1], minlength=COLOR_BINS**3)
+        rows.append(np.concatenate([gray.ravel() / 255, histogram / len(bins)]))
+        indices.append(i)
+    if not rows:
+        return np.empty((0, 0), dtype=np.float32), []
+    return StandardScaler().fit_transform(np.array(rows, dtype=np.float32)), indices
+
+
+def suspected_image_label_errors(images: Sequence, labels: Sequence[str], *, seed: int = 0) -> list[int]:
+    """Sorted indices of the images whose label confident learning suspects, from a small frozen feature.
+
+    The feature is each image's 16x16 grayscale thumbnail and a coarse color histogram (64 bins), standardized, under a
+    logistic regression. It is not a semantic feature: it finds errors only where the classes differ in color,
+    brightness or layout (defects on a plain background, scans versus photos), and suspects nothing useful where they
+    differ in what the picture shows (cats versus dogs). Images that are None or cannot be converted are left out.
+    """
+    if len(images) != len(labels):
+        return []
+    features, indices = image_features(images)
+    if len(indices) < MIN_RECORDS:
+        return []
+    suspected = _suspected(features, [labels[i] for i in indices], seed)
+    return [indices[i] for i in suspected]

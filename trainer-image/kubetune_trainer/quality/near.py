@@ -1,0 +1,187 @@
+"""Near copies between the splits: evaluation records are indexed, train records are queried one by one.
+
+Text: MinHash LSH (datasketch) over word shingles, every candidate verified by the exact Jaccard similarity of the
+two shingle sets (kept for the small evaluation side), so LSH's false candidates never count.
+
+Shingles are word 3-grams (SHINGLE). Smaller n matches texts that share words in another order; larger n misses edited
+copies of short texts. With 3-grams one changed word keeps a text at Jaccard >= 0.8 from 30 words on, two changed
+words from 50 words on; shorter edited copies fall under the threshold (identical ones are the exact check's job).
+A text shorter than 3 words is one shingle; an empty text has none and is never near anything.
+
+Images: the sha256 of the file's bytes for exact copies, a 64-bit perceptual hash (imagehash.phash) for near ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zlib
+from collections.abc import Hashable
+
+import imagehash
+import numpy as np
+from datasketch import MinHash, MinHashLSH
+from PIL import Image
+
+SHINGLE = 3
+# Odd 64-bit constants: the polynomial that combines word hashes into a shingle, and the final mix to 32 bits.
+_POLY = np.uint64(0x9E3779B97F4A7C15)
+_MIX = np.uint64(0xC2B2AE3D27D4EB4F)
+# Shingles hashed into a MinHash per batch: datasketch builds a (batch x num_perm) matrix.
+_BATCH = 8192
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values: a sort and a comparison (numpy 2's np.unique hashes, and is 4-20x slower here)."""
+    values = np.sort(values)
+    keep = np.empty(values.size, dtype=bool)
+    keep[:1] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
+
+
+def shingles(text: str, n: int = SHINGLE) -> np.ndarray:
+    """The sorted, distinct 32-bit hashes of a text's word n-grams (one for the whole text if it has fewer words)."""
+    # Each word hashed once (crc32: stdlib, deterministic in every process), n-grams combined by a polynomial.
+    words = np.fromiter(map(zlib.crc32, text.encode().split()), dtype=np.uint64)
+    if not words.size:
+        return np.empty(0, dtype=np.uint32)
+    k = min(n, words.size)
+    count = words.size - k + 1
+    combined = np.zeros(count, dtype=np.uint64)
+    for i in range(k):
+        combined = combined * _POLY + words[i:i + count]
+    return _distinct(((combined * _MIX) >> np.uint64(32)).astype(np.uint32))
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard similarity of two sorted, distinct hash arrays."""
+    inter = np.intersect1d(a, b, assume_unique=True).size
+    union = a.size + b.size - inter
+    return inter / union if union else 0.0
+
+
+class NearIndex:
+    """MinHash LSH over the evaluation splits' records (small): train records are queried against it one by one.
+
+    A query costs a word split and hash, then a prefilter: a text can reach Jaccard >= threshold with some indexed
+    text only if that share of its shingles occurs somewhere in the index, checked with one sorted-array lookup.
+    Most train records stop there; the rest get a MinHash, an LSH lookup tuned for recall (a pair at the threshold
+    is a candidate with probability > 0.99) and the exact check of each candidate.
+    Built in one process and read by forked workers: plain dicts and numpy arrays, no thread, no lock, no file.
+    The first query after the last add sorts the index's shingles once (about 0.05 s a million): query once (even
+    `query("")`) before forking, so the workers share that array instead of each building its own.
+    Keys must be distinct (datasketch refuses a key twice).
+    """
+
+    def __init__(self, threshold: float = 0.8, num_perm: int = 128, shingle: int = SHINGLE):
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        self.threshold = threshold
+        self.shingle = shingle
+        # Shingles are hashed already: the MinHash takes them as they are.
+        self._empty = MinHash(num_perm=num_perm, hashfunc=int)
+        self._lsh = MinHashLSH(threshold=max(threshold - 0.1, 0.05), num_perm=num_perm, weights=(0.1, 0.9))
+        self._sets: dict[Hashable, tuple[int, np.ndarray]] = {}  # key -> (insertion order, shingle set)
+        self._added = 0
+        self._parts: list[np.ndarray] = []
+        self._union = np.empty(0, dtype=np.uint32)
+
+    def __len__(self) -> int:
+        return self._added
+
+    def _minhash(self, shingle_set: np.ndarray) -> MinHash:
+        m = self._empty.copy()
+        for start in range(0, shingle_set.size, _BATCH):
+            m.update_batch(shingle_set[start:start + _BATCH].tolist())
+        return m
+
+    def add(self, key: Hashable, text: str) -> None:
+        shingle_set = shingles(text, self.shingle)
+        if key in self._sets:
+            raise ValueError(f"key {key!r} added twice")
+        self._added += 1
+        if not shingle_set.size:
+            return
+        self._lsh.insert(key, self._minhash(shingle_set))
+        self._sets[key] = (self._added, shingle_set)
+        self._parts.append(shingle_set)
+
+    def _all_shingles(self) -> np.ndarray:
+        # Every shingle of the index, sorted; rebuilt once after the last add.
+        if self._parts:
+            self._union = _distinct(np.concatenate([self._union, *self._parts]))
+            self._parts = []
+        return self._union
+
+    def query(self, text: str) -> list:
+        """Keys of added texts whose Jaccard similarity of word shingles with `text` is >= threshold."""
+        union = self._all_shingles()
+        if not union.size:
+            return []
+        shingle_set = shingles(text, self.shingle)
+        if not shingle_set.size:
+            return []
+        # Prefilter: J(A, B) >= t needs at least t * |A| of A's shingles in B, hence in the index.
+        found = union[np.minimum(np.searchsorted(union, shingle_set), union.size - 1)] == shingle_set
+        if np.count_nonzero(found) < self.threshold * shingle_set.size - 1e-9:
+            return []
+        near = []
+        for key in self._lsh.query(self._minhash(shingle_set)):
+            order, other = self._sets[key]
+            if jaccard(shingle_set, other) >= self.threshold - 1e-9:
+                near.append((order, key))
+        return [key for _, key in sorted(near, key=lambda pair: pair[0])]
+
+
+def perceptual_hash(data: bytes) -> int | None:
+    """The 64-bit phash of an image file's bytes, or None when they do not decode as an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return int(str(imagehash.phash(image)), 16)
+    except Exception:  # Pillow's decoders raise many kinds (OSError, SyntaxError, ValueError, ...)
+        return None
+
+
+class ImageIndex:
+    """Exact (sha256 of the bytes) and near (phash within max_distance bits) copies of the evaluation images.
+
+    max_distance 6 of 64 bits: resizing, re-encoding as JPEG or a few percent of brightness or contrast move a phash
+    by 0-4 bits, while different photos are typically 20-40 bits apart (imagehash's docs suggest <= 10 for "similar").
+    The scan is linear, vectorized over the evaluation side (an xor and a popcount per indexed image).
+    An image that does not decode is only checked for exact copies.
+    """
+
+    def __init__(self, max_distance: int = 6):
+        self.max_distance = max_distance
+        self._exact: dict[bytes, list] = {}
+        self._keys: list = []
+        self._digests: list[bytes] = []
+        self._hashes: list[int] = []
+        self._array = np.empty(0, dtype=np.uint64)
+
+    def __len__(self) -> int:
+        return sum(len(keys) for keys in self._exact.values())
+
+    def add(self, key: Hashable, data: bytes) -> None:
+        digest = hashlib.sha256(data).digest()
+        self._exact.setdefault(digest, []).append(key)
+        phash = perceptual_hash(data)
+        if phash is not None:
+            self._keys.append(key)
+            self._digests.append(digest)
+            self._hashes.append(phash)
+
+    def query(self, data: bytes) -> tuple[list, list]:
+        """(keys with identical bytes, keys whose phash is within max_distance but whose bytes differ)."""
+        digest = hashlib.sha256(data).digest()
+        exact = list(self._exact.get(digest, ()))
+        phash = perceptual_hash(data) if self._hashes else None
+        if phash is None:
+            return exact, []
+        if self._array.size != len(self._hashes):
+            self._array = np.array(self._hashes, dtype=np.uint64)
+        distances = np.bitwise_count(self._array ^ np.uint64(phash))
+        near = [self._keys[i] for i in np.flatnonzero(distances <= self.max_distance)
+                if self._digests[i] != digest]
+        return exact, near
