@@ -216,3 +216,42 @@ def test_classification_labels_conflicts_suspects_rare_and_unseen_classes(tmp_pa
     found = suspected & set(planted["flipped"])
     assert len(found) >= 0.6 * len(planted["flipped"]), (len(found), len(suspected))
     assert len(found) >= 0.5 * len(suspected - set(range(307, 400))), (len(found), len(suspected))
+
+
+def test_images_the_test_split_shares_with_train_by_content(tmp_path):
+    """Images: a byte copy of a train image under another name, and one re-encoded a little brighter, in the test
+    split: both found (exact, near), and with the default policy their train copies leave the train examples."""
+    import numpy as np
+    from kubetune_api import TrainerConfig
+    from kubetune_dev.tiny_vision import make_tiny_vit
+    from kubetune_trainer.fetch import fetch
+    from kubetune_trainer.prepare import validate_splits
+    from kubetune_trainer.tasks import task_for
+    from PIL import Image
+
+    from tests.trainer.test_image_classification import LABELS, write_split
+
+    vit = make_tiny_vit(tmp_path / "vit", image_size=32, patch_size=8, hidden_size=32, layers=2, heads=2)
+    data = tmp_path / "data"
+    train = write_split(data, "train", LABELS * 4, seed=0)
+    test = write_split(data, "test", LABELS * 2, seed=1)
+    (data / "images/test/copy.png").write_bytes((data / "images/train/0.png").read_bytes())
+    brighter = np.clip(np.asarray(Image.open(data / "images/train/1.png"), dtype=np.float32) * 1.03, 0, 255)
+    Image.fromarray(np.uint8(brighter)).save(data / "images/test/near.png")
+    rows = [json.loads(line) for line in test.read_text().splitlines()]
+    rows[0] = {"image": "images/test/copy.png", "label": LABELS[0]}
+    rows[1] = {"image": "images/test/near.png", "label": LABELS[1]}
+    write_jsonl(test, rows)
+    config = TrainerConfig.model_validate({
+        "jobName": "img-quality", "task": "image-classification", "baseModel": {"uri": str(vit)},
+        "dataset": {"train": str(train), "test": str(test)}, "output": {"uri": str(tmp_path / "out")},
+        "workDir": str(tmp_path / "work")})
+    fetched = fetch(config, None, weights=False)
+    task = task_for(config, fetched.model_dir)
+    task.load_processor()
+    reports = validate_splits(config, task, fetched)
+    leak = reports["test"].quality["leakage"]
+    assert (leak["exact"], leak["near"], leak["lines"]) == (1, 1, [1, 2]), leak
+    assert reports["train"].quality["dropped"]["lines"] == [1, 2]
+    assert reports["train"].samples == 10 and len(task.examples("train", fetched.splits["train"],
+                                                                 fetched.uris["train"], "auto")) == 10

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kubetune_api import DataFormat, MethodType, TaskType
+from kubetune_api import DataFormat, MethodType, QualityAction, TaskType
 
 from ..data import DatasetReport, label_studio
 from ..errors import ConfigError, DatasetError
@@ -72,7 +72,8 @@ class ImageClassification(ClassificationTask):
         report = self.report(uri, fmt, len(rows), min_samples, split)
         report.warnings += notes
         examples = []
-        for (record, located), image, target in zip(rows, self._fetch(rows, path, uri), targets, strict=True):
+        images = self._fetch(rows, path, uri)
+        for (record, located), image, target in zip(rows, images, targets, strict=True):
             problem = decode_problem(image)
             if problem:
                 raise DatasetError(record.file or uri, record.line, f"image {located.uri} cannot be decoded "
@@ -82,7 +83,53 @@ class ImageClassification(ClassificationTask):
         report.quality = self._checked[split][1] if split in self._checked else None
         report.classes, warnings = self.class_report(targets)
         report.warnings += warnings if split == "train" else []
+        if self.quality is not None and self.quality.policy.leakage != QualityAction.off:
+            self._image_copies(split, uri, [record.line for record, _ in rows], images, report)
         return report
+
+    def _image_copies(self, split: str, uri: str, lines: list[int], images: list[Path],
+                      report: DatasetReport) -> None:
+        """Validation and test images that train holds by their content, wherever each is stored: the same bytes,
+        or a perceptual hash a few bits away (quality/near.py ImageIndex). Train is indexed first (its images are
+        validated first); with leakage drop its copies leave the train examples and counts."""
+        from ..quality.near import ImageIndex
+
+        if split == "train":
+            self._train = {"index": ImageIndex(), "uri": uri, "lines": lines, "report": report,
+                           "examples": self._validated[(split, uri)], "dropped": set()}
+            for i, image in enumerate(images):
+                self._train["index"].add(i, Path(image).read_bytes())
+            return
+        train = getattr(self, "_train", None)
+        if train is None or report.quality is None:
+            return
+        hits, copies = {}, set()
+        for line, image in zip(lines, images, strict=True):
+            exact, near = train["index"].query(Path(image).read_bytes())
+            if exact or near:
+                hits[line], copies = ("exact" if exact else "near"), copies | set(exact) | set(near)
+        leak = report.quality.setdefault("leakage", {"exact": 0, "near": 0, "lines": []})
+        new = {line: how for line, how in hits.items() if line not in set(leak["lines"])}
+        if not new:
+            return
+        leak["exact"] += sum(how == "exact" for how in new.values())
+        leak["near"] += sum(how == "near" for how in new.values())
+        leak["lines"] = sorted({*leak["lines"], *new})
+        if self.quality.policy.leakage == QualityAction.fail:
+            listed = ", ".join(map(str, leak["lines"][:10])) + (", ..." if len(leak["lines"]) > 10 else "")
+            raise DatasetError(uri, leak["lines"][0], f"{len(leak['lines'])} images are also in the train split "
+                               f"(lines {listed})", "remove them, or set dataset.quality.leakage to drop or warn")
+        doc = train["report"].quality
+        copied = sorted({*doc.get("trainCopies", {}).get("lines", []), *(train["lines"][i] for i in copies)})
+        doc["trainCopies"] = {"count": len(copied), "lines": copied}
+        if self.quality.policy.leakage == QualityAction.drop:
+            train["dropped"] |= copies
+            kept = [e for i, e in enumerate(train["examples"]) if i not in train["dropped"]]
+            self._validated[("train", train["uri"])] = kept
+            train["report"].samples = len(kept)
+            train["report"].classes = self.class_report([e.target for e in kept])[0]
+            lines = sorted({*doc["dropped"]["lines"], *(train["lines"][i] for i in train["dropped"])})
+            doc["dropped"].update(count=len(lines), lines=lines)
 
     def examples(self, split: str, path: Path, uri: str, fmt: DataFormat) -> list[ClassExample]:
         """The split's images as (local path, target): those validate() checked, else located and fetched (not
