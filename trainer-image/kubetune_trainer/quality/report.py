@@ -73,20 +73,22 @@ def summary(doc: dict, found: dict[str, dict]) -> str:
     for a in doc["actions"]:
         if a["check"] == "leakage":
             continue  # said with the evaluation split it leaked from
-        what = {"duplicates": "records repeating an earlier one", "personalData": "records with personal data",
-                "conflicts": "records whose text has two labels", "labelErrors": "suspected label errors"}[a["check"]]
+        n = a["count"]
+        what = {"duplicates": f"{_records(n, 'repeated record')}",
+                "personalData": f"{_records(n, 'record')} with personal data",
+                "conflicts": f"{_records(n, 'record')} whose text has another label too",
+                "labelErrors": f"{_records(n, 'suspected label error')}"}[a["check"]]
         if a["check"] == "personalData":
             pii = found["train"]["pii"]
             what += " (" + ", ".join(f"{pii[k]} {k}" for k in KINDS if pii.get(k)) + ")"
-        parts.setdefault(a["split"], []).append(f"{a['count']:,} {what}" + (", dropped" if a["action"] == "drop"
-                                                                                  else ""))
+        parts.setdefault(a["split"], []).append(what + (" dropped" if a["action"] == "drop" else ""))
     copies = next((a for a in doc["actions"] if a["check"] == "leakage"), None)
     for split, leak in (doc.get("leakage") or {}).items():
         if leak["exact"] or leak["near"]:
-            text = f"{leak['exact'] + leak['near']:,} records also in train ({leak['exact']:,} exact, " \
+            text = f"{_records(leak['exact'] + leak['near'], 'record')} also in train ({leak['exact']:,} exact, " \
                    f"{leak['near']:,} near)"
             if copies and copies["action"] == "drop":
-                text += "; their train copies dropped"
+                text += ", their train copies dropped"
             parts.setdefault(split, []).append(text)
     labels = doc.get("labels") or {}
     if labels.get("rare"):
@@ -94,6 +96,10 @@ def summary(doc: dict, found: dict[str, dict]) -> str:
     for split, classes in (labels.get("unseen") or {}).items():
         parts.setdefault(split, []).append("classes not in train " + ", ".join(map(str, classes[:10])))
     return "; ".join(f"{split}: " + ", ".join(texts) for split, texts in parts.items()) or "no findings"
+
+
+def _records(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def compact(doc: dict[str, Any]) -> dict[str, Any]:
