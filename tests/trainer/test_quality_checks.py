@@ -122,8 +122,9 @@ def test_short_texts_empty_texts_and_an_empty_index():
     assert index.query("hello") == []
     assert index.query("") == []
     assert index.query("one two three four five six") == ["long"]
-    with pytest.raises(ValueError):
-        index.add("short", "again")
+    for key in ("short", "empty"):
+        with pytest.raises(ValueError):
+            index.add(key, "again")
 
 
 def test_a_5_mb_text_is_queried_and_indexed():
