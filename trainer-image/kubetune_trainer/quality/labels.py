@@ -13,6 +13,7 @@ that saw its class, so such records are left out of the model (they are never su
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Hashable, Sequence
 
@@ -20,6 +21,7 @@ import numpy as np
 from cleanlab.filter import find_label_issues
 from PIL import Image
 from scipy import sparse
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
@@ -59,7 +61,8 @@ def unseen_classes(train: dict[str, int], other: dict[str, int]) -> list[str]:
     return sorted(label for label, count in other.items() if count and not train.get(label))
 
 
-def out_of_fold_probabilities(features, labels: Sequence[str], *, seed: int = 0):
+def out_of_fold_probabilities(features, labels: Sequence[str], *,
+                              seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """(indices judged, their class numbers, out-of-fold probabilities) of a logistic regression, or None.
 
     `features` is a matrix with one row per record. Records of single-record classes are left out; stratified folds,
@@ -72,12 +75,14 @@ def out_of_fold_probabilities(features, labels: Sequence[str], *, seed: int = 0)
     _, classes = np.unique(np.asarray(labels, dtype=object)[kept].astype(str), return_inverse=True)
     sizes = np.bincount(classes)
     rows = features[kept]
-    blank = rows.nnz == 0 if hasattr(rows, "nnz") else not np.any(rows)
+    blank = rows.nnz == 0 if sparse.issparse(rows) else not np.any(rows)
     if sizes.size < 2 or blank:
         return None
     folds = StratifiedKFold(n_splits=min(FOLDS, int(sizes.min())), shuffle=True, random_state=seed)
     # One BLAS/OpenMP thread: the model is small, and on a shared CPU more threads made it 4-20x slower (measured).
-    with threadpool_limits(limits=1):
+    # A fit stopped at max_iter still ranks the records: its warning would only be noise in the validation log.
+    with threadpool_limits(limits=1), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
         probabilities = cross_val_predict(_model(rows, seed), rows, classes, cv=folds, method="predict_proba")
     return kept, classes, probabilities
 
