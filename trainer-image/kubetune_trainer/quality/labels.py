@@ -104,7 +104,7 @@ def _suspected(features, labels: Sequence[str], seed: int) -> list[int]:
     return sorted(int(i) for i in kept[issues])
 
 
-def text_features(texts: Sequence[str]):
+def text_features(texts: Sequence[str]) -> sparse.csr_matrix | None:
     """TF-IDF of word unigrams and bigrams, or None when the texts give no feature (all empty).
 
     Word n-grams: the texts are normalized already (case, punctuation), where character n-grams would add little but
