@@ -71,7 +71,7 @@ class NearIndex:
     Built in one process and read by forked workers: plain dicts and numpy arrays, no thread, no lock, no file.
     The first query after the last add sorts the index's shingles once (about 0.05 s a million): query once (even
     `query("")`) before forking, so the workers share that array instead of each building its own.
-    Keys must be distinct (datasketch refuses a key twice).
+    Keys must be distinct: a key added twice is a ValueError.
     """
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, shingle: int = SHINGLE):
@@ -83,12 +83,11 @@ class NearIndex:
         self._empty = MinHash(num_perm=num_perm, hashfunc=int)
         self._lsh = MinHashLSH(threshold=max(threshold - 0.1, 0.05), num_perm=num_perm, weights=(0.1, 0.9))
         self._sets: dict[Hashable, tuple[int, np.ndarray]] = {}  # key -> (insertion order, shingle set)
-        self._added = 0
         self._parts: list[np.ndarray] = []
         self._union = np.empty(0, dtype=np.uint32)
 
     def __len__(self) -> int:
-        return self._added
+        return len(self._sets)
 
     def _minhash(self, shingle_set: np.ndarray) -> MinHash:
         m = self._empty.copy()
@@ -97,15 +96,13 @@ class NearIndex:
         return m
 
     def add(self, key: Hashable, text: str) -> None:
-        shingle_set = shingles(text, self.shingle)
         if key in self._sets:
             raise ValueError(f"key {key!r} added twice")
-        self._added += 1
-        if not shingle_set.size:
-            return
-        self._lsh.insert(key, self._minhash(shingle_set))
-        self._sets[key] = (self._added, shingle_set)
-        self._parts.append(shingle_set)
+        shingle_set = shingles(text, self.shingle)
+        self._sets[key] = (len(self._sets), shingle_set)
+        if shingle_set.size:  # an empty text is counted, never near anything
+            self._lsh.insert(key, self._minhash(shingle_set))
+            self._parts.append(shingle_set)
 
     def _all_shingles(self) -> np.ndarray:
         # Every shingle of the index, sorted; rebuilt once after the last add.
