@@ -21,7 +21,9 @@ venv: $(VENV)/.installed ## Create .venv: the project with every extra (the trai
 $(VENV)/.installed: pyproject.toml testing/pyproject.toml trainer-image/constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check uv
-	$(VENV)/bin/uv pip install --python $(PY) -c trainer-image/constraints.txt -e '.[dev]' -e ./testing
+	@# --compile-bytecode: every test process imports torch and transformers from .pyc files, written once here,
+	@# even where PYTHONDONTWRITEBYTECODE keeps the interpreter from writing them (about 15 CPU-s per process)
+	$(VENV)/bin/uv pip install --python $(PY) --compile-bytecode -c trainer-image/constraints.txt -e '.[dev]' -e ./testing
 	@touch $@
 
 test-unit: venv ## The unit tests: no control plane, nothing slow (under 3 minutes), in random order

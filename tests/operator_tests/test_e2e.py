@@ -707,7 +707,8 @@ def test_a_dpo_job_reports_rewards_and_publishes_a_merged_model(control_plane, n
     test, baseline = status["result"]["metrics"]["test"], status["result"]["metrics"]["baseline"]
     assert {"loss", "rewards_accuracy", "rewards_margin", "rewards_chosen", "rewards_rejected"} <= test.keys()
     assert baseline["rewards_accuracy"] == 0 and test["loss"] < baseline["loss"]
-    assert status["result"]["summary"].startswith("loss ") and status["dataset"]["samples"] == 32
+    kept = 32 - status["dataset"]["quality"]["dropped"].get("train", 0)  # less what the data-quality checks drop
+    assert status["result"]["summary"].startswith("loss ") and status["dataset"]["samples"] == kept
     manifest = storage.get_json(status["result"]["manifestUri"])
     assert manifest["objective"] == "dpo" and manifest["merged"] == {"path": "merged/", "dtype": "fp32"}
     assert any(f["path"] == "merged/config.json" for f in manifest["files"])

@@ -144,11 +144,12 @@ def test_a_decompression_bomb_is_refused_naming_the_image_and_line(tmp_path, vit
 
     (tmp_path / "images").mkdir()
     Image.new("RGB", (32, 32)).save(tmp_path / "images" / "ok.png")
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "images" / "ok2.png")  # not a repeat: the checks keep it
     write(tmp_path / "images" / "bomb.png", png_header(10_000, 6_000))
     assert 10_000 * 6_000 > MAX_IMAGE_PIXELS
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"image": f"images/{name}", "label": label}) + "\n"
-                             for name, label in [("ok.png", "a"), ("ok.png", "b"), ("bomb.png", "a")]))
+                             for name, label in [("ok.png", "a"), ("ok2.png", "b"), ("bomb.png", "a")]))
     config = image_config(tmp_path, vit, train)
     with pytest.raises(DatasetError, match=rf"{train}:3: image .*bomb\.png cannot be decoded \(it is too large to "
                                            r"decode .*60000000 pixels.*\) \(resize the image below 50 megapixels"):

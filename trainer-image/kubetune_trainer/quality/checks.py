@@ -50,6 +50,8 @@ class Evaluation:
             evaluation.exact.setdefault(fingerprint(normalized), []).append((split, line))
             if evaluation.near is not None and normalized:
                 evaluation.near.add((split, line), normalized)
+        if evaluation.near is not None:
+            evaluation.near.query("")  # sorts the index once here: the forked workers share it
         return evaluation
 
     def __bool__(self) -> bool:
