@@ -25,7 +25,7 @@ import yaml
 from kubetune_dev.s3server import FAKE_CREDENTIALS
 
 from .controlplane import REPO_ROOT, ControlPlaneError, _die_with_parent, free_port
-from .kueue import Kueue, kubectl
+from .kueue import Kueue, kubectl, wait_established
 
 EXAMPLE = REPO_ROOT / "examples" / "demo-finetunejob.yaml"
 S3_MANIFEST = REPO_ROOT / "hack" / "dev-cluster-s3.yaml"
@@ -96,7 +96,7 @@ class DevCluster:
 
     def start(self, pretrain_steps: int) -> dict:
         self.kubectl("apply", "--server-side", "-f", str(CRD))
-        self.kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+        wait_established(self.kubeconfig, ["finetunejobs.kubetune.io"])
         endpoint = self.start_s3()
         keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
         self.kubectl("create", "secret", "generic", SECRET, "-n", "default",

@@ -57,6 +57,23 @@ def kubectl(kubeconfig: str | Path, *args: str, stdin: str | None = None) -> str
     return out.stdout
 
 
+def wait_established(kubeconfig: str | Path, names: list[str], timeout: float = 60) -> None:
+    """Until every named CRD is Established. Polled rather than `kubectl wait --for=condition=Established`: that
+    fails at once ("accessor error") on a CRD whose status the API server has not filled in yet."""
+    deadline = time.monotonic() + timeout
+    pending = list(names)
+    while pending:
+        found = json.loads(kubectl(kubeconfig, "get", *(f"crd/{name}" for name in pending), "-o", "json"))
+        established = {item["metadata"]["name"] for item in found.get("items", [found])  # one: not a List
+                       if any(c.get("type") == "Established" and c.get("status") == "True"
+                              for c in (item.get("status") or {}).get("conditions") or [])}
+        pending = [name for name in pending if name not in established]
+        if pending and time.monotonic() > deadline:
+            raise ControlPlaneError(f"CRDs not established after {timeout:.0f} s: {', '.join(pending)}")
+        if pending:
+            time.sleep(0.2)
+
+
 def pinned_version() -> str:
     m = re.search(r"^\s*sigs\.k8s\.io/kueue (v\S+)", TOOLS_GO_MOD.read_text(), re.M)
     if not m:
@@ -192,8 +209,7 @@ class Kueue:
         self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
         definitions = crds(self.home / "config" / "crd", url, ca)
         self.apply(*definitions)
-        self.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                     *(f"crd/{c['metadata']['name']}" for c in definitions))
+        wait_established(self.kubeconfig, [c["metadata"]["name"] for c in definitions])
         args = [str(self.home / "bin" / "kueue"), f"--config={config}", "--feature-gates=VisibilityOnDemand=false",
                 "--zap-log-level=info"]
         args = self._with_metrics_certs(args)
