@@ -16,14 +16,17 @@ sides alike):
 * kubetune, unchecked: the first run again (a fresh cacheUri) with every data-quality check off
   (`dataset.quality`: off), for what the checks cost (docs/data-quality.md).
 
-Kubetune's runs also read a test split (`--test-records`, 10,000 by default, written with another seed), which
-the train split is checked against for leakage; the baseline maps the train split only.
+Kubetune's runs also read a test split (`--test-records`, 10,000 by default, written with another seed, every 100th
+record a train record with one word changed), which the train split is checked against for leakage; the baseline
+maps the train split only. The label-error check (`--label-records`, 100,000 by default) is timed on its own on
+generated labelled texts (20 classes, 5% of the labels flipped), with its recall and precision.
 
 "data" is the time from the first `phase` event to the `training` phase (fetching, validating and tokenizing;
 interpreter start, imports, model loading and the optimizer left out): the cached run's goal is under 10% of the
-first run's. The records are the demo support bot's short system/user/assistant conversations
-(`kubetune_dev.demo_data.support_record`), streamed to a JSONL file; the base is a tiny Llama with a BPE
-tokenizer (ChatML chat template) trained here, no pre-training (`kubetune_dev.tiny.make_tiny_base`).
+first run's. The records (bench/chat_data.py, `--text`) are the demo support bot's system/user/assistant
+conversations with people's own words (`varied`, the default), or its templates alone (`templated`: nearly every
+record a near copy of many others, the near-copy check's worst case), streamed to a JSONL file; the base is a tiny
+Llama with a BPE tokenizer (ChatML chat template) trained here, no pre-training (`kubetune_dev.tiny.make_tiny_base`).
 The result is a markdown section for BENCHMARKS.md on stdout; progress and the children's logs go to stderr and
 to the work folder. Temporary folders are removed and every child is killed on Ctrl-C, SIGTERM and timeouts.
 
@@ -38,7 +41,6 @@ import datetime
 import json
 import os
 import platform
-import random
 import shutil
 import signal
 import subprocess
@@ -52,23 +54,23 @@ from pathlib import Path
 
 import psutil
 import yaml
+from chat_data import labelled_texts, planted_test_split, templated_chats, varied_chats
 
-GOALS = {"time_ratio": 1.2, "rss_bytes": 1.5e9, "rss_growth": 1.3, "cached_ratio": 0.10, "quality_cost": 1.25}
+GOALS = {"time_ratio": 1.2, "rss_bytes": 1.5e9, "rss_growth": 1.3, "cached_ratio": 0.10, "quality_cost": 1.25,
+         "label_seconds": 120}
 QUALITY_OFF = dict.fromkeys(("duplicates", "leakage", "conflicts", "labelErrors", "personalData"), "off")
 MIB = 2**20
+CHATS = {"varied": varied_chats, "templated": templated_chats}
 
 
 # -- data and base model ----------------------------------------------------------------------------
 
-def write_chat_records(path: Path, n: int, seed: int = 0) -> Path:
-    """`n` support-bot chat records as JSONL, written one at a time (a million never sit in a list)."""
-    from kubetune_dev.demo_data import support_record
-
-    rng = random.Random(seed)
+def write_chat_records(path: Path, records) -> Path:
+    """Chat records (an iterable: a million never sit in a list) as JSONL."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
-        for _ in range(n):
-            f.write(json.dumps(support_record(rng)[1], ensure_ascii=False) + "\n")
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path
 
 
@@ -101,6 +103,19 @@ def hf_side(args) -> None:
 
     tokens = pc.sum(pc.list_value_length(dataset.data.column("input_ids"))).as_py()
     print(json.dumps({"event": "counted", "rows": len(dataset), "tokens": tokens}), flush=True)
+
+
+def labels_side(args) -> None:
+    """The label-error check on generated labelled texts; says "suspected" on stdout with its recall and precision."""
+    from kubetune_trainer.quality.labels import suspected_label_errors
+
+    texts, labels, flipped = labelled_texts(args.label_records, seed=args.seed)
+    print(json.dumps({"event": "generated"}), flush=True)
+    suspected = set(suspected_label_errors(texts, [str(label) for label in labels], seed=args.seed))
+    found = len(suspected & flipped)
+    print(json.dumps({"event": "suspected", "count": len(suspected), "flipped": len(flipped),
+                      "recall": found / len(flipped), "precision": found / len(suspected) if suspected else None}),
+          flush=True)
 
 
 # -- measuring a process tree -----------------------------------------------------------------------
@@ -262,9 +277,10 @@ def bench_size(records: int, args, model: Path, root: Path) -> dict[str, Run]:
     shutil.rmtree(root, ignore_errors=True)  # a kept --work-dir's earlier run: every run starts fresh
     root.mkdir(parents=True)
     started = time.perf_counter()
-    data = write_chat_records(root / "train.jsonl", records, seed=args.seed)
+    chats = CHATS[args.text]
+    data = write_chat_records(root / "train.jsonl", chats(records, args.seed))
     if args.test_records:
-        write_chat_records(root / "test.jsonl", args.test_records, seed=args.seed + 1)
+        write_chat_records(root / "test.jsonl", planted_test_split(chats, args.test_records, args.seed, args.seed + 1))
     print(f"{records:,} records: {data.stat().st_size / MIB:,.0f} MiB of JSONL in "
           f"{time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     runs: dict[str, Run] = {}
@@ -366,10 +382,23 @@ def machine() -> str:
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB)")
 
 
-def markdown(args, results: dict[int, dict[str, Run]], load: tuple[float, float]) -> str:
+def measure_labels(args, work: Path) -> Run:
+    """The label-error check on `--label-records` generated texts, in its own process."""
+    return measure("labels", [sys.executable, __file__, "--side", "labels", "--label-records", str(args.label_records),
+                              "--seed", str(args.seed)], work / "labels.log", args.timeout, marks=("suspected",))
+
+
+def label_seconds(r: Run) -> float | None:
+    generated, suspected = r.at("generated"), r.at("suspected")
+    return suspected - generated if generated is not None and suspected is not None else None
+
+
+def markdown(args, results: dict[int, dict[str, Run]], labels: Run | None, load: tuple[float, float]) -> str:
     sizes = sorted(results)
-    command = "make bench-data" if args.records == DEFAULT_RECORDS else (
-        f"make bench-data BENCH_DATA_ARGS=\"--records {args.records}\"")
+    options = " ".join(([] if args.records == DEFAULT_RECORDS else [f"--records {args.records}"])
+                       + ([] if args.text == "varied" else [f"--text {args.text}"])
+                       + ([] if args.label_records == 100_000 else [f"--label-records {args.label_records}"]))
+    command = f"make bench-data BENCH_DATA_ARGS=\"{options}\"" if options else "make bench-data"
     lines = [
         "## Data path at scale (`make bench-data`)",
         "",
@@ -380,8 +409,12 @@ def markdown(args, results: dict[int, dict[str, Run]], load: tuple[float, float]
         "",
         f"`{command}`",
         "",
-        "What `bench/bench_data.py` does is described at its top: per size, the support bot's short "
-        "system/user/assistant conversations written as JSONL, a tiny Llama with a BPE tokenizer (ChatML "
+        "What `bench/bench_data.py` does is described at its top: per size, "
+        + ("the support bot's system/user/assistant conversations with people's own words (bench/chat_data.py), "
+           if args.text == "varied" else "the support bot's templated system/user/assistant conversations alone "
+           "(bench/chat_data.py: the near-copy check's worst case), ")
+        + f"a {args.test_records:,}-record test split of another seed with 1% planted near copies of train "
+        "records, written as JSONL, a tiny Llama with a BPE tokenizer (ChatML "
         f"template) made locally; the baseline is `load_dataset(\"json\")` + `.map(apply_chat_template, "
         f"num_proc={args.num_proc})` on a fresh cache; Kubetune is `kubetune train` with maxSteps 1, packing, "
         "maxSeqLength 512, timed until its `plan` event (the first step starts right after), first with a fresh "
@@ -405,6 +438,9 @@ def markdown(args, results: dict[int, dict[str, Run]], load: tuple[float, float]
             f"| {fmt_ratio(ratio(to_plan(first), hf_seconds(hf)))} "
             f"| {secs(to_plan(cached), cached)} | {rss_pss(peak_to(cached, 'plan'))} "
             f"| {fmt_ratio(ratio(data_seconds(cached), data_seconds(first)), percent=True)} |")
+    lines += ["", "To the end (Kubetune's whole 1-step run, with saving and publishing, against the baseline's map): "
+              + ", ".join(f"{fmt_ratio(ratio(results[n]['first'].seconds, hf_seconds(results[n]['hf'])))} at {n:,}"
+                          for n in sizes) + "."]
     lines += ["", "Kubetune's runs in detail (data: from the first `phase` event to the `training` phase; "
               "total: to the end of the 1-step run, with saving and publishing):", "",
               "| records | run | data | to first step | total | RSS / PSS, whole run | cache reused |",
@@ -455,6 +491,15 @@ def markdown(args, results: dict[int, dict[str, Run]], load: tuple[float, float]
         + ", ".join(f"{fmt_ratio(quality_ratios[n])} at {n:,}" for n in sizes)
         + f": {verdict(all_of([None if r is None else r <= GOALS['quality_cost'] for r in quality_ratios.values()]))}.",
     ]
+    if labels is not None:
+        done = next((e for _, e in labels.events if e.get("event") == "suspected"), None)
+        seconds = label_seconds(labels)
+        lines.append(
+            f"- suspected label errors on {args.label_records:,} labelled texts (20 classes, 5% of the labels "
+            f"flipped) under 2 minutes: {secs(seconds, labels)}"
+            + (f" (found {done['count']:,}: recall {done['recall']:.0%}, precision {done['precision']:.0%})"
+               if done and done.get("precision") is not None else "")
+            + f": {verdict(None if seconds is None else seconds < GOALS['label_seconds'])}.")
     return "\n".join(lines)
 
 
@@ -488,14 +533,19 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-records", type=int, default=10_000,
                         help="records of the test split Kubetune's runs check train against (0: none)")
+    parser.add_argument("--text", choices=sorted(CHATS), default="varied",
+                        help="varied: chats with people's own words (default); templated: the support bot's "
+                             "templates alone, the near-copy check's worst case (bench/chat_data.py)")
+    parser.add_argument("--label-records", type=int, default=100_000,
+                        help="labelled texts the label-error check is timed on (0: not timed)")
     parser.add_argument("--work-dir", help="keep the files here (default: a temporary folder, removed)")
-    parser.add_argument("--side", choices=["hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=["hf", "labels"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
-        return hf_side(args)
+        return {"hf": hf_side, "labels": labels_side}[args.side](args)
     try:
         sizes = sizes_of(args.records)
     except argparse.ArgumentTypeError as e:
@@ -510,6 +560,7 @@ def main() -> None:
             print(f"preparing the tiny base in {work}", file=sys.stderr, flush=True)
             model = make_base(work / "model")
             results = {}
+            labels = measure_labels(args, work) if args.label_records else None
             for n in sizes:
                 root = work / f"records-{n}"
                 try:
@@ -517,7 +568,7 @@ def main() -> None:
                 finally:
                     if not args.work_dir:
                         shutil.rmtree(root, ignore_errors=True)
-            print(markdown(args, results, (load_start, os.getloadavg()[0])))
+            print(markdown(args, results, labels, (load_start, os.getloadavg()[0])))
     except KeyboardInterrupt as e:
         print(f"interrupted{f' ({e})' if str(e) else ''}: children killed, temporary files removed",
               file=sys.stderr)

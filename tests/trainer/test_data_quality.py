@@ -218,6 +218,38 @@ def test_classification_labels_conflicts_suspects_rare_and_unseen_classes(tmp_pa
     assert len(found) >= 0.5 * len(suspected - set(range(307, 400))), (len(found), len(suspected))
 
 
+def classify(tmp_path, quality: dict):
+    job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "topics"},
+           "spec": {"task": "sequence-classification", "baseModel": {"uri": str(tmp_path / "model")},
+                    "dataset": {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "test.jsonl"),
+                                "labels": ["account", "billing", "other", "rare", "shipping"], "quality": quality},
+                    "output": {"uri": str(tmp_path / "out") + "/"}}}
+    (tmp_path / "job.yaml").write_text(json.dumps(job))
+    done = CliRunner().invoke(app, ["validate", "--config", str(tmp_path / "job.yaml"), "--json"],
+                              env={"COLUMNS": "160", "KUBETUNE_TERMINATION_LOG": str(tmp_path / "log")})
+    return done, (tmp_path / "log").read_text() if (tmp_path / "log").exists() else ""
+
+
+def test_label_checks_drop_with_fingerprints_and_fail_naming_the_lines(tmp_path):
+    """conflicts: drop removes every copy of a conflicting text and records each dropped record's fingerprint;
+    labelErrors: fail refuses the data naming its first lines and the field."""
+    planted = classification(tmp_path, random.Random(3))
+    done, _ = classify(tmp_path, {"conflicts": "drop", "labelErrors": "off"})
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    dropped = report["quality"]["dropped"]["train"]
+    # each conflicting text twice: its repeat (dropped as a duplicate) and its first copy (dropped as a conflict)
+    assert dropped["count"] == 2 * planted["conflicts"] == len(dropped["fingerprints"]), dropped
+    assert dropped["lines"] == sorted(dropped["lines"])
+    pairs = dict(zip(dropped["lines"], dropped["fingerprints"], strict=True))
+    firsts, repeats = ({fp for line, fp in pairs.items() if (line > 306) == later} for later in (False, True))
+    assert firsts == repeats and len(firsts) == planted["conflicts"]  # a text's two copies, one fingerprint
+    assert report["splits"]["train"]["samples"] == 306 + planted["conflicts"] - dropped["count"]
+    done, log = classify(tmp_path, {"labelErrors": "fail"})
+    assert done.exit_code == 65, done.output
+    assert "have a suspect label (lines " in log and "dataset.quality.labelErrors to drop or warn" in log, log
+
+
 def test_images_the_test_split_shares_with_train_by_content(tmp_path):
     """Images: a byte copy of a train image under another name, and one re-encoded a little brighter, in the test
     split: both found (exact, near), and with the default policy their train copies leave the train examples."""
@@ -255,3 +287,46 @@ def test_images_the_test_split_shares_with_train_by_content(tmp_path):
     assert reports["train"].quality["dropped"]["lines"] == [1, 2]
     assert reports["train"].samples == 10 and len(task.examples("train", fetched.splits["train"],
                                                                  fetched.uris["train"], "auto")) == 10
+
+
+def test_image_labels_confident_learning_suspects_finds_flipped_ones(tmp_path):
+    """Images: 60 train images of three classes that differ in brightness and layout, 6 of them labelled as another
+    class: warn reports most of them as suspected; fail refuses the data naming the lines and the field; drop
+    leaves them out of the train examples, each with its image's fingerprint."""
+    from kubetune_api import TrainerConfig
+    from kubetune_dev.tiny_vision import make_tiny_vit
+    from kubetune_trainer.errors import DatasetError
+    from kubetune_trainer.fetch import fetch
+    from kubetune_trainer.prepare import validate_splits
+    from kubetune_trainer.tasks import task_for
+
+    from tests.trainer.test_image_classification import LABELS, write_split
+
+    vit = make_tiny_vit(tmp_path / "vit", image_size=32, patch_size=8, hidden_size=32, layers=2, heads=2)
+    truth = LABELS * 20
+    flipped = {4, 17, 25, 33, 48, 56}
+    train = write_split(tmp_path / "data", "train", truth, seed=0, **{
+        str(i): {"image": f"images/train/{i}.png", "label": LABELS[(LABELS.index(truth[i]) + 1) % 3]}
+        for i in flipped})
+
+    def validated(action: str):
+        config = TrainerConfig.model_validate({
+            "jobName": "img-labels", "task": "image-classification", "baseModel": {"uri": str(vit)},
+            "dataset": {"train": str(train), "quality": {"labelErrors": action}},
+            "output": {"uri": str(tmp_path / "out")}, "workDir": str(tmp_path / f"work-{action}")})
+        fetched = fetch(config, None, weights=False)
+        task = task_for(config, fetched.model_dir)
+        task.load_processor()
+        return validate_splits(config, task, fetched)["train"]
+
+    lines = {i + 1 for i in flipped}
+    suspected = validated("warn").quality["labels"]["suspected"]
+    found = lines & set(suspected["lines"])
+    assert len(found) >= 0.6 * len(lines) and len(found) >= 0.5 * suspected["count"], suspected
+    with pytest.raises(DatasetError) as refused:
+        validated("fail")
+    assert "have a suspect label (lines " in str(refused.value) and "labelErrors" in str(refused.value)
+    report = validated("drop")
+    assert report.samples == 60 - suspected["count"]
+    assert report.quality["dropped"]["lines"] == suspected["lines"]
+    assert len(report.quality["dropped"]["fingerprints"]) == suspected["count"]

@@ -21,6 +21,7 @@ from kubetune_trainer.quality.labels import (
     unseen_classes,
 )
 from kubetune_trainer.quality.near import SHINGLE, ImageIndex, NearIndex
+from kubetune_trainer.quality.pii import scan
 from PIL import Image, ImageDraw, ImageEnhance
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -175,6 +176,28 @@ def png(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
+
+
+# Made-up credentials of each shape pii.py knows (AWS's documented example key id among them).
+SECRETS = ["AKIAIOSFODNN7EXAMPLE", "-----BEGIN RSA PRIVATE KEY-----", "Bearer abcdefghijklmnopqrstuvwxyz012345",
+           "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+           "ghp_" + "a1" * 18, "xoxb-1234567890-abcdefghij", "sk_live_" + "x" * 24, "AIza" + "B" * 35]
+
+
+@pytest.mark.parametrize("secret", SECRETS)
+def test_each_kind_of_secret_is_found_as_a_word_of_its_own(secret):
+    assert scan(f"my key: {secret} thanks") == {"secret": 1}
+    assert scan(f"{secret}") == {"secret": 1}
+    if secret[0].isalnum():  # inside a longer word it is no credential
+        assert scan(f"x{secret}") == {}
+
+
+def test_personal_data_is_counted_by_kind():
+    text = ("Write to jane.doe@example.com or j.roe@example.org, call +1 650-253-0000, "
+            "card 4111 1111 1111 1111, key AKIAIOSFODNN7EXAMPLE")
+    assert scan(text) == {"email": 2, "phone": 1, "card": 1, "secret": 1}
+    # Order numbers, a card number failing the Luhn check and an @ without an address are none of them.
+    assert scan("order 4817 of 2026, ref 4111 1111 1111 1112, ping me @ noon") == {}
 
 
 def test_images_exact_near_and_different():

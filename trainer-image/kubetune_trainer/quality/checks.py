@@ -25,6 +25,19 @@ from .pii import KINDS, scan
 
 LISTED = 10  # lines an error message names
 
+
+def refuse(name: str, policy: QualitySpec, check: str, lines: list[int], what: str,
+           fix: str = "remove them") -> None:
+    """A DatasetError naming the file, the first line and up to LISTED lines, when `check`'s policy is fail and
+    `lines` is not empty: "<n> <what> (lines ...)" (what: "records are ..."), with the fix and the field that
+    turns it to a warning."""
+    if not lines or getattr(policy, check) != QualityAction.fail:
+        return
+    listed = ", ".join(map(str, lines[:LISTED])) + (", ..." if len(lines) > LISTED else "")
+    field_name = QualitySpec.model_fields[check].alias
+    raise DatasetError(name, lines[0], f"{len(lines)} {what} (lines {listed})",
+                       f"{fix}, or set dataset.quality.{field_name} to drop or warn")
+
 Key = tuple[str, int]  # (split, line) of an evaluation record
 
 
@@ -158,13 +171,7 @@ class SplitChecks:
         return doc
 
     def _refuse(self, check: str, lines: list[int], what: str) -> None:
-        if not lines or getattr(self.policy, check) != QualityAction.fail:
-            return
-        listed = ", ".join(map(str, lines[:LISTED])) + (", ..." if len(lines) > LISTED else "")
-        field_name = {"personal_data": "personalData"}.get(check, check)
-        raise DatasetError(self.name, lines[0], f"{len(lines)} records {what} (lines {listed})",
-                           f"remove them, or set dataset.quality.{field_name} to drop or warn")
-
+        refuse(self.name, self.policy, check, lines, f"records {what}")
 
 
 @dataclass

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from os import PathLike
 
 import numpy as np
 from cleanlab.filter import find_label_issues
+from kubetune_api import QualityAction, QualitySpec
 from PIL import Image
 from scipy import sparse
 from sklearn.exceptions import ConvergenceWarning
@@ -59,6 +61,33 @@ def rare_classes(counts: dict[str, int], ratio: float) -> list[str]:
 def unseen_classes(train: dict[str, int], other: dict[str, int]) -> list[str]:
     """Classes with records in `other` (validation or test) but none in train, sorted."""
     return sorted(label for label, count in other.items() if count and not train.get(label))
+
+
+# What each label check's refusal says of the records it found.
+FOUND = {"conflicts": "records have a text also labelled otherwise", "label_errors": "records have a suspect label"}
+
+
+def train_labels(keys: Sequence[Hashable], names: Sequence[str | None], lines: Sequence[int], kept: Sequence[int],
+                 policy: QualitySpec, suspect: Callable[[list[int]], list[int]] | None = None,
+                 ) -> tuple[dict, dict[str, list[int]]]:
+    """The train split's `labels` section of the data report, and the records (indices) each check found.
+
+    keys: each record's normalized text (or image reference); names: its label (None: unlabelled); kept: the records
+    the other checks keep. Conflicts are looked for among every record (a repeat under another label is one, even
+    where repeats are dropped); class counts and suspected errors among the kept ones. `suspect(indices)` returns
+    the positions in `indices` whose label it suspects (None: the task has no model for it).
+    """
+    labelled = [i for i, name in enumerate(names) if name is not None]
+    conflicted = [] if policy.conflicts == QualityAction.off else sorted(
+        labelled[i] for i in conflicts([keys[i] for i in labelled], [names[i] for i in labelled]))
+    judged = [i for i in kept if names[i] is not None]
+    suspected = [] if suspect is None or policy.label_errors == QualityAction.off else sorted(
+        judged[i] for i in suspect(judged))
+    counts = class_counts([names[i] for i in judged])
+    section = {"conflicts": len(conflicted), "conflictLines": [lines[i] for i in conflicted],
+               "suspected": {"count": len(suspected), "lines": [lines[i] for i in suspected]},
+               "classes": counts, "rare": rare_classes(counts, policy.rare_class_ratio)}
+    return section, {"conflicts": conflicted, "label_errors": suspected}
 
 
 def out_of_fold_probabilities(features, labels: Sequence[str], *,
@@ -128,13 +157,22 @@ def suspected_label_errors(texts: Sequence[str], labels: Sequence[str], *, seed:
     return [] if features is None else _suspected(features, labels, seed)
 
 
+def _thumbnail(image: Image.Image) -> np.ndarray:
+    rgb = image.convert("RGB")
+    return np.asarray(rgb.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
 def image_features(images: Sequence) -> tuple[np.ndarray, list[int]]:
-    """Standardized thumbnail + color histogram per image, and the indices of the images that gave one."""
+    """Standardized thumbnail + color histogram per image (a PIL image or a file's path), and the indices of the
+    images that gave one."""
     rows, indices = [], []
     for i, image in enumerate(images):
         try:
-            rgb = image.convert("RGB")
-            small = np.asarray(rgb.resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR), dtype=np.float32)
+            if isinstance(image, str | PathLike):  # a file: opened one at a time
+                with Image.open(image) as opened:
+                    small = _thumbnail(opened)
+            else:
+                small = _thumbnail(image)
         except Exception:  # None, or a mode or file Pillow cannot convert: the image is left out
             continue
         gray = small @ np.array([0.299, 0.587, 0.114], dtype=np.float32)

@@ -196,7 +196,8 @@ class ClassificationTask(Task):
 
     def _check(self, split: str, uri: str, read: Split) -> tuple[set, dict]:
         from ..quality import labels as label_checks
-        from ..quality.normalize import normalize, record_text
+        from ..quality.checks import refuse
+        from ..quality.normalize import fingerprint, normalize, record_text
 
         checks = self.quality.checks(split, uri)
         probe = checks.prober(DataFormat.classification)
@@ -204,41 +205,33 @@ class ClassificationTask(Task):
         kept = [i for i, r in enumerate(records) if checks.keep(r.line, probe(r.value))]
         doc = checks.finish()
         names = [_main_label(r.value) for r in records]
-        counts = label_checks.class_counts([names[i] for i in kept if names[i] is not None])
         if split != "train":
+            counts = label_checks.class_counts([names[i] for i in kept if names[i] is not None])
             doc["unseenClasses"] = label_checks.unseen_classes(self._train_counts, counts)
             return {(records[i].file, records[i].line) for i in kept}, doc
-        self._train_counts = counts
-        policy = self.quality.policy
+        # The train split's labels: conflicts, counts, rare classes and (text) suspected errors; their policies.
+        policy, lines = self.quality.policy, [r.line for r in records]
         texts = [normalize(record_text(r.value, DataFormat.classification)) for r in records]
-        labelled = [i for i, n in enumerate(names) if n is not None]
-        # conflicts among every record (a repeat under another label is one, even where repeats are dropped)
-        conflicts = [] if policy.conflicts == QualityAction.off else sorted(
-            labelled[i] for i in label_checks.conflicts([texts[i] for i in labelled], [names[i] for i in labelled]))
-        suspected: list[int] = []
-        if policy.label_errors != QualityAction.off and isinstance(self, TextClassifier):
-            judged = [i for i in kept if names[i] is not None]
-            suspected = sorted(judged[i] for i in label_checks.suspected_label_errors(
-                [texts[i] for i in judged], [names[i] for i in judged], seed=self.config.hyperparameters.seed))
-        doc["labels"] = {"conflicts": len(conflicts), "conflictLines": [records[i].line for i in conflicts],
-                         "suspected": {"count": len(suspected), "lines": [records[i].line for i in suspected]},
-                         "classes": counts, "rare": label_checks.rare_classes(counts, policy.rare_class_ratio)}
+        seed = self.config.hyperparameters.seed
+
+        def suspect(judged: list[int]) -> list[int]:
+            return label_checks.suspected_label_errors([texts[i] for i in judged], [names[i] for i in judged],
+                                                       seed=seed)
+
+        doc["labels"], found = label_checks.train_labels(
+            texts, names, lines, kept, policy, suspect if isinstance(self, TextClassifier) else None)
+        self._train_counts = doc["labels"]["classes"]
         drop: set[int] = set()
-        for check, found in (("conflicts", conflicts), ("label_errors", suspected)):
+        for check, indices in found.items():
+            refuse(uri, policy, check, [lines[i] for i in indices], label_checks.FOUND[check], "fix their labels")
             if getattr(policy, check) == QualityAction.drop:
-                drop |= set(found)
-            elif getattr(policy, check) == QualityAction.fail and found:
-                field = {"label_errors": "labelErrors"}.get(check, check)
-                lines = [records[i].line for i in found]
-                listed = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
-                what = "have a text also labelled otherwise" if check == "conflicts" else "have a suspect label"
-                raise DatasetError(uri, lines[0], f"{len(lines)} records {what} (lines {listed})",
-                                   f"fix their labels, or set dataset.quality.{field} to drop or warn")
-        drop &= set(kept)
-        if drop:
+                drop |= set(indices)
+        drop = drop & set(kept)
+        if drop:  # with the records the other checks dropped, by line, each with its text's fingerprint
             dropped = doc["dropped"]
-            dropped["lines"] = sorted(dropped["lines"] + [records[i].line for i in drop])
-            dropped["count"] = len(dropped["lines"])
+            pairs = dict(zip(dropped["lines"], dropped["fingerprints"], strict=True))
+            pairs.update({lines[i]: f"{fingerprint(texts[i]):016x}" for i in drop})
+            dropped.update(count=len(pairs), lines=sorted(pairs), fingerprints=[pairs[n] for n in sorted(pairs)])
         return {(records[i].file, records[i].line) for i in kept if i not in drop}, doc
 
     def report(self, uri: str, fmt: DataFormat, samples: int, min_samples: int, split: str) -> DatasetReport:

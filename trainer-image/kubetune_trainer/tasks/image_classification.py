@@ -9,6 +9,8 @@ See docs/image-classification.md.
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,29 +85,44 @@ class ImageClassification(ClassificationTask):
         report.quality = self._checked[split][1] if split in self._checked else None
         report.classes, warnings = self.class_report(targets)
         report.warnings += warnings if split == "train" else []
-        if self.quality is not None and self.quality.policy.leakage != QualityAction.off:
-            self._image_copies(split, uri, [record.line for record, _ in rows], images, report)
+        if self.quality is not None:
+            self._check_images(split, uri, [record.line for record, _ in rows], images, targets, report)
         return report
 
-    def _image_copies(self, split: str, uri: str, lines: list[int], images: list[Path],
+    def _check_images(self, split: str, uri: str, lines: list[int], images: list[Path], targets: list[int],
                       report: DatasetReport) -> None:
-        """Validation and test images that train holds by their content, wherever each is stored: the same bytes,
-        or a perceptual hash a few bits away (quality/near.py ImageIndex). Train is indexed first (its images are
-        validated first); with leakage drop its copies leave the train examples and counts."""
+        """The data-quality checks that need the images themselves. Train (validated first): suspected label
+        errors from a small frozen feature (quality/labels.py: it sees color, brightness and layout, not what a
+        picture shows), and an index of its images by content. Validation and test: the images train holds by
+        content, wherever each is stored (the same bytes, or a perceptual hash a few bits away: quality/near.py
+        ImageIndex); with leakage drop their train copies leave the train examples and counts."""
+        from ..quality.checks import refuse
+        from ..quality.labels import FOUND, suspected_image_label_errors
         from ..quality.near import ImageIndex
 
+        policy = self.quality.policy
         if split == "train":
-            self._train = {"index": ImageIndex(), "uri": uri, "lines": lines, "report": report,
-                           "examples": self._validated[(split, uri)], "dropped": set()}
-            for i, image in enumerate(images):
-                self._train["index"].add(i, Path(image).read_bytes())
+            self._train = _TrainImages(uri, lines, images, self._validated[(split, uri)], report)
+            if policy.label_errors != QualityAction.off:
+                suspected = suspected_image_label_errors(images, [str(t) for t in targets],
+                                                         seed=self.config.hyperparameters.seed)
+                found = [lines[i] for i in suspected]
+                if report.quality is not None and "labels" in report.quality:
+                    report.quality["labels"]["suspected"] = {"count": len(found), "lines": found}
+                refuse(uri, policy, "label_errors", found, FOUND["label_errors"], "fix their labels")
+                if policy.label_errors == QualityAction.drop:
+                    self._drop_train(set(suspected))
+            if policy.leakage != QualityAction.off:
+                self._train.index = ImageIndex()
+                for i, image in enumerate(images):
+                    self._train.index.add(i, Path(image).read_bytes())
             return
         train = getattr(self, "_train", None)
-        if train is None or report.quality is None:
+        if train is None or train.index is None or report.quality is None:
             return
         hits, copies = {}, set()
         for line, image in zip(lines, images, strict=True):
-            exact, near = train["index"].query(Path(image).read_bytes())
+            exact, near = train.index.query(Path(image).read_bytes())
             if exact or near:
                 hits[line], copies = ("exact" if exact else "near"), copies | set(exact) | set(near)
         leak = report.quality.setdefault("leakage", {"exact": 0, "near": 0, "lines": []})
@@ -115,21 +132,27 @@ class ImageClassification(ClassificationTask):
         leak["exact"] += sum(how == "exact" for how in new.values())
         leak["near"] += sum(how == "near" for how in new.values())
         leak["lines"] = sorted({*leak["lines"], *new})
-        if self.quality.policy.leakage == QualityAction.fail:
-            listed = ", ".join(map(str, leak["lines"][:10])) + (", ..." if len(leak["lines"]) > 10 else "")
-            raise DatasetError(uri, leak["lines"][0], f"{len(leak['lines'])} images are also in the train split "
-                               f"(lines {listed})", "remove them, or set dataset.quality.leakage to drop or warn")
-        doc = train["report"].quality
-        copied = sorted({*doc.get("trainCopies", {}).get("lines", []), *(train["lines"][i] for i in copies)})
+        refuse(uri, policy, "leakage", leak["lines"], "images are also in the train split")
+        doc = train.report.quality
+        copied = sorted({*doc.get("trainCopies", {}).get("lines", []), *(train.lines[i] for i in copies)})
         doc["trainCopies"] = {"count": len(copied), "lines": copied}
-        if self.quality.policy.leakage == QualityAction.drop:
-            train["dropped"] |= copies
-            kept = [e for i, e in enumerate(train["examples"]) if i not in train["dropped"]]
-            self._validated[("train", train["uri"])] = kept
-            train["report"].samples = len(kept)
-            train["report"].classes = self.class_report([e.target for e in kept])[0]
-            lines = sorted({*doc["dropped"]["lines"], *(train["lines"][i] for i in train["dropped"])})
-            doc["dropped"].update(count=len(lines), lines=lines)
+        if policy.leakage == QualityAction.drop:
+            self._drop_train(copies)
+
+    def _drop_train(self, drop: set[int]) -> None:
+        """Train examples `drop` (indices into the validated ones) leave the examples and the counts, and join the
+        report's dropped lines with their image's fingerprint (the first 16 hex digits of its sha256)."""
+        train = self._train
+        train.dropped |= drop
+        kept = [e for i, e in enumerate(train.examples) if i not in train.dropped]
+        self._validated[("train", train.uri)] = kept
+        train.report.samples = len(kept)
+        train.report.classes = self.class_report([e.target for e in kept])[0]
+        dropped = train.report.quality["dropped"]
+        pairs = dict(zip(dropped["lines"], dropped["fingerprints"], strict=True))
+        pairs.update({train.lines[i]: hashlib.sha256(Path(train.images[i]).read_bytes()).hexdigest()[:16]
+                      for i in drop})
+        dropped.update(count=len(pairs), lines=sorted(pairs), fingerprints=[pairs[n] for n in sorted(pairs)])
 
     def examples(self, split: str, path: Path, uri: str, fmt: DataFormat) -> list[ClassExample]:
         """The split's images as (local path, target): those validate() checked, else located and fetched (not
@@ -276,3 +299,16 @@ def _split_fields(folders: list[str]) -> list[tuple[str, str]]:
     """(the dataset field, the folder) of each split folder, train first, then validation, then test."""
     fields = [(SPLIT_FOLDERS[name.lower()], name) for name in folders]
     return sorted(fields, key=lambda pair: ("train", "validation", "test").index(pair[0]))
+
+
+@dataclass
+class _TrainImages:
+    """The validated train split, as the evaluation splits' checks drop from it."""
+
+    uri: str
+    lines: list[int]
+    images: list[Path]
+    examples: list[ClassExample]  # as validated, before any drop
+    report: DatasetReport
+    index: Any = None  # quality.near.ImageIndex of its images, when leakage is checked
+    dropped: set[int] = field(default_factory=set)
