@@ -189,6 +189,28 @@ def test_an_outage_is_one_warning_and_the_updates_arrive_in_order(tmp_path):
     assert "answers again" in warnings[1]
 
 
+def test_retries_back_off_whatever_the_loop_logs(tmp_path):
+    """While the server is down, new updates wait their turn: the sender retries on its backoff, not at each
+    logging step."""
+    client, warnings = FakeClient(), []
+    client.failures = [MlflowException("Connection refused")] * 1000
+    t = tracker(tmp_path, client, warnings, backoff=(3600.0, 3600.0))
+    assert until(lambda: len(client.failures) == 999)  # the first attempt failed; the next is an hour away
+    for step in range(1, 101):
+        t.observe({**TRAIN, "step": step})
+    time.sleep(0.2)
+    assert len(client.failures) == 999 and t.sender.pending() == 101
+    assert len(warnings) == 1
+    t.finish("FAILED")  # one more try, then given up: the sender's thread ends
+    assert not t.sender._thread.is_alive()
+
+
+def test_parameters_are_flat_and_short():
+    params = tracking.flatten({"a": {"b": 1, "c": ["x", "y"]}, "d": "z" * 600})
+    assert params["a.b"] == "1" and params["a.c"] == "x,y"
+    assert len(params["d"]) == tracking.MAX_PARAM and params["d"].endswith("…")
+
+
 def test_an_update_the_server_refuses_is_dropped_with_a_warning(tmp_path):
     client, warnings = FakeClient(), []
     t = tracker(tmp_path, client, warnings)

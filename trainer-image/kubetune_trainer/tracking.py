@@ -65,6 +65,7 @@ class Sender:
         self._max = max_queue
         self._cond = threading.Condition()
         self._closing = False
+        self._closed = threading.Event()  # cuts a backoff short (a new update does not: that would retry at once)
         self._dropped_warned = False
         self._thread = threading.Thread(target=self._run, name="mlflow-tracking", daemon=True)
         self._thread.start()
@@ -86,6 +87,7 @@ class Sender:
         with self._cond:
             self._closing = True
             self._cond.notify()
+        self._closed.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
             self._warn(f"the server did not take the last updates within {timeout:g} s; "
@@ -120,7 +122,7 @@ class Sender:
                         n, self._queue = len(self._queue), deque()
                         self._warn(f"{n} updates not sent: the server is still unreachable")
                         return
-                    self._cond.wait(delay)  # close() cuts the wait short
+                self._closed.wait(delay)
                 delay = min(delay * 2, self._backoff[1])
                 continue
             self._pop(call)
