@@ -216,11 +216,13 @@ def test_an_update_the_server_refuses_is_dropped_with_a_warning(tmp_path):
     t = tracker(tmp_path, client, warnings)
     assert until(lambda: client.named("log_batch"))  # the run is open (its parameters logged)
     refusal = RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "metric name too long"})
-    client.failures = [refusal]
-    t.observe({**TRAIN, "step": 4})
-    t.observe({**TRAIN, "step": 8})
+    client.failures = [refusal, refusal]
+    for step in (4, 8, 12):
+        t.observe({**TRAIN, "step": step})
     t.finish("FINISHED")
-    assert any("refused" in w and "metric name too long" in w for w in warnings), warnings
+    assert [w for w in warnings if "refused" in w and "metric name too long" in w] == warnings, warnings
+    assert len(warnings) == 1  # told once
+    assert [next(iter(c[2].values()))[1] for c in client.named("log_batch")[1:]] == [12]
     assert client.calls[-1] == ("set_terminated", "r-1", "FINISHED")
 
 

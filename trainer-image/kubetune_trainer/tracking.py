@@ -12,7 +12,8 @@ What it logs, through MLflow's client (mlflow-skinny's `MlflowClient`):
 
 The server never fails or slows training: every call goes into a bounded queue that a daemon thread sends, in
 order, retrying with backoff. A full queue drops its oldest update (one warning); an outage is one warning, and
-one line when the server answers again; an update the server refuses (a 4xx answer) is dropped with a warning.
+one line when the server answers again; an update the server refuses (a 4xx answer) is dropped, with one warning
+per kind of refusal.
 The end waits for the queue at most FLUSH_SECONDS, and gives up at the first failure then.
 
 Credentials: MLflow's client reads MLFLOW_TRACKING_TOKEN (or MLFLOW_TRACKING_USERNAME and _PASSWORD) from the
@@ -67,6 +68,7 @@ class Sender:
         self._closing = False
         self._closed = threading.Event()  # cuts a backoff short (a new update does not: that would retry at once)
         self._dropped_warned = False
+        self._refusals: set[str] = set()  # each kind of refusal is told once (a wrong token refuses every update)
         self._thread = threading.Thread(target=self._run, name="mlflow-tracking", daemon=True)
         self._thread.start()
 
@@ -110,7 +112,9 @@ class Sender:
                 self._send(call)
             except Exception as e:  # noqa: BLE001 - whatever the server or the network does, training goes on
                 if is_refusal(e):  # the server answered no: retrying would not change its answer
-                    self._warn(f"the server refused an update, which is dropped ({describe(e)})")
+                    if describe(e) not in self._refusals:
+                        self._refusals.add(describe(e))
+                        self._warn(f"the server refused an update, which is dropped ({describe(e)})")
                     self._pop(call)
                     continue
                 if not outage:
