@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml testing/pyproject.toml trainer-image/constrai
 test-unit: venv ## The unit tests: no control plane, nothing slow (under 3 minutes), in random order
 	$(PYTEST) $(PARALLEL) -m "not cluster and not slow"
 
-test-fast: venv ## The tests your change touches (pytest-testmon) plus the unit tests: the inner loop
+test-fast: venv mlflow-server ## The tests your change touches (pytest-testmon) plus the unit tests: the inner loop
 	@# exit 5: testmon selected nothing (nothing changed since the last run)
 	$(PYTEST) -p no:randomly --testmon --testmon-forceselect -m "not cluster" -q || test $$? -eq 5
 	$(PYTEST) $(PARALLEL) -m "not cluster and not slow" -q
@@ -48,6 +48,6 @@ system-deps: ## Debian packages the tests need (prometheus, etcd fallback); need
 
 -include mk/*.mk
 
-test: venv system-deps control-plane kueue ## Everything: lint, unit, trainer, control-plane and end-to-end tests
+test: venv system-deps control-plane kueue mlflow-server ## Everything: lint, unit, trainer, control-plane and end-to-end tests
 	$(VENV)/bin/ruff check .
 	$(PYTEST) $(PARALLEL) --durations=25

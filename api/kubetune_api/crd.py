@@ -82,7 +82,7 @@ def immutable(field: str) -> str:
 # What determines what is trained cannot change (transition rules: they run on updates only). runPolicy and
 # validation stay mutable; `image` is optional, so its rule sits on spec to also see it added or removed.
 IMMUTABLE = ("task", "objective", "objectiveParams", "baseModel", "dataset", "method", "hyperparameters",
-             "evaluation", "checkpoint", "output", "storage", "resources", "scheduling")
+             "evaluation", "checkpoint", "output", "storage", "tracking", "resources", "scheduling")
 MUTABLE = ("runPolicy", "validation")
 IMAGE_UNCHANGED = {"rule": "has(self.image) == has(oldSelf.image) && (!has(self.image) || self.image == oldSelf.image)",
                    "message": immutable("image"), "fieldPath": ".image"}

@@ -31,6 +31,7 @@ LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 QUALIFIED_NAME = rf"^({DNS_SUBDOMAIN[1:-1]}/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 HTTP_URL = r"^https?://[^\s/?#]+([/?#]\S*)?$"
+HTTP_URL_NO_USERINFO = r"^https?://[^\s/?#@]+([/?#]\S*)?$"  # no user:password@ in the URL: credentials go in Secrets
 _COMPONENT = r"[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*"  # of a repository path: lowercase
 IMAGE_REFERENCE = (rf"^([a-z0-9][-a-z0-9.]*(:[0-9]+)?/)?{_COMPONENT}(/{_COMPONENT})*"
                    r"(:[A-Za-z0-9_][-A-Za-z0-9_.]{0,127})?(@sha256:[a-f0-9]{64})?$")
@@ -45,6 +46,11 @@ SYNTAX: dict[str, tuple[str, str]] = {  # field path under spec -> (pattern, mes
                                    "such as http://minio.minio:9000"),
     "storage.secretRef.name": (DNS_SUBDOMAIN, f"storage.secretRef.name must be {DNS_SUBDOMAIN_IS}, "
                                               "such as s3-credentials"),
+    "tracking.mlflow.uri": (HTTP_URL_NO_USERINFO, "tracking.mlflow.uri must be an http:// or https:// URL such "
+                                                  "as http://mlflow.mlflow:5000, without credentials in it (put "
+                                                  "them in the Secret of tracking.mlflow.secretRef)"),
+    "tracking.mlflow.secretRef.name": (DNS_SUBDOMAIN, f"tracking.mlflow.secretRef.name must be {DNS_SUBDOMAIN_IS}, "
+                                                      "such as mlflow-token"),
     "storage.serviceAccountName": (DNS_SUBDOMAIN, f"storage.serviceAccountName must be {DNS_SUBDOMAIN_IS}, "
                                                   "such as trainer"),
     "resources.gpuResourceName": (QUALIFIED_NAME, "resources.gpuResourceName must be a resource name such as "
@@ -442,6 +448,31 @@ class StorageSpec(StorageEndpoint):
         None, description="Workload identity (IRSA and the like) instead of a secret")
 
 
+class MlflowSecretRef(Model):
+    name: _checked("tracking.mlflow.secretRef.name", 253)
+
+
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+class MlflowSpec(Model):
+    """An MLflow tracking server that rank 0 logs the run to: parameters, metric history, model card and plots.
+    The server being down or slow never fails or slows the training (docs/run-record.md)."""
+
+    uri: _checked("tracking.mlflow.uri") = Field(
+        description="The tracking server's URL (http:// or https://), such as http://mlflow.mlflow:5000")
+    experiment: str = Field("kubetune", min_length=1, max_length=256,
+                            description="The experiment the run is logged in; created when missing")
+    secret_ref: MlflowSecretRef | None = Field(
+        None, description="Secret with the server's credentials, as MLflow's client reads them: "
+        "MLFLOW_TRACKING_TOKEN (a bearer token), or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (basic "
+        "auth); each key optional. Its author must be allowed to read it (get secrets)")
+
+
+class TrackingSpec(Model):
+    mlflow: MlflowSpec | None = Field(None, description="Log the run to an MLflow tracking server")
+
+
 class Toleration(Model):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
     key: str | None = Field(None, max_length=317)
@@ -516,6 +547,8 @@ class FineTuneJobSpec(Model):
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     output: OutputSpec
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec,
+                                   description="Experiment trackers the run also logs to (rank 0)")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     image: _checked("image", 512) | None = Field(None, description="Trainer image; the operator's default when unset")
     run_policy: RunPolicy = Field(default_factory=RunPolicy)

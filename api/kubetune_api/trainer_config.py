@@ -86,8 +86,10 @@ class TrainerConfig(FineTuneJobSpec):
         return self.dataset.cache_uri or join_uri(self.checkpoint_uri, "data-cache/")
 
     def dump(self) -> dict[str, Any]:
-        """The file's content: camelCase, unset optional fields and the OPERATOR_ONLY sections left out."""
-        return self.model_dump(by_alias=True, exclude_none=True, exclude=OPERATOR_ONLY, mode="json")
+        """The file's content: camelCase, unset optional fields, empty sections (`tracking: {}`: a trainer that
+        predates the section reads the file too) and the OPERATOR_ONLY sections left out."""
+        doc = self.model_dump(by_alias=True, exclude_none=True, exclude=OPERATOR_ONLY, mode="json")
+        return {key: value for key, value in doc.items() if value != {}}
 
     def to_yaml(self) -> str:
         doc = self.dump()

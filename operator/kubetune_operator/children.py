@@ -17,6 +17,7 @@ from kubetune_api import (
     DEFAULT_GPU_TFLOPS,
     EXIT_PEER_LOST,
     KIND,
+    MLFLOW_SECRET_KEYS,
     PERMANENT_EXIT_CODES,
     WORK_DIR,
     FineTuneJobSpec,
@@ -155,6 +156,20 @@ def _storage_env(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[dict
         env += [{"name": key,
                  "valueFrom": {"secretKeyRef": {"name": ref.name, "key": key, "optional": optional}}}
                 for key, optional in SECRET_KEYS]
+    return env
+
+
+def _tracking_env(spec: FineTuneJobSpec) -> list[dict]:
+    """With tracking.mlflow: the namespace (a tag of the MLflow run) and its Secret's keys, each optional, that
+    MLflow's client reads. Every worker gets them (one pod template); rank 0 alone logs."""
+    mlflow = spec.tracking.mlflow
+    if not mlflow:
+        return []
+    env = [{"name": "KUBETUNE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]
+    if mlflow.secret_ref:
+        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow.secret_ref.name, "key": key,
+                                                              "optional": True}}}
+                for key in MLFLOW_SECRET_KEYS]
     return env
 
 
@@ -303,6 +318,7 @@ def training_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) 
         {"name": "KUBETUNE_JOB", "value": name},
         {"name": "KUBETUNE_TERMINATION_GRACE_SECONDS", "value": str(run.termination_grace_period_seconds)},
         *_storage_env(spec, settings),
+        *_tracking_env(spec),
     ]
     if res.gpus_per_worker == 0 and res.workers > 1:  # torchrun sets these itself for GPU workers
         env += [{"name": "RANK", "value": "$(JOB_COMPLETION_INDEX)"}, {"name": "LOCAL_RANK", "value": "0"}]

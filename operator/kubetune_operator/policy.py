@@ -20,8 +20,9 @@ What "use" means for each object a job names (docs/security.md): the author coul
 * a PVC C (a `pvc://C/...` URI): `use persistentvolumeclaims` C (a verb for RBAC only, granted per claim), or
   create pods, in the job's namespace.
 * `scheduling.priorityClassName` P: `use priorityclasses.scheduling.k8s.io` P (cluster-wide).
-* `storage.secretRef` naming a Secret K other than the platform's default credentials: `get secrets` K in the
-  job's namespace (the pods would hold its keys, and could send them to any endpoint the job names).
+* a Secret K the job names (`storage.secretRef` other than the platform's default credentials, and
+  `tracking.mlflow.secretRef`): `get secrets` K in the job's namespace (the pods would hold its keys, and could
+  send them to any endpoint the job names).
 
 Where the platform's default credentials go: only to the platform's endpoint. A job that sets its own
 `storage.endpoint` (another than the chart's `storage.endpoint`) never gets the default Secret filled in, and may
@@ -92,8 +93,9 @@ GRACE = ("spec.runPolicy.terminationGracePeriodSeconds: a FineTuneJob may set a 
          "may create pods in the namespace")
 QUEUE = ("spec.scheduling.queueName: this platform runs every FineTuneJob through Kueue (policy.requireQueue); "
          "set scheduling.queueName to a LocalQueue of this namespace")
-SECRET = ("spec.storage.secretRef: you may not use this Secret: a FineTuneJob may name a Secret other than the "
-          "platform's default storage credentials only if its author may read it (get secrets) in the namespace")
+SECRET = ("spec: a secretRef (storage.secretRef, tracking.mlflow.secretRef) names a Secret you may not use: a "
+          "FineTuneJob may name a Secret other than the platform's default storage credentials only if its author "
+          "may read it (get secrets) in the namespace")
 ENDPOINT = ("spec.storage.endpoint: this storage endpoint is not allowed here; use one of the platform's "
             "(policy.allowedStorageEndpoints), or leave storage.endpoint unset for the platform's default")
 DEFAULT_CREDENTIALS_ENDPOINT = (
@@ -233,17 +235,20 @@ def violations(namespace: str, spec: FineTuneJobSpec, settings: Settings, author
     return out + scheduling_violations(spec, settings, author_checked)
 
 
-def own_secret(spec: FineTuneJobSpec, settings: Settings) -> str:
-    """The Secret the job names, unless it is the platform's default credentials ("": none)."""
+def own_secrets(spec: FineTuneJobSpec, settings: Settings) -> list[str]:
+    """The Secrets the job names whose use depends on its author, in the order of the admission policy's `secrets`:
+    storage.secretRef unless it is the platform's default credentials, and tracking.mlflow.secretRef."""
     named = spec.storage.secret_ref.name if spec.storage.secret_ref else ""
-    return "" if named == settings.credentials_secret else named
+    mlflow = spec.tracking.mlflow
+    tracking = mlflow.secret_ref.name if mlflow and mlflow.secret_ref else ""
+    return [s for s in ("" if named == settings.credentials_secret else named, tracking) if s]
 
 
 def _author_dependent(spec: FineTuneJobSpec, settings: Settings) -> list[tuple[object, str]]:
     """What the job names whose use depends on its author (empty values: nothing named), with each rule's
     message."""
     return [(spec.storage.service_account_name, SERVICE_ACCOUNT), (spec.pvc_claims(), CLAIM),
-            (spec.scheduling.priority_class_name, PRIORITY), (own_secret(spec, settings), SECRET)]
+            (spec.scheduling.priority_class_name, PRIORITY), (own_secrets(spec, settings), SECRET)]
 
 
 def author_checked(meta: dict, policy_since: str | None) -> bool:
@@ -336,6 +341,8 @@ VARIABLES = [
     ("defaultSecret", "params.data.?credentialsSecret.orValue('')"),
     ("credentialsNamespaces", "params.data.?credentialsNamespaces.orValue('').split(',')"),
     ("secretName", "object.spec.?storage.?secretRef.?name.orValue('')"),
+    ("secrets", "[variables.secretName == variables.defaultSecret ? '' : variables.secretName, "
+                "object.spec.?tracking.?mlflow.?secretRef.?name.orValue('')].filter(s, s != '')"),
     ("serviceAccount", "object.spec.?storage.?serviceAccountName.orValue('')"),
     ("podCreator", "authorizer.group('').resource('pods').namespace(request.namespace).check('create').allowed()"),
     ("uris", "[object.spec.baseModel.uri, object.spec.dataset.train, object.spec.output.uri, "
@@ -360,8 +367,8 @@ VALIDATIONS = [
     ("variables.defaultSecret == '' || !(variables.secretName == variables.defaultSecret || "
      "(variables.secretName == '' && variables.serviceAccount == '' && !variables.ownEndpoint)) || "
      "variables.credentialsNamespaces.exists(n, n == '*' || n == request.namespace)", CREDENTIALS),
-    ("variables.secretName == '' || variables.secretName == variables.defaultSecret || authorizer.group('')"
-     ".resource('secrets').namespace(request.namespace).name(variables.secretName).check('get').allowed()", SECRET),
+    ("variables.secrets.all(s, authorizer.group('').resource('secrets').namespace(request.namespace).name(s)"
+     ".check('get').allowed())", SECRET),
     ("!object.spec.?baseModel.?trustRemoteCode.orValue(false) || "
      "params.data.?allowTrustRemoteCode.orValue('false') == 'true'", REMOTE_CODE),
     ("variables.serviceAccount == '' || variables.podCreator || authorizer.group('').resource('serviceaccounts')"

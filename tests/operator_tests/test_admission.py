@@ -39,6 +39,7 @@ CHANGES = {  # one change to each field that determines what is trained, merged 
     "checkpoint": {"keep": 3},
     "output": {"uri": "s3://adapters/support-bot-v2/"},
     "storage": {"secretRef": {"name": "other-credentials"}},
+    "tracking": {"mlflow": {"uri": "http://mlflow.mlflow:5000", "secretRef": {"name": "mlflow-token"}}},
     "resources": {"workers": 2},
     "scheduling": {"queueName": "team-a"},
     "image": "ghcr.io/kubetune/trainer:0.2.0",
@@ -58,6 +59,8 @@ SAMPLES = {  # values at the edges of each syntax: the API server and pydantic m
     "resources.gpuResourceName": ["nvidia.com/gpu", "gpu", "amd.com/GPU_1", "Nvidia.com/gpu", "nvidia.com/", "a/b/c"],
     "storage.endpoint": ["http://minio:9000", "https://s3.example.com/base?x=1", "minio:9000", "ftp://x", "http://",
                          "http://a b"],
+    "tracking.mlflow.uri": ["http://mlflow:5000", "https://mlflow.example.com/base?x=1", "mlflow:5000",
+                            "https://alice:pw@mlflow.example.com", "http://token@mlflow", "ftp://x"],
     "image": ["trainer", "ghcr.io/kubetune/trainer:0.1.0", "localhost:5000/a/b__c:T_1", "x@sha256:" + "a" * 64,
               "ghcr.io/Kubetune/trainer", "Ghcr.io/x", "x:", "x@sha256:abc", "a//b", "a b"],
 }

@@ -114,6 +114,8 @@ def test_valid_examples_break_nothing(example):
     {"objective": "dpo", "objectiveParams": {"beta": 0.2, "loss": "ipo", "referenceFree": True}},
     {"objective": "orpo", "dataset": {"train": "s3://d/t.jsonl", "format": "openai-preference"}},
     {"output": {"uri": "s3://o/", "merged": True, "dtype": "fp16"}},
+    {"tracking": {"mlflow": {"uri": "https://mlflow.example.com:5000/base", "experiment": "support bots",
+                             "secretRef": {"name": "mlflow-token"}}}},
 ])
 def test_allowed_variants(spec):
     assert check(job(spec)) == []
@@ -137,6 +139,7 @@ CHANGES = {  # one change to each field that determines what is trained
     "checkpoint": {"checkpoint": {"keep": 5}},
     "output": {"output": {"uri": "s3://o/elsewhere/"}},
     "storage": {"storage": {"region": "eu-west-1"}},
+    "tracking": {"tracking": {"mlflow": {"uri": "http://mlflow.mlflow:5000"}}},  # added: its Secret was not checked
     "resources": {"resources": {"workers": 2}},
     "scheduling": {"scheduling": {"queueName": "team-b"}},
     "image": {"image": "ghcr.io/kubetune/trainer:0.2.0"},

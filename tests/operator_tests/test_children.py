@@ -122,6 +122,22 @@ def test_credentials_come_from_the_secret_as_env():
     assert e["AWS_SESSION_TOKEN"]["secretKeyRef"]["optional"] is True
 
 
+def test_mlflow_credentials_reach_the_trainer_as_optional_secret_env():
+    """tracking.mlflow.secretRef: its MLFLOW_* keys, each optional, and the namespace, in the training pods only;
+    no value inline, and no empty `tracking` section in the trainer's config file."""
+    meta, spec = build({"tracking": {"mlflow": {"uri": "http://mlflow:5000", "secretRef": {"name": "mlflow-token"}}}})
+    e = env(children.training_job(meta, spec, SETTINGS))
+    for key in ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        assert e[key] == {"secretKeyRef": {"name": "mlflow-token", "key": key, "optional": True}}
+    assert e["KUBETUNE_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert not {k for k in env(children.validation_job(meta, spec, SETTINGS)) if k.startswith("MLFLOW_")}
+    meta, spec = build({"tracking": {"mlflow": {"uri": "http://mlflow:5000"}}})
+    assert not {k for k in env(children.training_job(meta, spec, SETTINGS)) if k.startswith("MLFLOW_")}
+    meta, spec = build()
+    assert "KUBETUNE_NAMESPACE" not in env(children.training_job(meta, spec, SETTINGS))
+    assert "tracking" not in yaml.safe_load(children.config_map(meta, spec, SETTINGS)["data"]["trainer.yaml"])
+
+
 def test_service_account_replaces_the_secret_and_mounts_its_token():
     meta, spec = build({"storage": {"secretRef": None, "serviceAccountName": "trainer"}})
     pod = children.training_job(meta, spec, SETTINGS)["spec"]["template"]["spec"]

@@ -150,6 +150,44 @@ def test_the_operator_refuses_a_secret_it_cannot_check_the_author_for():
     assert violations("t", spec(storage={}), PLATFORM, author_checked=False) == []
 
 
+MLFLOW = "http://mlflow.mlflow:5000"
+
+
+def tracking(secret: str) -> dict:
+    return {"tracking": {"mlflow": {"uri": MLFLOW, "secretRef": {"name": secret}}}}
+
+
+def test_the_operator_refuses_a_tracking_secret_it_cannot_check_the_author_for():
+    """Attack: on a cluster without the admission policy, mallory names another team's Secret (or the platform's
+    storage credentials) in tracking.mlflow.secretRef; rank 0 would get its MLFLOW_* keys and send them to the
+    tracking server she names. Answer: the same rule as storage.secretRef, with no exemption for the platform's
+    Secret: without the policy the job fails PolicyDenied; with it, the API server has judged the author."""
+    for secret in ("finance-mlflow", PLATFORM_SECRET):
+        job = spec(**tracking(secret))
+        assert violations("t", job, PLATFORM, author_checked=False) == [policy.SECRET + policy.UNCHECKED], secret
+        assert violations("t", job, PLATFORM, author_checked=True) == []
+        assert policy.needs_admission_check({"spec": job}, PLATFORM)
+    both = spec(storage={"secretRef": {"name": "team-s3"}}, **tracking("finance-mlflow"))
+    assert policy.own_secrets(FineTuneJobSpec.model_validate(both), PLATFORM) == ["team-s3", "finance-mlflow"]
+    assert violations("t", spec(tracking={"mlflow": {"uri": MLFLOW}}), PLATFORM, author_checked=False) == []
+
+
+@pytest.mark.cluster
+def test_naming_a_tracking_secret_needs_get_on_it(control_plane, tenant_ns, admission):
+    """Attack: mallory names `finance-s3` (or the platform's storage Secret) as her MLflow credentials. Answer:
+    the API server refuses it with the Secret rule's message; granted `get` on exactly team-mlflow, she may name
+    it, still not finance-s3 beside it."""
+    ns = tenant_ns
+    for secret in ("finance-s3", PLATFORM_SECRET, "team-mlflow"):
+        out = create(control_plane, ns, spec(ns, **tracking(secret)))
+        assert refused_with(out, policy.SECRET), (secret, out.stderr)
+    grant_get_secret(control_plane, ns, "team-mlflow")
+    assert wait_for("mallory's grant to reach the authorizer", lambda: create(
+        control_plane, ns, spec(ns, **tracking("team-mlflow"))).returncode == 0, timeout=30)
+    out = create(control_plane, ns, spec(ns, storage={"secretRef": {"name": "team-mlflow"}}, **tracking("finance-s3")))
+    assert refused_with(out, policy.SECRET), out.stderr
+
+
 @pytest.mark.cluster
 def test_naming_a_secret_needs_get_on_it(control_plane, tenant_ns, admission):
     """Attack: mallory, who may create FineTuneJobs but not read Secrets, names `finance-s3` (or her own team's

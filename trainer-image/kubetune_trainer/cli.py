@@ -322,6 +322,9 @@ class ProgressReporter:
         elif kind == "data_cache_rebuilt":
             console.print(f"[yellow]data cache[/] {escape(event['uri'])} not used: {escape(event['problem'])}",
                           highlight=False, soft_wrap=True)
+        elif kind == "tracking":  # the MLflow server's trouble, never the run's (tracking.py)
+            console.print(f"[yellow]tracking[/] {escape(redact.redact(event['warning']))}", highlight=False,
+                          soft_wrap=True)
         elif kind in self.SHOWN:
             line = event_line(event)
             console.print(f"[cyan]{kind}[/]{escape(line.removeprefix(kind))}", highlight=False, soft_wrap=True)

@@ -59,8 +59,9 @@ class RunIdentity:
         spec_hash = _sha256({k: doc.get(k) for k in TRAINING_FIELDS})
         if config.run_id:
             return cls(config.run_id, spec_hash)
-        # The manifest, less where it runs (work dir, metrics port, storage endpoint) and output.overwrite.
-        local = {k: v for k, v in doc.items() if k not in ("workDir", "metrics", "runId", "storage")}
+        # The manifest, less where it runs (work dir, metrics port, storage endpoint), where it is tracked and
+        # output.overwrite.
+        local = {k: v for k, v in doc.items() if k not in ("workDir", "metrics", "runId", "storage", "tracking")}
         local["output"] = {k: v for k, v in local["output"].items() if k != "overwrite"}
         return cls("local-" + _sha256(local)[:32], spec_hash)
 

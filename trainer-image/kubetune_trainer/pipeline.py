@@ -30,6 +30,7 @@ from .redact import redact
 from .sharding import full_trainable_state, is_sharded
 from .storage import Storage
 from .tasks import GeneratesText, task_for
+from .tracking import tracked
 from .train import Reporter, StopSignal, collective_failures_are_peer_lost, train
 
 
@@ -40,6 +41,11 @@ def json_reporter(event: dict) -> None:
 
 def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storage | None = None) -> dict:
     """Train as configured and return the published manifest (or the existing one if already done)."""
+    with tracked(config, report) as report:  # rank 0 with spec.tracking.mlflow: every event to MLflow too
+        return _run(config, report, storage)
+
+
+def _run(config: TrainerConfig, report: Reporter, storage: Storage | None) -> dict:
     import torch
     from accelerate import Accelerator
 

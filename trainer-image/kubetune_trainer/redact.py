@@ -5,12 +5,14 @@ an error message can quote anything: a URL with its signature, an environment du
 `redact(text)` runs where text leaves the trainer (cli.fail and termination_log, the JSON event lines, the
 tracebacks of uncaught exceptions) and removes:
 
-* the values of AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN from the environment, and the keys
+* the values of AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, MLFLOW_TRACKING_TOKEN and
+  MLFLOW_TRACKING_PASSWORD from the environment, and the keys
   of the boto3 credentials the trainer's clients use (`watch`: a web identity's temporary keys are in no
   environment variable), as written, URL-encoded or JSON-escaped;
 * the signing parameters of presigned URLs and Authorization headers (X-Amz-Signature, X-Amz-Credential,
   X-Amz-Security-Token, Signature, Credential, AWSAccessKeyId, GCS's X-Goog-*, Azure's sig), AWS access key ids
-  (AKIA.../ASIA...), the password of a user:password@ URL, and the value after a credential variable's name.
+  (AKIA.../ASIA...), the password of a user:password@ URL, a Bearer or Basic Authorization value, and the value
+  after a credential variable's name.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import traceback
 from urllib.parse import quote
 
 MASK = "***"
-CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
+                  "MLFLOW_TRACKING_PASSWORD")
 MIN_SECRET_LENGTH = 4  # shorter values are placeholders; replacing them would garble every message
 
 _END = r"[^&\s\"'<>\\,;)}\]]+"  # a parameter's value ends at the next parameter, quote, separator or space
@@ -32,8 +35,9 @@ _PATTERNS = [
     re.compile(r"((?<![\w-])(?:X-Amz-(?:Signature|Credential|Security-Token)|X-Goog-(?:Signature|Credential)"
                r"|Signature|Credential|AWSAccessKeyId|sig)(?:=|%3D))" + _END, re.I),
     re.compile(r"((?<![\w-])x-amz-security-token[\"']?\s*:\s*[\"']?)" + _END, re.I),  # a header
-    re.compile(r"((?<![\w-])(?:AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|aws_secret_access_key|aws_session_token)"
-               r"[\"']?\s*[:=]\s*[\"']?)" + _END),
+    re.compile(r"((?<![\w-])(?:AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN|aws_secret_access_key|aws_session_token"
+               r"|MLFLOW_TRACKING_TOKEN|MLFLOW_TRACKING_PASSWORD)[\"']?\s*[:=]\s*[\"']?)" + _END),
+    re.compile(r"((?<![\w-])(?:Bearer|Basic)\s+)[A-Za-z0-9._~+/=-]{8,}"),  # an Authorization header's value
     re.compile(r"()\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
     re.compile(r"(://[^/@\s:]+:)[^/@\s]+(?=@)"),  # scheme://user:password@host
 ]
