@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kubetune_api import Select, Strategy, TrainerConfig, join_uri
 
+from . import checkpoint
 from .data import DatasetReport
 from .data.report import data_report
 from .evaluate import baseline_difference, evaluate
@@ -26,6 +27,7 @@ from .modeling import resolve_precision
 from .prepare import inputs_of, prepare
 from .publish import publish_output, save_output
 from .quality.report import compact
+from .record.history import HISTORY, History, checkpoint_entry, checkpoint_table
 from .redact import redact
 from .sharding import full_trainable_state, is_sharded
 from .storage import Storage
@@ -52,6 +54,10 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
     main = accelerator.is_main_process
     report = report if main else (lambda event: None)
     manifest_uri = join_uri(config.output.uri, "manifest.json")
+    work = Path(config.work_dir) / config.job_name
+    # The metric history (rank 0's metrics.jsonl): the train, validation, baseline and test events, as reported.
+    history = History(work / HISTORY if main else None, time.time)
+    report = history.observe(report)
 
     identity = RunIdentity.of(config)
     storage = storage.with_run(identity.uid)  # every object it uploads says which run made it
@@ -102,7 +108,8 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
     report({"event": "kernels", **getattr(model, "kubetune_choices", {})})
     # From here SIGTERM is noted, not fatal: the loop checkpoints and stops; after the loop, publishing goes on.
     with StopSignal().installed() as stop, collective_failures_are_peer_lost(accelerator):
-        model, state, plan = train(config, task, model, splits, accelerator, storage, metrics, report, inputs, stop)
+        model, state, plan = train(config, task, model, splits, accelerator, storage, metrics, report, inputs, stop,
+                                   history)
         best = state.best_validation if config.output.select == Select.best else None
         selected = best["step"] if best else state.step  # the step whose weights `model` has
 
@@ -137,10 +144,15 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
         if main:
             check_claim(storage, config, identity)  # the prefix is still this run's: nobody moved it meanwhile
             phase("uploading")
-            work = Path(config.work_dir) / config.job_name
             out = save_output(model, task, work / "output", weights)
             beat()
             merged = merge_output(task, out, beat)  # output.merged: the merged model under out/merged/
+            history.write(out / HISTORY)
+            validation = results.get("validation")
+            checkpoints = checkpoint_table(
+                state.checkpoints, checkpoint.complete_steps(storage, config.checkpoint_uri), selected,
+                checkpoint_entry(selected, config.output.uri, time.time(),
+                                 validation and {"step": selected, **validation}))
             last = state.history[-1] if state.history else {}
             manifest = publish_output(storage, out, config, identity, Manifest(
                 job=config.job_name,
@@ -170,6 +182,8 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
                 precision=precision,
                 merged=merged.get("merged"),
                 quality=quality_section,
+                checkpoints=checkpoints,
+                record={"metrics": HISTORY},
             ))
             phase("done")
             report({"event": "published", "uri": config.output.uri, "manifest": manifest_uri})
