@@ -25,8 +25,10 @@ from .merge import merge_output
 from .metrics import TrainerMetrics
 from .modeling import resolve_precision
 from .prepare import inputs_of, prepare
-from .publish import publish_output, save_output
+from .publish import base_model_name, publish_output, save_output
 from .quality.report import compact
+from .record.card import CardContext
+from .record.files import write_record
 from .record.history import HISTORY, History, checkpoint_entry, checkpoint_table
 from .redact import redact
 from .sharding import full_trainable_state, is_sharded
@@ -154,7 +156,7 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
                 checkpoint_entry(selected, config.output.uri, time.time(),
                                  validation and {"step": selected, **validation}))
             last = state.history[-1] if state.history else {}
-            manifest = publish_output(storage, out, config, identity, Manifest(
+            document = Manifest(
                 job=config.job_name,
                 run=identity.dump(),
                 task_fields=task.describe(),
@@ -183,8 +185,15 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
                 merged=merged.get("merged"),
                 quality=quality_section,
                 checkpoints=checkpoints,
-                record={"metrics": HISTORY},
-            ))
+            )
+            # The run record beside the model: the plots and the model card (README.md) that shows them.
+            gpus = accelerator.num_processes if accelerator.device.type == "cuda" else 0
+            document.record = write_record(out, document.dump(), history.records, CardContext(
+                base_model=base_model_name(config.base_model), output_uri=config.output.uri,
+                license=config.output.license, data_summary=data_doc.get("summary"),
+                quality_summary=(data_doc.get("quality") or {}).get("summary") or None, gpus=gpus,
+                gpu_name=torch.cuda.get_device_name(accelerator.device) if gpus else None))
+            manifest = publish_output(storage, out, config, identity, document)
             phase("done")
             report({"event": "published", "uri": config.output.uri, "manifest": manifest_uri})
     accelerator.wait_for_everyone()
