@@ -276,6 +276,7 @@ class FineTuneJobStatus(Model):
     gpu_accounted_at: str | None = None
     last_checkpoint: LastCheckpoint | None = None
     checkpoints: list[CheckpointStatus] | None = Field(
-        None, max_length=CHECKPOINTS_IN_STATUS, description="The newest checkpoints with their validation metrics, "
-        "from rank 0's report once the run succeeded; manifest.json lists every one (kubetune checkpoints)")
+        None, max_length=CHECKPOINTS_IN_STATUS, description="The newest checkpoints: while the run trains, each one "
+        "rank 0 uploads (its /metrics); once it succeeded, rank 0's list with the validation metrics at each step and "
+        "the published step. manifest.json lists every one (kubetune checkpoints)")
     result: Result | None = None

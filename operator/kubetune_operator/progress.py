@@ -265,5 +265,16 @@ def apply_metrics(status: dict, m: dict, checkpoint_uri: str, now: datetime) -> 
         status["lastHeartbeatTime"] = rfc3339(datetime.fromtimestamp(beat, UTC))
     stamp = m.get("last_checkpoint_timestamp_seconds")
     if stamp:
-        status["lastCheckpoint"] = {"time": rfc3339(datetime.fromtimestamp(stamp, UTC)),
-                                    "count": int(m.get("checkpoints_total", 0)), "uri": checkpoint_uri}
+        when = rfc3339(datetime.fromtimestamp(stamp, UTC))
+        status["lastCheckpoint"] = {"time": when, "count": int(m.get("checkpoints_total", 0)), "uri": checkpoint_uri}
+        if m.get("last_checkpoint_step"):
+            status["checkpoints"] = add_checkpoint(status.get("checkpoints"), int(m["last_checkpoint_step"]),
+                                                   checkpoint_uri, when)
+
+
+def add_checkpoint(checkpoints: list[dict] | None, step: int, prefix: str, when: str) -> list[dict]:
+    """status.checkpoints while the run trains: the newest checkpoint added (step, its folder, time; the validation
+    metrics come with rank 0's report at the end), the newest CHECKPOINTS_IN_STATUS kept, one entry per step."""
+    rows = [c for c in checkpoints or [] if c.get("step") != step]
+    rows.append({"step": step, "uri": f"{prefix.rstrip('/')}/step-{step:08d}/", "time": when})
+    return sorted(rows, key=lambda c: c["step"])[-CHECKPOINTS_IN_STATUS:]

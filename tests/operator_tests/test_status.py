@@ -169,6 +169,21 @@ def test_status_checkpoints_from_the_success_report():
     assert checkpoints_from_report({}) is None and checkpoints_from_report({"checkpoints": "x"}) is None
 
 
+def test_status_checkpoints_while_training_from_the_scrape():
+    """Each checkpoint rank 0 uploads joins status.checkpoints (its folder, its time), once, the newest five kept."""
+    m = TrainerMetrics("demo", "lora", "s3://models/tiny/")
+    status: dict = {}
+    for step in (4, 8, 8, 12, 16, 20, 24):
+        m.set(step=step, total_steps=40)
+        m.checkpoint_done(step)
+        apply_metrics(status, parse_trainer_metrics(generate_latest(m.registry).decode(), "demo"),
+                      "s3://out/x/checkpoints/", NOW)
+    assert [c["step"] for c in status["checkpoints"]] == [8, 12, 16, 20, 24]
+    assert status["checkpoints"][-1]["uri"] == "s3://out/x/checkpoints/step-00000024/"
+    assert status["checkpoints"][-1]["time"] == status["lastCheckpoint"]["time"]
+    FineTuneJobStatus.model_validate({"phase": "Running", "checkpoints": status["checkpoints"]})
+
+
 def test_many_validation_metrics_leave_the_checkpoints_their_headline():
     many = {f"metric_{i:03d}": i + 0.123456789 for i in range(60)}
     checkpoints = [{**_checkpoint(s), "validation": {**many, "accuracy": 0.5}} for s in (8, 16, 24, 32, 40)]

@@ -62,6 +62,7 @@ def test_metrics_endpoint_exports_the_run(trained):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'kubetune_trainer_step{finetunejob="support-lora"} 24.0' in text
     assert 'kubetune_trainer_phase{finetunejob="support-lora",phase="done"} 1.0' in text
+    assert 'kubetune_trainer_last_checkpoint_step{finetunejob="support-lora"} 16.0' in text  # every 8 steps
     for name in ("kubetune_trainer_tokens_trained_total", "kubetune_trainer_checkpoints_total",
                  "kubetune_trainer_test_loss", "kubetune_trainer_validation_loss",
                  "kubetune_trainer_tokens_per_second", "kubetune_trainer_eta_seconds"):

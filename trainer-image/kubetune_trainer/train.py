@@ -609,5 +609,5 @@ def _checkpoint(loop: Loop, t: Training) -> None:
         loop.report({"event": "checkpoints_not_pruned", "uris": left,
                      "reason": "their manifest does not name this run (another run's, or an unfinished upload)"})
     if metrics:
-        metrics.checkpoint_done()
+        metrics.checkpoint_done(state.step)
     loop.report({"event": "checkpoint", "step": state.step, "uri": uri})
