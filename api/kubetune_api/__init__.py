@@ -80,9 +80,11 @@ from .finetunejob import (
     task_problem,
 )
 from .status import (
+    CHECKPOINTS_IN_STATUS,
     CONDITION_TYPES,
     QUALITY_CLASSES,
     TERMINAL,
+    CheckpointStatus,
     ChildRef,
     Condition,
     DatasetQuality,
@@ -112,12 +114,14 @@ from .trainer_config import (
 )
 
 __all__ = [
-    "API_GROUP", "API_VERSION", "CLASSIFICATION_TASKS", "CONDITION_TYPES", "CONFIG_VERSION", "DEFAULT_GPU_TFLOPS",
+    "API_GROUP", "API_VERSION", "CHECKPOINTS_IN_STATUS", "CLASSIFICATION_TASKS", "CONDITION_TYPES",
+    "CONFIG_VERSION", "DEFAULT_GPU_TFLOPS",
     "DEFAULT_TRAINER_IMAGE", "FORMAT_FIELDS",
     "EXIT_CONFIG_INVALID", "EXIT_DATA_INVALID", "EXIT_OK", "EXIT_OUTPUT_IN_USE", "EXIT_PEER_LOST", "EXIT_RETRYABLE",
     "EXIT_UNEXPECTED", "KIND", "MLFLOW_SECRET_KEYS", "PERMANENT_EXIT_CODES", "PERMANENT_REASONS", "PREFERENCE_FORMATS",
     "PREFERENCE_OBJECTIVES", "QUALITY_CLASSES", "TASK_FORMATS", "TERMINAL", "WORK_DIR",
-    "AdapterDtype", "AttentionKernel", "BaseModelSpec", "CheckpointSpec", "ChildRef", "Condition", "DataFormat",
+    "AdapterDtype", "AttentionKernel", "BaseModelSpec", "CheckpointSpec", "CheckpointStatus", "ChildRef", "Condition",
+    "DataFormat",
     "DatasetQuality", "DatasetReport", "DatasetSpec", "DpoLoss", "EarlyStoppingSpec", "EvalMetric", "EvaluationSpec",
     "FineTuneJob", "FineTuneJobSpec", "FineTuneJobStatus", "GenerationSpec", "Hardware", "Hyperparameters",
     "LabelQuality", "LastCheckpoint", "LeakageCounts", "LoraSpec", "LossKernel", "MethodSpec", "MethodType",

@@ -423,6 +423,10 @@ class OutputSpec(Model):
                          "in (safetensors, config, tokenizer) under <uri>merged/, for servers that load whole models")
     dtype: OutputDtype | None = Field(None, description="The merged model's weights: bf16, fp16 or fp32; the base "
                                       "model's dtype (its config.json) when unset")
+    license: str | None = Field(None, max_length=64, pattern=r"^[a-z0-9][a-z0-9.+-]*$",
+                                description="The published model's license, as the model card (README.md) names it: "
+                                "a Hugging Face Hub license id such as apache-2.0, mit, llama3.1 or other; the base "
+                                "model's terms still apply")
 
 
 class SecretRef(Model):

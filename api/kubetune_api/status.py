@@ -103,6 +103,18 @@ class LastCheckpoint(Model):
     uri: str = Field(description="Checkpoint prefix; runs resume from its newest complete step-* folder")
 
 
+CHECKPOINTS_IN_STATUS = 5  # status.checkpoints keeps the newest ones; manifest.json lists them all
+
+
+class CheckpointStatus(Model):
+    step: int = Field(ge=0, description="The optimizer step it was taken at")
+    uri: str = Field(description="Its folder (the output's URI for the published step when it has no checkpoint)")
+    time: str | None = Field(None, description="RFC 3339 time it was written")
+    validation: dict[str, float] | None = Field(
+        None, description="The validation split's scalar metrics at that step (the newest evaluation up to it)")
+    published: bool | None = Field(None, description="The step output.select published")
+
+
 class ResultMetrics(Model):
     test: dict[str, float] | None = Field(None, description="The test split's scalar metrics on the fine-tuned model "
                                           "(loss, accuracy, f1, ...; every one is in manifest.json)")
@@ -263,4 +275,8 @@ class FineTuneJobStatus(Model):
     gpus_in_use: int | None = Field(None, description="GPUs of running workers since gpuAccountedAt")
     gpu_accounted_at: str | None = None
     last_checkpoint: LastCheckpoint | None = None
+    checkpoints: list[CheckpointStatus] | None = Field(
+        None, max_length=CHECKPOINTS_IN_STATUS, description="The newest checkpoints: while the run trains, each one "
+        "rank 0 uploads (its /metrics); once it succeeded, rank 0's list with the validation metrics at each step and "
+        "the published step. manifest.json lists every one (kubetune checkpoints)")
     result: Result | None = None

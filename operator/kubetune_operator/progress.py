@@ -8,7 +8,7 @@ import math
 import re
 from datetime import UTC, datetime
 
-from kubetune_api import QUALITY_CLASSES
+from kubetune_api import CHECKPOINTS_IN_STATUS, QUALITY_CLASSES
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic.alias_generators import to_camel
 
@@ -25,7 +25,8 @@ def human_duration(seconds: float) -> str:
 
 # -- the reports: the validation's (status.dataset), and rank 0's on success (status.result, progress) -----------
 
-CACHE_LOCATIONS = ("s3://", "pvc://", "/")  # where dataset.cacheUri may point (a local path: a mounted volume)
+URI_LIMIT = 2048
+STORAGE_LOCATIONS = ("s3://", "pvc://", "/")  # where dataset.cacheUri and a checkpoint may be (a local path: a volume)
 
 
 def _count(value) -> int | None:
@@ -46,13 +47,14 @@ def dataset_status(report: dict) -> dict:
     train, estimate, cache = part("splits").get("train"), part("estimate"), part("cache")
     train = train if isinstance(train, dict) else {}
     uri = cache.get("uri")
+    uri = uri if isinstance(uri, str) and uri.startswith(STORAGE_LOCATIONS) and len(uri) <= URI_LIMIT else None
     fields = {
         "samples": _count(train.get("samples")), "tokens": _count(train.get("tokens")),
         "trainedTokens": _count(train.get("trainedTokens")), "truncated": _count(train.get("truncated")),
         "sequences": _count(report.get("sequences")), "packingEfficiency": _number(report.get("packingEfficiency")),
         "plannedSteps": _count(report.get("plannedSteps")), "estimatedSeconds": _number(estimate.get("seconds")),
         "estimatedGPUHours": _number(estimate.get("gpuHours")),
-        "cacheUri": uri if isinstance(uri, str) and uri.startswith(CACHE_LOCATIONS) and len(uri) <= 2048 else None,
+        "cacheUri": uri,
         "quality": dataset_quality(report.get("quality")),
     }
     return {k: v for k, v in fields.items() if v is not None}
@@ -151,6 +153,26 @@ def result_from_pods(pods: list[dict], container: str, output_uri: str) -> dict:
     return res
 
 
+TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?(Z|[+-]\d\d:\d\d)")
+
+
+def checkpoints_from_report(report: dict) -> list[dict] | None:
+    """status.checkpoints from rank 0's success report (kubetune_api.CheckpointStatus): the newest ones, each
+    field only when it is of its type (a malformed entry is dropped, never an error); None when there are none."""
+    entries = report.get("checkpoints") if isinstance(report.get("checkpoints"), list) else []
+    rows = []
+    for entry in entries[-CHECKPOINTS_IN_STATUS:]:
+        entry = entry if isinstance(entry, dict) else {}
+        step, uri, when = _count(entry.get("step")), entry.get("uri"), entry.get("time")
+        if step is None or not isinstance(uri, str) or not uri.startswith(STORAGE_LOCATIONS) or len(uri) > URI_LIMIT:
+            continue
+        row = {"step": step, "uri": uri, "time": when if isinstance(when, str) and TIME.fullmatch(when) else None,
+               "validation": _scalars(entry.get("validation")) or None,
+               "published": True if entry.get("published") is True else None}
+        rows.append({k: v for k, v in row.items() if v is not None})
+    return rows or None
+
+
 def _scalars(values) -> dict[str, float]:
     """The finite numbers of a reported split (the status schema takes numbers only, and JSON no NaN)."""
     if not isinstance(values, dict):
@@ -243,5 +265,16 @@ def apply_metrics(status: dict, m: dict, checkpoint_uri: str, now: datetime) -> 
         status["lastHeartbeatTime"] = rfc3339(datetime.fromtimestamp(beat, UTC))
     stamp = m.get("last_checkpoint_timestamp_seconds")
     if stamp:
-        status["lastCheckpoint"] = {"time": rfc3339(datetime.fromtimestamp(stamp, UTC)),
-                                    "count": int(m.get("checkpoints_total", 0)), "uri": checkpoint_uri}
+        when = rfc3339(datetime.fromtimestamp(stamp, UTC))
+        status["lastCheckpoint"] = {"time": when, "count": int(m.get("checkpoints_total", 0)), "uri": checkpoint_uri}
+        if m.get("last_checkpoint_step"):
+            status["checkpoints"] = add_checkpoint(status.get("checkpoints"), int(m["last_checkpoint_step"]),
+                                                   checkpoint_uri, when)
+
+
+def add_checkpoint(checkpoints: list[dict] | None, step: int, prefix: str, when: str) -> list[dict]:
+    """status.checkpoints while the run trains: the newest checkpoint added (step, its folder, time; the validation
+    metrics come with rank 0's report at the end), the newest CHECKPOINTS_IN_STATUS kept, one entry per step."""
+    rows = [c for c in checkpoints or [] if c.get("step") != step]
+    rows.append({"step": step, "uri": f"{prefix.rstrip('/')}/step-{step:08d}/", "time": when})
+    return sorted(rows, key=lambda c: c["step"])[-CHECKPOINTS_IN_STATUS:]

@@ -41,7 +41,14 @@ from .observe import (
     terminations,
     validation_report,
 )
-from .progress import apply_metrics, dataset_status, final_progress, quality_message, result_from_pods
+from .progress import (
+    apply_metrics,
+    checkpoints_from_report,
+    dataset_status,
+    final_progress,
+    quality_message,
+    result_from_pods,
+)
 from .settings import OperatorSettings
 
 GPU_ACCOUNTING_SECONDS = 30  # gpuSeconds is brought up to date at most this often while running
@@ -532,7 +539,11 @@ def _waiting(workload: dict | None, status: dict) -> tuple[str, str]:
 
 def _succeed(d: Decision, pods: list[dict], output_uri: str) -> None:
     d.status["result"] = result_from_pods(pods, children.TRAINER_CONTAINER, output_uri)
-    final_progress(d.status, success_report(pods, children.TRAINER_CONTAINER))
+    report = success_report(pods, children.TRAINER_CONTAINER)
+    final_progress(d.status, report)
+    checkpoints = checkpoints_from_report(report)
+    if checkpoints:
+        d.status["checkpoints"] = checkpoints
     d.finish(Phase.Succeeded, Reason.Completed, f"published to {output_uri}")
 
 

@@ -20,6 +20,7 @@ import yaml
 from kubetune_api import StorageEndpoint
 from kubetune_dev.s3server import FAKE_CREDENTIALS
 from kubetune_trainer import checkpoint
+from kubetune_trainer.record.history import HISTORY, read_records
 from kubetune_trainer.storage import Storage
 
 from tests.datafixtures import tiny_tokenizer
@@ -464,12 +465,16 @@ REAL_IMAGE = "ghcr.io/kubetune/trainer:local"
 
 @pytest.fixture
 def real_trainer(node_agent):
-    """The trainer image's entrypoint, `kubetune launch` (accelerate launch), from this repo's .venv."""
+    """The trainer image's entrypoint, `kubetune launch` (accelerate launch), from this repo's .venv, with this
+    checkout's PYTHONPATH (the .venv's editable installs may point at another checkout)."""
+    import os
+
     from kubetune_dev.cluster.agent_pod import ImageRule
 
     venv_bin = Path(sys.executable).parent
     rule = ImageRule(match=REAL_IMAGE, path=[str(venv_bin)], working_dir=str(ROOT),
-                     entrypoint=[str(venv_bin / "kubetune"), "launch"])
+                     entrypoint=[str(venv_bin / "kubetune"), "launch"],
+                     env={k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ})
     node_agent.image_rules.insert(0, rule)
     yield REAL_IMAGE
     node_agent.image_rules.remove(rule)
@@ -530,7 +535,7 @@ def trainer_events(log: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_checkpoint(control_plane, node_agent, namespace, operator, tiny_model,
-                                                     real_trainer, proxy):
+                                                     real_trainer, proxy, tmp_path):
     """Delete the worker pod mid-run: the Job's replacement resumes from the newest complete checkpoint and the
     run ends with one loss curve. The trainer talks to S3 through a proxy that holds the second checkpoint's
     manifest upload, so the kill lands between two checkpoints however fast the machine is."""
@@ -565,6 +570,12 @@ def test_a_killed_worker_resumes_from_the_checkpoint(control_plane, node_agent, 
     before = [e for e in trainer_events(node_agent.logs(namespace, first)) if e["event"] == "train"]
     assert [e["step"] for e in before] == [1, 2, 3, 4]
     assert manifest["history"][:2] == before[:2], "steps 1-2 in the manifest are the killed pod's"
+    # The run record (issue 31): metrics.jsonl has every step once over both pods; status.checkpoints the newest.
+    records = read_records(storage.download_to(tiny_model["output"] + HISTORY, tmp_path / HISTORY))
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 13))
+    assert len({(r["kind"], r["step"]) for r in records}) == len(records)
+    assert [c["step"] for c in status["checkpoints"]] == [4, 6, 8, 10, 12]
+    assert status["checkpoints"][-1]["published"] and status["checkpoints"][-1]["uri"] == tiny_model["output"]
 
     [second] = [p["metadata"]["name"] for p in training_job_pods(control_plane, namespace, "killed")]
     events = trainer_events(kubectl(control_plane, "logs", "-n", namespace, second).stdout)
@@ -617,6 +628,10 @@ def assert_result_in_status(cp, namespace: str, name: str, task: str, storage: S
     assert manifest["metrics"]["test"]["accuracy"] == pytest.approx(test["accuracy"], rel=1e-5)
     assert manifest["metrics"]["baseline"]["test"]["accuracy"] == pytest.approx(baseline["accuracy"], rel=1e-5)
     assert result["selectedStep"] == manifest["selected"]["step"]
+    # The run record (issue 31): the card, the history and the plots, listed; the published step in the status.
+    files = {f["path"] for f in manifest["files"]}
+    assert {"README.md", HISTORY, "plots/loss.png", "plots/confusion.png", "plots/before-after.png"} <= files
+    assert [c["step"] for c in status["checkpoints"] if c.get("published")] == [result["selectedStep"]]
     table = kubectl(cp, "get", "ftj", "-n", namespace, name).stdout
     assert "RESULT" in table.splitlines()[0] and result["summary"] in table
     return manifest

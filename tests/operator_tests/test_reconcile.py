@@ -301,11 +301,14 @@ def test_success_reports_the_final_step_not_the_last_scrape():
     body = validated(ftj(), phase="Running", progress=stale)
     observed, tj = training_observed(body, finished="Complete")
     body["status"]["tokensTrained"] = 900  # the resumed pod's counter: only the tokens since the resume
-    report = '{"manifestSha256": "ab12", "steps": 60, "totalSteps": 60, "tokensTrained": 1800}'
+    report = ('{"manifestSha256": "ab12", "steps": 60, "totalSteps": 60, "tokensTrained": 1800, "checkpoints": '
+              '[{"step": 60, "uri": "s3://out/x/", "validation": {"loss": 0.5}, "published": true}]}')
     observed.training_pods = [pod(tj, 0, phase="Succeeded", exit_code=0, message=report)]
     d = run(body, observed)
     assert d.phase == "Succeeded"
     assert d.status["tokensTrained"] == 1800
+    assert d.status["checkpoints"] == [{"step": 60, "uri": "s3://out/x/", "validation": {"loss": 0.5},
+                                        "published": True}]
     assert d.status["progress"] == {"step": 60, "totalSteps": 60, "epoch": 1.5, "percent": 100.0,
                                     "text": "60/60 (100%)"}
 

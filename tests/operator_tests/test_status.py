@@ -10,6 +10,7 @@ from kubetune_operator.conditions import set_condition
 from kubetune_operator.observe import PERMANENT, charged, explain_failure, failure_reason, peer_lost
 from kubetune_operator.progress import (
     apply_metrics,
+    checkpoints_from_report,
     human_duration,
     parse_trainer_metrics,
     result_from_pods,
@@ -144,6 +145,51 @@ def test_result_from_the_trainers_own_success_report():
         "summary": "accuracy 0.912 (base 0.334)",
     }
     FineTuneJobStatus.model_validate({"phase": "Succeeded", "result": res})  # fits the CRD's status schema
+
+
+def _checkpoint(step: int, **extra) -> dict:
+    return {"step": step, "uri": f"s3://out/x/checkpoints/step-{step:08d}/", "time": "2026-12-06T15:00:00.000Z",
+            "validation": {"loss": 1.0 / step, "accuracy": 0.5, "per_class": {"a": {"f1": 1}}}, "kept": False, **extra}
+
+
+def test_status_checkpoints_from_the_success_report():
+    """The manifest's checkpoints -> rank 0's report -> status.checkpoints: the newest five, with their validation
+    scalars and the published step marked; a malformed entry is dropped, never an error."""
+    checkpoints = [_checkpoint(s) for s in range(8, 64, 8)] + [_checkpoint(64, uri="s3://out/x/", published=True)]
+    report = json.loads(success_message({**CLASSIFIER_MANIFEST, "checkpoints": checkpoints}, "s3://out/x/m", "ab" * 32))
+    rows = checkpoints_from_report(report)
+    assert [r["step"] for r in rows] == [32, 40, 48, 56, 64]
+    assert rows[0] == {"step": 32, "uri": "s3://out/x/checkpoints/step-00000032/", "time": "2026-12-06T15:00:00.000Z",
+                       "validation": {"loss": 0.03125, "accuracy": 0.5}}
+    assert rows[-1]["published"] is True and rows[-1]["uri"] == "s3://out/x/"
+    FineTuneJobStatus.model_validate({"phase": "Succeeded", "checkpoints": rows})  # fits the CRD's status schema
+    hostile = {"checkpoints": [{"step": "3", "uri": "s3://a/"}, {"step": 4, "uri": "http://evil/"}, 7,
+                               {"step": 5, "uri": "s3://a/", "time": "yesterday", "validation": [1], "published": 1}]}
+    assert checkpoints_from_report(hostile) == [{"step": 5, "uri": "s3://a/"}]
+    assert checkpoints_from_report({}) is None and checkpoints_from_report({"checkpoints": "x"}) is None
+
+
+def test_status_checkpoints_while_training_from_the_scrape():
+    """Each checkpoint rank 0 uploads joins status.checkpoints (its folder, its time), once, the newest five kept."""
+    m = TrainerMetrics("demo", "lora", "s3://models/tiny/")
+    status: dict = {}
+    for step in (4, 8, 8, 12, 16, 20, 24):
+        m.set(step=step, total_steps=40)
+        m.checkpoint_done(step)
+        apply_metrics(status, parse_trainer_metrics(generate_latest(m.registry).decode(), "demo"),
+                      "s3://out/x/checkpoints/", NOW)
+    assert [c["step"] for c in status["checkpoints"]] == [8, 12, 16, 20, 24]
+    assert status["checkpoints"][-1]["uri"] == "s3://out/x/checkpoints/step-00000024/"
+    assert status["checkpoints"][-1]["time"] == status["lastCheckpoint"]["time"]
+    FineTuneJobStatus.model_validate({"phase": "Running", "checkpoints": status["checkpoints"]})
+
+
+def test_many_validation_metrics_leave_the_checkpoints_their_headline():
+    many = {f"metric_{i:03d}": i + 0.123456789 for i in range(60)}
+    checkpoints = [{**_checkpoint(s), "validation": {**many, "accuracy": 0.5}} for s in (8, 16, 24, 32, 40)]
+    report = success_message({**CLASSIFIER_MANIFEST, "checkpoints": checkpoints}, "s3://out/x/m", "ab" * 32)
+    assert len(report.encode()) <= 4096
+    assert [r["validation"] for r in checkpoints_from_report(json.loads(report))] == [{"accuracy": 0.5}] * 5
 
 
 def test_result_of_a_causal_lm_without_a_baseline_and_of_an_older_trainer():

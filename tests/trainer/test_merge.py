@@ -100,8 +100,11 @@ def test_run_publishes_the_merged_model_with_the_adapter(published, base):
     assert manifest["merged"] == {"path": "merged/", "dtype": "fp32"}
     files = {f["path"]: f for f in manifest["files"]}
     for name in ("adapter_config.json", "adapter_model.safetensors", "merged/config.json", "merged/model.safetensors",
-                 "merged/generation_config.json", "merged/tokenizer.json", "merged/tokenizer_config.json"):
+                 "merged/generation_config.json", "merged/tokenizer.json", "merged/tokenizer_config.json",
+                 "README.md", "merged/README.md"):  # the adapter's model card, and the merged model's own
         assert files[name]["size"] > 0 and len(files[name]["sha256"]) == 64, name
+    assert manifest["record"]["mergedCard"] == "merged/README.md"
+    assert "library_name: transformers" in (dest / "merged/README.md").read_text()
     assert json.loads((dest / "merged/config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     assert (dest / "merged/generation_config.json").read_text() == (base / "generation_config.json").read_text()
 

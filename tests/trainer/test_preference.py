@@ -63,6 +63,7 @@ def test_dpo_learns_to_prefer_the_chosen_answers(dpo):
     assert manifest["history"] == logged
     validations = [e for e in events if e["event"] == "validation"]
     assert validations and all("rewards_accuracy" in e for e in validations)
+    assert manifest["record"]["plots"]["Preference rewards"] == "plots/preference.png"  # the run record's plot
 
 
 def test_dpo_packs_whole_pairs(dpo):

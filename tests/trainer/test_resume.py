@@ -20,6 +20,7 @@ from kubetune_trainer import checkpoint
 from kubetune_trainer.errors import ConfigError, OutputInUseError
 from kubetune_trainer.identity import RunIdentity
 from kubetune_trainer.pipeline import run
+from kubetune_trainer.record.history import HISTORY, read_records
 from kubetune_trainer.storage import Storage, publish
 
 pytestmark = pytest.mark.slow
@@ -106,6 +107,13 @@ def test_sigterm_at_a_random_step_checkpoints_there_and_the_resumed_run_ends_lik
     for step in range(stopped["step"] + 1, 13):
         assert got[step][0] == pytest.approx(want[step][0], abs=1e-5), step
     assert manifest["metrics"]["test"]["loss"] == pytest.approx(expected["metrics"]["test"]["loss"], abs=1e-5)
+    # metrics.jsonl (issue 31): one history over both starts, every step once, listed with its sha256.
+    records = read_records(storage.download_to(config.output.uri + HISTORY, tmp_path / HISTORY))
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 13))
+    assert [r["kind"] for r in records][-1] == "test" and len({(r["kind"], r["step"]) for r in records}) == len(records)
+    assert any(f["path"] == HISTORY and f["sha256"] for f in manifest["files"])
+    assert [c["step"] for c in manifest["checkpoints"] if c["kept"]][-1] == 12
+    assert stopped["step"] in [c["step"] for c in manifest["checkpoints"]]
 
 
 @pytest.fixture(scope="module")

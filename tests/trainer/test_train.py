@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,11 @@ def test_tiny_model_trains_and_loss_falls(trained, storage):
     assert set(manifest["datasets"]) == {"train", "validation", "test"}
     names = {f["path"] for f in manifest["files"]}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= names
+    # The run record (issue 31): the metric history, the model card and the plots it links, each with its sha256.
+    assert manifest["record"]["plots"]["Loss"] == "plots/loss.png"
+    assert {"metrics.jsonl", "README.md", *manifest["record"]["plots"].values()} <= names
+    card = storage.download_to(config.output.uri + "README.md", Path(config.work_dir) / "card.md").read_text()
+    assert card.startswith("---\nbase_model:") and "library_name: peft" in card and "](plots/loss.png)" in card
     # Checkpoints every 8 steps, the newest `keep` kept; the final step has no checkpoint (the adapter is final).
     assert checkpoint.complete_steps(storage, config.checkpoint_uri) == [16, 8]
 
@@ -56,6 +62,7 @@ def test_metrics_endpoint_exports_the_run(trained):
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'kubetune_trainer_step{finetunejob="support-lora"} 24.0' in text
     assert 'kubetune_trainer_phase{finetunejob="support-lora",phase="done"} 1.0' in text
+    assert 'kubetune_trainer_last_checkpoint_step{finetunejob="support-lora"} 16.0' in text  # every 8 steps
     for name in ("kubetune_trainer_tokens_trained_total", "kubetune_trainer_checkpoints_total",
                  "kubetune_trainer_test_loss", "kubetune_trainer_validation_loss",
                  "kubetune_trainer_tokens_per_second", "kubetune_trainer_eta_seconds"):

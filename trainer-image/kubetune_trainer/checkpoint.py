@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from .errors import OutputInUseError, TransientError
 from .identity import RunIdentity
 from .layout import BEST_DIR, STEP, STEP_DIR
+from .record.history import HISTORY, read_records
 from .storage import MANIFEST, Storage, publish, read_published
 
 
@@ -42,6 +43,7 @@ class TrainState:
     baseline: dict | None = None  # {"test": metrics} of the model before training (evaluation.baseline)
     train_time_seconds: float = 0.0
     history: list[dict] = field(default_factory=list)  # one entry per logging step
+    checkpoints: list[dict] = field(default_factory=list)  # {"step", "uri", "time", "validation"} per checkpoint
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class Restored:
     state: TrainState
     rng: list[dict]  # per rank, as saved
     fingerprint: dict
+    history: list[dict] = field(default_factory=list)  # its metrics.jsonl's records (record/history.py)
 
 
 def step_uri(prefix: str, step: int) -> str:
@@ -168,13 +171,15 @@ def restore_latest(storage: Storage, prefix: str, dest: Path, run: RunIdentity,
         try:
             read_published(storage, uri, target)
             weights, optimizer, scheduler, state, rng = load(target)
+            history = read_records(target / HISTORY)
         except TransientError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever a corrupt file raises, the previous checkpoint is tried
             warn({"event": "checkpoint_unusable", "uri": uri, "error": str(e)[:500],
                   "action": "trying the previous checkpoint"})
             continue
-        return Restored(uri, weights, optimizer, scheduler, state, rng, manifest.get("fingerprint") or {})
+        return Restored(uri, weights, optimizer, scheduler, state, rng, manifest.get("fingerprint") or {},
+                        history)
     return None
 
 

@@ -4,6 +4,7 @@
     kubetune train --config trainer.yaml      what each process of `accelerate launch` runs
     kubetune launch ACCELERATE_ARGS...        the pod's entrypoint: `accelerate launch`, exit codes kept
     kubetune run finetunejob.yaml             a FineTuneJob manifest, trained on this machine
+    kubetune checkpoints JOB|OUTPUT_URI       a run's checkpoints with their validation metrics, as a table
 """
 
 from __future__ import annotations
@@ -11,17 +12,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import subprocess
 import sys
 from numbers import Real
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from kubetune_api import EXIT_UNEXPECTED
+from kubetune_api import CHECKPOINTS_IN_STATUS, EXIT_UNEXPECTED
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from . import redact
 from .configfile import load_config
@@ -194,12 +197,25 @@ def success_message(manifest: dict, manifest_uri: str, manifest_sha256: str) -> 
     found = {"test": _scalars(metrics.get("test")), "baseline": _scalars((metrics.get("baseline") or {}).get("test"))}
     found = {model: values for model, values in found.items() if values}
     headlines = {model: {k: v for k, v in values.items() if k == headline} for model, values in found.items()}
+    headlines = {m: v for m, v in headlines.items() if v}
+    newest = (manifest.get("checkpoints") or [])[-CHECKPOINTS_IN_STATUS:]
     text = ""
-    for candidate in (found, {m: v for m, v in headlines.items() if v}, {}):
-        text = json.dumps({**doc, "metrics": candidate} if candidate else doc, allow_nan=False)
+    for candidate, keep in ((found, None), (headlines, None), (headlines, {headline}), (headlines, set()), ({}, set())):
+        checkpoints = [_status_checkpoint(c, keep) for c in newest]
+        extra = {**({"metrics": candidate} if candidate else {}), **({"checkpoints": checkpoints} if newest else {})}
+        text = json.dumps({**doc, **extra}, allow_nan=False)
         if len(text.encode()) <= TERMINATION_LIMIT:
             break
     return text
+
+
+def _status_checkpoint(entry: dict, metrics: set[str] | None) -> dict:
+    """A manifest checkpoint as status.checkpoints has it (kubetune_api.CheckpointStatus): its validation's scalars,
+    only those named in `metrics` when given."""
+    validation = {k: v for k, v in _scalars(entry.get("validation")).items() if metrics is None or k in metrics}
+    row = {"step": entry.get("step"), "uri": entry.get("uri"), "time": entry.get("time"),
+           "validation": validation or None, "published": entry.get("published")}
+    return {k: v for k, v in row.items() if v is not None}
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
@@ -364,6 +380,69 @@ def run_local(
     verb = "already published" if reporter.already_published else "published"
     out.print(f"[green]{verb}[/] {escape(config.output.uri)} ({outcome(manifest_doc)})", soft_wrap=True,
               highlight=False)  # one line, for grep
+
+
+@app.command("checkpoints")
+def checkpoints_command(
+    target: Annotated[str, typer.Argument(help="A FineTuneJob's name (read with kubectl), or an output URI or its "
+                                          "manifest.json (s3://bucket/prefix/, a local folder)")],
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="The FineTuneJob's namespace")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="S3-compatible endpoint URL (AWS when unset)")] = None,
+) -> None:
+    """A run's checkpoints: step, time, validation metrics at that step, and where they are; the published step is
+    marked. An output URI lists every one (its manifest.json); a job's name, the newest (status.checkpoints)."""
+    try:
+        rows, source = checkpoints_of(target, namespace, endpoint)
+    except Exception as e:  # noqa: BLE001
+        fail(e)
+    out.print(checkpoints_table(rows, source))
+
+
+def checkpoints_of(target: str, namespace: str | None, endpoint: str | None) -> tuple[list[dict], str]:
+    """(the checkpoints, where they were read): from the manifest at an output URI, or the FineTuneJob's status."""
+    from kubetune_api import StorageEndpoint, join_uri
+
+    from .storage import Storage
+
+    if "://" in target or target.startswith((".", "/")) or Path(target).exists():
+        uri = target if target.endswith(".json") else join_uri(target, "manifest.json")
+        manifest = Storage(StorageEndpoint(endpoint=endpoint)).get_json(uri)
+        if manifest is None:
+            raise ConfigError(f"{uri}: no manifest.json there; give the output.uri of a run that was published")
+        return manifest.get("checkpoints") or [], uri
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise ConfigError("kubectl is not on the PATH: install it to read a FineTuneJob, or give its output URI")
+    command = [kubectl, "get", "finetunejob", target, "-o", "json", *(["-n", namespace] if namespace else [])]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        problem = (done.stderr.strip().splitlines() or ["kubectl failed"])[-1]
+        raise ConfigError(f"FineTuneJob {target}: {problem}")
+    status = json.loads(done.stdout).get("status") or {}
+    if not status.get("checkpoints"):
+        result = (status.get("result") or {}).get("adapterUri")
+        hint = f"; every one is in the manifest: kubetune checkpoints {result}" if result else \
+            "; they are listed once it succeeded"
+        raise ConfigError(f"FineTuneJob {target} has no checkpoints in its status (phase {status.get('phase')})"
+                          + hint)
+    return status["checkpoints"], f"FineTuneJob {target}"
+
+
+def checkpoints_table(rows: list[dict], source: str) -> Table:
+    """The checkpoints for people: one row each, the validation metrics as columns, the published one marked."""
+    metrics = list(dict.fromkeys(k for r in rows for k, v in (r.get("validation") or {}).items() if _is_number(v)))
+    table = Table("step", Column("time (UTC)", no_wrap=True), *metrics, "", Column("uri", overflow="fold"),
+                  title=escape(f"checkpoints of {source}"),
+                  caption="the metrics: the validation split's at each step")
+    for r in rows:
+        validation = r.get("validation") or {}
+        note = "published" if r.get("published") else "pruned" if r.get("kept") is False else ""
+        when = str(r.get("time") or "").replace("T", " ")[:19]
+        table.add_row(str(r.get("step")), when, *(_human(validation[m]) if _is_number(validation.get(m)) else ""
+                                                  for m in metrics), note, escape(str(r.get("uri", ""))))
+    if not rows:
+        table.caption = "no checkpoints: the run took none (checkpoint.everySteps, everyMinutes)"
+    return table
 
 
 def main() -> None:  # pragma: no cover

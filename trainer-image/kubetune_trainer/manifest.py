@@ -40,6 +40,8 @@ class Manifest:
     merged: dict[str, str] | None = None  # output.merged: {"path", "dtype"} of the merged model
     quality: dict[str, Any] | None = None  # the data report's quality section: what was found, and dropped (lines,
     #                                        fingerprints), so that a run can be reproduced and audited
+    checkpoints: list[dict] | None = None  # record/history.checkpoint_table: each checkpoint, the published one marked
+    record: dict[str, Any] | None = None  # the run record's files: {"metrics", "card", "plots": {name: path}}
 
     def dump(self) -> dict[str, Any]:
         """The JSON document, less `files` (publish adds them)."""
@@ -70,4 +72,6 @@ class Manifest:
             "precision": self.precision,
             **({"merged": self.merged} if self.merged is not None else {}),
             **({"quality": self.quality} if self.quality is not None else {}),
+            **({"checkpoints": self.checkpoints} if self.checkpoints is not None else {}),
+            **({"record": self.record} if self.record is not None else {}),
         }

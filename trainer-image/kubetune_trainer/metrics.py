@@ -33,6 +33,7 @@ _GAUGES = {
     "tokens_per_second": "Non-padding tokens processed per second, all workers",
     "samples_per_second": "Training samples processed per second, all workers",
     "last_checkpoint_timestamp_seconds": "Unix time of the last uploaded checkpoint",
+    "last_checkpoint_step": "Optimizer step of the last uploaded checkpoint",
     "heartbeat_timestamp_seconds": "Unix time of the trainer's last sign of life (a step, an evaluation batch, "
                                    "a storage transfer making progress)",
 }
@@ -142,9 +143,9 @@ class TrainerMetrics:
     def add_tokens(self, n: int) -> None:
         self.tokens_trained.labels(self.job).inc(n)
 
-    def checkpoint_done(self) -> None:
+    def checkpoint_done(self, step: int | None = None) -> None:
         self.checkpoints.labels(self.job).inc()
-        self.set(last_checkpoint_timestamp_seconds=time.time())
+        self.set(last_checkpoint_timestamp_seconds=time.time(), last_checkpoint_step=step)
         self.beat()
 
     def sample_gpus(self) -> None:

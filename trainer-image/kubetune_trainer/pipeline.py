@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kubetune_api import Select, Strategy, TrainerConfig, join_uri
 
+from . import checkpoint
 from .data import DatasetReport
 from .data.report import data_report
 from .evaluate import baseline_difference, evaluate
@@ -24,8 +25,11 @@ from .merge import merge_output
 from .metrics import TrainerMetrics
 from .modeling import resolve_precision
 from .prepare import inputs_of, prepare
-from .publish import publish_output, save_output
+from .publish import base_model_name, publish_output, save_output
 from .quality.report import compact
+from .record.card import CardContext
+from .record.files import write_record
+from .record.history import HISTORY, History, checkpoint_entry, checkpoint_table
 from .redact import redact
 from .sharding import full_trainable_state, is_sharded
 from .storage import Storage
@@ -58,6 +62,10 @@ def _run(config: TrainerConfig, report: Reporter, storage: Storage | None) -> di
     main = accelerator.is_main_process
     report = report if main else (lambda event: None)
     manifest_uri = join_uri(config.output.uri, "manifest.json")
+    work = Path(config.work_dir) / config.job_name
+    # The metric history (rank 0's metrics.jsonl): the train, validation, baseline and test events, as reported.
+    history = History(work / HISTORY if main else None, time.time)
+    report = history.observe(report)
 
     identity = RunIdentity.of(config)
     storage = storage.with_run(identity.uid)  # every object it uploads says which run made it
@@ -108,7 +116,8 @@ def _run(config: TrainerConfig, report: Reporter, storage: Storage | None) -> di
     report({"event": "kernels", **getattr(model, "kubetune_choices", {})})
     # From here SIGTERM is noted, not fatal: the loop checkpoints and stops; after the loop, publishing goes on.
     with StopSignal().installed() as stop, collective_failures_are_peer_lost(accelerator):
-        model, state, plan = train(config, task, model, splits, accelerator, storage, metrics, report, inputs, stop)
+        model, state, plan = train(config, task, model, splits, accelerator, storage, metrics, report, inputs, stop,
+                                   history)
         best = state.best_validation if config.output.select == Select.best else None
         selected = best["step"] if best else state.step  # the step whose weights `model` has
 
@@ -143,12 +152,17 @@ def _run(config: TrainerConfig, report: Reporter, storage: Storage | None) -> di
         if main:
             check_claim(storage, config, identity)  # the prefix is still this run's: nobody moved it meanwhile
             phase("uploading")
-            work = Path(config.work_dir) / config.job_name
             out = save_output(model, task, work / "output", weights)
             beat()
             merged = merge_output(task, out, beat)  # output.merged: the merged model under out/merged/
+            history.write(out / HISTORY)
+            validation = results.get("validation")
+            checkpoints = checkpoint_table(
+                state.checkpoints, checkpoint.complete_steps(storage, config.checkpoint_uri), selected,
+                checkpoint_entry(selected, config.output.uri, time.time(),
+                                 validation and {"step": selected, **validation}))
             last = state.history[-1] if state.history else {}
-            manifest = publish_output(storage, out, config, identity, Manifest(
+            document = Manifest(
                 job=config.job_name,
                 run=identity.dump(),
                 task_fields=task.describe(),
@@ -176,7 +190,16 @@ def _run(config: TrainerConfig, report: Reporter, storage: Storage | None) -> di
                 precision=precision,
                 merged=merged.get("merged"),
                 quality=quality_section,
-            ))
+                checkpoints=checkpoints,
+            )
+            # The run record beside the model: the plots and the model card (README.md) that shows them.
+            gpus = accelerator.num_processes if accelerator.device.type == "cuda" else 0
+            document.record = write_record(out, document.dump(), history.records, CardContext(
+                base_model=base_model_name(config.base_model), output_uri=config.output.uri,
+                license=config.output.license, data_summary=data_doc.get("summary"),
+                quality_summary=(data_doc.get("quality") or {}).get("summary") or None, gpus=gpus,
+                gpu_name=torch.cuda.get_device_name(accelerator.device) if gpus else None))
+            manifest = publish_output(storage, out, config, identity, document)
             phase("done")
             report({"event": "published", "uri": config.output.uri, "manifest": manifest_uri})
     accelerator.wait_for_everyone()

@@ -44,6 +44,7 @@ from .feed import HostFlags, StepBatches, StepFeed
 from .identity import RunIdentity, check_claim
 from .metrics import TrainerMetrics
 from .modeling import load_trainable_state_dict, trainable_state_dict
+from .record.history import History, checkpoint_entry
 from .storage import Storage
 from .tasks import GeneratesText, Task, WindowMetrics
 
@@ -135,6 +136,7 @@ class Loop:
     sharded: bool
     run: RunIdentity
     work: Path
+    history: History  # metrics.jsonl: fed by `report`; carried in checkpoints
 
     def evaluate(self, model, examples, split: str) -> dict:
         return evaluate(self.task, model, examples, split, self.accelerator, self.config.hyperparameters.batch_size,
@@ -192,14 +194,16 @@ def train(
     report: Reporter,
     inputs: dict,
     stop: StopSignal,
+    history: History,
 ) -> tuple[object, checkpoint.TrainState, Plan]:
     """Train to the plan's last step (or early stopping). `splits`: the task's examples per split ("train", and
     "validation", "test" when given). `inputs`: {"datasets": {split: sha256}, "tokenizer": sha256}, what the
-    checkpoints' fingerprint records. `stop`: the installed StopSignal the loop watches. Raises
+    checkpoints' fingerprint records. `stop`: the installed StopSignal the loop watches. `history`: the metric
+    history `report` feeds, which checkpoints carry and a resumed run starts from. Raises
     Preempted/PeerLost when stopped (see above). With output.select best, the model returned has the best
     step's weights."""
     loop = Loop(config, task, accelerator, storage, metrics, report, sharding.is_sharded(config, accelerator),
-                RunIdentity.of(config), Path(config.work_dir) / config.job_name)
+                RunIdentity.of(config), Path(config.work_dir) / config.job_name, history)
     return _train(loop, model, splits, inputs, stop)
 
 
@@ -321,10 +325,11 @@ class Window:
 
     def __init__(self, device: torch.device):
         self.loss = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, trained units
-        self.tokens = self.samples = 0  # this process's input tokens and samples
+        self.tokens = self.samples = self.steps = 0  # this process's input tokens and samples; steps
         self.started = time.monotonic()
 
     def add_batches(self, batches: StepBatches) -> None:
+        self.steps += 1
         self.tokens += batches.tokens
         self.samples += batches.samples
 
@@ -348,6 +353,9 @@ class Window:
             "tokens_per_second": totals[2] / elapsed,
             "samples_per_second": totals[3] / elapsed,
             "eta_seconds": eta_seconds,
+            "step_seconds": elapsed / max(self.steps, 1),
+            **({"gpu_memory_bytes": torch.cuda.max_memory_allocated(accelerator.device)}
+               if accelerator.device.type == "cuda" else {}),
         }
         # the task's metrics of the window (preference rewards)
         own = loop.task.window_metrics(accelerator) if isinstance(loop.task, WindowMetrics) else {}
@@ -363,7 +371,7 @@ class Window:
             metrics.set_train(own)
             metrics.sample_gpus()
         self.loss.zero_()
-        self.tokens = self.samples = 0
+        self.tokens = self.samples = self.steps = 0
         self.started = time.monotonic()
 
 
@@ -405,6 +413,7 @@ def _restore(loop: Loop, model, sequences: int, inputs: dict) -> tuple[Training,
                      **({"processes": {"before": saved.get("processes"), "now": processes}}
                         if saved.get("processes") != processes else {})})
 
+    loop.history.resume(restored.history if restored else [], state.step)  # the lines up to the checkpoint's step
     if not loop.sharded:  # DDP (or a single process): accelerate wraps the model and moves it to the device
         model, optimizer = accelerator.prepare(model, optimizer)
     return Training(model, optimizer, scheduler, plan, state, fingerprint), restored is not None
@@ -582,8 +591,12 @@ def _checkpoint(loop: Loop, t: Training) -> None:
     metrics = loop.metrics
     if metrics:
         metrics.beat()  # the gather (a collective under FSDP) is done
+    # This checkpoint in the run's list (which it carries), with the validation metrics at its step; the history.
+    state.checkpoints.append(checkpoint_entry(state.step, checkpoint.step_uri(config.checkpoint_uri, state.step),
+                                              time.time(), state.last_validation))
     directory = checkpoint.save(loop.work / "checkpoint" / f"step-{state.step:08d}", weights, optimizer_state,
                                 scheduler, state, rng)
+    loop.history.save(directory)
     if metrics:
         metrics.beat()  # written locally; the upload beats per file and while bytes move (storage heartbeat)
     check_claim(loop.storage, config, loop.run)  # the prefix is still this run's: nobody moved it meanwhile
@@ -596,5 +609,5 @@ def _checkpoint(loop: Loop, t: Training) -> None:
         loop.report({"event": "checkpoints_not_pruned", "uris": left,
                      "reason": "their manifest does not name this run (another run's, or an unfinished upload)"})
     if metrics:
-        metrics.checkpoint_done()
+        metrics.checkpoint_done(state.step)
     loop.report({"event": "checkpoint", "step": state.step, "uri": uri})
