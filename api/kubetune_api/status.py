@@ -108,6 +108,8 @@ class ResultMetrics(Model):
                                           "(loss, accuracy, f1, ...; every one is in manifest.json)")
     baseline: dict[str, float] | None = Field(None, description="The same on the base model, before fine-tuning "
                                               "(evaluation.baseline)")
+    validation: dict[str, float] | None = Field(None, description="The validation split's scalar metrics on the "
+                                                "published model (what a FineTuneSweep judges its trials on)")
 
 
 class Result(Model):
@@ -257,6 +259,10 @@ class FineTuneJobStatus(Model):
     train_metrics: dict[str, float] | None = Field(
         None, description="The objective's own training metrics over the last logging window (objective dpo and "
         "orpo: rewardsAccuracy, rewardsMargin, rewardsChosen, rewardsRejected, ...)")
+    eval_metrics: dict[str, float] | None = Field(
+        None, description="The validation split's scalar metrics at the last evaluation (loss, perplexity, "
+        "tokenAccuracy; classification: accuracy, f1, ...)")
+    eval_step: int | None = Field(None, description="The step of the last evaluation on the validation split")
     tokens_per_second: float | None = None
     tokens_trained: int | None = None
     gpu_seconds: float | None = Field(None, description="GPU time of running workers, brought up to date every 30 s")

@@ -183,7 +183,8 @@ def success_message(manifest: dict, manifest_uri: str, manifest_sha256: str) -> 
     """Rank 0's termination message, which the operator turns into status.result (status.success_report):
     where the manifest is, how far the run went, the task, its headline metric, the published step and the test
     split's scalars on the fine-tuned and on the base model. Kubernetes keeps 4096 bytes of it: when the metrics
-    do not fit, only the headline ones are kept, and failing that none."""
+    do not fit, only the headline ones are kept, and failing that none. The validation split's scalars (of the
+    published step) are what a FineTuneSweep judges its trials on."""
     metrics = manifest.get("metrics") or {}
     headline = manifest.get("headline") or "loss"
     doc = {"manifestUri": manifest_uri, "manifestSha256": manifest_sha256, "steps": manifest.get("steps"),
@@ -191,7 +192,8 @@ def success_message(manifest: dict, manifest_uri: str, manifest_sha256: str) -> 
            "task": manifest.get("task"), "headline": headline,
            "selectedStep": (manifest.get("selected") or {}).get("step")}
     doc = {k: v for k, v in doc.items() if v is not None}
-    found = {"test": _scalars(metrics.get("test")), "baseline": _scalars((metrics.get("baseline") or {}).get("test"))}
+    found = {"test": _scalars(metrics.get("test")), "baseline": _scalars((metrics.get("baseline") or {}).get("test")),
+             "validation": _scalars(metrics.get("validation"))}
     found = {model: values for model, values in found.items() if values}
     headlines = {model: {k: v for k, v in values.items() if k == headline} for model, values in found.items()}
     text = ""
