@@ -72,6 +72,17 @@ class Reason(StrEnum):
     PeerLostLoop = "PeerLostLoop"
     Hung = "Hung"
     Failed = "Failed"  # a failed Job whose condition gives no reason
+    # a FineTuneSweep's (its phase, conditions and Events)
+    TrialCreated = "TrialCreated"
+    TrialPruned = "TrialPruned"  # a Normal Event per pruned trial, with the pruner's judgement
+    TrialFailed = "TrialFailed"
+    TrialDeleted = "TrialDeleted"  # a trial's FineTuneJob was deleted before it ended
+    NewBest = "NewBest"
+    Searching = "Searching"
+    BudgetExhausted = "BudgetExhausted"  # the next trial would take the sweep past spec.budget.gpuHours
+    SearchCompleted = "SearchCompleted"
+    TooManyFailedTrials = "TooManyFailedTrials"
+    NoTrialSucceeded = "NoTrialSucceeded"
 
 
 TERMINAL = (Phase.Succeeded, Phase.Failed)
