@@ -327,6 +327,21 @@ def _best(spec: FineTuneSweepSpec, trials: list[Trial]) -> Trial | None:
     return min(done, key=lambda t: (sign * t.metric, t.number))
 
 
+def _finish(status: dict, phase: SweepPhase, reason: Reason, message: str, generation: int, now: datetime) -> None:
+    status.update(phase=phase.value, reason=reason.value, message=message, completionTime=rfc3339(now))
+    for type_ in ("Running", "Succeeded", "Failed"):
+        set_condition(status, type_, type_ == phase.value, reason.value, message, generation, now)
+
+
+def refused(d: SweepDecision, sweep: dict, trial: str, why: str, now: datetime) -> None:
+    """The API server refused to create a trial (the template with its values is no valid FineTuneJob): the sweep
+    fails, saying why; no later trial would fare better."""
+    message = f"the API server refused trial {trial}: {why}"
+    _finish(d.status, SweepPhase.Failed, Reason.InvalidChildSpec, message, sweep["metadata"].get("generation") or 0,
+            now)
+    d.events.append(("Warning", Reason.InvalidChildSpec.value, message))
+
+
 def decide(sweep: dict, jobs: list[dict], now: datetime) -> SweepDecision:
     meta, old = sweep["metadata"], sweep.get("status") or {}
     generation = meta.get("generation") or 0
@@ -334,9 +349,7 @@ def decide(sweep: dict, jobs: list[dict], now: datetime) -> SweepDecision:
     status = d.status
 
     def finish(phase: SweepPhase, reason: Reason, message: str) -> None:
-        status.update(phase=phase.value, reason=reason.value, message=message, completionTime=rfc3339(now))
-        for type_ in ("Running", "Succeeded", "Failed"):
-            set_condition(status, type_, type_ == phase.value, reason.value, message, generation, now)
+        _finish(status, phase, reason, message, generation, now)
 
     try:
         spec = FineTuneSweepSpec.model_validate(sweep.get("spec") or {})

@@ -248,3 +248,10 @@ def test_samples_stay_in_the_space_as_trials_accumulate(algorithm):
             n = int(created["metadata"]["name"].split("-")[1])
             jobs.append(trial(n, "Succeeded", params=params, final=params["hyperparameters.learningRate"]))
     assert len(jobs) == 6
+
+
+def test_a_trial_the_api_server_refuses_fails_the_sweep():
+    d = sw.decide(fts(), [], NOW)
+    sw.refused(d, fts(), "s-0", "spec.hyperparameters.scheduler: Unsupported value", NOW)
+    assert (d.status["phase"], d.status["reason"]) == ("Failed", "InvalidChildSpec")
+    assert "s-0" in d.status["message"] and d.events[-1][:2] == ("Warning", "InvalidChildSpec")

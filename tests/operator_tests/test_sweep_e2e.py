@@ -7,9 +7,14 @@ import json
 from pathlib import Path
 
 import pytest
+from kubetune_api import StorageEndpoint
+from kubetune_trainer.storage import Storage
 
 from tests.kube import get_json, kubectl, wait_for
+from tests.operator_tests import test_e2e as e2e
 from tests.operator_tests.test_sweep_api import BAD, sweep
+
+real_trainer = e2e.real_trainer  # the e2e fixture
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
@@ -49,3 +54,91 @@ def test_a_valid_sweep_is_accepted_defaulted_and_listed(control_plane, crds, nam
     assert spec["template"]["hyperparameters"]["scheduler"] == "cosine"  # the template's defaults too
     header = kubectl(control_plane, "get", "fts", "-n", namespace).stdout.splitlines()[0].split()
     assert header == ["NAME", "PHASE", "TRIALS", "BEST", "METRIC", "AGE"]
+
+
+# -- the operator runs a sweep, with the real trainer -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def operator(control_plane, crds, s3_server, tmp_path_factory):
+    """The operator with both CRDs installed (it serves FineTuneSweeps only then), the test S3 server's
+    credentials as the platform's."""
+    yield from e2e.run_operator(tmp_path_factory, e2e.operator_env(control_plane,
+                                                                  **e2e.platform_credentials(s3_server.endpoint)))
+
+
+@pytest.fixture
+def trainer(node_agent, real_trainer):
+    """The real trainer, with this checkout's PYTHONPATH in its pods (the venv's editable installs may point at
+    another checkout of the repository)."""
+    rule = next(r for r in node_agent.image_rules if r.match == real_trainer)
+    rule.pass_env = [*rule.pass_env, "PYTHONPATH"]
+    return real_trainer
+
+
+@pytest.fixture
+def tiny_task(s3_server, bucket, tmp_path):
+    """A tiny causal LM and train and validation splits in the test bucket."""
+    from kubetune_dev.demo_data import generic_texts, write_support_dataset
+    from kubetune_dev.tiny import make_tiny_base
+
+    storage = Storage(StorageEndpoint(endpoint=s3_server.endpoint))
+    base = make_tiny_base(tmp_path / "tiny", generic_texts(50), vocab_size=512, hidden_size=32, layers=1, heads=2)
+    storage.upload_dir(base, f"s3://{bucket}/model/")
+    data = write_support_dataset(tmp_path / "data", train=48, validation=8, test=1)
+    for split in ("train", "validation"):
+        storage.upload_file(data[split], f"s3://{bucket}/data/{split}.jsonl")
+    return {"model": f"s3://{bucket}/model/", "data": f"s3://{bucket}/data/", "output": f"s3://{bucket}/sweep/",
+            "storage": storage}
+
+
+def test_a_tpe_asha_sweep_runs_its_trials_to_the_best(control_plane, node_agent, namespace, operator, tiny_task,
+                                                      trainer):
+    """Four trials, one at a time (the node agent's pods share the host's ports), of 40 steps evaluated every 4."""
+    e2e.credentials(control_plane, namespace)
+    d = tiny_task["data"]
+    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneSweep", "metadata": {"name": "lr"}, "spec": {
+        "template": {
+            "baseModel": {"uri": tiny_task["model"]}, "image": trainer,
+            "dataset": {"train": f"{d}train.jsonl", "validation": f"{d}validation.jsonl"},
+            "hyperparameters": {"maxSteps": 40, "batchSize": 2, "maxSeqLength": 128, "loggingSteps": 4},
+            "evaluation": {"everySteps": 4, "baseline": False},
+            "resources": {"workers": 1, "gpusPerWorker": 0}},
+        "parameters": [{"path": "hyperparameters.learningRate", "min": 1e-5, "max": 0.3, "log": True},
+                       {"path": "method.lora.r", "min": 2, "max": 8}],
+        "maxTrials": 4, "parallelTrials": 1, "output": {"uri": tiny_task["output"]}}}
+    kubectl(control_plane, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(doc))
+
+    def ended():
+        status = get_json(control_plane, "fts", "-n", namespace, "lr").get("status") or {}
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    status = wait_for("the sweep to end", ended, timeout=600)
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    trials = status["trials"]
+    assert [t["name"] for t in trials] == ["lr-0", "lr-1", "lr-2", "lr-3"]
+    assert {t["phase"] for t in trials} <= {"Succeeded", "Pruned"}
+    succeeded = [t for t in trials if t["phase"] == "Succeeded"]
+    best = min(succeeded, key=lambda t: t["metric"])
+    assert status["best"]["trial"] == best["name"] and status["best"]["metric"] == best["metric"]
+    assert status["best"]["parameters"] == best["parameters"] and 2 <= best["parameters"]["method.lora.r"] <= 8
+    # The best trial's reported value is its published model's validation loss, in its manifest too.
+    job = get_json(control_plane, "ftj", "-n", namespace, best["name"])
+    assert job["status"]["result"]["metrics"]["validation"]["loss"] == best["metric"]
+    assert job["spec"]["output"]["uri"] == tiny_task["output"] + f"trials/{best['name']}/"
+    assert job["spec"]["method"]["lora"]["r"] == best["parameters"]["method.lora.r"]
+    manifest = tiny_task["storage"].get_json(job["status"]["result"]["manifestUri"])
+    assert manifest["metrics"]["validation"]["loss"] == pytest.approx(best["metric"], rel=1e-5)
+    # One data cache for the sweep: every trial's validation found or wrote it there.
+    caches = {get_json(control_plane, "ftj", "-n", namespace, t["name"])["status"]["dataset"]["cacheUri"]
+              for t in trials}
+    assert len(caches) == 1 and caches.pop().startswith(tiny_task["output"] + "data-cache/")
+    reasons = [e["reason"] for e in e2e.events_of(control_plane, namespace, "lr")]
+    assert reasons.count("TrialCreated") == 4 and "NewBest" in reasons and "SearchCompleted" in reasons
+    pruned = [t for t in trials if t["phase"] == "Pruned"]
+    assert reasons.count("TrialPruned") == len(pruned)
+    for t in pruned:
+        assert get_json(control_plane, "ftj", "-n", namespace, t["name"])["spec"]["runPolicy"]["suspend"] is True
+    print(f"trials: {[(t['name'], t['phase'], t.get('metric')) for t in trials]}")
+    row = kubectl(control_plane, "get", "fts", "-n", namespace, "lr").stdout.splitlines()[1].split()
+    assert row[1:3] == ["Succeeded", "4/4"] and row[4] == "loss"
