@@ -255,3 +255,45 @@ def test_a_trial_the_api_server_refuses_fails_the_sweep():
     sw.refused(d, fts(), "s-0", "spec.hyperparameters.scheduler: Unsupported value", NOW)
     assert (d.status["phase"], d.status["reason"]) == ("Failed", "InvalidChildSpec")
     assert "s-0" in d.status["message"] and d.events[-1][:2] == ("Warning", "InvalidChildSpec")
+
+
+class FakeApi:
+    """The calls sweeps.reconcile makes, recorded in order."""
+
+    def __init__(self, body: dict, trials: list[dict]):
+        self.body, self.trials, self.calls = body, trials, []
+
+    def get(self, path):
+        return self.body
+
+    def call(self, method, path, query=None):
+        self.calls.append(("list", query["labelSelector"]))
+        return {"items": self.trials}
+
+    def create(self, obj, uid):
+        self.calls.append(("create", obj["metadata"]["name"]))
+
+    def merge_patch(self, path, patch):
+        self.calls.append(("patch", path.rsplit("/", 1)[1], patch))
+
+    def patch_status(self, body, changes):
+        self.calls.append(("status", changes["counts"]))
+
+
+def test_the_handler_creates_prunes_then_writes_the_status_then_posts_events(monkeypatch):
+    from kubetune_operator import sweeps
+
+    good = {2: 1.0, 4: 0.8}
+    jobs = [trial(0, "Succeeded", history=good, final=0.8), trial(1, history={2: 3.0})]
+    for job in jobs:
+        job["metadata"]["ownerReferences"] = [{"uid": UID, "controller": True}]
+    api = FakeApi(fts(status=recorded(jobs, {0: good}), parallelTrials=1), [*jobs, trial(7)])  # 7: not ours
+    monkeypatch.setattr(sweeps.kopf, "event", lambda body, type, reason, message: api.calls.append(("event", reason)))
+    d = sweeps.reconcile(api, "ml", "s")
+    assert api.calls[0] == ("list", f"{sw.SWEEP_LABEL}=s")
+    assert api.calls[1:] == [
+        ("create", "s-2"),  # s-7 is not the sweep's: its number does not count
+        ("patch", "s-1", {"metadata": {"annotations": {sw.PRUNED: d.prune["s-1"]}},
+                          "spec": {"runPolicy": {"suspend": True}}}),
+        ("status", {"total": 3, "pending": 1, "running": 0, "succeeded": 1, "pruned": 1, "failed": 0}),
+        ("event", "TrialPruned"), ("event", "TrialCreated"), ("event", "NewBest")]

@@ -108,6 +108,11 @@ def test_a_tpe_asha_sweep_runs_its_trials_to_the_best(control_plane, node_agent,
                        {"path": "method.lora.r", "min": 2, "max": 8}],
         "maxTrials": 4, "parallelTrials": 1, "output": {"uri": tiny_task["output"]}}}
     kubectl(control_plane, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(doc))
+    wait_for("the first trial", lambda: kubectl(control_plane, "get", "ftj", "-n", namespace, "lr-0",
+                                                check=False).returncode == 0, timeout=60)
+    first = get_json(control_plane, "ftj", "-n", namespace, "lr-0")
+    operator.stop(kill=True)  # mid-sweep, no goodbye: the next one rebuilds the search from the API
+    operator.start()
 
     def ended():
         status = get_json(control_plane, "fts", "-n", namespace, "lr").get("status") or {}
@@ -117,6 +122,9 @@ def test_a_tpe_asha_sweep_runs_its_trials_to_the_best(control_plane, node_agent,
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
     trials = status["trials"]
     assert [t["name"] for t in trials] == ["lr-0", "lr-1", "lr-2", "lr-3"]
+    jobs = get_json(control_plane, "ftj", "-n", namespace, "-l", "kubetune.io/sweep=lr")["items"]
+    assert sorted(j["metadata"]["name"] for j in jobs) == ["lr-0", "lr-1", "lr-2", "lr-3"]  # no duplicate
+    assert next(j for j in jobs if j["metadata"]["name"] == "lr-0")["metadata"]["uid"] == first["metadata"]["uid"]
     assert {t["phase"] for t in trials} <= {"Succeeded", "Pruned"}
     succeeded = [t for t in trials if t["phase"] == "Succeeded"]
     best = min(succeeded, key=lambda t: t["metric"])
