@@ -83,6 +83,9 @@ class Reason(StrEnum):
     SearchCompleted = "SearchCompleted"
     TooManyFailedTrials = "TooManyFailedTrials"
     NoTrialSucceeded = "NoTrialSucceeded"
+    Promoting = "Promoting"  # spec.promote best: the best trial's output is being copied
+    Promoted = "Promoted"
+    PromotionFailed = "PromotionFailed"
 
 
 TERMINAL = (Phase.Succeeded, Phase.Failed)

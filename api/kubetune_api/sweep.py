@@ -50,7 +50,7 @@ class Goal(StrEnum):
 
 class Promote(StrEnum):
     none = "none"  # the trials' outputs stay where they are; status.best names the best one's
-    best = "best"  # copy the best trial's output to output.uri, with a manifest naming the trial and parameters
+    best = "best"  # copy the best trial's output to <output.uri>best/, with sweep.json naming the trial
 
 
 class Kind(StrEnum):
@@ -291,6 +291,13 @@ class SweepBudget(Model):
     left: float | None = Field(None, description="gpuHours - used")
 
 
+class PromotionStatus(Model):
+    trial: str = Field(description="The trial promoted: status.best.trial")
+    uri: str = Field(description="Where its output was copied: <output.uri>best/, with sweep.json naming it")
+    phase: Literal["Running", "Succeeded", "Failed"]
+    message: str | None = None
+
+
 class FineTuneSweepStatus(Model):
     phase: SweepPhase | None = None
     reason: str | None = None
@@ -304,6 +311,8 @@ class FineTuneSweepStatus(Model):
     counts: TrialCounts | None = None
     progress: str | None = Field(None, description="Trials done / maxTrials, for kubectl get")
     budget: SweepBudget | None = None
+    promotion: PromotionStatus | None = Field(None, description="spec.promote best: the copy of the best trial's "
+                                              "output")
     start_time: str | None = None
     completion_time: str | None = None
 

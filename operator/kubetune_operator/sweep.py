@@ -33,9 +33,11 @@ from kubetune_api import (
     SWEEP_TERMINAL,
     TRIAL_DONE,
     Algorithm,
+    FineTuneJobSpec,
     FineTuneSweepSpec,
     Goal,
     Kind,
+    Promote,
     Pruning,
     Reason,
     SweepPhase,
@@ -47,11 +49,15 @@ from optuna.trial import TrialState, create_trial
 from pydantic import ValidationError
 from pydantic.alias_generators import to_snake
 
+from . import children
 from .conditions import rfc3339, set_condition
+from .observe import job_finished
+from .settings import OperatorSettings
 
 SWEEP_LABEL = "kubetune.io/sweep"  # on each trial: its sweep's name
 PARAMETERS = "kubetune.io/parameters"  # annotation: the trial's sampled values, JSON {path: value}
 PRUNED = "kubetune.io/pruned"  # annotation: why the sweep pruned the trial (set with spec.runPolicy.suspend)
+PROMOTE = "promote"  # the promotion Job <sweep>-promote, and its container
 MAX_HISTORY = 1000  # evaluations kept per trial in the status
 TPE_STARTUP = (2, 10)  # TPE samples at random first: maxTrials // 3 trials, within these bounds
 ASHA_REDUCTION = 3  # successive halving keeps the best third at each rung
@@ -273,6 +279,12 @@ def _set(doc: dict, path: str, value) -> None:
     doc[last] = value
 
 
+def _owner(sweep: dict) -> list[dict]:
+    meta = sweep["metadata"]
+    return [{"apiVersion": "kubetune.io/v1alpha1", "kind": SWEEP_KIND, "name": meta["name"], "uid": meta.get("uid"),
+             "controller": True, "blockOwnerDeletion": True}]
+
+
 def trial_job(sweep: dict, spec: FineTuneSweepSpec, number: int, parameters: dict) -> dict:
     """Trial `number`'s FineTuneJob: the template with the parameters set, its output under the sweep's, the
     sweep's shared data cache, owned by the sweep."""
@@ -289,11 +301,51 @@ def trial_job(sweep: dict, spec: FineTuneSweepSpec, number: int, parameters: dic
         "metadata": {"name": name, "namespace": meta.get("namespace"),
                      "labels": {SWEEP_LABEL: meta["name"]},
                      "annotations": {PARAMETERS: json.dumps(parameters, sort_keys=True)},
-                     "ownerReferences": [{"apiVersion": "kubetune.io/v1alpha1", "kind": SWEEP_KIND,
-                                          "name": meta["name"], "uid": meta.get("uid"), "controller": True,
-                                          "blockOwnerDeletion": True}]},
+                     "ownerReferences": _owner(sweep)},
         "spec": template,
     }
+
+
+def promotion_name(sweep: str) -> str:
+    return f"{sweep}-{PROMOTE}"
+
+
+def promotion_job(sweep: dict, trial: dict, uri: str, record: dict, settings: OperatorSettings) -> dict:
+    """The Job that copies the best trial's output to `uri` (`kubetune promote`): a CPU pod with the trial's
+    trainer config, storage credentials and volumes, owned by the sweep."""
+    meta = sweep["metadata"]
+    spec = FineTuneJobSpec.model_validate(children.with_storage_defaults(trial["spec"], settings))
+    command = ["kubetune", PROMOTE, "--config", children.CONFIG_PATH, "--to", uri, "--record", json.dumps(record)]
+    labels = {SWEEP_LABEL: meta["name"], "app.kubernetes.io/managed-by": children.MANAGED_BY,
+              children.LABEL_COMPONENT: PROMOTE}
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": promotion_name(meta["name"]), "namespace": meta.get("namespace"), "labels": labels,
+                         "ownerReferences": _owner(sweep)},
+            "spec": {"backoffLimit": 1, "template": {"metadata": {"labels": labels}, "spec": children.tool_pod(
+                trial["metadata"], spec, PROMOTE, command, settings)}}}
+
+
+def _promote(d: SweepDecision, sweep: dict, spec: FineTuneSweepSpec, best: Trial, jobs: list[dict],
+             promotion: dict | None, settings: OperatorSettings | None) -> dict | None:
+    """spec.promote best, once the search is done: create the promotion Job, or read how it ended. Returns its
+    finished condition (None while it runs)."""
+    uri = join_uri(spec.output.uri, "best/")
+    d.status["promotion"] = {**(d.status.get("promotion") or {}), "trial": best.name, "uri": uri, "phase": "Running"}
+    ended = job_finished(promotion)
+    trial = next((j for j in jobs if j["metadata"]["name"] == best.name), None)
+    if promotion is None and trial is None:  # deleted by hand: its config and credentials with it
+        d.status["promotion"].update(phase="Failed", message=f"{best.name}'s FineTuneJob was deleted")
+        return {"type": "Failed"}
+    if promotion is None:
+        record = {"sweep": sweep["metadata"]["name"], "trial": best.name, "parameters": best.parameters,
+                  "metric": {spec.metric(): best.metric}, "step": best.step}
+        d.create.append(promotion_job(sweep, trial, uri, record, settings or OperatorSettings()))
+        d.events.append(("Normal", Reason.Promoting.value, f"copying {best.name}'s output to {uri}"))
+    elif ended and ended["type"] == "Complete":
+        d.status["promotion"]["phase"] = "Succeeded"
+    elif ended:
+        d.status["promotion"].update(phase="Failed", message=ended.get("message") or ended.get("reason"))
+    return ended
 
 
 # -- the decision --------------------------------------------------------------------------------------------------
@@ -342,7 +394,10 @@ def refused(d: SweepDecision, sweep: dict, trial: str, why: str, now: datetime) 
     d.events.append(("Warning", Reason.InvalidChildSpec.value, message))
 
 
-def decide(sweep: dict, jobs: list[dict], now: datetime) -> SweepDecision:
+def decide(sweep: dict, jobs: list[dict], now: datetime, settings: OperatorSettings | None = None,
+           promotion: dict | None = None) -> SweepDecision:
+    """`promotion`: the Job <sweep>-promote as observed (spec.promote best); `settings`: the operator's, for the
+    Job it creates."""
     meta, old = sweep["metadata"], sweep.get("status") or {}
     generation = meta.get("generation") or 0
     d = SweepDecision(status=copy.deepcopy(old))
@@ -417,12 +472,24 @@ def decide(sweep: dict, jobs: list[dict], now: datetime) -> SweepDecision:
         d.events.append(("Warning", Reason.TooManyFailedTrials.value, status["message"]))
     elif not active and (len(trials) >= target or affordable == 0):
         why = Reason.SearchCompleted if len(trials) >= target else Reason.BudgetExhausted
-        if best:
-            finish(SweepPhase.Succeeded, why, f"{done} trials done; best {best.name}: {metric} {best.metric:.4g}")
+        ended = _promote(d, sweep, spec, best, jobs, promotion, settings) if best and \
+            spec.promote == Promote.best else {"type": "Complete"}
+        if not ended:
+            message = f"{done} trials done; copying {best.name}'s output to {status['promotion']['uri']}"
+            status.update(phase=SweepPhase.Running.value, reason=Reason.Promoting.value, message=message)
+            return d
+        if ended["type"] != "Complete":
+            finish(SweepPhase.Failed, Reason.PromotionFailed, f"the promotion Job {promotion_name(meta['name'])} "
+                   f"failed: {status['promotion'].get('message') or 'see its pod log'}")
+        elif best:
+            promoted = f"; promoted to {status['promotion']['uri']}" if status.get("promotion") else ""
+            finish(SweepPhase.Succeeded, why, f"{done} trials done; best {best.name}: {metric} {best.metric:.4g}"
+                   f"{promoted}")
         else:
             finish(SweepPhase.Failed, Reason.NoTrialSucceeded, f"{done} trials done ({why.value}), none succeeded "
                    f"with a {metric} on the validation split")
-        d.events.append(("Normal" if best else "Warning", status["reason"], status["message"]))
+        d.events.append(("Normal" if status["phase"] == SweepPhase.Succeeded else "Warning", status["reason"],
+                         status["message"]))
     elif trials:
         message = f"{done}/{target} trials done, {len(active)} running"
         status.update(phase=SweepPhase.Running.value, reason=Reason.Searching.value, message=message)

@@ -1,9 +1,10 @@
 """FineTuneSweep's kopf handlers: thin. Any event of a sweep, or of one of its trial FineTuneJobs (labelled with
 the sweep's name), reconciles the sweep: read it and its trials from the API server (never a cache, so a trial
 just created is seen), `sweep.decide`, then create the new trials, prune (suspend) the stopped ones, write the
-status (guarded by the sweep's resourceVersion) and post the Events. One reconcile per sweep at a time; events
-that arrive meanwhile make one more. No daemon and no finalizer: nothing waits on a clock, and the trials'
-owner references let the garbage collector delete them with their sweep.
+status (guarded by the sweep's resourceVersion) and post the Events; with spec.promote best, once the search is
+done, the promotion Job `<sweep>-promote` (`kubetune promote`) copies the best trial's output. One reconcile per
+sweep at a time; events that arrive meanwhile make one more. No daemon and no finalizer: nothing waits on a
+clock, and the owner references let the garbage collector delete the trials and the Job with their sweep.
 
 Registered by __main__ (`serve()`) when the API server serves FineTuneSweeps.
 """
@@ -17,10 +18,11 @@ from datetime import UTC, datetime
 import kopf
 
 from . import GROUP, PLURAL, VERSION, kube, sweep
+from .settings import OperatorSettings
 
 SWEEPS = "finetunesweeps"
 FTS = (GROUP, VERSION, SWEEPS)
-TRIALS = {sweep.SWEEP_LABEL: kopf.PRESENT}
+CHILDREN = {sweep.SWEEP_LABEL: kopf.PRESENT}
 _running: set[tuple[str, str]] = set()
 _again: set[tuple[str, str]] = set()
 logger = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ def sweep_path(namespace: str, name: str) -> str:
     return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{SWEEPS}/{name}"
 
 
-def reconcile(api: kube.Kube, namespace: str, name: str) -> sweep.SweepDecision | None:
+def reconcile(api: kube.Kube, namespace: str, name: str, settings: OperatorSettings) -> sweep.SweepDecision | None:
     """One reconcile, in a worker thread; None when the sweep is gone or its status write lost (the change that
     beat it wakes another)."""
     body = api.get(sweep_path(namespace, name))
@@ -38,14 +40,19 @@ def reconcile(api: kube.Kube, namespace: str, name: str) -> sweep.SweepDecision 
         return None
     listed = api.call("GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}",
                       query={"labelSelector": f"{sweep.SWEEP_LABEL}={name}"})
-    trials = [t for t in listed["items"] if kube.owned_by(t, body["metadata"]["uid"])]
+    uid = body["metadata"]["uid"]
+    trials = [t for t in listed["items"] if kube.owned_by(t, uid)]
+    promotion = None
+    if (body.get("spec") or {}).get("promote") == "best":
+        promotion = kube.owned_by(api.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{sweep.promotion_name(name)}"),
+                                  uid)
     now = datetime.now(UTC)
-    d = sweep.decide(body, trials, now)
-    for trial in d.create:
+    d = sweep.decide(body, trials, now, settings, promotion)
+    for obj in d.create:
         try:
-            api.create(trial, body["metadata"]["uid"])
+            api.create(obj, uid)
         except (kube.Refused, kube.Conflict) as e:  # the template with these values is not a FineTuneJob
-            sweep.refused(d, body, trial["metadata"]["name"], str(e), now)
+            sweep.refused(d, body, obj["metadata"]["name"], str(e), now)
             break
     for trial_name, why in d.prune.items():  # the job's suspend checkpoints and stops its workers
         api.merge_patch(kube.object_path({"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
@@ -68,7 +75,7 @@ def reconcile(api: kube.Kube, namespace: str, name: str) -> sweep.SweepDecision 
     return d
 
 
-async def wake(namespace: str, name: str) -> None:
+async def wake(namespace: str, name: str, settings: OperatorSettings) -> None:
     """Reconcile the sweep now, or once more after the reconcile already running."""
     key = (namespace, name)
     if key in _running:
@@ -79,7 +86,7 @@ async def wake(namespace: str, name: str) -> None:
         while True:
             _again.discard(key)
             try:
-                await asyncio.to_thread(reconcile, kube.client(), namespace, name)
+                await asyncio.to_thread(reconcile, kube.client(), namespace, name, settings)
             except Exception:  # noqa: BLE001 -- logged; the next event of the sweep or a trial retries
                 logger.exception("FineTuneSweep %s/%s: reconcile failed", namespace, name)
             if key not in _again:
@@ -88,15 +95,17 @@ async def wake(namespace: str, name: str) -> None:
         _running.discard(key)
 
 
-async def sweep_changed(namespace, name, **_) -> None:
-    await wake(namespace, name)
+async def sweep_changed(namespace, name, memo, **_) -> None:
+    await wake(namespace, name, memo.settings)
 
 
-async def trial_changed(labels, namespace, **_) -> None:
-    await wake(namespace, labels[sweep.SWEEP_LABEL])
+async def child_changed(labels, namespace, memo, **_) -> None:
+    await wake(namespace, labels[sweep.SWEEP_LABEL], memo.settings)
 
 
 def serve() -> None:
-    """Watch FineTuneSweeps and their trials (called at startup where the API server serves FineTuneSweeps)."""
+    """Watch FineTuneSweeps, their trials and their promotion Jobs (called at startup where the API server serves
+    FineTuneSweeps)."""
     kopf.on.event(*FTS)(sweep_changed)
-    kopf.on.event(GROUP, VERSION, PLURAL, labels=TRIALS)(trial_changed)
+    kopf.on.event(GROUP, VERSION, PLURAL, labels=CHILDREN)(child_changed)
+    kopf.on.event("batch", "v1", "jobs", labels=CHILDREN)(child_changed)

@@ -9,6 +9,7 @@ import json
 import pytest
 from kubetune_api import FineTuneSweepSpec, FineTuneSweepStatus
 from kubetune_operator import sweep as sw
+from kubetune_operator.settings import OperatorSettings
 
 from tests.operator_tests.builders import NOW, UID
 
@@ -30,7 +31,7 @@ def fts(status: dict | None = None, name: str = "s", **spec) -> dict:
 
 
 def trial(number: int, phase: str = "Running", params: dict | None = None, history: dict | None = None,
-          final: float | None = None, sweep: str = "s", **status) -> dict:
+          final: float | None = None, sweep: str = "s", spec: dict | None = None, **status) -> dict:
     """A trial FineTuneJob as the API shows it: `history` {step: loss} is its status's last evaluation."""
     params = params or {"hyperparameters.learningRate": 1e-3, "method.lora.r": 8}
     st: dict = {"phase": phase, **status}
@@ -43,7 +44,9 @@ def trial(number: int, phase: str = "Running", params: dict | None = None, histo
     return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
             "metadata": {"name": f"{sweep}-{number}", "namespace": "ml",
                          "annotations": {sw.PARAMETERS: json.dumps(params)}, "labels": {sw.SWEEP_LABEL: sweep}},
-            "spec": {}, "status": st}
+            "spec": {"baseModel": {"uri": "s3://m/"}, "dataset": {"train": "s3://d/t.jsonl"},
+                     "output": {"uri": f"s3://o/sweep/trials/{sweep}-{number}/"}, **(spec or {})},
+            "status": st}
 
 
 def recorded(jobs: list[dict], histories: dict[int, dict]) -> dict:
@@ -264,7 +267,7 @@ class FakeApi:
         self.body, self.trials, self.calls = body, trials, []
 
     def get(self, path):
-        return self.body
+        return self.body if "/finetunesweeps/" in path else None
 
     def call(self, method, path, query=None):
         self.calls.append(("list", query["labelSelector"]))
@@ -289,7 +292,7 @@ def test_the_handler_creates_prunes_then_writes_the_status_then_posts_events(mon
         job["metadata"]["ownerReferences"] = [{"uid": UID, "controller": True}]
     api = FakeApi(fts(status=recorded(jobs, {0: good}), parallelTrials=1), [*jobs, trial(7)])  # 7: not ours
     monkeypatch.setattr(sweeps.kopf, "event", lambda body, type, reason, message: api.calls.append(("event", reason)))
-    d = sweeps.reconcile(api, "ml", "s")
+    d = sweeps.reconcile(api, "ml", "s", OperatorSettings())
     assert api.calls[0] == ("list", f"{sw.SWEEP_LABEL}=s")
     assert api.calls[1:] == [
         ("create", "s-2"),  # s-7 is not the sweep's: its number does not count
@@ -297,3 +300,41 @@ def test_the_handler_creates_prunes_then_writes_the_status_then_posts_events(mon
                           "spec": {"runPolicy": {"suspend": True}}}),
         ("status", {"total": 3, "pending": 1, "running": 0, "succeeded": 1, "pruned": 1, "failed": 0}),
         ("event", "TrialPruned"), ("event", "TrialCreated"), ("event", "NewBest")]
+
+
+def test_promote_best_copies_the_winner_then_succeeds():
+    """spec.promote best: once the trials are done, a Job runs `kubetune promote` with the best trial's config and
+    credentials; the sweep succeeds once it completed, and fails with its reason when it failed."""
+    jobs = [trial(n, "Succeeded", final=1.0 + n, spec={"storage": {"secretRef": {"name": "s3"}}}) for n in range(2)]
+    body = fts(maxTrials=2, promote="best", status={"phase": "Running"})
+    d = sw.decide(body, jobs, NOW, OperatorSettings())
+    (job,) = d.create
+    assert job["kind"] == "Job" and job["metadata"]["name"] == "s-promote"
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneSweep"
+    pod = job["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert command[:6] == ["kubetune", "promote", "--config", "/etc/kubetune/trainer.yaml", "--to",
+                           "s3://o/sweep/best/"]
+    assert json.loads(command[7]) == {"sweep": "s", "trial": "s-0", "metric": {"loss": 1.0}, "step": None,
+                                      "parameters": {"hyperparameters.learningRate": 1e-3, "method.lora.r": 8}}
+    assert {"name": "config", "configMap": {"name": "s-0-config"}} in pod["volumes"]  # the trial's config
+    assert any(e["name"] == "AWS_ACCESS_KEY_ID" for e in pod["containers"][0]["env"])
+    assert (d.status["phase"], d.status["reason"]) == ("Running", "Promoting")
+    assert d.status["promotion"] == {"trial": "s-0", "uri": "s3://o/sweep/best/", "phase": "Running"}
+    running = {"metadata": {"name": "s-promote"}, "status": {}}
+    assert sw.decide(fts(maxTrials=2, promote="best", status=d.status), jobs, NOW, promotion=running).create == []
+    complete = {"metadata": {"name": "s-promote"}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    done = sw.decide(fts(maxTrials=2, promote="best", status=d.status), jobs, NOW, promotion=complete)
+    assert (done.status["phase"], done.status["promotion"]["phase"]) == ("Succeeded", "Succeeded")
+    assert "promoted to s3://o/sweep/best/" in done.status["message"]
+    failed = {"metadata": {"name": "s-promote"}, "status": {"conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the "
+                                                                                          "specified backoff limit"}]}}
+    lost = sw.decide(fts(maxTrials=2, promote="best", status=d.status), jobs, NOW, promotion=failed)
+    assert (lost.status["phase"], lost.status["reason"]) == ("Failed", "PromotionFailed")
+    assert "backoff limit" in lost.status["message"]
+    FineTuneSweepStatus.model_validate(lost.status)
+    assert done.status["promotion"] == {"trial": "s-0", "uri": "s3://o/sweep/best/", "phase": "Succeeded"}
+    gone = sw.decide(fts(maxTrials=2, promote="best", status=d.status), jobs[1:], NOW)
+    assert (gone.status["phase"], gone.status["reason"]) == ("Failed", "PromotionFailed")
+    assert "s-0's FineTuneJob was deleted" in gone.status["message"]

@@ -94,7 +94,8 @@ def tiny_task(s3_server, bucket, tmp_path):
 
 def test_a_tpe_asha_sweep_runs_its_trials_to_the_best(control_plane, node_agent, namespace, operator, tiny_task,
                                                       trainer):
-    """Four trials, one at a time (the node agent's pods share the host's ports), of 40 steps evaluated every 4."""
+    """Four trials, one at a time (the node agent's pods share the host's ports), of 40 steps evaluated every 4; the
+    operator killed and restarted mid-sweep; the best trial promoted."""
     e2e.credentials(control_plane, namespace)
     d = tiny_task["data"]
     doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneSweep", "metadata": {"name": "lr"}, "spec": {
@@ -106,7 +107,7 @@ def test_a_tpe_asha_sweep_runs_its_trials_to_the_best(control_plane, node_agent,
             "resources": {"workers": 1, "gpusPerWorker": 0}},
         "parameters": [{"path": "hyperparameters.learningRate", "min": 1e-5, "max": 0.3, "log": True},
                        {"path": "method.lora.r", "min": 2, "max": 8}],
-        "maxTrials": 4, "parallelTrials": 1, "output": {"uri": tiny_task["output"]}}}
+        "maxTrials": 4, "parallelTrials": 1, "promote": "best", "output": {"uri": tiny_task["output"]}}}
     kubectl(control_plane, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(doc))
     wait_for("the first trial", lambda: kubectl(control_plane, "get", "ftj", "-n", namespace, "lr-0",
                                                 check=False).returncode == 0, timeout=60)
@@ -137,12 +138,19 @@ def test_a_tpe_asha_sweep_runs_its_trials_to_the_best(control_plane, node_agent,
     assert job["spec"]["method"]["lora"]["r"] == best["parameters"]["method.lora.r"]
     manifest = tiny_task["storage"].get_json(job["status"]["result"]["manifestUri"])
     assert manifest["metrics"]["validation"]["loss"] == pytest.approx(best["metric"], rel=1e-5)
+    # promote: best copied the winner to <output>best/, sweep.json naming the trial and its parameters
+    assert status["promotion"] == {"trial": best["name"], "uri": tiny_task["output"] + "best/", "phase": "Succeeded"}
+    promoted = tiny_task["storage"].get_json(tiny_task["output"] + "best/sweep.json")
+    assert (promoted["sweep"], promoted["trial"], promoted["parameters"]) == ("lr", best["name"], best["parameters"])
+    assert tiny_task["storage"].get_json(tiny_task["output"] + "best/manifest.json") == manifest
+    assert tiny_task["storage"].exists(tiny_task["output"] + "best/adapter_model.safetensors")
     # One data cache for the sweep: every trial's validation found or wrote it there.
     caches = {get_json(control_plane, "ftj", "-n", namespace, t["name"])["status"]["dataset"]["cacheUri"]
               for t in trials}
     assert len(caches) == 1 and caches.pop().startswith(tiny_task["output"] + "data-cache/")
     reasons = [e["reason"] for e in e2e.events_of(control_plane, namespace, "lr")]
-    assert reasons.count("TrialCreated") == 4 and "NewBest" in reasons and "SearchCompleted" in reasons
+    assert reasons.count("TrialCreated") == 4 and "NewBest" in reasons and "Promoting" in reasons
+    assert "SearchCompleted" in reasons
     pruned = [t for t in trials if t["phase"] == "Pruned"]
     assert reasons.count("TrialPruned") == len(pruned)
     for t in pruned:

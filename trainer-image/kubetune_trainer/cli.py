@@ -332,6 +332,21 @@ class ProgressReporter:
                 console.print(table, highlight=False)
 
 
+@app.command()
+def promote(config: ConfigOption,
+            to: Annotated[str, typer.Option("--to", help="Where the output goes: the sweep's <output.uri>best/")],
+            record: Annotated[str, typer.Option("--record", help="JSON naming the sweep, the trial, its parameters "
+                                                "and metric, written as sweep.json")]) -> None:
+    """Publish the output at the config's output.uri again at --to (a FineTuneSweep's best trial, promote: best)."""
+    from .promote import promote as copy_output
+
+    try:
+        doc = copy_output(load_config(config), to, json.loads(record))
+    except Exception as e:  # noqa: BLE001
+        fail(e)
+    termination_log(json.dumps({"promoted": to, "trial": doc.get("trial"), "files": doc["files"]}))
+
+
 @app.command("run")
 def run_local(
     manifest: Annotated[Path, typer.Argument(help="FineTuneJob manifest (or a TrainerConfig)")],
