@@ -265,8 +265,9 @@ class TrialStatus(Model):
     step: int | None = Field(None, description="The step of that value")
     gpu_hours: float | None = Field(None, alias="gpuHours", description="GPU-hours the trial used")
     reason: str | None = Field(None, description="Why it failed or was pruned")
-    history: list[TrialPoint] | None = Field(None, max_length=1000, description="The evaluations observed so "
-                                             "far (step, value): what pruning judges")
+    history: list[TrialPoint] | None = Field(None, max_length=100, description="The evaluations observed so far "
+                                             "(step, value): what pruning judges; past 100, the first 99 and the "
+                                             "last")
 
 
 class BestTrial(Model):

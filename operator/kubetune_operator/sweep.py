@@ -58,7 +58,7 @@ SWEEP_LABEL = "kubetune.io/sweep"  # on each trial: its sweep's name
 PARAMETERS = "kubetune.io/parameters"  # annotation: the trial's sampled values, JSON {path: value}
 PRUNED = "kubetune.io/pruned"  # annotation: why the sweep pruned the trial (set with spec.runPolicy.suspend)
 PROMOTE = "promote"  # the promotion Job <sweep>-promote, and its container
-MAX_HISTORY = 1000  # evaluations kept per trial in the status
+MAX_HISTORY = 100  # evaluations kept per trial in the status: the first ones (the pruner's rungs) and the last
 TPE_STARTUP = (2, 10)  # TPE samples at random first: maxTrials // 3 trials, within these bounds
 ASHA_REDUCTION = 3  # successive halving keeps the best third at each rung
 MEDIAN_STARTUP = 2  # the median pruner waits for this many finished trials
@@ -92,10 +92,12 @@ class Trial:
     adapter_uri: str | None = None
 
     def dump(self) -> dict:
+        points = [{"step": s, "value": v} for s, v in sorted(self.history.items())]
+        if len(points) > MAX_HISTORY:
+            points = points[:MAX_HISTORY - 1] + points[-1:]
         out = {"name": self.name, "number": self.number, "parameters": self.parameters, "phase": self.phase.value,
                "metric": self.metric, "step": self.step, "gpuHours": self.gpu_hours, "reason": self.reason,
-               "history": [{"step": s, "value": v} for s, v in sorted(self.history.items())][-MAX_HISTORY:]
-               or None}
+               "history": points or None}
         return {k: v for k, v in out.items() if v is not None}
 
 

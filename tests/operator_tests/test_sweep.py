@@ -113,6 +113,12 @@ def test_a_finished_trial_frees_its_slot_and_the_history_builds_up():
         {"step": 2, "value": 1.0}, {"step": 4, "value": 0.8}]
 
 
+def test_the_history_kept_is_bounded():
+    view = sw.Trial("s-0", 0, {}, sw.TrialPhase.Running, {s: 1.0 / s for s in range(1, 301)}).dump()
+    steps = [p["step"] for p in view["history"]]
+    assert len(steps) == sw.MAX_HISTORY and steps[:2] == [1, 2] and steps[-2:] == [99, 300]
+
+
 def test_best_follows_the_goal_and_a_new_best_is_an_event():
     jobs = [trial(0, "Succeeded", final=1.5), trial(1, "Succeeded", final=1.2, params={
         "hyperparameters.learningRate": 1e-4, "method.lora.r": 4})]
