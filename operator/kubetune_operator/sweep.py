@@ -122,8 +122,9 @@ def _phase(job: dict) -> tuple[TrialPhase, str | None]:
     if annotations.get(PRUNED) and phase != "Succeeded":
         return TrialPhase.Pruned, annotations[PRUNED]
     if phase in ("Succeeded", "Failed", "Running"):
-        reason = ": ".join(filter(None, (status.get("reason"), status.get("message")))) if phase == "Failed" else None
-        return TrialPhase(phase), reason
+        reason, message = status.get("reason"), status.get("message") or ""
+        why = (message if reason and message.startswith(reason) else ": ".join(filter(None, (reason, message))))
+        return TrialPhase(phase), why if phase == "Failed" else None
     return (TrialPhase.Running if phase == "Suspended" else TrialPhase.Pending), None
 
 

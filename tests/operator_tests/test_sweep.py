@@ -169,6 +169,8 @@ def test_max_failed_trials_ends_the_sweep_with_the_trials_reason():
     assert "DatasetInvalid: train.jsonl line 2: not JSON" in d.status["message"]
     assert reasons(d).count("TrialFailed") == 3 and "TooManyFailedTrials" in reasons(d)
     assert sw.decide(fts(status=d.status), jobs, NOW).create == []  # terminal: sticky
+    said = [trial(0, "Failed", reason="DatasetInvalid", message="DatasetInvalid: t.jsonl:2: invalid JSON")]
+    assert sw.decide(fts(), said, NOW).status["trials"][0]["reason"] == "DatasetInvalid: t.jsonl:2: invalid JSON"
 
 
 def test_the_budget_stops_new_trials():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from kubetune_api import StorageEndpoint
+from kubetune_dev.cluster.kueue import wait_established
 from kubetune_trainer.storage import Storage
 
 from tests.kube import get_json, kubectl, wait_for
@@ -27,14 +28,7 @@ CRDS = [ROOT / "crds" / "kubetune.io_finetunejobs.yaml", ROOT / "crds" / "kubetu
 def crds(control_plane):
     for path in CRDS:
         kubectl(control_plane, "apply", "--server-side", "-f", str(path))
-
-    def established() -> bool:
-        found = [get_json(control_plane, "crd", name) for name in ("finetunejobs.kubetune.io",
-                                                                   "finetunesweeps.kubetune.io")]
-        return all(any(c["type"] == "Established" and c["status"] == "True"
-                       for c in (crd.get("status") or {}).get("conditions") or []) for crd in found)
-
-    wait_for("the CRDs to be established", established, timeout=60)
+    wait_established(control_plane.kubeconfig, ["finetunejobs.kubetune.io", "finetunesweeps.kubetune.io"])
 
 
 @pytest.mark.parametrize("name", BAD)
@@ -158,3 +152,28 @@ def test_a_tpe_asha_sweep_runs_its_trials_to_the_best(control_plane, node_agent,
     print(f"trials: {[(t['name'], t['phase'], t.get('metric')) for t in trials]}")
     row = kubectl(control_plane, "get", "fts", "-n", namespace, "lr").stdout.splitlines()[1].split()
     assert row[1:3] == ["Succeeded", "4/4"] and row[4] == "loss"
+
+
+def test_a_template_with_bad_data_ends_the_sweep_after_max_failed_trials(control_plane, node_agent, namespace,
+                                                                         operator, tiny_task, trainer, tmp_path):
+    """Each trial's validation (on CPU, no training) refuses line 2: two failed trials end the sweep, not ten."""
+    e2e.credentials(control_plane, namespace)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a fine record"}\nthis is not json\n')
+    tiny_task["storage"].upload_file(bad, tiny_task["data"] + "bad.jsonl")
+    doc = sweep(template={"baseModel": {"uri": tiny_task["model"]}, "image": trainer,
+                          "dataset": {"train": tiny_task["data"] + "bad.jsonl",
+                                      "validation": tiny_task["data"] + "validation.jsonl"},
+                          "evaluation": {"everySteps": 2}, "resources": {"workers": 1, "gpusPerWorker": 0}},
+                maxFailedTrials=2, parallelTrials=1, output={"uri": tiny_task["output"]})
+    kubectl(control_plane, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(doc))
+
+    def ended():
+        status = get_json(control_plane, "fts", "-n", namespace, "search").get("status") or {}
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    status = wait_for("the sweep to fail", ended, timeout=240)
+    assert (status["phase"], status["reason"]) == ("Failed", "TooManyFailedTrials"), status
+    assert "DatasetInvalid: " in status["message"] and "bad.jsonl:2: invalid JSON" in status["message"]
+    assert [t["phase"] for t in status["trials"]] == ["Failed", "Failed"]
+    assert len(get_json(control_plane, "ftj", "-n", namespace, "-l", "kubetune.io/sweep=search")["items"]) == 2
