@@ -4,6 +4,8 @@
 crds: venv ## Regenerate crds/ (and the chart's copy) from the typed API (api/kubetune_api)
 	$(PY) -m kubetune_api.crd > crds/kubetune.io_finetunejobs.yaml.tmp
 	mv crds/kubetune.io_finetunejobs.yaml.tmp crds/kubetune.io_finetunejobs.yaml
+	$(PY) -m kubetune_api.crd finetunesweeps > crds/kubetune.io_finetunesweeps.yaml.tmp
+	mv crds/kubetune.io_finetunesweeps.yaml.tmp crds/kubetune.io_finetunesweeps.yaml
 	$(PY) -m kubetune_operator.policy  # crds/policy/ and the chart's files/admission-policy.yaml
 	$(MAKE) --no-print-directory chart-crds
 

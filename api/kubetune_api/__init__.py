@@ -4,8 +4,9 @@ Both the operator and the trainer import it; it imports nothing of theirs (and n
 either side, and the CRD generator (`python -m kubetune_api.crd`), read the same typed models.
 
 Modules: `finetunejob` (the FineTuneJob spec, its defaults and cross-field rules), `status` (its status, phases
-and reasons), `trainer_config` (the spec plus the cluster-side fields: what the trainer reads), `exitcodes` (what
-the trainer's exit codes mean to the operator), `crd` (the generator). The validation messages and value syntaxes
+and reasons), `trainer_config` (the spec plus the cluster-side fields: what the trainer reads), `sweep` (the
+FineTuneSweep: a hyperparameter search over FineTuneJobs, its spec, status and rules), `exitcodes` (what the trainer's
+exit codes mean to the operator), `crd` (the generator of both CRDs). The validation messages and value syntaxes
 the CRD's CEL rules share are in `finetunejob`.
 """
 
@@ -102,6 +103,26 @@ from .status import (
     Result,
     ResultMetrics,
 )
+from .sweep import (
+    SWEEP_KIND,
+    SWEEP_TERMINAL,
+    TRIAL_DONE,
+    TUNABLE,
+    Algorithm,
+    BestTrial,
+    FineTuneSweep,
+    FineTuneSweepSpec,
+    FineTuneSweepStatus,
+    Goal,
+    Kind,
+    Parameter,
+    Promote,
+    Pruning,
+    SweepPhase,
+    SweepTemplate,
+    TrialPhase,
+    TrialStatus,
+)
 from .trainer_config import (
     CONFIG_VERSION,
     DEFAULT_GPU_TFLOPS,
@@ -114,6 +135,9 @@ from .trainer_config import (
 )
 
 __all__ = [
+    "SWEEP_KIND", "SWEEP_TERMINAL", "TRIAL_DONE", "TUNABLE", "Algorithm", "BestTrial", "FineTuneSweep",
+    "FineTuneSweepSpec", "FineTuneSweepStatus", "Goal", "Kind", "Parameter", "Promote", "Pruning", "SweepPhase",
+    "SweepTemplate", "TrialPhase", "TrialStatus",
     "API_GROUP", "API_VERSION", "CHECKPOINTS_IN_STATUS", "CLASSIFICATION_TASKS", "CONDITION_TYPES",
     "CONFIG_VERSION", "DEFAULT_GPU_TFLOPS",
     "DEFAULT_TRAINER_IMAGE", "FORMAT_FIELDS",

@@ -1,6 +1,8 @@
-"""Generate the FineTuneJob CustomResourceDefinition from the typed API (finetunejob.py, status.py).
+"""Generate the CustomResourceDefinitions from the typed API: FineTuneJob (finetunejob.py, status.py) and
+FineTuneSweep (sweep.py).
 
-    python -m kubetune_api.crd > crds/kubetune.io_finetunejobs.yaml      (make crds)
+    python -m kubetune_api.crd > crds/kubetune.io_finetunejobs.yaml                     (make crds)
+    python -m kubetune_api.crd finetunesweeps > crds/kubetune.io_finetunesweeps.yaml
 
 Pydantic's JSON Schema is turned into a structural OpenAPI v3 schema: $refs inlined, `anyOf [X, null]`
 collapsed to X (unset means omitted), exclusive bounds in OpenAPI 3.0 form, defaults kept (`{}` for
@@ -51,6 +53,27 @@ from .finetunejob import (
     mappable_fields,
 )
 from .status import FineTuneJobStatus
+from .sweep import (
+    DUPLICATE_PATH,
+    GRID_NEEDS_VALUES,
+    LOG_NEEDS_POSITIVE,
+    MAX_SWEEP_NAME,
+    METRICS,
+    MIN_ABOVE_MAX,
+    NAME_TOO_LONG,
+    NEEDS_VALIDATION,
+    PATH_NOT_TUNABLE,
+    PRUNING_NEEDS_EVALUATIONS,
+    RANGE_NOT_NUMERIC,
+    RANGES,
+    STEP_NEEDS_RANGE,
+    SWEEP_KIND,
+    TUNABLE,
+    FineTuneSweepSpec,
+    FineTuneSweepStatus,
+    Kind,
+    metric_problem,
+)
 
 PLURAL = "finetunejobs"
 MAX_NAME = 50
@@ -74,8 +97,8 @@ def _syntax_rule(pattern: str, message: str) -> dict:
     return {"rule": f"{rule} && isQuantity(self)" if pattern == QUANTITY else rule, "message": message}
 
 
-def immutable(field: str) -> str:
-    return (f"spec.{field} is immutable once the FineTuneJob exists: create a new FineTuneJob "
+def immutable(field: str, kind: str = KIND) -> str:
+    return (f"spec.{field} is immutable once the {kind} exists: create a new {kind} "
             "(or delete and re-create this one) to train with other values")
 
 
@@ -252,8 +275,8 @@ def openapi(node: dict, defs: dict) -> dict:
             out[key] = True
         elif key == "properties":
             out[key] = {name: openapi(prop, defs) for name, prop in value.items()}
-        elif key == "items":
-            out[key] = openapi(value, defs)
+        elif key == "items":  # Any (a choice's values): any JSON value
+            out[key] = openapi(value, defs) if value else {"x-kubernetes-preserve-unknown-fields": True}
         elif key == "additionalProperties":
             if value is True:
                 out["x-kubernetes-preserve-unknown-fields"] = True
@@ -271,11 +294,17 @@ def model_schema(model: type[BaseModel]) -> dict:
     return openapi(schema, schema.get("$defs", {}))
 
 
-def all_rules() -> dict[str, list[dict]]:
-    """RULES, the SYNTAX rules and the immutability rules, by path under spec ("name[]": the list's items)."""
+def job_rules() -> dict[str, list[dict]]:
+    """RULES and the SYNTAX rules, by path under spec ("name[]": the list's items)."""
     rules = {path: list(path_rules) for path, path_rules in RULES.items()}
     for path, (pattern, message) in SYNTAX.items():
         rules.setdefault(path, []).append(_syntax_rule(pattern, message))
+    return rules
+
+
+def all_rules() -> dict[str, list[dict]]:
+    """job_rules and the immutability rules."""
+    rules = job_rules()
     for field in IMMUTABLE:
         rules.setdefault(field, []).append({"rule": "self == oldSelf", "message": immutable(field)})
     rules[""].append(IMAGE_UNCHANGED)
@@ -300,37 +329,138 @@ def spec_schema() -> dict:
     return schema
 
 
-def status_schema() -> dict:
-    schema = model_schema(FineTuneJobStatus)
+def status_schema(model: type[BaseModel] = FineTuneJobStatus) -> dict:
+    schema = model_schema(model)
     schema["description"] = "Written by the operator"
     conditions = schema["properties"]["conditions"]
     conditions.update({"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
     return schema
 
 
-def crd() -> dict:
+def _crd(kind: str, plural: str, short: str, description: str, spec: dict, status: dict, root_rules: list[dict],
+         columns: list[dict]) -> dict:
     root = {
         "type": "object",
-        "description": "A fine-tuning run: a base model, datasets and hyperparameters in; an adapter out",
+        "description": description,
         "required": ["spec"],
         "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
-                       "metadata": {"type": "object"}, "spec": spec_schema(), "status": status_schema()},
-        "x-kubernetes-validations": ROOT_RULES,
+                       "metadata": {"type": "object"}, "spec": spec, "status": status},
+        "x-kubernetes-validations": root_rules,
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{PLURAL}.{API_GROUP}", "labels": {"app.kubernetes.io/name": "kubetune"}},
+        "metadata": {"name": f"{plural}.{API_GROUP}", "labels": {"app.kubernetes.io/name": "kubetune"}},
         "spec": {
             "group": API_GROUP,
-            "names": {"kind": KIND, "listKind": f"{KIND}List", "plural": PLURAL, "singular": KIND.lower(),
-                      "shortNames": ["ftj"], "categories": ["kubetune", "ml"]},
+            "names": {"kind": kind, "listKind": f"{kind}List", "plural": plural, "singular": kind.lower(),
+                      "shortNames": [short], "categories": ["kubetune", "ml"]},
             "scope": "Namespaced",
             "versions": [{"name": API_VERSION, "served": True, "storage": True,
-                          "subresources": {"status": {}}, "additionalPrinterColumns": PRINTER_COLUMNS,
+                          "subresources": {"status": {}}, "additionalPrinterColumns": columns,
                           "schema": {"openAPIV3Schema": root}}],
         },
     }
+
+
+def crd() -> dict:
+    return _crd(KIND, PLURAL, "ftj", "A fine-tuning run: a base model, datasets and hyperparameters in; an adapter "
+                "out", spec_schema(), status_schema(), ROOT_RULES, PRINTER_COLUMNS)
+
+
+# -- FineTuneSweep --------------------------------------------------------------------------------------------
+
+SWEEP_PLURAL = "finetunesweeps"
+SWEEP_IMMUTABLE = ("template", "parameters", "objective", "algorithm", "seed", "earlyStopping", "output")
+
+
+def _in(values) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+def _sweep_metric_rules() -> list[dict]:
+    """objective.metric (or the template's evaluation.metric) against what the template's task reports."""
+    task = "(has(self.template.task) ? self.template.task : 'causal-lm')"
+    objective = "(has(self.template.objective) ? self.template.objective : 'sft')"
+    metric = ("(has(self.objective.metric) ? self.objective.metric : has(self.template.evaluation.metric) ? "
+              "self.template.evaluation.metric : 'loss')")
+    applies = {"classification": f"{task} in {CLASSIFICATION}",
+               "sft": f"!({task} in {CLASSIFICATION}) && {objective} == 'sft'",
+               "preference": f"!({task} in {CLASSIFICATION}) && {objective} != 'sft'"}
+    return [{"rule": f"!({applies[group]}) || {metric} in {_in(metrics)}", "message": metric_problem(group),
+             "fieldPath": ".objective.metric"} for group, (metrics, _) in METRICS.items()]
+
+
+SWEEP_RULES: dict[str, list[dict]] = {
+    "": [
+        *_sweep_metric_rules(),
+        {"rule": "self.parameters.all(p, self.parameters.exists_one(q, q.path == p.path))",
+         "message": DUPLICATE_PATH, "fieldPath": ".parameters"},
+        {"rule": "has(self.template.dataset.validation)", "message": NEEDS_VALIDATION,
+         "fieldPath": ".template.dataset"},
+        {"rule": "self.earlyStopping == 'none' || has(self.template.evaluation.everySteps)",
+         "message": PRUNING_NEEDS_EVALUATIONS, "fieldPath": ".earlyStopping"},
+        {"rule": "self.algorithm != 'grid' || self.parameters.all(p, !has(p.min) || has(p.step) || p.path in "
+                 f"{_in(p for p, k in TUNABLE.items() if k == Kind.int)})",
+         "message": GRID_NEEDS_VALUES, "fieldPath": ".algorithm"},
+    ],
+    "parameters[]": [
+        {"rule": "!has(self.step) || has(self.min)", "message": STEP_NEEDS_RANGE, "fieldPath": ".step"},
+        {"rule": f"!has(self.min) || !(self.path in {_in(TUNABLE)}) || self.path in {_in(RANGES)}",
+         "message": RANGE_NOT_NUMERIC, "fieldPath": ".min"},
+        {"rule": "!has(self.min) || !has(self.max) || self.min <= self.max", "message": MIN_ABOVE_MAX,
+         "fieldPath": ".min"},
+        {"rule": "!self.log || !has(self.min) || self.min > 0.0", "message": LOG_NEEDS_POSITIVE, "fieldPath": ".log"},
+    ],
+    "parameters[].path": [{"rule": f"self in {_in(TUNABLE)}", "message": PATH_NOT_TUNABLE}],
+    "output.uri": [_uri_rule(S3_OR_PVC, "output.uri", "s3:// or pvc://")],
+}
+
+SWEEP_ROOT_RULES = [{
+    "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && "
+            f"size(self.metadata.name) <= {MAX_SWEEP_NAME}",
+    "message": NAME_TOO_LONG,
+}]
+
+SWEEP_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Trials", "type": "string", "jsonPath": ".status.progress",
+     "description": "Trials done (succeeded, pruned or failed) / spec.maxTrials"},
+    {"name": "Best", "type": "number", "jsonPath": ".status.best.metric",
+     "description": "The best trial's objective metric"},
+    {"name": "Metric", "type": "string", "jsonPath": ".status.objective",
+     "description": "The objective metric and its goal"},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Best Trial", "type": "string", "jsonPath": ".status.best.trial", "priority": 1},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+]
+
+
+def sweep_rules() -> dict[str, list[dict]]:
+    """SWEEP_RULES, the template's FineTuneJob rules under `template`, and the immutability rules."""
+    rules = {path: list(path_rules) for path, path_rules in SWEEP_RULES.items()}
+    for path, path_rules in job_rules().items():
+        rules.setdefault(f"template.{path}" if path else "template", []).extend(path_rules)
+    for field in SWEEP_IMMUTABLE:
+        rules.setdefault(field, []).append({"rule": "self == oldSelf", "message": immutable(field, SWEEP_KIND)})
+    return rules
+
+
+# A choice's values may be of any JSON type, which CEL cannot see: the schema itself says a parameter is either a
+# range or a choice (the API server: "must validate one and only one schema (oneOf)"), and a choice has 2+ values.
+RANGE_OR_CHOICE = [{"required": ["min", "max"]}, {"required": ["values"]}]
+
+
+def sweep_crd() -> dict:
+    spec = _add_rules(model_schema(FineTuneSweepSpec), sweep_rules())
+    spec["properties"]["parameters"]["items"]["oneOf"] = RANGE_OR_CHOICE
+    spec["description"] = "A hyperparameter search: FineTuneJob trials from a template, sampled and pruned by Optuna"
+    return _crd(SWEEP_KIND, SWEEP_PLURAL, "fts", "A hyperparameter sweep over FineTuneJobs, with early stopping, "
+                "a GPU-hour budget and the winner promoted", spec, status_schema(FineTuneSweepStatus),
+                SWEEP_ROOT_RULES, SWEEP_COLUMNS)
+
+
+CRDS = {PLURAL: crd, SWEEP_PLURAL: sweep_crd}
 
 
 HEADER = "# Generated by `python -m kubetune_api.crd` (make crds) from api/kubetune_api. Do not edit.\n"
@@ -343,9 +473,9 @@ class _PlainDumper(yaml.SafeDumper):
         return True
 
 
-def render() -> str:
-    return HEADER + yaml.dump(crd(), Dumper=_PlainDumper, sort_keys=False, width=120)
+def render(plural: str = PLURAL) -> str:
+    return HEADER + yaml.dump(CRDS[plural](), Dumper=_PlainDumper, sort_keys=False, width=120)
 
 
 if __name__ == "__main__":
-    sys.stdout.write(render())
+    sys.stdout.write(render(*sys.argv[1:2]))

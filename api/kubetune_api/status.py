@@ -72,6 +72,20 @@ class Reason(StrEnum):
     PeerLostLoop = "PeerLostLoop"
     Hung = "Hung"
     Failed = "Failed"  # a failed Job whose condition gives no reason
+    # a FineTuneSweep's (its phase, conditions and Events)
+    TrialCreated = "TrialCreated"
+    TrialPruned = "TrialPruned"  # a Normal Event per pruned trial, with the pruner's judgement
+    TrialFailed = "TrialFailed"
+    TrialDeleted = "TrialDeleted"  # a trial's FineTuneJob was deleted before it ended
+    NewBest = "NewBest"
+    Searching = "Searching"
+    BudgetExhausted = "BudgetExhausted"  # the next trial would take the sweep past spec.budget.gpuHours
+    SearchCompleted = "SearchCompleted"
+    TooManyFailedTrials = "TooManyFailedTrials"
+    NoTrialSucceeded = "NoTrialSucceeded"
+    Promoting = "Promoting"  # spec.promote best: the best trial's output is being copied
+    Promoted = "Promoted"
+    PromotionFailed = "PromotionFailed"
 
 
 TERMINAL = (Phase.Succeeded, Phase.Failed)
@@ -120,6 +134,8 @@ class ResultMetrics(Model):
                                           "(loss, accuracy, f1, ...; every one is in manifest.json)")
     baseline: dict[str, float] | None = Field(None, description="The same on the base model, before fine-tuning "
                                               "(evaluation.baseline)")
+    validation: dict[str, float] | None = Field(None, description="The validation split's scalar metrics on the "
+                                                "published model (what a FineTuneSweep judges its trials on)")
 
 
 class Result(Model):
@@ -269,6 +285,10 @@ class FineTuneJobStatus(Model):
     train_metrics: dict[str, float] | None = Field(
         None, description="The objective's own training metrics over the last logging window (objective dpo and "
         "orpo: rewardsAccuracy, rewardsMargin, rewardsChosen, rewardsRejected, ...)")
+    eval_metrics: dict[str, float] | None = Field(
+        None, description="The validation split's scalar metrics at the last evaluation (loss, perplexity, "
+        "tokenAccuracy; classification: accuracy, f1, ...)")
+    eval_step: int | None = Field(None, description="The step of the last evaluation on the validation split")
     tokens_per_second: float | None = None
     tokens_trained: int | None = None
     gpu_seconds: float | None = Field(None, description="GPU time of running workers, brought up to date every 30 s")

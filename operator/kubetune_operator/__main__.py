@@ -28,7 +28,7 @@ import time
 
 import kopf
 
-from . import handlers, kube, kueue, leader, metrics
+from . import GROUP, VERSION, handlers, kube, kueue, leader, metrics, sweeps
 from .settings import OperatorSettings
 
 
@@ -49,15 +49,25 @@ def _quiet(record: logging.LogRecord) -> bool:
     return not re.fullmatch(r"(Handler|Indexer) '[\w/.]+' succeeded\.", record.getMessage())
 
 
-def kueue_served(attempts: int = 5) -> bool:
-    """Whether Kueue is installed (its Workloads are served); asked once at startup, retried while the API server
-    does not answer."""
+def served(api_version: str, plural: str, attempts: int = 5) -> bool:
+    """Whether the API server serves `plural`; asked once at startup, retried while the API server does not
+    answer."""
     for _ in range(attempts - 1):
         try:
-            return kube.client().serves(kueue.API_VERSION, kueue.PLURAL)
+            return kube.client().serves(api_version, plural)
         except Exception:  # noqa: BLE001 -- unreachable for now: ask again; the last attempt's error goes through
             time.sleep(2)
-    return kube.client().serves(kueue.API_VERSION, kueue.PLURAL)
+    return kube.client().serves(api_version, plural)
+
+
+def kueue_served() -> bool:
+    """Whether Kueue is installed (its Workloads are served)."""
+    return served(kueue.API_VERSION, kueue.PLURAL)
+
+
+def sweeps_served() -> bool:
+    """Whether the FineTuneSweep CRD is installed."""
+    return served(f"{GROUP}/{VERSION}", sweeps.SWEEPS)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,6 +89,11 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(__name__).info(
             "Kueue is not installed (the API server serves no %s %s): jobs with spec.scheduling.queueName wait "
             "for it; restart the operator once Kueue is installed", kueue.API_VERSION, kueue.PLURAL)
+    if sweeps_served():
+        sweeps.serve()
+    else:
+        logging.getLogger(__name__).info("The FineTuneSweep CRD is not installed: sweeps are not served; restart "
+                                         "the operator once it is")
     elector = None if args.standalone else elect(config)
     leader.set_active(True)
     kopf_settings = kopf.OperatorSettings()

@@ -376,3 +376,15 @@ def network_policy(meta: dict, settings: OperatorSettings) -> dict:
             "metadata": child_meta(meta, Names(name).network_policy, "network"),
             "spec": {"podSelector": {"matchLabels": {LABEL_JOB: name}}, "policyTypes": ["Ingress"],
                      "ingress": ingress}}
+
+
+def tool_pod(meta: dict, spec: FineTuneJobSpec, name: str, command: list[str], settings: OperatorSettings) -> dict:
+    """A one-container CPU pod running `command` (a `kubetune` tool) with the FineTuneJob `meta`'s trainer config,
+    storage credentials and volumes, as its validation pod has them: a FineTuneSweep's promotion of its best
+    trial."""
+    v = validation_settings(spec, settings)
+    container = {"name": name, "image": spec.image or settings.trainer_image, "command": command,
+                 "env": _storage_env(spec, settings),
+                 "resources": {"requests": {"cpu": v["cpu"], "memory": v["memory"]},
+                               "limits": {"memory": v["memory"]}}}
+    return _pod_spec(meta, spec, container, shm=False, settings=settings)

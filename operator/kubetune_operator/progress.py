@@ -143,7 +143,7 @@ def result_from_pods(pods: list[dict], container: str, output_uri: str) -> dict:
     if isinstance(report.get("selectedStep"), int) and not isinstance(report["selectedStep"], bool):
         res["selectedStep"] = report["selectedStep"]
     reported = report.get("metrics") if isinstance(report.get("metrics"), dict) else {}
-    metrics = {model: _scalars(reported.get(model)) for model in ("test", "baseline")}
+    metrics = {model: _scalars(reported.get(model)) for model in ("test", "baseline", "validation")}
     metrics = {model: values for model, values in metrics.items() if values}
     if metrics:
         res["metrics"] = metrics
@@ -213,6 +213,7 @@ def final_progress(status: dict, report: dict) -> None:
 
 TRAINER_PREFIX = "kubetune_trainer_"
 TRAIN_METRIC = "train_metric:"  # kubetune_trainer_train_metric{metric="x"} is parsed as "train_metric:x"
+EVAL_METRIC = "validation_metric:"  # kubetune_trainer_evaluation{split="validation",model="finetuned",metric="x"}
 
 
 def parse_trainer_metrics(text: str, job_name: str) -> dict[str, float | str]:
@@ -229,6 +230,9 @@ def parse_trainer_metrics(text: str, job_name: str) -> dict[str, float | str]:
                     values["phase"] = sample.labels.get("phase", "")
             elif name == "train_metric" and math.isfinite(sample.value):
                 values[f"{TRAIN_METRIC}{sample.labels.get('metric', '')}"] = sample.value
+            elif name == "evaluation" and math.isfinite(sample.value) and \
+                    (sample.labels.get("split"), sample.labels.get("model")) == ("validation", "finetuned"):
+                values[f"{EVAL_METRIC}{sample.labels.get('metric', '')}"] = sample.value
             elif name.endswith("_created") or "gpu" in sample.labels or "split" in sample.labels or \
                     not math.isfinite(sample.value):  # per-GPU and evaluation families: not status fields
                 continue
@@ -256,10 +260,13 @@ def apply_metrics(status: dict, m: dict, checkpoint_uri: str, now: datetime) -> 
         value = m.get(metric)
         if value is not None and (value > 0 or key == "tokensTrained"):
             status[key] = round(cast(value), 4) if cast is float else cast(value)
-    objective = {to_camel(k.removeprefix(TRAIN_METRIC)): round(float(v), 4) for k, v in m.items()
-                 if k.startswith(TRAIN_METRIC)}
-    if objective:
-        status["trainMetrics"] = objective
+    for key, prefix, digits in (("trainMetrics", TRAIN_METRIC, 4), ("evalMetrics", EVAL_METRIC, 6)):
+        found = {to_camel(k.removeprefix(prefix)): round(float(v), digits) for k, v in m.items()
+                 if k.startswith(prefix)}
+        if found:
+            status[key] = found
+    if m.get("validation_step") is not None:
+        status["evalStep"] = int(m["validation_step"])
     beat = m.get("heartbeat_timestamp_seconds")
     if beat:
         status["lastHeartbeatTime"] = rfc3339(datetime.fromtimestamp(beat, UTC))

@@ -207,9 +207,12 @@ def _rules(role: dict) -> dict[tuple[str, str], set[str]]:
 
 
 NAMESPACED_RULES = {
-    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch"},
+    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "create", "patch"},  # create: a sweep's trials
     ("kubetune.io", "finetunejobs/status"): {"patch"},
     ("kubetune.io", "finetunejobs/finalizers"): {"update"},
+    ("kubetune.io", "finetunesweeps"): {"get", "list", "watch"},
+    ("kubetune.io", "finetunesweeps/status"): {"patch"},
+    ("kubetune.io", "finetunesweeps/finalizers"): {"update"},
     ("", "configmaps"): {"get", "list", "watch", "create", "patch"},
     ("", "services"): {"get", "list", "watch", "create"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},

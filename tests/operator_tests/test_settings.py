@@ -135,6 +135,7 @@ def test_main_reads_the_environment_once_and_hands_the_settings_to_every_handler
     monkeypatch.setattr(main.kopf, "configure", lambda **_: None)
     monkeypatch.setattr(main.kopf, "operator", operator)
     monkeypatch.setattr(main, "kueue_served", lambda: False)
+    monkeypatch.setattr(main, "sweeps_served", lambda: False)
     elected = []
     monkeypatch.setattr(main, "elect", lambda config: elected.append(config) or FakeElector())
     monkeypatch.setattr(metrics, "serve", lambda port: served.append(("metrics", port)))
@@ -173,6 +174,7 @@ def test_standalone_runs_kopf_without_election(monkeypatch):
     monkeypatch.setattr(main.kopf, "configure", lambda **_: None)
     monkeypatch.setattr(main.kopf, "operator", operator)
     monkeypatch.setattr(main, "kueue_served", lambda: False)
+    monkeypatch.setattr(main, "sweeps_served", lambda: False)
     monkeypatch.setattr(main, "elect", lambda config: (_ for _ in ()).throw(AssertionError("elected")))
     monkeypatch.setattr(metrics, "serve", lambda port: None)
     monkeypatch.setattr(leader, "serve", lambda port: None)

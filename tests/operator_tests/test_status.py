@@ -65,6 +65,27 @@ def test_the_objectives_training_metrics_reach_the_status():
     assert "trainMetrics" not in plain  # sft: no objective metrics
 
 
+def test_the_last_validation_evaluation_and_its_step_reach_the_status():
+    """What a FineTuneSweep judges a running trial on: status.evalMetrics (camelCase) at status.evalStep."""
+    m = TrainerMetrics("demo", "lora", "s3://models/tiny/")
+    m.set(step=6, total_steps=8, validation_loss=1.25, validation_step=4)
+    m.set_evaluation("validation", "finetuned", {"loss": 1.25, "token_accuracy": 0.5})
+    m.set_evaluation("test", "baseline", {"loss": 3.0})
+    status: dict = {}
+    apply_metrics(status, parse_trainer_metrics(generate_latest(m.registry).decode(), "demo"), "s3://c/", NOW)
+    assert status["evalMetrics"] == {"loss": 1.25, "tokenAccuracy": 0.5} and status["evalStep"] == 4
+    assert status["evalLoss"] == 1.25
+    FineTuneJobStatus.model_validate(status)
+
+
+def test_the_result_carries_the_validation_metrics_of_the_published_model():
+    manifest = {"steps": 10, "task": "causal-lm", "headline": "loss",
+                "metrics": {"validation": {"loss": 1.5, "perplexity": 4.48}, "test": {"loss": 1.6}}}
+    res = result_from_pods(succeeded(success_message(manifest, "s3://o/manifest.json", "cd" * 32)), "trainer",
+                           "s3://o/")
+    assert res["metrics"] == {"test": {"loss": 1.6}, "validation": {"loss": 1.5, "perplexity": 4.48}}
+
+
 def test_condition_transition_time_moves_only_on_change():
     status: dict = {}
     set_condition(status, "Running", True, "Training", "a", 1, NOW)

@@ -186,7 +186,8 @@ def success_message(manifest: dict, manifest_uri: str, manifest_sha256: str) -> 
     """Rank 0's termination message, which the operator turns into status.result (status.success_report):
     where the manifest is, how far the run went, the task, its headline metric, the published step and the test
     split's scalars on the fine-tuned and on the base model. Kubernetes keeps 4096 bytes of it: when the metrics
-    do not fit, only the headline ones are kept, and failing that none."""
+    do not fit, only the headline ones are kept, and failing that none. The validation split's scalars (of the
+    published step) are what a FineTuneSweep judges its trials on."""
     metrics = manifest.get("metrics") or {}
     headline = manifest.get("headline") or "loss"
     doc = {"manifestUri": manifest_uri, "manifestSha256": manifest_sha256, "steps": manifest.get("steps"),
@@ -194,7 +195,8 @@ def success_message(manifest: dict, manifest_uri: str, manifest_sha256: str) -> 
            "task": manifest.get("task"), "headline": headline,
            "selectedStep": (manifest.get("selected") or {}).get("step")}
     doc = {k: v for k, v in doc.items() if v is not None}
-    found = {"test": _scalars(metrics.get("test")), "baseline": _scalars((metrics.get("baseline") or {}).get("test"))}
+    found = {"test": _scalars(metrics.get("test")), "baseline": _scalars((metrics.get("baseline") or {}).get("test")),
+             "validation": _scalars(metrics.get("validation"))}
     found = {model: values for model, values in found.items() if values}
     headlines = {model: {k: v for k, v in values.items() if k == headline} for model, values in found.items()}
     headlines = {m: v for m, v in headlines.items() if v}
@@ -347,6 +349,21 @@ class ProgressReporter:
             table = per_class_table(event.get("per_class")) if kind == "test" else None
             if table is not None:
                 console.print(table, highlight=False)
+
+
+@app.command()
+def promote(config: ConfigOption,
+            to: Annotated[str, typer.Option("--to", help="Where the output goes: the sweep's <output.uri>best/")],
+            record: Annotated[str, typer.Option("--record", help="JSON naming the sweep, the trial, its parameters "
+                                                "and metric, written as sweep.json")]) -> None:
+    """Publish the output at the config's output.uri again at --to (a FineTuneSweep's best trial, promote: best)."""
+    from .promote import promote as copy_output
+
+    try:
+        doc = copy_output(load_config(config), to, json.loads(record))
+    except Exception as e:  # noqa: BLE001
+        fail(e)
+    termination_log(json.dumps({"promoted": to, "trial": doc.get("trial"), "files": doc["files"]}))
 
 
 @app.command("run")

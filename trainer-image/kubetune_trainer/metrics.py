@@ -25,6 +25,7 @@ _GAUGES = {
     "eta_seconds": "Estimated seconds until training ends",
     "train_loss": "Mean training loss over the last logging window",
     "validation_loss": "Loss on the validation split at the last evaluation",
+    "validation_step": "The step of the last evaluation on the validation split",
     "test_loss": "Loss on the test split",
     "test_perplexity": "Perplexity on the test split",
     "test_token_accuracy": "Share of trained test tokens predicted exactly (argmax)",

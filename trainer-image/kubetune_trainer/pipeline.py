@@ -144,7 +144,7 @@ def _run(config: TrainerConfig, report: Reporter, storage: Storage | None) -> di
                 metrics.set(test_loss=t["loss"], test_perplexity=t.get("perplexity"),
                             test_token_accuracy=t.get("token_accuracy"))
             if "validation" in results:
-                metrics.set(validation_loss=results["validation"]["loss"])
+                metrics.set(validation_loss=results["validation"]["loss"], validation_step=selected)
 
         manifest: dict = {}
         # Under FSDP every process helps gather the trained weights in full (a collective); rank 0 saves them.

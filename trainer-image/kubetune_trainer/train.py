@@ -522,7 +522,7 @@ def _evaluate_and_check_patience(loop: Loop, model, val_seqs, state) -> bool:
     state.last_validation = {"step": state.step, **result}
     loop.report({"event": "validation", **state.last_validation})
     if metrics:
-        metrics.set(validation_loss=result["loss"])
+        metrics.set(validation_loss=result["loss"], validation_step=state.step)
         metrics.set_evaluation("validation", "finetuned", result)
         metrics.set_phase("training")
     stopping, metric = config.evaluation.early_stopping, config.evaluation.metric

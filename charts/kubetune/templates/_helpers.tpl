@@ -145,15 +145,26 @@ RBAC rules on namespaced resources, in a Role per served namespace (never cluste
 Exactly the calls the operator makes: docs/operator.md, section RBAC (a test keeps the two equal).
 */}}
 {{- define "kubetune.namespacedRules" -}}
+# created: a FineTuneSweep's trials; patched: kopf's annotations and finalizer, a pruned trial's suspend
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
 # children carry blockOwnerDeletion owner references
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/finalizers"]
+  verbs: ["update"]
+# FineTuneSweeps: watched and read; their status patched; their trials carry blockOwnerDeletion owner references
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunesweeps"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunesweeps/status"]
+  verbs: ["patch"]
+- apiGroups: ["kubetune.io"]
+  resources: ["finetunesweeps/finalizers"]
   verbs: ["update"]
 # children: created, patched and watched (kopf indexes them by their FineTuneJob)
 - apiGroups: [""]

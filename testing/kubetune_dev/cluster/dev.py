@@ -2,12 +2,12 @@
 FineTuneJob needs, so that `kubectl apply -f examples/demo-finetunejob.yaml` trains on this machine's CPU.
 
 The cluster daemon runs `DevCluster.start()` once the control plane and the node agent are up: it installs the
-FineTuneJob CRD, starts an S3 server in the cluster as the Service minio.minio:9000 (hack/dev-cluster-s3.yaml,
-the endpoint the examples name), creates the `s3-credentials` Secret in `default`, uploads the demo's tiny base
-model and support-bot data to the URIs the example names, and starts the operator as a child process. With
-`--kueue` (`make dev-cluster KUEUE=1`) it first starts the real Kueue (kueue.py) with a ResourceFlavor, a
-ClusterQueue holding the node's GPUs (and this machine's CPUs and memory) and the LocalQueue `user-queue` in
-`default`. All of it stops with the daemon (`make dev-cluster-down`).
+FineTuneJob and FineTuneSweep CRDs, starts an S3 server in the cluster as the Service minio.minio:9000
+(hack/dev-cluster-s3.yaml, the endpoint the examples name), creates the `s3-credentials` Secret in `default`,
+uploads the demo's tiny base model and support-bot data to the URIs the example names, and starts the operator as a
+child process. With `--kueue` (`make dev-cluster KUEUE=1`) it first starts the real Kueue (kueue.py) with a
+ResourceFlavor, a ClusterQueue holding the node's GPUs (and this machine's CPUs and memory) and the LocalQueue
+`user-queue` in `default`. All of it stops with the daemon (`make dev-cluster-down`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from .kueue import Kueue, kubectl, wait_established
 EXAMPLE = REPO_ROOT / "examples" / "demo-finetunejob.yaml"
 S3_MANIFEST = REPO_ROOT / "hack" / "dev-cluster-s3.yaml"
 CRD = REPO_ROOT / "crds" / "kubetune.io_finetunejobs.yaml"
+SWEEP_CRD = REPO_ROOT / "crds" / "kubetune.io_finetunesweeps.yaml"
 SECRET = "s3-credentials"
 EXAMPLE_ENDPOINT = "http://minio.minio:9000"  # the in-cluster S3 server's Service, as the examples name it
 CLUSTER_QUEUE, LOCAL_QUEUE = "cluster-queue", "user-queue"
@@ -95,8 +96,9 @@ class DevCluster:
         return kubectl(self.kubeconfig, *args)
 
     def start(self, pretrain_steps: int) -> dict:
-        self.kubectl("apply", "--server-side", "-f", str(CRD))
-        wait_established(self.kubeconfig, ["finetunejobs.kubetune.io"])
+        for path in (CRD, SWEEP_CRD):
+            self.kubectl("apply", "--server-side", "-f", str(path))
+        wait_established(self.kubeconfig, ["finetunejobs.kubetune.io", "finetunesweeps.kubetune.io"])
         endpoint = self.start_s3()
         keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
         self.kubectl("create", "secret", "generic", SECRET, "-n", "default",
