@@ -99,6 +99,9 @@ class Chromium:
         try:
             for domain in ("Page", "Runtime", "Log", "Network"):
                 call(f"{domain}.enable")
+            call("Log.clear")  # an earlier visit's entries, which enabling the domains replays
+            call("Runtime.discardConsoleEntries")
+            events.clear()
             call("Page.navigate", url=page.resolve().as_uri())
             deadline = time.monotonic() + timeout
             while not any(m.get("method") == "Page.loadEventFired" for m in events):
