@@ -117,6 +117,7 @@ def test_one_run_shows_its_results_plots_history_checkpoints_data_and_card(outpu
     assert seen.row("in train (leakage)")[0] == ["in train (leakage)", "test", "1 exact, 0 near", "warn"]
     words = " ".join(seen.text)
     assert QUALITY["summary"] in words and "s3://data/tickets/train.jsonl" in words
+    assert CONTEXT.data_summary in words  # the data report's line, from the card's Data section
     assert "Use it" in words and "PeftModel.from_pretrained" in words  # the card's body, rendered
     assert "Hardware and time" in words and "2 x NVIDIA H100" in words
     assert seen.row("license")[0] == ["license", "apache-2.0"]  # its front matter
@@ -139,6 +140,7 @@ def test_every_value_is_escaped(outputs, tmp_path):
         seen = Page(text)
         assert not seen.links and "<script>" not in text
         assert hostile in "".join(seen.text)  # shown as text
+    assert "[image: x]" in "".join(Page(page([_load(folder)])).text)  # the card's images are named, not loaded
 
 
 def test_several_runs_side_by_side(outputs):
@@ -170,6 +172,15 @@ def test_an_output_from_before_the_run_record(tmp_path):
     assert run.records[0] == {"kind": "train", "step": 1, "loss": 2.0} and run.card is None and not run.plots
     seen = Page(page([run]))
     assert len(seen.images) == 1 and "No model card (README.md) in this output." in " ".join(seen.text)
+
+
+def test_a_damaged_history_is_a_clear_error(outputs, tmp_path):
+    folder = Path(shutil.copytree(outputs["clf"], tmp_path / "damaged"))
+    with (folder / HISTORY).open("a") as f:
+        f.write('{"step": 21, "kind": "tra\n')
+    result = CliRunner().invoke(app, ["report", str(folder), "-o", str(tmp_path / "x.html")])
+    lines = len((folder / HISTORY).read_text().splitlines())
+    assert result.exit_code == 78 and f"metrics.jsonl, line {lines}: not JSON" in result.output
 
 
 def test_the_command_writes_the_page(outputs, tmp_path):

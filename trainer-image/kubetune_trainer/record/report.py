@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import re
 import tempfile
@@ -29,10 +30,11 @@ import yaml
 from markdown_it import MarkdownIt
 from matplotlib.figure import Figure
 
+from ..errors import ConfigError
 from ..quality.report import compact, quality_rows
 from .card import measures
 from .history import HISTORY, scalars
-from .plots import DPI, SIZE, STEP_AXIS, _metric_label
+from .plots import DPI, SIZE, STEP_AXIS, metric_label
 
 TRAIN_CURVES = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "step_seconds", "gpu_memory_bytes",
                 "rewards_margin", "rewards_accuracy")  # the training scalars drawn, in this order, when present
@@ -44,7 +46,7 @@ CARD_SHOWN = ("Task", "Training", "Hardware and time", "Use it")  # the card's s
 #                                                                  the others it shows from the manifest
 CARD_METADATA = ("base_model", "library_name", "pipeline_tag", "license", "tags", "datasets")
 GIB = 2**30
-LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LABELS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # the runs of a comparison; the 27th on are numbered
 
 
 @dataclass
@@ -71,8 +73,6 @@ def _relative(path: object) -> str | None:
 def load_run(storage, manifest_uri: str, manifest: dict) -> Run:
     """The run whose manifest is at `manifest_uri`: its history, card and plots from the same folder, as its
     `record` names them (an output from before the run record: the manifest's `history` only)."""
-    import json
-
     folder = manifest_uri.rsplit("/", 1)[0] + "/"
     record = manifest.get("record") or {}
 
@@ -84,12 +84,26 @@ def load_run(storage, manifest_uri: str, manifest: dict) -> Run:
             return storage.download_to(folder + rel, Path(tmp) / "file").read_bytes()
 
     history = fetch(record.get("metrics", HISTORY) if record else None)
-    records = ([json.loads(line) for line in history.decode().splitlines() if line.strip()] if history else
+    records = (_lines(folder + str(record.get("metrics", HISTORY)), history.decode(errors="replace")) if history else
                [{"kind": "train", **r} for r in manifest.get("history") or [] if isinstance(r, dict)])
     card = fetch(record.get("card"))
     plots = {str(title): png for title, path in (record.get("plots") or {}).items()
              if (png := fetch(path)) is not None}
     return Run(manifest_uri, manifest, records, card.decode(errors="replace") if card else None, plots)
+
+
+def _lines(uri: str, text: str) -> list[dict]:
+    """The records of a metrics.jsonl; a line that is not JSON is an error naming it."""
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise ConfigError(f"{uri}, line {number}: not JSON ({e}); the metric history is damaged") from None
+            if isinstance(record, dict):
+                records.append(record)
+    return records
 
 
 # -- small pieces ---------------------------------------------------------------------------------------------
@@ -118,7 +132,7 @@ def _text(value: object) -> str:
 def _table(header: list[str], rows: list[list], classes: list[str] | None = None, caption: str = "") -> str:
     """An HTML table; the header and the cells escaped; `classes`: a CSS class per row."""
     head = "".join(f"<th>{e(h)}</th>" for h in header)
-    body = "".join(f"<tr{f' class={html.escape(c)!r}' if c else ''}>" + "".join(f"<td>{e(v)}</td>" for v in row)
+    body = "".join(("<tr>" if not c else f'<tr class="{e(c)}">') + "".join(f"<td>{e(v)}</td>" for v in row)
                    + "</tr>" for row, c in zip(rows, classes or [""] * len(rows), strict=True))
     cap = f"<caption>{e(caption)}</caption>" if caption else ""
     return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -164,7 +178,7 @@ def curves(runs: list[tuple[str, list[dict]]], title: str) -> bytes | None:
             steps, values = _series(records, kind, key)
             if steps:
                 ax.plot(steps, values, marker="o" if kind == "validation" else None, markersize=3, label=name)
-        label = _metric_label(key) if kind == "validation" else UNITS.get(key, _metric_label(key))
+        label = metric_label(key) if kind == "validation" else UNITS.get(key, metric_label(key))
         ax.set(title=f"{kind}: {key.replace('_', ' ')}", xlabel=STEP_AXIS, ylabel=label)
         ax.grid(alpha=0.3)
         if len(runs) > 1:
@@ -225,13 +239,20 @@ def _checkpoints(doc: dict) -> str:
                   caption="the metrics: the validation split's at each step")
 
 
-def _data(doc: dict) -> str:
+def _data(doc: dict, card_data: str | None) -> str:
+    """The splits (file, records, tokens, sha256), the data report's line (the card's Data section has it), and the
+    data-quality findings with what the policy did."""
     datasets = {split: d for split, d in (doc.get("datasets") or {}).items() if isinstance(d, dict)}
     rows = [[split, d.get("uri"), d.get("samples"), d.get("tokens"), str(d.get("sha256") or "")[:12]]
             for split, d in datasets.items()]
     text = _table(["split", "file", "records", "tokens", "sha256"], rows) if rows else ""
     if doc.get("format"):
         text += f"<p>Format: {e(doc['format'])}.</p>"
+    # The card's Data section: its table (above), the data report's line, the quality line (below, from the manifest)
+    lines = [line for line in (card_data or "").splitlines()[1:]
+             if line.strip() and not line.startswith(("|", "Data quality: "))]
+    if lines:
+        text += _markdown().render("\n\n".join(lines))
     quality = doc.get("quality")
     if isinstance(quality, dict):
         found = compact(quality)
@@ -242,12 +263,19 @@ def _data(doc: dict) -> str:
     return text
 
 
-def _card(text: str | None) -> str:
-    """The model card: its front matter as a table, and the sections of its body that the page does not show from
-    the manifest already (CARD_SHOWN), rendered with markdown-it: raw HTML is not rendered but escaped, an image only
+def _markdown() -> MarkdownIt:
+    """Markdown as the card has it (CommonMark and tables); raw HTML is not rendered but escaped, an image only
     named."""
+    markdown = MarkdownIt("commonmark", {"html": False}).enable("table")
+    markdown.add_render_rule("image", lambda _self, tokens, i, *_: f"<em>[image: {e(tokens[i].content)}]</em>")
+    return markdown
+
+
+def card_parts(text: str | None) -> tuple[dict, str, dict[str, str]]:
+    """A model card as (its front matter, the body before the first section less its title, {section title: the
+    section's markdown, its heading line first})."""
     if not text:
-        return "<p>No model card (README.md) in this output.</p>"
+        return {}, "", {}
     meta, body = {}, text
     if text.startswith("---\n") and "\n---" in text[4:]:
         front, body = text[4:].split("\n---", 1)
@@ -255,19 +283,26 @@ def _card(text: str | None) -> str:
             meta = yaml.safe_load(front)
         except yaml.YAMLError:
             meta = None
-    meta = meta if isinstance(meta, dict) else {}
     sections = re.split(r"(?m)^## ", body)
     intro = re.sub(r"(?m)^# .*$", "", sections[0])  # the card's title: the page has its own
-    kept = [intro, *(f"### {s}" for s in sections[1:] if s.split("\n", 1)[0].strip() in CARD_SHOWN)]
-    markdown = MarkdownIt("commonmark", {"html": False}).enable("table")
-    markdown.add_render_rule("image", lambda _self, tokens, i, *_: f"<em>[image: {e(tokens[i].content)}]</em>")
+    return (meta if isinstance(meta, dict) else {}, intro,
+            {s.split("\n", 1)[0].strip(): s for s in sections[1:]})
+
+
+def _card(run: Run, meta: dict, intro: str, sections: dict[str, str]) -> str:
+    """The model card: its front matter as a table, its intro and the sections the page does not show from the
+    manifest already (CARD_SHOWN)."""
+    if not run.card:
+        return "<p>No model card (README.md) in this output.</p>"
+    kept = [intro, *(f"### {text}" for title, text in sections.items() if title in CARD_SHOWN)]
     rows = [[k, meta[k]] for k in CARD_METADATA if meta.get(k) is not None]
     front_table = _table(["card metadata", ""], rows) if rows else ""
-    return f'{front_table}<div class="card">{markdown.render(chr(10).join(kept))}</div>'
+    return f'{front_table}<div class="card">{_markdown().render(chr(10).join(kept))}</div>'
 
 
 def _one(run: Run) -> str:
     doc = run.manifest
+    meta, intro, card = card_parts(run.card)
     history = curves([(str(doc.get("job", "")), run.records)], f"{doc.get('job', '')}: metric history")
     sections = [
         _section("Run", _table(["", ""], _facts(doc, run.source)), "run"),
@@ -276,8 +311,8 @@ def _one(run: Run) -> str:
         _section("Metric history", _image("Metric history", history) if history else
                  "<p>No metric history in this output.</p>", "history"),
         _section("Checkpoints", _checkpoints(doc), "checkpoints"),
-        _section("Data", _data(doc), "data"),
-        _section("Model card", _card(run.card), "card"),
+        _section("Data", _data(doc, card.get("Data")), "data"),
+        _section("Model card", _card(run, meta, intro, card), "card"),
     ]
     return "".join(sections)
 
@@ -306,7 +341,7 @@ def parameters(doc: dict) -> dict[str, object]:
 
 
 def _compare(runs: list[Run]) -> str:
-    names = [f"{LABELS[i % 26]}: {run.manifest.get('job', '')}" for i, run in enumerate(runs)]
+    names = [f"{LABELS[i] if i < len(LABELS) else i + 1}: {run.manifest.get('job', '')}" for i, run in enumerate(runs)]
     legend = _table(["run", "output", "result"],
                     [[name, run.source.rsplit("/", 1)[0] + "/", _outcome(run.manifest)] for name, run in
                      zip(names, runs, strict=True)])
