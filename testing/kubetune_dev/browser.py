@@ -57,13 +57,14 @@ class Chromium:
                    f"--user-data-dir={profile}", "--window-size=1280,1024", "about:blank"]
         if os.geteuid() == 0:
             command.insert(1, "--no-sandbox")  # Chromium's sandbox refuses to run as root
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                   start_new_session=True)
+        log = (profile / "chromium.log").open("wb")  # a file, not a pipe: a full pipe would block the browser
+        process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
         try:
             port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + timeout
             while not (port_file.is_file() and port_file.read_text().strip()):
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"chromium did not start: {process.stderr.read().decode()[-2000:]}")
+                    problem = (profile / "chromium.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"chromium did not start: {problem}")
                 time.sleep(0.1)
             yield cls(process, profile, int(port_file.read_text().split()[0]))
         finally:
@@ -74,7 +75,7 @@ class Chromium:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-            process.stderr.close()
+            log.close()
             shutil.rmtree(profile, ignore_errors=True)
 
     def visit(self, page: Path, ask: dict[str, str], timeout: float = 30) -> Visit:

@@ -105,6 +105,7 @@ def test_one_run_shows_its_results_plots_history_checkpoints_data_and_card(outpu
     text = page([run])
     seen = Page(text)
     assert not seen.links  # self-contained: nothing to load, no script
+    assert "default-src 'none'; img-src data:" in text  # and the browser is told to load nothing else
     # every plot of the output and the metric history, each an image drawn on
     assert len(seen.images) == len(run.plots) + 1 == 5
     for src in seen.images:
