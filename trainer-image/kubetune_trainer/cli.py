@@ -5,6 +5,7 @@
     kubetune launch ACCELERATE_ARGS...        the pod's entrypoint: `accelerate launch`, exit codes kept
     kubetune run finetunejob.yaml             a FineTuneJob manifest, trained on this machine
     kubetune checkpoints JOB|OUTPUT_URI       a run's checkpoints with their validation metrics, as a table
+    kubetune report JOB|OUTPUT_URI...         one HTML page: a run's report, or several runs side by side
 """
 
 from __future__ import annotations
@@ -129,29 +130,11 @@ def validate(config: ConfigOption,
 def quality_table(quality: dict, policy: dict) -> Table:
     """The data-quality findings (the compact section, quality/report.py) per check and split, and what the
     dataset.quality policy did about each."""
+    from .quality.report import quality_rows
+
     table = Table("quality check", "split", "found", "action")
-
-    def row(check: str, field: str, split: str, found: str, nonzero: bool) -> None:
-        action = policy.get(field, "") if split == "train" or field == "leakage" else "report"
-        table.add_row(check, split, found, action if nonzero else "")
-
-    for split, n in (quality.get("duplicates") or {}).items():
-        row("duplicates", "duplicates", split, f"{n:,}", n > 0)
-    for split, leak in (quality.get("leakage") or {}).items():
-        row("in train (leakage)", "leakage", split, f"{leak['exact']:,} exact, {leak['near']:,} near",
-            leak["exact"] + leak["near"] > 0)
-    for split, kinds in (quality.get("pii") or {}).items():
-        found = ", ".join(f"{n:,} {kind}" for kind, n in kinds.items() if n) or "0"
-        row("personal data", "personalData", split, found, found != "0")
-    labels = quality.get("labels")
-    if labels is not None:
-        row("label conflicts", "conflicts", "train", f"{labels['conflicts']:,}", labels["conflicts"] > 0)
-        row("suspected label errors", "labelErrors", "train", f"{labels['suspected']:,}", labels["suspected"] > 0)
-        table.add_row("rare classes", "train", ", ".join(map(str, labels["rare"])) or "none", "")
-        if labels.get("unseen"):
-            table.add_row("classes not in train", "", ", ".join(map(str, labels["unseen"])), "")
-    for split, n in (quality.get("dropped") or {}).items():
-        table.add_row("dropped in all", split, f"{n:,}", "")
+    for row in quality_rows(quality, policy):
+        table.add_row(*(escape(cell) for cell in row))
     return table
 
 
@@ -417,25 +400,10 @@ def checkpoints_command(
 
 def checkpoints_of(target: str, namespace: str | None, endpoint: str | None) -> tuple[list[dict], str]:
     """(the checkpoints, where they were read): from the manifest at an output URI, or the FineTuneJob's status."""
-    from kubetune_api import StorageEndpoint, join_uri
-
-    from .storage import Storage
-
-    if "://" in target or target.startswith((".", "/")) or Path(target).exists():
-        uri = target if target.endswith(".json") else join_uri(target, "manifest.json")
-        manifest = Storage(StorageEndpoint(endpoint=endpoint)).get_json(uri)
-        if manifest is None:
-            raise ConfigError(f"{uri}: no manifest.json there; give the output.uri of a run that was published")
+    if is_output(target):
+        manifest, uri = read_manifest(target, endpoint)
         return manifest.get("checkpoints") or [], uri
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        raise ConfigError("kubectl is not on the PATH: install it to read a FineTuneJob, or give its output URI")
-    command = [kubectl, "get", "finetunejob", target, "-o", "json", *(["-n", namespace] if namespace else [])]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    if done.returncode != 0:
-        problem = (done.stderr.strip().splitlines() or ["kubectl failed"])[-1]
-        raise ConfigError(f"FineTuneJob {target}: {problem}")
-    status = json.loads(done.stdout).get("status") or {}
+    status = finetunejob_status(target, namespace)
     if not status.get("checkpoints"):
         result = (status.get("result") or {}).get("adapterUri")
         hint = f"; every one is in the manifest: kubetune checkpoints {result}" if result else \
@@ -443,6 +411,49 @@ def checkpoints_of(target: str, namespace: str | None, endpoint: str | None) -> 
         raise ConfigError(f"FineTuneJob {target} has no checkpoints in its status (phase {status.get('phase')})"
                           + hint)
     return status["checkpoints"], f"FineTuneJob {target}"
+
+
+def is_output(target: str) -> bool:
+    """Whether `target` names an output (a URI, a folder, a manifest) rather than a FineTuneJob."""
+    return "://" in target or target.startswith((".", "/")) or Path(target).exists()
+
+
+def read_manifest(target: str, endpoint: str | None) -> tuple[dict, str]:
+    """(the manifest, its URI) of an output URI or folder, or of a manifest's own URI."""
+    from kubetune_api import StorageEndpoint, join_uri
+
+    from .storage import Storage
+
+    uri = target if target.endswith(".json") else join_uri(target, "manifest.json")
+    manifest = Storage(StorageEndpoint(endpoint=endpoint)).get_json(uri)
+    if manifest is None:
+        raise ConfigError(f"{uri}: no manifest.json there; give the output.uri of a run that was published")
+    return manifest, uri
+
+
+def finetunejob_status(name: str, namespace: str | None) -> dict:
+    """A FineTuneJob's status, read with kubectl."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise ConfigError("kubectl is not on the PATH: install it to read a FineTuneJob, or give its output URI")
+    command = [kubectl, "get", "finetunejob", name, "-o", "json", *(["-n", namespace] if namespace else [])]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        problem = (done.stderr.strip().splitlines() or ["kubectl failed"])[-1]
+        raise ConfigError(f"FineTuneJob {name}: {problem}")
+    return json.loads(done.stdout).get("status") or {}
+
+
+def manifest_of(target: str, namespace: str | None, endpoint: str | None) -> tuple[dict, str]:
+    """(the manifest, its URI) of a published run: an output URI, a manifest, or a FineTuneJob that succeeded."""
+    if is_output(target):
+        return read_manifest(target, endpoint)
+    status = finetunejob_status(target, namespace)
+    uri = (status.get("result") or {}).get("manifestUri")
+    if not uri:
+        raise ConfigError(f"FineTuneJob {target} has published nothing yet (phase {status.get('phase')}): its "
+                          "report is written once it succeeded")
+    return read_manifest(uri, endpoint)
 
 
 def checkpoints_table(rows: list[dict], source: str) -> Table:
@@ -460,6 +471,32 @@ def checkpoints_table(rows: list[dict], source: str) -> Table:
     if not rows:
         table.caption = "no checkpoints: the run took none (checkpoint.everySteps, everyMinutes)"
     return table
+
+
+@app.command("report")
+def report_command(
+    targets: Annotated[list[str], typer.Argument(help="Runs: FineTuneJob names (read with kubectl), output URIs or "
+                                                 "their manifest.json (s3://bucket/prefix/, a local folder)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write")] = Path("report.html"),
+    namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="The FineTuneJobs' namespace")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="S3-compatible endpoint URL (AWS when unset)")] = None,
+) -> None:
+    """One self-contained HTML page: a run's results, plots, metric history, checkpoints, data and model card; for
+    several runs, their parameters (the differing ones marked), metrics and curves side by side."""
+    from kubetune_api import StorageEndpoint
+
+    from .record.report import load_run, page
+    from .storage import Storage
+
+    try:
+        storage = Storage(StorageEndpoint(endpoint=endpoint))
+        runs = [load_run(storage, uri, manifest)
+                for manifest, uri in (manifest_of(t, namespace, endpoint) for t in targets)]
+        output.write_text(page(runs), encoding="utf-8")
+    except Exception as e:  # noqa: BLE001
+        fail(e)
+    out.print(f"[green]wrote[/] {escape(str(output))} ({len(runs)} run{'s' if len(runs) > 1 else ''})",
+              highlight=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover

@@ -121,3 +121,32 @@ def compact(doc: dict[str, Any]) -> dict[str, Any]:
     out["findings"] = doc.get("findings", 0)
     out["summary"] = doc.get("summary", "")
     return out
+
+
+def quality_rows(quality: dict[str, Any], policy: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The compact section's findings for people: (check, split, found, action) per check and split, the action
+    being what the dataset.quality policy did about a finding (`kubetune validate`'s table, the report page's)."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def row(check: str, field: str, split: str, found: str, nonzero: bool) -> None:
+        action = policy.get(field, "") if split == "train" or field == "leakage" else "report"
+        rows.append((check, split, found, str(action) if nonzero else ""))
+
+    for split, n in (quality.get("duplicates") or {}).items():
+        row("duplicates", "duplicates", split, f"{n:,}", n > 0)
+    for split, leak in (quality.get("leakage") or {}).items():
+        row("in train (leakage)", "leakage", split, f"{leak['exact']:,} exact, {leak['near']:,} near",
+            leak["exact"] + leak["near"] > 0)
+    for split, kinds in (quality.get("pii") or {}).items():
+        found = ", ".join(f"{n:,} {kind}" for kind, n in kinds.items() if n) or "0"
+        row("personal data", "personalData", split, found, found != "0")
+    labels = quality.get("labels")
+    if labels is not None:
+        row("label conflicts", "conflicts", "train", f"{labels['conflicts']:,}", labels["conflicts"] > 0)
+        row("suspected label errors", "labelErrors", "train", f"{labels['suspected']:,}", labels["suspected"] > 0)
+        rows.append(("rare classes", "train", ", ".join(map(str, labels["rare"])) or "none", ""))
+        if labels.get("unseen"):
+            rows.append(("classes not in train", "", ", ".join(map(str, labels["unseen"])), ""))
+    for split, n in (quality.get("dropped") or {}).items():
+        rows.append(("dropped in all", split, f"{n:,}", ""))
+    return rows

@@ -54,7 +54,7 @@ def _unit(doc: dict) -> str:
     return "cross-entropy (nats per token)" if doc["task"] == "causal-lm" else "cross-entropy (nats per sample)"
 
 
-def _metric_label(name: str) -> str:
+def metric_label(name: str) -> str:
     return f"{name.replace('_', ' ')} (share, 0 to 1)" if name in SHARES else name.replace("_", " ")
 
 
@@ -101,7 +101,7 @@ def _metric(job: str, doc: dict, records: list[dict]) -> Figure | None:
     base = measures(((doc.get("metrics") or {}).get("baseline") or {}).get("test")).get(name)
     if base is not None:
         ax.axhline(base, color="tab:gray", linestyle=":", label="base model (test split)")
-    _over_steps(ax, doc, _metric_label(name))
+    _over_steps(ax, doc, metric_label(name))
     return figure
 
 
@@ -136,7 +136,7 @@ def _before_after(job: str, doc: dict, records: list[dict]) -> Figure | None:
     for ax, name in zip(axes[0], names, strict=True):
         bars = ax.bar(["base model", "fine-tuned"], [base[name], test[name]], color=["tab:gray", "tab:blue"])
         ax.bar_label(bars, fmt="%.3g")
-        ax.set(ylabel=_unit(doc) if name == "loss" else _metric_label(name), title=name.replace("_", " "))
+        ax.set(ylabel=_unit(doc) if name == "loss" else metric_label(name), title=name.replace("_", " "))
         ax.tick_params(axis="x", labelrotation=30)
     return figure
 
