@@ -43,7 +43,7 @@ fmt: venv
 clean: ## Remove local work files (not the venv, not the control-plane cache)
 	rm -rf .work .demo .pytest_cache .testmondata
 
-system-deps: ## Debian packages the tests need (prometheus, etcd fallback); needs root
+system-deps: ## Debian packages the tests need (prometheus, chromium, etcd fallback); needs root
 	@if [ -x hack/install-system-deps ]; then hack/install-system-deps; fi
 
 -include mk/*.mk
