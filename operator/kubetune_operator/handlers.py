@@ -63,9 +63,9 @@ async def by_namespace(body, namespace, **_) -> dict:
 
 
 async def workload_changed(body, namespace, **_) -> None:
-    job = kueue.owner_job(body)
-    if job and job.endswith(children.TRAINING_SUFFIX):
-        loop.wake(namespace, job.removesuffix(children.TRAINING_SUFFIX))
+    name = children.finetunejob_of(kueue.owner_job(body) or "")
+    if name:
+        loop.wake(namespace, name)
 
 
 def serve_kueue() -> None:

@@ -86,7 +86,7 @@ def status_of(cp, namespace: str, name: str) -> dict:
 
 
 def workload_of(cp, namespace: str, name: str) -> dict | None:
-    job = get_json(cp, "job", "-n", namespace, f"{name}-train")
+    job = get_json(cp, "job", "-n", namespace, f"{name}-train-1")
     return next((w for w in get_json(cp, "workloads", "-n", namespace)["items"]
                  if any(r["uid"] == job["metadata"]["uid"] for r in w["metadata"].get("ownerReferences") or [])),
                 None)
@@ -153,7 +153,7 @@ def test_a_suspend_holds_and_resume_requeues(control_plane, node_agent, namespac
         "admitted"], timeout=60)
     for _ in range(8):  # Kueue and the operator leave it alone
         s = status_of(control_plane, namespace, "pausable")
-        job = get_json(control_plane, "job", "-n", namespace, "pausable-train")
+        job = get_json(control_plane, "job", "-n", namespace, "pausable-train-1")
         workload = workload_of(control_plane, namespace, "pausable")
         assert s["phase"] == "Suspended" and job["spec"]["suspend"] is True, (s, job["spec"])
         assert workload["spec"]["active"] is False and not s["queue"]["admitted"], workload
@@ -171,7 +171,7 @@ def test_a_suspend_holds_and_resume_requeues(control_plane, node_agent, namespac
         workload["metadata"].get("annotations") or {})
     done = wait_phase(control_plane, namespace, "pausable", ("Succeeded", "Failed"), timeout=180)["status"]
     assert done["phase"] == "Succeeded" and done.get("restarts", 0) == 0, done
-    assert not get_json(control_plane, "job", "-n", namespace, "pausable-train")["status"].get("failed")
+    assert not get_json(control_plane, "job", "-n", namespace, "pausable-train-1")["status"].get("failed")
 
 
 def test_a_job_without_a_queue_name_is_left_to_the_operator(control_plane, node_agent, namespace, operator, kueue,
@@ -234,7 +234,7 @@ def test_a_preempted_job_resumes_from_its_checkpoint(control_plane, node_agent, 
     done = wait_phase(control_plane, namespace, "low", ("Succeeded", "Failed"), timeout=420)["status"]
     assert done["phase"] == "Succeeded", done
     assert done.get("restarts", 0) == 0 and done["queue"]["preemptions"] == 1, done
-    assert not get_json(control_plane, "job", "-n", namespace, "low-train")["status"].get("failed")
+    assert not get_json(control_plane, "job", "-n", namespace, "low-train-1")["status"].get("failed")
     [again] = [p["metadata"]["name"] for p in training_job_pods(control_plane, namespace, "low")
                if p["metadata"]["name"] != rank0]
     [resumed] = [e for e in trainer_events(node_agent.logs(namespace, again)) if e["event"] == "resumed"]
