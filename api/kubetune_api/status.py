@@ -239,6 +239,8 @@ class Attempts(Model):
     failures: int | None = Field(None, ge=0, description="Attempts ended by the trainer failing (its exit code); "
                                  "runPolicy.backoffLimit")
     last_incident: str | None = Field(None, description="The kind and evidence of the last incident")
+    ending: str | None = Field(None, description="Bookkeeping: the kind and evidence of a disruption seen while the "
+                               "current attempt ends (an evicted pod and its condition are gone once it stopped)")
 
 
 class FineTuneJobStatus(Model):

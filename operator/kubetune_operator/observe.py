@@ -218,7 +218,14 @@ def _exits(pods: list[dict], container: str) -> Incident | None:
     return None
 
 
-def attempt_end(job: dict, pods: list[dict], container: str, eviction: tuple[str, str] | None) -> Incident | None:
+def disrupted(pods: list[dict]) -> Incident | None:
+    """A worker's disruption while the attempt still runs, as evidence to keep (an evicted pod is deleted once
+    it has stopped: its DisruptionTarget goes with it)."""
+    return _disrupted(pods)
+
+
+def attempt_end(job: dict, pods: list[dict], container: str, eviction: tuple[str, str] | None,
+                seen: Incident | None = None) -> Incident | None:
     """Whether the training attempt of `job` has ended, or must end, for an incident, and its kind, by evidence:
     - preemption: a worker's DisruptionTarget condition (eviction, scheduler preemption), or Kueue's eviction
       (`eviction`: the Workload's Evicted (reason, message) while Kueue suspends the Job; not one the operator
@@ -228,6 +235,8 @@ def attempt_end(job: dict, pods: list[dict], container: str, eviction: tuple[str
       exit 75 (storage or network unreachable after retries) without a disruption, workers that only lost each
       other, or a Job failed with no worker left to say why;
     - failure: the trainer's own exit code (1, a crash; 137, killed for memory; ...).
+    `seen`: the evidence of a disruption recorded while the attempt still ran (status.attempts.ending), which
+    outweighs what the remaining workers say (they exit 75 or 76 because of it).
     None: the attempt goes on, or ended otherwise (success, a permanent failure, its deadline)."""
     done = job_finished(job)
     if eviction and (job.get("spec") or {}).get("suspend"):
@@ -238,7 +247,7 @@ def attempt_end(job: dict, pods: list[dict], container: str, eviction: tuple[str
         return _stuck(pods, container)
     if done["type"] != "Failed" or done.get("reason") == "DeadlineExceeded" or permanent_failure(pods, container):
         return None
-    found = _disrupted(pods) or _sidecar_oom(pods, container) or _exits(pods, container)
+    found = _disrupted(pods) or seen or _sidecar_oom(pods, container) or _exits(pods, container)
     if found:
         return found
     why = done.get("message") or done.get("reason") or "no reason given"

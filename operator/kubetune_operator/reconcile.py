@@ -34,6 +34,7 @@ from .observe import (
     Incident,
     attempt_end,
     completion_index,
+    disrupted,
     disruption,
     explain_failure,
     job_finished,
@@ -345,7 +346,10 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
         return
     queue, workload = spec.scheduling.queue_name, observed.workload
     evicted = kueue.eviction(workload) if queue and workload and kueue.active(workload) else None
-    incident = None if deleting(job) else attempt_end(job, pods, children.TRAINER_CONTAINER, evicted)
+    attempts = d.status.get("attempts") or {}
+    kind, _, evidence = (attempts.get("ending") or "").partition(": ")
+    seen = Incident(kind, evidence) if evidence else None
+    incident = None if deleting(job) else attempt_end(job, pods, children.TRAINER_CONTAINER, evicted, seen)
     if incident:
         _next_attempt(d, meta, spec, observed, incident, settings)
         return
@@ -365,6 +369,9 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
     active = (job.get("status") or {}).get("active", 0)
     running = running_pods(pods)
     stopping = [p for p in pods if disruption(p)]
+    if stopping and not seen:  # kept: the pod, and its condition, are gone once it has stopped
+        found = disrupted(pods)
+        d.status.setdefault("attempts", {"current": attempt(old)})["ending"] = f"{found.kind}: {found.message}"[:1000]
     problem = pod_problem(pods, children.TRAINER_CONTAINER)
     if queue:
         d.status["queue"] = kueue.queue_status(queue, workload, observed.workloads)
@@ -449,9 +456,8 @@ def _next_attempt(d: Decision, meta: dict, spec: FineTuneJobSpec, observed: Obse
     job, number = observed.training_job, attempt(d.status)
     attempts = d.status.setdefault("attempts", {})
     count = attempts.get(incident.kind, 0) + 1
-    attempts.update({incident.kind: count, "current": number,
+    attempts.update({incident.kind: count, "current": number, "ending": None, "startTime": None,
                      "lastIncident": f"{incident.kind}: {incident.message}"[:1000]})
-    attempts.pop("startTime", None)
     field_, exhausted, event = BUDGETS[incident.kind]
     limit = budget(spec, incident.kind)
     step = (d.status.get("progress") or {}).get("step")

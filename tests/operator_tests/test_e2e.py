@@ -48,15 +48,15 @@ def crd(control_plane):
 class Operator:
     """`python -m kubetune_operator` as a subprocess; restart() kills it and starts a new one."""
 
-    def __init__(self, env: dict, log: Path):
-        self.env, self.log = env, log
+    def __init__(self, env: dict, log: Path, scope: tuple[str, ...] = ("--all-namespaces",)):
+        self.env, self.log, self.scope = env, log, scope
         self.health = f"http://127.0.0.1:{env['KUBETUNE_HEALTH_PORT']}/healthz"
         self.metrics = f"http://127.0.0.1:{env['KUBETUNE_METRICS_PORT']}/metrics"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         with self.log.open("a") as out:
-            cmd = [sys.executable, "-m", "kubetune_operator", "--all-namespaces", "-v"]
+            cmd = [sys.executable, "-m", "kubetune_operator", *self.scope, "-v"]
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         wait_for("the operator's liveness endpoint", lambda: self.proc.poll() is not None or
                  http_get(self.health)[0] == 200, timeout=60)
@@ -86,10 +86,11 @@ def platform_credentials(endpoint: str) -> dict:
             "KUBETUNE_POLICY_CREDENTIALS_NAMESPACES": "*"}
 
 
-def run_operator(tmp_path_factory, env: dict):
-    """For a fixture to `yield from`: an Operator with `env`, started, then stopped and its log named."""
+def run_operator(tmp_path_factory, env: dict, scope: tuple[str, ...] = ("--all-namespaces",)):
+    """For a fixture to `yield from`: an Operator with `env` (serving `scope`), started, then stopped and its log
+    named."""
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = Operator(env, log)
+    op = Operator(env, log, scope)
     op.start()
     try:
         yield op
@@ -390,7 +391,7 @@ def test_training_runs_reports_progress_and_succeeds(control_plane, node_agent, 
     jobs = sorted(j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"])
     assert jobs == ["train-ok-train-1"]  # the validation Job is cleaned up once it has passed
     pods = training_job_pods(control_plane, namespace, "train-ok")
-    assert sorted(p["spec"]["hostname"] for p in pods) == ["train-ok-train-0", "train-ok-train-1"]
+    assert sorted(p["spec"]["hostname"] for p in pods) == ["train-ok-train-1-0", "train-ok-train-1-1"]
     logs = node_agent.logs(namespace, next(p["metadata"]["name"] for p in pods
                                            if p["spec"]["hostname"].endswith("-1")))
     start = json.loads(logs.splitlines()[0])

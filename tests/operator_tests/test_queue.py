@@ -10,7 +10,7 @@ from kubetune_operator import kueue
 from kubetune_operator.reconcile import Observed
 
 from .builders import NOW, ftj, pod
-from .test_reconcile import desired, run, training_observed, validated
+from .test_reconcile import counted, desired, run, training_observed, validated
 
 QUEUED = {"scheduling": {"queueName": "team-a"}}
 
@@ -138,7 +138,7 @@ def test_a_preemption_by_kueue_ends_the_attempt_once_the_job_is_suspended():
     observed, tj, _ = queued(body, {"evicted": "Preempted", "preemptions": 1}, suspend=True)
     observed.training_pods = [pod(tj, 0, phase="Running"), pod(tj, 1, phase="Failed", exit_code=76)]
     d = run(body, observed)
-    assert d.status["attempts"] == {"current": 2, "preemptions": 1, "lastIncident": (
+    assert counted(d) == {"current": 2, "preemptions": 1, "lastIncident": (
         "preemptions: evicted by Kueue: Preempted (Preempted to accommodate a workload (UID: x) due to "
         "prioritization)")}
     assert "demo-train-1" in [o["metadata"]["name"] for o in d.delete]

@@ -731,6 +731,11 @@ def test_the_network_policy_comes_before_the_workers_and_only_when_enabled():
 # -- attempts: each incident ends the training Job, the next attempt is a new Job; counted by kind ---------
 
 
+def counted(d: Decision) -> dict:
+    """status.attempts as the API server keeps it (a null in the merge patch removes the field)."""
+    return {k: v for k, v in d.status["attempts"].items() if v is not None}
+
+
 def workers(objs: list[dict]) -> list[dict]:
     """The training Jobs among `objs` (the validation Job, finished, is deleted too)."""
     return [o for o in objs if o["metadata"]["labels"][children.LABEL_COMPONENT] == "workers"]
@@ -754,7 +759,7 @@ def test_a_failure_ends_the_attempt_and_the_next_is_a_new_job():
         "name": "demo-train-1", "uid": "job-demo-train-1"})
     observed, tj = failed_attempt(body, crashed)
     d = run(body, observed)
-    assert d.status["attempts"] == {"current": 2, "failures": 1, "lastIncident": (
+    assert counted(d) == {"current": 2, "failures": 1, "lastIncident": (
         "failures: worker 1 (pod x1): exit code 1: Unexpected: CUDA error")}
     assert d.status["trainingJob"] == {"name": "demo-train-2"} and kinds(d) == ["demo-train-2"]
     assert children.attempt_of(d.create[0]) == 2 and workers(d.delete) == [tj] and d.release == [tj]
@@ -811,7 +816,7 @@ def test_a_preempted_worker_ends_the_attempt_once_it_has_checkpointed():
         pod(tj, 0, phase="Failed", exit_code=76), evicted(pod(tj, 1, phase="Failed", exit_code=75)),
         named(pod(tj, 2, phase="Running"), "still-stopping")])
     d = run(body, observed)
-    assert d.status["attempts"] == {"current": 2, "preemptions": 1, "lastIncident": (
+    assert counted(d) == {"current": 2, "preemptions": 1, "lastIncident": (
         "preemptions: worker 1 (pod demo-train-1-1-abcde): EvictionByEvictionAPI (Eviction API: evicting)")}
     assert d.create == [] and workers(d.delete) == [tj]  # worker 2 still stops: the next Job waits for it
     assert (d.phase, d.status["reason"]) == ("Queued", "WaitingForWorkers")
@@ -830,6 +835,22 @@ def test_a_preempted_worker_ends_the_attempt_once_it_has_checkpointed():
     d = run(body, observed)
     assert kinds(d) == ["demo-train-2"] and (d.phase, d.status["reason"]) == ("Queued", "TrainingJobCreated")
     assert d.status["attempts"]["preemptions"] == 1 and "attempt 2" in d.status["message"]
+
+
+def test_an_evicted_workers_evidence_outlives_its_pod():
+    """The Eviction API deletes the pod once it has stopped: its DisruptionTarget is kept in the status while the
+    attempt ends, so the peers' exits (76) that remain do not make it the infrastructure's."""
+    body = validated(ftj({"resources": {"workers": 2, "gpusPerWorker": 1}}), phase="Running")
+    observed, tj = training_observed(body, active=2)
+    observed.training_pods = [pod(tj, 0), evicted(pod(tj, 1))]
+    d = run(body, observed)
+    assert d.status["attempts"]["ending"] == ("preemptions: worker 1 (pod demo-train-1-1-abcde): "
+                                              "EvictionByEvictionAPI (Eviction API: evicting)")
+    body["status"] = d.status
+    observed, _ = failed_attempt(body, lambda tj: [pod(tj, 0, phase="Failed", exit_code=76)])
+    d = run(body, observed)
+    assert counted(d) == {"current": 2, "preemptions": 1, "lastIncident": d.status["attempts"]["lastIncident"]}
+    assert "EvictionByEvictionAPI" in d.status["attempts"]["lastIncident"] and d.status["attempts"]["ending"] is None
 
 
 def preempted(tj):
