@@ -28,7 +28,7 @@ import time
 
 import kopf
 
-from . import handlers, kube, kueue, leader, metrics
+from . import discovery, handlers, kube, kueue, leader, metrics
 from .settings import OperatorSettings
 
 
@@ -50,8 +50,8 @@ def _quiet(record: logging.LogRecord) -> bool:
 
 
 def kueue_served(attempts: int = 5) -> bool:
-    """Whether Kueue is installed (its Workloads are served); asked once at startup, retried while the API server
-    does not answer."""
+    """Whether Kueue is installed (its Workloads are served) at startup, retried while the API server does not
+    answer; discovery.follow asks again while the operator runs."""
     for _ in range(attempts - 1):
         try:
             return kube.client().serves(kueue.API_VERSION, kueue.PLURAL)
@@ -73,24 +73,27 @@ def main(argv: list[str] | None = None) -> None:
         leader.serve(config.ready_port)
     clusterwide = not args.namespace
     assert handlers.FTJ  # the import registers the handlers
-    if kueue_served():
-        handlers.serve_kueue()
-    else:
+    handlers.serve_kueue()  # watched while served: discovery.follow asks again while the operator runs
+    discovery.found(kueue_served())
+    if not discovery.served():
         logging.getLogger(__name__).info(
             "Kueue is not installed (the API server serves no %s %s): jobs with spec.scheduling.queueName wait "
-            "for it; restart the operator once Kueue is installed", kueue.API_VERSION, kueue.PLURAL)
+            "for it; it is noticed once installed, within %ss", kueue.API_VERSION, kueue.PLURAL,
+            discovery.CHECK_SECONDS)
     elector = None if args.standalone else elect(config)
     leader.set_active(True)
     kopf_settings = kopf.OperatorSettings()
     # With namespaces given, serve exactly those and the resources found at startup: kopf then lists neither
     # namespaces nor CRDs, so the operator needs no permission outside the namespaces it serves.
     kopf_settings.scanning.disabled = not clusterwide
+    view = discovery.new_view()
     try:
         asyncio.run(kopf.operator(
             settings=kopf_settings, clusterwide=clusterwide, namespaces=args.namespace,
             standalone=True,  # no kopf peering: the Lease (or --standalone) makes this replica the only one
             liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
-            memo=kopf.Memo(settings=config),  # every handler's `memo`: the supervisors take their settings from it
+            # every handler's `memo`: the supervisors take their settings from it, discovery.follow kopf's view
+            memo=kopf.Memo(settings=config, insights=view), insights=view,
         ))
     finally:
         leader.set_active(False)

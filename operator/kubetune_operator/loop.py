@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 import kopf
 from kubetune_api import Reason
 
-from . import children, kube, metrics, policy, reconcile
+from . import children, discovery, kube, metrics, policy, reconcile
 from .reconcile import Decision, Observed, decide
 from .scrape import Scraper
 from .settings import OperatorSettings
@@ -82,7 +82,7 @@ class Indexes:
         o.previous_jobs = [j for j in self.jobs.get(key, []) if kube.owned_by(j, uid) and _earlier(j, current)]
         o.previous_pods = [p for p in self.pods.get(key, []) if _earlier(p, current) and not (
             o.training_job and kube.owned_by(p, o.training_job["metadata"]["uid"]))]
-        o.workloads = list(self.workloads.get(meta["namespace"], []))
+        o.workloads = list(self.workloads.get(meta["namespace"], [])) if discovery.served() else []
         o.network_policy = named(self.network_policies, names.network_policy)
         return copy.deepcopy(o)
 
@@ -242,6 +242,7 @@ def apply(api: kube.Kube, body: dict, observed: Observed, logger: logging.Logger
         kopf.event(body, type=type_, reason=reason, message=message[:1000])
     if d.phase != old.get("phase"):
         logger.info("phase %s -> %s: %s", old.get("phase"), d.phase, d.status.get("message"))
+    metrics.attempts_ended(old.get("attempts"), d.status.get("attempts"))
     metrics.record(meta["uid"], old.get("phase"), d.phase, d.status.get("reason"), d.status.get("gpusInUse", 0),
                    job=(meta["namespace"], meta["name"]), result=d.status.get("result"),
                    quality=(d.status.get("dataset") or {}).get("quality"))
