@@ -345,7 +345,7 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
         d.finish(Phase.Failed, *permanent)
         return
     queue, workload = spec.scheduling.queue_name, observed.workload
-    evicted = kueue.eviction(workload) if queue and workload and kueue.active(workload) else None
+    evicted = kueue.incident(workload) if queue else None
     attempts = d.status.get("attempts") or {}
     kind, _, evidence = (attempts.get("ending") or "").partition(": ")
     seen = Incident(kind, evidence) if evidence else None

@@ -160,6 +160,8 @@ def test_an_eviction_other_than_preemption_is_the_infrastructures():
     assert d.status["attempts"]["infrastructure"] == 1 and "PodsReadyTimeout" in d.status["attempts"]["lastIncident"]
     observed, _, _ = queued(body, {"active": False, "ours": "suspend", "evicted": "Deactivated"}, suspend=True)
     assert "attempts" not in run(body, observed).status  # the operator's own suspend is no incident
+    observed, _, _ = queued(body, {"evicted": "Deactivated"}, suspend=True)  # resumed: evicted until readmitted
+    assert "attempts" not in run(body, observed).status
 
 
 def test_a_hang_restart_goes_through_the_workload():
