@@ -239,6 +239,9 @@ class Attempts(Model):
     failures: int | None = Field(None, ge=0, description="Attempts ended by the trainer failing (its exit code); "
                                  "runPolicy.backoffLimit")
     last_incident: str | None = Field(None, description="The kind and evidence of the last incident")
+    retry_time: str | None = Field(None, description="When the next attempt may start after a failure or an "
+                                   "infrastructure incident: 10 s, doubling with each of that kind, up to 5 minutes "
+                                   "(never after a preemption)")
     ending: str | None = Field(None, description="Bookkeeping: the kind and evidence of a disruption seen while the "
                                "current attempt ends (an evicted pod and its condition are gone once it stopped)")
 

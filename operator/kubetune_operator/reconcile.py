@@ -49,6 +49,7 @@ from .settings import OperatorSettings
 
 GPU_ACCOUNTING_SECONDS = 30  # gpuSeconds is brought up to date at most this often while running
 VALIDATION_RETRY_SECONDS = (10, 300)  # first and longest delay before a transient validation failure is retried
+ATTEMPT_BACKOFF_SECONDS = (10, 300)  # after a failure or an infrastructure incident: first and longest delay
 MAX_RECREATIONS = 1  # a running attempt's training Job that vanished is recreated this often, then the run fails
 
 
@@ -456,7 +457,10 @@ def _next_attempt(d: Decision, meta: dict, spec: FineTuneJobSpec, observed: Obse
     job, number = observed.training_job, attempt(d.status)
     attempts = d.status.setdefault("attempts", {})
     count = attempts.get(incident.kind, 0) + 1
+    first, longest = ATTEMPT_BACKOFF_SECONDS  # a crash loop must not spend its budget in seconds
+    delay = 0 if incident.kind == PREEMPTION else min(first * 2 ** (count - 1), longest)
     attempts.update({incident.kind: count, "current": number, "ending": None, "startTime": None,
+                     "retryTime": rfc3339(d.now + timedelta(seconds=delay)) if delay else None,
                      "lastIncident": f"{incident.kind}: {incident.message}"[:1000]})
     field_, exhausted, event = BUDGETS[incident.kind]
     limit = budget(spec, incident.kind)
@@ -476,8 +480,9 @@ def _next_attempt(d: Decision, meta: dict, spec: FineTuneJobSpec, observed: Obse
     d.status["trainingJob"] = {"name": children.Names(meta["name"]).training(number + 1)}
     d.status.pop("preemptedPods", None)
     kind = "Normal" if incident.kind == PREEMPTION else "Warning"
+    later = f" in {delay} s" if delay else ""
     d.event(kind, event, f"{ended} ({incident.kind} {of}); attempt {number + 1}, a new training Job, resumes from "
-            "the last checkpoint")
+            f"the last checkpoint{later}")
     d.set_phase(Phase.Queued, Reason.WaitingForWorkers,
                 f"attempt {number + 1} starts once the workers of attempt {number} are gone ({incident.kind}: "
                 f"{incident.message})"[:1000])
@@ -495,6 +500,13 @@ def _create_training_job(d: Decision, old: dict, meta, spec, observed: Observed,
     if spec.run_policy.suspend and queue:  # a Job in the queue would be admitted: it holds no quota until resumed
         d.set_phase(Phase.Suspended, Reason.Suspended,
                     f"spec.runPolicy.suspend is true; the training Job goes to LocalQueue {queue} once it is false")
+        return
+    retry_at = parse_time((old.get("attempts") or {}).get("retryTime"))
+    if retry_at and d.now < retry_at:  # the back-off after a failure or an infrastructure incident
+        d.requeue_after = (retry_at - d.now).total_seconds()
+        d.set_phase(Phase.Queued, Reason.WaitingForWorkers,
+                    f"attempt {number} starts at {rfc3339(retry_at)} (back-off after {old['attempts']['lastIncident']})"
+                    [:1000])
         return
     leaving = [p for p in observed.previous_pods if p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
     if leaving:  # a worker of an earlier attempt still writes its checkpoint (or holds the rendezvous port)
@@ -514,7 +526,7 @@ def _create_training_job(d: Decision, old: dict, meta, spec, observed: Observed,
         d.event("Warning", Reason.TrainingJobRecreated, message)
         d.status["trainingJob"] = {"name": name, "recreations": recreations + 1}
     d.create.append(children.training_job(meta, spec, settings, number))
-    d.status.setdefault("attempts", {})["current"] = number
+    d.status.setdefault("attempts", {}).update(current=number, retryTime=None)
     if spec.run_policy.suspend:
         d.set_phase(Phase.Suspended, Reason.Suspended, "spec.runPolicy.suspend is true")
     else:

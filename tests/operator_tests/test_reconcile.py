@@ -754,27 +754,31 @@ def crashed(tj):  # worker 1 crashed; its peers lost it
             named(pod(tj, 1, phase="Failed", exit_code=1, message="Unexpected: CUDA error"), "x1")]
 
 
-def test_a_failure_ends_the_attempt_and_the_next_is_a_new_job():
+def test_a_failure_ends_the_attempt_and_the_next_is_a_new_job_after_a_back_off():
     body = validated(ftj(), phase="Running", progress={"step": 12, "totalSteps": 100}, trainingJob={
         "name": "demo-train-1", "uid": "job-demo-train-1"})
     observed, tj = failed_attempt(body, crashed)
     d = run(body, observed)
-    assert counted(d) == {"current": 2, "failures": 1, "lastIncident": (
+    assert counted(d) == {"current": 2, "failures": 1, "retryTime": "2026-01-01T12:00:10Z", "lastIncident": (
         "failures: worker 1 (pod x1): exit code 1: Unexpected: CUDA error")}
-    assert d.status["trainingJob"] == {"name": "demo-train-2"} and kinds(d) == ["demo-train-2"]
-    assert children.attempt_of(d.create[0]) == 2 and workers(d.delete) == [tj] and d.release == [tj]
+    assert d.status["trainingJob"] == {"name": "demo-train-2"} and kinds(d) == [] and d.requeue_after == 10
+    assert workers(d.delete) == [tj] and d.release == [tj]
     [event] = [e for e in d.events if e[1] == "WorkerFailed"]
     assert event == ("Warning", "WorkerFailed", "attempt 1 ended by a failure at step 12: worker 1 (pod x1): exit "
                      "code 1: Unexpected: CUDA error (failures 1 of runPolicy.backoffLimit 3); attempt 2, a new "
-                     "training Job, resumes from the last checkpoint")
+                     "training Job, resumes from the last checkpoint in 10 s")
 
-    body["status"] = d.status  # the status holds it: the old Job is going, the new one is awaited, nothing recounted
+    body["status"] = d.status  # the status holds it: the old Job is going, nothing is recounted
     tj["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:01Z"
     observed = Observed(config_map=observed.config_map, validation_job=observed.validation_job,
                         service=observed.service, network_policy=observed.network_policy,
                         previous_jobs=[tj], previous_pods=crashed(tj))
-    d = run(body, observed)
+    d = run(body, observed, NOW + timedelta(seconds=4))
+    assert kinds(d) == [] and d.requeue_after == 6 and "attempt 2 starts at 2026-01-01T12:00:10Z" in \
+        d.status["message"]
+    d = run(body, observed, NOW + timedelta(seconds=10))
     assert d.status["attempts"]["failures"] == 1 and kinds(d) == ["demo-train-2"] and d.release == [tj]
+    assert children.attempt_of(d.create[0]) == 2 and d.status["attempts"]["retryTime"] is None
     assert not [e for e in d.events if e[1] == "WorkerFailed"]
 
 
