@@ -477,7 +477,9 @@ def _next_attempt(d: Decision, meta: dict, spec: FineTuneJobSpec, observed: Obse
     d.delete.append(job)
     d.release.append(job)
     attempts["current"] = number + 1
-    d.status["trainingJob"] = {"name": children.Names(meta["name"]).training(number + 1)}
+    # nulls: the status is merge-patched, and the old attempt's uid must not pass for the new one's
+    d.status["trainingJob"] = {"name": children.Names(meta["name"]).training(number + 1), "uid": None,
+                               "recreations": None}
     d.status.pop("preemptedPods", None)
     kind = "Normal" if incident.kind == PREEMPTION else "Warning"
     later = f" in {delay} s" if delay else ""

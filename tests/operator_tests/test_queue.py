@@ -143,9 +143,12 @@ def test_a_preemption_by_kueue_ends_the_attempt_once_the_job_is_suspended():
         "prioritization)")}
     assert "demo-train-1" in [o["metadata"]["name"] for o in d.delete]
     assert d.create == []  # worker 0 writes its checkpoint: the next attempt's Job waits for it
+    assert d.status["trainingJob"] == {"name": "demo-train-2", "uid": None, "recreations": None}
+
+    body["status"] = {**d.status, "trainingJob": {"name": "demo-train-2"}}  # as merged: no uid of attempt 1
     assert [e[0] for e in d.events if e[1] == "WorkerPreempted"] == ["Normal"]
 
-    body["status"] = d.status  # the old workers are gone: attempt 2 goes to the queue as a new Job
+    # the old workers are gone: attempt 2 goes to the queue as a new Job
     d = run(body, Observed(config_map=observed.config_map, validation_job=observed.validation_job,
                            service=observed.service, network_policy=observed.network_policy))
     [new] = d.create
