@@ -129,6 +129,16 @@ class Decision:
         self.events.append((type_, reason, message))
 
 
+def stopped(pods: list[dict]) -> bool:
+    """No pod of `pods` runs any more (each has ended, or is gone)."""
+    return all(p.get("status", {}).get("phase") in ("Succeeded", "Failed") for p in pods)
+
+
+def kube_owned(pod: dict, job: dict) -> bool:
+    """`pod` is one of `job`'s."""
+    return any(r.get("uid") == job["metadata"].get("uid") for r in pod["metadata"].get("ownerReferences") or [])
+
+
 def running_pods(pods: list[dict]) -> list[dict]:
     return [p for p in pods if p.get("status", {}).get("phase") == "Running"
             and not p["metadata"].get("deletionTimestamp")]
@@ -240,7 +250,8 @@ def _clean_up(d: Decision, observed: Observed) -> None:
     if held and deleting(job) and (d.phase in TERMINAL or not job_finished(job)) and job not in d.release:
         d.release.append(job)
     for job in observed.previous_jobs:  # earlier attempts: their incident is in status.attempts
-        if not deleting(job) and job not in d.delete:
+        workers = [p for p in observed.previous_pods if kube_owned(p, job)]
+        if not deleting(job) and job not in d.delete and stopped(workers):
             d.delete.append(job)
         if children.JOB_FINALIZER in (job["metadata"].get("finalizers") or []) and job not in d.release:
             d.release.append(job)
@@ -474,8 +485,9 @@ def _next_attempt(d: Decision, meta: dict, spec: FineTuneJobSpec, observed: Obse
             d.release.append(job)
         d.finish(Phase.Failed, exhausted, f"{ended}; {incident.kind} {count}, more than runPolicy.{field_} {limit}")
         return
-    d.delete.append(job)
-    d.release.append(job)
+    if stopped(observed.training_pods):  # else later (_clean_up): its Workload keeps the quota while they stop
+        d.delete.append(job)
+        d.release.append(job)
     attempts["current"] = number + 1
     # nulls: the status is merge-patched, and the old attempt's uid must not pass for the new one's
     d.status["trainingJob"] = {"name": children.Names(meta["name"]).training(number + 1), "uid": None,
@@ -488,7 +500,7 @@ def _next_attempt(d: Decision, meta: dict, spec: FineTuneJobSpec, observed: Obse
     d.set_phase(Phase.Queued, Reason.WaitingForWorkers,
                 f"attempt {number + 1} starts once the workers of attempt {number} are gone ({incident.kind}: "
                 f"{incident.message})"[:1000])
-    if all(p.get("status", {}).get("phase") in ("Succeeded", "Failed") for p in observed.training_pods):
+    if stopped(observed.training_pods):
         _create_training_job(d, d.status, meta, spec, observed, settings)  # they are: no reconcile to wait for
 
 
@@ -510,7 +522,7 @@ def _create_training_job(d: Decision, old: dict, meta, spec, observed: Observed,
                     f"attempt {number} starts at {rfc3339(retry_at)} (back-off after {old['attempts']['lastIncident']})"
                     [:1000])
         return
-    leaving = [p for p in observed.previous_pods if p.get("status", {}).get("phase") not in ("Succeeded", "Failed")]
+    leaving = [p for p in observed.previous_pods if not stopped([p])]
     if leaving:  # a worker of an earlier attempt still writes its checkpoint (or holds the rendezvous port)
         d.set_phase(Phase.Queued, Reason.WaitingForWorkers,
                     f"attempt {number} starts once the workers of the previous attempt are gone "

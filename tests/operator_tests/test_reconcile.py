@@ -823,7 +823,7 @@ def test_a_preempted_worker_ends_the_attempt_once_it_has_checkpointed():
     d = run(body, observed)
     assert counted(d) == {"current": 2, "preemptions": 1, "lastIncident": (
         "preemptions: worker 1 (pod demo-train-1-1-abcde): EvictionByEvictionAPI (Eviction API: evicting)")}
-    assert d.create == [] and workers(d.delete) == [tj]  # worker 2 still stops: the next Job waits for it
+    assert d.create == [] and workers(d.delete) == []  # worker 2 still stops: the Jobs wait for it
     assert (d.phase, d.status["reason"]) == ("Queued", "WaitingForWorkers")
     [event] = [e for e in d.events if e[1] == "WorkerPreempted"]
     assert event[0] == "Normal" and event[2].startswith("attempt 1 ended by a preemption at step 12: worker 1")
@@ -938,3 +938,5 @@ def test_earlier_attempts_jobs_are_deleted_and_released():
     assert workers(d.delete) == [old] and d.release == [old, gone]
     body["status"]["phase"] = "Succeeded"
     assert workers(run(body, observed).delete) == [old]
+    observed.previous_pods = [pod(old, 0)]  # still stopping: its Job (and Kueue's Workload) stays until it has
+    assert workers(run(body, observed).delete) == []
