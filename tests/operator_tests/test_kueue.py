@@ -234,10 +234,13 @@ def test_a_preempted_job_resumes_from_its_checkpoint(control_plane, node_agent, 
 
     done = wait_phase(control_plane, namespace, "low", ("Succeeded", "Failed"), timeout=420)["status"]
     assert done["phase"] == "Succeeded", done
-    # the preemption ended attempt 1; attempt 2, a new Job, was queued and admitted again
-    assert (done["attempts"]["current"], done["attempts"]["preemptions"]) == (2, 1), done["attempts"]
+    # the preemption ended attempt 1; attempt 2, a new Job, was queued and admitted again. On the process node agent
+    # the pods share the host's ports: the high job's first worker may find its metrics port still held by the
+    # stopping low worker, fail, and wait out its back-off, in which the low job is admitted and preempted again.
+    preemptions = done["attempts"]["preemptions"]
+    assert preemptions >= 1 and done["attempts"]["current"] == preemptions + 1, done["attempts"]
     assert "failures" not in done["attempts"] and "Preempted" in done["attempts"]["lastIncident"], done["attempts"]
-    assert not get_json(control_plane, "job", "-n", namespace, "low-train-2")["status"].get("failed")
+    assert not get_json(control_plane, "job", "-n", namespace, f"low-train-{preemptions + 1}")["status"].get("failed")
     [again] = [p["metadata"]["name"] for p in training_job_pods(control_plane, namespace, "low")
                if p["metadata"]["name"] != rank0]
     [resumed] = [e for e in trainer_events(node_agent.logs(namespace, again)) if e["event"] == "resumed"]
@@ -247,4 +250,4 @@ def test_a_preempted_job_resumes_from_its_checkpoint(control_plane, node_agent, 
     manifest = Storage(StorageEndpoint(endpoint=tiny_model["endpoint"])).get_json(done["result"]["manifestUri"])
     assert [e["step"] for e in manifest["history"]] == list(range(1, steps + 1)), "every step once, none twice"
     reasons = [e["reason"] for e in events_of(control_plane, namespace, "low")]
-    assert reasons.count("WorkerPreempted") == 1 and "WorkerFailed" not in reasons, reasons
+    assert reasons.count("WorkerPreempted") == preemptions and "WorkerFailed" not in reasons, reasons
