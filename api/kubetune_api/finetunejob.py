@@ -506,7 +506,13 @@ class ResourcesSpec(Model):
 
 
 class RunPolicy(Model):
-    backoff_limit: int = Field(3, ge=0, description="Retries of failed workers; preemptions are not counted")
+    backoff_limit: int = Field(3, ge=0, description="New attempts after the trainer failed (status.attempts."
+                               "failures); preemptions and the infrastructure's incidents have budgets of their own")
+    max_preemptions: int | None = Field(None, ge=0, description="New attempts after preemptions (status.attempts."
+                                        "preemptions); unset: unlimited")
+    max_infrastructure_retries: int = Field(
+        5, ge=0, description="New attempts after the infrastructure failed (status.attempts.infrastructure: a node "
+        "lost, an image pull failing, storage unreachable)")
     active_deadline_seconds: int | None = Field(None, ge=1)
     ttl_seconds_after_finished: int | None = Field(None, ge=0)
     suspend: bool = False

@@ -48,9 +48,9 @@ class Reason(StrEnum):
     RestartingWorkers = "RestartingWorkers"
     Completed = "Completed"
     # what happened to the workers and the training Job (Events, and some of them the status)
-    WorkerPreempted = "WorkerPreempted"
-    PeerLost = "PeerLost"
-    WorkerFailed = "WorkerFailed"
+    WorkerPreempted = "WorkerPreempted"  # also the Event of an attempt ended by a preemption
+    InfrastructureFailed = "InfrastructureFailed"  # the Event of an attempt ended by the infrastructure
+    WorkerFailed = "WorkerFailed"  # the Event of an attempt ended by a failure of the trainer
     WorkersHung = "WorkersHung"
     TrainingJobDeleted = "TrainingJobDeleted"
     TrainingJobRecreated = "TrainingJobRecreated"
@@ -69,7 +69,10 @@ class Reason(StrEnum):
     InvalidChildSpec = "InvalidChildSpec"
     ChildConflict = "ChildConflict"
     TrainingJobLost = "TrainingJobLost"
-    PeerLostLoop = "PeerLostLoop"
+    # an attempt's budget (runPolicy) exhausted: the kind of incident it counts
+    BackoffLimitExceeded = "BackoffLimitExceeded"  # failures: more than runPolicy.backoffLimit
+    PreemptionLimitExceeded = "PreemptionLimitExceeded"  # preemptions: more than runPolicy.maxPreemptions
+    InfrastructureLimitExceeded = "InfrastructureLimitExceeded"  # more than runPolicy.maxInfrastructureRetries
     Hung = "Hung"
     Failed = "Failed"  # a failed Job whose condition gives no reason
     # a FineTuneSweep's (its phase, conditions and Events)
@@ -249,6 +252,28 @@ class QueueStatus(Model):
                                     "checkpoint on SIGTERM and resume once readmitted)")
 
 
+class Attempts(Model):
+    """The training attempts: each incident ends the attempt's training Job (`<name>-train-<current>`, labelled
+    kubetune.io/attempt) and the next attempt, a new Job, resumes from the checkpoint written on SIGTERM. Counted
+    by kind, each against its own budget in runPolicy."""
+
+    current: int | None = Field(None, ge=1, description="The current attempt's number (its training Job's suffix)")
+    start_time: str | None = Field(None, description="When the current attempt's workers started running")
+    preemptions: int | None = Field(None, ge=0, description="Attempts ended by a preemption: a DisruptionTarget "
+                                    "(eviction, scheduler preemption) or Kueue's eviction; runPolicy.maxPreemptions")
+    infrastructure: int | None = Field(None, ge=0, description="Attempts ended by the infrastructure: a node lost, "
+                                       "an image that cannot be pulled, a sidecar killed for memory, storage "
+                                       "unreachable (exit 75); runPolicy.maxInfrastructureRetries")
+    failures: int | None = Field(None, ge=0, description="Attempts ended by the trainer failing (its exit code); "
+                                 "runPolicy.backoffLimit")
+    last_incident: str | None = Field(None, description="The kind and evidence of the last incident")
+    retry_time: str | None = Field(None, description="When the next attempt may start after a failure or an "
+                                   "infrastructure incident: 10 s, doubling with each of that kind, up to 5 minutes "
+                                   "(never after a preemption)")
+    ending: str | None = Field(None, description="Bookkeeping: the kind and evidence of a disruption seen while the "
+                               "current attempt ends (an evicted pod and its condition are gone once it stopped)")
+
+
 class FineTuneJobStatus(Model):
     phase: Phase | None = None
     reason: str | None = Field(None, description="Why the job is in its phase, e.g. DatasetInvalid")
@@ -257,16 +282,8 @@ class FineTuneJobStatus(Model):
     conditions: list[Condition] | None = None
     start_time: str | None = Field(None, description="When the first training worker started running")
     completion_time: str | None = None
-    restarts: int | None = Field(
-        None, description="Worker failures charged to runPolicy.backoffLimit (the training Job's status.failed); "
-        "preemptions and PeerLost exits are not charged")
-    preemptions: int | None = Field(
-        None, description="Workers stopped by an eviction, a preemption or a node drain (DisruptionTarget); not "
-        "charged: the workers checkpoint on SIGTERM and resume")
-    peer_lost: int | None = Field(
-        None, description="Workers of the training Job that stopped because another one did (exit 76); not charged")
-    preempted_pods: list[str] | None = Field(
-        None, description="Bookkeeping: the stopping workers already counted in preemptions")
+    attempts: Attempts | None = Field(None, description="The training attempts, by the kind of incident that "
+                                      "ended each")
     hang_restarts: int | None = Field(None, description="Restarts after hangTimeoutSeconds with no step")
     restarting_workers: bool | None = Field(None, description="A hang restart is suspending the workers")
     progress: Progress | None = None

@@ -141,6 +141,12 @@ def _fleet_panels() -> list:
                "sum by (reason) (increase(kubetune_operator_finetunejob_failures_total[$__rate_interval]))",
                "{{reason}}"),
         ], width=8),
+        _timeseries("Attempts ended by kind", [
+            _q("Attempts ended by kind",
+               "sum by (kind) (increase(kubetune_operator_finetunejob_attempts_ended_total[$__rate_interval]))",
+               "{{kind}}"),
+        ], width=8, description="Training attempts ended by an incident (each is followed by a new training Job, "
+                                "within runPolicy's budget of its kind): preemptions, infrastructure, failures"),
         _timeseries("Progress of running jobs", [
             _q("Progress of running jobs", "max by (finetunejob) (kubetune_trainer_progress_ratio)",
                "{{finetunejob}}"),

@@ -28,7 +28,7 @@ import time
 
 import kopf
 
-from . import GROUP, VERSION, handlers, kube, kueue, leader, metrics, sweeps
+from . import GROUP, VERSION, discovery, handlers, kube, kueue, leader, metrics, sweeps
 from .settings import OperatorSettings
 
 
@@ -61,7 +61,8 @@ def served(api_version: str, plural: str, attempts: int = 5) -> bool:
 
 
 def kueue_served() -> bool:
-    """Whether Kueue is installed (its Workloads are served)."""
+    """Whether Kueue is installed (its Workloads are served) at startup; discovery.follow asks again while the
+    operator runs."""
     return served(kueue.API_VERSION, kueue.PLURAL)
 
 
@@ -83,12 +84,13 @@ def main(argv: list[str] | None = None) -> None:
         leader.serve(config.ready_port)
     clusterwide = not args.namespace
     assert handlers.FTJ  # the import registers the handlers
-    if kueue_served():
-        handlers.serve_kueue()
-    else:
+    handlers.serve_kueue()  # watched while served: discovery.follow asks again while the operator runs
+    discovery.found(kueue_served())
+    if not discovery.served():
         logging.getLogger(__name__).info(
             "Kueue is not installed (the API server serves no %s %s): jobs with spec.scheduling.queueName wait "
-            "for it; restart the operator once Kueue is installed", kueue.API_VERSION, kueue.PLURAL)
+            "for it; it is noticed once installed, within %ss", kueue.API_VERSION, kueue.PLURAL,
+            discovery.CHECK_SECONDS)
     if sweeps_served():
         sweeps.serve()
     else:
@@ -100,12 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     # With namespaces given, serve exactly those and the resources found at startup: kopf then lists neither
     # namespaces nor CRDs, so the operator needs no permission outside the namespaces it serves.
     kopf_settings.scanning.disabled = not clusterwide
+    view = discovery.new_view()
     try:
         asyncio.run(kopf.operator(
             settings=kopf_settings, clusterwide=clusterwide, namespaces=args.namespace,
             standalone=True,  # no kopf peering: the Lease (or --standalone) makes this replica the only one
             liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
-            memo=kopf.Memo(settings=config),  # every handler's `memo`: the supervisors take their settings from it
+            # every handler's `memo`: the supervisors take their settings from it, discovery.follow kopf's view
+            memo=kopf.Memo(settings=config, insights=view), insights=view,
         ))
     finally:
         leader.set_active(False)

@@ -15,7 +15,6 @@ from kubetune_api import (
     API_GROUP,
     API_VERSION,
     DEFAULT_GPU_TFLOPS,
-    EXIT_PEER_LOST,
     KIND,
     MLFLOW_SECRET_KEYS,
     PERMANENT_EXIT_CODES,
@@ -40,8 +39,9 @@ VALIDATE_CONTAINER = "validate"
 LABEL_JOB = "kubetune.io/finetunejob"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+LABEL_ATTEMPT = "kubetune.io/attempt"  # on the training Jobs and their pods: the attempt's number
 MANAGED_BY = "kubetune-operator"
-TRAINING_SUFFIX = "-train"  # the training Job's name: the FineTuneJob's and this
+TRAINING_SUFFIX = "-train"  # the training Jobs' names: the FineTuneJob's, this and -<attempt>
 JOB_FINALIZER = "kubetune.io/outcome"  # on the training Job: kept until its outcome is in the FineTuneJob's status
 
 # The `restricted` Pod Security Standard, and a read-only root filesystem: what the trainer writes goes to the
@@ -89,17 +89,30 @@ class Names:
     def service(self) -> str:
         return f"{self.job}-workers"
 
-    @property
-    def training(self) -> str:
-        return f"{self.job}{TRAINING_SUFFIX}"
+    def training(self, attempt: int) -> str:
+        """The training Job of attempt `attempt` (1, 2, ...): each incident ends one, the next is a new Job."""
+        return f"{self.job}{TRAINING_SUFFIX}-{attempt}"
 
     @property
     def network_policy(self) -> str:
         return f"{self.job}-ingress"
 
-    def worker_host(self, index: int) -> str:
-        """DNS name of worker `index`: an Indexed Job's pod <job>-<index>, under subdomain <service>."""
-        return f"{self.training}-{index}.{self.service}"
+    def worker_host(self, attempt: int, index: int) -> str:
+        """DNS name of worker `index` of attempt `attempt`: an Indexed Job's pod <job>-<index>, under subdomain
+        <service>."""
+        return f"{self.training(attempt)}-{index}.{self.service}"
+
+
+def finetunejob_of(training_job: str) -> str | None:
+    """The FineTuneJob's name in the name of one of its training Jobs (`<name>-train-<attempt>`), if it is one."""
+    name, _, attempt = training_job.rpartition("-")
+    return name.removesuffix(TRAINING_SUFFIX) if attempt.isdigit() and name.endswith(TRAINING_SUFFIX) else None
+
+
+def attempt_of(obj: dict) -> int | None:
+    """The attempt a training Job or worker pod belongs to (its LABEL_ATTEMPT)."""
+    value = ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_ATTEMPT, "")
+    return int(value) if value.isdigit() else None
 
 
 def labels(name: str, component: str) -> dict[str, str]:
@@ -204,20 +217,17 @@ def _pod_spec(meta: dict, spec: FineTuneJobSpec, container: dict, shm: bool, set
     return pod
 
 
-def _failure_policy(container: str, peers: bool = False) -> dict:
-    """Rules, first match wins: exit codes 65/73/78 (data invalid, output in use, config invalid) fail the Job at
-    once; a disruption (eviction, preemption, drain: DisruptionTarget) is not a failure; with `peers`, neither is
-    exit 76 (PeerLost: another worker stopped, so this one could not go on), so one incident is charged to
-    backoffLimit at most once, for the worker that failed, and not at all for a disruption."""
-    rules = [
+def _failure_policy(container: str, disruptions: str) -> dict:
+    """Exit codes 65/73/78 (data invalid, output in use, config invalid) fail the Job at once with the reason
+    PodFailurePolicy; a disruption (DisruptionTarget: eviction, preemption, drain) takes the action `disruptions`.
+    Both Jobs have backoffLimit 0: any other pod failure fails the Job too. The validation Job ignores
+    disruptions (its pod is replaced); a training Job fails on them too: the operator, not the Job controller,
+    starts the next attempt, as a new Job (no back-off that grows with the failed pods)."""
+    return {"rules": [
         {"action": "FailJob",
          "onExitCodes": {"containerName": container, "operator": "In", "values": list(PERMANENT_EXIT_CODES)}},
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-    ]
-    if peers:
-        rules.append({"action": "Ignore",
-                      "onExitCodes": {"containerName": container, "operator": "In", "values": [EXIT_PEER_LOST]}})
-    return {"rules": rules}
+        {"action": disruptions, "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
 
 
 def validation_settings(spec: FineTuneJobSpec, settings: OperatorSettings) -> dict:
@@ -260,7 +270,7 @@ def validation_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": child_meta(meta, Names(name).validation, "validation"),
             "spec": {"backoffLimit": 0, "activeDeadlineSeconds": v["active_deadline_seconds"],
-                     "podFailurePolicy": _failure_policy(VALIDATE_CONTAINER),
+                     "podFailurePolicy": _failure_policy(VALIDATE_CONTAINER, "Ignore"),
                      "template": {"metadata": {"labels": labels(name, "validation")}, "spec": pod}}}
 
 
@@ -282,12 +292,12 @@ def world_size(spec: FineTuneJobSpec) -> int:
     return spec.resources.workers * max(spec.resources.gpus_per_worker, 1)
 
 
-def accelerate_args(name: str, spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
+def accelerate_args(name: str, spec: FineTuneJobSpec, settings: OperatorSettings, attempt: int = 1) -> list[str]:
     """`accelerate launch` flags (the image's entrypoint), then the trainer command."""
     workers, gpus = spec.resources.workers, spec.resources.gpus_per_worker
     args = ["--num_machines", str(workers), "--num_processes", str(world_size(spec))]
     if workers > 1:
-        args += ["--machine_rank", "$(JOB_COMPLETION_INDEX)", "--main_process_ip", Names(name).worker_host(0),
+        args += ["--machine_rank", "$(JOB_COMPLETION_INDEX)", "--main_process_ip", Names(name).worker_host(attempt, 0),
                  "--main_process_port", str(settings.rendezvous_port)]
     if gpus == 0:
         args.append("--cpu")  # one process per worker; RANK/LOCAL_RANK env make it MULTI_CPU (gloo)
@@ -305,14 +315,15 @@ def _resources(spec: FineTuneJobSpec) -> dict:
     return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
 
 
-def training_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) -> dict:
-    """The Indexed Job: one pod per worker, rank = completion index, rank 0 is the rendezvous host."""
+def training_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings, attempt: int = 1) -> dict:
+    """The Indexed Job of attempt `attempt`: one pod per worker, rank = completion index, rank 0 is the rendezvous
+    host. Any pod failure ends it (backoffLimit 0): the next attempt is a new Job (reconcile._next_attempt)."""
     name, names, res, run = meta["name"], Names(meta["name"]), spec.resources, spec.run_policy
     env = [
         {"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {
             "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
         {"name": "NODE_RANK", "value": "$(JOB_COMPLETION_INDEX)"},
-        {"name": "MASTER_ADDR", "value": names.worker_host(0)},
+        {"name": "MASTER_ADDR", "value": names.worker_host(attempt, 0)},
         {"name": "MASTER_PORT", "value": str(settings.rendezvous_port)},
         {"name": "WORLD_SIZE", "value": str(world_size(spec))},
         {"name": "KUBETUNE_JOB", "value": name},
@@ -323,7 +334,7 @@ def training_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) 
     if res.gpus_per_worker == 0 and res.workers > 1:  # torchrun sets these itself for GPU workers
         env += [{"name": "RANK", "value": "$(JOB_COMPLETION_INDEX)"}, {"name": "LOCAL_RANK", "value": "0"}]
     container = {"name": TRAINER_CONTAINER, "image": spec.image or settings.trainer_image,
-                 "args": accelerate_args(name, spec, settings),
+                 "args": accelerate_args(name, spec, settings, attempt),
                  "env": env, "resources": _resources(spec),
                  "ports": [{"name": "rendezvous", "containerPort": settings.rendezvous_port},
                            {"name": "metrics", "containerPort": settings.trainer_metrics_port}]}
@@ -336,12 +347,14 @@ def training_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) 
         if value:
             pod[key] = value
     queue = spec.scheduling.queue_name
+    attempt_label = {LABEL_ATTEMPT: str(attempt)}
     job_spec = {"completions": res.workers, "parallelism": res.workers, "completionMode": "Indexed",
-                "podFailurePolicy": _failure_policy(TRAINER_CONTAINER, peers=True),
+                "backoffLimit": 0, "podFailurePolicy": _failure_policy(TRAINER_CONTAINER, "FailJob"),
                 "suspend": bool(run.suspend or queue),  # Kueue admits a queued Job by unsuspending it
-                "template": {"metadata": {"labels": labels(name, "workers")}, "spec": pod}}
+                "template": {"metadata": {"labels": {**labels(name, "workers"), **attempt_label}}, "spec": pod}}
     job_spec.update({k: v for k, v in mutable_job_spec(spec).items() if v is not None})
-    job_meta = child_meta(meta, names.training, "workers", {LABEL_QUEUE: queue} if queue else None)
+    job_meta = child_meta(meta, names.training(attempt), "workers",
+                          {**attempt_label, **({LABEL_QUEUE: queue} if queue else {})})
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": {**job_meta, "finalizers": [JOB_FINALIZER]},
             "spec": job_spec}
 
@@ -349,7 +362,7 @@ def training_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) 
 def mutable_job_spec(spec: FineTuneJobSpec) -> dict:
     """The training Job's fields that follow edits of spec.runPolicy while it runs (None: unset)."""
     run = spec.run_policy
-    return {"backoffLimit": run.backoff_limit, "activeDeadlineSeconds": run.active_deadline_seconds,
+    return {"activeDeadlineSeconds": run.active_deadline_seconds,
             "ttlSecondsAfterFinished": run.ttl_seconds_after_finished}
 
 

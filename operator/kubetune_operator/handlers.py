@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import kopf
 
-from . import GROUP, PLURAL, VERSION, children, kube, kueue, loop, metrics
+from . import GROUP, PLURAL, VERSION, children, discovery, kube, kueue, loop, metrics
 
 FTJ = (GROUP, VERSION, PLURAL)
 CHILDREN = {"jobs": ("batch", "v1", "jobs"), "pods": ("", "v1", "pods"), "services": ("", "v1", "services"),
@@ -63,16 +63,30 @@ async def by_namespace(body, namespace, **_) -> dict:
 
 
 async def workload_changed(body, namespace, **_) -> None:
-    job = kueue.owner_job(body)
-    if job and job.endswith(children.TRAINING_SUFFIX):
-        loop.wake(namespace, job.removesuffix(children.TRAINING_SUFFIX))
+    name = children.finetunejob_of(kueue.owner_job(body) or "")
+    if name:
+        loop.wake(namespace, name)
 
 
 def serve_kueue() -> None:
-    """Watch Kueue's Workloads (the index `workloads`, and wake a job when its Workload changes). Called at
-    startup where the API server serves them; without Kueue nothing is watched and queued jobs wait."""
+    """Watch Kueue's Workloads (the index `workloads`, and wake a job when its Workload changes). Registered
+    always: kopf watches them while the API server serves them, which discovery.follow keeps asking."""
     kopf.index(*WORKLOADS, id="workloads")(by_namespace)
     kopf.on.event(*WORKLOADS)(workload_changed)
+
+
+@kopf.on.startup()
+async def follow_kueue(memo: kopf.Memo, settings: kopf.OperatorSettings, **_) -> None:
+    """Kueue installed or removed while the operator runs is noticed (discovery.py), in kopf's context."""
+    if getattr(memo, "insights", None) is not None:
+        memo.kueue_follower = asyncio.create_task(discovery.follow(memo.insights, settings))
+
+
+@kopf.on.cleanup()
+async def stop_following_kueue(memo: kopf.Memo, **_) -> None:
+    follower = getattr(memo, "kueue_follower", None)
+    if follower:
+        follower.cancel()
 
 
 @kopf.on.event(*CHILDREN["pods"], labels=LABELS)
@@ -104,7 +118,7 @@ async def finetunejob_changed(type, body, namespace, name, uid, jobs: kopf.Index
 async def supervise(body: kopf.Body, stopped: kopf.DaemonStopped, logger: logging.Logger, memo: kopf.Memo,
                     jobs: kopf.Index, pods: kopf.Index, services: kopf.Index, config_maps: kopf.Index,
                     network_policies: kopf.Index, workloads: kopf.Index | None = None, **_) -> None:
-    # None without Kueue (serve_kueue not called); an empty Index is falsy, and is the live one all the same
+    # None where serve_kueue was not called (tests); an empty Index is falsy, and is the live one all the same
     indexes = loop.Indexes(jobs, pods, services, config_maps, {} if workloads is None else workloads,
                            network_policies)
     await loop.Supervisor(body, logger, memo.settings).run(stopped, indexes)

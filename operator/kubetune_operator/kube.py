@@ -189,8 +189,12 @@ def _path(api: str, kind: str, namespace: str, name: str) -> str:
     return object_path({"apiVersion": api, "kind": kind, "metadata": {"namespace": namespace, "name": name}})
 
 
-def training_job_path(meta: dict) -> str:
-    return _path("batch/v1", "Job", meta["namespace"], Names(meta["name"]).training)
+def training_job_path(meta: dict, attempt: int) -> str:
+    return _path("batch/v1", "Job", meta["namespace"], Names(meta["name"]).training(attempt))
+
+
+def _job_path(meta: dict, name: str) -> str:
+    return _path("batch/v1", "Job", meta["namespace"], name)
 
 
 def owned_by(obj: dict | None, uid: str) -> dict | None:
@@ -209,13 +213,13 @@ def act(kube: Kube, meta: dict, decision: Decision) -> list[dict]:
     for obj in decision.update:
         kube.merge_patch(object_path(obj), {"data": obj["data"]})
     if decision.suspend_training is not None:
-        kube.merge_patch(training_job_path(meta), {"spec": {"suspend": decision.suspend_training}})
+        kube.merge_patch(_job_path(meta, decision.training_job), {"spec": {"suspend": decision.suspend_training}})
     if decision.workload_patch:
         workload, patch = decision.workload_patch
         kube.merge_patch(object_path(workload), patch)
     if decision.training_spec:
         try:
-            kube.merge_patch(training_job_path(meta), {"spec": decision.training_spec})
+            kube.merge_patch(_job_path(meta, decision.training_job), {"spec": decision.training_spec})
         except ApiError as e:
             if e.status != 422:
                 raise

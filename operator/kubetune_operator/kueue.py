@@ -15,6 +15,7 @@ GROUP, VERSION, PLURAL = "kueue.x-k8s.io", "v1beta2", "workloads"
 API_VERSION = f"{GROUP}/{VERSION}"
 DEACTIVATED_BY = "kubetune.io/deactivated"  # annotation: why the operator deactivated the Workload (suspend, restart)
 PREEMPTED = "Preempted"  # Kueue's reason for an eviction by preemption (the Evicted condition, schedulingStats)
+DEACTIVATED = frozenset({"Deactivated", "InactiveWorkload"})  # Kueue's reasons for evicting an inactive Workload
 
 
 def _condition(workload: dict, type_: str) -> dict | None:
@@ -88,6 +89,14 @@ def eviction(workload: dict | None) -> tuple[str, str] | None:
     """(reason, message) of the Workload's eviction while it is evicted (Preempted, Deactivated, ...)."""
     evicted = workload and condition(workload, "Evicted")
     return (evicted.get("reason") or "Evicted", evicted.get("message") or "") if evicted else None
+
+
+def incident(workload: dict | None) -> tuple[str, str] | None:
+    """(reason, message) of an eviction that ends a training attempt: by preemption or for the infrastructure
+    (PodsReadyTimeout, ...), not a deactivation (the operator's suspend or restart, an administrator's), which
+    stays until the Workload is admitted again."""
+    evicted = eviction(workload) if workload and active(workload) else None
+    return evicted if evicted and evicted[0] not in DEACTIVATED else None
 
 
 def waiting_message(queue: dict, workload: dict | None) -> str:

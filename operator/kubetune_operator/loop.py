@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 import kopf
 from kubetune_api import Reason
 
-from . import children, kube, metrics, policy, reconcile
+from . import children, discovery, kube, metrics, policy, reconcile
 from .reconcile import Decision, Observed, decide
 from .scrape import Scraper
 from .settings import OperatorSettings
@@ -73,13 +73,27 @@ class Indexes:
         def pods_of(job: dict | None) -> list[dict]:
             return [p for p in self.pods.get(key, []) if job and kube.owned_by(p, job["metadata"]["uid"])]
 
+        current = reconcile.attempt(body.get("status") or {})
         o = Observed(config_map=named(self.config_maps, names.config_map),
                      validation_job=named(self.jobs, names.validation), service=named(self.services, names.service),
-                     training_job=named(self.jobs, names.training))
+                     training_job=named(self.jobs, names.training(current)))
         o.validation_pods, o.training_pods = pods_of(o.validation_job), pods_of(o.training_job)
-        o.workloads = list(self.workloads.get(meta["namespace"], []))
+        # earlier attempts (and a Job of this operator's version before attempts, with no attempt label)
+        o.previous_jobs = [j for j in self.jobs.get(key, []) if kube.owned_by(j, uid) and _earlier(j, current)]
+        o.previous_pods = [p for p in self.pods.get(key, []) if _earlier(p, current) and not (
+            o.training_job and kube.owned_by(p, o.training_job["metadata"]["uid"]))]
+        o.workloads = list(self.workloads.get(meta["namespace"], [])) if discovery.served() else []
         o.network_policy = named(self.network_policies, names.network_policy)
         return copy.deepcopy(o)
+
+
+def _earlier(obj: dict, current: int) -> bool:
+    """A training Job or worker of an attempt before `current`."""
+    labels = obj["metadata"].get("labels") or {}
+    if labels.get(children.LABEL_COMPONENT) != "workers":
+        return False
+    number = children.attempt_of(obj)
+    return number is None or number < current
 
 
 def trim(body: kopf.Body) -> dict:
@@ -196,9 +210,10 @@ def apply(api: kube.Kube, body: dict, observed: Observed, logger: logging.Logger
     children it created. The clock is read here, once, for `decide`."""
     meta, old = body["metadata"], body.get("status") or {}
     now = datetime.now(UTC)
+    current = reconcile.attempt(old)
     if (old.get("trainingJob") or {}).get("uid") and observed.training_job is None and old.get("phase") not in \
             reconcile.TERMINAL:  # the index may lag behind our own create: ask the API before calling it gone
-        observed.training_job = kube.owned_by(api.get(kube.training_job_path(meta)), meta["uid"])
+        observed.training_job = kube.owned_by(api.get(kube.training_job_path(meta, current)), meta["uid"])
     if policy.needs_admission_check(body, settings.policy):
         observed.admission_policy = api.admission_policy(settings.policy.binding)
     if reconcile.needs_output_check(body):  # from the API server, not the index: a job created a moment ago too
@@ -212,7 +227,7 @@ def apply(api: kube.Kube, body: dict, observed: Observed, logger: logging.Logger
     except kube.Conflict as e:
         d = reconcile.conflict(body, d, e.obj, e.owner)
     for obj in created:
-        if obj["metadata"]["name"] == children.Names(meta["name"]).training:
+        if obj["metadata"]["name"] == children.Names(meta["name"]).training(reconcile.attempt(d.status)):
             d.status["trainingJob"] = {**d.status.get("trainingJob", {}), "name": obj["metadata"]["name"],
                                        "uid": obj["metadata"]["uid"]}
     changes = {k: d.status.get(k) for k in d.status.keys() | old.keys() if d.status.get(k) != old.get(k)}
@@ -227,6 +242,7 @@ def apply(api: kube.Kube, body: dict, observed: Observed, logger: logging.Logger
         kopf.event(body, type=type_, reason=reason, message=message[:1000])
     if d.phase != old.get("phase"):
         logger.info("phase %s -> %s: %s", old.get("phase"), d.phase, d.status.get("message"))
+    metrics.attempts_ended(old.get("attempts"), d.status.get("attempts"))
     metrics.record(meta["uid"], old.get("phase"), d.phase, d.status.get("reason"), d.status.get("gpusInUse", 0),
                    job=(meta["namespace"], meta["name"]), result=d.status.get("result"),
                    quality=(d.status.get("dataset") or {}).get("quality"))

@@ -22,6 +22,9 @@ GPUS = Gauge("kubetune_operator_gpus_in_use", "GPUs requested by running trainin
              registry=REGISTRY)
 FAILURES = Counter("kubetune_operator_finetunejob_failures", "FineTuneJobs that failed, by reason",
                    ["reason"], registry=REGISTRY)
+ATTEMPTS = Counter("kubetune_operator_finetunejob_attempts_ended", "Training attempts ended by an incident, by its "
+                   "kind (status.attempts): preemptions, infrastructure, failures", ["kind"], registry=REGISTRY)
+ATTEMPT_KINDS = ("preemptions", "infrastructure", "failures")
 TEST_METRIC = Gauge(
     "kubetune_operator_finetunejob_test_metric",
     "A succeeded FineTuneJob's test split metrics (status.result.metrics), on the fine-tuned model and on the base "
@@ -39,8 +42,8 @@ DATA_QUALITY = Gauge(
 HANDLERS = ("reconcile",)
 # the operator's own reasons (ValidationFailed: validation's attempts ran out) and the Job controller's
 # (BackoffLimitExceeded, DeadlineExceeded)
-FAILURE_REASONS = (Reason.DatasetInvalid, Reason.ConfigInvalid, Reason.ValidationFailed, "BackoffLimitExceeded",
-                   "DeadlineExceeded", Reason.Hung)
+FAILURE_REASONS = (Reason.DatasetInvalid, Reason.ConfigInvalid, Reason.ValidationFailed, Reason.BackoffLimitExceeded,
+                   Reason.PreemptionLimitExceeded, Reason.InfrastructureLimitExceeded, "DeadlineExceeded", Reason.Hung)
 for _phase in Phase:
     JOBS.labels(_phase.value)
 for _handler in HANDLERS:
@@ -48,6 +51,8 @@ for _handler in HANDLERS:
         _metric.labels(_handler)
 for _reason in FAILURE_REASONS:
     FAILURES.labels(_reason)
+for _kind in ATTEMPT_KINDS:
+    ATTEMPTS.labels(_kind)
 
 _jobs: dict[str, tuple[str, int]] = {}  # uid -> (phase, GPUs in use); a metrics cache only, never state
 _results: dict[str, set[tuple[str, ...]]] = {}  # uid -> the label values of its TEST_METRIC series
@@ -86,6 +91,15 @@ def record(uid: str, old_phase: str | None, phase: str | None, reason: str | Non
             _set_results(uid, job, result if phase == Phase.Succeeded else None)
             _set_series(DATA_QUALITY, _quality, uid, {(*job, *labels): value
                                                        for labels, value in quality_series(quality).items()})
+
+
+def attempts_ended(old: dict | None, new: dict | None) -> None:
+    """After each reconcile: the attempts that the status counts now and did not before, by kind (status.attempts
+    before and after the write)."""
+    for kind in ATTEMPT_KINDS:
+        ended = ((new or {}).get(kind) or 0) - ((old or {}).get(kind) or 0)
+        if ended > 0:
+            ATTEMPTS.labels(kind).inc(ended)
 
 
 def forget(uid: str) -> None:

@@ -5,8 +5,9 @@ how each worker ended, why a pod cannot start, the trainer's termination message
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
-from kubetune_api import EXIT_PEER_LOST, PERMANENT_REASONS, Reason
+from kubetune_api import EXIT_PEER_LOST, EXIT_RETRYABLE, PERMANENT_REASONS, Reason
 
 from .conditions import get_condition
 
@@ -146,3 +147,109 @@ def validation_report(pods: list[dict], container: str) -> dict | None:
     except ValueError:
         return None
     return doc if isinstance(doc, dict) else None
+
+
+# -- what ended a training attempt ----------------------------------------------------------------------------
+
+PREEMPTION, INFRASTRUCTURE, FAILURE = "preemptions", "infrastructure", "failures"  # keys of status.attempts
+# DisruptionTarget reasons that mean the node went away or failed, not that someone wanted the GPUs back
+NODE_DISRUPTIONS = {"DeletionByTaintManager": "node lost (not ready or unreachable)",
+                    "DeletionByPodGC": "node lost (the Node is gone)",
+                    "TerminationByKubelet": "node failing (the kubelet stopped the pod: pressure or shutdown)"}
+IMAGE_PULL = frozenset({"ImagePullBackOff", "InvalidImageName"})  # a waiting trainer that will not start
+
+
+@dataclass(frozen=True)
+class Incident:
+    """What ended (or must end) a training attempt: its kind (a key of status.attempts) and the evidence."""
+
+    kind: str
+    message: str
+
+
+def _pod(p: dict, why: str) -> str:
+    return f"worker {completion_index(p)} (pod {p['metadata']['name']}): {why}"
+
+
+def _disrupted(pods: list[dict]) -> Incident | None:
+    for p in pods:
+        cond = disruption(p)
+        if cond:
+            reason = cond.get("reason") or "DisruptionTarget"
+            why = reason + (f" ({cond['message']})" if cond.get("message") else "")
+            node = NODE_DISRUPTIONS.get(reason)
+            return Incident(INFRASTRUCTURE, _pod(p, f"{node}: {why}")) if node else Incident(PREEMPTION, _pod(p, why))
+        if (p.get("status") or {}).get("reason") in ("NodeLost", "Evicted", "Terminated"):
+            status = p["status"]
+            return Incident(INFRASTRUCTURE, _pod(p, f"{status['reason']}: {status.get('message') or 'node failed'}"))
+    return None
+
+
+def _sidecar_oom(pods: list[dict], container: str) -> Incident | None:
+    for p in pods:
+        for cs in (p.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated") or {}
+            if cs.get("name") != container and term.get("reason") == "OOMKilled":
+                return Incident(INFRASTRUCTURE, _pod(p, f"container {cs['name']} was killed for memory (OOMKilled)"))
+    return None
+
+
+def _stuck(pods: list[dict], container: str) -> Incident | None:
+    """A worker whose image cannot be pulled: the Job would wait for it forever."""
+    for p in pods:
+        for cs in (p.get("status") or {}).get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            if cs.get("name") == container and waiting.get("reason") in IMAGE_PULL:
+                detail = f": {waiting['message']}" if waiting.get("message") else ""
+                return Incident(INFRASTRUCTURE, _pod(p, f"{waiting['reason']}{detail}"[:500]))
+    return None
+
+
+def _exits(pods: list[dict], container: str) -> Incident | None:
+    ends = [t for t in terminations(pods, container) if charged(t)]
+    if ends:
+        t = ends[-1]  # the first to fail: the others may have failed because it did
+        detail = f": {last_line(t)}" if last_line(t) else ""
+        why = f"worker {t['index']} (pod {t['pod']}): exit code {t['exitCode']}{detail}"
+        return Incident(INFRASTRUCTURE if t["exitCode"] == EXIT_RETRYABLE else FAILURE, why)
+    if any(peer_lost(t) for t in terminations(pods, container)):
+        return Incident(INFRASTRUCTURE, "every worker that stopped lost a peer (exit 76) and none failed itself: "
+                        "the workers lost each other (network, rendezvous)")
+    return None
+
+
+def disrupted(pods: list[dict]) -> Incident | None:
+    """A worker's disruption while the attempt still runs, as evidence to keep (an evicted pod is deleted once
+    it has stopped: its DisruptionTarget goes with it)."""
+    return _disrupted(pods)
+
+
+def attempt_end(job: dict, pods: list[dict], container: str, eviction: tuple[str, str] | None,
+                seen: Incident | None = None) -> Incident | None:
+    """Whether the training attempt of `job` has ended, or must end, for an incident, and its kind, by evidence:
+    - preemption: a worker's DisruptionTarget condition (eviction, scheduler preemption), or Kueue's eviction
+      (`eviction`: the Workload's Evicted (reason, message) while Kueue suspends the Job; not one the operator
+      asked for);
+    - infrastructure: the node lost (DisruptionTarget by the taint manager, the pod GC or the kubelet, a pod
+      NodeLost), an image pull failing, a container other than the trainer killed for memory, the trainer's
+      exit 75 (storage or network unreachable after retries) without a disruption, workers that only lost each
+      other, or a Job failed with no worker left to say why;
+    - failure: the trainer's own exit code (1, a crash; 137, killed for memory; ...).
+    `seen`: the evidence of a disruption recorded while the attempt still ran (status.attempts.ending), which
+    outweighs what the remaining workers say (they exit 75 or 76 because of it).
+    None: the attempt goes on, or ended otherwise (success, a permanent failure, its deadline)."""
+    done = job_finished(job)
+    if eviction and (job.get("spec") or {}).get("suspend"):
+        reason, message = eviction
+        kind = PREEMPTION if reason == "Preempted" else INFRASTRUCTURE
+        return Incident(kind, f"evicted by Kueue: {reason}" + (f" ({message})" if message else ""))
+    if done is None:
+        return _stuck(pods, container)
+    if done["type"] != "Failed" or done.get("reason") == "DeadlineExceeded" or permanent_failure(pods, container):
+        return None
+    found = _disrupted(pods) or seen or _sidecar_oom(pods, container) or _exits(pods, container)
+    if found:
+        return found
+    why = done.get("message") or done.get("reason") or "no reason given"
+    return Incident(INFRASTRUCTURE, f"the training Job failed with no worker left to say why ({why}): were the "
+                    "workers' node and pods lost?")

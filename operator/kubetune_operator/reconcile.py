@@ -27,14 +27,17 @@ from pydantic import ValidationError
 from . import children, kueue, policy
 from .conditions import get_condition, parse_time, rfc3339, set_condition
 from .observe import (
+    FAILURE,
+    INFRASTRUCTURE,
     PERMANENT,
-    charged,
+    PREEMPTION,
+    Incident,
+    attempt_end,
     completion_index,
+    disrupted,
     disruption,
     explain_failure,
     job_finished,
-    last_line,
-    peer_lost,
     permanent_failure,
     pod_problem,
     success_report,
@@ -53,8 +56,8 @@ from .settings import OperatorSettings
 
 GPU_ACCOUNTING_SECONDS = 30  # gpuSeconds is brought up to date at most this often while running
 VALIDATION_RETRY_SECONDS = (10, 300)  # first and longest delay before a transient validation failure is retried
-MAX_RECREATIONS = 1  # a running run's training Job that vanished is recreated this often, then the run fails
-PEER_LOST_ROUNDS = 3  # restarts of all the workers that neither a failure nor a preemption explains, then fail
+ATTEMPT_BACKOFF_SECONDS = (10, 300)  # after a failure or an infrastructure incident: first and longest delay
+MAX_RECREATIONS = 1  # a running attempt's training Job that vanished is recreated this often, then the run fails
 
 
 @dataclass
@@ -65,8 +68,10 @@ class Observed:
     validation_job: dict | None = None
     validation_pods: list[dict] = field(default_factory=list)
     service: dict | None = None
-    training_job: dict | None = None
+    training_job: dict | None = None  # the current attempt's (status.attempts.current)
     training_pods: list[dict] = field(default_factory=list)
+    previous_jobs: list[dict] = field(default_factory=list)  # the training Jobs of earlier attempts still there
+    previous_pods: list[dict] = field(default_factory=list)  # the workers of earlier attempts still there
     trainer_metrics: dict | None = None  # rank 0's /metrics, parsed, from a recent scrape that succeeded
     scrape_failures: int = 0  # scrapes of rank 0 that failed in a row
     scrape_error: str | None = None
@@ -93,6 +98,7 @@ class Decision:
     now: datetime  # the reconcile's clock
     create: list[dict] = field(default_factory=list)  # create if absent (a 409 on our own object is fine)
     update: list[dict] = field(default_factory=list)  # replace (the ConfigMap, when its data changed)
+    training_job: str | None = None  # the current attempt's training Job: suspend_training and training_spec
     suspend_training: bool | None = None  # set the training Job's spec.suspend
     workload_patch: tuple[dict, dict] | None = None  # (Kueue Workload, merge patch): deactivate or reactivate it
     training_spec: dict = field(default_factory=dict)  # mutable runPolicy fields to patch into the Job's spec
@@ -128,6 +134,16 @@ class Decision:
     def event(self, type_: str, reason: str, message: str) -> None:
         """A Kubernetes Event (Normal or Warning) to post once the status is written."""
         self.events.append((type_, reason, message))
+
+
+def stopped(pods: list[dict]) -> bool:
+    """No pod of `pods` runs any more (each has ended, or is gone)."""
+    return all(p.get("status", {}).get("phase") in ("Succeeded", "Failed") for p in pods)
+
+
+def kube_owned(pod: dict, job: dict) -> bool:
+    """`pod` is one of `job`'s."""
+    return any(r.get("uid") == job["metadata"].get("uid") for r in pod["metadata"].get("ownerReferences") or [])
 
 
 def running_pods(pods: list[dict]) -> list[dict]:
@@ -240,6 +256,12 @@ def _clean_up(d: Decision, observed: Observed) -> None:
     held = job and children.JOB_FINALIZER in (job["metadata"].get("finalizers") or [])
     if held and deleting(job) and (d.phase in TERMINAL or not job_finished(job)) and job not in d.release:
         d.release.append(job)
+    for job in observed.previous_jobs:  # earlier attempts: their incident is in status.attempts
+        workers = [p for p in observed.previous_pods if kube_owned(p, job)]
+        if not deleting(job) and job not in d.delete and stopped(workers):
+            d.delete.append(job)
+        if children.JOB_FINALIZER in (job["metadata"].get("finalizers") or []) and job not in d.release:
+            d.release.append(job)
 
 
 def _validate(d: Decision, meta, spec, observed: Observed, settings: OperatorSettings) -> bool:
@@ -327,13 +349,28 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
         d.create.append(children.service(meta, spec, settings))
     job = observed.training_job
     if job is None:
-        _create_training_job(d, old, meta, spec, settings)
+        _create_training_job(d, old, meta, spec, observed, settings)
         return
+    d.training_job = job["metadata"]["name"]
     pods = observed.training_pods
-    d.status["restarts"] = (job.get("status") or {}).get("failed") or 0
     done = job_finished(job)
     if done and done["type"] == "Complete":
         _succeed(d, pods, spec.output.uri)
+        return
+    permanent = permanent_failure(pods, children.TRAINER_CONTAINER)
+    if permanent:  # exit 1 through accelerate launch: the Job would retry; stop it (frees the GPUs)
+        if not done:
+            _stop_workers(d, spec, observed, "failed")
+        d.finish(Phase.Failed, *permanent)
+        return
+    queue, workload = spec.scheduling.queue_name, observed.workload
+    evicted = kueue.incident(workload) if queue else None
+    attempts = d.status.get("attempts") or {}
+    kind, _, evidence = (attempts.get("ending") or "").partition(": ")
+    seen = Incident(kind, evidence) if evidence else None
+    incident = None if deleting(job) else attempt_end(job, pods, children.TRAINER_CONTAINER, evicted, seen)
+    if incident:
+        _next_attempt(d, meta, spec, observed, incident, settings)
         return
     if done:
         reason, message = explain_failure(job, pods, children.TRAINER_CONTAINER)
@@ -345,24 +382,16 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
         d.event("Warning", Reason.TrainingJobDeleted, message)
         d.set_phase(Phase.Queued, Reason.TrainingJobDeleted, message)
         return
-    permanent = permanent_failure(pods, children.TRAINER_CONTAINER)
-    if permanent:  # exit 1 through accelerate launch: the Job would retry; stop it (frees the GPUs)
-        _stop_workers(d, spec, observed, "failed")
-        d.finish(Phase.Failed, *permanent)
-        return
-    stopping = _worker_ends(d, old, pods, spec)
-    loop = _peer_lost_loop(d, meta, spec, settings)
-    if loop:  # nobody is charged for these restarts, so the Job alone would retry them forever
-        _stop_workers(d, spec, observed, "failed")
-        d.finish(Phase.Failed, Reason.PeerLostLoop, loop)
-        return
     d.training_spec = {k: v for k, v in children.mutable_job_spec(spec).items() if job["spec"].get(k) != v}
 
     job_suspended = bool(job["spec"].get("suspend"))
     active = (job.get("status") or {}).get("active", 0)
     running = running_pods(pods)
+    stopping = [p for p in pods if disruption(p)]
+    if stopping and not seen:  # kept: the pod, and its condition, are gone once it has stopped
+        found = disrupted(pods)
+        d.status.setdefault("attempts", {"current": attempt(old)})["ending"] = f"{found.kind}: {found.message}"[:1000]
     problem = pod_problem(pods, children.TRAINER_CONTAINER)
-    queue, workload = spec.scheduling.queue_name, observed.workload
     if queue:
         d.status["queue"] = kueue.queue_status(queue, workload, observed.workloads)
     if run.suspend:
@@ -378,18 +407,15 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
         d.set_phase(Phase.Queued, Reason.RestartingWorkers, "restarting the workers from the last checkpoint")
     elif queue and (job_suspended or not (workload is None or kueue.condition(workload, "QuotaReserved"))):
         _start_workers(d, spec, observed)  # a workload the operator deactivated goes back in its queue
-        reason, message = _waiting(workload, d.status)
-        if reason == Reason.Preempted and old.get("reason") != reason:  # once per preemption, not charged
-            d.event("Normal", reason, f"{message}; not charged to backoffLimit")
-        d.set_phase(Phase.Queued, reason, message)
+        d.set_phase(Phase.Queued, *_waiting(workload, d.status))
     elif job_suspended:
         _start_workers(d, spec, observed)
         d.set_phase(Phase.Queued, Reason.Resuming, "resuming from the last checkpoint")
     elif stopping:
         p, cond = stopping[0], disruption(stopping[0])
         message = (f"worker {completion_index(p)} (pod {p['metadata']['name']}) is being stopped "
-                   f"({cond.get('reason') or 'DisruptionTarget'}); the workers write a checkpoint and resume from it "
-                   f"({len(running)}/{spec.resources.workers} workers running)")
+                   f"({cond.get('reason') or 'DisruptionTarget'}); the workers write a checkpoint, then the next "
+                   f"attempt resumes from it ({len(running)}/{spec.resources.workers} workers running)")
         d.set_phase(Phase.Running if running else Phase.Queued, Reason.WorkerPreempted, message)
     elif problem:
         phase = Phase.Running if running else Phase.Queued
@@ -398,10 +424,6 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
         d.set_phase(Phase.Running, Reason.Training, f"{len(running)}/{spec.resources.workers} workers running")
     elif (job.get("status") or {}).get("succeeded"):
         d.set_phase(Phase.Running, Reason.Finishing, "the workers have finished; waiting for the Job to complete")
-    elif pods and all(p.get("status", {}).get("phase") in ("Succeeded", "Failed") for p in pods):
-        d.set_phase(Phase.Queued, Reason.WaitingForWorkers,
-                    "waiting for the Job controller to recreate the workers: it backs off 10 s, doubling with every "
-                    "failed pod (preempted and PeerLost ones too), up to 10 min")
     else:
         d.set_phase(Phase.Queued, Reason.WaitingForWorkers, "waiting for worker pods to start")
 
@@ -412,6 +434,8 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
     if rank0:  # the trainer's /metrics, on the port the operator's config gave it (children.trainer_config)
         d.metrics_url = f"http://{rank0['status']['podIP']}:{settings.trainer_metrics_port}/metrics"
     d.status.setdefault("startTime", rfc3339(now))
+    attempts = d.status.setdefault("attempts", {"current": attempt(old)})
+    attempts.setdefault("startTime", rfc3339(now))
     if old.get("phase") != Phase.Running or not d.status.get("lastProgressTime"):
         d.status["lastProgressTime"] = rfc3339(now)  # the hang clock starts when the workers do
     if observed.trainer_metrics:
@@ -422,64 +446,94 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
         _check_hang(d, spec, observed)
 
 
-def _worker_ends(d: Decision, old: dict, pods: list[dict], spec: FineTuneJobSpec) -> list[dict]:
-    """Count and announce how workers ended while the Job replaces them; returns the preempted workers still
-    there. Preemptions (DisruptionTarget) are counted once per pod: status.preemptedPods names the counted
-    ones while they exist. PeerLost exits (76) are the Job's Failed pods that say so (not those being deleted:
-    a suspend, say, stopped them); `restarts` (the Job's status.failed) are the charged failures."""
-    container = children.TRAINER_CONTAINER
-    step = (old.get("progress") or {}).get("step")
+def attempt(status: dict) -> int:
+    """The current training attempt's number (status.attempts.current; 1 before the first)."""
+    return (status.get("attempts") or {}).get("current") or 1
+
+
+# The budget of each kind of incident: (its runPolicy field, the reason when exhausted, the Event's reason)
+BUDGETS = {
+    PREEMPTION: ("maxPreemptions", Reason.PreemptionLimitExceeded, Reason.WorkerPreempted),
+    INFRASTRUCTURE: ("maxInfrastructureRetries", Reason.InfrastructureLimitExceeded, Reason.InfrastructureFailed),
+    FAILURE: ("backoffLimit", Reason.BackoffLimitExceeded, Reason.WorkerFailed),
+}
+INCIDENT_WORDS = {PREEMPTION: "a preemption", INFRASTRUCTURE: "the infrastructure", FAILURE: "a failure"}
+
+
+def budget(spec: FineTuneJobSpec, kind: str) -> int | None:
+    """How many attempts runPolicy allows to end by `kind` before the run fails; None: unlimited."""
+    run = spec.run_policy
+    return {PREEMPTION: run.max_preemptions, INFRASTRUCTURE: run.max_infrastructure_retries,
+            FAILURE: run.backoff_limit}[kind]
+
+
+def _next_attempt(d: Decision, meta: dict, spec: FineTuneJobSpec, observed: Observed, incident: Incident,
+                  settings: OperatorSettings) -> None:
+    """The current attempt ended (or must end) for `incident`: count it by kind (status first, then one Event
+    naming the kind), end its Job (deleted once the status holds the count) and, within the kind's budget, go on
+    with the next attempt, a new Job created as soon as the old one's workers are gone; else fail the run."""
+    job, number = observed.training_job, attempt(d.status)
+    attempts = d.status.setdefault("attempts", {})
+    count = attempts.get(incident.kind, 0) + 1
+    first, longest = ATTEMPT_BACKOFF_SECONDS  # a crash loop must not spend its budget in seconds
+    delay = 0 if incident.kind == PREEMPTION else min(first * 2 ** (count - 1), longest)
+    attempts.update({incident.kind: count, "current": number, "ending": None, "startTime": None,
+                     "retryTime": rfc3339(d.now + timedelta(seconds=delay)) if delay else None,
+                     "lastIncident": f"{incident.kind}: {incident.message}"[:1000]})
+    field_, exhausted, event = BUDGETS[incident.kind]
+    limit = budget(spec, incident.kind)
+    step = (d.status.get("progress") or {}).get("step")
     at = f" at step {step}" if step else ""
-    counted = set(old.get("preemptedPods") or [])
-    stopping = [p for p in pods if disruption(p)]
-    for p in (p for p in stopping if p["metadata"]["name"] not in counted):
-        cond = disruption(p)
-        why = cond.get("reason") or "DisruptionTarget"
-        why += f" ({cond['message']})" if cond.get("message") else ""
-        d.status["preemptions"] = d.status.get("preemptions", 0) + 1
-        d.event("Normal", Reason.WorkerPreempted, (
-            f"worker {completion_index(p)} (pod {p['metadata']['name']}) is being stopped{at}: {why}; it writes a "
-            "checkpoint and the workers resume from it (not charged to backoffLimit)"))
-    d.status["preemptedPods"] = sorted(p["metadata"]["name"] for p in stopping) or None
-    lost = [t for t in terminations([p for p in pods if not deleting(p)], container) if peer_lost(t)]
-    for t in lost[:max(len(lost) - old.get("peerLost", 0), 0)]:
-        d.event("Normal", Reason.PeerLost, (
-            f"worker {t['index']} (pod {t['pod']}) stopped because another worker did (exit 76); it restarts "
-            "with the others, not charged to backoffLimit"))
-    d.status["peerLost"] = len(lost) or None
-    failed = [t for t in terminations(pods, container) if charged(t)]
-    if d.status["restarts"] > old.get("restarts", 0) and failed:
-        t, limit = failed[0], spec.run_policy.backoff_limit
-        detail = f": {last_line(t)}" if last_line(t) else ""
-        d.event("Warning", Reason.WorkerFailed, (
-            f"worker {t['index']} (pod {t['pod']}) failed with exit code {t['exitCode']}{detail}; restart "
-            f"{d.status['restarts']} of runPolicy.backoffLimit {limit}; the workers resume from the last checkpoint"))
-    return stopping
+    ended = f"attempt {number} ended by {INCIDENT_WORDS[incident.kind]}{at}: {incident.message}"
+    of = f"{count} of runPolicy.{field_} {'unlimited' if limit is None else limit}"
+    if limit is not None and count > limit:
+        if not job_finished(job):  # its workers stop, its quota goes back to the queue
+            d.delete.append(job)
+            d.release.append(job)
+        d.finish(Phase.Failed, exhausted, f"{ended}; {incident.kind} {count}, more than runPolicy.{field_} {limit}")
+        return
+    if stopped(observed.training_pods):  # else later (_clean_up): its Workload keeps the quota while they stop
+        d.delete.append(job)
+        d.release.append(job)
+    attempts["current"] = number + 1
+    # nulls: the status is merge-patched, and the old attempt's uid must not pass for the new one's
+    d.status["trainingJob"] = {"name": children.Names(meta["name"]).training(number + 1), "uid": None,
+                               "recreations": None}
+    d.status.pop("preemptedPods", None)
+    kind = "Normal" if incident.kind == PREEMPTION else "Warning"
+    later = f" in {delay} s" if delay else ""
+    d.event(kind, event, f"{ended} ({incident.kind} {of}); attempt {number + 1}, a new training Job, resumes from "
+            f"the last checkpoint{later}")
+    d.set_phase(Phase.Queued, Reason.WaitingForWorkers,
+                f"attempt {number + 1} starts once the workers of attempt {number} are gone ({incident.kind}: "
+                f"{incident.message})"[:1000])
+    if stopped(observed.training_pods):
+        _create_training_job(d, d.status, meta, spec, observed, settings)  # they are: no reconcile to wait for
 
 
-def _peer_lost_loop(d: Decision, meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings) -> str | None:
-    """Why the workers are failed for restarting in a loop, if they are. Each failure or preemption makes the
-    other workers exit PeerLost (76) once each, uncharged; PeerLost exits beyond that, for PEER_LOST_ROUNDS
-    restarts of all the workers, have no cause the Job counts (say, the rendezvous host is unreachable)."""
-    workers = spec.resources.workers
-    lost, causes = d.status.get("peerLost") or 0, d.status.get("restarts", 0) + d.status.get("preemptions", 0)
-    if lost - (workers - 1) * causes < workers * PEER_LOST_ROUNDS:
-        return None
-    rendezvous = f"{children.Names(meta['name']).worker_host(0)}:{settings.rendezvous_port}"
-    return (f"{lost} worker exits with PeerLost (76: another worker stopped) that no failure or preemption "
-            f"explains ({d.status.get('restarts', 0)} charged failures, {d.status.get('preemptions', 0)} "
-            f"preemptions): the workers keep losing each other (is the rendezvous {rendezvous} reachable?); "
-            "see the worker logs")
-
-
-def _create_training_job(d: Decision, old: dict, meta, spec, settings: OperatorSettings) -> None:
-    """The training Job is absent: not created yet, or created and then deleted before its outcome was read."""
-    record = old.get("trainingJob") or {}
-    name = children.Names(meta["name"]).training
+def _create_training_job(d: Decision, old: dict, meta, spec, observed: Observed,
+                         settings: OperatorSettings) -> None:
+    """The current attempt's training Job is absent: not created yet (a new attempt: once the previous one's
+    workers are gone), or created and then deleted before its outcome was read."""
+    record, number = old.get("trainingJob") or {}, attempt(old)
+    name = children.Names(meta["name"]).training(number)
     queue = spec.scheduling.queue_name
     if spec.run_policy.suspend and queue:  # a Job in the queue would be admitted: it holds no quota until resumed
         d.set_phase(Phase.Suspended, Reason.Suspended,
                     f"spec.runPolicy.suspend is true; the training Job goes to LocalQueue {queue} once it is false")
+        return
+    retry_at = parse_time((old.get("attempts") or {}).get("retryTime"))
+    if retry_at and d.now < retry_at:  # the back-off after a failure or an infrastructure incident
+        d.requeue_after = (retry_at - d.now).total_seconds()
+        d.set_phase(Phase.Queued, Reason.WaitingForWorkers,
+                    f"attempt {number} starts at {rfc3339(retry_at)} (back-off after {old['attempts']['lastIncident']})"
+                    [:1000])
+        return
+    leaving = [p for p in observed.previous_pods if not stopped([p])]
+    if leaving:  # a worker of an earlier attempt still writes its checkpoint (or holds the rendezvous port)
+        d.set_phase(Phase.Queued, Reason.WaitingForWorkers,
+                    f"attempt {number} starts once the workers of the previous attempt are gone "
+                    f"({len(leaving)} still stopping)")
         return
     if record.get("uid"):
         recreations = record.get("recreations", 0)
@@ -492,11 +546,13 @@ def _create_training_job(d: Decision, old: dict, meta, spec, settings: OperatorS
                    "resumes from the last checkpoint, or reports the adapter it already published)")
         d.event("Warning", Reason.TrainingJobRecreated, message)
         d.status["trainingJob"] = {"name": name, "recreations": recreations + 1}
-    d.create.append(children.training_job(meta, spec, settings))
+    d.create.append(children.training_job(meta, spec, settings, number))
+    d.status.setdefault("attempts", {}).update(current=number, retryTime=None)
     if spec.run_policy.suspend:
         d.set_phase(Phase.Suspended, Reason.Suspended, "spec.runPolicy.suspend is true")
     else:
-        d.set_phase(Phase.Queued, Reason.TrainingJobCreated, "training Job created")
+        d.set_phase(Phase.Queued, Reason.TrainingJobCreated,
+                    f"training Job {name} created" + (f" (attempt {number})" if number > 1 else ""))
 
 
 def _stop_workers(d: Decision, spec: FineTuneJobSpec, observed: Observed, why: str) -> None:
@@ -528,12 +584,11 @@ def _waiting(workload: dict | None, status: dict) -> tuple[str, str]:
             f"the Kueue workload {workload['metadata']['name']} was deactivated, not by the operator"
             + (f" ({evicted[1]})" if evicted and evicted[1] else "") +
             "; set its spec.active to true to queue it again")
-    if evicted and evicted[0] == kueue.PREEMPTED:
+    if evicted and evicted[0] == kueue.PREEMPTED:  # counted once Kueue has suspended the Job (_next_attempt)
         step = (status.get("progress") or {}).get("step")
-        at = f" at step {step}" if step else ""
         why = f" ({evicted[1]})" if evicted[1] else ""
-        return Reason.Preempted, (f"preempted by Kueue{at}{why}; the workers checkpoint on SIGTERM and resume from it "
-                             f"once readmitted; {waiting}")
+        return Reason.Preempted, (f"preempted by Kueue{f' at step {step}' if step else ''}{why}; the workers write "
+                                  f"a checkpoint on SIGTERM and the next attempt resumes from it; {waiting}")
     return Reason.WaitingForAdmission, waiting
 
 

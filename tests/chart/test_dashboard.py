@@ -55,6 +55,7 @@ def test_fleet_and_job_views_cover_the_metrics():
     exprs = " ".join(q.expr for q in panel_queries(_model()))
     for metric in ("kubetune_operator_finetunejobs", "kubetune_operator_gpus_in_use",
                    "kubetune_operator_finetunejob_failures_total", "kubetune_trainer_train_loss",
+                   "kubetune_operator_finetunejob_attempts_ended_total",
                    "kubetune_trainer_validation_loss", "kubetune_trainer_learning_rate",
                    "kubetune_trainer_tokens_per_second", "kubetune_trainer_progress_ratio",
                    "kubetune_trainer_eta_seconds", "kubetune_trainer_gpu_memory_used_bytes",
@@ -132,6 +133,8 @@ def _synthetic_series(end: float, minutes: int = 30, step: int = 15) -> str:
         add("kubetune_operator_gpus_in_use", OPERATOR, 4, t)
         failures = f'{OPERATOR}, reason="DatasetInvalid"'
         add("kubetune_operator_finetunejob_failures_total", failures, i // 40, t)
+        for kind in ("preemptions", "infrastructure", "failures"):
+            add("kubetune_operator_finetunejob_attempts_ended_total", f'{OPERATOR}, kind="{kind}"', i // 10, t)
         for handler in ("create", "timer"):
             labels = f'{OPERATOR}, handler="{handler}"'
             add("kubetune_operator_reconciles_total", labels, 3 * i, t)

@@ -377,7 +377,7 @@ def test_a_finetunejob_succeeds_with_the_charts_defaults(control_plane, node_age
     manifest = Storage(StorageEndpoint(endpoint=s3_server.endpoint)).get_json(status["result"]["manifestUri"])
     assert manifest["steps"] == 6 and manifest["metrics"]["test"]["loss"] > 0
     # trainer.image, storage.endpoint/region/secretName of the chart
-    train = get_json(control_plane, "job", "-n", JOB_NS, f"{JOB}-train")["spec"]["template"]["spec"]
+    train = get_json(control_plane, "job", "-n", JOB_NS, f"{JOB}-train-1")["spec"]["template"]["spec"]
     (container,) = train["containers"]
     assert container["image"] == TRAINER_IMAGE
     secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e

@@ -39,7 +39,7 @@ def test_every_child_is_labelled_and_owned():
         "demo-config",
         "demo-validate",
         "demo-workers",
-        "demo-train",
+        "demo-train-1",
     ]
     for obj in objs:
         assert obj["metadata"]["namespace"] == "ml"
@@ -154,6 +154,10 @@ def test_headless_service_selects_the_workers():
     assert svc["spec"]["selector"].items() <= tj["spec"]["template"]["metadata"]["labels"].items()
 
 
+def pod_labels(job: dict) -> dict:
+    return job["spec"]["template"]["metadata"]["labels"]
+
+
 def test_training_job_is_indexed_with_rendezvous_env():
     meta, spec = build()
     tj = children.training_job(meta, spec, SETTINGS)
@@ -161,19 +165,30 @@ def test_training_job_is_indexed_with_rendezvous_env():
     assert (s["completions"], s["parallelism"], s["completionMode"]) == (2, 2, "Indexed")
     assert pod["subdomain"] == "demo-workers" and pod["restartPolicy"] == "Never"
     e = env(tj)
-    assert e["MASTER_ADDR"] == "demo-train-0.demo-workers" and e["MASTER_PORT"] == "29500"
+    assert e["MASTER_ADDR"] == "demo-train-1-0.demo-workers" and e["MASTER_PORT"] == "29500"
     assert e["WORLD_SIZE"] == "2" and e["NODE_RANK"] == "$(JOB_COMPLETION_INDEX)"
     assert "job-completion-index" in e["JOB_COMPLETION_INDEX"]["fieldRef"]["fieldPath"]
     assert container(tj)["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert {"name": "metrics", "containerPort": 9400} in container(tj)["ports"]
     assert pod["automountServiceAccountToken"] is False and pod["securityContext"]["runAsNonRoot"] is True
-    assert s["suspend"] is False and s["backoffLimit"] == 3
+    # any worker that ends otherwise than with success ends the attempt: the operator starts the next, a new Job
+    assert s["suspend"] is False and s["backoffLimit"] == 0
     assert s["podFailurePolicy"]["rules"] == [  # in order: the first rule that matches decides
         {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [65, 73, 78]}},
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-        {"action": "Ignore", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [76]}},
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]
+    assert tj["metadata"]["labels"][children.LABEL_ATTEMPT] == "1" == pod_labels(tj)[children.LABEL_ATTEMPT]
     assert pod["terminationGracePeriodSeconds"] == 300 and e["KUBETUNE_TERMINATION_GRACE_SECONDS"] == "300"
+
+
+def test_each_attempt_is_a_job_of_its_own():
+    meta, spec = build()
+    tj = children.training_job(meta, spec, SETTINGS, attempt=3)
+    assert tj["metadata"]["name"] == "demo-train-3" and children.attempt_of(tj) == 3
+    assert env(tj)["MASTER_ADDR"] == "demo-train-3-0.demo-workers"
+    assert children.finetunejob_of("demo-train-3") == "demo" and children.finetunejob_of("a-train-x-train-12") == \
+        "a-train-x"
+    assert children.finetunejob_of("demo-validate") is None and children.finetunejob_of("demo-train") is None
 
 
 def test_the_rendezvous_port_can_be_moved():
@@ -201,7 +216,7 @@ def test_accelerate_args():
     args = children.accelerate_args("demo", build()[1], SETTINGS)
     assert args[:4] == ["--num_machines", "2", "--num_processes", "2"]
     assert args[args.index("--machine_rank") + 1] == "$(JOB_COMPLETION_INDEX)"
-    assert args[args.index("--main_process_ip") + 1] == "demo-train-0.demo-workers"
+    assert args[args.index("--main_process_ip") + 1] == "demo-train-1-0.demo-workers"
     assert "--main_process_port" in args and "--multi_gpu" in args
     assert args[-5:] == ["-m", "kubetune_trainer", "train", "--config", "/etc/kubetune/trainer.yaml"]
     one = children.accelerate_args("demo", build({"resources": {"workers": 1, "gpusPerWorker": 1}})[1], SETTINGS)
@@ -246,7 +261,8 @@ def test_scheduling_run_policy_and_kueue():
     assert pod["priorityClassName"] == "training"
     assert tj["metadata"]["labels"][children.LABEL_QUEUE] == "team-a"
     assert s["suspend"] is True  # Kueue admits it by unsuspending
-    assert (s["backoffLimit"], s["activeDeadlineSeconds"], s["ttlSecondsAfterFinished"]) == (1, 7200, 60)
+    # backoffLimit counts failed attempts in the operator: each Job fails at its first failed worker
+    assert (s["backoffLimit"], s["activeDeadlineSeconds"], s["ttlSecondsAfterFinished"]) == (0, 7200, 60)
 
 
 def test_the_grace_period_comes_from_the_run_policy_when_the_job_is_created():

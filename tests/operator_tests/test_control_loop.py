@@ -47,12 +47,12 @@ def test_ttl_zero_reaches_succeeded_with_one_training_job(control_plane, node_ag
         s3_inputs, fake_trainer, hyperparameters={"maxSteps": 3}, runPolicy={"ttlSecondsAfterFinished": 0}))
     status = wait_phase(control_plane, namespace, "ttl-zero", ("Succeeded", "Failed"), timeout=180)["status"]
     assert status["phase"] == "Succeeded", status
-    assert status["trainingJob"]["name"] == "ttl-zero-train" and status["trainingJob"]["uid"]
+    assert status["trainingJob"]["name"] == "ttl-zero-train-1" and status["trainingJob"]["uid"]
     wait_for("the TTL controller to delete the Job", lambda: job_names(control_plane, namespace) == [],
              timeout=60)
     time.sleep(5)  # the operator has seen the Job go: nothing is re-created
     assert job_names(control_plane, namespace) == []
-    assert created_jobs(control_plane, namespace, "ttl-zero", "ttl-zero-train") == 1
+    assert created_jobs(control_plane, namespace, "ttl-zero", "ttl-zero-train-1") == 1
     assert get_json(control_plane, "ftj", "-n", namespace, "ttl-zero")["status"]["phase"] == "Succeeded"
 
 
@@ -63,12 +63,12 @@ def test_deleting_the_training_job_after_success_keeps_succeeded(control_plane, 
            training_spec(s3_inputs, fake_trainer, hyperparameters={"maxSteps": 3}))
     assert wait_phase(control_plane, namespace, "done-then-gone", ("Succeeded", "Failed"),
                       timeout=180)["status"]["phase"] == "Succeeded"
-    kubectl(control_plane, "delete", "job", "-n", namespace, "done-then-gone-train", "--wait=true",
+    kubectl(control_plane, "delete", "job", "-n", namespace, "done-then-gone-train-1", "--wait=true",
             "--timeout=60s")
     time.sleep(5)
     assert job_names(control_plane, namespace) == []
     assert get_json(control_plane, "ftj", "-n", namespace, "done-then-gone")["status"]["phase"] == "Succeeded"
-    assert created_jobs(control_plane, namespace, "done-then-gone", "done-then-gone-train") == 1
+    assert created_jobs(control_plane, namespace, "done-then-gone", "done-then-gone-train-1") == 1
 
 
 def test_a_training_job_deleted_mid_run_is_recreated_once(control_plane, node_agent, namespace, operator,
@@ -77,13 +77,13 @@ def test_a_training_job_deleted_mid_run_is_recreated_once(control_plane, node_ag
     submit(control_plane, namespace, "lost-job", training_spec(s3_inputs, fake_trainer,
                                                                hyperparameters={"maxSteps": 8}))
     wait_phase(control_plane, namespace, "lost-job", ("Running",), timeout=120)
-    kubectl(control_plane, "delete", "job", "-n", namespace, "lost-job-train", "--wait=true", "--timeout=60s")
+    kubectl(control_plane, "delete", "job", "-n", namespace, "lost-job-train-1", "--wait=true", "--timeout=60s")
     status = wait_phase(control_plane, namespace, "lost-job", ("Succeeded", "Failed"), timeout=180)["status"]
     assert status["phase"] == "Succeeded", status
     assert status["trainingJob"]["recreations"] == 1
     reasons = [e["reason"] for e in events_of(control_plane, namespace, "lost-job")]
     assert "TrainingJobDeleted" in reasons and "TrainingJobRecreated" in reasons
-    assert created_jobs(control_plane, namespace, "lost-job", "lost-job-train") == 2
+    assert created_jobs(control_plane, namespace, "lost-job", "lost-job-train-1") == 2
 
 
 def test_a_child_the_api_refuses_fails_the_job_with_the_api_message(control_plane, node_agent, namespace,
@@ -103,7 +103,7 @@ def test_a_child_the_api_refuses_fails_the_job_with_the_api_message(control_plan
     wait_for("validation", validated, timeout=120)
     status = wait_phase(control_plane, namespace, "bad-child", ("Failed",), timeout=30)["status"]
     assert status["reason"] == "InvalidChildSpec", status
-    assert "Job bad-child-train" in status["message"] and "tolerationSeconds" in status["message"]
+    assert "Job bad-child-train-1" in status["message"] and "tolerationSeconds" in status["message"]
     assert any(e["reason"] == "InvalidChildSpec" and e["type"] == "Warning"
                for e in events_of(control_plane, namespace, "bad-child"))
 

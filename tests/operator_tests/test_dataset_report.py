@@ -59,7 +59,7 @@ def test_the_config_map_tells_the_validation_the_hardware():
 
 def test_a_json_report_fills_status_dataset_the_condition_and_an_event():
     d = validated_by(json.dumps(REPORT))
-    assert kinds(d) == ["demo-ingress", "demo-workers", "demo-train"] and d.phase == "Queued"
+    assert kinds(d) == ["demo-ingress", "demo-workers", "demo-train-1"] and d.phase == "Queued"
     assert d.status["dataset"] == DATASET
     validated = get_condition(d.status, "Validated")
     assert (validated["status"], validated["reason"], validated["message"]) == ("True", "DatasetValid", SUMMARY)
@@ -88,4 +88,4 @@ def test_an_older_trainers_plain_text_is_the_message_as_before(message):
     d = validated_by(message)
     assert get_condition(d.status, "Validated")["message"] == message
     assert "dataset" not in d.status and not [e for e in d.events if e[1] == "Validated"]
-    assert kinds(d) == ["demo-ingress", "demo-workers", "demo-train"]
+    assert kinds(d) == ["demo-ingress", "demo-workers", "demo-train-1"]

@@ -49,15 +49,15 @@ def crd(control_plane):
 class Operator:
     """`python -m kubetune_operator` as a subprocess; restart() kills it and starts a new one."""
 
-    def __init__(self, env: dict, log: Path):
-        self.env, self.log = env, log
+    def __init__(self, env: dict, log: Path, scope: tuple[str, ...] = ("--all-namespaces",)):
+        self.env, self.log, self.scope = env, log, scope
         self.health = f"http://127.0.0.1:{env['KUBETUNE_HEALTH_PORT']}/healthz"
         self.metrics = f"http://127.0.0.1:{env['KUBETUNE_METRICS_PORT']}/metrics"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         with self.log.open("a") as out:
-            cmd = [sys.executable, "-m", "kubetune_operator", "--all-namespaces", "-v"]
+            cmd = [sys.executable, "-m", "kubetune_operator", *self.scope, "-v"]
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         wait_for("the operator's liveness endpoint", lambda: self.proc.poll() is not None or
                  http_get(self.health)[0] == 200, timeout=60)
@@ -87,10 +87,11 @@ def platform_credentials(endpoint: str) -> dict:
             "KUBETUNE_POLICY_CREDENTIALS_NAMESPACES": "*"}
 
 
-def run_operator(tmp_path_factory, env: dict):
-    """For a fixture to `yield from`: an Operator with `env`, started, then stopped and its log named."""
+def run_operator(tmp_path_factory, env: dict, scope: tuple[str, ...] = ("--all-namespaces",)):
+    """For a fixture to `yield from`: an Operator with `env` (serving `scope`), started, then stopped and its log
+    named."""
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = Operator(env, log)
+    op = Operator(env, log, scope)
     op.start()
     try:
         yield op
@@ -226,7 +227,7 @@ def test_bad_dataset_fails_on_cpu_without_a_gpu_job(control_plane, node_agent, n
     def jobs() -> list[str]:
         return [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"]]
 
-    assert "bad-data-train" not in jobs(), "no training Job (no GPU) for invalid data"
+    assert "bad-data-train-1" not in jobs(), "no training Job (no GPU) for invalid data"
     # the validation Job is deleted once its result is in the status; and no training Job comes later
     wait_for("the validation Job to be cleaned up", lambda: jobs() == [], timeout=30)
     time.sleep(3)
@@ -290,7 +291,7 @@ def test_a_fail_policy_ends_the_job_before_any_training_pod(control_plane, node_
     assert (status["phase"], status["reason"]) == ("Failed", "DatasetInvalid"), status
     assert "test.jsonl:3" in status["message"] and "dataset.quality.leakage" in status["message"], status
     assert not training_job_pods(control_plane, namespace, "leaky")
-    assert "leaky-train" not in [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n",
+    assert "leaky-train-1" not in [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n",
                                                                           namespace)["items"]]
 
 
@@ -316,7 +317,7 @@ def test_an_output_holding_another_runs_manifest_fails_in_validation(control_pla
     assert status.get("validationAttempts") == 1, "a permanent failure: validation is not retried"
     time.sleep(3)
     jobs = [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"]]
-    assert "taken-train" not in jobs, "no training Job (no GPU) for an output that is another run's"
+    assert "taken-train-1" not in jobs, "no training Job (no GPU) for an output that is another run's"
     assert storage.get_json(s3_inputs["output"] + "manifest.json")["run"]["uid"] == "another-run", "left as it was"
 
 
@@ -389,13 +390,13 @@ def test_training_runs_reports_progress_and_succeeds(control_plane, node_agent, 
     assert status["progress"]["step"] == 8 and status["evalLoss"] == 2.5
     assert status["lastCheckpoint"]["count"] == 1 and status["gpuSeconds"] > 0 and status["completionTime"]
     jobs = sorted(j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"])
-    assert jobs == ["train-ok-train"]  # the validation Job is cleaned up once it has passed
+    assert jobs == ["train-ok-train-1"]  # the validation Job is cleaned up once it has passed
     pods = training_job_pods(control_plane, namespace, "train-ok")
-    assert sorted(p["spec"]["hostname"] for p in pods) == ["train-ok-train-0", "train-ok-train-1"]
+    assert sorted(p["spec"]["hostname"] for p in pods) == ["train-ok-train-1-0", "train-ok-train-1-1"]
     logs = node_agent.logs(namespace, next(p["metadata"]["name"] for p in pods
                                            if p["spec"]["hostname"].endswith("-1")))
     start = json.loads(logs.splitlines()[0])
-    assert start["rank"] == 1 and start["env"]["MASTER_ADDR"] == "train-ok-train-0.train-ok-workers"
+    assert start["rank"] == 1 and start["env"]["MASTER_ADDR"] == "train-ok-train-1-0.train-ok-workers"
     assert start["env"]["NODE_RANK"] == "1" and start["env"]["AWS_ACCESS_KEY_ID"] == "kubetune-local"
     reasons = {e["reason"] for e in events_of(control_plane, namespace, "train-ok")}
     assert {"Created", "Training", "Completed"} <= reasons
@@ -413,12 +414,12 @@ def test_suspend_stops_the_workers_and_resume_restarts_them(control_plane, node_
     wait_for("the workers to stop", lambda: not [
         p for p in training_job_pods(control_plane, namespace, "pausable")
         if p.get("status", {}).get("phase") in ("Running", "Pending")], timeout=60)
-    job = get_json(control_plane, "job", "-n", namespace, "pausable-train")
+    job = get_json(control_plane, "job", "-n", namespace, "pausable-train-1")
     assert job["spec"]["suspend"] is True and not job["status"].get("failed")
     kubectl(control_plane, "patch", "ftj", "-n", namespace, "pausable", "--type=merge",
             "-p", '{"spec": {"runPolicy": {"suspend": false}}}')
     status = wait_phase(control_plane, namespace, "pausable", ("Running",), timeout=90)["status"]
-    assert get_json(control_plane, "job", "-n", namespace, "pausable-train")["spec"]["suspend"] is False
+    assert get_json(control_plane, "job", "-n", namespace, "pausable-train-1")["spec"]["suspend"] is False
     assert next(c for c in status["conditions"] if c["type"] == "Suspended")["status"] == "False"
     kubectl(control_plane, "delete", "ftj", "-n", namespace, "pausable", "--wait=true")
 
@@ -432,7 +433,7 @@ def test_hung_workers_are_restarted_once_then_the_job_fails(control_plane, node_
              .get("status", {}).get("hangRestarts") == 1, timeout=180)
     status = wait_phase(control_plane, namespace, "hang-twice", ("Failed", "Succeeded"), 180)["status"]
     assert (status["phase"], status["reason"], status["hangRestarts"]) == ("Failed", "Hung", 1), status
-    job = get_json(control_plane, "job", "-n", namespace, "hang-twice-train")
+    job = get_json(control_plane, "job", "-n", namespace, "hang-twice-train-1")
     assert job["spec"]["suspend"] is True and not job["status"].get("failed")  # not counted as failures
     reasons = [e["reason"] for e in events_of(control_plane, namespace, "hang-twice")]
     assert "WorkersHung" in reasons and "Hung" in reasons
@@ -452,7 +453,7 @@ def test_an_operator_restart_creates_no_duplicates(control_plane, node_agent, na
     assert status["phase"] == "Succeeded", status
     after = {j["metadata"]["name"]: j["metadata"]["uid"]
              for j in get_json(control_plane, "jobs", "-n", namespace)["items"]}
-    assert after == before and sorted(after) == ["survivor-train"]  # the validation Job was cleaned up
+    assert after == before and sorted(after) == ["survivor-train-1"]  # the validation Job was cleaned up
     for kind in ("configmaps", "services"):
         selector = "kubetune.io/finetunejob=survivor"
         assert len(get_json(control_plane, kind, "-n", namespace, "-l", selector)["items"]) == 1
@@ -517,7 +518,7 @@ def test_real_training_on_cpu_workers(control_plane, node_agent, namespace, oper
     manifest = Storage(StorageEndpoint(endpoint=tiny_model["endpoint"])).get_json(
         status["result"]["manifestUri"])
     assert manifest["steps"] == 4 and manifest["processes"] == workers
-    assert status["startTime"] and status["completionTime"] and status["restarts"] == 0
+    assert status["startTime"] and status["completionTime"] and status["attempts"]["current"] == 1
     # The validation Job tokenized the data once into the cache; the workers downloaded it instead.
     dataset = status["dataset"]
     assert dataset["samples"] == manifest["datasets"]["train"]["samples"] and dataset["plannedSteps"] == 4
@@ -562,7 +563,9 @@ def test_a_killed_worker_resumes_from_the_checkpoint(control_plane, node_agent, 
 
     status = wait_phase(control_plane, namespace, "killed", ("Succeeded", "Failed"), timeout=420)["status"]
     assert status["phase"] == "Succeeded", status
-    assert status["restarts"] == 1, "the deleted pod counts as one restart of the workers"
+    # the pod deleted with no grace ends the attempt with nothing to say why: the infrastructure's, not a failure
+    assert (status["attempts"]["current"], status["attempts"]["infrastructure"]) == (2, 1), status["attempts"]
+    assert "failures" not in status["attempts"]
     assert status["progress"]["text"] == "12/12 (100%)", status["progress"]
     manifest = storage.get_json(status["result"]["manifestUri"])
     assert manifest["steps"] == manifest["totalSteps"] == 12
@@ -691,7 +694,7 @@ def test_a_missing_image_fails_validation_on_cpu(control_plane, node_agent, name
     assert (status["phase"], status["reason"]) == ("Failed", "DatasetInvalid"), status
     assert "train.jsonl:4" in status["message"] and "images/train/0003.png" in status["message"], status["message"]
     jobs = [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"]]
-    assert "missing-image-train" not in jobs
+    assert "missing-image-train-1" not in jobs
 
 
 # -- preference tuning, with the real trainer ------------------------------------------------------------------

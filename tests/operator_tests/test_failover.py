@@ -211,7 +211,7 @@ def test_the_standby_takes_over_from_a_killed_replica_and_finishes_its_job(
     submit(control_plane, namespace, "failover", spec)
     running = wait_phase(control_plane, namespace, "failover", ("Running", "Failed"))
     assert running["status"]["phase"] == "Running", running["status"]
-    train_uid = get_json(control_plane, "job", "-n", namespace, "failover-train")["metadata"]["uid"]
+    train_uid = get_json(control_plane, "job", "-n", namespace, "failover-train-1")["metadata"]["uid"]
     assert not younger.handled(), "the standby ran a handler"
 
     older.stop(kill=True)  # SIGKILL: the Lease is not released
@@ -227,7 +227,7 @@ def test_the_standby_takes_over_from_a_killed_replica_and_finishes_its_job(
     assert status["phase"] == "Succeeded", status
     assert status["result"]["adapterUri"] == s3_inputs["output"]
     assert younger.handled()
-    train = get_json(control_plane, "job", "-n", namespace, "failover-train")
+    train = get_json(control_plane, "job", "-n", namespace, "failover-train-1")
     assert train["metadata"]["uid"] == train_uid, "the standby took over the training Job, no new one"
 
     # A restarted replica finds the Lease held and renewed: it stands by, no flapping.

@@ -114,18 +114,18 @@ def test_the_training_job_is_recorded_with_its_uid(fake):
     b = body(status={"phase": "Queued", "conditions": [{"type": "Validated", "status": "True", "reason": "ok",
                                                          "lastTransitionTime": "2026-01-01T10:00:00Z"}]})
     loop.apply(fake, b, Observed(), LOG, SETTINGS)
-    assert fake.status["trainingJob"] == {"name": "demo-train", "uid": "uid-demo-train"}
-    job = fake.objects["/apis/batch/v1/namespaces/ml/jobs/demo-train"]
+    assert fake.status["trainingJob"] == {"name": "demo-train-1", "uid": "uid-demo-train-1"}
+    job = fake.objects["/apis/batch/v1/namespaces/ml/jobs/demo-train-1"]
     assert job["metadata"]["finalizers"] == [children.JOB_FINALIZER]
 
 
 def test_a_recorded_job_missing_from_the_index_is_asked_for_not_recreated(fake):
-    b = body(status={"phase": "Queued", "trainingJob": {"name": "demo-train", "uid": "uid-demo-train"},
+    b = body(status={"phase": "Queued", "trainingJob": {"name": "demo-train-1", "uid": "uid-demo-train-1"},
                      "conditions": [{"type": "Validated", "status": "True", "reason": "ok",
                                      "lastTransitionTime": "2026-01-01T10:00:00Z"}]})
-    path = "/apis/batch/v1/namespaces/ml/jobs/demo-train"
+    path = "/apis/batch/v1/namespaces/ml/jobs/demo-train-1"
     fake.objects[path] = {"apiVersion": "batch/v1", "kind": "Job", "spec": {}, "status": {}, "metadata": {
-        "name": "demo-train", "namespace": "ml", "uid": "uid-demo-train",
+        "name": "demo-train-1", "namespace": "ml", "uid": "uid-demo-train-1",
         "ownerReferences": [{"uid": b["metadata"]["uid"], "controller": True}]}}
     d, _, _ = loop.apply(fake, b, Observed(), LOG, SETTINGS)
     assert ("POST", "/apis/batch/v1/namespaces/ml/jobs") not in fake.calls
@@ -226,6 +226,28 @@ def test_a_child_just_created_counts_as_observed_until_the_index_has_it():
     key = ("ml", "demo")
     caught_up = loop.Indexes(jobs={key: [created]}, pods={}, services={}, config_maps={}, workloads={})
     assert caught_up.observe(b, expected).validation_job == created and expected == {}
+
+
+def test_the_current_attempt_is_observed_and_the_earlier_ones_apart():
+    """status.attempts.current names the training Job; earlier attempts' Jobs and workers (and a Job from before
+    attempts, with no label) are the previous ones; a later one (a status write lost) is neither."""
+    b = body(status={"attempts": {"current": 2}})
+    owner = [{"uid": b["metadata"]["uid"], "controller": True}]
+
+    def obj(name: str, uid: str, attempt: str | None, owners=owner) -> dict:
+        labels = {children.LABEL_COMPONENT: "workers", **({children.LABEL_ATTEMPT: attempt} if attempt else {})}
+        return {"kind": "Job", "metadata": {"name": name, "uid": uid, "labels": labels, "ownerReferences": owners}}
+
+    jobs = [obj("demo-train", "j0", None), obj("demo-train-1", "j1", "1"), obj("demo-train-2", "j2", "2"),
+            obj("demo-train-3", "j3", "3")]
+    pods = [obj(f"{j['metadata']['name']}-0-x", f"p{i}", children.attempt_of(j) and str(children.attempt_of(j)),
+                [{"uid": j["metadata"]["uid"], "controller": True}]) for i, j in enumerate(jobs)]
+    key = ("ml", "demo")
+    o = loop.Indexes(jobs={key: jobs}, pods={key: pods}, services={}, config_maps={}, workloads={}).observe(b, {})
+    assert o.training_job["metadata"]["name"] == "demo-train-2" and [p["metadata"]["uid"] for p in
+                                                                      o.training_pods] == ["p2"]
+    assert [j["metadata"]["name"] for j in o.previous_jobs] == ["demo-train", "demo-train-1"]
+    assert [p["metadata"]["uid"] for p in o.previous_pods] == ["p0", "p1"]
 
 
 def test_apply_reads_the_other_finetunejobs_from_the_api_before_the_first_child(fake):

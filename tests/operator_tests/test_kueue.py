@@ -86,7 +86,7 @@ def status_of(cp, namespace: str, name: str) -> dict:
 
 
 def workload_of(cp, namespace: str, name: str) -> dict | None:
-    job = get_json(cp, "job", "-n", namespace, f"{name}-train")
+    job = get_json(cp, "job", "-n", namespace, f"{name}-train-1")
     return next((w for w in get_json(cp, "workloads", "-n", namespace)["items"]
                  if any(r["uid"] == job["metadata"]["uid"] for r in w["metadata"].get("ownerReferences") or [])),
                 None)
@@ -132,7 +132,7 @@ def test_two_jobs_and_a_quota_for_one(control_plane, node_agent, namespace, oper
         "Succeeded"
     done = wait_phase(control_plane, namespace, "second", ("Succeeded", "Failed"), timeout=180)["status"]
     assert done["phase"] == "Succeeded" and done["queue"]["admitted"] is True, done
-    assert done.get("restarts", 0) == 0
+    assert done["attempts"] == {"current": 1, "startTime": done["attempts"]["startTime"]}, done["attempts"]
 
 
 def test_a_suspend_holds_and_resume_requeues(control_plane, node_agent, namespace, operator, queue, s3_inputs,
@@ -153,7 +153,7 @@ def test_a_suspend_holds_and_resume_requeues(control_plane, node_agent, namespac
         "admitted"], timeout=60)
     for _ in range(8):  # Kueue and the operator leave it alone
         s = status_of(control_plane, namespace, "pausable")
-        job = get_json(control_plane, "job", "-n", namespace, "pausable-train")
+        job = get_json(control_plane, "job", "-n", namespace, "pausable-train-1")
         workload = workload_of(control_plane, namespace, "pausable")
         assert s["phase"] == "Suspended" and job["spec"]["suspend"] is True, (s, job["spec"])
         assert workload["spec"]["active"] is False and not s["queue"]["admitted"], workload
@@ -170,8 +170,8 @@ def test_a_suspend_holds_and_resume_requeues(control_plane, node_agent, namespac
     assert workload["spec"]["active"] is True and "kubetune.io/deactivated" not in (
         workload["metadata"].get("annotations") or {})
     done = wait_phase(control_plane, namespace, "pausable", ("Succeeded", "Failed"), timeout=180)["status"]
-    assert done["phase"] == "Succeeded" and done.get("restarts", 0) == 0, done
-    assert not get_json(control_plane, "job", "-n", namespace, "pausable-train")["status"].get("failed")
+    assert done["phase"] == "Succeeded" and done["attempts"]["current"] == 1, done  # a suspend is no incident
+    assert not get_json(control_plane, "job", "-n", namespace, "pausable-train-1")["status"].get("failed")
 
 
 def test_a_job_without_a_queue_name_is_left_to_the_operator(control_plane, node_agent, namespace, operator, kueue,
@@ -222,19 +222,25 @@ def test_a_preempted_job_resumes_from_its_checkpoint(control_plane, node_agent, 
     kubectl(control_plane, "patch", "ftj", "high", "-n", namespace, "--type=merge",
             "-p", '{"spec": {"runPolicy": {"suspend": false}}}')
 
-    def preempted():
+    def preempted():  # seen while Kueue suspends the Job, or once that has ended the attempt
         s = status_of(control_plane, namespace, "low")
-        return s if s.get("reason") == "Preempted" else None
+        return s if s.get("reason") == "Preempted" or (s.get("attempts") or {}).get("preemptions") else None
 
     s = wait_for("Kueue to preempt the low job", preempted, timeout=180)
-    assert s["phase"] == "Queued" and "preempted by Kueue" in s["message"], s
+    evidence = (s.get("attempts") or {}).get("lastIncident") or s["message"]
+    assert s["phase"] == "Queued" and "by Kueue" in evidence and "Preempted" in evidence, s
     assert wait_phase(control_plane, namespace, "high", ("Succeeded", "Failed"), timeout=240)["status"]["phase"] == \
         "Succeeded"
 
     done = wait_phase(control_plane, namespace, "low", ("Succeeded", "Failed"), timeout=420)["status"]
     assert done["phase"] == "Succeeded", done
-    assert done.get("restarts", 0) == 0 and done["queue"]["preemptions"] == 1, done
-    assert not get_json(control_plane, "job", "-n", namespace, "low-train")["status"].get("failed")
+    # the preemption ended attempt 1; attempt 2, a new Job, was queued and admitted again. On the process node agent
+    # the pods share the host's ports: the high job's first worker may find its metrics port still held by the
+    # stopping low worker, fail, and wait out its back-off, in which the low job is admitted and preempted again.
+    preemptions = done["attempts"]["preemptions"]
+    assert preemptions >= 1 and done["attempts"]["current"] == preemptions + 1, done["attempts"]
+    assert "failures" not in done["attempts"] and "Preempted" in done["attempts"]["lastIncident"], done["attempts"]
+    assert not get_json(control_plane, "job", "-n", namespace, f"low-train-{preemptions + 1}")["status"].get("failed")
     [again] = [p["metadata"]["name"] for p in training_job_pods(control_plane, namespace, "low")
                if p["metadata"]["name"] != rank0]
     [resumed] = [e for e in trainer_events(node_agent.logs(namespace, again)) if e["event"] == "resumed"]
@@ -244,4 +250,4 @@ def test_a_preempted_job_resumes_from_its_checkpoint(control_plane, node_agent, 
     manifest = Storage(StorageEndpoint(endpoint=tiny_model["endpoint"])).get_json(done["result"]["manifestUri"])
     assert [e["step"] for e in manifest["history"]] == list(range(1, steps + 1)), "every step once, none twice"
     reasons = [e["reason"] for e in events_of(control_plane, namespace, "low")]
-    assert reasons.count("Preempted") == 1 and "WorkerFailed" not in reasons, reasons
+    assert reasons.count("WorkerPreempted") == preemptions and "WorkerFailed" not in reasons, reasons

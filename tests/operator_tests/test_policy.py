@@ -340,5 +340,5 @@ def test_an_allowed_job_by_the_restricted_author_trains(control_plane, node_agen
     assert out.returncode == 0, out.stderr
     done = e2e.wait_phase(control_plane, ns, "allowed", ("Succeeded", "Failed"), timeout=180)
     assert done["status"]["phase"] == "Succeeded", done["status"]
-    pod = get_json(control_plane, "job", "-n", ns, "allowed-train")["spec"]["template"]["spec"]
+    pod = get_json(control_plane, "job", "-n", ns, "allowed-train-1")["spec"]["template"]["spec"]
     assert pod["priorityClassName"] == PRIORITY

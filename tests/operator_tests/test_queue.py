@@ -10,7 +10,7 @@ from kubetune_operator import kueue
 from kubetune_operator.reconcile import Observed
 
 from .builders import NOW, ftj, pod
-from .test_reconcile import desired, run, training_observed, validated
+from .test_reconcile import counted, desired, run, training_observed, validated
 
 QUEUED = {"scheduling": {"queueName": "team-a"}}
 
@@ -125,22 +125,46 @@ def test_suspended_at_creation_a_queued_job_makes_no_training_job():
     assert not [o for o in d.create if o["kind"] == "Job"]
 
 
-def test_a_preemption_by_kueue_is_announced_once_and_not_charged():
+def test_a_preemption_by_kueue_ends_the_attempt_once_the_job_is_suspended():
     body = validated(ftj(QUEUED), phase="Running", progress={"step": 40, "totalSteps": 100})
     observed, tj, _ = queued(body, {"evicted": "Preempted"}, suspend=False, active=2)
     observed.training_pods = [pod(tj, 0), pod(tj, 1)]
-    d = run(body, observed)
-    assert (d.phase, d.status["reason"]) == ("Queued", "Preempted")
+    d = run(body, observed)  # evicted, the Job not suspended yet: the workers are told, nothing is counted yet
+    assert (d.phase, d.status["reason"]) == ("Queued", "Preempted") and "attempts" not in d.status
     assert d.status["message"].startswith("preempted by Kueue at step 40 (Preempted to accommodate")
-    assert [e for e in d.events if e[1] == "Preempted"] == [
-        ("Normal", "Preempted", d.status["message"] + "; not charged to backoffLimit")]
-    assert d.suspend_training is None and d.workload_patch is None and not d.status.get("restarts")
+    assert d.suspend_training is None and d.workload_patch is None and d.create == []
 
-    body["status"] = d.status  # Kueue counts it, then suspends the Job: no second event
-    observed, _, _ = queued(body, {"evicted": "Preempted", "preemptions": 1}, suspend=True)
+    body["status"] = d.status  # Kueue suspends the Job: the attempt ends, counted once, and its Job goes
+    observed, tj, _ = queued(body, {"evicted": "Preempted", "preemptions": 1}, suspend=True)
+    observed.training_pods = [pod(tj, 0, phase="Running"), pod(tj, 1, phase="Failed", exit_code=76)]
     d = run(body, observed)
-    assert d.status["reason"] == "Preempted" and not [e for e in d.events if e[1] == "Preempted"]
-    assert d.status["queue"]["preemptions"] == 1
+    assert counted(d) == {"current": 2, "preemptions": 1, "lastIncident": (
+        "preemptions: evicted by Kueue: Preempted (Preempted to accommodate a workload (UID: x) due to "
+        "prioritization)")}
+    assert "demo-train-1" not in [o["metadata"]["name"] for o in d.delete]  # its Workload holds the quota meanwhile
+    assert d.create == []  # worker 0 writes its checkpoint: the next attempt's Job waits for it
+    assert d.status["trainingJob"] == {"name": "demo-train-2", "uid": None, "recreations": None}
+
+    body["status"] = {**d.status, "trainingJob": {"name": "demo-train-2"}}  # as merged: no uid of attempt 1
+    assert [e[0] for e in d.events if e[1] == "WorkerPreempted"] == ["Normal"]
+
+    # the old workers are gone: attempt 2 goes to the queue as a new Job
+    d = run(body, Observed(config_map=observed.config_map, validation_job=observed.validation_job,
+                           service=observed.service, network_policy=observed.network_policy))
+    [new] = d.create
+    assert new["metadata"]["name"] == "demo-train-2" and new["spec"]["suspend"] is True
+    assert new["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+
+
+def test_an_eviction_other_than_preemption_is_the_infrastructures():
+    body = validated(ftj(QUEUED), phase="Running")
+    observed, _, _ = queued(body, {"evicted": "PodsReadyTimeout"}, suspend=True)
+    d = run(body, observed)
+    assert d.status["attempts"]["infrastructure"] == 1 and "PodsReadyTimeout" in d.status["attempts"]["lastIncident"]
+    observed, _, _ = queued(body, {"active": False, "ours": "suspend", "evicted": "Deactivated"}, suspend=True)
+    assert "attempts" not in run(body, observed).status  # the operator's own suspend is no incident
+    observed, _, _ = queued(body, {"evicted": "Deactivated"}, suspend=True)  # resumed: evicted until readmitted
+    assert "attempts" not in run(body, observed).status
 
 
 def test_a_hang_restart_goes_through_the_workload():
@@ -175,4 +199,4 @@ def test_a_workload_is_found_by_its_job_not_by_its_name():
     leftover = workload({"metadata": {"name": tj["metadata"]["name"], "uid": "an-older-job"}})
     observed.workloads = [leftover]
     assert observed.workload is None
-    assert kueue.owner_job(leftover) == "demo-train"
+    assert kueue.owner_job(leftover) == "demo-train-1"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from kubetune_api import FineTuneJobSpec, FineTuneJobStatus
 from kubetune_operator import children
 from kubetune_operator.conditions import get_condition
@@ -129,7 +130,7 @@ def test_invalid_dataset_fails_without_a_gpu_job():
     )
     assert d.phase == "Failed" and d.status["reason"] == "DatasetInvalid"
     assert d.status["message"] == message
-    assert "demo-train" not in kinds(d) and "demo-workers" not in kinds(d)
+    assert "demo-train-1" not in kinds(d) and "demo-workers" not in kinds(d)
     assert get_condition(d.status, "Validated")["status"] == "False"
     assert get_condition(d.status, "Failed")["status"] == "True"
     assert d.events == [("Warning", "DatasetInvalid", f"Failed: {message}")]
@@ -212,7 +213,7 @@ def test_valid_dataset_starts_training():
             ],
         ),
     )
-    assert kinds(d) == ["demo-ingress", "demo-workers", "demo-train"]  # the NetworkPolicy before any worker
+    assert kinds(d) == ["demo-ingress", "demo-workers", "demo-train-1"]  # the NetworkPolicy before any worker
     assert get_condition(d.status, "Validated")["message"] == "dataset valid: train 100 samples"
     assert d.phase == "Queued"
 
@@ -220,7 +221,7 @@ def test_valid_dataset_starts_training():
 def test_validation_is_not_rerun_once_passed():
     body = validated(ftj())
     d = run(body, Observed(config_map=desired(body)["cm"]))  # the validation Job was TTL-deleted
-    assert "demo-validate" not in kinds(d) and "demo-train" in kinds(d)
+    assert "demo-validate" not in kinds(d) and "demo-train-1" in kinds(d)
 
 
 def test_running_workers_report_progress_from_metrics():
@@ -326,21 +327,6 @@ def test_permanent_trainer_exit_names_the_reason():
     assert d.status["message"] == "ConfigInvalid: qlora needs a GPU"
 
 
-def test_backoff_limit_reports_the_last_message():
-    body = validated(ftj(), phase="Running")
-    observed, tj = training_observed(
-        body,
-        finished="Failed",
-        reason="BackoffLimitExceeded",
-        message="Job has reached the specified backoff limit",
-        failed=4,
-    )
-    observed.training_pods = [pod(tj, 0, phase="Failed", exit_code=1, message="Unexpected: CUDA OOM")]
-    d = run(body, observed)
-    assert d.status["reason"] == "BackoffLimitExceeded" and "CUDA OOM" in d.status["message"]
-    assert d.status["restarts"] == 4
-
-
 def test_terminal_phases_are_sticky():
     body = validated(ftj(), phase="Succeeded")
     d = run(body, Observed())  # everything was garbage-collected
@@ -443,15 +429,6 @@ def test_permanent_failure_through_accelerate_stops_the_retries():
     assert d.suspend_training is True
 
 
-def test_other_worker_failures_are_retried():
-    body = validated(ftj(), phase="Running")
-    observed, tj = training_observed(body, active=2, failed=1)
-    observed.training_pods = [pod(tj, 0, phase="Failed", exit_code=1, message="Unexpected: OOM"),
-                              pod(tj, 0), pod(tj, 1)]
-    d = run(body, observed)
-    assert d.phase == "Running" and d.suspend_training is None and d.status["restarts"] == 1
-
-
 # -- the control loop's honesty: created-then-gone, finalizers, refusals, positive evidence ---------------
 
 
@@ -462,7 +439,7 @@ def test_the_training_job_holds_the_outcome_finalizer():
 
 def test_a_job_deleted_by_its_ttl_still_reports_success_then_is_released():
     body = validated(ftj({"runPolicy": {"ttlSecondsAfterFinished": 0}}), phase="Running",
-                     trainingJob={"name": "demo-train", "uid": "job-demo-train"})
+                     trainingJob={"name": "demo-train-1", "uid": "job-demo-train"})
     observed, tj = training_observed(body, finished="Complete")
     tj["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:00Z"
     d = run(body, observed)
@@ -478,7 +455,7 @@ def test_a_finished_job_deleted_later_keeps_the_phase_and_is_released():
 
 
 def test_a_running_job_deleted_by_hand_is_released_and_recreated_once():
-    record = {"name": "demo-train", "uid": "job-demo-train"}
+    record = {"name": "demo-train-1", "uid": "job-demo-train"}
     body = validated(ftj(), phase="Running", trainingJob=record)
     observed, tj = training_observed(body, active=2)
     tj["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:00Z"
@@ -488,7 +465,7 @@ def test_a_running_job_deleted_by_hand_is_released_and_recreated_once():
     body["status"] = d.status
     observed.training_job = None  # gone
     d = run(body, observed)
-    assert kinds(d) == ["demo-train"] and d.status["trainingJob"] == {"name": "demo-train", "recreations": 1}
+    assert kinds(d) == ["demo-train-1"] and d.status["trainingJob"] == {"name": "demo-train-1", "recreations": 1}
     assert ("Warning", "TrainingJobRecreated") in [e[:2] for e in d.events]
 
     body["status"] = {**d.status, "trainingJob": {**d.status["trainingJob"], "uid": "second"}}
@@ -501,7 +478,7 @@ def test_a_job_never_created_is_created_without_an_event():
     observed, _ = training_observed(body)
     observed.training_job = None
     d = run(body, observed)
-    assert kinds(d) == ["demo-train"] and "trainingJob" not in d.status
+    assert kinds(d) == ["demo-train-1"] and "trainingJob" not in d.status
 
 
 def test_the_validation_job_is_deleted_once_its_result_is_recorded():
@@ -539,7 +516,7 @@ def test_a_child_the_api_refuses_ends_the_job_with_the_api_message():
     body = validated(ftj())
     observed, _ = training_observed(body)
     d = run(body, observed)
-    message = 'Job.batch "demo-train" is invalid: spec.template.spec.tolerations[0].effect: Unsupported value'
+    message = 'Job.batch "demo-train-1" is invalid: spec.template.spec.tolerations[0].effect: Unsupported value'
     d = refused(body, d, desired(body)["training"], 422, message)  # at the decision's own now
     assert (d.phase, d.status["reason"]) == ("Failed", "InvalidChildSpec") and message in d.status["message"]
     assert ("Warning", "InvalidChildSpec") in [e[:2] for e in d.events]
@@ -672,7 +649,7 @@ def test_output_in_use_fails_in_validation_without_a_gpu_job():
     assert (d.phase, d.status["reason"], d.status["message"]) == ("Failed", "OutputInUse", message)
     validated = get_condition(d.status, "Validated")
     assert (validated["status"], validated["reason"]) == ("False", "OutputInUse")
-    assert "demo-train" not in kinds(d) and "demo-workers" not in kinds(d) and d.requeue_after is None
+    assert "demo-train-1" not in kinds(d) and "demo-workers" not in kinds(d) and d.requeue_after is None
     assert d.events == [("Warning", "OutputInUse", f"Failed: {message}")]
 
 
@@ -688,89 +665,6 @@ def test_a_worker_exiting_output_in_use_is_permanent():
                               pod(tj, 1)]
     d = run(body, observed)
     assert (d.phase, d.status["reason"]) == ("Failed", "OutputInUse") and d.suspend_training is True
-
-
-def test_a_preempted_worker_is_counted_once_and_announced():
-    body = validated(ftj({"resources": {"workers": 3, "gpusPerWorker": 1}}), phase="Running",
-                     progress={"step": 12, "totalSteps": 100})
-    observed, tj = training_observed(body, active=3)
-    observed.training_pods = [pod(tj, 0), evicted(pod(tj, 1)), pod(tj, 2)]
-    d = run(body, observed)
-    assert d.status["preemptions"] == 1 and d.status["preemptedPods"] == ["demo-train-1-abcde"]
-    assert d.status.get("restarts") == 0 and (d.phase, d.status["reason"]) == ("Running", "WorkerPreempted")
-    assert "worker 1 (pod demo-train-1-abcde) is being stopped (EvictionByEvictionAPI)" in d.status["message"]
-    [event] = [e for e in d.events if e[1] == "WorkerPreempted"]
-    assert event[0] == "Normal"
-    assert "is being stopped at step 12: EvictionByEvictionAPI (Eviction API: evicting)" in event[2]
-    assert "resume from it (not charged to backoffLimit)" in event[2]
-
-    body["status"] = d.status  # the pod writes its checkpoint and exits 75; its peers exit 76 (PeerLost)
-    observed.training_pods = [pod(tj, 0, phase="Failed", exit_code=76), named(evicted(
-        pod(tj, 1, phase="Failed", exit_code=75, message="Preempted")), "demo-train-1-abcde"),
-        named(pod(tj, 2, phase="Failed", exit_code=76), "demo-train-2-abcde")]
-    d = run(body, observed)
-    assert d.status["preemptions"] == 1 and d.status["peerLost"] == 2
-    assert [e[1] for e in d.events] == ["PeerLost", "PeerLost", "WorkerPreempted"]  # the last: Running -> Queued
-    assert d.phase == "Queued" and d.events[2][2].startswith("Queued: worker 1 (pod demo-train-1-abcde) is being")
-    assert "worker 0 (pod demo-train-0-abcde) stopped because another worker did (exit 76)" in d.events[0][2]
-
-    body["status"] = d.status  # the evicted pod is gone; the Job controller backs off before replacing them
-    lost = [observed.training_pods[0], observed.training_pods[2]]
-    observed.training_pods = lost
-    d = run(body, observed)
-    assert d.status["reason"] == "WaitingForWorkers" and "backs off 10 s" in d.status["message"]
-
-    body["status"] = d.status  # and creates the replacements
-    observed.training_pods = [*lost,
-                              named(pod(tj, 0, phase="Pending"), "r0"), named(pod(tj, 1, phase="Pending"), "r1"),
-                              named(pod(tj, 2, phase="Pending"), "r2")]
-    d = run(body, observed)
-    assert (d.status["preemptions"], d.status["peerLost"]) == (1, 2) and "preemptedPods" not in d.status
-    assert (d.phase, d.status["reason"], d.events, d.suspend_training) == ("Queued", "WaitingForWorkers", [], None)
-
-
-def test_a_failed_worker_is_one_charged_restart_and_its_peers_none():
-    body = validated(ftj({"resources": {"workers": 3, "gpusPerWorker": 1}}), phase="Running")
-    observed, tj = training_observed(body, active=1, failed=1)
-    observed.training_pods = [pod(tj, 0, phase="Failed", exit_code=76, message="PeerLost: rank 1 is gone"),
-                              named(pod(tj, 1, phase="Failed", exit_code=1, message="Unexpected: CUDA error"), "x1"),
-                              pod(tj, 2)]
-    d = run(body, observed)
-    assert (d.status["restarts"], d.status["peerLost"]) == (1, 1) and "preemptions" not in d.status
-    failed = [e for e in d.events if e[1] == "WorkerFailed"]
-    assert failed == [("Warning", "WorkerFailed", "worker 1 (pod x1) failed with exit code 1: Unexpected: CUDA error; "
-                                                  "restart 1 of runPolicy.backoffLimit 3; the workers resume from the "
-                                                  "last checkpoint")]
-    body["status"] = d.status
-    assert [e for e in run(body, observed).events if e[1] in ("WorkerFailed", "PeerLost")] == []  # once each
-
-    observed, tj = training_observed(body, finished="Failed", reason="BackoffLimitExceeded",
-                                     message="Job has reached the specified backoff limit", failed=4)
-    observed.training_pods = [named(pod(tj, 1, phase="Failed", exit_code=1, message="Unexpected: CUDA error"), "x"),
-                              pod(tj, 0, phase="Failed", exit_code=76, message="PeerLost: rank 1 is gone")]
-    observed.training_pods[1]["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = \
-        "2026-01-01T11:31:00Z"  # the peer ends last; the message names the worker that failed
-    d = run(body, observed)
-    assert (d.phase, d.status["reason"]) == ("Failed", "BackoffLimitExceeded") and "CUDA error" in d.status["message"]
-
-
-def test_workers_that_only_lose_each_other_fail_after_three_rounds():
-    body = validated(ftj({"resources": {"workers": 2, "gpusPerWorker": 1}}), phase="Queued")
-    observed, tj = training_observed(body, active=2)
-    lost = [named(pod(tj, i % 2, phase="Failed", exit_code=76), f"lost-{i}") for i in range(6)]
-    observed.training_pods = lost[:5] + [pod(tj, 0, phase="Pending"), pod(tj, 1, phase="Pending")]
-    d = run(body, observed)
-    assert d.phase == "Queued" and d.status["peerLost"] == 5  # two rounds and a half: not yet
-    observed.training_pods = lost + observed.training_pods[5:]
-    d = run(body, observed)
-    assert (d.phase, d.status["reason"]) == ("Failed", "PeerLostLoop") and d.suspend_training is True
-    assert "6 worker exits with PeerLost" in d.status["message"]
-    assert "demo-train-0.demo-workers:29500" in d.status["message"]
-
-    body = validated(ftj({"resources": {"workers": 2, "gpusPerWorker": 1}}), phase="Queued", preemptions=3)
-    observed, tj = training_observed(body, active=2)
-    observed.training_pods = lost  # three preemptions explain three of them: 3 unexplained are not 3 rounds
-    assert run(body, observed).phase == "Queued"
 
 
 def _other(name: str, uri: str, created: str, namespace: str = "ml", **status) -> dict:
@@ -829,9 +723,223 @@ def test_the_network_policy_comes_before_the_workers_and_only_when_enabled():
     observed, _ = training_observed(body)
     observed.training_job = observed.network_policy = observed.service = None
     d = run(body, observed)
-    assert kinds(d) == ["demo-ingress", "demo-workers", "demo-train"]
+    assert kinds(d) == ["demo-ingress", "demo-workers", "demo-train-1"]
     observed.network_policy = d.create[0]
     assert "demo-ingress" not in kinds(run(body, observed))
     observed.network_policy = None
     off = decide(body, observed, NOW, replace(SETTINGS, network_policy=False))
-    assert [o["metadata"]["name"] for o in off.create] == ["demo-workers", "demo-train"]
+    assert [o["metadata"]["name"] for o in off.create] == ["demo-workers", "demo-train-1"]
+
+
+# -- attempts: each incident ends the training Job, the next attempt is a new Job; counted by kind ---------
+
+
+def counted(d: Decision) -> dict:
+    """status.attempts as the API server keeps it (a null in the merge patch removes the field)."""
+    return {k: v for k, v in d.status["attempts"].items() if v is not None}
+
+
+def workers(objs: list[dict]) -> list[dict]:
+    """The training Jobs among `objs` (the validation Job, finished, is deleted too)."""
+    return [o for o in objs if o["metadata"]["labels"][children.LABEL_COMPONENT] == "workers"]
+
+
+def failed_attempt(body: dict, pods, reason: str = "PodFailurePolicy", message: str = "", **job_kwargs):
+    """The current attempt's Job as the Job controller leaves it after a worker failed (backoffLimit 0), with
+    `pods(tj)` as its workers."""
+    observed, tj = training_observed(body, finished="Failed", reason=reason, message=message, **job_kwargs)
+    observed.training_pods = pods(tj)
+    return observed, tj
+
+
+def crashed(tj):  # worker 1 crashed; its peers lost it
+    return [pod(tj, 0, phase="Failed", exit_code=76, message="PeerLost: rank 1 is gone"),
+            named(pod(tj, 1, phase="Failed", exit_code=1, message="Unexpected: CUDA error"), "x1")]
+
+
+def test_a_failure_ends_the_attempt_and_the_next_is_a_new_job_after_a_back_off():
+    body = validated(ftj(), phase="Running", progress={"step": 12, "totalSteps": 100}, trainingJob={
+        "name": "demo-train-1", "uid": "job-demo-train-1"})
+    observed, tj = failed_attempt(body, crashed)
+    d = run(body, observed)
+    assert counted(d) == {"current": 2, "failures": 1, "retryTime": "2026-01-01T12:00:10Z", "lastIncident": (
+        "failures: worker 1 (pod x1): exit code 1: Unexpected: CUDA error")}
+    assert d.status["trainingJob"] == {"name": "demo-train-2", "uid": None, "recreations": None}  # merge-patched
+    assert kinds(d) == [] and d.requeue_after == 10
+    assert workers(d.delete) == [tj] and d.release == [tj]
+    [event] = [e for e in d.events if e[1] == "WorkerFailed"]
+    assert event == ("Warning", "WorkerFailed", "attempt 1 ended by a failure at step 12: worker 1 (pod x1): exit "
+                     "code 1: Unexpected: CUDA error (failures 1 of runPolicy.backoffLimit 3); attempt 2, a new "
+                     "training Job, resumes from the last checkpoint in 10 s")
+
+    body["status"] = d.status  # the status holds it: the old Job is going, nothing is recounted
+    tj["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:01Z"
+    observed = Observed(config_map=observed.config_map, validation_job=observed.validation_job,
+                        service=observed.service, network_policy=observed.network_policy,
+                        previous_jobs=[tj], previous_pods=crashed(tj))
+    d = run(body, observed, NOW + timedelta(seconds=4))
+    assert kinds(d) == [] and d.requeue_after == 6 and "attempt 2 starts at 2026-01-01T12:00:10Z" in \
+        d.status["message"]
+    d = run(body, observed, NOW + timedelta(seconds=10))
+    assert d.status["attempts"]["failures"] == 1 and kinds(d) == ["demo-train-2"] and d.release == [tj]
+    assert children.attempt_of(d.create[0]) == 2 and d.status["attempts"]["retryTime"] is None
+    assert not [e for e in d.events if e[1] == "WorkerFailed"]
+
+
+def test_failures_beyond_the_backoff_limit_fail_the_run_naming_the_last():
+    body = validated(ftj({"runPolicy": {"backoffLimit": 1}}), phase="Running",
+                     attempts={"current": 2, "failures": 1, "preemptions": 4})
+    observed, tj = failed_attempt(body, crashed)
+    observed.training_job["metadata"]["name"] = "demo-train-2"
+    d = run(body, observed)
+    assert (d.phase, d.status["reason"]) == ("Failed", "BackoffLimitExceeded") and d.create == []
+    assert d.status["message"] == ("attempt 2 ended by a failure: worker 1 (pod x1): exit code 1: Unexpected: CUDA "
+                                   "error; failures 2, more than runPolicy.backoffLimit 1")
+    assert d.status["attempts"]["failures"] == 2 and workers(d.delete) == []  # it stays, with its logs
+
+
+def test_a_permanent_exit_and_the_deadline_are_no_incident():
+    body = validated(ftj(), phase="Running")
+    observed, _ = failed_attempt(body, lambda tj: [pod(tj, 0, phase="Failed", exit_code=65,
+                                                       message="DatasetInvalid: x")])
+    d = run(body, observed)
+    assert (d.phase, d.status["reason"]) == ("Failed", "DatasetInvalid") and "attempts" not in d.status
+    observed, _ = failed_attempt(body, lambda tj: [pod(tj, 0, phase="Failed", exit_code=75)],
+                                 reason="DeadlineExceeded", message="Job was active longer than specified deadline")
+    d = run(body, observed)
+    assert (d.phase, d.status["reason"]) == ("Failed", "DeadlineExceeded") and "attempts" not in d.status
+
+
+def test_a_preempted_worker_ends_the_attempt_once_it_has_checkpointed():
+    body = validated(ftj({"resources": {"workers": 3, "gpusPerWorker": 1}}), phase="Running",
+                     progress={"step": 12, "totalSteps": 100})
+    observed, tj = training_observed(body, active=3)
+    observed.training_pods = [pod(tj, 0), evicted(pod(tj, 1)), pod(tj, 2)]
+    d = run(body, observed)  # it writes its checkpoint: the attempt goes on until it has
+    assert (d.phase, d.status["reason"]) == ("Running", "WorkerPreempted") and "preemptions" not in d.status
+    assert "worker 1 (pod demo-train-1-1-abcde) is being stopped (EvictionByEvictionAPI)" in d.status["message"]
+
+    body["status"] = d.status  # it exits 75 and its peers 76; the Job fails at once (no back-off)
+    observed, tj = failed_attempt(body, lambda tj: [
+        pod(tj, 0, phase="Failed", exit_code=76), evicted(pod(tj, 1, phase="Failed", exit_code=75)),
+        named(pod(tj, 2, phase="Running"), "still-stopping")])
+    d = run(body, observed)
+    assert counted(d) == {"current": 2, "preemptions": 1, "lastIncident": (
+        "preemptions: worker 1 (pod demo-train-1-1-abcde): EvictionByEvictionAPI (Eviction API: evicting)")}
+    assert d.create == [] and workers(d.delete) == []  # worker 2 still stops: the Jobs wait for it
+    assert (d.phase, d.status["reason"]) == ("Queued", "WaitingForWorkers")
+    [event] = [e for e in d.events if e[1] == "WorkerPreempted"]
+    assert event[0] == "Normal" and event[2].startswith("attempt 1 ended by a preemption at step 12: worker 1")
+    assert "(preemptions 1 of runPolicy.maxPreemptions unlimited); attempt 2" in event[2]
+
+    body["status"] = d.status
+    leaving = [named(pod(tj, 2, phase="Running"), "still-stopping")]
+    observed = Observed(config_map=observed.config_map, validation_job=observed.validation_job,
+                        service=observed.service, network_policy=observed.network_policy, previous_pods=leaving)
+    d = run(body, observed)
+    assert d.create == [] and "attempt 2 starts once the workers of the previous attempt are gone" in \
+        d.status["message"]
+    observed.previous_pods = []
+    d = run(body, observed)
+    assert kinds(d) == ["demo-train-2"] and (d.phase, d.status["reason"]) == ("Queued", "TrainingJobCreated")
+    assert d.status["attempts"]["preemptions"] == 1 and "attempt 2" in d.status["message"]
+
+
+def test_an_evicted_workers_evidence_outlives_its_pod():
+    """The Eviction API deletes the pod once it has stopped: its DisruptionTarget is kept in the status while the
+    attempt ends, so the peers' exits (76) that remain do not make it the infrastructure's."""
+    body = validated(ftj({"resources": {"workers": 2, "gpusPerWorker": 1}}), phase="Running")
+    observed, tj = training_observed(body, active=2)
+    observed.training_pods = [pod(tj, 0), evicted(pod(tj, 1))]
+    d = run(body, observed)
+    assert d.status["attempts"]["ending"] == ("preemptions: worker 1 (pod demo-train-1-1-abcde): "
+                                              "EvictionByEvictionAPI (Eviction API: evicting)")
+    body["status"] = d.status
+    observed, _ = failed_attempt(body, lambda tj: [pod(tj, 0, phase="Failed", exit_code=76)])
+    d = run(body, observed)
+    assert counted(d) == {"current": 2, "preemptions": 1, "lastIncident": d.status["attempts"]["lastIncident"]}
+    assert "EvictionByEvictionAPI" in d.status["attempts"]["lastIncident"] and d.status["attempts"]["ending"] is None
+
+
+def preempted(tj):
+    return [evicted(pod(tj, 0, phase="Failed", exit_code=75))]
+
+
+def test_preemptions_are_unlimited_unless_max_preemptions_says_otherwise():
+    body = validated(ftj(), phase="Running", attempts={"current": 41, "preemptions": 40})
+    observed, tj = failed_attempt(body, preempted)
+    observed.training_job["metadata"]["name"] = "demo-train-41"
+    d = run(body, observed)
+    assert d.status["attempts"]["preemptions"] == 41 and kinds(d) == ["demo-train-42"]
+
+    body = validated(ftj({"runPolicy": {"maxPreemptions": 2}}), phase="Running",
+                     attempts={"current": 3, "preemptions": 2})
+    observed, _ = failed_attempt(body, preempted)
+    d = run(body, observed)
+    assert (d.phase, d.status["reason"]) == ("Failed", "PreemptionLimitExceeded") and d.create == []
+    assert d.status["message"].endswith("preemptions 3, more than runPolicy.maxPreemptions 2")
+
+
+def disrupted(reason: str):
+    return lambda tj: [evicted(pod(tj, 0, phase="Failed", exit_code=75), reason), pod(tj, 1, phase="Failed",
+                                                                                   exit_code=76)]
+
+
+def sidecar_oom(tj):
+    p = pod(tj, 0, phase="Failed", exit_code=76)
+    p["status"]["containerStatuses"].append({"name": "log-shipper", "state": {"terminated": {
+        "exitCode": 137, "reason": "OOMKilled"}}})
+    return [p]
+
+
+@pytest.mark.parametrize("pods, evidence", [
+    (disrupted("DeletionByTaintManager"), "node lost (not ready or unreachable): DeletionByTaintManager"),
+    (disrupted("DeletionByPodGC"), "node lost (the Node is gone): DeletionByPodGC"),
+    (lambda tj: [pod(tj, 0, phase="Failed", exit_code=75, message="StorageUnavailable: s3 unreachable")],
+     "exit code 75: StorageUnavailable: s3 unreachable"),
+    (sidecar_oom, "container log-shipper was killed for memory (OOMKilled)"),
+    (lambda tj: [pod(tj, 0, phase="Failed", exit_code=76), pod(tj, 1, phase="Failed", exit_code=76)],
+     "the workers lost each other"),
+    (lambda tj: [], "the training Job failed with no worker left to say why (boom)"),
+])
+def test_the_infrastructures_incidents_have_their_own_budget(pods, evidence):
+    body = validated(ftj(), phase="Running")
+    observed, _ = failed_attempt(body, pods, message="boom")
+    d = run(body, observed)
+    assert d.status["attempts"]["infrastructure"] == 1 and d.status["attempts"]["current"] == 2
+    assert evidence in d.status["attempts"]["lastIncident"]
+    assert [e[0] for e in d.events if e[1] == "InfrastructureFailed"] == ["Warning"]
+
+    body = validated(ftj({"runPolicy": {"maxInfrastructureRetries": 1}}), phase="Running",
+                     attempts={"current": 2, "infrastructure": 1, "failures": 3})
+    d = run(body, failed_attempt(body, pods, message="boom")[0])
+    assert (d.phase, d.status["reason"]) == ("Failed", "InfrastructureLimitExceeded") and evidence in \
+        d.status["message"]
+
+
+def test_an_image_that_cannot_be_pulled_ends_the_attempt():
+    body = validated(ftj({"runPolicy": {"maxInfrastructureRetries": 0}}), phase="Queued")
+    observed, tj = training_observed(body, active=1)
+    p = pod(tj, 0, phase="Pending")
+    p["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ImagePullBackOff",
+                                                                "message": "Back-off pulling image trainer:typo"}}
+    observed.training_pods = [p]
+    d = run(body, observed)  # a Job that never fails by itself: the operator ends it, and its pods with it
+    assert (d.phase, d.status["reason"]) == ("Failed", "InfrastructureLimitExceeded")
+    assert "ImagePullBackOff: Back-off pulling image trainer:typo" in d.status["message"]
+    assert workers(d.delete) == [tj] and d.release == [tj]
+
+
+def test_earlier_attempts_jobs_are_deleted_and_released():
+    body = validated(ftj(), phase="Running", attempts={"current": 3, "preemptions": 2})
+    observed, tj = training_observed(body, active=2)
+    observed.training_job["metadata"]["name"] = "demo-train-3"
+    old = job(desired(body)["training"])
+    gone = {**old, "metadata": {**old["metadata"], "deletionTimestamp": "2026-01-01T11:00:00Z"}}
+    observed.previous_jobs = [old, gone]
+    d = run(body, observed)
+    assert workers(d.delete) == [old] and d.release == [old, gone]
+    body["status"]["phase"] = "Succeeded"
+    assert workers(run(body, observed).delete) == [old]
+    observed.previous_pods = [pod(old, 0)]  # still stopping: its Job (and Kueue's Workload) stays until it has
+    assert workers(run(body, observed).delete) == []

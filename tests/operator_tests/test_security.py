@@ -175,17 +175,17 @@ def test_a_canary_credential_appears_nowhere(control_plane, node_agent, operator
     finally:
         scraper.done.set()
         scraper.join()
-    assert ok["phase"] == "Succeeded" and ok["restarts"] == 0, ok
+    assert ok["phase"] == "Succeeded" and ok["attempts"]["current"] == 1, ok
     wait_for("the validation Jobs to be cleaned up", lambda: sorted(
         j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", ns)["items"]) == [
-        "canary-fails-train", "canary-ok-train"], timeout=30)
+        "canary-fails-train-1", "canary-ok-train-1"], timeout=30)
 
     places = readable_places(control_plane, node_agent, operator, ns, endpoint, bucket, scraper.bodies)
     # Not vacuous: each place holds what the runs wrote there.
     assert "kubetune_trainer_step" in places["trainer /metrics"], "rank 0's /metrics was scraped during the run"
     assert f"s3://{bucket}/out-ok/manifest.json" in places and any("checkpoints/" in p for p in places)
     assert any(p.startswith("pod log canary-ok-validate") for p in places)
-    assert any('"event": "train"' in text for p, text in places.items() if p.startswith("pod log canary-ok-train"))
+    assert any('"event": "train"' in text for p, text in places.items() if p.startswith("pod log canary-ok-train-1"))
     assert "canary-fails" in places["operator log"] and "canary-ok" in places["events"]
     leaks = [(place, canary) for place, text in places.items() for canary in CANARIES if canary in text]
     assert leaks == [], f"the canary credential is readable in {leaks}"

@@ -105,14 +105,14 @@ def test_human_duration():
 
 
 def test_result_without_a_reported_sha():
-    tj = job({"metadata": {"name": "demo-train"}, "spec": {}}, finished="Complete")
+    tj = job({"metadata": {"name": "demo-train-1"}, "spec": {}}, finished="Complete")
     res = result_from_pods([pod(tj, exit_code=0, message="done")], "trainer", "s3://out/x")
     assert res == {"adapterUri": "s3://out/x", "manifestUri": "s3://out/x/manifest.json"}
 
 
 def test_explain_failure_uses_the_newest_termination_message():
     tj = job(
-        {"metadata": {"name": "demo-train"}, "spec": {}},
+        {"metadata": {"name": "demo-train-1"}, "spec": {}},
         finished="Failed",
         reason="DeadlineExceeded",
         message="Job was active longer than specified deadline",
@@ -150,7 +150,7 @@ CLASSIFIER_MANIFEST = {
 
 
 def succeeded(report: str) -> list[dict]:
-    tj = job({"metadata": {"name": "demo-train"}, "spec": {}}, finished="Complete")
+    tj = job({"metadata": {"name": "demo-train-1"}, "spec": {}}, finished="Complete")
     return [pod(tj, exit_code=0, message=report)]
 
 

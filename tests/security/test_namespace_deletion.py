@@ -99,7 +99,7 @@ def doomed_job(cp, tenant: str, s3_inputs: dict) -> None:
     e2e.submit(cp, tenant, "doomed", e2e.training_spec(s3_inputs, e2e.IMAGE, runPolicy={"suspend": True}))
 
     def training_job() -> dict | None:
-        jobs = get_json(cp, "jobs", "-n", tenant, "--field-selector", "metadata.name=doomed-train")["items"]
+        jobs = get_json(cp, "jobs", "-n", tenant, "--field-selector", "metadata.name=doomed-train-1")["items"]
         return jobs[0] if jobs and "kubetune.io/outcome" in (jobs[0]["metadata"].get("finalizers") or []) else None
 
     wait_for("the training Job with its finalizer", training_job, timeout=240)

@@ -67,7 +67,7 @@ def test_a_pod_outside_the_job_cannot_reach_its_rendezvous_or_metrics(control_pl
     policy = get_json(cp, "networkpolicy", "-n", namespace, "guarded-ingress")
     owner = policy["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["uid"], owner["controller"]) == ("FineTuneJob", running["metadata"]["uid"], True)
-    train = get_json(cp, "job", "-n", namespace, "guarded-train")
+    train = get_json(cp, "job", "-n", namespace, "guarded-train-1")
     assert policy["metadata"]["creationTimestamp"] <= train["metadata"]["creationTimestamp"], "before the workers"
     spec = policy["spec"]
     assert spec["policyTypes"] == ["Ingress"], "egress is not restricted: storage endpoints are arbitrary"
