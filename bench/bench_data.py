@@ -14,7 +14,12 @@ sides alike):
 * kubetune, cached: the same data and cacheUri with a new job name, output and work folder (as a second job, or a
   retry on another node): the cache is reused;
 * kubetune, unchecked: the first run again (a fresh cacheUri) with every data-quality check off
-  (`dataset.quality`: off), for what the checks cost (docs/data-quality.md).
+  (`dataset.quality`: off), for what the checks cost (docs/data-quality.md);
+* kubetune, plain: the train split alone (as the baseline has it), default checks, a fresh cacheUri, run to the
+  end: the whole 1-step run against the baseline's map.
+
+The first three are stopped at their first step: what follows (the step, the test split's evaluation, publishing)
+times the model, not the data path.
 
 Kubetune's runs also read a test split (`--test-records`, 10,000 by default, written with another seed, every 100th
 record a train record with one word changed), which the train split is checked against for leakage; the baseline
@@ -170,6 +175,7 @@ class Run:
     events: list[tuple[float, dict]] = field(default_factory=list)
     peak: tuple[int, int] = (0, 0)  # (RSS, PSS) bytes, over the whole run
     peak_at: dict[str, tuple[int, int]] = field(default_factory=dict)  # up to the first event of a kind
+    stopped: bool = False  # killed on purpose at its stop_at event
 
     def at(self, kind: str, **match) -> float | None:
         return next((t for t, e in self.events
@@ -177,7 +183,7 @@ class Run:
 
     @property
     def ok(self) -> bool:
-        return self.rc == 0 and not self.timed_out
+        return (self.rc == 0 or self.stopped) and not self.timed_out
 
 
 def kill_tree(proc: subprocess.Popen, monitor: TreeRSS | None) -> None:
@@ -203,8 +209,9 @@ def kill_tree(proc: subprocess.Popen, monitor: TreeRSS | None) -> None:
 
 
 def measure(name: str, command: list[str], log: Path, timeout: float, env: dict | None = None,
-            marks: tuple[str, ...] = ()) -> Run:
-    """Run `command` in its own session, reading its stdout's JSON lines as they come; stderr goes to `log`."""
+            marks: tuple[str, ...] = (), stop_at: str | None = None) -> Run:
+    """Run `command` in its own session, reading its stdout's JSON lines as they come; stderr goes to `log`.
+    With `stop_at`, the process tree is killed when that event comes (what follows it is not measured)."""
     print(f"  {name}: {' '.join(command[1:3])} ... (log {log})", file=sys.stderr, flush=True)
     run = Run()
     start = time.perf_counter()
@@ -231,6 +238,10 @@ def measure(name: str, command: list[str], log: Path, timeout: float, env: dict 
                 kind = event.get("event")
                 if kind in marks and kind not in run.peak_at:
                     run.peak_at[kind] = (monitor.peak, monitor.peak_pss)
+                if kind == stop_at:
+                    run.stopped = True
+                    kill_tree(proc, monitor)
+                    break
             run.rc = proc.wait()
             run.seconds = time.perf_counter() - start
         finally:
@@ -248,15 +259,19 @@ def measure(name: str, command: list[str], log: Path, timeout: float, env: dict 
 
 # -- one size ---------------------------------------------------------------------------------------
 
-def trainer_config(name: str, data: Path, model: Path, cache: Path, work: Path, checks: bool = True) -> dict:
+def trainer_config(name: str, data: Path, model: Path, cache: Path, work: Path, checks: bool = True,
+                   test_split: bool = True) -> dict:
     test = data.with_name("test.jsonl")
+    test_split = test_split and test.exists()
     return {
         "apiVersion": "kubetune.io/v1alpha1", "kind": "TrainerConfig",
         "jobName": name,
         "baseModel": {"uri": str(model)},
         "dataset": {"train": str(data), "format": "chat", "cacheUri": str(cache) + "/",
-                    **({"test": str(test)} if test.exists() else {}), **({} if checks else {"quality": QUALITY_OFF})},
+                    **({"test": str(test)} if test_split else {}), **({} if checks else {"quality": QUALITY_OFF})},
         "hyperparameters": {"maxSteps": 1, "packing": True, "maxSeqLength": 512},
+        # The test split is here for the leakage check: no baseline evaluation before the first step.
+        "evaluation": {"baseline": False},
         "output": {"uri": str(work / "output") + "/"},
         "metrics": {"enabled": False},
         "workDir": str(work / "trainer"),
@@ -264,12 +279,16 @@ def trainer_config(name: str, data: Path, model: Path, cache: Path, work: Path, 
 
 
 def kubetune_run(name: str, data: Path, model: Path, cache: Path, work: Path, timeout: float,
-                 checks: bool = True) -> Run:
+                 checks: bool = True, test_split: bool = True) -> Run:
+    """A `kubetune train` run; with the test split it is stopped at its first step (the test evaluation at the end
+    would time the model, not the data path), without it it runs to the end."""
     work.mkdir(parents=True)
     config = work / "trainer.yaml"
-    config.write_text(yaml.safe_dump(trainer_config(name, data, model, cache, work, checks), sort_keys=False))
+    config.write_text(yaml.safe_dump(trainer_config(name, data, model, cache, work, checks, test_split),
+                                     sort_keys=False))
     command = [sys.executable, "-m", "kubetune_trainer", "train", "--config", str(config)]
-    return measure(name, command, work / "stderr.log", timeout, marks=("plan",))
+    return measure(name, command, work / "stderr.log", timeout, marks=("plan",),
+                   stop_at="plan" if test_split else None)
 
 
 def bench_size(records: int, args, model: Path, root: Path) -> dict[str, Run]:
@@ -296,6 +315,8 @@ def bench_size(records: int, args, model: Path, root: Path) -> dict[str, Run]:
         runs["cached"] = kubetune_run("bench-data-cached", data, model, cache, root / "cached", args.timeout)
     runs["unchecked"] = kubetune_run("bench-data-unchecked", data, model, root / "unchecked-cache",
                                      root / "unchecked", args.timeout, checks=False)
+    runs["plain"] = kubetune_run("bench-data-plain", data, model, root / "plain-cache", root / "plain", args.timeout,
+                                 test_split=False)
     return runs
 
 
@@ -438,20 +459,22 @@ def markdown(args, results: dict[int, dict[str, Run]], labels: Run | None, load:
             f"| {fmt_ratio(ratio(to_plan(first), hf_seconds(hf)))} "
             f"| {secs(to_plan(cached), cached)} | {rss_pss(peak_to(cached, 'plan'))} "
             f"| {fmt_ratio(ratio(data_seconds(cached), data_seconds(first)), percent=True)} |")
-    lines += ["", "To the end (Kubetune's whole 1-step run, with saving and publishing, against the baseline's map): "
-              + ", ".join(f"{fmt_ratio(ratio(results[n]['first'].seconds, hf_seconds(results[n]['hf'])))} at {n:,}"
-                          for n in sizes) + "."]
+    lines += ["", "To the end (`plain`: the train split alone, as the baseline has it, default checks; Kubetune's "
+              "whole 1-step run with saving and publishing against the baseline's map): "
+              + ", ".join(f"{fmt_ratio(ratio(results[n]['plain'].seconds, hf_seconds(results[n]['hf'])))} at {n:,}"
+                          for n in sizes if results[n]["plain"].ok) + "."]
     lines += ["", "Kubetune's runs in detail (data: from the first `phase` event to the `training` phase; "
               "total: to the end of the 1-step run, with saving and publishing):", "",
               "| records | run | data | to first step | total | RSS / PSS, whole run | cache reused |",
               "|---:|---|---:|---:|---:|---:|---|"]
     for n in sizes:
-        for key in ("first", "cached", "unchecked"):
+        for key in ("first", "cached", "unchecked", "plain"):
             r = results[n].get(key)
             if r is None:
                 continue
             flag = reused(r)
-            lines.append(f"| {n:,} | {key} | {secs(data_seconds(r))} | {secs(to_plan(r), r)} | {secs(r.seconds, r)} "
+            total = "stopped" if r.stopped else secs(r.seconds, r)
+            lines.append(f"| {n:,} | {key} | {secs(data_seconds(r))} | {secs(to_plan(r), r)} | {total} "
                          f"| {rss_pss(r.peak)} "
                          f"| {'not reported' if flag is None else ('yes' if flag else 'no')} |")
 
