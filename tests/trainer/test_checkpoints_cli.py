@@ -7,7 +7,10 @@ import json
 import os
 import stat
 
+import pytest
+from kubetune_trainer import cli
 from kubetune_trainer.cli import app
+from rich.console import Console
 from typer.testing import CliRunner
 
 CHECKPOINTS = [
@@ -16,6 +19,13 @@ CHECKPOINTS = [
     {"step": 16, "uri": "s3://out/x/checkpoints/step-00000016/", "time": "2026-12-06T15:01:00.000Z",
      "validation": {"loss": 0.75, "accuracy": 0.875}, "kept": True, "published": True},
 ]
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """The CLI's console took its width from COLUMNS when the module was imported (rich reads it once), maybe by
+    another test in this process: the table gets the width of a wide terminal here, whoever imported it first."""
+    monkeypatch.setattr(cli, "out", Console(width=200))
 
 
 def _run(*args: str, env: dict | None = None):
