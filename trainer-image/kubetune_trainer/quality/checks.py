@@ -26,6 +26,13 @@ from .pii import KINDS, scan
 LISTED = 10  # lines an error message names
 
 
+def add_dropped(dropped: dict, found: dict[int, str]) -> None:
+    """Join records (line -> fingerprint) to a split's `dropped` section, which stays in line order with each
+    line's fingerprint beside it."""
+    pairs = dict(zip(dropped["lines"], dropped["fingerprints"], strict=True)) | found
+    dropped.update(count=len(pairs), lines=sorted(pairs), fingerprints=[pairs[n] for n in sorted(pairs)])
+
+
 def refuse(name: str, policy: QualitySpec, check: str, lines: list[int], what: str,
            fix: str = "remove them") -> None:
     """A DatasetError naming the file, the first line and up to LISTED lines, when `check`'s policy is fail and
@@ -64,7 +71,7 @@ class Evaluation:
             if evaluation.near is not None and normalized:
                 evaluation.near.add((split, line), normalized)
         if evaluation.near is not None:
-            evaluation.near.query("")  # sorts the index once here: the forked workers share it
+            evaluation.near.query("")  # builds the index's arrays once here: the forked workers share them
         return evaluation
 
     def __bool__(self) -> bool:

@@ -62,12 +62,13 @@ class NearIndex:
     """MinHash LSH over the evaluation splits' records (small): train records are queried against it one by one.
 
     A query costs a word split and hash, then a prefilter: a text can reach Jaccard >= threshold with some indexed
-    text only if that share of its shingles occurs somewhere in the index, checked with one sorted-array lookup.
-    Most train records stop there; the rest get a MinHash, an LSH lookup tuned for recall (a pair at the threshold
-    is a candidate with probability > 0.99) and the exact check of each candidate.
+    text only if that share of its shingles occurs somewhere in the index, checked in a bitmap of the index's
+    shingles. Most train records stop there; the rest get a MinHash, an LSH lookup tuned for recall (a pair at the
+    threshold is a candidate with probability > 0.99), and each candidate is decided by its MinHash estimate or,
+    near the threshold, by the exact Jaccard.
     Built in one process and read by forked workers: plain dicts and numpy arrays, no thread, no lock, no file.
-    The first query after the last add sorts the index's shingles once (about 0.05 s a million): query once (even
-    `query("")`) before forking, so the workers share that array instead of each building its own.
+    The first query after the last add builds the arrays and the bitmap once: query once (even `query("")`)
+    before forking, so the workers share them instead of each building its own.
     Keys must be distinct: a key added twice is a ValueError.
     """
 

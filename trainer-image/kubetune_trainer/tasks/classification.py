@@ -196,7 +196,7 @@ class ClassificationTask(Task):
 
     def _check(self, split: str, uri: str, read: Split) -> tuple[set, dict]:
         from ..quality import labels as label_checks
-        from ..quality.checks import refuse
+        from ..quality.checks import add_dropped, refuse
         from ..quality.normalize import fingerprint, normalize, record_text
 
         checks = self.quality.checks(split, uri)
@@ -227,11 +227,7 @@ class ClassificationTask(Task):
             if getattr(policy, check) == QualityAction.drop:
                 drop |= set(indices)
         drop = drop & set(kept)
-        if drop:  # with the records the other checks dropped, by line, each with its text's fingerprint
-            dropped = doc["dropped"]
-            pairs = dict(zip(dropped["lines"], dropped["fingerprints"], strict=True))
-            pairs.update({lines[i]: f"{fingerprint(texts[i]):016x}" for i in drop})
-            dropped.update(count=len(pairs), lines=sorted(pairs), fingerprints=[pairs[n] for n in sorted(pairs)])
+        add_dropped(doc["dropped"], {lines[i]: f"{fingerprint(texts[i]):016x}" for i in drop})
         return {(records[i].file, records[i].line) for i in kept if i not in drop}, doc
 
     def report(self, uri: str, fmt: DataFormat, samples: int, min_samples: int, split: str) -> DatasetReport:

@@ -142,17 +142,16 @@ class ImageClassification(ClassificationTask):
     def _drop_train(self, drop: set[int]) -> None:
         """Train examples `drop` (indices into the validated ones) leave the examples and the counts, and join the
         report's dropped lines with their image's fingerprint (the first 16 hex digits of its sha256)."""
+        from ..quality.checks import add_dropped
+
         train = self._train
         train.dropped |= drop
         kept = [e for i, e in enumerate(train.examples) if i not in train.dropped]
         self._validated[("train", train.uri)] = kept
         train.report.samples = len(kept)
         train.report.classes = self.class_report([e.target for e in kept])[0]
-        dropped = train.report.quality["dropped"]
-        pairs = dict(zip(dropped["lines"], dropped["fingerprints"], strict=True))
-        pairs.update({train.lines[i]: hashlib.sha256(Path(train.images[i]).read_bytes()).hexdigest()[:16]
-                      for i in drop})
-        dropped.update(count=len(pairs), lines=sorted(pairs), fingerprints=[pairs[n] for n in sorted(pairs)])
+        add_dropped(train.report.quality["dropped"], {
+            train.lines[i]: hashlib.sha256(Path(train.images[i]).read_bytes()).hexdigest()[:16] for i in drop})
 
     def examples(self, split: str, path: Path, uri: str, fmt: DataFormat) -> list[ClassExample]:
         """The split's images as (local path, target): those validate() checked, else located and fetched (not
