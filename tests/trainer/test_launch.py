@@ -94,14 +94,30 @@ def test_sigterm_before_the_trainer_has_a_handler_still_ends_the_pod(tmp_path):
     import signal
 
     script = tmp_path / "child.py"
-    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(3600)\n")
     launcher = _launch_cpu(script)
     try:
         assert launcher.stdout.readline().strip() == "ready"
         launcher.send_signal(signal.SIGTERM)
-        assert launcher.wait(timeout=30) == 128 + signal.SIGTERM
+        try:
+            code = launcher.wait(timeout=120)  # generous: CI runs this beside the cluster tests
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"SIGTERM did not end the launcher; its threads:\n{_threads(launcher.pid)}")
+        assert code == 128 + signal.SIGTERM
     finally:
         launcher.kill()
+
+
+def _threads(pid: int) -> str:
+    """Each thread's state, blocked and pending signals and where it sleeps: what a hang needs explained."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").iterdir()):
+        fields = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines() if ":" in line)
+        wchan = (task / "wchan").read_text() if (task / "wchan").exists() else "?"
+        lines.append(f"{task.name} {fields['Name'].strip()} state={fields['State'].strip()} "
+                     f"blocked={fields['SigBlk'].strip()} pending={fields['SigPnd'].strip()}/"
+                     f"{fields['ShdPnd'].strip()} wchan={wchan}")
+    return "\n".join(lines)
 
 
 def test_only_the_main_thread_can_receive_sigterm(tmp_path):
