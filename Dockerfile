@@ -10,6 +10,7 @@ WORKDIR /src
 RUN python -m venv /opt/kubetune
 COPY pyproject.toml ./
 COPY api/ api/
+COPY search/ search/
 COPY operator/ operator/
 COPY trainer-image/kubetune_trainer/ trainer-image/kubetune_trainer/
 RUN /opt/kubetune/bin/pip install --no-cache-dir ".[operator]"

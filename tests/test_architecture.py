@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {  # package -> its folder
     "kubetune_api": ROOT / "api" / "kubetune_api",
+    "kubetune_search": ROOT / "search" / "kubetune_search",
     "kubetune_operator": ROOT / "operator" / "kubetune_operator",
     "kubetune_dashboard": ROOT / "operator" / "kubetune_dashboard",
     "kubetune_trainer": ROOT / "trainer-image" / "kubetune_trainer",
@@ -24,9 +25,10 @@ KUBE = {"kopf", "kubernetes"}
 TEST_ONLY = {"pytest", "moto", "trl", "datasets"}
 RULES = {  # package -> (which of our packages it may import besides itself, which others it must not)
     "kubetune_api": (set(), ML | KUBE | TEST_ONLY | {"boto3", "numpy"}),
-    "kubetune_operator": ({"kubetune_api"}, ML | TEST_ONLY),
+    "kubetune_search": ({"kubetune_api"}, ML | KUBE | TEST_ONLY | {"boto3"}),
+    "kubetune_operator": ({"kubetune_api", "kubetune_search"}, ML | TEST_ONLY),
     "kubetune_dashboard": (set(), ML | KUBE | TEST_ONLY),
-    "kubetune_trainer": ({"kubetune_api"}, KUBE | TEST_ONLY),
+    "kubetune_trainer": ({"kubetune_api", "kubetune_search"}, KUBE | TEST_ONLY),
     "kubetune_dev": (OURS, set()),  # the test and demo kit drives all of them
 }
 

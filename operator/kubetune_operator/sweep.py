@@ -18,11 +18,8 @@ than the highest that exists, so a restarted operator creates no duplicate (and 
 from __future__ import annotations
 
 import copy
-import itertools
 import json
-import logging
 import math
-import random
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -32,20 +29,27 @@ from kubetune_api import (
     SWEEP_KIND,
     SWEEP_TERMINAL,
     TRIAL_DONE,
-    Algorithm,
     FineTuneJobSpec,
     FineTuneSweepSpec,
-    Goal,
-    Kind,
     Promote,
-    Pruning,
     Reason,
     SweepPhase,
     TrialPhase,
     join_uri,
 )
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState, create_trial
+from kubetune_search import (  # the spec's search as Optuna's, shared with the local `kubetune sweep`
+    ENDED,
+    ask,
+    best_trial,
+    distributions,
+    fits,
+    grid,  # noqa: F401 - re-exported: the grid of a spec, as the operator's tests read it
+    study,
+    trial_count,
+    trial_name,
+    trial_spec,
+)
+from optuna.trial import TrialState
 from pydantic import ValidationError
 from pydantic.alias_generators import to_snake
 
@@ -59,12 +63,6 @@ PARAMETERS = "kubetune.io/parameters"  # annotation: the trial's sampled values,
 PRUNED = "kubetune.io/pruned"  # annotation: why the sweep pruned the trial (set with spec.runPolicy.suspend)
 PROMOTE = "promote"  # the promotion Job <sweep>-promote, and its container
 MAX_HISTORY = 100  # evaluations kept per trial in the status: the first ones (the pruner's rungs) and the last
-TPE_STARTUP = (2, 10)  # TPE samples at random first: maxTrials // 3 trials, within these bounds
-ASHA_REDUCTION = 3  # successive halving keeps the best third at each rung
-MEDIAN_STARTUP = 2  # the median pruner waits for this many finished trials
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # the operator's log and Events say what matters
-logging.getLogger("optuna").propagate = False
 
 
 @dataclass
@@ -99,10 +97,6 @@ class Trial:
                "metric": self.metric, "step": self.step, "gpuHours": self.gpu_hours, "reason": self.reason,
                "history": points or None}
         return {k: v for k, v in out.items() if v is not None}
-
-
-def trial_name(sweep: str, number: int) -> str:
-    return f"{sweep}-{number}"
 
 
 def trial_number(sweep: str, name: str) -> int | None:
@@ -177,85 +171,16 @@ def observe(sweep: str, metric: str, jobs: list[dict], old_trials: list[dict]) -
 # -- the search: Optuna, rebuilt from the trials ------------------------------------------------------------------
 
 
-def distributions(spec: FineTuneSweepSpec) -> dict[str, BaseDistribution]:
-    out: dict[str, BaseDistribution] = {}
-    for p in spec.parameters:
-        if p.values is not None:
-            out[p.path] = CategoricalDistribution(p.values)
-        elif p.kind == Kind.int:
-            out[p.path] = IntDistribution(int(p.min), int(p.max), log=p.log, step=1 if p.log else int(p.step or 1))
-        else:
-            out[p.path] = FloatDistribution(p.min, p.max, log=p.log, step=None if p.log else p.step)
-    return out
-
-
-def grid(spec: FineTuneSweepSpec) -> dict[str, list]:
-    """algorithm grid: each parameter's finite set of values."""
-    space = {}
-    for path, dist in distributions(spec).items():
-        if isinstance(dist, CategoricalDistribution):
-            space[path] = list(dist.choices)
-        else:
-            step = dist.step or 1
-            count = int(round((dist.high - dist.low) / step)) + 1
-            space[path] = [type(dist.low)(dist.low + i * step) for i in range(count)]
-    return space
-
-
-def grid_size(spec: FineTuneSweepSpec) -> int:
-    return math.prod(len(values) for values in grid(spec).values())
-
-
-def grid_point(spec: FineTuneSweepSpec, number: int) -> dict:
-    """algorithm grid: trial `number` takes the number-th combination of a seeded shuffle of them all (the trials
-    Optuna's GridSampler did not make itself it would not count as visited)."""
-    space = grid(spec)
-    combinations = list(itertools.product(*space.values()))
-    random.Random(spec.seed).shuffle(combinations)
-    return dict(zip(space, combinations[number % len(combinations)], strict=True))
-
-
-def sampler(spec: FineTuneSweepSpec, number: int) -> optuna.samplers.BaseSampler:
-    """The sampler for trial `number`: seeded from spec.seed and the number, so one API state gives one trial."""
-    seed = (spec.seed * 1_000_003 + number) % 2**32
-    if spec.algorithm == Algorithm.random:
-        return optuna.samplers.RandomSampler(seed=seed)
-    startup = min(max(spec.max_trials // 3, TPE_STARTUP[0]), TPE_STARTUP[1])
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, constant_liar=True)
-
-
-def pruner(spec: FineTuneSweepSpec) -> optuna.pruners.BasePruner:
-    every = spec.template.evaluation.every_steps or 1
-    if spec.early_stopping == Pruning.asha:
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=every, reduction_factor=ASHA_REDUCTION)
-    if spec.early_stopping == Pruning.median:
-        return optuna.pruners.MedianPruner(n_startup_trials=MEDIAN_STARTUP, n_warmup_steps=0)
-    return optuna.pruners.NopPruner()
-
-
-ENDED = {TrialPhase.Succeeded: TrialState.COMPLETE, TrialPhase.Pruned: TrialState.PRUNED,
-         TrialPhase.Failed: TrialState.FAIL}
-
-
-def _fits(dists: dict[str, BaseDistribution], parameters: dict) -> bool:
-    try:
-        create_trial(params={p: parameters[p] for p in dists}, distributions=dists, value=0)
-    except (KeyError, ValueError):
-        return False
-    return True
-
-
 def replay(spec: FineTuneSweepSpec, trials: list[Trial]) -> tuple[optuna.Study, dict[str, str]]:
     """An in-memory study rebuilt from the trials, in their order: each one asked with its own parameters, its
     evaluations reported step by step with the pruner asked at each (successive halving records the value at each
     rung a trial reaches), then told how it ended; the unfinished stay running. Returns the study and the running
     trials the pruner stops, with why. Trials whose parameters do not fit the space (an edited annotation) are
     left out."""
-    s = optuna.create_study(direction=spec.goal().value, pruner=pruner(spec),
-                            sampler=optuna.samplers.RandomSampler(seed=spec.seed))  # fixed params: not sampled
+    s = study(spec)  # fixed params: not sampled
     dists, verdicts = distributions(spec), {}
     for t in trials:
-        if not _fits(dists, t.parameters):
+        if not fits(dists, t.parameters):
             continue
         s.enqueue_trial({p: t.parameters[p] for p in dists})
         live = s.ask(dists)
@@ -275,13 +200,6 @@ def replay(spec: FineTuneSweepSpec, trials: list[Trial]) -> tuple[optuna.Study, 
 # -- the trials' FineTuneJobs --------------------------------------------------------------------------------------
 
 
-def _set(doc: dict, path: str, value) -> None:
-    *parents, last = path.split(".")
-    for part in parents:
-        doc = doc.setdefault(part, {})
-    doc[last] = value
-
-
 def _owner(sweep: dict) -> list[dict]:
     meta = sweep["metadata"]
     return [{"apiVersion": "kubetune.io/v1alpha1", "kind": SWEEP_KIND, "name": meta["name"], "uid": meta.get("uid"),
@@ -293,12 +211,7 @@ def trial_job(sweep: dict, spec: FineTuneSweepSpec, number: int, parameters: dic
     sweep's shared data cache, owned by the sweep."""
     meta = sweep["metadata"]
     name = trial_name(meta["name"], number)
-    template = copy.deepcopy(sweep["spec"]["template"])
-    for path, value in parameters.items():
-        _set(template, path, value)
-    _set(template, "output.uri", join_uri(spec.output.uri, f"trials/{name}/"))
-    if not spec.template.dataset.cache_uri:
-        _set(template, "dataset.cacheUri", join_uri(spec.output.uri, "data-cache/"))
+    template = trial_spec(sweep["spec"]["template"], spec, name, parameters)
     return {
         "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
         "metadata": {"name": name, "namespace": meta.get("namespace"),
@@ -374,14 +287,6 @@ def _budget(spec: FineTuneSweepSpec, trials: list[Trial]) -> tuple[dict, int | N
     return budget, max(math.floor((limit - committed) / estimate + 1e-9), 0)
 
 
-def _best(spec: FineTuneSweepSpec, trials: list[Trial]) -> Trial | None:
-    done = [t for t in trials if t.phase == TrialPhase.Succeeded and t.metric is not None]
-    if not done:
-        return None
-    sign = 1 if spec.goal() == Goal.minimize else -1
-    return min(done, key=lambda t: (sign * t.metric, t.number))
-
-
 def _finish(status: dict, phase: SweepPhase, reason: Reason, message: str, generation: int, now: datetime) -> None:
     status.update(phase=phase.value, reason=reason.value, message=message, completionTime=rfc3339(now))
     for type_ in ("Running", "Succeeded", "Failed"):
@@ -432,16 +337,14 @@ def decide(sweep: dict, jobs: list[dict], now: datetime, settings: OperatorSetti
     # New trials: free slots, while trials remain (maxTrials, the grid) and the budget allows.
     failed = [t for t in trials if t.phase == TrialPhase.Failed]
     active = [t for t in trials if t.phase not in TRIAL_DONE]
-    target = min(spec.max_trials, grid_size(spec)) if spec.algorithm == Algorithm.grid else spec.max_trials
+    target = trial_count(spec)
     budget, affordable = _budget(spec, trials)
     stop = terminal or len(failed) >= spec.max_failed_trials
     next_number = max((t.number for t in trials), default=-1) + 1
     slots = 0 if stop else min(spec.parallel_trials - len(active), target - len(trials),
                                spec.max_trials if affordable is None else affordable)
-    dists = distributions(spec)
     for number in range(next_number, next_number + max(slots, 0)):
-        s.sampler = sampler(spec, number)
-        parameters = grid_point(spec, number) if spec.algorithm == Algorithm.grid else s.ask(dists).params
+        parameters = ask(s, spec, number).params
         d.create.append(trial_job(sweep, spec, number, parameters))
         trials.append(Trial(trial_name(meta["name"], number), number, parameters, TrialPhase.Pending))
         d.events.append(("Normal", Reason.TrialCreated.value, f"{trials[-1].name}: {json.dumps(parameters)}"))
@@ -452,7 +355,7 @@ def decide(sweep: dict, jobs: list[dict], now: datetime, settings: OperatorSetti
             d.events.append(("Warning", Reason.TrialFailed.value, f"{t.name}: {t.reason or 'failed'}"))
 
     # The status: the trials, their counts, the best, the budget; then the phase.
-    best = _best(spec, trials)
+    best = best_trial(spec, trials)
     counts = {phase.value.lower(): sum(t.phase == phase for t in trials) for phase in TrialPhase}
     done = sum(t.phase in TRIAL_DONE for t in trials)
     status.update(objective=f"{metric} ({spec.goal().value})", trials=[t.dump() for t in trials],

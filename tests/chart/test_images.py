@@ -129,3 +129,14 @@ def test_both_images_install_the_api_package(path):
     """kubetune_api (api/) is the spec, status and config both the operator and the trainer import."""
     assert ("COPY", "api/ api/") in _instructions(path)
     assert "!api/" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+@pytest.mark.parametrize(("path", "extra"), [(OPERATOR, "operator"), (TRAINER, "trainer")], ids=["operator", "trainer"])
+def test_both_images_install_the_search_package(path, extra):
+    """kubetune_search (search/) is a FineTuneSweep's search, which the operator and the trainer's local `kubetune
+    sweep` both run: each image copies it, setuptools finds it, and each image's extra has optuna."""
+    assert ("COPY", "search/ search/") in _instructions(path)
+    assert "!search/" in (ROOT / ".dockerignore").read_text().splitlines()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "search" in project["tool"]["setuptools"]["packages"]["find"]["where"]
+    assert any(r.startswith("optuna") for r in project["project"]["optional-dependencies"][extra])
