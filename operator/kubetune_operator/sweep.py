@@ -44,6 +44,7 @@ from kubetune_search import (  # the spec's search as Optuna's, shared with the 
     distributions,
     fits,
     grid,  # noqa: F401 - re-exported: the grid of a spec, as the operator's tests read it
+    pruned_why,
     study,
     trial_count,
     trial_name,
@@ -187,8 +188,7 @@ def replay(spec: FineTuneSweepSpec, trials: list[Trial]) -> tuple[optuna.Study, 
         for step in sorted(t.history):
             live.report(t.history[step], step)
             if live.should_prune() and t.phase == TrialPhase.Running and t.name not in verdicts:
-                verdicts[t.name] = (f"{t.name}: {t.history[step]:.4g} at step {step} trails the other trials "
-                                    f"({type(s.pruner).__name__})")
+                verdicts[t.name] = f"{t.name}: {pruned_why(s, t.history[step], step)}"
         state = ENDED.get(t.phase)
         if state == TrialState.COMPLETE and t.metric is None:
             state = TrialState.FAIL  # succeeded without reporting the metric: nothing to learn from

@@ -121,6 +121,11 @@ def fits(dists: dict[str, BaseDistribution], parameters: dict) -> bool:
     return True
 
 
+def pruned_why(s: optuna.Study, value: float, step: int) -> str:
+    """Why the pruner stops a trial whose evaluation at `step` gave `value`."""
+    return f"{value:.4g} at step {step} trails the other trials ({type(s.pruner).__name__})"
+
+
 class Ranked(Protocol):
     number: int
     phase: TrialPhase

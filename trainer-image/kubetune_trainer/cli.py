@@ -4,6 +4,7 @@
     kubetune train --config trainer.yaml      what each process of `accelerate launch` runs
     kubetune launch ACCELERATE_ARGS...        the pod's entrypoint: `accelerate launch`, exit codes kept
     kubetune run finetunejob.yaml             a FineTuneJob manifest, trained on this machine
+    kubetune sweep finetunesweep.yaml         a FineTuneSweep's trials on this machine, with a live leaderboard
     kubetune checkpoints JOB|OUTPUT_URI       a run's checkpoints with their validation metrics, as a table
     kubetune report JOB|OUTPUT_URI...         one HTML page: a run's report, or several runs side by side
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from kubetune_api import CHECKPOINTS_IN_STATUS, EXIT_UNEXPECTED
+from kubetune_api import CHECKPOINTS_IN_STATUS
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -29,8 +30,8 @@ from rich.table import Column, Table
 
 from . import redact
 from .configfile import load_config
-from .errors import ConfigError, KubetuneError
-from .storage import describe_error, is_storage_error
+from .errors import ConfigError
+from .failure import failure
 
 # No locals in tracebacks: a frame's variables can hold credentials (the callback below prints plain, redacted ones).
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Kubetune: fine-tuning on Kubernetes.",
@@ -58,16 +59,7 @@ def termination_log(message: str) -> None:
 def fail(e: BaseException) -> None:
     """The one way a command fails: a redacted one-line message on stderr and as the termination message (an
     unexpected exception's text can hold a presigned URL or a key as much as ours), and the exception's exit code."""
-    if isinstance(e, MemoryError):  # outside a record (records.beyond_limits names those)
-        e = ConfigError("the process ran out of memory: raise spec.validation.memory (resources.memory for "
-                        "training), or make the data smaller per record")
-    if isinstance(e, KubetuneError):
-        message, code = f"{e.reason}: {e.message}", e.exit_code
-    elif is_storage_error(e):  # one no Storage call mapped: the endpoint's reply stays out of the status too
-        operation = getattr(e, "operation_name", "") or "a request"
-        message, code = f"Unexpected: object storage failed in {operation} ({describe_error(e)})", EXIT_UNEXPECTED
-    else:
-        message, code = f"Unexpected: {type(e).__name__}: {e}", EXIT_UNEXPECTED
+    message, code = failure(e)
     report_failure(message)
     raise typer.Exit(code)
 
@@ -380,6 +372,51 @@ def run_local(
     verb = "already published" if reporter.already_published else "published"
     out.print(f"[green]{verb}[/] {escape(config.output.uri)} ({outcome(manifest_doc)})", soft_wrap=True,
               highlight=False)  # one line, for grep
+
+
+@app.command("sweep")
+def sweep_local(
+    manifest: Annotated[Path, typer.Argument(help="FineTuneSweep manifest")],
+    work_dir: Annotated[Path, typer.Option(help="Local cache for the model, data and checkpoints")] = Path(
+        ".work"),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print every event as JSON")] = False,
+) -> None:
+    """Search a FineTuneSweep's hyperparameters on this machine: its trials one after another (the operator's
+    search: sampler, pruner, trial outputs, shared data cache), with a live leaderboard; at the end, the best
+    trial and where its output is. Exits non-zero when the sweep fails."""
+    from kubetune_api import SweepPhase
+    from rich.live import Live
+
+    from .configfile import load_sweep
+    from .sweep import leaderboard, run_sweep, trial_line
+
+    try:
+        sweep = load_sweep(manifest)
+        with Live(console=err, transient=True) as live:
+
+            def show(run, row, event: dict) -> None:
+                kind = event["event"]
+                if verbose and kind != "trial_ended":
+                    live.console.print_json(data={"trial": row.name, **event}, default=str)
+                if kind == "trial_ended":
+                    live.console.print(trial_line(row, run.metric), highlight=False, soft_wrap=True)
+                elif kind == "data_cache":  # written by the first trial, reused by the others
+                    live.console.print(f"[cyan]data cache[/] {event['cache']}: {escape(event['uri'])}",
+                                       highlight=False, soft_wrap=True)
+                live.update(leaderboard(run))
+
+            run = run_sweep(sweep, work_dir, show)
+    except Exception as e:  # noqa: BLE001
+        fail(e)
+    out.print(leaderboard(run))
+    if run.phase != SweepPhase.Succeeded:
+        report_failure(f"{run.reason.value}: {run.message}")
+        raise typer.Exit(run.exit_code)
+    best = run.best
+    parameters = ", ".join(f"{path} {value}" for path, value in best.parameters.items())
+    where = f"promoted to {run.promoted}" if run.promoted else f"its output: {best.config.output.uri}"
+    out.print(f"[green]best[/] {escape(best.name)}: {escape(run.metric)} {best.metric:.4g} at step {best.step} "
+              f"with {escape(parameters)}; {escape(where)}", highlight=False, soft_wrap=True)
 
 
 @app.command("checkpoints")

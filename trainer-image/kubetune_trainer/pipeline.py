@@ -43,13 +43,15 @@ def json_reporter(event: dict) -> None:
     print(redact(json.dumps(event, default=str)), flush=True)
 
 
-def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storage | None = None) -> dict:
-    """Train as configured and return the published manifest (or the existing one if already done)."""
+def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storage | None = None,
+        stop: StopSignal | None = None) -> dict:
+    """Train as configured and return the published manifest (or the existing one if already done). `stop`: the
+    StopSignal the loop watches (SIGTERM sets it; its `request` too), a new one when not given."""
     with tracked(config, report) as report:  # rank 0 with spec.tracking.mlflow: every event to MLflow too
-        return _run(config, report, storage)
+        return _run(config, report, storage, stop or StopSignal())
 
 
-def _run(config: TrainerConfig, report: Reporter, storage: Storage | None) -> dict:
+def _run(config: TrainerConfig, report: Reporter, storage: Storage | None, stop: StopSignal) -> dict:
     import torch
     from accelerate import Accelerator
 
@@ -115,7 +117,7 @@ def _run(config: TrainerConfig, report: Reporter, storage: Storage | None) -> di
     # How the model computes (hyperparameters.performance, kernels/): each choice and why, for the log.
     report({"event": "kernels", **getattr(model, "kubetune_choices", {})})
     # From here SIGTERM is noted, not fatal: the loop checkpoints and stops; after the loop, publishing goes on.
-    with StopSignal().installed() as stop, collective_failures_are_peer_lost(accelerator):
+    with stop.installed(), collective_failures_are_peer_lost(accelerator):
         model, state, plan = train(config, task, model, splits, accelerator, storage, metrics, report, inputs, stop,
                                    history)
         best = state.best_validation if config.output.select == Select.best else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from kubetune_api import TrainerConfig, join_uri
@@ -25,8 +26,14 @@ MANIFEST = "manifest.json"
 LEFT_OUT = ("checkpoints/", ".staging/", MARKER)  # a trial's checkpoints, unfinished uploads, its run's claim
 
 
-def promote(config: TrainerConfig, to: str, record: dict, storage: Storage | None = None) -> dict:
-    """Copy the output at config.output.uri to `to`; returns the sweep.json written there."""
+def _log(event: dict) -> None:
+    print(redact(json.dumps(event)), file=sys.stderr, flush=True)
+
+
+def promote(config: TrainerConfig, to: str, record: dict, storage: Storage | None = None,
+            report: Callable[[dict], None] = _log) -> dict:
+    """Copy the output at config.output.uri to `to`; returns the sweep.json written there. `report`: the promoted
+    event (a JSON line on stderr, the pod's log, by default)."""
     storage = storage or Storage(config.storage)
     src, dst = config.output.uri.rstrip("/") + "/", to.rstrip("/") + "/"
     manifest = storage.get_json(src + MANIFEST)
@@ -41,5 +48,5 @@ def promote(config: TrainerConfig, to: str, record: dict, storage: Storage | Non
     storage.put_json(dst + MANIFEST, manifest)
     doc = {**record, "source": src, "manifestSha256": manifest_sha256(manifest), "files": len(files)}
     storage.put_json(join_uri(dst, RECORD), doc)
-    print(redact(json.dumps({"event": "promoted", "uri": dst, "files": len(files)})), file=sys.stderr, flush=True)
+    report({"event": "promoted", "uri": dst, "files": len(files)})
     return doc

@@ -144,13 +144,18 @@ class Loop:
 
 
 class StopSignal:
-    """SIGTERM sets `requested`; the loop acts on it at the next step. The previous handler is restored after."""
+    """SIGTERM sets `requested`; the loop acts on it at the next step. The previous handler is restored after.
+    `request(why)` asks the same from inside the process (the local `kubetune sweep` pruning its trial)."""
 
     def __init__(self):
         self.requested = False
+        self.why = "SIGTERM"
 
     def __call__(self, signum, frame) -> None:
         self.requested = True
+
+    def request(self, why: str) -> None:
+        self.requested, self.why = True, why
 
     @contextmanager
     def installed(self):
@@ -234,7 +239,7 @@ def _train(loop: Loop, model, splits: dict, inputs: dict, stop: StopSignal):
             stopping, due_time = flags.any(stop.requested, due and accelerator.is_main_process)
             # Stop: a checkpoint where the run stands, then exit (Preempted; PeerLost in the other processes).
             if stopping:
-                _stop(loop, t, counters, stop.requested)
+                _stop(loop, t, counters, stop.why if stop.requested else None)
             # One optimizer step; tokens trained: the loss-bearing tokens of a token task, else every input token.
             grad_norm = _step(loop, t, batches, counts[0], window)
             counters.stepped(counts[0] if loop.task.unit == "token" else counts[1])
@@ -476,12 +481,13 @@ def _step(loop: Loop, t: Training, batches: StepBatches, step_units: torch.Tenso
     return grad_norm
 
 
-def _stop(loop: Loop, t: Training, counters: Counters, requested: bool) -> NoReturn:
-    """A checkpoint where the run stands, then Preempted where SIGTERM was `requested`, else PeerLost."""
+def _stop(loop: Loop, t: Training, counters: Counters, why: str | None) -> NoReturn:
+    """A checkpoint where the run stands, then Preempted where a stop was requested (`why`: SIGTERM, or what asked
+    for it), else PeerLost."""
     _save_checkpoint(loop, t, counters)  # unless the newest checkpoint (or step 0) is where this run stands already
-    loop.report({"event": "stopped", "step": t.state.step, "reason": "SIGTERM" if requested else "peer"})
-    if requested:
-        raise Preempted(f"stopped by SIGTERM at step {t.state.step}; checkpoint written, the run resumes from it")
+    loop.report({"event": "stopped", "step": t.state.step, "reason": why or "peer"})
+    if why:
+        raise Preempted(f"stopped by {why} at step {t.state.step}; checkpoint written, the run resumes from it")
     raise PeerLost(f"a peer worker was stopped at step {t.state.step}; the workers resume from its checkpoint")
 
 
