@@ -413,7 +413,7 @@ def sweep_local(
         report_failure(f"{run.reason.value}: {run.message}")
         raise typer.Exit(run.exit_code)
     best = run.best
-    parameters = ", ".join(f"{path} {value}" for path, value in best.parameters.items())
+    parameters = ", ".join(f"{path} {_human(value)}" for path, value in best.parameters.items())
     where = f"promoted to {run.promoted}" if run.promoted else f"its output: {best.config.output.uri}"
     out.print(f"[green]best[/] {escape(best.name)}: {escape(run.metric)} {best.metric:.4g} at step {best.step} "
               f"with {escape(parameters)}; {escape(where)}", highlight=False, soft_wrap=True)
