@@ -132,7 +132,8 @@ class Operator:
                    **{f"KUBETUNE_{port}_PORT": str(free_port()) for port in ("HEALTH", "METRICS", "READY")})
         if src:
             env["PYTHONPATH"] = os.pathsep.join(
-                [str(src / "operator"), str(src / "trainer-image"), *filter(None, [env.get("PYTHONPATH")])])
+                [str(src / "operator"), str(src / "search"), str(src / "trainer-image"),
+                 *filter(None, [env.get("PYTHONPATH")])])
         self.health = f"http://127.0.0.1:{env['KUBETUNE_HEALTH_PORT']}/healthz"
         self.log_path = log_path
         with log_path.open("w") as out:

@@ -116,6 +116,7 @@ def test_the_locked_versions_train_together(tmp_path, venv):
     src.mkdir()
     shutil.copy(ROOT / "pyproject.toml", src)
     shutil.copytree(ROOT / "api", src / "api", ignore=skip)
+    shutil.copytree(ROOT / "search", src / "search", ignore=skip)
     shutil.copytree(ROOT / "operator", src / "operator", ignore=skip)
     shutil.copytree(ROOT / "trainer-image" / "kubetune_trainer", src / "trainer-image" / "kubetune_trainer",
                     ignore=skip)

@@ -134,7 +134,19 @@ def test_the_leaderboard_shows_each_trial_for_people(tmp_path):
     assert "TrialPhase" not in text and "{" not in text
 
 
-def test_a_bad_manifest_is_refused_naming_the_field(tmp_path):
+def test_a_sigterm_stops_the_sweep_as_it_stopped_the_trial(tmp_path):
+    """Not the pruner's stop: the trial checkpointed, and the sweep ends there (Preempted, exit 75)."""
+
+    def sigterm(config, report, stop):
+        stop(15, None)  # the StopSignal as the SIGTERM handler
+        raise Preempted("stopped by SIGTERM at step 1; checkpoint written, the run resumes from it")
+
+    with pytest.raises(Preempted):
+        run_sweep(sweep(tmp_path), tmp_path / "work", train=sigterm)
+
+
+def test_a_bad_manifest_is_refused_naming_the_field(tmp_path, monkeypatch):
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "termination-log"))
     doc = manifest(tmp_path, parameters=[{"path": LR, "min": 1e-1, "max": 1e-3}])
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(doc))
     done = CliRunner().invoke(app, ["sweep", str(tmp_path / "sweep.yaml")])

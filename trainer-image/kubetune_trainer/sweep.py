@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import optuna
 from kubetune_api import FineTuneSweep, Promote, Reason, SweepPhase, TrainerConfig, TrialPhase, join_uri
 from kubetune_api.exitcodes import EXIT_CONFIG_INVALID, EXIT_UNEXPECTED
 from kubetune_search import ENDED, ask, best_trial, pruned_why, study, trial_count, trial_name, trial_spec
+from optuna.trial import TrialState
 from pydantic.alias_generators import to_snake
 from rich.markup import escape
 from rich.table import Table
@@ -94,7 +96,6 @@ def run_sweep(sweep: FineTuneSweep, work_dir: Path, show: Show = lambda run, row
     """Run the sweep's trials one after another; returns how it ended (the rows, the best, the phase)."""
     spec, run = sweep.spec, SweepRun(sweep)
     template = spec.template.model_dump(by_alias=True, exclude_unset=True, mode="json")
-    key = to_snake(run.metric)  # the trainer's events name metrics in snake_case
     s = study(spec)
     for number in range(trial_count(spec)):
         trial = ask(s, spec, number)
@@ -109,43 +110,11 @@ def run_sweep(sweep: FineTuneSweep, work_dir: Path, show: Show = lambda run, row
                               EXIT_CONFIG_INVALID)
         row.config = config.model_copy(update={"work_dir": str(work_dir.resolve()),
                                                "metrics": config.metrics.model_copy(update={"enabled": False})})
-        row.phase = TrialPhase.Running
-        stop = StopSignal()
-
-        def report(event: dict, row: TrialRow = row, trial=trial, stop: StopSignal = stop) -> None:
-            kind = event["event"]
-            if kind == "phase":
-                row.stage = event["phase"]
-            elif kind == "plan":
-                row.total, row.at = event["total_steps"], event["start_step"]
-            elif kind == "train":
-                row.at = event["step"]
-            elif kind == "validation" and _finite(event.get(key)) is not None:
-                row.metric, row.step = float(event[key]), event["step"]
-                trial.report(row.metric, row.step)
-                if not stop.requested and trial.should_prune():
-                    row.reason = f"{run.metric} {pruned_why(s, row.metric, row.step)}"
-                    stop.request(PRUNING)
-            show(run, row, event)
-
-        try:
-            manifest = train(row.config, report=report, stop=stop)
-        except Preempted:
-            if stop.why != PRUNING:
-                raise  # SIGTERM: the sweep stops as its trial did (the trial checkpointed)
-            row.phase = TrialPhase.Pruned
-        except Exception as e:  # noqa: BLE001 - a trial's failure is its row's, the sweep goes on
-            message, row.exit_code = failure(e)
-            row.phase, row.reason = TrialPhase.Failed, redact(message)
-        else:
-            validation = (manifest.get("metrics") or {}).get("validation") or {}
-            row.phase, row.reason = TrialPhase.Succeeded, None
-            row.metric = _finite(validation.get(key))
-            row.step = (manifest.get("selected") or {}).get("step", manifest.get("steps"))
-        state = ENDED[row.phase]
-        if row.phase == TrialPhase.Succeeded and row.metric is None:
-            state = ENDED[TrialPhase.Failed]  # succeeded without reporting the metric: nothing to learn from
-        s.tell(trial, row.metric if state == ENDED[TrialPhase.Succeeded] else None, state=state)
+        _run_trial(run, s, trial, row, train, show)
+        # The study learns how it ended: the value of a succeeded trial, else its state.
+        state = ENDED[row.phase] if row.phase != TrialPhase.Succeeded or row.metric is not None \
+            else TrialState.FAIL  # succeeded without reporting the metric: nothing to learn from
+        s.tell(trial, row.metric if state == TrialState.COMPLETE else None, state=state)
         run.best = best_trial(spec, run.trials)
         show(run, row, {"event": "trial_ended"})
         failed = [t for t in run.trials if t.phase == TrialPhase.Failed]
@@ -154,6 +123,44 @@ def run_sweep(sweep: FineTuneSweep, work_dir: Path, show: Show = lambda run, row
                               f"{len(failed)} trials failed (maxFailedTrials {spec.max_failed_trials}); "
                               f"{row.name}: {row.reason}", row.exit_code or EXIT_UNEXPECTED)
     return _end(run)
+
+
+def _run_trial(run: SweepRun, s: optuna.Study, trial: optuna.Trial, row: TrialRow, train: Train, show: Show) -> None:
+    """Train one trial, its evaluations reported to the study's pruner as they come; the row says how it ended."""
+    key = to_snake(run.metric)  # the trainer's events name metrics in snake_case
+    stop = StopSignal()
+
+    def report(event: dict) -> None:
+        kind = event["event"]
+        if kind == "phase":
+            row.stage = event["phase"]
+        elif kind == "plan":
+            row.total, row.at = event["total_steps"], event["start_step"]
+        elif kind == "train":
+            row.at = event["step"]
+        elif kind == "validation" and _finite(event.get(key)) is not None:
+            row.metric, row.step = float(event[key]), event["step"]
+            trial.report(row.metric, row.step)
+            if not stop.requested and trial.should_prune():  # stop at the next step, after a checkpoint
+                row.reason = f"{run.metric} {pruned_why(s, row.metric, row.step)}"
+                stop.request(PRUNING)
+        show(run, row, event)
+
+    row.phase = TrialPhase.Running
+    try:
+        manifest = train(row.config, report=report, stop=stop)
+    except Preempted:
+        if stop.why != PRUNING:
+            raise  # SIGTERM: the sweep stops as its trial did (the trial checkpointed)
+        row.phase = TrialPhase.Pruned
+    except Exception as e:  # noqa: BLE001 - a trial's failure is its row's, the sweep goes on
+        message, row.exit_code = failure(e)
+        row.phase, row.reason = TrialPhase.Failed, redact(message)
+    else:  # a pruning verdict at the last evaluation comes too late to save anything: the trial counts
+        validation = (manifest.get("metrics") or {}).get("validation") or {}
+        row.phase, row.reason = TrialPhase.Succeeded, None
+        row.metric = _finite(validation.get(key))
+        row.step = (manifest.get("selected") or {}).get("step", manifest.get("steps"))
 
 
 def _end(run: SweepRun) -> SweepRun:
