@@ -75,6 +75,14 @@ def test_a_grid_visits_each_point_once_in_a_seeded_order():
     assert len({tuple(p.values()) for p in points}) == 8
 
 
+def test_a_real_grid_stays_inside_its_range():
+    s = spec(algorithm="grid", parameters=[{"path": "hyperparameters.warmupRatio", "min": 0.1, "max": 0.3,
+                                            "step": 0.1}])
+    points = [ask(study(s), s, n).params["hyperparameters.warmupRatio"] for n in range(3)]
+    assert sorted(points) == [0.1, 0.2, 0.3]
+    assert all(fits(distributions(s), {"hyperparameters.warmupRatio": p}) for p in points)
+
+
 def test_a_parameter_set_fits_the_space_or_not():
     dists = distributions(spec())
     good = {"hyperparameters.learningRate": 1e-3, "method.lora.r": 8, "hyperparameters.scheduler": "linear"}
