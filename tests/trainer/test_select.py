@@ -108,3 +108,21 @@ def test_generation_metrics_for_the_model_and_its_baseline(make_config):
         assert result["generated"] == 4 and 0 <= result["bleu"] <= 100 and 0 <= result["rouge_l"] <= 1
         assert 0 <= result["exact_match"] <= 1 and len(result["samples"]) == 3
     assert {"bleu", "rouge_l", "exact_match", "loss"} <= manifest["metrics"]["difference"]["test"].keys()
+
+
+def test_train_on_validation_trains_on_both_splits_and_still_scores_test(make_config, uploaded):
+    """dataset.trainOnValidation (a sweep's promote retrain): the training sequences are the train and validation
+    records together; nothing is evaluated on validation, the test split still is."""
+    config = make_config("train-on-validation", dataset={"trainOnValidation": True},
+                         hyperparameters={"maxSteps": 2, "packing": False},
+                         evaluation={"everySteps": None, "baseline": False})
+    events: list[dict] = []
+    manifest = run(config, report=events.append)
+
+    (validated,) = [e for e in events if e["event"] == "validated"]
+    (plan,) = [e for e in events if e["event"] == "plan"]
+    train, validation = validated["train"]["samples"], validated["validation"]["samples"]  # after the checks
+    assert train > 100 and validation > 20 and plan["sequences"] == train + validation
+    assert not [e for e in events if e["event"] == "validation"]
+    assert "validation" not in manifest["metrics"] and manifest["metrics"]["test"]["loss"] > 0
+    assert [e["event"] for e in events if e["event"] == "test"] == ["test"]
