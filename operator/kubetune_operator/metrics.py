@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from contextlib import contextmanager
 
 from kubetune_api import Phase, Reason, SweepPhase, TrialPhase
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from pydantic.alias_generators import to_snake
 
 REGISTRY = CollectorRegistry()
 JOBS = Gauge("kubetune_operator_finetunejobs", "FineTuneJobs seen by this operator, by phase", ["phase"],
@@ -141,7 +141,7 @@ def sweep_series(status: dict | None) -> dict[str, dict[tuple[str, ...], float]]
     status = status or {}
     counts, budget = status.get("counts") or {}, status.get("budget") or {}
     metric, _, goal = (status.get("objective") or "").partition(" (")  # "loss (minimize)"
-    metric = to_snake(metric)
+    metric = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", metric).lower()  # tokenAccuracy -> token_accuracy; f1 stays
     best = (status.get("best") or {}).get("metric")
     hours = {"used": budget.get("used"), "budget": budget.get("gpuHours"), "left": budget.get("left")}
     return {

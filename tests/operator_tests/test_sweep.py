@@ -450,6 +450,7 @@ def test_the_sweeps_metrics_come_from_its_status():
         "objective": {("token_accuracy", "maximize"): 1},
         "best": {("token_accuracy",): 0.61},
         "gpu_hours": {("used",): 0.1, ("budget",): 1, ("left",): 0.9}}
+    assert metrics.sweep_series({"objective": "f1 (maximize)"})["objective"] == {("f1", "maximize"): 1}
     assert metrics.sweep_series({}) == {"trials": {(p,): 0 for p in ("Pending", "Running", "Succeeded", "Pruned",
                                                                     "Failed")},
                                         "objective": {}, "best": {}, "gpu_hours": {}}
