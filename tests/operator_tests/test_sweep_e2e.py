@@ -89,8 +89,7 @@ def tiny_task(s3_server, bucket, tmp_path):
 def test_a_tpe_asha_sweep_runs_its_trials_to_the_best(control_plane, node_agent, namespace, operator, tiny_task,
                                                       trainer):
     """Four trials, one at a time (the node agent's pods share the host's ports), of 40 steps evaluated every 4; the
-    operator killed and restarted mid-sweep; the best trial's parameters retrained on train + validation and
-    promoted (promote retrain: <sweep>-fit, then the copy that promote best makes too)."""
+    operator killed and restarted mid-sweep; the best trial promoted."""
     e2e.credentials(control_plane, namespace)
     d = tiny_task["data"]
     doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneSweep", "metadata": {"name": "lr"}, "spec": {
@@ -102,7 +101,7 @@ def test_a_tpe_asha_sweep_runs_its_trials_to_the_best(control_plane, node_agent,
             "resources": {"workers": 1, "gpusPerWorker": 0}},
         "parameters": [{"path": "hyperparameters.learningRate", "min": 1e-5, "max": 0.3, "log": True},
                        {"path": "method.lora.r", "min": 2, "max": 8}],
-        "maxTrials": 4, "parallelTrials": 1, "promote": "retrain", "output": {"uri": tiny_task["output"]}}}
+        "maxTrials": 4, "parallelTrials": 1, "promote": "best", "output": {"uri": tiny_task["output"]}}}
     kubectl(control_plane, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(doc))
     wait_for("the first trial", lambda: kubectl(control_plane, "get", "ftj", "-n", namespace, "lr-0",
                                                 check=False).returncode == 0, timeout=60)
@@ -114,12 +113,12 @@ def test_a_tpe_asha_sweep_runs_its_trials_to_the_best(control_plane, node_agent,
         status = get_json(control_plane, "fts", "-n", namespace, "lr").get("status") or {}
         return status if status.get("phase") in ("Succeeded", "Failed") else None
 
-    status = wait_for("the sweep to end", ended, timeout=720)
+    status = wait_for("the sweep to end", ended, timeout=600)
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
     trials = status["trials"]
     assert [t["name"] for t in trials] == ["lr-0", "lr-1", "lr-2", "lr-3"]
     jobs = get_json(control_plane, "ftj", "-n", namespace, "-l", "kubetune.io/sweep=lr")["items"]
-    assert sorted(j["metadata"]["name"] for j in jobs) == ["lr-0", "lr-1", "lr-2", "lr-3", "lr-fit"]  # no duplicate
+    assert sorted(j["metadata"]["name"] for j in jobs) == ["lr-0", "lr-1", "lr-2", "lr-3"]  # no duplicate
     assert next(j for j in jobs if j["metadata"]["name"] == "lr-0")["metadata"]["uid"] == first["metadata"]["uid"]
     assert {t["phase"] for t in trials} <= {"Succeeded", "Pruned"}
     succeeded = [t for t in trials if t["phase"] == "Succeeded"]
@@ -133,29 +132,18 @@ def test_a_tpe_asha_sweep_runs_its_trials_to_the_best(control_plane, node_agent,
     assert job["spec"]["method"]["lora"]["r"] == best["parameters"]["method.lora.r"]
     manifest = tiny_task["storage"].get_json(job["status"]["result"]["manifestUri"])
     assert manifest["metrics"]["validation"]["loss"] == pytest.approx(best["metric"], rel=1e-5)
-    # promote retrain: lr-fit trained the best parameters on train + validation, its output copied to
-    # <output>best/, sweep.json naming the trial, its parameters and the retrain
-    promotion = status["promotion"]
-    assert {k: promotion[k] for k in ("trial", "uri", "phase")} == {
-        "trial": best["name"], "uri": tiny_task["output"] + "best/", "phase": "Succeeded"}
-    assert (promotion["retrain"]["job"], promotion["retrain"]["phase"]) == ("lr-fit", "Succeeded")
-    fit = get_json(control_plane, "ftj", "-n", namespace, "lr-fit")
-    assert fit["spec"]["dataset"]["trainOnValidation"] is True and "everySteps" not in fit["spec"]["evaluation"]
-    assert fit["spec"]["method"]["lora"]["r"] == best["parameters"]["method.lora.r"]
-    retrained = tiny_task["storage"].get_json(fit["status"]["result"]["manifestUri"])
-    assert "validation" not in retrained["metrics"] and retrained["steps"] == 40
+    # promote: best copied the winner to <output>best/, sweep.json naming the trial and its parameters
+    assert status["promotion"] == {"trial": best["name"], "uri": tiny_task["output"] + "best/", "phase": "Succeeded"}
     promoted = tiny_task["storage"].get_json(tiny_task["output"] + "best/sweep.json")
-    assert (promoted["sweep"], promoted["trial"], promoted["parameters"], promoted["retrain"]) == (
-        "lr", best["name"], best["parameters"], "lr-fit")
-    assert tiny_task["storage"].get_json(tiny_task["output"] + "best/manifest.json") == retrained
+    assert (promoted["sweep"], promoted["trial"], promoted["parameters"]) == ("lr", best["name"], best["parameters"])
+    assert tiny_task["storage"].get_json(tiny_task["output"] + "best/manifest.json") == manifest
     assert tiny_task["storage"].exists(tiny_task["output"] + "best/adapter_model.safetensors")
-    # One data cache for the sweep: every trial's validation, and the retrain's, found or wrote it there.
-    caches = {get_json(control_plane, "ftj", "-n", namespace, name)["status"]["dataset"]["cacheUri"]
-              for name in [*(t["name"] for t in trials), "lr-fit"]}
+    # One data cache for the sweep: every trial's validation found or wrote it there.
+    caches = {get_json(control_plane, "ftj", "-n", namespace, t["name"])["status"]["dataset"]["cacheUri"]
+              for t in trials}
     assert len(caches) == 1 and caches.pop().startswith(tiny_task["output"] + "data-cache/")
     reasons = [e["reason"] for e in e2e.events_of(control_plane, namespace, "lr")]
-    assert reasons.count("TrialCreated") == 4 and "NewBest" in reasons
-    assert "Retraining" in reasons and "Promoting" in reasons
+    assert reasons.count("TrialCreated") == 4 and "NewBest" in reasons and "Promoting" in reasons
     assert "SearchCompleted" in reasons
     pruned = [t for t in trials if t["phase"] == "Pruned"]
     assert reasons.count("TrialPruned") == len(pruned)
