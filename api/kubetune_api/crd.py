@@ -46,6 +46,7 @@ from .finetunejob import (
     SYNTAX,
     TASK_FORMATS,
     TOLERATION_EXISTS_VALUE,
+    TRAIN_ON_VALIDATION_ALONE,
     DataFormat,
     FineTuneJobSpec,
     fields_problem,
@@ -68,6 +69,7 @@ from .sweep import (
     RANGES,
     STEP_NEEDS_RANGE,
     SWEEP_KIND,
+    TEMPLATE_TRAINS_ON_VALIDATION,
     TUNABLE,
     FineTuneSweepSpec,
     FineTuneSweepStatus,
@@ -134,6 +136,10 @@ def _task_rules() -> list[dict]:
         {"rule": "!has(self.output.select) || self.output.select != 'best' || (has(self.dataset.validation) && "
                  "has(self.evaluation) && has(self.evaluation.everySteps))",
          "message": SELECT_BEST_NEEDS_VALIDATION, "fieldPath": ".output.select"},
+        {"rule": "!has(self.dataset.trainOnValidation) || !self.dataset.trainOnValidation || "
+                 "(has(self.dataset.validation) && (!has(self.evaluation) || (!has(self.evaluation.everySteps) && "
+                 "!has(self.evaluation.earlyStopping))) && (!has(self.output.select) || self.output.select != 'best'))",
+         "message": TRAIN_ON_VALIDATION_ALONE, "fieldPath": ".dataset.trainOnValidation"},
         *_objective_rules(),
     ]
 
@@ -399,6 +405,8 @@ SWEEP_RULES: dict[str, list[dict]] = {
          "message": DUPLICATE_PATH, "fieldPath": ".parameters"},
         {"rule": "has(self.template.dataset.validation)", "message": NEEDS_VALIDATION,
          "fieldPath": ".template.dataset"},
+        {"rule": "!has(self.template.dataset.trainOnValidation) || !self.template.dataset.trainOnValidation",
+         "message": TEMPLATE_TRAINS_ON_VALIDATION, "fieldPath": ".template.dataset.trainOnValidation"},
         {"rule": "self.earlyStopping == 'none' || has(self.template.evaluation.everySteps)",
          "message": PRUNING_NEEDS_EVALUATIONS, "fieldPath": ".earlyStopping"},
         {"rule": "self.algorithm != 'grid' || self.parameters.all(p, !has(p.min) || has(p.step) || p.path in "

@@ -259,6 +259,11 @@ class DatasetSpec(Model):
     train: str = Field(description="s3:// object or prefix, or a local path, of JSONL, JSON, CSV or Parquet records")
     validation: str | None = Field(None, description="Validation split, used for evaluation and early stopping")
     test: str | None = Field(None, description="Held-out test split, evaluated once at the end")
+    train_on_validation: bool = Field(False, description="Train on the validation split too (train + validation; "
+                                      "the test split stays held out), as a FineTuneSweep's promote retrain "
+                                      "does with the best parameters. Nothing is left to evaluate on while "
+                                      "training: evaluation.everySteps, evaluation.earlyStopping and output.select "
+                                      "best must stay unset")
     format: DataFormat = Field(DataFormat.auto, description="Record format; auto detects it from the first record. "
                                "causal-lm: chat, sharegpt, instruction, completion, text; sequence-classification: "
                                "classification, label-studio; image-classification: classification, "
@@ -591,6 +596,9 @@ METRIC_NEEDS_CLASSIFICATION = ("evaluation.metric accuracy and f1 apply to class
 GENERATION_NEEDS_CAUSAL_LM = "evaluation.generation applies to task causal-lm only"
 SELECT_BEST_NEEDS_VALIDATION = ("output.select best needs validation results: set dataset.validation and "
                                 "evaluation.everySteps")
+TRAIN_ON_VALIDATION_ALONE = ("dataset.trainOnValidation trains on the validation split, leaving none to evaluate "
+                             "on while training: set dataset.validation, and leave evaluation.everySteps, "
+                             "evaluation.earlyStopping and output.select best unset")
 LABELS_NEED_CLASSIFICATION = "dataset.labels applies to classification tasks only"
 OBJECTIVE_NEEDS_CAUSAL_LM = "objective dpo and orpo apply to task causal-lm: use objective sft for classification"
 PREFERENCE_FORMAT_NEEDS_OBJECTIVE = ("dataset.format preference and openai-preference hold (chosen, rejected) pairs: "
@@ -643,6 +651,9 @@ def task_problem(spec: FineTuneJobSpec) -> None:
         raise ValueError(fields_problem(task, dataset.format))
     if output.select == Select.best and (dataset.validation is None or evaluation.every_steps is None):
         raise ValueError(SELECT_BEST_NEEDS_VALIDATION)
+    if dataset.train_on_validation and (dataset.validation is None or evaluation.every_steps is not None
+                                        or evaluation.early_stopping is not None or output.select == Select.best):
+        raise ValueError(TRAIN_ON_VALIDATION_ALONE)
     preference = spec.objective in PREFERENCE_OBJECTIVES
     if preference and task != TaskType.causal_lm:
         raise ValueError(OBJECTIVE_NEEDS_CAUSAL_LM)

@@ -89,6 +89,8 @@ class Reason(StrEnum):
     Promoting = "Promoting"  # spec.promote best: the best trial's output is being copied
     Promoted = "Promoted"
     PromotionFailed = "PromotionFailed"
+    Retraining = "Retraining"  # spec.promote retrain: the best parameters train on train + validation (<sweep>-fit)
+    RetrainFailed = "RetrainFailed"  # that FineTuneJob failed: nothing is promoted
 
 
 TERMINAL = (Phase.Succeeded, Phase.Failed)

@@ -51,6 +51,7 @@ class Goal(StrEnum):
 class Promote(StrEnum):
     none = "none"  # the trials' outputs stay where they are; status.best names the best one's
     best = "best"  # copy the best trial's output to <output.uri>best/, with sweep.json naming the trial
+    retrain = "retrain"  # train the best parameters once more on train + validation (<sweep>-fit), then publish
 
 
 class Kind(StrEnum):
@@ -93,6 +94,9 @@ STEP_NEEDS_RANGE = "parameters[].step applies to a range (min, max) only"
 GRID_NEEDS_VALUES = "algorithm grid needs a finite set per parameter: give values, or a step for a range"
 DUPLICATE_PATH = "parameters[].path: each field may be tuned by one parameter only"
 NEEDS_VALIDATION = "a sweep judges trials on the validation split: set template.dataset.validation"
+TEMPLATE_TRAINS_ON_VALIDATION = ("template.dataset.trainOnValidation would leave the trials no validation split to "
+                                 "be judged on: leave it unset (promote retrain trains the best parameters on "
+                                 "train + validation once the search is done)")
 PRUNING_NEEDS_EVALUATIONS = ("earlyStopping median and asha judge trials on their evaluations: set "
                              "template.evaluation.everySteps, or earlyStopping none")
 NAME_TOO_LONG = (f"metadata.name must start with a letter, be a DNS label and have at most {MAX_SWEEP_NAME} "
@@ -198,8 +202,11 @@ class FineTuneSweepSpec(Model):
                                    "have failed (bad data, an impossible setting), with their reason")
     output: SweepOutput
     budget: SweepBudgetSpec = Field(default_factory=SweepBudgetSpec)
-    promote: Promote = Field(Promote.none, description="none, or best: copy the best trial's output to "
-                             "<output.uri>best/ with a manifest naming the trial and its parameters")
+    promote: Promote = Field(Promote.none, description="none; best: copy the best trial's output to "
+                             "<output.uri>best/ with a manifest (sweep.json) naming the trial and its parameters; "
+                             "retrain: once the trials are done, train the best parameters once more on train + "
+                             "validation (the FineTuneJob <sweep>-fit, dataset.trainOnValidation), then publish "
+                             "its output there")
 
     def metric(self) -> str:
         """The metric trials are judged on: objective.metric, else the template's evaluation.metric."""
@@ -218,6 +225,7 @@ class FineTuneSweepSpec(Model):
         problem = (DUPLICATE_PATH if len(set(paths)) != len(paths)
                    else metric_problem(group) if self.metric() not in METRICS[group][0]
                    else NEEDS_VALIDATION if template.dataset.validation is None
+                   else TEMPLATE_TRAINS_ON_VALIDATION if template.dataset.train_on_validation
                    else PRUNING_NEEDS_EVALUATIONS if self.early_stopping != Pruning.none
                    and template.evaluation.every_steps is None
                    else GRID_NEEDS_VALUES if self.algorithm == Algorithm.grid
@@ -292,11 +300,20 @@ class SweepBudget(Model):
     left: float | None = Field(None, description="gpuHours - used")
 
 
+class RetrainStatus(Model):
+    job: str = Field(description="The FineTuneJob training the best parameters on train + validation, <sweep>-fit")
+    phase: str = Field(description="Its phase (status.phase)")
+    progress: str | None = Field(None, description="Its progress (status.progress.text)")
+    message: str | None = Field(None, description="Why it failed")
+
+
 class PromotionStatus(Model):
     trial: str = Field(description="The trial promoted: status.best.trial")
     uri: str = Field(description="Where its output was copied: <output.uri>best/, with sweep.json naming it")
     phase: Literal["Running", "Succeeded", "Failed"]
     message: str | None = None
+    retrain: RetrainStatus | None = Field(None, description="promote retrain: the best parameters trained once "
+                                          "more on train + validation; its output is what is copied")
 
 
 class FineTuneSweepStatus(Model):
@@ -312,8 +329,8 @@ class FineTuneSweepStatus(Model):
     counts: TrialCounts | None = None
     progress: str | None = Field(None, description="Trials done / maxTrials, for kubectl get")
     budget: SweepBudget | None = None
-    promotion: PromotionStatus | None = Field(None, description="spec.promote best: the copy of the best trial's "
-                                              "output")
+    promotion: PromotionStatus | None = Field(None, description="spec.promote best and retrain: the copy of the "
+                                              "best trial's output (retrain: of its retrain's)")
     start_time: str | None = None
     completion_time: str | None = None
 

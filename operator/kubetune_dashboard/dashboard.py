@@ -1,7 +1,8 @@
 """The Kubetune Grafana dashboard, built with grafana-foundation-sdk.
 
-Two sections: a fleet view from the operator's metrics (jobs by phase, queue, GPUs in use, failures,
-reconciles) and a per-job view from the trainer's metrics, chosen with the `finetunejob` variable.
+Three sections: a fleet view from the operator's metrics (jobs by phase, queue, GPUs in use, failures,
+reconciles), a per-job view from the trainer's metrics, chosen with the `finetunejob` variable, and a per-sweep
+view (trials, the best so far, each trial's validation curve), chosen with the `sweep` variable.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ UID = "kubetune"
 TITLE = "Kubetune"
 DATASOURCE_VAR = "datasource"
 JOB_VAR = "finetunejob"
+SWEEP_VAR = "sweep"
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${" + DATASOURCE_VAR + "}")
 JOB = f'finetunejob="${JOB_VAR}"'
@@ -37,6 +39,8 @@ TEST_SPLIT = ', split="test"'
 # the validation panel leaves out counts, and perplexity, whose scale would flatten the rest
 VALIDATION_SHOWN = ', split="validation", model="finetuned", metric!~"tokens|samples|generated|perplexity"'
 QUALITY = "kubetune_operator_finetunejob_data_quality_findings"
+SWEEP = f'sweep="${SWEEP_VAR}"'
+TRIALS = 'finetunejob=~"${' + SWEEP_VAR + '}-[0-9]+"'  # a sweep's trials are the FineTuneJobs <sweep>-<n>
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,32 @@ def _job_panels() -> list:
     ]
 
 
+def _sweep_panels() -> list:
+    def m(name: str) -> str:
+        return f"kubetune_operator_finetunesweep_{name}{{{SWEEP}}}"
+
+    return [
+        _timeseries("Trials by phase", [
+            _q("Trials by phase", f"max by (phase) ({m('trials')})", "{{phase}}"),
+        ], width=8, description="The sweep's trials over time: Pending, Running, Succeeded, Pruned (stopped early) "
+                                "and Failed"),
+        _timeseries("Best so far", [
+            _q("Best so far", f"max by (metric) ({m('best_metric')})", "best {{metric}}"),
+        ], width=8, description="The best trial's objective metric on the validation split (status.best)"),
+        _timeseries("GPU-hours", [
+            _q("GPU-hours", f"max by (kind) ({m('gpu_hours')})", "{{kind}}"),
+        ], width=8, description="GPU-hours the trials used; with spec.budget.gpuHours, the budget and what is left"),
+        _timeseries("Trial validation curves", [
+            # each trial's trainer series of the metric the sweep judges on (the objective's `metric` label)
+            _q("Trial validation curves",
+               f'max by (finetunejob) (kubetune_trainer_evaluation{{{TRIALS}, split="validation", '
+               f'model="finetuned"}} * on (metric) group_left () max by (metric) ({m("objective")}))',
+               "{{finetunejob}}"),
+        ], width=24, description="Each trial's objective metric on the validation split at each evaluation "
+                                 "(evaluation.everySteps), from its trainer; a pruned trial's curve stops early"),
+    ]
+
+
 def build() -> dict:
     """The dashboard as a Grafana JSON model (a dict)."""
     datasource = dash_b.DatasourceVariable(DATASOURCE_VAR).label("Data source").type("prometheus")
@@ -249,6 +279,14 @@ def build() -> dict:
         .label("FineTuneJob")
         .datasource(DATASOURCE)
         .query(f"label_values(kubetune_trainer_info, {JOB_VAR})")
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(VariableSort.ALPHABETICAL_ASC)
+    )
+    sweep = (
+        dash_b.QueryVariable(SWEEP_VAR)
+        .label("FineTuneSweep")
+        .datasource(DATASOURCE)
+        .query(f"label_values(kubetune_operator_finetunesweep_trials, {SWEEP_VAR})")
         .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(VariableSort.ALPHABETICAL_ASC)
     )
@@ -263,12 +301,16 @@ def build() -> dict:
         .timezone("browser")
         .with_variable(datasource)
         .with_variable(job)
+        .with_variable(sweep)
         .with_row(dash_b.Row("Fleet"))
     )
     for panel in _fleet_panels():
         builder = builder.with_panel(panel)
     builder = builder.with_row(dash_b.Row(f"FineTuneJob ${JOB_VAR}"))
     for panel in _job_panels():
+        builder = builder.with_panel(panel)
+    builder = builder.with_row(dash_b.Row("Sweeps"))
+    for panel in _sweep_panels():
         builder = builder.with_panel(panel)
     model = json.loads(json.dumps(builder.build(), cls=JSONEncoder))
     for panel_id, panel in enumerate(model["panels"], start=1):
@@ -293,7 +335,8 @@ def panel_queries(model: dict | None = None) -> list[Query]:
     return queries
 
 
-def substitute(expr: str, finetunejob: str, rate_interval: str = "1m") -> str:
+def substitute(expr: str, finetunejob: str, rate_interval: str = "1m", sweep: str = "sweep") -> str:
     """An expression with the dashboard variables replaced, ready for the Prometheus query API."""
     expr = expr.replace("$__rate_interval", rate_interval)
+    expr = re.sub(r"\$\{?" + SWEEP_VAR + r"\}?", sweep, expr)
     return re.sub(r"\$\{?" + JOB_VAR + r"\}?", finetunejob, expr)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from contextlib import contextmanager
 
-from kubetune_api import Phase, Reason
+from kubetune_api import Phase, Reason, SweepPhase, TrialPhase
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry()
@@ -36,6 +37,23 @@ DATA_QUALITY = Gauge(
     "What a FineTuneJob's data-quality checks found (status.dataset.quality), per check and split: records (classes "
     "for rare_classes and unseen_classes), never a value of the data",
     ["finetunejob_namespace", "finetunejob", "check", "split"], registry=REGISTRY)
+# A FineTuneSweep's series (status.counts, best, budget): a few per sweep, none per trial (the trials' validation
+# curves are their trainers' kubetune_trainer_evaluation series, finetunejob="<sweep>-<n>").
+SWEEPS = Gauge("kubetune_operator_finetunesweeps", "FineTuneSweeps seen by this operator, by phase", ["phase"],
+               registry=REGISTRY)
+SWEEP_LABELS = ["sweep_namespace", "sweep"]  # `sweep_namespace`, not `namespace`: Prometheus sets the operator's
+SWEEP_TRIALS = Gauge("kubetune_operator_finetunesweep_trials", "A FineTuneSweep's trials by phase (status.counts)",
+                     [*SWEEP_LABELS, "phase"], registry=REGISTRY)
+SWEEP_OBJECTIVE = Gauge(
+    "kubetune_operator_finetunesweep_objective", "Constant 1, labelled with the validation metric a FineTuneSweep "
+    "judges its trials on, named as kubetune_trainer_evaluation's `metric` label (snake_case), and its goal",
+    [*SWEEP_LABELS, "metric", "goal"], registry=REGISTRY)
+SWEEP_BEST = Gauge("kubetune_operator_finetunesweep_best_metric", "The best trial's objective metric so far "
+                   "(status.best.metric), once a trial has succeeded", [*SWEEP_LABELS, "metric"], registry=REGISTRY)
+SWEEP_GPU_HOURS = Gauge("kubetune_operator_finetunesweep_gpu_hours", "GPU-hours of a FineTuneSweep's trials "
+                        "(status.budget): used; with spec.budget.gpuHours also budget and left",
+                        [*SWEEP_LABELS, "kind"], registry=REGISTRY)
+SWEEP_GAUGES = {"trials": SWEEP_TRIALS, "objective": SWEEP_OBJECTIVE, "best": SWEEP_BEST, "gpu_hours": SWEEP_GPU_HOURS}
 
 # Export every known label value from the start (0), so dashboards and rate() have series before the first
 # reconcile error or failure.
@@ -53,10 +71,14 @@ for _reason in FAILURE_REASONS:
     FAILURES.labels(_reason)
 for _kind in ATTEMPT_KINDS:
     ATTEMPTS.labels(_kind)
+for _sweep_phase in SweepPhase:
+    SWEEPS.labels(_sweep_phase.value)
 
 _jobs: dict[str, tuple[str, int]] = {}  # uid -> (phase, GPUs in use); a metrics cache only, never state
 _results: dict[str, set[tuple[str, ...]]] = {}  # uid -> the label values of its TEST_METRIC series
 _quality: dict[str, set[tuple[str, ...]]] = {}  # uid -> the label values of its DATA_QUALITY series
+_sweeps: dict[str, str] = {}  # uid -> the sweep's phase; a metrics cache only, never state
+_sweep_series: dict[str, dict[str, set[tuple[str, ...]]]] = {name: {} for name in SWEEP_GAUGES}  # per gauge, uid ->
 _lock = threading.Lock()
 
 
@@ -109,6 +131,53 @@ def forget(uid: str) -> None:
         _refresh()
         _set_results(uid, None, None)
         _set_series(DATA_QUALITY, _quality, uid, {})
+
+
+def sweep_series(status: dict | None) -> dict[str, dict[tuple[str, ...], float]]:
+    """A FineTuneSweep's status -> its series' label values (after the sweep's) and values, by SWEEP_GAUGES name:
+    trials {(phase,): count} for every trial phase; objective {(metric, goal): 1}, the metric snake_case as the
+    trainer labels its evaluations; best {(metric,): value} once a trial has succeeded; gpu_hours {(kind,): hours}:
+    used, and budget and left under a budget."""
+    status = status or {}
+    counts, budget = status.get("counts") or {}, status.get("budget") or {}
+    metric, _, goal = (status.get("objective") or "").partition(" (")  # "loss (minimize)"
+    metric = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", metric).lower()  # tokenAccuracy -> token_accuracy; f1 stays
+    best = (status.get("best") or {}).get("metric")
+    hours = {"used": budget.get("used"), "budget": budget.get("gpuHours"), "left": budget.get("left")}
+    return {
+        "trials": {(p.value,): float(counts.get(p.value.lower()) or 0) for p in TrialPhase},
+        "objective": {(metric, goal.rstrip(")")): 1.0} if metric else {},
+        "best": {(metric,): float(best)} if metric and _number(best) else {},
+        "gpu_hours": {(kind,): float(v) for kind, v in hours.items() if _number(v)},
+    }
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def record_sweep(uid: str, sweep: tuple[str, str], status: dict | None) -> None:
+    """After each FineTuneSweep reconcile: its phase and series (sweep: its namespace and name)."""
+    with _lock:
+        _sweeps[uid] = (status or {}).get("phase") or SweepPhase.Pending.value
+        _refresh_sweeps()
+        for name, series in sweep_series(status).items():
+            _set_series(SWEEP_GAUGES[name], _sweep_series[name], uid,
+                        {(*sweep, *labels): value for labels, value in series.items()})
+
+
+def forget_sweep(uid: str) -> None:
+    """The FineTuneSweep is gone: drop it from the counts and remove its series."""
+    with _lock:
+        _sweeps.pop(uid, None)
+        _refresh_sweeps()
+        for name, gauge in SWEEP_GAUGES.items():
+            _set_series(gauge, _sweep_series[name], uid, {})
+
+
+def _refresh_sweeps() -> None:
+    for p in SweepPhase:
+        SWEEPS.labels(p.value).set(sum(1 for phase in _sweeps.values() if phase == p))
 
 
 def quality_series(quality: dict | None) -> dict[tuple[str, str], float]:

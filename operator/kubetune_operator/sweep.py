@@ -13,6 +13,11 @@ than the highest that exists, so a restarted operator creates no duplicate (and 
                   |
                   v
                 Failed (maxFailedTrials trials failed, or none succeeded)
+
+Once the trials are done, spec.promote best runs the Job <sweep>-promote (`kubetune promote`), which copies the
+best trial's output to <output.uri>best/ with sweep.json; promote retrain first trains the best parameters once
+more on train + validation (the FineTuneJob <sweep>-fit), then copies its output. The sweep stays Running (reason
+Retraining, then Promoting) until then, and fails with RetrainFailed or PromotionFailed.
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ SWEEP_LABEL = "kubetune.io/sweep"  # on each trial: its sweep's name
 PARAMETERS = "kubetune.io/parameters"  # annotation: the trial's sampled values, JSON {path: value}
 PRUNED = "kubetune.io/pruned"  # annotation: why the sweep pruned the trial (set with spec.runPolicy.suspend)
 PROMOTE = "promote"  # the promotion Job <sweep>-promote, and its container
+RETRAIN = "fit"  # promote retrain: the FineTuneJob <sweep>-fit (at most 50 characters, as a trial's name)
+RETRAIN_PREFIX = "retrain"  # its output: <output.uri>retrain/
 MAX_HISTORY = 100  # evaluations kept per trial in the status: the first ones (the pruner's rungs) and the last
 
 
@@ -241,26 +248,85 @@ def promotion_job(sweep: dict, trial: dict, uri: str, record: dict, settings: Op
                 trial["metadata"], spec, PROMOTE, command, settings)}}}
 
 
+def retrain_name(sweep: str) -> str:
+    return f"{sweep}-{RETRAIN}"
+
+
+def retrain_job(sweep: dict, spec: FineTuneSweepSpec, best: Trial) -> dict:
+    """promote retrain: a FineTuneJob like `best`'s trial (the template with its parameters, the sweep's data cache)
+    that trains on train + validation (dataset.trainOnValidation), so evaluates on nothing while training (no
+    evaluation.everySteps, early stopping or select best), and publishes to <output.uri>retrain/; the test split
+    stays held out."""
+    job = trial_job(sweep, spec, best.number, best.parameters)
+    job["metadata"]["name"] = retrain_name(sweep["metadata"]["name"])
+    template = job["spec"]
+    _set(template, "output.uri", join_uri(spec.output.uri, f"{RETRAIN_PREFIX}/"))
+    _set(template, "output.select", "last")
+    _set(template, "dataset.trainOnValidation", True)
+    for key in ("everySteps", "earlyStopping"):
+        (template.get("evaluation") or {}).pop(key, None)
+    return job
+
+
+def _retrain(d: SweepDecision, sweep: dict, spec: FineTuneSweepSpec, best: Trial, jobs: list[dict]) -> dict | None:
+    """promote retrain: create <sweep>-fit, or follow it into status.promotion.retrain. Returns its FineTuneJob
+    once it has succeeded, else None (a failed or deleted one: status.promotion.retrain.phase Failed)."""
+    name = retrain_name(sweep["metadata"]["name"])
+    promotion = d.status["promotion"]
+    job = next((j for j in jobs if j["metadata"]["name"] == name), None)
+    seen = promotion.get("retrain")
+    if job is None and seen and seen.get("phase") != "Failed":  # created before, deleted since
+        promotion["retrain"] = {"job": name, "phase": "Failed", "message": f"{name} was deleted before it ended"}
+    elif job is None and not seen:
+        d.create.append(retrain_job(sweep, spec, best))
+        promotion["retrain"] = {"job": name, "phase": "Pending"}
+        d.events.append(("Normal", Reason.Retraining.value, f"{name}: {best.name}'s parameters on train + "
+                         f"validation: {json.dumps(best.parameters)}"))
+    elif job is not None:
+        status = job.get("status") or {}
+        failed = status.get("phase") == "Failed"
+        promotion["retrain"] = {k: v for k, v in {
+            "job": name, "phase": status.get("phase") or "Pending",
+            "progress": (status.get("progress") or {}).get("text"),
+            "message": ": ".join(filter(None, (status.get("reason"), status.get("message")))) if failed else None,
+        }.items() if v is not None}
+    return job if promotion["retrain"]["phase"] == "Succeeded" else None
+
+
 def _promote(d: SweepDecision, sweep: dict, spec: FineTuneSweepSpec, best: Trial, jobs: list[dict],
              promotion: dict | None, settings: OperatorSettings | None) -> dict | None:
-    """spec.promote best, once the search is done: create the promotion Job, or read how it ended. Returns its
-    finished condition (None while it runs)."""
+    """spec.promote best or retrain, once the search is done: (retrain: train the best parameters on train +
+    validation first, then) create the promotion Job, or read how it ended. Returns the finished condition (None
+    while it runs), a failed one with the sweep's `reason`."""
     uri = join_uri(spec.output.uri, "best/")
     d.status["promotion"] = {**(d.status.get("promotion") or {}), "trial": best.name, "uri": uri, "phase": "Running"}
+    record = {"sweep": sweep["metadata"]["name"], "trial": best.name, "parameters": best.parameters,
+              "metric": {spec.metric(): best.metric}, "step": best.step}
+    source = next((j for j in jobs if j["metadata"]["name"] == best.name), None)
+    if spec.promote == Promote.retrain:
+        source = _retrain(d, sweep, spec, best, jobs)
+        retrain = d.status["promotion"]["retrain"]
+        if retrain["phase"] == "Failed":
+            d.status["promotion"].update(phase="Failed", message=retrain.get("message"))
+            return {"type": "Failed", "reason": Reason.RetrainFailed,
+                    "message": f"the retrain {retrain['job']} failed: {retrain.get('message') or 'see its status'}"}
+        if source is None:
+            return None
+        record["retrain"] = retrain["job"]
     ended = job_finished(promotion)
-    trial = next((j for j in jobs if j["metadata"]["name"] == best.name), None)
-    if promotion is None and trial is None:  # deleted by hand: its config and credentials with it
+    if promotion is None and source is None:  # deleted by hand: its config and credentials with it
         d.status["promotion"].update(phase="Failed", message=f"{best.name}'s FineTuneJob was deleted")
-        return {"type": "Failed"}
-    if promotion is None:
-        record = {"sweep": sweep["metadata"]["name"], "trial": best.name, "parameters": best.parameters,
-                  "metric": {spec.metric(): best.metric}, "step": best.step}
-        d.create.append(promotion_job(sweep, trial, uri, record, settings or OperatorSettings()))
-        d.events.append(("Normal", Reason.Promoting.value, f"copying {best.name}'s output to {uri}"))
+    elif promotion is None:
+        d.create.append(promotion_job(sweep, source, uri, record, settings or OperatorSettings()))
+        d.events.append(("Normal", Reason.Promoting.value, f"copying {source['metadata']['name']}'s output to {uri}"))
     elif ended and ended["type"] == "Complete":
         d.status["promotion"]["phase"] = "Succeeded"
     elif ended:
         d.status["promotion"].update(phase="Failed", message=ended.get("message") or ended.get("reason"))
+    if d.status["promotion"]["phase"] == "Failed":
+        return {"type": "Failed", "reason": Reason.PromotionFailed,
+                "message": f"the promotion Job {promotion_name(sweep['metadata']['name'])} failed: "
+                           f"{d.status['promotion'].get('message') or 'see its pod log'}"}
     return ended
 
 
@@ -302,9 +368,22 @@ def refused(d: SweepDecision, sweep: dict, trial: str, why: str, now: datetime) 
     d.events.append(("Warning", Reason.InvalidChildSpec.value, message))
 
 
+def _promoting(done: int, best: Trial, promotion: dict) -> dict:
+    """The status's reason and message while the promotion runs: the retrain and its progress, or the copy."""
+    retrain = promotion.get("retrain")
+    if retrain and retrain["phase"] != "Succeeded":
+        progress = f", {retrain['progress']}" if retrain.get("progress") else ""
+        return {"reason": Reason.Retraining.value, "message": f"{done} trials done; {retrain['job']} trains "
+                f"{best.name}'s parameters on train + validation ({retrain['phase']}{progress})"}
+    source = retrain["job"] if retrain else best.name
+    return {"reason": Reason.Promoting.value, "message": f"{done} trials done; copying {source}'s output to "
+            f"{promotion['uri']}"}
+
+
 def decide(sweep: dict, jobs: list[dict], now: datetime, settings: OperatorSettings | None = None,
            promotion: dict | None = None) -> SweepDecision:
-    """`promotion`: the Job <sweep>-promote as observed (spec.promote best); `settings`: the operator's, for the
+    """`jobs`: the sweep's FineTuneJobs (its trials, and <sweep>-fit with promote retrain); `promotion`: the Job
+    <sweep>-promote as observed (spec.promote best and retrain); `settings`: the operator's, for the
     Job it creates."""
     meta, old = sweep["metadata"], sweep.get("status") or {}
     generation = meta.get("generation") or 0
@@ -379,16 +458,16 @@ def decide(sweep: dict, jobs: list[dict], now: datetime, settings: OperatorSetti
     elif not active and (len(trials) >= target or affordable == 0):
         why = Reason.SearchCompleted if len(trials) >= target else Reason.BudgetExhausted
         ended = _promote(d, sweep, spec, best, jobs, promotion, settings) if best and \
-            spec.promote == Promote.best else {"type": "Complete"}
+            spec.promote != Promote.none else {"type": "Complete"}
         if not ended:
-            message = f"{done} trials done; copying {best.name}'s output to {status['promotion']['uri']}"
-            status.update(phase=SweepPhase.Running.value, reason=Reason.Promoting.value, message=message)
+            status.update(phase=SweepPhase.Running.value, **_promoting(done, best, status["promotion"]))
             return d
         if ended["type"] != "Complete":
-            finish(SweepPhase.Failed, Reason.PromotionFailed, f"the promotion Job {promotion_name(meta['name'])} "
-                   f"failed: {status['promotion'].get('message') or 'see its pod log'}")
+            finish(SweepPhase.Failed, ended["reason"], ended["message"])
         elif best:
-            promoted = f"; promoted to {status['promotion']['uri']}" if status.get("promotion") else ""
+            retrained = (status.get("promotion") or {}).get("retrain")
+            promoted = (f"; retrained as {retrained['job']}" if retrained else "") + \
+                (f"; promoted to {status['promotion']['uri']}" if status.get("promotion") else "")
             finish(SweepPhase.Succeeded, why, f"{done} trials done; best {best.name}: {metric} {best.metric:.4g}"
                    f"{promoted}")
         else:

@@ -1,8 +1,10 @@
 """FineTuneSweep's kopf handlers: thin. Any event of a sweep, or of one of its trial FineTuneJobs (labelled with
 the sweep's name), reconciles the sweep: read it and its trials from the API server (never a cache, so a trial
 just created is seen), `sweep.decide`, then create the new trials, prune (suspend) the stopped ones, write the
-status (guarded by the sweep's resourceVersion) and post the Events; with spec.promote best, once the search is
-done, the promotion Job `<sweep>-promote` (`kubetune promote`) copies the best trial's output. One reconcile per
+status (guarded by the sweep's resourceVersion), export its metrics and post the Events; with spec.promote best,
+once the search is done, the promotion Job `<sweep>-promote` (`kubetune promote`) copies the best trial's output
+(retrain: first the FineTuneJob `<sweep>-fit` trains the best parameters on train + validation, then its output is
+copied). One reconcile per
 sweep at a time; events that arrive meanwhile make one more. No daemon and no finalizer: nothing waits on a
 clock, and the owner references let the garbage collector delete the trials and the Job with their sweep.
 
@@ -17,7 +19,7 @@ from datetime import UTC, datetime
 
 import kopf
 
-from . import GROUP, PLURAL, VERSION, kube, sweep
+from . import GROUP, PLURAL, VERSION, kube, metrics, sweep
 from .settings import OperatorSettings
 
 SWEEPS = "finetunesweeps"
@@ -43,7 +45,7 @@ def reconcile(api: kube.Kube, namespace: str, name: str, settings: OperatorSetti
     uid = body["metadata"]["uid"]
     trials = [t for t in listed["items"] if kube.owned_by(t, uid)]
     promotion = None
-    if (body.get("spec") or {}).get("promote") == "best":
+    if (body.get("spec") or {}).get("promote") in ("best", "retrain"):
         promotion = kube.owned_by(api.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{sweep.promotion_name(name)}"),
                                   uid)
     now = datetime.now(UTC)
@@ -67,6 +69,7 @@ def reconcile(api: kube.Kube, namespace: str, name: str, settings: OperatorSetti
             if e.status != 409:
                 raise
             return None
+    metrics.record_sweep(uid, (namespace, name), d.status)
     for type_, reason, message in d.events:
         kopf.event(body, type=type_, reason=reason, message=message[:1000])
     if d.status.get("phase") != old.get("phase"):
@@ -95,7 +98,9 @@ async def wake(namespace: str, name: str, settings: OperatorSettings) -> None:
         _running.discard(key)
 
 
-async def sweep_changed(namespace, name, memo, **_) -> None:
+async def sweep_changed(type, namespace, name, uid, memo, **_) -> None:
+    if type == "DELETED":
+        metrics.forget_sweep(uid)
     await wake(namespace, name, memo.settings)
 
 

@@ -7,6 +7,7 @@ import json
 import re
 import time
 
+import pytest
 import yaml
 from kubetune_dashboard import panel_queries, substitute, to_json
 
@@ -36,6 +37,9 @@ def test_variables_exist():
     assert variables["datasource"]["query"] == "prometheus"
     job = variables["finetunejob"]
     assert job["type"] == "query" and "label_values(kubetune_trainer_info, finetunejob)" in str(job["query"])
+    sweep = variables["sweep"]
+    assert sweep["type"] == "query"
+    assert "label_values(kubetune_operator_finetunesweep_trials, sweep)" in str(sweep["query"])
 
 
 def test_every_panel_has_a_query_and_a_unique_id():
@@ -62,12 +66,32 @@ def test_fleet_and_job_views_cover_the_metrics():
                    "kubetune_trainer_gpu_utilization_ratio",
                    "kubetune_trainer_last_checkpoint_timestamp_seconds", "kubetune_trainer_evaluation",
                    "kubetune_operator_finetunejob_test_metric",
-                   "kubetune_operator_finetunejob_data_quality_findings"):
+                   "kubetune_operator_finetunejob_data_quality_findings",
+                   "kubetune_operator_finetunesweep_trials", "kubetune_operator_finetunesweep_best_metric",
+                   "kubetune_operator_finetunesweep_gpu_hours", "kubetune_operator_finetunesweep_objective"):
         assert metric in exprs, f"no panel shows {metric}"
     for query in panel_queries(_model()):
-        if "kubetune_trainer_" not in query.expr or "by (finetunejob)" in query.expr:
+        if "kubetune_trainer_" not in query.expr or ("by (finetunejob)" in query.expr and "sweep" not in query.expr):
             continue  # fleet panel
-        assert 'finetunejob="$finetunejob"' in query.expr, f"{query.panel}: not filtered by the variable"
+        assert 'finetunejob="$finetunejob"' in query.expr or 'finetunejob=~"${sweep}-[0-9]+"' in query.expr, \
+            f"{query.panel}: not filtered by a variable"
+
+
+def test_the_sweeps_row_selects_the_sweep_and_its_trials():
+    """The Sweeps row: trials over time, the best so far, the budget, and each trial's validation curve (its
+    trainer's series, the trial FineTuneJobs being <sweep>-<n>, of the sweep's objective metric)."""
+    model = _model()
+    rows = [p["title"] for p in model["panels"] if p["type"] == "row"]
+    assert rows[-1] == "Sweeps"
+    start = next(i for i, p in enumerate(model["panels"]) if p.get("title") == "Sweeps")
+    titles = {p["title"]: p for p in model["panels"][start + 1:]}
+    assert set(titles) == {"Trials by phase", "Best so far", "GPU-hours", "Trial validation curves"}
+    for panel in titles.values():
+        for target in panel["targets"]:
+            assert 'sweep="$sweep"' in target["expr"], panel["title"]
+    (curves,) = titles["Trial validation curves"]["targets"]
+    assert 'kubetune_trainer_evaluation{finetunejob=~"${sweep}-[0-9]+", split="validation"' in curves["expr"]
+    assert curves["legendFormat"] == "{{finetunejob}}"
 
 
 def test_the_metrics_the_panels_query_are_exported():
@@ -87,13 +111,22 @@ def test_the_metrics_the_panels_query_are_exported():
                                  "last_checkpoint_timestamp_seconds"), 1.0))
     operator_metrics.record("dash-uid", "Running", "Succeeded", None, 0, job=("ml", "job"),
                             result={"metrics": {"test": {"loss": 1.0}}}, quality={"duplicates": {"train": 2}})
+    operator_metrics.record_sweep("dash-sweep-uid", ("ml", "sweep"), SWEEP_STATUS)
     try:
         exported = {sample.name for registry in (trainer.registry, operator_metrics.REGISTRY)
                     for family in registry.collect() for sample in family.samples}
     finally:
         operator_metrics.forget("dash-uid")
+        operator_metrics.forget_sweep("dash-sweep-uid")
     queried = {name for q in panel_queries(_model()) for name in re.findall(r"kubetune_[a-z_]+", q.expr)}
     assert queried - exported == set()
+
+
+# A sweep's status as sweep.decide writes it (the parts its metrics read)
+SWEEP_STATUS = {"phase": "Running", "objective": "loss (minimize)",
+                "counts": {"total": 3, "pending": 0, "running": 1, "succeeded": 1, "pruned": 1, "failed": 0},
+                "best": {"trial": "sweep-0", "metric": 0.8, "parameters": {}},
+                "budget": {"gpuHours": 2.0, "used": 0.5, "left": 1.5}}
 
 
 def test_every_query_is_valid_promql(tmp_path):
@@ -110,6 +143,8 @@ TRAINER = f'finetunejob="{JOB}", namespace="ml", pod="{JOB}-0", job="ml/kubetune
 OPERATOR = 'job="kubetune-metrics", namespace="kubetune-system", pod="kubetune-0"'
 
 
+SWEEP_NAME = "lr-search"
+SWEEP_LABELS = f'{OPERATOR}, sweep_namespace="ml", sweep="{SWEEP_NAME}"'
 RESULT_SAMPLES = 8  # the operator's result series: the last 8 samples only
 QUALITY = {("duplicates", "train"): 60, ("duplicates", "test"): 2, ("leakage_exact", "test"): 80,
            ("leakage_near", "test"): 3, ("pii_email", "train"): 3, ("label_conflicts", "train"): 25}
@@ -174,6 +209,18 @@ def _synthetic_series(end: float, minutes: int = 30, step: int = 15) -> str:
                     labels = f'{OPERATOR}, finetunejob_namespace="ml", finetunejob="{JOB}", model="{model}", ' \
                              f'metric="{metric}"'
                     add("kubetune_operator_finetunejob_test_metric", labels, value, t)
+        for phase, count in (("Pending", 0), ("Running", 1), ("Succeeded", i // 40), ("Pruned", 1), ("Failed", 0)):
+            add("kubetune_operator_finetunesweep_trials", f'{SWEEP_LABELS}, phase="{phase}"', count, t)
+        add("kubetune_operator_finetunesweep_objective", f'{SWEEP_LABELS}, metric="loss", goal="minimize"', 1, t)
+        add("kubetune_operator_finetunesweep_best_metric", f'{SWEEP_LABELS}, metric="loss"', 2.0 - i / n, t)
+        for kind, hours in (("used", i / n), ("budget", 2), ("left", 2 - i / n)):
+            add("kubetune_operator_finetunesweep_gpu_hours", f'{SWEEP_LABELS}, kind="{kind}"', hours, t)
+        for number in range(3):  # the trials' trainers; another sweep's job and the retrain are not trials
+            for job in (f"{SWEEP_NAME}-{number}", f"{SWEEP_NAME}-fit", f"{SWEEP_NAME}x-{number}"):
+                labels = TRAINER.replace(JOB, job)
+                for metric, value in (("loss", 2.0 + number - i / n), ("accuracy", 0.5)):
+                    add("kubetune_trainer_evaluation", f'{labels}, split="validation", model="finetuned", '
+                        f'metric="{metric}"', value, t)
         for (check, split), value in QUALITY.items():  # the operator's, from the validation on
             for namespace in ("ml", "other"):  # a job of the same name in another namespace is its own row
                 labels = f'{OPERATOR}, finetunejob_namespace="{namespace}", finetunejob="{JOB}", check="{check}", ' \
@@ -194,7 +241,8 @@ def test_every_query_returns_data_from_a_real_prometheus(tmp_path):
     server = Prometheus(data)
     try:
         server.wait_ready()
-        empty = [q for q in panel_queries(_model()) if not server.query(substitute(q.expr, JOB), at=end)]
+        empty = [q for q in panel_queries(_model())
+                 if not server.query(substitute(q.expr, JOB, sweep=SWEEP_NAME), at=end)]
         assert not empty, "panel queries without data: " + "; ".join(f"{q.panel}: {q.expr}" for q in empty)
         (var,) = server.query("count by (finetunejob) (kubetune_trainer_info)", at=end)
         assert var["metric"]["finetunejob"] == JOB  # what the variable's label_values() lists
@@ -219,5 +267,9 @@ def test_every_query_returns_data_from_a_real_prometheus(tmp_path):
                 for r in server.query(substitute(fleet.expr, JOB), at=end)}
         assert rows[(f"ml/{JOB}", "duplicates")] == 62 and rows[(f"other/{JOB}", "leakage_exact")] == 80
         assert len(rows) == 2 * 5  # five checks for each of the two jobs
+        (curves,) = [q for q in panel_queries(_model()) if q.panel == "Trial validation curves"]
+        trials = {r["metric"]["finetunejob"]: float(r["value"][1])
+                  for r in server.query(substitute(curves.expr, JOB, sweep=SWEEP_NAME), at=end)}
+        assert trials == {f"{SWEEP_NAME}-{n}": pytest.approx(1.0 + n) for n in range(3)}  # the objective's: loss
     finally:
         server.stop()

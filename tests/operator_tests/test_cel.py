@@ -114,6 +114,8 @@ def test_valid_examples_break_nothing(example):
     {"objective": "dpo", "objectiveParams": {"beta": 0.2, "loss": "ipo", "referenceFree": True}},
     {"objective": "orpo", "dataset": {"train": "s3://d/t.jsonl", "format": "openai-preference"}},
     {"output": {"uri": "s3://o/", "merged": True, "dtype": "fp16"}},
+    {"dataset": {"train": "s3://d/t.jsonl", "validation": "s3://d/v.jsonl", "trainOnValidation": True},
+     "evaluation": {"baseline": False}},
     {"tracking": {"mlflow": {"uri": "https://mlflow.example.com:5000/base", "experiment": "support bots",
                              "secretRef": {"name": "mlflow-token"}}}},
 ])

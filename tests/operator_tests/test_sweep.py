@@ -7,7 +7,7 @@ import copy
 import json
 
 import pytest
-from kubetune_api import FineTuneSweepSpec, FineTuneSweepStatus
+from kubetune_api import FineTuneJobSpec, FineTuneSweepSpec, FineTuneSweepStatus
 from kubetune_operator import sweep as sw
 from kubetune_operator.settings import OperatorSettings
 
@@ -346,3 +346,127 @@ def test_promote_best_copies_the_winner_then_succeeds():
     gone = sw.decide(fts(maxTrials=2, promote="best", status=d.status), jobs[1:], NOW)
     assert (gone.status["phase"], gone.status["reason"]) == ("Failed", "PromotionFailed")
     assert "s-0's FineTuneJob was deleted" in gone.status["message"]
+
+
+def retrain(phase: str | None, **status) -> dict:
+    """<sweep>-fit as the API shows it."""
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+            "metadata": {"name": "s-fit", "namespace": "ml", "labels": {sw.SWEEP_LABEL: "s"}},
+            "spec": {"baseModel": {"uri": "s3://m/"}, "dataset": {"train": "s3://d/t.jsonl"},
+                     "output": {"uri": "s3://o/sweep/retrain/"}, "storage": {"secretRef": {"name": "s3"}}},
+            "status": {"phase": phase, **status} if phase else {}}
+
+
+def retrain_sweep(status: dict, **spec) -> dict:
+    return fts(maxTrials=2, promote="retrain", status=status, template={
+        **fts()["spec"]["template"], "evaluation": {"everySteps": 2, "earlyStopping": {"patience": 2}},
+        "output": {"select": "best"}}, **spec)
+
+
+RETRAIN_TRIALS = [trial(n, "Succeeded", final=1.0 + n, params={"hyperparameters.learningRate": 0.001 * (n + 1),
+                                                                "method.lora.r": 4 + n}) for n in range(2)]
+
+
+def test_retrain_first_trains_the_best_parameters_on_train_and_validation():
+    """promote retrain, once the trials are done: <sweep>-fit, the template with the best trial's parameters, on
+    train + validation (nothing evaluated while training: no everySteps, early stopping or select best), its
+    output under the sweep's, the shared data cache; the sweep runs on, saying so."""
+    d = sw.decide(retrain_sweep({"phase": "Running"}), RETRAIN_TRIALS, NOW, OperatorSettings())
+    (job,) = d.create
+    assert job["kind"] == "FineTuneJob" and job["metadata"]["name"] == "s-fit"
+    assert job["metadata"]["labels"] == {sw.SWEEP_LABEL: "s"}
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "FineTuneSweep"
+    spec = job["spec"]
+    assert spec["hyperparameters"]["learningRate"] == 0.001 and spec["method"]["lora"]["r"] == 4  # s-0's
+    assert spec["dataset"] == {"train": "s3://d/train.jsonl", "validation": "s3://d/val.jsonl",
+                               "trainOnValidation": True, "cacheUri": "s3://o/sweep/data-cache/"}
+    assert spec["evaluation"] == {} and spec["output"] == {"uri": "s3://o/sweep/retrain/", "select": "last"}
+    FineTuneJobSpec.model_validate(spec)  # a FineTuneJob the API server takes (the same rules as CEL)
+    assert (d.status["phase"], d.status["reason"]) == ("Running", "Retraining")
+    assert d.status["promotion"] == {"trial": "s-0", "uri": "s3://o/sweep/best/", "phase": "Running",
+                                     "retrain": {"job": "s-fit", "phase": "Pending"}}
+    assert "s-fit trains s-0's parameters on train + validation (Pending)" in d.status["message"]
+    assert ("Normal", "Retraining") in [e[:2] for e in d.events]
+    FineTuneSweepStatus.model_validate(d.status)
+
+
+def test_retrain_progress_shows_in_the_status_and_nothing_is_created_twice():
+    d = sw.decide(retrain_sweep({"phase": "Running"}), RETRAIN_TRIALS, NOW, OperatorSettings())
+    running = retrain("Running", progress={"step": 3, "totalSteps": 8, "text": "3/8 steps"})
+    later = sw.decide(retrain_sweep(d.status), [*RETRAIN_TRIALS, running], NOW, OperatorSettings())
+    assert later.create == [] and later.status["phase"] == "Running"
+    assert later.status["promotion"]["retrain"] == {"job": "s-fit", "phase": "Running", "progress": "3/8 steps"}
+    assert later.status["message"].endswith("(Running, 3/8 steps)")
+
+
+def test_a_succeeded_retrain_is_promoted_with_a_manifest_naming_it_then_the_sweep_succeeds():
+    d = sw.decide(retrain_sweep({"phase": "Running"}), RETRAIN_TRIALS, NOW, OperatorSettings())
+    jobs = [*RETRAIN_TRIALS, retrain("Succeeded")]
+    copying = sw.decide(retrain_sweep(d.status), jobs, NOW, OperatorSettings())
+    (job,) = copying.create
+    assert job["kind"] == "Job" and job["metadata"]["name"] == "s-promote"
+    pod = job["spec"]["template"]["spec"]
+    assert {"name": "config", "configMap": {"name": "s-fit-config"}} in pod["volumes"]  # the retrain's config
+    command = pod["containers"][0]["command"]
+    assert command[4:6] == ["--to", "s3://o/sweep/best/"]
+    assert json.loads(command[7]) == {"sweep": "s", "trial": "s-0", "retrain": "s-fit", "metric": {"loss": 1.0},
+                                      "step": None, "parameters": {"hyperparameters.learningRate": 0.001,
+                                                                   "method.lora.r": 4}}
+    assert (copying.status["phase"], copying.status["reason"]) == ("Running", "Promoting")
+    assert "copying s-fit's output to s3://o/sweep/best/" in copying.status["message"]
+    complete = {"metadata": {"name": "s-promote"}, "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
+    done = sw.decide(retrain_sweep(copying.status), jobs, NOW, promotion=complete)
+    assert (done.status["phase"], done.status["reason"]) == ("Succeeded", "SearchCompleted")
+    assert done.status["promotion"]["phase"] == "Succeeded"
+    assert "retrained as s-fit; promoted to s3://o/sweep/best/" in done.status["message"]
+
+
+@pytest.mark.parametrize("job", [retrain("Failed", reason="DatasetInvalid", message="train.jsonl line 3: bad"), None])
+def test_a_failed_or_deleted_retrain_fails_the_sweep_with_its_reason(job):
+    d = sw.decide(retrain_sweep({"phase": "Running"}), RETRAIN_TRIALS, NOW, OperatorSettings())
+    ended = sw.decide(retrain_sweep(d.status), [*RETRAIN_TRIALS, *([job] if job else [])], NOW, OperatorSettings())
+    assert ended.create == []
+    assert (ended.status["phase"], ended.status["reason"]) == ("Failed", "RetrainFailed")
+    assert ended.status["promotion"]["phase"] == "Failed"
+    why = "DatasetInvalid: train.jsonl line 3: bad" if job else "s-fit was deleted before it ended"
+    assert ended.status["message"] == f"the retrain s-fit failed: {why}"
+    assert ("Warning", "RetrainFailed", ended.status["message"]) in ended.events
+    FineTuneSweepStatus.model_validate(ended.status)
+
+
+def test_the_sweeps_metrics_come_from_its_status():
+    """Prometheus series per sweep, none per trial: trials by phase, the objective (named as the trainer labels its
+    evaluations), the best so far and the GPU-hours; removed with the sweep."""
+    from kubetune_operator import metrics
+    from prometheus_client import generate_latest
+
+    jobs = [trial(0, "Succeeded", final=0.8, gpuSeconds=360), trial(1, history={2: 3.0}),
+            trial(2, "Failed", reason="DatasetInvalid")]
+    status = sw.decide(fts(objective={"metric": "tokenAccuracy"}, budget={"gpuHours": 1}, parallelTrials=1), jobs,
+                       NOW).status
+    status["best"] = {"trial": "s-0", "metric": 0.61, "parameters": {}}  # as tokenAccuracy would have it
+    assert metrics.sweep_series(status) == {
+        "trials": {("Pending",): 0, ("Running",): 1, ("Succeeded",): 1, ("Pruned",): 0, ("Failed",): 1},
+        "objective": {("token_accuracy", "maximize"): 1},
+        "best": {("token_accuracy",): 0.61},
+        "gpu_hours": {("used",): 0.1, ("budget",): 1, ("left",): 0.9}}
+    assert metrics.sweep_series({"objective": "f1 (maximize)"})["objective"] == {("f1", "maximize"): 1}
+    assert metrics.sweep_series({}) == {"trials": {(p,): 0 for p in ("Pending", "Running", "Succeeded", "Pruned",
+                                                                    "Failed")},
+                                        "objective": {}, "best": {}, "gpu_hours": {}}
+    running = metrics.REGISTRY.get_sample_value("kubetune_operator_finetunesweeps", {"phase": "Running"})
+    metrics.record_sweep("uid-m", ("ml", "m"), status)
+    try:
+        text = generate_latest(metrics.REGISTRY).decode()
+        assert 'kubetune_operator_finetunesweep_trials{phase="Failed",sweep="m",sweep_namespace="ml"} 1.0' in text
+        assert ('kubetune_operator_finetunesweep_best_metric{metric="token_accuracy",sweep="m",'
+                'sweep_namespace="ml"} 0.61') in text
+        assert 'kubetune_operator_finetunesweep_gpu_hours{kind="left",sweep="m",sweep_namespace="ml"} 0.9' in text
+        assert metrics.REGISTRY.get_sample_value("kubetune_operator_finetunesweeps", {"phase": "Running"}) == \
+            running + 1
+        ours = [line for line in text.splitlines() if 'sweep="m"' in line]
+        assert len(ours) == 5 + 1 + 1 + 3  # no trial, no reason: a few series per sweep
+        assert not [line for line in ours if "s-0" in line or "DatasetInvalid" in line]
+    finally:
+        metrics.forget_sweep("uid-m")
+    assert 'sweep="m"' not in generate_latest(metrics.REGISTRY).decode()

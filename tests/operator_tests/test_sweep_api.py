@@ -20,6 +20,7 @@ from kubetune_api.sweep import (
     RANGE_NOT_NUMERIC,
     RANGE_OR_VALUES,
     STEP_NEEDS_RANGE,
+    TEMPLATE_TRAINS_ON_VALIDATION,
     metric_problem,
 )
 from pydantic import BaseModel, ValidationError
@@ -86,6 +87,10 @@ BAD = {
                             "spec.template.dataset"),
     "pruning-without-evaluations": (template(evaluation={}), PRUNING_NEEDS_EVALUATIONS, "spec.earlyStopping"),
     "grid-over-a-real-range": (sweep(algorithm="grid"), GRID_NEEDS_VALUES, "spec.algorithm"),
+    "template-trains-on-validation": (
+        sweep(earlyStopping="none", template={**sweep()["spec"]["template"], "evaluation": {}, "dataset": {
+            **sweep()["spec"]["template"]["dataset"], "trainOnValidation": True}}),
+        TEMPLATE_TRAINS_ON_VALIDATION, "spec.template.dataset.trainOnValidation"),
 }
 
 

@@ -108,3 +108,47 @@ def test_generation_metrics_for_the_model_and_its_baseline(make_config):
         assert result["generated"] == 4 and 0 <= result["bleu"] <= 100 and 0 <= result["rouge_l"] <= 1
         assert 0 <= result["exact_match"] <= 1 and len(result["samples"]) == 3
     assert {"bleu", "rouge_l", "exact_match", "loss"} <= manifest["metrics"]["difference"]["test"].keys()
+
+
+def test_train_on_validation_trains_on_both_splits_and_still_scores_test(make_config, uploaded):
+    """dataset.trainOnValidation (a sweep's promote retrain): the training sequences are the train and validation
+    records together; nothing is evaluated on validation, the test split still is."""
+    config = make_config("train-on-validation", dataset={"trainOnValidation": True},
+                         hyperparameters={"maxSteps": 2, "packing": False},
+                         evaluation={"everySteps": None, "baseline": False})
+    events: list[dict] = []
+    manifest = run(config, report=events.append)
+
+    (validated,) = [e for e in events if e["event"] == "validated"]
+    (plan,) = [e for e in events if e["event"] == "plan"]
+    train, validation = validated["train"]["samples"], validated["validation"]["samples"]  # after the checks
+    assert train > 100 and validation > 20 and plan["sequences"] == train + validation
+    assert not [e for e in events if e["event"] == "validation"]
+    assert "validation" not in manifest["metrics"] and manifest["metrics"]["test"]["loss"] > 0
+    assert [e["event"] for e in events if e["event"] == "test"] == ["test"]
+
+
+def test_the_data_report_plans_train_on_validation_over_both_splits(monkeypatch):
+    """The steps and the estimate the validation reports before any GPU starts count what training reads."""
+    from types import SimpleNamespace
+
+    from kubetune_api import TrainerConfig
+    from kubetune_trainer.data import report as report_module
+    from kubetune_trainer.data.validate import DatasetReport
+
+    monkeypatch.setattr(report_module, "count_parameters", lambda model_dir, task: 1000)
+    reports = {s: DatasetReport(s, DataFormat.chat, samples=n, tokens=64 * n, trained_tokens=32 * n, truncated=0,
+                                max_length=64, sequences=n) for s, n in (("train", 80), ("validation", 20))}
+
+    def report(**dataset):
+        config = TrainerConfig.model_validate({
+            "jobName": "fit", "baseModel": {"uri": "/model"}, "output": {"uri": "/out"},
+            "dataset": {"train": "/t", "validation": "/v", **dataset},
+            "hyperparameters": {"epochs": 1, "batchSize": 4, "maxSeqLength": 64}})
+        config = config.model_copy(update={"hardware": config.hardware.model_copy(update={"gpus": 1})})
+        return report_module.data_report(config, SimpleNamespace(unit="token"), reports, "/model")
+
+    alone, both = report(), report(trainOnValidation=True)
+    assert (alone["sequences"], alone["plannedSteps"]) == (80, 20)
+    assert (both["sequences"], both["plannedSteps"]) == (100, 25)
+    assert both["estimate"]["tokens"] == pytest.approx(alone["estimate"]["tokens"] * 1.25)

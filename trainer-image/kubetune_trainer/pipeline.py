@@ -54,6 +54,7 @@ def run(config: TrainerConfig, report: Reporter = json_reporter, storage: Storag
 def _run(config: TrainerConfig, report: Reporter, storage: Storage | None, stop: StopSignal) -> dict:
     import torch
     from accelerate import Accelerator
+    from torch.utils.data import ConcatDataset
 
     started = time.time()
     storage = storage or Storage(config.storage)
@@ -101,6 +102,8 @@ def _run(config: TrainerConfig, report: Reporter, storage: Storage | None, stop:
         data = prepare(config, task, fetched, storage, inputs, build=accelerator.is_local_main_process,
                        upload=main, report=report, beat=beat)
     reports, splits = data.reports, data.splits
+    if config.dataset.train_on_validation:  # train + validation (the cached splits as they are); test held out
+        splits["train"] = ConcatDataset([splits["train"], splits.pop("validation")])
     fmt = reports["train"].format
     report({"event": "validated", **{s: {"samples": r.samples, "tokens": r.tokens, "truncated": r.truncated,
                                          **({"classes": r.classes} if r.classes else {})}

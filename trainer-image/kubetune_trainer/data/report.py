@@ -33,7 +33,11 @@ def data_report(config: TrainerConfig, task: Task, reports: dict[str, DatasetRep
     processes: the training processes, by default config.hardware's."""
     hp = config.hyperparameters
     train = reports["train"]
-    sequences = train.sequences or train.samples
+    # what training reads: the train split, with dataset.trainOnValidation the validation split too
+    splits = ("train", "validation") if config.dataset.train_on_validation else ("train",)
+    trained = [reports[s] for s in splits if s in reports]
+    sequences = sum(r.sequences or r.samples for r in trained)
+    tokens = sum(r.tokens for r in trained)
     plan = Plan.make(sequences, config, processes or config.hardware.processes)
     doc: dict[str, Any] = {
         "splits": {s: {"samples": r.samples, "tokens": r.tokens, "trainedTokens": r.trained_tokens,
@@ -43,10 +47,10 @@ def data_report(config: TrainerConfig, task: Task, reports: dict[str, DatasetRep
         "epochs": round(plan.epoch(plan.total_steps), 4),
     }
     if task.unit == "token" and sequences:
-        doc["packingEfficiency"] = round(train.tokens / (sequences * hp.max_seq_length), 4)
+        doc["packingEfficiency"] = round(tokens / (sequences * hp.max_seq_length), 4)
     elif train.format in PREFERENCE_FORMATS and sequences:  # a pair, or a packed row of pairs: 2 x maxSeqLength
-        doc["packingEfficiency"] = round(train.tokens / (sequences * 2 * hp.max_seq_length), 4)
-    estimate = _estimate(config, model_dir, plan.total_steps * plan.step_samples * train.tokens / max(sequences, 1))
+        doc["packingEfficiency"] = round(tokens / (sequences * 2 * hp.max_seq_length), 4)
+    estimate = _estimate(config, model_dir, plan.total_steps * plan.step_samples * tokens / max(sequences, 1))
     if estimate:
         doc["estimate"] = estimate
     if cache:
