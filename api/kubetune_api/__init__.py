@@ -123,6 +123,7 @@ from .sweep import (
     SweepTemplate,
     TrialPhase,
     TrialStatus,
+    metric_key,
 )
 from .trainer_config import (
     CONFIG_VERSION,
@@ -157,6 +158,6 @@ __all__ = [
     "Progress", "QualityAction", "QualitySpec", "QueueStatus", "Reason", "ResourcesSpec", "Result", "ResultMetrics",
     "RunPolicy", "Scheduler",
     "SchedulingSpec", "SecretRef", "Select", "StorageEndpoint", "StorageSpec", "Strategy", "TaskType", "Toleration",
-    "TrackingSpec", "TrainerConfig", "ValidationSpec", "fields_problem", "format_problem", "join_uri",
+    "TrackingSpec", "TrainerConfig", "ValidationSpec", "fields_problem", "format_problem", "join_uri", "metric_key",
     "mappable_fields", "task_problem", "uri_allowed",
 ]

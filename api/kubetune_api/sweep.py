@@ -8,6 +8,7 @@ validation metrics the trainer reports, camelCase (tokenAccuracy, rewardsAccurac
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -30,6 +31,12 @@ MAX_SWEEP_NAME = 46
 MAX_PARAMETERS = 16
 MAX_VALUES = 64
 
+
+
+def metric_key(metric: str) -> str:
+    """An objective metric as the trainer names it in its events, manifest and metrics (snake_case):
+    tokenAccuracy -> token_accuracy, rewardsAccuracy -> rewards_accuracy; f1 and bleu stay."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", metric).lower()
 
 class Algorithm(StrEnum):
     tpe = "tpe"  # Optuna's TPESampler: models good and bad trials, samples where good ones are likelier

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import re
 import threading
 import time
 from contextlib import contextmanager
 
-from kubetune_api import Phase, Reason, SweepPhase, TrialPhase
+from kubetune_api import Phase, Reason, SweepPhase, TrialPhase, metric_key
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 REGISTRY = CollectorRegistry()
@@ -141,7 +140,7 @@ def sweep_series(status: dict | None) -> dict[str, dict[tuple[str, ...], float]]
     status = status or {}
     counts, budget = status.get("counts") or {}, status.get("budget") or {}
     metric, _, goal = (status.get("objective") or "").partition(" (")  # "loss (minimize)"
-    metric = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", metric).lower()  # tokenAccuracy -> token_accuracy; f1 stays
+    metric = metric_key(metric)
     best = (status.get("best") or {}).get("metric")
     hours = {"used": budget.get("used"), "budget": budget.get("gpuHours"), "left": budget.get("left")}
     return {

@@ -41,6 +41,7 @@ from kubetune_api import (
     SweepPhase,
     TrialPhase,
     join_uri,
+    metric_key,
 )
 from kubetune_search import (  # the spec's search as Optuna's, shared with the local `kubetune sweep`
     ENDED,
@@ -50,6 +51,8 @@ from kubetune_search import (  # the spec's search as Optuna's, shared with the 
     fits,
     grid,  # noqa: F401 - re-exported: the grid of a spec, as the operator's tests read it
     pruned_why,
+    retrain_name,
+    retrain_spec,
     study,
     trial_count,
     trial_name,
@@ -57,7 +60,6 @@ from kubetune_search import (  # the spec's search as Optuna's, shared with the 
 )
 from optuna.trial import TrialState
 from pydantic import ValidationError
-from pydantic.alias_generators import to_snake
 
 from . import children
 from .conditions import rfc3339, set_condition
@@ -68,8 +70,6 @@ SWEEP_LABEL = "kubetune.io/sweep"  # on each trial: its sweep's name
 PARAMETERS = "kubetune.io/parameters"  # annotation: the trial's sampled values, JSON {path: value}
 PRUNED = "kubetune.io/pruned"  # annotation: why the sweep pruned the trial (set with spec.runPolicy.suspend)
 PROMOTE = "promote"  # the promotion Job <sweep>-promote, and its container
-RETRAIN = "fit"  # promote retrain: the FineTuneJob <sweep>-fit (at most 50 characters, as a trial's name)
-RETRAIN_PREFIX = "retrain"  # its output: <output.uri>retrain/
 MAX_HISTORY = 100  # evaluations kept per trial in the status: the first ones (the pruner's rungs) and the last
 
 
@@ -152,7 +152,7 @@ def observe(sweep: str, metric: str, jobs: list[dict], old_trials: list[dict]) -
         if value is not None and isinstance(status.get("evalStep"), int):
             history[status["evalStep"]] = value
         result = status.get("result") or {}
-        final = _finite(((result.get("metrics") or {}).get("validation") or {}).get(to_snake(metric)))
+        final = _finite(((result.get("metrics") or {}).get("validation") or {}).get(metric_key(metric)))
         last = max(history) if history else None
         done = phase == TrialPhase.Succeeded and final is not None
         gpu = _finite(status.get("gpuSeconds"))
@@ -248,23 +248,11 @@ def promotion_job(sweep: dict, trial: dict, uri: str, record: dict, settings: Op
                 trial["metadata"], spec, PROMOTE, command, settings)}}}
 
 
-def retrain_name(sweep: str) -> str:
-    return f"{sweep}-{RETRAIN}"
-
-
 def retrain_job(sweep: dict, spec: FineTuneSweepSpec, best: Trial) -> dict:
-    """promote retrain: a FineTuneJob like `best`'s trial (the template with its parameters, the sweep's data cache)
-    that trains on train + validation (dataset.trainOnValidation), so evaluates on nothing while training (no
-    evaluation.everySteps, early stopping or select best), and publishes to <output.uri>retrain/; the test split
-    stays held out."""
+    """promote retrain: a FineTuneJob like `best`'s trial, on train + validation (kubetune_search.retrain_spec)."""
     job = trial_job(sweep, spec, best.number, best.parameters)
     job["metadata"]["name"] = retrain_name(sweep["metadata"]["name"])
-    template = job["spec"]
-    _set(template, "output.uri", join_uri(spec.output.uri, f"{RETRAIN_PREFIX}/"))
-    _set(template, "output.select", "last")
-    _set(template, "dataset.trainOnValidation", True)
-    for key in ("everySteps", "earlyStopping"):
-        (template.get("evaluation") or {}).pop(key, None)
+    job["spec"] = retrain_spec(sweep["spec"]["template"], spec, job["metadata"]["name"], best.parameters)
     return job
 
 

@@ -28,6 +28,8 @@ ASHA_REDUCTION = 3  # successive halving keeps the best third at each rung
 MEDIAN_STARTUP = 2  # the median pruner waits for this many finished trials
 TRIALS = "trials/"  # under the sweep's output.uri: each trial's output prefix, trials/<trial>/
 DATA_CACHE = "data-cache/"  # under the sweep's output.uri: the trials' shared data cache
+RETRAIN = "fit"  # promote retrain: the run <sweep>-fit (at most 50 characters, as a trial's name)
+RETRAINED = "retrain/"  # under the sweep's output.uri: its output
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the operator's log and Events, the local table say what matters
 logging.getLogger("optuna").propagate = False
@@ -169,4 +171,22 @@ def trial_spec(template: dict, spec: FineTuneSweepSpec, name: str, parameters: d
     set_path(doc, "output.uri", join_uri(spec.output.uri, f"{TRIALS}{name}/"))
     if not spec.template.dataset.cache_uri:
         set_path(doc, "dataset.cacheUri", join_uri(spec.output.uri, DATA_CACHE))
+    return doc
+
+
+def retrain_name(sweep: str) -> str:
+    return f"{sweep}-{RETRAIN}"
+
+
+def retrain_spec(template: dict, spec: FineTuneSweepSpec, name: str, parameters: dict) -> dict:
+    """promote retrain: the best trial's spec (the template with its parameters, the sweep's data cache) trained on
+    train + validation (dataset.trainOnValidation), so evaluating on nothing while training (no
+    evaluation.everySteps, early stopping or select best), published to <output.uri>retrain/; the test split stays
+    held out."""
+    doc = trial_spec(template, spec, name, parameters)
+    set_path(doc, "output.uri", join_uri(spec.output.uri, RETRAINED))
+    set_path(doc, "output.select", "last")
+    set_path(doc, "dataset.trainOnValidation", True)
+    for key in ("everySteps", "earlyStopping"):
+        (doc.get("evaluation") or {}).pop(key, None)
     return doc

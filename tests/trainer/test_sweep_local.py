@@ -124,6 +124,40 @@ def test_promote_best_copies_the_best_trials_output(tmp_path):
     assert (best / "adapter_model.safetensors").read_text() == run.best.name
 
 
+def test_promote_retrain_trains_the_best_parameters_on_train_and_validation_then_promotes_that(tmp_path):
+    """As the operator's <sweep>-fit: the best trial's values, train + validation, nothing evaluated while training,
+    its own output (retrain/), and that output promoted, sweep.json naming the trial and the retrain."""
+    trainer = FakeTrainer()
+    run = run_sweep(sweep(tmp_path, promote="retrain"), tmp_path / "work", train=trainer)
+    fit = trainer.configs[-1]
+    assert len(trainer.configs) == 4 and fit.job_name == "lr-fit" == run.retrain.name
+    assert fit.dataset.train_on_validation and fit.evaluation.every_steps is None
+    assert fit.hyperparameters.learning_rate == run.best.parameters[LR]
+    assert fit.output.uri == str(tmp_path / "sweep" / "retrain") + "/"
+    best = tmp_path / "sweep" / "best"
+    record = json.loads((best / "sweep.json").read_text())
+    assert record["trial"] == run.best.name and record["retrain"] == "lr-fit"
+    assert (best / "adapter_model.safetensors").read_text() == "lr-fit"
+    assert run.phase == SweepPhase.Succeeded and "retrained as lr-fit" in run.message
+    console = Console(width=100, record=True, color_system=None)
+    console.print(leaderboard(run))
+    assert "lr-fit" in console.export_text()
+
+
+def test_a_failed_retrain_fails_the_sweep_with_its_reason(tmp_path):
+    trainer = FakeTrainer()
+
+    def fit_fails(config, report, stop):
+        if config.job_name.endswith("-fit"):
+            raise DatasetError("s3://x/val.jsonl", 3, "no assistant turn")
+        return trainer(config, report, stop)
+
+    run = run_sweep(sweep(tmp_path, promote="retrain"), tmp_path / "work", train=fit_fails)
+    assert (run.phase, run.reason, run.exit_code) == (SweepPhase.Failed, "RetrainFailed", 65)
+    assert "lr-fit: DatasetInvalid: s3://x/val.jsonl:3: no assistant turn" in run.message
+    assert not (tmp_path / "sweep" / "best").exists()
+
+
 def test_the_leaderboard_shows_each_trial_for_people(tmp_path):
     run = run_sweep(sweep(tmp_path, algorithm="grid", parameters=[{"path": LR, "values": [1e-3, 1e-1]}]),
                     tmp_path / "work", train=FakeTrainer())

@@ -415,6 +415,8 @@ def sweep_local(
     best = run.best
     parameters = ", ".join(f"{path} {_human(value)}" for path, value in best.parameters.items())
     where = f"promoted to {run.promoted}" if run.promoted else f"its output: {best.config.output.uri}"
+    if run.retrain:
+        where = f"retrained on train + validation as {run.retrain.name}, {where}"
     out.print(f"[green]best[/] {escape(best.name)}: {escape(run.metric)} {best.metric:.4g} at step {best.step} "
               f"with {escape(parameters)}; {escape(where)}", highlight=False, soft_wrap=True)
 

@@ -22,11 +22,30 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from kubetune_api import FineTuneSweep, Promote, Reason, SweepPhase, TrainerConfig, TrialPhase, join_uri
+from kubetune_api import (
+    FineTuneSweep,
+    Promote,
+    Reason,
+    SweepPhase,
+    TrainerConfig,
+    TrialPhase,
+    join_uri,
+    metric_key,
+)
 from kubetune_api.exitcodes import EXIT_CONFIG_INVALID, EXIT_UNEXPECTED
-from kubetune_search import ENDED, ask, best_trial, pruned_why, study, trial_count, trial_name, trial_spec
+from kubetune_search import (
+    ENDED,
+    ask,
+    best_trial,
+    pruned_why,
+    retrain_name,
+    retrain_spec,
+    study,
+    trial_count,
+    trial_name,
+    trial_spec,
+)
 from optuna.trial import TrialState
-from pydantic.alias_generators import to_snake
 from rich.markup import escape
 from rich.table import Table
 
@@ -70,7 +89,8 @@ class SweepRun:
     reason: Reason = Reason.Searching
     message: str = ""
     best: TrialRow | None = None
-    promoted: str | None = None  # where promote best copied the best trial's output
+    retrain: TrialRow | None = None  # promote retrain: the best parameters on train + validation
+    promoted: str | None = None  # where promote best (or retrain) copied the output
     exit_code: int = 0
 
     @property
@@ -102,14 +122,11 @@ def run_sweep(sweep: FineTuneSweep, work_dir: Path, show: Show = lambda run, row
         row = TrialRow(trial_name(sweep.metadata.name, number), number, trial.params)
         run.trials.append(row)
         try:
-            config = trial_config(trial_spec(template, spec, row.name, trial.params), row.name,
-                                  f"{sweep.metadata.name}: trial {row.name}")
+            row.config = _local(trial_spec(template, spec, row.name, trial.params), row.name, run, work_dir)
         except ConfigError as e:  # the values make the template invalid: no later trial would fare better
             row.phase, row.reason = TrialPhase.Failed, e.message
             return run.finish(SweepPhase.Failed, Reason.InvalidChildSpec, f"trial {row.name}: {e.message}",
                               EXIT_CONFIG_INVALID)
-        row.config = config.model_copy(update={"work_dir": str(work_dir.resolve()),
-                                               "metrics": config.metrics.model_copy(update={"enabled": False})})
         _run_trial(run, s, trial, row, train, show)
         # The study learns how it ended: the value of a succeeded trial, else its state.
         state = ENDED[row.phase] if row.phase != TrialPhase.Succeeded or row.metric is not None \
@@ -122,12 +139,21 @@ def run_sweep(sweep: FineTuneSweep, work_dir: Path, show: Show = lambda run, row
             return run.finish(SweepPhase.Failed, Reason.TooManyFailedTrials,
                               f"{len(failed)} trials failed (maxFailedTrials {spec.max_failed_trials}); "
                               f"{row.name}: {row.reason}", row.exit_code or EXIT_UNEXPECTED)
-    return _end(run)
+    return _end(run, template, work_dir, train, show)
 
 
-def _run_trial(run: SweepRun, s: optuna.Study, trial: optuna.Trial, row: TrialRow, train: Train, show: Show) -> None:
-    """Train one trial, its evaluations reported to the study's pruner as they come; the row says how it ended."""
-    key = to_snake(run.metric)  # the trainer's events name metrics in snake_case
+def _local(doc: dict, name: str, run: SweepRun, work_dir: Path) -> TrainerConfig:
+    """A trial's (or the retrain's) spec as a config for this machine: this work dir, no metrics endpoint."""
+    config = trial_config(doc, name, f"{run.sweep.metadata.name}: trial {name}")
+    return config.model_copy(update={"work_dir": str(work_dir.resolve()),
+                                     "metrics": config.metrics.model_copy(update={"enabled": False})})
+
+
+def _run_trial(run: SweepRun, s: optuna.Study | None, trial: optuna.Trial | None, row: TrialRow, train: Train,
+               show: Show) -> None:
+    """Train one trial, its evaluations reported to the study's pruner as they come (none for the retrain,
+    `trial` None); the row says how it ended."""
+    key = metric_key(run.metric)  # the trainer's events name metrics in snake_case
     stop = StopSignal()
 
     def report(event: dict) -> None:
@@ -140,10 +166,11 @@ def _run_trial(run: SweepRun, s: optuna.Study, trial: optuna.Trial, row: TrialRo
             row.at = event["step"]
         elif kind == "validation" and _finite(event.get(key)) is not None:
             row.metric, row.step = float(event[key]), event["step"]
-            trial.report(row.metric, row.step)
-            if not stop.requested and trial.should_prune():  # stop at the next step, after a checkpoint
-                row.reason = f"{run.metric} {pruned_why(s, row.metric, row.step)}"
-                stop.request(PRUNING)
+            if trial is not None:  # a trial of the search, not the retrain: the pruner judges it
+                trial.report(row.metric, row.step)
+                if not stop.requested and trial.should_prune():  # stop at the next step, after a checkpoint
+                    row.reason = f"{run.metric} {pruned_why(s, row.metric, row.step)}"
+                    stop.request(PRUNING)
         show(run, row, event)
 
     row.phase = TrialPhase.Running
@@ -163,26 +190,43 @@ def _run_trial(run: SweepRun, s: optuna.Study, trial: optuna.Trial, row: TrialRo
         row.step = (manifest.get("selected") or {}).get("step", manifest.get("steps"))
 
 
-def _end(run: SweepRun) -> SweepRun:
-    """The trials are done: the best one, promoted with promote best."""
+def _end(run: SweepRun, template: dict, work_dir: Path, train: Train, show: Show) -> SweepRun:
+    """The trials are done: the best one, promoted with promote best; with promote retrain, its parameters trained
+    once more on train + validation (<sweep>-fit), and that promoted."""
     spec, best, done = run.sweep.spec, run.best, len(run.trials)
     if best is None:
         return run.finish(SweepPhase.Failed, Reason.NoTrialSucceeded, f"{done} trials done, none succeeded with a "
                           f"{run.metric} on the validation split", EXIT_UNEXPECTED)
-    if spec.promote == Promote.best:
-        to = join_uri(spec.output.uri, BEST)
-        record = {"sweep": run.sweep.metadata.name, "trial": best.name, "parameters": best.parameters,
-                  "metric": {run.metric: best.metric}, "step": best.step}
+    source = best
+    record = {"sweep": run.sweep.metadata.name, "trial": best.name, "parameters": best.parameters,
+              "metric": {run.metric: best.metric}, "step": best.step}
+    if spec.promote == Promote.retrain:
+        name = retrain_name(run.sweep.metadata.name)
+        source = run.retrain = TrialRow(name, best.number, best.parameters)
         try:
-            promote(best.config, to, record, report=lambda event: None)  # the sweep's last line says where
+            source.config = _local(retrain_spec(template, spec, name, best.parameters), name, run, work_dir)
+        except ConfigError as e:
+            source.phase, source.reason = TrialPhase.Failed, e.message
+        else:
+            _run_trial(run, None, None, source, train, show)
+        show(run, source, {"event": "trial_ended"})
+        if source.phase != TrialPhase.Succeeded:
+            return run.finish(SweepPhase.Failed, Reason.RetrainFailed, f"{name}: {source.reason}",
+                              source.exit_code or EXIT_UNEXPECTED)
+        record["retrain"] = name
+    if spec.promote in (Promote.best, Promote.retrain):
+        to = join_uri(spec.output.uri, BEST)
+        try:
+            promote(source.config, to, record, report=lambda event: None)  # the sweep's last line says where
         except Exception as e:  # noqa: BLE001 - the sweep fails, saying why
             message, code = failure(e)
-            return run.finish(SweepPhase.Failed, Reason.PromotionFailed, f"copying {best.name}'s output to {to} "
+            return run.finish(SweepPhase.Failed, Reason.PromotionFailed, f"copying {source.name}'s output to {to} "
                               f"failed: {redact(message)}", code)
         run.promoted = to
+    retrained = f"; retrained as {run.retrain.name}" if run.retrain else ""
     promoted = f"; promoted to {run.promoted}" if run.promoted else ""
     return run.finish(SweepPhase.Succeeded, Reason.SearchCompleted,
-                      f"{done} trials done; best {best.name}: {run.metric} {best.metric:.4g}{promoted}")
+                      f"{done} trials done; best {best.name}: {run.metric} {best.metric:.4g}{retrained}{promoted}")
 
 
 # -- what people see -----------------------------------------------------------------------------------------------
@@ -208,7 +252,7 @@ def leaderboard(run: SweepRun) -> Table:
     table = Table("trial", *(_short(p) for p in paths), "phase", f"{run.metric} ({spec.goal().value})", "step",
                   title=escape(f"FineTuneSweep {run.sweep.metadata.name}: {len(run.trials)}/{trial_count(spec)} "
                                "trials"))
-    for row in run.trials:
+    for row in [*run.trials, *([run.retrain] if run.retrain else [])]:
         running = row.phase == TrialPhase.Running
         phase = f"{row.phase.value}: {row.stage}" if running and row.stage else row.phase.value
         step = f"{row.at}/{row.total}" if running and row.total else "" if row.step is None else str(row.step)
