@@ -18,6 +18,12 @@ import os
 
 import pytest
 
+# One thread per torch process, in this process, its subprocesses and the node agent's pods (it passes the host's
+# OMP_NUM_THREADS on, as a kubelet's CPU limit would bound them): five workers and their trainers share two cores,
+# and with torch's default of one thread per core each process spun waiting for threads that had no core to run
+# on. A tiny run took 2.6 times the CPU (docs/testing.md). Set before any test module imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 pytest_plugins = ["tests.s3fixtures"]  # one S3 server per pytest process, for the trainer and the cluster tests
 
 CLUSTER_SHARDS = int(os.environ.get("KUBETUNE_CLUSTER_SHARDS", "3"))

@@ -132,7 +132,7 @@ def test_the_locked_versions_train_together(tmp_path, venv):
     assert not {n: v for n, v in installed.items() if n in locked and v != locked[n]}
 
     (tmp_path / "train.py").write_text(TRAIN)
-    done = sh(python, "train.py", tmp_path, ROOT / "testing")
+    done = sh(python, "train.py", tmp_path, ROOT / "testing", timeout=600)  # imports compile: no .pyc in a new venv
     assert f"published {tmp_path / 'out'} (4 steps, test loss" in done.stdout, done.stdout
     published = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert published["steps"] == 4 and (tmp_path / "out" / "adapter_model.safetensors").is_file()

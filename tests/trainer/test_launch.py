@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,10 +68,11 @@ def test_an_error_message_with_brackets_is_printed_as_it_is():
     assert done.value.exit_code == EXIT_PEER_LOST
 
 
-def _launch_cpu(script) -> subprocess.Popen:
+def _launch_cpu(script, threads: int | None = None) -> subprocess.Popen:
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     return subprocess.Popen([sys.executable, "-m", "kubetune_trainer", "launch", "--cpu", "--num_processes", "1",
                              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def test_one_process_runs_in_the_launchers_process_with_accelerates_environment(tmp_path):
@@ -128,7 +130,7 @@ def test_only_the_main_thread_can_receive_sigterm(tmp_path):
 
     script = tmp_path / "child.py"
     script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
-    launcher = _launch_cpu(script)
+    launcher = _launch_cpu(script, threads=2)  # torch's pool: a thread besides the main one (the suite sets 1)
     try:
         assert launcher.stdout.readline().strip() == "ready"
         masks = {}

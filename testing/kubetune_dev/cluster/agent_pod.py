@@ -54,7 +54,7 @@ class ImageRule:
     env: dict[str, str] = field(default_factory=dict)
     entrypoint: list[str] = field(default_factory=list)  # used when the container has no command
     args: list[str] = field(default_factory=list)  # used when the container has neither command nor args
-    pass_env: list[str] = field(default_factory=lambda: ["LANG", "LC_ALL", "TZ"])
+    pass_env: list[str] = field(default_factory=lambda: ["LANG", "LC_ALL", "TZ", "OMP_NUM_THREADS"])
 
     def matches(self, image: str) -> bool:
         return fnmatch.fnmatchcase(image, self.match) or image.startswith(self.match)
@@ -102,7 +102,7 @@ def load_image_map(spec=None) -> list[ImageRule]:
             env={k: str(v) for k, v in (item.get("env") or {}).items()},
             entrypoint=list(item.get("entrypoint") or []),
             args=list(item.get("args") or []),
-            pass_env=list(item.get("passEnv", item.get("pass_env", ["LANG", "LC_ALL", "TZ"]))),
+            pass_env=list(item.get("passEnv", item.get("pass_env", ["LANG", "LC_ALL", "TZ", "OMP_NUM_THREADS"]))),
         ))
     return rules + [default_image_rule()]
 
