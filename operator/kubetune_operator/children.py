@@ -333,6 +333,9 @@ def training_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings, 
     ]
     if res.gpus_per_worker == 0 and res.workers > 1:  # torchrun sets these itself for GPU workers
         env += [{"name": "RANK", "value": "$(JOB_COMPLETION_INDEX)"}, {"name": "LOCAL_RANK", "value": "0"}]
+    if res.cpu:  # torch starts a thread per core of the node, not of the pod's share: its CPUs per process
+        threads = max(1, cpus(res.cpu) // max(res.gpus_per_worker, 1))
+        env.append({"name": "OMP_NUM_THREADS", "value": str(threads)})
     container = {"name": TRAINER_CONTAINER, "image": spec.image or settings.trainer_image,
                  "args": accelerate_args(name, spec, settings, attempt),
                  "env": env, "resources": _resources(spec),

@@ -181,6 +181,20 @@ def test_training_job_is_indexed_with_rendezvous_env():
     assert pod["terminationGracePeriodSeconds"] == 300 and e["KUBETUNE_TERMINATION_GRACE_SECONDS"] == "300"
 
 
+@pytest.mark.parametrize(("resources", "threads"), [
+    ({"cpu": "8", "gpusPerWorker": 4}, "2"),  # torchrun's four processes share the pod's eight CPUs
+    ({"cpu": "2", "gpusPerWorker": 0}, "2"),  # a CPU worker: one process
+    ({"cpu": "500m", "gpusPerWorker": 0}, "1"),
+    ({"cpu": "2", "gpusPerWorker": 4}, "1"),  # fewer CPUs than processes: one thread each, never none
+    ({"gpusPerWorker": 1}, None),  # no CPU request: torch's default
+])
+def test_torch_threads_follow_the_pods_cpus_per_process(resources, threads):
+    """torch starts one thread per core of the node, not of the pod's CPUs: on a 64-core node, a pod of 2 CPUs
+    ran 64 threads that waited their turn. OMP_NUM_THREADS is the pod's CPUs per process."""
+    meta, spec = build({"resources": {"workers": 1, **resources}})
+    assert env(children.training_job(meta, spec, SETTINGS)).get("OMP_NUM_THREADS") == threads
+
+
 def test_each_attempt_is_a_job_of_its_own():
     meta, spec = build()
     tj = children.training_job(meta, spec, SETTINGS, attempt=3)
