@@ -192,3 +192,13 @@ def _field(path: str):
 def test_every_tunable_path_is_a_template_field_of_its_kind(path):
     kind = {int: Kind.int, float: Kind.float}.get(_field(path), Kind.choice)
     assert TUNABLE[path] == kind
+
+
+@pytest.mark.parametrize(("metric", "key"), [("loss", "loss"), ("f1", "f1"), ("bleu", "bleu"),
+                                             ("tokenAccuracy", "token_accuracy"),
+                                             ("rewardsAccuracy", "rewards_accuracy")])
+def test_an_objective_metric_is_named_as_the_trainer_names_it(metric, key):
+    """The trainer's events, manifest and metrics say f1, not pydantic's to_snake f_1."""
+    from kubetune_api import metric_key
+
+    assert metric_key(metric) == key
