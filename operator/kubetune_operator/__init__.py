@@ -11,3 +11,5 @@ desired child objects, pure), `reconcile` (observed children + trainer metrics -
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
 PLURAL = "finetunejobs"
+SWEEPS = "finetunesweeps"
+SWEEP_LABEL = "kubetune.io/sweep"  # on each trial FineTuneJob (and a sweep's other children): its sweep's name

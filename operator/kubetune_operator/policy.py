@@ -28,6 +28,9 @@ Where the platform's default credentials go: only to the platform's endpoint. A 
 `storage.endpoint` (another than the chart's `storage.endpoint`) never gets the default Secret filled in, and may
 not name it; with `policy.allowedStorageEndpoints` set, its endpoint must be one of them.
 
+A FineTuneSweep's template is judged by the same rules, against the sweep's author, and the trials the operator
+creates for an admitted sweep are admitted ("FineTuneSweeps" below).
+
 And where the job's data may be, whoever its author is: with `policy.allowedStoragePrefixes` set, every storage URI
 of the spec (base model, dataset splits, data cache, checkpoints, output) starts with one of the prefixes, each
 with `{namespace}` replaced by the job's namespace (`s3://ml-{namespace}/`), and has no `.` or `..` segment.
@@ -35,6 +38,7 @@ with `{namespace}` replaced by the job's namespace (`s3://ml-{namespace}/`), and
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,19 +48,22 @@ from kubetune_api import (
     API_GROUP,
     DEFAULT_TRAINER_IMAGE,
     FineTuneJobSpec,
+    FineTuneSweepSpec,
     Reason,
     ResourcesSpec,
     RunPolicy,
     uri_allowed,
 )
 
-from . import PLURAL
+from . import PLURAL, SWEEP_LABEL, SWEEPS
 from .conditions import get_condition
 
 POLICY = "kubetune-finetunejobs"  # the ValidatingAdmissionPolicy, and its binding (the chart prefixes its release)
 PARAMS = "kubetune-policy"  # the parameters ConfigMap
 PARAMS_NAMESPACE = "kubetune-system"  # where crds/policy/admission-policy.yaml puts it
 REASON = Reason.PolicyDenied
+SPEC = "spec"  # how every rule's message starts: the field it names
+TRIAL_VERB = "trial"  # RBAC only, on finetunesweeps: the operator's, to create an admitted sweep's trials
 
 IMAGE = ("spec.image: this image is not allowed here; use an image under the platform's allowed prefixes "
          "(policy.allowedImagePrefixes), or leave spec.image unset for the platform's trainer")
@@ -271,8 +278,53 @@ def needs_admission_check(body: dict, settings: Settings) -> bool:
         return True
     if get_condition(body.get("status") or {}, "Validated"):
         return False
+    return _needs_author(spec, settings)
+
+
+def _needs_author(spec: FineTuneJobSpec, settings: Settings) -> bool:
+    """The job names an object whose use depends on its author, or sets a scheduling field outside `settings`."""
     return any(value for value, _ in _author_dependent(spec, settings)) or bool(
         _scheduling_outside(spec, settings.scheduling))
+
+
+# -- FineTuneSweeps (issue 30) -------------------------------------------------------------------------------------
+# A sweep's trials are FineTuneJobs the operator creates, so the rules judge the sweep's author on the template
+# when the sweep is created (the template is immutable), and each trial of an admitted sweep carries the sweep's
+# label: the admission policy skips the author rules for a trial only if its creator has the RBAC-only verb
+# TRIAL_VERB on that sweep (the operator's), so no user can pass a job of their own off as a trial.
+# The parameters may set only TUNABLE fields (hyperparameters, method.lora, objectiveParams), which no rule reads
+# (CHECKED_FIELDS), so every trial asks for what its template does.
+
+CHECKED_FIELDS = ("image", "storage", "baseModel", "dataset", "output", "checkpoint", "tracking", "scheduling",
+                  "resources", "runPolicy")  # the spec fields the rules read
+
+
+def sweep_message(message: str) -> str:
+    """A rule's message for a sweep: it names the template's field (spec.template.storage...)."""
+    return "spec.template" + message.removeprefix(SPEC)
+
+
+def sweep_job_spec(spec: FineTuneSweepSpec) -> FineTuneJobSpec:
+    """What the rules judge of a sweep: its template with the sweep's output.uri, under which every trial
+    publishes and (unless the template names one) caches its data."""
+    template = spec.template
+    return template.model_copy(update={"output": template.output.model_copy(update={"uri": spec.output.uri})})
+
+
+def sweep_violations(namespace: str, spec: FineTuneSweepSpec, settings: Settings, author_checked: bool) -> list[str]:
+    """The messages of the rules the sweep's trials would break, naming the template's fields."""
+    return [sweep_message(m) for m in violations(namespace, sweep_job_spec(spec), settings, author_checked)]
+
+
+def sweep_needs_admission_check(body: dict, settings: Settings) -> bool:
+    """Whether the operator must ask the API server if the admission policy is in force before the sweep's first
+    trial: its template names an object whose use depends on its author, or sets a scheduling field outside the
+    `settings`."""
+    try:
+        spec = FineTuneSweepSpec.model_validate(body.get("spec") or {})
+    except ValueError:  # the reconcile reports it
+        return False
+    return _needs_author(sweep_job_spec(spec), settings)
 
 
 # -- scheduling and resource fields (issue 27.3) and the queue requirement (27.7) ---------------------------------
@@ -336,20 +388,29 @@ def training_violations(spec: FineTuneJobSpec, settings: Settings, author_checke
 # -- the same rules in CEL ---------------------------------------------------------------------------------------
 
 OPTIONAL_URIS = ("dataset.?validation", "dataset.?test", "?checkpoint.?uri", "dataset.?cacheUri")
+# Every rule reads `variables.spec`: a FineTuneJob's spec, or a FineTuneSweep's template (its trials' spec). The
+# URIs add `object.spec.output.uri`: the job's output, or the sweep's, under which its trials publish and cache.
+# A trial the operator creates for an admitted sweep (authorChecked) skips the rules on its author.
 VARIABLES = [
+    ("sweep", f"request.resource.resource == '{SWEEPS}'"),
+    ("spec", "variables.sweep ? object.spec.template : object.spec"),
+    ("authorChecked", f"!variables.sweep && '{SWEEP_LABEL}' in object.metadata.?labels.orValue({{}}) && "
+                      f"authorizer.group('{API_GROUP}').resource('{SWEEPS}').namespace(request.namespace)"
+                      f".name(object.metadata.labels['{SWEEP_LABEL}']).check('{TRIAL_VERB}').allowed()"),
     ("imagePrefixes", "params.data.?imagePrefixes.orValue('').split(',').filter(p, p != '')"),
     ("defaultSecret", "params.data.?credentialsSecret.orValue('')"),
     ("credentialsNamespaces", "params.data.?credentialsNamespaces.orValue('').split(',')"),
-    ("secretName", "object.spec.?storage.?secretRef.?name.orValue('')"),
+    ("secretName", "variables.spec.?storage.?secretRef.?name.orValue('')"),
     ("secrets", "[variables.secretName == variables.defaultSecret ? '' : variables.secretName, "
-                "object.spec.?tracking.?mlflow.?secretRef.?name.orValue('')].filter(s, s != '')"),
-    ("serviceAccount", "object.spec.?storage.?serviceAccountName.orValue('')"),
-    ("podCreator", "authorizer.group('').resource('pods').namespace(request.namespace).check('create').allowed()"),
-    ("uris", "[object.spec.baseModel.uri, object.spec.dataset.train, object.spec.output.uri, "
-             + ", ".join(f"object.spec.{path}.orValue('')" for path in OPTIONAL_URIS) + "]"),
+                "variables.spec.?tracking.?mlflow.?secretRef.?name.orValue('')].filter(s, s != '')"),
+    ("serviceAccount", "variables.spec.?storage.?serviceAccountName.orValue('')"),
+    ("podCreator", "variables.authorChecked || "
+                   "authorizer.group('').resource('pods').namespace(request.namespace).check('create').allowed()"),
+    ("uris", "[variables.spec.baseModel.uri, variables.spec.dataset.train, object.spec.output.uri, "
+             + ", ".join(f"variables.spec.{path}.orValue('')" for path in OPTIONAL_URIS) + "]"),
     ("claims", "variables.uris.filter(u, u.startsWith('pvc://')).map(u, u.substring(6).split('/')[0])"),
-    ("priorityClass", "object.spec.?scheduling.?priorityClassName.orValue('')"),
-    ("endpoint", "object.spec.?storage.?endpoint.orValue('')"),
+    ("priorityClass", "variables.spec.?scheduling.?priorityClassName.orValue('')"),
+    ("endpoint", "variables.spec.?storage.?endpoint.orValue('')"),
     ("defaultEndpoint", "params.data.?defaultEndpoint.orValue('')"),
     ("ownEndpoint", "variables.endpoint != '' && !(" + _same_endpoint("variables.endpoint", "variables.defaultEndpoint")
                     + ")"),
@@ -361,42 +422,45 @@ VARIABLES = [
                         "!variables.storagePrefixes.exists(p, u.startsWith(p))))"),
 ]
 VALIDATIONS = [
-    ("!has(object.spec.image) || variables.imagePrefixes.exists(p, p.endsWith('/') ? object.spec.image.startsWith(p)"
-     " : object.spec.image == p || object.spec.image.startsWith(p + ':') || object.spec.image.startsWith(p + '@'))",
+    ("!has(variables.spec.image) || variables.imagePrefixes.exists(p, p.endsWith('/') ? "
+     "variables.spec.image.startsWith(p) : variables.spec.image == p || "
+     "variables.spec.image.startsWith(p + ':') || variables.spec.image.startsWith(p + '@'))",
      IMAGE),
     ("variables.defaultSecret == '' || !(variables.secretName == variables.defaultSecret || "
      "(variables.secretName == '' && variables.serviceAccount == '' && !variables.ownEndpoint)) || "
      "variables.credentialsNamespaces.exists(n, n == '*' || n == request.namespace)", CREDENTIALS),
-    ("variables.secrets.all(s, authorizer.group('').resource('secrets').namespace(request.namespace).name(s)"
+    ("variables.authorChecked || variables.secrets.all(s, "
+     "authorizer.group('').resource('secrets').namespace(request.namespace).name(s)"
      ".check('get').allowed())", SECRET),
-    ("!object.spec.?baseModel.?trustRemoteCode.orValue(false) || "
+    ("!variables.spec.?baseModel.?trustRemoteCode.orValue(false) || "
      "params.data.?allowTrustRemoteCode.orValue('false') == 'true'", REMOTE_CODE),
     ("variables.serviceAccount == '' || variables.podCreator || authorizer.group('').resource('serviceaccounts')"
      ".subresource('token').namespace(request.namespace).name(variables.serviceAccount).check('create').allowed()",
      SERVICE_ACCOUNT),
     ("variables.podCreator || variables.claims.all(c, authorizer.group('').resource('persistentvolumeclaims')"
      ".namespace(request.namespace).name(c).check('use').allowed())", CLAIM),
-    ("variables.priorityClass == '' || authorizer.group('scheduling.k8s.io').resource('priorityclasses')"
+    ("variables.priorityClass == '' || variables.authorChecked || "
+     "authorizer.group('scheduling.k8s.io').resource('priorityclasses')"
      ".name(variables.priorityClass).check('use').allowed()", PRIORITY),
     ("!variables.ownEndpoint || variables.storageEndpoints.size() == 0 || variables.storageEndpoints.exists(e, "
      + _same_endpoint("variables.endpoint", "e") + ")", ENDPOINT),
     ("variables.defaultSecret == '' || variables.secretName != variables.defaultSecret || !variables.ownEndpoint",
      DEFAULT_CREDENTIALS_ENDPOINT),
     ("variables.outsidePrefixes.size() == 0", STORAGE_PREFIX,
-     f"'{STORAGE_PREFIX}: ' + variables.outsidePrefixes.join(', ') + '; allowed: ' + "
+     "': ' + variables.outsidePrefixes.join(', ') + '; allowed: ' + "
      "variables.storagePrefixes.join(', ') + ' (no . or .. path segments)'"),
 ]
-_TOLERATIONS = "object.spec.?resources.?tolerations.orValue([])"
+_TOLERATIONS = "variables.spec.?resources.?tolerations.orValue([])"
 _HEAD = "e.split(':')[0]"
 SCHEDULING_VARIABLES = [  # after VARIABLES: they use variables.podCreator
-    ("nodeSelector", "object.spec.?resources.?nodeSelector.orValue({})"),
+    ("nodeSelector", "variables.spec.?resources.?nodeSelector.orValue({})"),
     ("allowedNodeSelectors", "params.data.?nodeSelectors.orValue('').split(',')"),
     # each allowed toleration `key[=value][:effect]` as [key, '=' if it names a value, the value, the effect]
     ("allowedTolerations", "params.data.?tolerations.orValue('').split(',').filter(e, e != '').map(e, "
                            f"[{_HEAD}.split('=')[0], {_HEAD}.contains('=') ? '=' : '', "
                            f"{_HEAD}.contains('=') ? {_HEAD}.split('=')[1] : '', "
                            "e.contains(':') ? e.split(':')[1] : ''])"),
-    ("gracePeriod", f"object.spec.?runPolicy.?terminationGracePeriodSeconds.orValue({DEFAULT_GRACE_SECONDS})"),
+    ("gracePeriod", f"variables.spec.?runPolicy.?terminationGracePeriodSeconds.orValue({DEFAULT_GRACE_SECONDS})"),
 ]
 SCHEDULING_VALIDATIONS = [
     ("variables.podCreator || variables.nodeSelector.all(k, variables.allowedNodeSelectors.exists(s, "
@@ -405,14 +469,14 @@ SCHEDULING_VALIDATIONS = [
      "t.?key.orValue('') == a[0] && "
      "(a[1] == '' || (t.?operator.orValue('Equal') == 'Equal' && t.?value.orValue('') == a[2])) && "
      "(a[3] == '' || t.?effect.orValue('') == a[3])))", TOLERATION),
-    ("variables.podCreator || size(object.spec.?resources.?affinity.orValue({})) == 0", AFFINITY),
-    ("object.spec.?resources.?gpusPerWorker.orValue(1) == 0 || variables.podCreator || "
+    ("variables.podCreator || size(variables.spec.?resources.?affinity.orValue({})) == 0", AFFINITY),
+    ("variables.spec.?resources.?gpusPerWorker.orValue(1) == 0 || variables.podCreator || "
      f"params.data.?gpuResourceNames.orValue('{DEFAULT_GPU_RESOURCE}').split(',').exists(n, "
-     f"n == object.spec.?resources.?gpuResourceName.orValue('{DEFAULT_GPU_RESOURCE}'))", GPU_RESOURCE),
+     f"n == variables.spec.?resources.?gpuResourceName.orValue('{DEFAULT_GPU_RESOURCE}'))", GPU_RESOURCE),
     ("variables.gracePeriod <= int(params.data.?maxTerminationGracePeriodSeconds"
      f".orValue('{Scheduling().max_grace_seconds}')) || variables.podCreator", GRACE),
     ("params.data.?requireQueue.orValue('false') != 'true' || "
-     "object.spec.?scheduling.?queueName.orValue('') != ''", QUEUE),
+     "variables.spec.?scheduling.?queueName.orValue('') != ''", QUEUE),
 ]
 # Updates are judged only when they raise the grace period (the one mutable field a rule reads): never the
 # operator's own updates (finalizers, annotations), nor edits of other runPolicy fields.
@@ -438,7 +502,8 @@ def admission_policy() -> dict:
             "failurePolicy": "Fail",
             "paramKind": {"apiVersion": "v1", "kind": "ConfigMap"},
             "matchConstraints": {"resourceRules": [{"apiGroups": [API_GROUP], "apiVersions": ["*"],
-                                                    "operations": ["CREATE", "UPDATE"], "resources": [PLURAL]}]},
+                                                    "operations": ["CREATE", "UPDATE"],
+                                                    "resources": [PLURAL, SWEEPS]}]},
             "matchConditions": MATCH_CONDITIONS,
             "variables": [{"name": name, "expression": expr} for name, expr in [*VARIABLES, *SCHEDULING_VARIABLES]],
             "validations": [_validation(*rule) for rule in [*VALIDATIONS, *SCHEDULING_VALIDATIONS]],
@@ -446,11 +511,12 @@ def admission_policy() -> dict:
     }
 
 
-def _validation(expr: str, message: str, message_expression: str = "") -> dict:
-    """A rule: its CEL, its message, and the CEL that builds a message naming the values (falling back to the
-    message if it fails)."""
-    out = {"expression": expr, "message": message, "reason": "Forbidden"}
-    return {**out, "messageExpression": message_expression} if message_expression else out
+def _validation(expr: str, message: str, details: str = "") -> dict:
+    """A rule: its CEL, its message, and the CEL that builds the message (falling back to it if it fails): for a
+    sweep, it names the template's field (sweep_message); `details`, CEL appended to it, names the values."""
+    head = "(variables.sweep ? 'spec.template' : 'spec') + "
+    return {"expression": expr, "message": message, "reason": "Forbidden",
+            "messageExpression": head + json.dumps(message.removeprefix(SPEC)) + (f" + {details}" if details else "")}
 
 
 def binding(namespace: str = PARAMS_NAMESPACE) -> dict:

@@ -61,12 +61,11 @@ from kubetune_search import (  # the spec's search as Optuna's, shared with the 
 from optuna.trial import TrialState
 from pydantic import ValidationError
 
-from . import children
+from . import SWEEP_LABEL, children, policy
 from .conditions import rfc3339, set_condition
 from .observe import job_finished
 from .settings import OperatorSettings
 
-SWEEP_LABEL = "kubetune.io/sweep"  # on each trial: its sweep's name
 PARAMETERS = "kubetune.io/parameters"  # annotation: the trial's sampled values, JSON {path: value}
 PRUNED = "kubetune.io/pruned"  # annotation: why the sweep pruned the trial (set with spec.runPolicy.suspend)
 PROMOTE = "promote"  # the promotion Job <sweep>-promote, and its container
@@ -369,10 +368,11 @@ def _promoting(done: int, best: Trial, promotion: dict) -> dict:
 
 
 def decide(sweep: dict, jobs: list[dict], now: datetime, settings: OperatorSettings | None = None,
-           promotion: dict | None = None) -> SweepDecision:
+           promotion: dict | None = None, admission_policy: str | None = None) -> SweepDecision:
     """`jobs`: the sweep's FineTuneJobs (its trials, and <sweep>-fit with promote retrain); `promotion`: the Job
     <sweep>-promote as observed (spec.promote best and retrain); `settings`: the operator's, for the
-    Job it creates."""
+    Job it creates and the admission rules its trials must keep; `admission_policy`: since when the API server
+    enforces the admission policy (kube.admission_policy), read when policy.sweep_needs_admission_check."""
     meta, old = sweep["metadata"], sweep.get("status") or {}
     generation = meta.get("generation") or 0
     d = SweepDecision(status=copy.deepcopy(old))
@@ -389,6 +389,16 @@ def decide(sweep: dict, jobs: list[dict], now: datetime, settings: OperatorSetti
             finish(SweepPhase.Failed, Reason.SpecUnreadable, f"spec does not fit the FineTuneSweep API: {problems}")
             d.events.append(("Warning", Reason.SpecUnreadable.value, status["message"]))
         return d
+
+    # Before the first trial: the rules its trials must keep (policy.py), the author's only if the API server
+    # checked them when the sweep was created; else the trials would be created by the operator unchecked.
+    if settings is not None and not jobs and old.get("phase") not in SWEEP_TERMINAL:
+        denied = policy.sweep_violations(meta.get("namespace") or "", spec, settings.policy,
+                                         policy.author_checked(meta, admission_policy))
+        if denied:
+            finish(SweepPhase.Failed, Reason.PolicyDenied, "; ".join(denied))
+            d.events.append(("Warning", Reason.PolicyDenied.value, status["message"]))
+            return d
 
     metric = spec.metric()
     trials = observe(meta["name"], metric, jobs, old.get("trials") or [])

@@ -19,10 +19,9 @@ from datetime import UTC, datetime
 
 import kopf
 
-from . import GROUP, PLURAL, VERSION, kube, metrics, sweep
+from . import GROUP, PLURAL, SWEEPS, VERSION, kube, metrics, policy, sweep
 from .settings import OperatorSettings
 
-SWEEPS = "finetunesweeps"
 FTS = (GROUP, VERSION, SWEEPS)
 CHILDREN = {sweep.SWEEP_LABEL: kopf.PRESENT}
 _running: set[tuple[str, str]] = set()
@@ -48,8 +47,10 @@ def reconcile(api: kube.Kube, namespace: str, name: str, settings: OperatorSetti
     if (body.get("spec") or {}).get("promote") in ("best", "retrain"):
         promotion = kube.owned_by(api.get(f"/apis/batch/v1/namespaces/{namespace}/jobs/{sweep.promotion_name(name)}"),
                                   uid)
+    since = api.admission_policy(settings.policy.binding) \
+        if not trials and policy.sweep_needs_admission_check(body, settings.policy) else None
     now = datetime.now(UTC)
-    d = sweep.decide(body, trials, now, settings, promotion)
+    d = sweep.decide(body, trials, now, settings, promotion, since)
     for obj in d.create:
         try:
             api.create(obj, uid)

@@ -210,7 +210,7 @@ NAMESPACED_RULES = {
     ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "create", "patch"},  # create: a sweep's trials
     ("kubetune.io", "finetunejobs/status"): {"patch"},
     ("kubetune.io", "finetunejobs/finalizers"): {"update"},
-    ("kubetune.io", "finetunesweeps"): {"get", "list", "watch"},
+    ("kubetune.io", "finetunesweeps"): {"get", "list", "watch", "trial"},  # trial: a sweep's trials are admitted
     ("kubetune.io", "finetunesweeps/status"): {"patch"},
     ("kubetune.io", "finetunesweeps/finalizers"): {"update"},
     ("", "configmaps"): {"get", "list", "watch", "create", "patch"},

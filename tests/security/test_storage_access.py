@@ -74,9 +74,10 @@ def tenant_ns(control_plane, crd):
     kubectl(control_plane, "delete", "namespace", ns, "--wait=false")
 
 
-def install_policy(cp, platform: policy.Settings, name: str) -> Callable[[], None]:
-    """crds/policy/admission-policy.yaml under `name`, its params from `platform`, bound to the namespaces of
-    this module; returns the function that removes it all."""
+def install_policy(cp, platform: policy.Settings, name: str,
+                   label: str = "kubetune.io/storage-access-test") -> Callable[[], None]:
+    """crds/policy/admission-policy.yaml under `name`, its params from `platform`, bound to the namespaces
+    labelled `label`=true (this module's); returns the function that removes it all."""
     vap, binding, params = yaml.safe_load_all((ROOT / "crds" / "policy" / "admission-policy.yaml").read_text())
     ns = f"kubetune-system-{uuid.uuid4().hex[:6]}"
     kubectl(cp, "create", "namespace", ns)
@@ -84,7 +85,7 @@ def install_policy(cp, platform: policy.Settings, name: str) -> Callable[[], Non
     vap["metadata"]["name"] = binding["metadata"]["name"] = binding["spec"]["policyName"] = name
     params["data"] = platform.params()
     binding["spec"]["matchResources"] = {
-        "namespaceSelector": {"matchLabels": {"kubetune.io/storage-access-test": "true"}}}
+        "namespaceSelector": {"matchLabels": {label: "true"}}}
     for doc in (vap, params, binding):
         kubectl(cp, "apply", "-f", "-", stdin=json.dumps(doc))
 

@@ -156,10 +156,11 @@ Exactly the calls the operator makes: docs/operator.md, section RBAC (a test kee
 - apiGroups: ["kubetune.io"]
   resources: ["finetunejobs/finalizers"]
   verbs: ["update"]
-# FineTuneSweeps: watched and read; their status patched; their trials carry blockOwnerDeletion owner references
+# FineTuneSweeps: watched and read; their status patched; their trials carry blockOwnerDeletion owner references.
+# `trial` (RBAC only): the admission policy admits a sweep's trials created with it (docs/security.md)
 - apiGroups: ["kubetune.io"]
   resources: ["finetunesweeps"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["get", "list", "watch", "trial"]
 - apiGroups: ["kubetune.io"]
   resources: ["finetunesweeps/status"]
   verbs: ["patch"]
