@@ -360,7 +360,8 @@ class Meter:
         metrics = "" if end else self._metrics()
         mark = Mark(time.monotonic(), {k: cpu_seconds(pid) for k, pid in self.pids.items()}, machine_ticks(),
                     metrics, audit_end(self.audit))
-        mark.metrics = mark.metrics or self._metrics()
+        if end:
+            mark.metrics = self._metrics()
         return mark
 
     def usage(self, a: Mark, b: Mark) -> Usage:
