@@ -63,6 +63,7 @@ from pathlib import Path
 
 import kopf
 import kubernetes
+import urllib3
 import yaml
 from bench_stats import Latency, quantile, request_latencies
 from kubernetes import client, watch
@@ -414,9 +415,14 @@ class Bench:
         return True
 
     def failed(self, namespace: str) -> list[str]:
-        """'name: message' of each Failed FineTuneJob in `namespace` (raw JSON: quick for a thousand)."""
-        resp = client.CustomObjectsApi(self.api).list_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, _preload_content=False)
+        """'name: message' of each Failed FineTuneJob in `namespace` (raw JSON: quick for a thousand); none when
+        the API server does not answer (a congested one times a LIST out: the wait goes on)."""
+        try:
+            resp = client.CustomObjectsApi(self.api).list_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, _preload_content=False)
+        except (client.ApiException, urllib3.exceptions.HTTPError, OSError) as e:
+            log(f"{self.label}: could not list the FineTuneJobs: {type(e).__name__}: {e}"[:200])
+            return []
         return [f"{o['metadata']['name']}: {o['status'].get('message')}" for o in json.loads(resp.data)["items"]
                 if (o.get("status") or {}).get("phase") == "Failed"]
 
