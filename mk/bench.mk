@@ -5,6 +5,8 @@
 # A quick try: make bench-data BENCH_DATA_ARGS="--records 20000,100000"
 # `make bench-operator`: the operator with 100/400/1,000 FineTuneJobs on the local control plane.
 # Another checkout's operator: make bench-operator BENCH_OPERATOR_ARGS="--operator-src /tmp/kt-before"
+# A new job's start among 1,000 live ones (100 new at 2/s), beside the burst:
+#   make bench-operator BENCH_OPERATOR_ARGS="--mode burst,steady --jobs 1000 --live 1000 --new 100 --rate 2"
 .PHONY: bench-trainer bench-data bench-operator
 
 BENCH_ARGS ?= --device cpu --model tiny --steps 30
@@ -17,5 +19,5 @@ bench-trainer: venv ## Trainer throughput vs HF Trainer + PEFT, as a markdown sn
 bench-data: venv ## Data path time and peak RSS at 200k/1M chat records vs HF datasets (BENCH_DATA_ARGS=...)
 	$(PY) bench/bench_data.py $(BENCH_DATA_ARGS)
 
-bench-operator: venv control-plane ## Operator latency, CPU, RSS, API requests at 100-1,000 jobs (BENCH_OPERATOR_ARGS=...)
+bench-operator: venv control-plane ## Operator latency, CPU, RSS, API requests at 100-1,000 jobs; --mode steady: start latency among 1,000 (BENCH_OPERATOR_ARGS=...)
 	$(PY) bench/bench_operator.py $(BENCH_OPERATOR_ARGS)

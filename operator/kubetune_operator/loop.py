@@ -16,7 +16,9 @@ import asyncio
 import collections
 import copy
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -33,6 +35,53 @@ THREADS = 16  # worker threads for the API calls of reconciles (and as many pool
 WRITTEN_TTL = 10.0  # seconds our own writes stand in for a watch that has not brought them back yet
 KOPF_FINALIZER = "kubetune.io/finalizer"  # kopf's, on each FineTuneJob, for its daemon
 SUPERVISORS: dict[tuple[str, str], Supervisor] = {}  # (namespace, name) -> its supervisor
+
+
+@dataclass
+class _Flight:
+    requested: float  # time.monotonic() before the request went out
+    items: list[dict] | None = None
+    error: Exception | None = None
+    done: bool = False
+
+
+class SharedList:
+    """One LIST at a time, shared by the reconciles that need it (the other FineTuneJobs, for the output check).
+    A caller gets the answer of a LIST requested after it asked, so every FineTuneJob created before its own is
+    in it, as if it had listed alone; callers that ask while a LIST is in flight share the next one. A burst of
+    new jobs makes one LIST per round trip, not one each (each answers every FineTuneJob). Nothing is kept
+    once a LIST's callers have its answer (read-only for them)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._flight: _Flight | None = None
+
+    def get(self, fetch: Callable[[], list[dict]]) -> list[dict]:
+        asked = time.monotonic()
+        with self._changed:
+            while self._flight and self._flight.requested < asked:  # requested before this caller asked
+                self._changed.wait()
+            flight = self._flight
+            if flight:  # requested since: share it
+                while not flight.done:
+                    self._changed.wait()
+                if flight.error:
+                    raise flight.error
+                return flight.items
+            flight = self._flight = _Flight(time.monotonic())
+        try:
+            flight.items = fetch()
+            return flight.items
+        except Exception as e:
+            flight.error = e
+            raise
+        finally:
+            with self._changed:
+                flight.done, self._flight = True, None
+                self._changed.notify_all()
+
+
+FINETUNEJOBS: dict[str, SharedList] = {}  # namespace -> the LIST its new jobs share (kube.Kube.finetunejobs)
 
 
 def wake(namespace: str | None, name: str | None, resource_version: str | None = None) -> None:
@@ -217,7 +266,8 @@ def apply(api: kube.Kube, body: dict, observed: Observed, logger: logging.Logger
     if policy.needs_admission_check(body, settings.policy):
         observed.admission_policy = api.admission_policy(settings.policy.binding)
     if reconcile.needs_output_check(body):  # from the API server, not the index: a job created a moment ago too
-        observed.finetunejobs = api.finetunejobs(meta["namespace"])
+        shared = FINETUNEJOBS.setdefault(meta["namespace"], SharedList())
+        observed.finetunejobs = shared.get(lambda: api.finetunejobs(meta["namespace"]))
     d = decide(body, observed, now, settings)
     created: list[dict] = []
     try:

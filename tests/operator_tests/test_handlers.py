@@ -4,6 +4,7 @@ refusals as status, work that waits for the status, orphaned finalizers, operato
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import kopf
@@ -267,3 +268,74 @@ def test_apply_reads_the_other_finetunejobs_from_the_api_before_the_first_child(
     started = body(status={"phase": "Pending", "conditions": [validating]})
     loop.apply(fake, started, Observed(), LOG, SETTINGS)
     assert not [c for c in fake.calls if c[1].endswith("/finetunejobs")]
+
+
+class GatedLists:
+    """A LIST for SharedList that waits at a gate: the Nth call returns [{"list": N}] once gate N opens, or
+    raises where `fail` says so."""
+
+    def __init__(self, fail: set[int] = frozenset()):
+        self.count, self.fail = 0, fail
+        self.entered = {n: threading.Event() for n in range(1, 5)}
+        self.gates = {n: threading.Event() for n in range(1, 5)}
+
+    def __call__(self) -> list[dict]:
+        self.count += 1
+        n = self.count
+        self.entered[n].set()
+        assert self.gates[n].wait(10)
+        if n in self.fail:
+            raise kube.ApiError(504, "Timeout: request did not complete within the allotted timeout")
+        return [{"list": n}]
+
+
+def _callers(shared: loop.SharedList, fetch: GatedLists, n: int) -> tuple[list[threading.Thread], list]:
+    results: list = [None] * n
+
+    def call(i: int) -> None:
+        try:
+            results[i] = shared.get(fetch)
+        except kube.ApiError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def _waiting(shared: loop.SharedList, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while len(shared._changed._waiters) != n:  # CPython's Condition: the threads blocked in wait()
+        assert time.monotonic() < deadline, f"{len(shared._changed._waiters)} callers wait, not {n}"
+        time.sleep(0.01)
+
+
+def test_a_shared_list_answers_each_caller_with_a_list_requested_after_it_asked():
+    """Callers that ask while a LIST is in flight do not get it (a job created a moment before theirs could be
+    missing from it): they share the next one, one LIST for all of them."""
+    shared, fetch = loop.SharedList(), GatedLists()
+    first, first_result = _callers(shared, fetch, 1)
+    assert fetch.entered[1].wait(10)
+    later, later_results = _callers(shared, fetch, 5)
+    _waiting(shared, 5)
+    fetch.gates[1].set()
+    assert fetch.entered[2].wait(10)
+    _waiting(shared, 4)  # one of them lists, the other four wait for its answer
+    fetch.gates[2].set()
+    for t in first + later:
+        t.join(10)
+    assert first_result == [[{"list": 1}]]
+    assert later_results == [[{"list": 2}]] * 5
+    assert fetch.count == 2 and shared._flight is None  # nothing kept
+
+
+def test_a_failed_shared_list_fails_its_callers_and_the_next_caller_lists_again():
+    shared, fetch = loop.SharedList(), GatedLists(fail={1})
+    callers, results = _callers(shared, fetch, 1)
+    assert fetch.entered[1].wait(10)
+    fetch.gates[1].set()
+    callers[0].join(10)
+    assert isinstance(results[0], kube.ApiError) and results[0].status == 504
+    fetch.gates[2].set()
+    assert shared.get(fetch) == [{"list": 2}] and shared._flight is None
