@@ -94,9 +94,9 @@ def summarize(runs: dict[str, list[TrialCost]], tolerance: float, baseline: str 
     out = {}
     for name, trials in runs.items():
         to = None if target is None else cpu_to_target(trials, target, tolerance)
-        out[name] = {"cpu_s": sum(t.cpu_s for t in trials), "steps": sum(t.steps for t in trials),
-                     "pruned": sum(t.phase == "Pruned" for t in trials), "best": best_metric(trials),
-                     "target": target, "cpu_to_target": to}
+        out[name] = {"trials": len(trials), "cpu_s": sum(t.cpu_s for t in trials),
+                     "steps": sum(t.steps for t in trials), "pruned": sum(t.phase == "Pruned" for t in trials),
+                     "best": best_metric(trials), "target": target, "cpu_to_target": to}
     base = out[baseline]["cpu_to_target"]
     for row in out.values():
         row["ratio"] = None if row["cpu_to_target"] is None or not base else row["cpu_to_target"] / base
@@ -143,27 +143,38 @@ def sweep_doc(args, base: Path, data: dict[str, Path], out: Path, algorithm: str
             "algorithm": algorithm, "earlyStopping": pruning, "seed": seed, "maxTrials": trials,
             "maxFailedTrials": trials, "output": {"uri": str(out) + "/"}}
     return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneSweep",
-            "metadata": {"name": f"{algorithm}-{pruning}-{seed}"}, "spec": spec}
+            "metadata": {"name": out.name}, "spec": spec}
+
+
+def parse_sweep(name: str) -> tuple[str, str, int | None] | None:
+    """`tpe+asha` or `tpe+asha@36` (maxTrials 36 instead of --trials): (algorithm, pruning, trials); None if bad."""
+    sweep, _, trials = name.partition("@")
+    algorithm, _, pruning = sweep.partition("+")
+    if algorithm not in ("tpe", "random") or pruning not in ("asha", "median", "none") \
+            or (trials and not trials.isdigit()):
+        return None
+    return algorithm, pruning, int(trials) if trials else None
 
 
 def run_one(args, base: Path, data: dict[str, Path], work: Path, name: str, seed: int,
             trials: int | None = None) -> list[TrialCost]:
-    """One sweep (`trials`: maxTrials, else --trials): its trials, each with the CPU-s and steps it took."""
+    """One sweep (`trials`: maxTrials, else the name's, else --trials): its trials, each with the CPU-s and steps
+    it took."""
     from kubetune_api import FineTuneSweep
     from kubetune_trainer.pipeline import run as run_pipeline
     from kubetune_trainer.sweep import run_sweep
 
-    algorithm, pruning = name.split("+")
-    out = work / "sweeps" / f"{algorithm}-{pruning}-{seed}"
-    sweep = FineTuneSweep.model_validate(sweep_doc(args, base, data, out, algorithm, pruning, seed,
-                                                   trials or args.trials))
+    algorithm, pruning, more = parse_sweep(name)
+    trials = trials or more or args.trials
+    out = work / "sweeps" / (f"{algorithm}-{pruning}-{seed}" + (f"-{trials}" if more else ""))
+    sweep = FineTuneSweep.model_validate(sweep_doc(args, base, data, out, algorithm, pruning, seed, trials))
     costs: list[dict] = []
 
     def timed(config, report, stop):  # pipeline.run, measured
         steps = [0]
 
-        def counting(event: dict) -> None:
-            if event["event"] == "train":
+        def counting(event: dict) -> None:  # train events come per logging window: the last step of any event
+            if event["event"] in ("train", "validation", "stopped"):
                 steps[0] = max(steps[0], event["step"])
             report(event)
 
@@ -192,19 +203,19 @@ def _num(value, fmt: str = "{:.1f}", none: str = "not reached") -> str:
 
 
 def markdown(args, seeds: dict[int, dict[str, dict]], facts: dict) -> str:
-    lines = [f"### TPE + ASHA vs no pruning vs random search: {args.trials} trials, {args.steps} steps each", "",
+    lines = [f"### TPE + ASHA vs no pruning vs random search: {args.trials} trials of {args.steps} steps", "",
              f"Tiny Llama ({facts['params'] / 1e6:.2f}M parameters, pre-trained {args.pretrain} steps), LoRA on "
              f"{args.train} support chats (validation {args.validation}), batch 8, validation every {args.every} "
              f"steps (ASHA's rungs at {args.every} x 3^n steps); learningRate log-uniform in [1e-5, 1e-1], lora.r "
              f"log-uniform integer in [2, 32]. Target: {BASELINE}'s best validation loss for the seed, reached within "
              f"{args.tolerance:.0%}. CPU-s: this process's user + system time over each trial "
              f"(one torch thread), everything a trial costs included.", "",
-             "| seed | sweep | trials pruned | steps trained | CPU-s total | best loss | CPU-s to target | "
+             "| seed | sweep | trials | pruned | steps trained | CPU-s total | best loss | CPU-s to target | "
              f"vs {BASELINE} (to target) | vs {BASELINE} (total) |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for seed, rows in seeds.items():
         for name, r in rows.items():
-            lines.append(f"| {seed} | {name} | {r['pruned']} | {r['steps']} | {r['cpu_s']:.1f} | "
+            lines.append(f"| {seed} | {name} | {r['trials']} | {r['pruned']} | {r['steps']} | {r['cpu_s']:.1f} | "
                          f"{_num(r['best'], '{:.4f}', 'none')} | {_num(r['cpu_to_target'])} | "
                          f"{_num(r['ratio'], '{:.0%}', '-')} | {_num(r['total_ratio'], '{:.0%}', '-')} |")
     lines.append("")
@@ -242,7 +253,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=3, help="evaluation.everySteps (ASHA's first rung)")
     parser.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], default=[0, 1])
     parser.add_argument("--algorithms", type=lambda v: v.split(","), default=[ASHA, BASELINE, "random+none"],
-                        help="comma-separated <tpe|random>+<asha|median|none>; must include tpe+none")
+                        help="comma-separated <tpe|random>+<asha|median|none>[@trials]; must include tpe+none; "
+                        "@trials: this sweep's maxTrials, e.g. tpe+asha@36 for the no-pruning sweep's compute")
     parser.add_argument("--tolerance", type=float, default=0.01, help="relative, on the target loss")
     parser.add_argument("--pretrain", type=int, default=150, help="pre-training steps of the tiny base")
     parser.add_argument("--train", type=int, default=96, help="training records")
@@ -251,9 +263,8 @@ def main() -> None:
     args = parser.parse_args()
     if BASELINE not in args.algorithms:
         parser.error(f"--algorithms must include {BASELINE} (the target)")
-    if bad := [a for a in args.algorithms if a.split("+")[0] not in ("tpe", "random")
-               or a.partition("+")[2] not in ("asha", "median", "none")]:
-        parser.error(f"--algorithms: {', '.join(bad)}: use <tpe|random>+<asha|median|none>")
+    if bad := [a for a in args.algorithms if parse_sweep(a) is None]:
+        parser.error(f"--algorithms: {', '.join(bad)}: use <tpe|random>+<asha|median|none>[@trials]")
 
     import torch
 

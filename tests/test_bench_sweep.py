@@ -4,7 +4,7 @@ trials."""
 
 from __future__ import annotations
 
-from bench.bench_sweep import TrialCost, best_metric, cpu_to_target, goal_met, summarize
+from bench.bench_sweep import TrialCost, best_metric, cpu_to_target, goal_met, parse_sweep, summarize
 
 
 def trial(number: int, phase: str, metric: float | None, cpu_s: float, steps: int = 27) -> TrialCost:
@@ -30,7 +30,7 @@ def test_cpu_to_target_counts_every_trial_until_the_first_that_reached_it_within
 
 def test_summarize_compares_each_sweep_with_tpe_without_pruning():
     rows = summarize({"tpe+asha": ASHA, "tpe+none": NONE}, tolerance=0.01)
-    assert rows["tpe+none"] == {"cpu_s": 30, "steps": 81, "pruned": 0, "best": 1.5, "target": 1.5,
+    assert rows["tpe+none"] == {"trials": 3, "cpu_s": 30, "steps": 81, "pruned": 0, "best": 1.5, "target": 1.5,
                                 "cpu_to_target": 20, "ratio": 1.0, "total_ratio": 1.0}
     asha = rows["tpe+asha"]
     assert (asha["cpu_s"], asha["steps"], asha["pruned"], asha["best"]) == (21, 57, 1, 1.51)
@@ -43,3 +43,8 @@ def test_the_goal_is_the_same_best_loss_for_at_most_60_percent_of_the_cpu():
     assert not goal_met(summarize({"tpe+asha": ASHA, "tpe+none": NONE}, 0.01)["tpe+asha"], 0.01)  # 70%
     worse = [trial(0, "Succeeded", 1.6, 15), trial(1, "Pruned", None, 1)]
     assert not goal_met(summarize({"tpe+asha": worse, "tpe+none": NONE}, 0.01)["tpe+asha"], 0.01)  # cheap, worse
+
+
+def test_a_sweep_is_named_algorithm_plus_pruning_with_an_optional_trial_count():
+    assert parse_sweep("tpe+asha") == ("tpe", "asha", None) and parse_sweep("tpe+asha@36") == ("tpe", "asha", 36)
+    assert parse_sweep("grid+none") is parse_sweep("tpe+hyperband") is parse_sweep("tpe+asha@x") is None
