@@ -7,11 +7,14 @@
 # Another checkout's operator: make bench-operator BENCH_OPERATOR_ARGS="--operator-src /tmp/kt-before"
 # A new job's start among 1,000 live ones (100 new at 2/s), beside the burst:
 #   make bench-operator BENCH_OPERATOR_ARGS="--mode burst,steady --jobs 1000 --live 1000 --new 100 --rate 2"
-.PHONY: bench-trainer bench-data bench-operator
+# `make bench-sweep`: CPU-s and best validation loss of TPE + ASHA vs TPE without pruning vs random search (tiny task).
+# A quick try: make bench-sweep BENCH_SWEEP_ARGS="--trials 6 --seeds 0"
+.PHONY: bench-trainer bench-data bench-operator bench-sweep
 
 BENCH_ARGS ?= --device cpu --model tiny --steps 30
 BENCH_DATA_ARGS ?= --records 200000,1000000
 BENCH_OPERATOR_ARGS ?= --jobs 100,400,1000 --window 60
+BENCH_SWEEP_ARGS ?= --trials 12 --steps 27 --seeds 0,1
 
 bench-trainer: venv ## Trainer throughput vs HF Trainer + PEFT, as a markdown snippet (BENCH_ARGS=...)
 	$(PY) bench/bench_trainer.py $(BENCH_ARGS)
@@ -21,3 +24,6 @@ bench-data: venv ## Data path time and peak RSS at 200k/1M chat records vs HF da
 
 bench-operator: venv control-plane ## Operator latency, CPU, RSS, API requests at 100-1,000 jobs; --mode steady: start latency among 1,000 (BENCH_OPERATOR_ARGS=...)
 	$(PY) bench/bench_operator.py $(BENCH_OPERATOR_ARGS)
+
+bench-sweep: venv ## Sweep compute to the best loss: TPE + ASHA vs no pruning vs random, on CPU (BENCH_SWEEP_ARGS=...)
+	$(PY) bench/bench_sweep.py $(BENCH_SWEEP_ARGS)
