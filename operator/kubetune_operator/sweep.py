@@ -45,11 +45,13 @@ from kubetune_api import (
 )
 from kubetune_search import (  # the spec's search as Optuna's, shared with the local `kubetune sweep`
     ENDED,
+    PROMOTED,
     ask,
     best_trial,
     distributions,
     fits,
     grid,  # noqa: F401 - re-exported: the grid of a spec, as the operator's tests read it
+    promotion_record,
     pruned_why,
     retrain_name,
     retrain_spec,
@@ -285,10 +287,9 @@ def _promote(d: SweepDecision, sweep: dict, spec: FineTuneSweepSpec, best: Trial
     """spec.promote best or retrain, once the search is done: (retrain: train the best parameters on train +
     validation first, then) create the promotion Job, or read how it ended. Returns the finished condition (None
     while it runs), a failed one with the sweep's `reason`."""
-    uri = join_uri(spec.output.uri, "best/")
+    uri = join_uri(spec.output.uri, PROMOTED)
     d.status["promotion"] = {**(d.status.get("promotion") or {}), "trial": best.name, "uri": uri, "phase": "Running"}
-    record = {"sweep": sweep["metadata"]["name"], "trial": best.name, "parameters": best.parameters,
-              "metric": {spec.metric(): best.metric}, "step": best.step}
+    retrained = None
     source = next((j for j in jobs if j["metadata"]["name"] == best.name), None)
     if spec.promote == Promote.retrain:
         source = _retrain(d, sweep, spec, best, jobs)
@@ -299,11 +300,12 @@ def _promote(d: SweepDecision, sweep: dict, spec: FineTuneSweepSpec, best: Trial
                     "message": f"the retrain {retrain['job']} failed: {retrain.get('message') or 'see its status'}"}
         if source is None:
             return None
-        record["retrain"] = retrain["job"]
+        retrained = retrain["job"]
     ended = job_finished(promotion)
     if promotion is None and source is None:  # deleted by hand: its config and credentials with it
         d.status["promotion"].update(phase="Failed", message=f"{best.name}'s FineTuneJob was deleted")
     elif promotion is None:
+        record = promotion_record(sweep["metadata"]["name"], spec, best, retrained)
         d.create.append(promotion_job(sweep, source, uri, record, settings or OperatorSettings()))
         d.events.append(("Normal", Reason.Promoting.value, f"copying {source['metadata']['name']}'s output to {uri}"))
     elif ended and ended["type"] == "Complete":

@@ -30,6 +30,7 @@ TRIALS = "trials/"  # under the sweep's output.uri: each trial's output prefix, 
 DATA_CACHE = "data-cache/"  # under the sweep's output.uri: the trials' shared data cache
 RETRAIN = "fit"  # promote retrain: the run <sweep>-fit (at most 50 characters, as a trial's name)
 RETRAINED = "retrain/"  # under the sweep's output.uri: its output
+PROMOTED = "best/"  # under the sweep's output.uri: where promote best (or retrain) copies the winner
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the operator's log and Events, the local table say what matters
 logging.getLogger("optuna").propagate = False
@@ -190,3 +191,11 @@ def retrain_spec(template: dict, spec: FineTuneSweepSpec, name: str, parameters:
     for key in ("everySteps", "earlyStopping"):
         (doc.get("evaluation") or {}).pop(key, None)
     return doc
+
+
+def promotion_record(sweep: str, spec: FineTuneSweepSpec, best, retrain: str | None = None) -> dict:
+    """sweep.json beside the promoted output: the sweep, its best trial (name, parameters, metric and step) and,
+    with promote retrain, the run that trained those parameters once more."""
+    record = {"sweep": sweep, "trial": best.name, "parameters": best.parameters,
+              "metric": {spec.metric(): best.metric}, "step": best.step}
+    return {**record, "retrain": retrain} if retrain else record

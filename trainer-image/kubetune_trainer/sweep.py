@@ -35,8 +35,10 @@ from kubetune_api import (
 from kubetune_api.exitcodes import EXIT_CONFIG_INVALID, EXIT_UNEXPECTED
 from kubetune_search import (
     ENDED,
+    PROMOTED,
     ask,
     best_trial,
+    promotion_record,
     pruned_why,
     retrain_name,
     retrain_spec,
@@ -58,7 +60,6 @@ from .redact import redact
 from .train import StopSignal
 
 PRUNING = "the sweep's pruner"  # what asked the trial to stop (the stopped event's reason)
-BEST = "best/"  # under the sweep's output.uri: where promote best copies the winner
 
 
 @dataclass
@@ -198,8 +199,6 @@ def _end(run: SweepRun, template: dict, work_dir: Path, train: Train, show: Show
         return run.finish(SweepPhase.Failed, Reason.NoTrialSucceeded, f"{done} trials done, none succeeded with a "
                           f"{run.metric} on the validation split", EXIT_UNEXPECTED)
     source = best
-    record = {"sweep": run.sweep.metadata.name, "trial": best.name, "parameters": best.parameters,
-              "metric": {run.metric: best.metric}, "step": best.step}
     if spec.promote == Promote.retrain:
         name = retrain_name(run.sweep.metadata.name)
         source = run.retrain = TrialRow(name, best.number, best.parameters)
@@ -213,9 +212,9 @@ def _end(run: SweepRun, template: dict, work_dir: Path, train: Train, show: Show
         if source.phase != TrialPhase.Succeeded:
             return run.finish(SweepPhase.Failed, Reason.RetrainFailed, f"{name}: {source.reason}",
                               source.exit_code or EXIT_UNEXPECTED)
-        record["retrain"] = name
     if spec.promote in (Promote.best, Promote.retrain):
-        to = join_uri(spec.output.uri, BEST)
+        to = join_uri(spec.output.uri, PROMOTED)
+        record = promotion_record(run.sweep.metadata.name, spec, best, run.retrain and run.retrain.name)
         try:
             promote(source.config, to, record, report=lambda event: None)  # the sweep's last line says where
         except Exception as e:  # noqa: BLE001 - the sweep fails, saying why
