@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import kopf
 
-from . import GROUP, PLURAL, VERSION, children, discovery, kube, kueue, loop, metrics
+from . import GROUP, PLURAL, VERSION, children, discovery, kube, kueue, loop, metrics, outputs
 
 FTJ = (GROUP, VERSION, PLURAL)
 CHILDREN = {"jobs": ("batch", "v1", "jobs"), "pods": ("", "v1", "pods"), "services": ("", "v1", "services"),
@@ -87,6 +87,17 @@ async def stop_following_kueue(memo: kopf.Memo, **_) -> None:
     follower = getattr(memo, "kueue_follower", None)
     if follower:
         follower.cancel()
+
+
+@kopf.on.startup()
+async def watch_outputs(**_) -> None:
+    """The output check's own watch of the FineTuneJobs (outputs.py); kopf runs only on the Lease's holder."""
+    outputs.start(kube.client())
+
+
+@kopf.on.cleanup()
+async def stop_watching_outputs(**_) -> None:
+    await asyncio.to_thread(outputs.stop)
 
 
 @kopf.on.event(*CHILDREN["pods"], labels=LABELS)

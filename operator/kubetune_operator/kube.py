@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable, Iterator
 
 import kubernetes
 from kubetune_api import Reason
@@ -70,6 +71,32 @@ class Kube:
         if resp.status >= 400:
             raise ApiError(resp.status, data.decode(errors="replace"))
         return json.loads(data) if data else None
+
+    def watch(self, path: str, query: dict, timeout: float,
+              opened: Callable[[Callable[[], None]], None] = lambda shutdown: None) -> Iterator[dict]:
+        """A WATCH of `path`: its events, one dict each, as the API server streams them, until it ends the watch
+        (its timeoutSeconds) or nothing arrives for `timeout` seconds (urllib3's read timeout). An error before
+        the stream raises ApiError; one in it is an event of type ERROR (410 Gone among them). `opened` is given
+        a function that ends the stream from another thread (a read blocked in it returns)."""
+        headers = {"Accept": "application/json"}
+        _, url, headers, _, _ = self.api.param_serialize(
+            method="GET", resource_path=path, query_params=[*query.items(), ("watch", "true")],
+            header_params=headers, auth_settings=["BearerToken"])
+        resp = self.api.call_api("GET", url, headers, _request_timeout=(10, timeout))
+        if resp.status >= 400:
+            raise ApiError(resp.status, resp.read().decode(errors="replace"))
+        stream, pending = resp.response, b""
+        opened(stream.shutdown)
+        try:
+            for chunk in stream.stream(amt=None, decode_content=True):
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+        finally:  # closed, not returned to the pool: it may hold the rest of the stream
+            stream.close()
+            stream.release_conn()
 
     def get(self, path: str) -> dict | None:
         try:

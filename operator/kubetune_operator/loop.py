@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 import kopf
 from kubetune_api import Reason
 
-from . import children, discovery, kube, metrics, policy, reconcile
+from . import children, discovery, kube, metrics, outputs, policy, reconcile
 from .reconcile import Decision, Observed, decide
 from .scrape import Scraper
 from .settings import OperatorSettings
@@ -40,7 +40,7 @@ SUPERVISORS: dict[tuple[str, str], Supervisor] = {}  # (namespace, name) -> its 
 @dataclass
 class _Flight:
     requested: float  # time.monotonic() before the request went out
-    items: list[dict] | None = None
+    items: list | None = None
     error: Exception | None = None
     done: bool = False
 
@@ -56,7 +56,7 @@ class SharedList:
         self._changed = threading.Condition()
         self._flight: _Flight | None = None
 
-    def get(self, fetch: Callable[[], list[dict]]) -> list[dict]:
+    def get(self, fetch: Callable[[], list]) -> list:
         asked = time.monotonic()
         with self._changed:
             while self._flight and self._flight.requested < asked:  # requested before this caller asked
@@ -81,7 +81,7 @@ class SharedList:
                 self._changed.notify_all()
 
 
-FINETUNEJOBS: dict[str, SharedList] = {}  # namespace -> the LIST its new jobs share (kube.Kube.finetunejobs)
+FINETUNEJOBS: dict[str, SharedList] = {}  # namespace -> the LIST its new jobs share when outputs.py cannot answer
 
 
 def wake(namespace: str | None, name: str | None, resource_version: str | None = None) -> None:
@@ -265,9 +265,8 @@ def apply(api: kube.Kube, body: dict, observed: Observed, logger: logging.Logger
         observed.training_job = kube.owned_by(api.get(kube.training_job_path(meta, current)), meta["uid"])
     if policy.needs_admission_check(body, settings.policy):
         observed.admission_policy = api.admission_policy(settings.policy.binding)
-    if reconcile.needs_output_check(body):  # from the API server, not the index: a job created a moment ago too
-        shared = FINETUNEJOBS.setdefault(meta["namespace"], SharedList())
-        observed.finetunejobs = shared.get(lambda: api.finetunejobs(meta["namespace"]))
+    if reconcile.needs_output_check(body):  # not kopf's index: a job created a moment ago counts too
+        observed.finetunejobs = other_outputs(api, body, logger)
     d = decide(body, observed, now, settings)
     created: list[dict] = []
     try:
@@ -297,6 +296,22 @@ def apply(api: kube.Kube, body: dict, observed: Observed, logger: logging.Logger
                    job=(meta["namespace"], meta["name"]), result=d.status.get("result"),
                    quality=(d.status.get("dataset") or {}).get("quality"))
     return d, written, created
+
+
+def other_outputs(api: kube.Kube, body: dict, logger: logging.Logger) -> list[reconcile.Output]:
+    """The FineTuneJobs' outputs as of `body`'s version or later (every job created before it is in): from the
+    operator's watch (outputs.py) once it has delivered `body`, with no request; else (it is late by
+    outputs.WAIT_SECONDS, or not running) a LIST from the API server, shared by the jobs waiting for one."""
+    cache = outputs.current()
+    found = cache.others(body) if cache else None
+    if found is None:
+        if cache:
+            logger.info("the output check's watch has not brought this job within %ss: listing FineTuneJobs",
+                        cache.wait_seconds)
+        namespace = body["metadata"]["namespace"]
+        shared = FINETUNEJOBS.setdefault(namespace, SharedList())
+        found = shared.get(lambda: [reconcile.output_of(o) for o in api.finetunejobs(namespace)])
+    return found
 
 
 def _write_status(api: kube.Kube, body: dict, changes: dict) -> dict | None:

@@ -20,6 +20,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from kubetune_api import TERMINAL, FineTuneJobSpec, Phase, Reason, join_uri
 from pydantic import ValidationError
@@ -76,9 +77,10 @@ class Observed:
     scrape_failures: int = 0  # scrapes of rank 0 that failed in a row
     scrape_error: str | None = None
     admission_policy: str | None = None  # since when the API server enforces the admission policy (policy.py)
-    # Before the first child (needs_output_check): the FineTuneJobs the operator may list, read from the API
-    # server (loop.apply), for the refusal of a second unfinished job on one output prefix. None: not read.
-    finetunejobs: list[dict] | None = None
+    # Before the first child (needs_output_check): the FineTuneJobs the operator may list, as of this job's
+    # version or later (loop.apply: outputs.py's watch, else a LIST), for the refusal of a second unfinished job
+    # on one output prefix. None: not read.
+    finetunejobs: list[Output] | None = None
     workloads: list[dict] = field(default_factory=list)  # Kueue's Workloads in the FineTuneJob's namespace
     network_policy: dict | None = None  # children.network_policy
 
@@ -214,6 +216,28 @@ def needs_output_check(body: dict) -> bool:
     return status.get("phase") not in TERMINAL and not get_condition(status, "Validated")
 
 
+class Output(NamedTuple):
+    """What the output check (output_taken) reads of another FineTuneJob: a few strings, not its body (the
+    operator keeps one per FineTuneJob, outputs.py)."""
+
+    uid: str
+    namespace: str
+    name: str
+    created: str  # metadata.creationTimestamp (RFC 3339, UTC: the strings order as the times do)
+    uri: str  # spec.output.uri ("" when it has none)
+    phase: str  # status.phase ("" before the first status)
+    validated: bool  # has a Validated condition: past its own check, it keeps its prefix
+    deleting: bool  # metadata.deletionTimestamp is set
+
+
+def output_of(body: dict) -> Output:
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    uri = ((body.get("spec") or {}).get("output") or {}).get("uri")
+    return Output(meta.get("uid", ""), meta.get("namespace", ""), meta.get("name", ""),
+                  meta.get("creationTimestamp") or "", uri if isinstance(uri, str) else "", status.get("phase") or "",
+                  get_condition(status, "Validated") is not None, bool(meta.get("deletionTimestamp")))
+
+
 def _output_key(namespace: str, uri: str) -> tuple[str, str]:
     """What two outputs share when one prefix lies in the other: an s3:// prefix is the same for every namespace,
     a pvc:// (or local) path only within one (each namespace has its own claims)."""
@@ -221,26 +245,21 @@ def _output_key(namespace: str, uri: str) -> tuple[str, str]:
     return ("", folder) if folder.startswith("s3://") else (namespace, folder)
 
 
-def output_taken(body: dict, spec: FineTuneJobSpec, others: list[dict] | None) -> str | None:
+def output_taken(body: dict, spec: FineTuneJobSpec, others: list[Output] | None) -> str | None:
     """Why `body` may not start: another unfinished FineTuneJob writes to its output prefix (the same, or one
     inside the other) and came first (created earlier, or already past validation). None: it may start."""
     meta = body["metadata"]
     scope, mine = _output_key(meta["namespace"], spec.output.uri)
     me = (meta.get("creationTimestamp") or "", meta["namespace"], meta["name"])
     for other in others or []:
-        ometa, ostatus = other.get("metadata") or {}, other.get("status") or {}
-        if ometa.get("uid") == meta.get("uid") or ostatus.get("phase") in TERMINAL or ometa.get("deletionTimestamp"):
+        if other.uid == meta.get("uid") or other.phase in TERMINAL or other.deleting or not other.uri:
             continue
-        uri = ((other.get("spec") or {}).get("output") or {}).get("uri")
-        if not isinstance(uri, str) or not uri:
-            continue
-        oscope, theirs = _output_key(ometa.get("namespace", ""), uri)
+        oscope, theirs = _output_key(other.namespace, other.uri)
         if oscope != scope or not (theirs.startswith(mine) or mine.startswith(theirs)):
             continue
-        first = (ometa.get("creationTimestamp") or "", ometa.get("namespace", ""), ometa.get("name", ""))
-        if first < me or get_condition(ostatus, "Validated"):
-            return (f"output.uri {spec.output.uri} is in use: FineTuneJob {ometa.get('namespace')}/{ometa.get('name')}"
-                    f" (phase {ostatus.get('phase') or 'Pending'}) writes to {uri} and has not finished; two runs "
+        if (other.created, other.namespace, other.name) < me or other.validated:
+            return (f"output.uri {spec.output.uri} is in use: FineTuneJob {other.namespace}/{other.name}"
+                    f" (phase {other.phase or 'Pending'}) writes to {other.uri} and has not finished; two runs "
                     "on one prefix would overwrite each other. Set another output.uri, or wait until that job has "
                     "finished (or delete it) and create this one again")
     return None

@@ -8,7 +8,7 @@ import pytest
 from kubetune_api import FineTuneJobSpec, FineTuneJobStatus
 from kubetune_operator import children
 from kubetune_operator.conditions import get_condition
-from kubetune_operator.reconcile import Decision, Observed, decide
+from kubetune_operator.reconcile import Decision, Observed, decide, output_of
 from kubetune_operator.settings import OperatorSettings
 
 from .builders import NOW, ftj, job, pod
@@ -673,38 +673,45 @@ def _other(name: str, uri: str, created: str, namespace: str = "ml", **status) -
     return body
 
 
+def seen(*bodies: dict) -> list:
+    """The other FineTuneJobs as the check gets them (loop.apply: outputs.py's watch, else a LIST)."""
+    return [output_of(b) for b in bodies]
+
+
 def test_a_second_unfinished_job_on_one_output_prefix_is_refused_naming_the_first():
-    """The other FineTuneJobs come in as observed state (read from the API by loop.apply): the later of two
+    """The other FineTuneJobs come in as observed state (read by loop.apply): the later of two
     unfinished jobs on one prefix (or one inside the other) fails OutputInUse before any child; the first, a
-    finished one, another namespace's pvc:// path and an unrelated prefix do not count."""
+    finished or deleted one, another namespace's pvc:// path and an unrelated prefix do not count."""
     body = ftj()
     body["metadata"]["creationTimestamp"] = "2026-01-01T11:00:00Z"
     first = _other("first", "s3://adapters/demo", "2026-01-01T10:00:00Z", phase="Running")
-    d = run(body, Observed(finetunejobs=[body, first]))
+    d = run(body, Observed(finetunejobs=seen(body, first)))
     assert d.phase == "Failed" and d.status["reason"] == "OutputInUse" and not d.create
     assert "FineTuneJob ml/first (phase Running) writes to s3://adapters/demo" in d.status["message"]
     assert "Set another output.uri" in d.status["message"]
     inner = _other("inner", "s3://adapters/demo/sub/", "2026-01-01T10:00:00Z", namespace="other-team")
-    assert run(body, Observed(finetunejobs=[inner])).status["reason"] == "OutputInUse"  # s3: every namespace
+    assert run(body, Observed(finetunejobs=seen(inner))).status["reason"] == "OutputInUse"  # s3: every namespace
     later_but_started = _other("later", "s3://adapters/demo/", "2026-01-01T12:00:00Z",
                                conditions=[{"type": "Validated", "status": "Unknown", "reason": "Validating"}])
-    assert run(body, Observed(finetunejobs=[later_but_started])).status["reason"] == "OutputInUse"
+    assert run(body, Observed(finetunejobs=seen(later_but_started))).status["reason"] == "OutputInUse"
 
-    free = [_other("done", "s3://adapters/demo/", "2026-01-01T10:00:00Z", phase="Succeeded"),
+    deleted = _other("deleted", "s3://adapters/demo/", "2026-01-01T10:00:00Z", phase="Running")
+    deleted["metadata"]["deletionTimestamp"] = "2026-01-01T10:30:00Z"
+    free = [_other("done", "s3://adapters/demo/", "2026-01-01T10:00:00Z", phase="Succeeded"), deleted,
             _other("later", "s3://adapters/demo/", "2026-01-01T12:00:00Z"),
             _other("elsewhere", "s3://adapters/demo-2/", "2026-01-01T10:00:00Z"),
             body]
-    assert kinds(run(body, Observed(finetunejobs=free))) == ["demo-config", "demo-validate"]
+    assert kinds(run(body, Observed(finetunejobs=seen(*free)))) == ["demo-config", "demo-validate"]
     assert kinds(run(body, Observed())) == ["demo-config", "demo-validate"]  # not read: no refusal
 
     pvc = ftj({"output": {"uri": "pvc://shared/out/"}})
     pvc["metadata"]["creationTimestamp"] = "2026-01-01T11:00:00Z"
     theirs = _other("theirs", "pvc://shared/out/", "2026-01-01T10:00:00Z", namespace="other-team")
     policy = "2025-01-01T00:00:00Z"  # the admission policy checked who may mount the claim
-    assert kinds(run(pvc, Observed(finetunejobs=[theirs], admission_policy=policy))) == ["demo-config",
-                                                                                         "demo-validate"]
+    assert kinds(run(pvc, Observed(finetunejobs=seen(theirs), admission_policy=policy))) == ["demo-config",
+                                                                                             "demo-validate"]
     ours = _other("ours", "pvc://shared/out/", "2026-01-01T10:00:00Z")
-    assert run(pvc, Observed(finetunejobs=[ours], admission_policy=policy)).status["reason"] == "OutputInUse"
+    assert run(pvc, Observed(finetunejobs=seen(ours), admission_policy=policy)).status["reason"] == "OutputInUse"
 
 
 def test_a_started_job_does_not_look_for_other_jobs():
