@@ -12,8 +12,9 @@ A `Stream` is LIST (in pages) then WATCH from the list's resourceVersion with bo
 410 Gone it lists again at once, after any other error with a growing delay. It keeps per job only what the check
 reads (reconcile.Output, a tuple of a few strings), never bodies. The operator lists every namespace where it may;
 where it may not (403: an operator given its namespaces), one Stream per namespace asked about, as
-kube.Kube.finetunejobs does. A reader that waits longer than `wait_seconds` (the stream down, or far behind) gets
-None, and loop.apply lists from the API server instead: nothing is decided on an older view.
+kube.Kube.finetunejobs does. A reader that waits longer than `wait_seconds` (the stream far behind), or any reader
+while the stream is broken (between an error and its next LIST), gets None, and loop.apply lists from the API
+server instead: nothing is decided on an older view.
 
 Started by a kopf startup handler (handlers.py: kopf runs only on the replica that holds the Lease), stopped by
 its cleanup handler.
@@ -57,6 +58,7 @@ class Stream:
         self.entries: dict[str, Output] = {}  # uid -> what the check reads
         self.position = 0  # every change up to this resourceVersion is in `entries`
         self.forbidden = False  # the LIST answered 403: this operator may not list this scope
+        self.broken = False  # failed, waiting to list again: readers do not wait for it meanwhile
         self.lists = 0  # LISTs made (the first, and each relist)
         self._changed = threading.Condition()
         self._stop = threading.Event()
@@ -79,11 +81,11 @@ class Stream:
 
     def wait(self, rv: int, deadline: float) -> list[Output] | None:
         """Every Output once the stream has delivered all changes up to `rv`; None at `deadline` (time.monotonic),
-        or at once when the stream cannot get there (forbidden, stopped)."""
+        or at once when the stream cannot get there soon (forbidden, broken, stopped)."""
         with self._changed:
             while self.position < rv:
                 left = deadline - time.monotonic()
-                if left <= 0 or self.forbidden or self._stop.is_set():
+                if left <= 0 or self.forbidden or self.broken or self._stop.is_set():
                     return None
                 self._changed.wait(left)
             return list(self.entries.values())
@@ -114,6 +116,9 @@ class Stream:
     def _failed(self, error: Exception, errors: int) -> None:
         if self._stop.is_set():  # stop() shut the watch down
             return
+        with self._changed:
+            self.broken = True
+            self._changed.notify_all()
         delay = self.delays[min(errors, len(self.delays)) - 1]
         log.warning("the output check's watch of %s failed (list again in %ss; meanwhile new jobs list): %s: %s",
                     self.path, delay, type(error).__name__, error)
@@ -133,6 +138,7 @@ class Stream:
             query = {"limit": PAGE, "continue": meta["continue"]}
         with self._changed:
             self.entries, self.position = entries, version(meta.get("resourceVersion")) or 0
+            self.broken = False
             self._changed.notify_all()
 
     def _watch(self) -> None:

@@ -251,7 +251,11 @@ def test_an_error_lists_again_after_a_delay_and_a_reader_gets_none_meanwhile(api
     stream = outputs.Stream(api, delays=(0.3,)).start()
     try:
         rv = api.rv
-        assert stream.wait(rv, time.monotonic() + 0.1) is None  # the first LIST failed: no answer, no old view
+        eventually("the failure", lambda: stream.broken)
+        asked = time.monotonic()
+        assert stream.wait(rv, asked + 5) is None  # broken: at once, no answer (loop.apply lists), no old view
+        assert time.monotonic() - asked < 0.2
+        eventually("the second LIST", lambda: not stream.broken)
         assert names(stream.wait(rv, time.monotonic() + 5)) == ["a"]
         assert stream.lists == 2
     finally:
