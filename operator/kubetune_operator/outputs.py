@@ -144,6 +144,7 @@ class Stream:
     def _watch(self) -> None:
         query = {"resourceVersion": str(self.position), "allowWatchBookmarks": "true",
                  "timeoutSeconds": str(WATCH_SECONDS)}
+
         def opened(shutdown) -> None:
             self._shutdown = shutdown
             if self._stop.is_set():  # stopped while it was opening
@@ -176,6 +177,7 @@ class Outputs:
     def __init__(self, api: kube.Kube, wait_seconds: float = WAIT_SECONDS):
         self.api, self.wait_seconds = api, wait_seconds
         self.streams: dict[str | None, Stream] = {}  # None: every namespace
+        self.stopped = False
         self._lock = threading.Lock()
 
     def start(self) -> Outputs:
@@ -184,12 +186,14 @@ class Outputs:
 
     def stop(self) -> None:
         with self._lock:
-            streams, self.streams = list(self.streams.values()), {}
+            streams, self.streams, self.stopped = list(self.streams.values()), {}, True
         for stream in streams:
             stream.stop()
 
-    def _stream(self, namespace: str | None) -> Stream:
+    def _stream(self, namespace: str | None) -> Stream | None:
         with self._lock:
+            if self.stopped:  # a reconcile still running as the operator stops: it lists
+                return None
             if namespace not in self.streams:
                 self.streams[namespace] = Stream(self.api, namespace).start()
             return self.streams[namespace]
@@ -203,9 +207,10 @@ class Outputs:
             return None
         deadline = time.monotonic() + self.wait_seconds
         every = self._stream(None)
-        found = every.wait(rv, deadline)
-        if found is None and every.forbidden:
-            found = self._stream(meta["namespace"]).wait(rv, deadline)
+        found = every.wait(rv, deadline) if every else None
+        if found is None and every and every.forbidden:
+            mine = self._stream(meta["namespace"])
+            found = mine.wait(rv, deadline) if mine else None
         return found
 
 

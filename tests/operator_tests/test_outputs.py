@@ -310,6 +310,7 @@ def test_bookmarks_move_the_stream_on_a_watch_ended_resumes_and_stop_ends_it(api
     cache.stop()
     assert not stream._thread.is_alive()
     assert stream.wait(api.rv + 1, time.monotonic() + 5) is None  # stopped: at once
+    assert cache.others(api.create("after", "s3://out/x/")) is None and not cache.streams  # none started again
 
 
 def test_pages(api, running, monkeypatch):
