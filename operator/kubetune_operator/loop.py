@@ -46,7 +46,8 @@ class _Flight:
 
 
 class SharedList:
-    """One LIST at a time, shared by the reconciles that need it (the other FineTuneJobs, for the output check).
+    """One LIST at a time, shared by the reconciles that need it (the other FineTuneJobs, for the output check
+    where outputs.py's watch cannot answer: late, broken or not running).
     A caller gets the answer of a LIST requested after it asked, so every FineTuneJob created before its own is
     in it, as if it had listed alone; callers that ask while a LIST is in flight share the next one. A burst of
     new jobs makes one LIST per round trip, not one each (each answers every FineTuneJob). Nothing is kept
