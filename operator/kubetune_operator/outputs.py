@@ -130,8 +130,9 @@ class Stream:
         self.lists += 1
         while True:
             page = self.api.call("GET", self.path, query=query)
-            for body in page.get("items") or []:
-                entries[body["metadata"]["uid"]] = output_of(body)
+            for body in page.get("items") or []:  # a relist keeps where the watch saw each create
+                uid = body["metadata"]["uid"]
+                entries[uid] = output_of(body, getattr(self.entries.get(uid), "created_rv", 0))
             meta = page.get("metadata") or {}
             if not meta.get("continue"):
                 break
@@ -163,8 +164,10 @@ class Stream:
             with self._changed:
                 if kind == "DELETED":
                     self.entries.pop(meta.get("uid"), None)
-                elif kind in ("ADDED", "MODIFIED"):
-                    self.entries[meta["uid"]] = output_of(obj)
+                elif kind in ("ADDED", "MODIFIED"):  # ADDED: created now, at rv (KEP-5504's order)
+                    known = self.entries.get(meta["uid"])
+                    created_rv = known.created_rv if known else (rv or 0) if kind == "ADDED" else 0
+                    self.entries[meta["uid"]] = output_of(obj, created_rv)
                 if rv:  # BOOKMARK too: nothing changed up to there
                     self.position = max(self.position, rv)
                 self._changed.notify_all()

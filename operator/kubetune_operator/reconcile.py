@@ -228,14 +228,22 @@ class Output(NamedTuple):
     phase: str  # status.phase ("" before the first status)
     validated: bool  # has a Validated condition: past its own check, it keeps its prefix
     deleting: bool  # metadata.deletionTimestamp is set
+    # The resourceVersion of its create where a watch saw it (its ADDED event): orders two jobs created within
+    # one second of creationTimestamp. 0 where unknown (listed): those ties go by namespace and name.
+    created_rv: int = 0
 
 
-def output_of(body: dict) -> Output:
+def output_of(body: dict, created_rv: int = 0) -> Output:
     meta, status = body.get("metadata") or {}, body.get("status") or {}
     uri = ((body.get("spec") or {}).get("output") or {}).get("uri")
     return Output(meta.get("uid", ""), meta.get("namespace", ""), meta.get("name", ""),
                   meta.get("creationTimestamp") or "", uri if isinstance(uri, str) else "", status.get("phase") or "",
-                  get_condition(status, "Validated") is not None, bool(meta.get("deletionTimestamp")))
+                  get_condition(status, "Validated") is not None, bool(meta.get("deletionTimestamp")), created_rv)
+
+
+def _created(o: Output) -> tuple:
+    """The order of two creates: creationTimestamp has whole seconds; within one, the watch's order."""
+    return o.created, o.created_rv, o.namespace, o.name
 
 
 def _output_key(namespace: str, uri: str) -> tuple[str, str]:
@@ -250,14 +258,14 @@ def output_taken(body: dict, spec: FineTuneJobSpec, others: list[Output] | None)
     inside the other) and came first (created earlier, or already past validation). None: it may start."""
     meta = body["metadata"]
     scope, mine = _output_key(meta["namespace"], spec.output.uri)
-    me = (meta.get("creationTimestamp") or "", meta["namespace"], meta["name"])
+    me = _created(next((o for o in others or [] if o.uid == meta.get("uid")), output_of(body)))
     for other in others or []:
         if other.uid == meta.get("uid") or other.phase in TERMINAL or other.deleting or not other.uri:
             continue
         oscope, theirs = _output_key(other.namespace, other.uri)
         if oscope != scope or not (theirs.startswith(mine) or mine.startswith(theirs)):
             continue
-        if (other.created, other.namespace, other.name) < me or other.validated:
+        if _created(other) < me or other.validated:
             return (f"output.uri {spec.output.uri} is in use: FineTuneJob {other.namespace}/{other.name}"
                     f" (phase {other.phase or 'Pending'}) writes to {other.uri} and has not finished; two runs "
                     "on one prefix would overwrite each other. Set another output.uri, or wait until that job has "

@@ -714,6 +714,20 @@ def test_a_second_unfinished_job_on_one_output_prefix_is_refused_naming_the_firs
     assert run(pvc, Observed(finetunejobs=seen(ours), admission_policy=policy)).status["reason"] == "OutputInUse"
 
 
+def test_two_jobs_created_in_one_second_go_in_the_order_the_watch_saw_their_creates():
+    """creationTimestamp has whole seconds: within one, the resourceVersions of the creates (Output.created_rv)
+    decide, not the names, so the job that passed its check before the other existed stays the first."""
+    body = ftj()  # named demo, created second (resourceVersion 20)
+    body["metadata"]["creationTimestamp"] = "2026-01-01T11:00:00Z"
+    zed = _other("zed", "s3://adapters/demo/", "2026-01-01T11:00:00Z")  # created first, a larger name
+    assert run(body, Observed(finetunejobs=[output_of(body, 20), output_of(zed, 10)])).status["reason"] == \
+        "OutputInUse"
+    assert kinds(run(body, Observed(finetunejobs=[output_of(body, 10), output_of(zed, 20)]))) == [
+        "demo-config", "demo-validate"]
+    # where the creates' order is unknown (a LIST: 0), the names decide, as both jobs' checks see alike
+    assert kinds(run(body, Observed(finetunejobs=seen(body, zed)))) == ["demo-config", "demo-validate"]
+
+
 def test_a_started_job_does_not_look_for_other_jobs():
     from kubetune_operator.reconcile import needs_output_check
 
