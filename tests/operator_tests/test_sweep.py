@@ -146,6 +146,21 @@ def test_asha_prunes_a_running_trial_that_trails_at_a_rung():
     assert sw.decide(fts(status=old), jobs, NOW).prune == {}
 
 
+def test_a_trial_that_ended_between_scrapes_competes_with_its_published_evaluation():
+    """s-0 was scraped at step 2 only, then ended: its published step's value (result.selectedStep) joins its
+    history, so s-1, ahead at rung 0 (step 2) but trailing at rung 1 (step 6), is pruned there."""
+    done = trial(0, "Succeeded", history={2: 1.0}, final=0.5)
+    done["status"]["result"]["selectedStep"] = 8
+    jobs = [done, trial(1, history={6: 0.95})]
+    old = recorded(jobs, {0: {2: 1.0}, 1: {2: 0.9}})
+    d = sw.decide(fts(status=old), jobs, NOW)
+    assert d.status["trials"][0]["history"] == [
+        {"step": 2, "value": 1.0}, {"step": 8, "value": 0.5}]
+    assert list(d.prune) == ["s-1"] and "0.95 at step 6" in d.prune["s-1"]
+    del done["status"]["result"]["selectedStep"]  # without it, s-1 would be alone at rung 1: not pruned
+    assert sw.decide(fts(status=old), jobs, NOW).prune == {}
+
+
 def test_a_pruned_trial_stays_pruned_and_frees_its_slot():
     jobs = [trial(0, "Succeeded", final=0.6), trial(1, "Suspended", history={2: 3.0})]
     jobs[1]["metadata"]["annotations"][sw.PRUNED] = "s-1: trails"
@@ -244,7 +259,8 @@ def test_another_metric_is_read_from_the_evaluations_and_the_result():
                          result={"metrics": {"validation": {"loss": 1.0, "token_accuracy": 0.45}}, "selectedStep": 8})
     d = sw.decide(fts(objective={"metric": "tokenAccuracy"}), [job], NOW)
     view = d.status["trials"][0]
-    assert (view["metric"], view["step"], view["history"]) == (0.45, 8, [{"step": 4, "value": 0.4}])
+    assert (view["metric"], view["step"], view["history"]) == (0.45, 8, [{"step": 4, "value": 0.4},
+                                                                        {"step": 8, "value": 0.45}])
     assert d.status["objective"] == "tokenAccuracy (maximize)"
 
 
