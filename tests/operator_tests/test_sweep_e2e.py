@@ -71,15 +71,23 @@ def trainer(node_agent, real_trainer):
     return real_trainer
 
 
-@pytest.fixture
-def tiny_task(s3_server, bucket, tmp_path):
-    """A tiny causal LM and train and validation splits in the test bucket."""
-    from kubetune_dev.demo_data import generic_texts, write_support_dataset
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny causal LM, made once for the module's tests (about 3 CPU-seconds)."""
+    from kubetune_dev.demo_data import generic_texts
     from kubetune_dev.tiny import make_tiny_base
 
+    return make_tiny_base(tmp_path_factory.mktemp("tiny"), generic_texts(50), vocab_size=512, hidden_size=32,
+                          layers=1, heads=2)
+
+
+@pytest.fixture
+def tiny_task(s3_server, bucket, tmp_path, tiny_base):
+    """The tiny causal LM and train and validation splits in the test bucket."""
+    from kubetune_dev.demo_data import write_support_dataset
+
     storage = Storage(StorageEndpoint(endpoint=s3_server.endpoint))
-    base = make_tiny_base(tmp_path / "tiny", generic_texts(50), vocab_size=512, hidden_size=32, layers=1, heads=2)
-    storage.upload_dir(base, f"s3://{bucket}/model/")
+    storage.upload_dir(tiny_base, f"s3://{bucket}/model/")
     data = write_support_dataset(tmp_path / "data", train=48, validation=8, test=1)
     for split in ("train", "validation"):
         storage.upload_file(data[split], f"s3://{bucket}/data/{split}.jsonl")
