@@ -2,8 +2,9 @@
 SweepDecision (the trials to create, those to prune, the status, the Events). No clock, no operator memory.
 
 The search's state is the API's: each trial is a FineTuneJob named <sweep>-<n> whose annotation holds its sampled
-parameters; its evaluations are in its status (evalMetrics at evalStep, result.metrics.validation once it
-succeeded), and the sweep's status.trials[].history keeps the (step, value) points observed so far. Each reconcile
+parameters; its evaluations are in its status (evalMetrics at evalStep while it runs, as the operator's scrape
+of the trainer saw them; result.metrics.validation at result.selectedStep once it succeeded), and the sweep's
+status.trials[].history keeps the (step, value) points observed so far. Each reconcile
 rebuilds an in-memory Optuna study from them, asks the pruner about the running trials and the sampler (seeded with
 spec.seed and the trial number, so the same state gives the same next trial) for new ones. The next n is one more
 than the highest that exists, so a restarted operator creates no duplicate (and a create of an existing name is a
@@ -154,8 +155,13 @@ def observe(sweep: str, metric: str, jobs: list[dict], old_trials: list[dict]) -
             history[status["evalStep"]] = value
         result = status.get("result") or {}
         final = _finite(((result.get("metrics") or {}).get("validation") or {}).get(metric_key(metric)))
-        last = max(history) if history else None
         done = phase == TrialPhase.Succeeded and final is not None
+        selected = result.get("selectedStep")
+        if done and isinstance(selected, int) and not isinstance(selected, bool):
+            # The published step's evaluation, though no scrape caught it (a trial may end between two): a trial
+            # seen only at the start still competes at the later rungs when a running trial reaches them.
+            history.setdefault(selected, final)
+        last = max(history) if history else None
         gpu = _finite(status.get("gpuSeconds"))
         trials[number] = Trial(
             name, number, parameters, phase, history,

@@ -1,6 +1,6 @@
 """FineTuneSweep's kopf handlers: thin. Any event of a sweep, or of one of its trial FineTuneJobs (labelled with
 the sweep's name), reconciles the sweep: read it and its trials from the API server (never a cache, so a trial
-just created is seen), `sweep.decide`, then create the new trials, prune (suspend) the stopped ones, write the
+just created is seen), `sweep.decide`, then prune (suspend) the stopped trials, create the new ones, write the
 status (guarded by the sweep's resourceVersion), export its metrics and post the Events; with spec.promote best,
 once the search is done, the promotion Job `<sweep>-promote` (`kubetune promote`) copies the best trial's output
 (retrain: first the FineTuneJob `<sweep>-fit` trains the best parameters on train + validation, then its output is
@@ -34,8 +34,8 @@ def sweep_path(namespace: str, name: str) -> str:
 
 
 def reconcile(api: kube.Kube, namespace: str, name: str, settings: OperatorSettings) -> sweep.SweepDecision | None:
-    """One reconcile, in a worker thread; None when the sweep is gone or its status write lost (the change that
-    beat it wakes another)."""
+    """One reconcile, in a worker thread; None when the sweep is gone, its status write lost or a trial it would
+    prune ended first (the change that beat it wakes another)."""
     body = api.get(sweep_path(namespace, name))
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
@@ -51,16 +51,15 @@ def reconcile(api: kube.Kube, namespace: str, name: str, settings: OperatorSetti
         if not trials and policy.sweep_needs_admission_check(body, settings.policy) else None
     now = datetime.now(UTC)
     d = sweep.decide(body, trials, now, settings, promotion, since)
+    for trial in (t for t in trials if t["metadata"]["name"] in d.prune):
+        if not prune(api, trial, d.prune[trial["metadata"]["name"]]):
+            return None  # it ended meanwhile: its change wakes the next reconcile, which sees how
     for obj in d.create:
         try:
             api.create(obj, uid)
         except (kube.Refused, kube.Conflict) as e:  # the template with these values is not a FineTuneJob
             sweep.refused(d, body, obj["metadata"]["name"], str(e), now)
             break
-    for trial_name, why in d.prune.items():  # the job's suspend checkpoints and stops its workers
-        api.merge_patch(kube.object_path({"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
-                                          "metadata": {"namespace": namespace, "name": trial_name}}),
-                        {"metadata": {"annotations": {sweep.PRUNED: why}}, "spec": {"runPolicy": {"suspend": True}}})
     old = body.get("status") or {}
     changes = {k: d.status.get(k) for k in d.status.keys() | old.keys() if d.status.get(k) != old.get(k)}
     if changes:
@@ -77,6 +76,29 @@ def reconcile(api: kube.Kube, namespace: str, name: str, settings: OperatorSetti
         logger.info("FineTuneSweep %s/%s: phase %s -> %s: %s", namespace, name, old.get("phase"),
                     d.status.get("phase"), d.status.get("message"))
     return d
+
+
+def prune(api: kube.Kube, trial: dict, why: str, tries: int = 3) -> bool:
+    """Suspend the trial (its workers checkpoint, then stop), annotated with why; False when it ended first. The
+    patch carries the resourceVersion it was judged at: a trial that succeeded between the read and the patch
+    (its trainer publishing as the scrape saw its last evaluation) is not marked pruned, nor given a TrialPruned
+    Event. A newer version that has not ended (a progress update) is patched again."""
+    meta = trial["metadata"]
+    path = kube.object_path({"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
+                             "metadata": {"namespace": meta["namespace"], "name": meta["name"]}})
+    for _ in range(tries):
+        patch = {"metadata": {"resourceVersion": trial["metadata"]["resourceVersion"],
+                              "annotations": {sweep.PRUNED: why}}, "spec": {"runPolicy": {"suspend": True}}}
+        try:
+            api.merge_patch(path, patch)
+            return True
+        except kube.ApiError as e:
+            if e.status != 409:
+                raise
+        trial = api.get(path)
+        if trial is None or (trial.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            return False
+    return False
 
 
 async def wake(namespace: str, name: str, settings: OperatorSettings) -> None:

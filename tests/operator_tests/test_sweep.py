@@ -8,6 +8,7 @@ import json
 
 import pytest
 from kubetune_api import FineTuneJobSpec, FineTuneSweepSpec, FineTuneSweepStatus
+from kubetune_operator import kube
 from kubetune_operator import sweep as sw
 from kubetune_operator.settings import OperatorSettings
 
@@ -146,6 +147,21 @@ def test_asha_prunes_a_running_trial_that_trails_at_a_rung():
     assert sw.decide(fts(status=old), jobs, NOW).prune == {}
 
 
+def test_a_trial_that_ended_between_scrapes_competes_with_its_published_evaluation():
+    """s-0 was scraped at step 2 only, then ended: its published step's value (result.selectedStep) joins its
+    history, so s-1, ahead at rung 0 (step 2) but trailing at rung 1 (step 6), is pruned there."""
+    done = trial(0, "Succeeded", history={2: 1.0}, final=0.5)
+    done["status"]["result"]["selectedStep"] = 8
+    jobs = [done, trial(1, history={6: 0.95})]
+    old = recorded(jobs, {0: {2: 1.0}, 1: {2: 0.9}})
+    d = sw.decide(fts(status=old), jobs, NOW)
+    assert d.status["trials"][0]["history"] == [
+        {"step": 2, "value": 1.0}, {"step": 8, "value": 0.5}]
+    assert list(d.prune) == ["s-1"] and "0.95 at step 6" in d.prune["s-1"]
+    del done["status"]["result"]["selectedStep"]  # without it, s-1 would be alone at rung 1: not pruned
+    assert sw.decide(fts(status=old), jobs, NOW).prune == {}
+
+
 def test_a_pruned_trial_stays_pruned_and_frees_its_slot():
     jobs = [trial(0, "Succeeded", final=0.6), trial(1, "Suspended", history={2: 3.0})]
     jobs[1]["metadata"]["annotations"][sw.PRUNED] = "s-1: trails"
@@ -244,7 +260,8 @@ def test_another_metric_is_read_from_the_evaluations_and_the_result():
                          result={"metrics": {"validation": {"loss": 1.0, "token_accuracy": 0.45}}, "selectedStep": 8})
     d = sw.decide(fts(objective={"metric": "tokenAccuracy"}), [job], NOW)
     view = d.status["trials"][0]
-    assert (view["metric"], view["step"], view["history"]) == (0.45, 8, [{"step": 4, "value": 0.4}])
+    assert (view["metric"], view["step"], view["history"]) == (0.45, 8, [{"step": 4, "value": 0.4},
+                                                                        {"step": 8, "value": 0.45}])
     assert d.status["objective"] == "tokenAccuracy (maximize)"
 
 
@@ -271,11 +288,16 @@ def test_a_trial_the_api_server_refuses_fails_the_sweep():
 class FakeApi:
     """The calls sweeps.reconcile makes, recorded in order."""
 
-    def __init__(self, body: dict, trials: list[dict]):
+    def __init__(self, body: dict, trials: list[dict], conflicts: dict | None = None):
         self.body, self.trials, self.calls = body, trials, []
+        self.conflicts = conflicts or {}  # trial name -> the FineTuneJob a patch at an older version finds
+        for n, t in enumerate(trials):
+            t["metadata"].setdefault("resourceVersion", str(100 + n))
 
     def get(self, path):
-        return self.body if "/finetunesweeps/" in path else None
+        if "/finetunesweeps/" in path:
+            return self.body
+        return self.conflicts.get(path.rsplit("/", 1)[1])
 
     def call(self, method, path, query=None):
         self.calls.append(("list", query["labelSelector"]))
@@ -285,7 +307,11 @@ class FakeApi:
         self.calls.append(("create", obj["metadata"]["name"]))
 
     def merge_patch(self, path, patch):
-        self.calls.append(("patch", path.rsplit("/", 1)[1], patch))
+        name = path.rsplit("/", 1)[1]
+        self.calls.append(("patch", name, patch))
+        newer = self.conflicts.get(name)
+        if newer and patch["metadata"]["resourceVersion"] != newer["metadata"]["resourceVersion"]:
+            raise kube.ApiError(409, '{"message": "the object has been modified"}')
 
     def patch_status(self, body, changes):
         self.calls.append(("status", changes["counts"]))
@@ -303,11 +329,35 @@ def test_the_handler_creates_prunes_then_writes_the_status_then_posts_events(mon
     d = sweeps.reconcile(api, "ml", "s", OperatorSettings())
     assert api.calls[0] == ("list", f"{sw.SWEEP_LABEL}=s")
     assert api.calls[1:] == [
+        ("patch", "s-1", {"metadata": {"resourceVersion": "101", "annotations": {sw.PRUNED: d.prune["s-1"]}},
+                          "spec": {"runPolicy": {"suspend": True}}}),  # at the version it was judged at
         ("create", "s-2"),  # s-7 is not the sweep's: its number does not count
-        ("patch", "s-1", {"metadata": {"annotations": {sw.PRUNED: d.prune["s-1"]}},
-                          "spec": {"runPolicy": {"suspend": True}}}),
         ("status", {"total": 3, "pending": 1, "running": 0, "succeeded": 1, "pruned": 1, "failed": 0}),
         ("event", "TrialPruned"), ("event", "TrialCreated"), ("event", "NewBest")]
+
+
+@pytest.mark.parametrize("phase", ["Running", "Succeeded"])
+def test_a_trial_that_changed_since_it_was_judged_is_pruned_only_if_it_has_not_ended(monkeypatch, phase):
+    """The prune patch at the version judged meets a newer one: a progress update is patched again; a trial that
+    succeeded meanwhile (its trainer was publishing) is left Succeeded: no create, status or TrialPruned Event from
+    that stale decision (the trial's change wakes the next reconcile)."""
+    from kubetune_operator import sweeps
+
+    good = {2: 1.0, 4: 0.8}
+    jobs = [trial(0, "Succeeded", history=good, final=0.8), trial(1, history={2: 3.0})]
+    for job in jobs:
+        job["metadata"]["ownerReferences"] = [{"uid": UID, "controller": True}]
+    newer = copy.deepcopy(jobs[1])
+    newer["metadata"]["resourceVersion"], newer["status"]["phase"] = "150", phase
+    api = FakeApi(fts(status=recorded(jobs, {0: good}), parallelTrials=1), jobs, conflicts={"s-1": newer})
+    monkeypatch.setattr(sweeps.kopf, "event", lambda body, type, reason, message: api.calls.append(("event", reason)))
+    d = sweeps.reconcile(api, "ml", "s", OperatorSettings())
+    patched = [c[2]["metadata"]["resourceVersion"] for c in api.calls if c[0] == "patch"]
+    if phase == "Running":
+        assert patched == ["101", "150"] and d is not None
+        assert [c[0] for c in api.calls[3:]] == ["create", "status", "event", "event", "event"]
+    else:
+        assert patched == ["101"] and d is None and [c[0] for c in api.calls] == ["list", "patch"]
 
 
 def test_promote_best_copies_the_winner_then_succeeds():

@@ -56,9 +56,10 @@ def test_a_valid_sweep_is_accepted_defaulted_and_listed(control_plane, crds, nam
 @pytest.fixture(scope="module")
 def operator(control_plane, crds, s3_server, tmp_path_factory):
     """The operator with both CRDs installed (it serves FineTuneSweeps only then), the test S3 server's
-    credentials as the platform's."""
-    yield from e2e.run_operator(tmp_path_factory, e2e.operator_env(control_plane,
-                                                                  **e2e.platform_credentials(s3_server.endpoint)))
+    credentials as the platform's. Its resync every 5 s, not every second: each trial's FineTuneJob has a
+    supervisor that would reconcile each second, ended or not; events and the scrapes (each second) drive it."""
+    env = e2e.operator_env(control_plane, KUBETUNE_RESYNC_SECONDS="5", **e2e.platform_credentials(s3_server.endpoint))
+    yield from e2e.run_operator(tmp_path_factory, env)
 
 
 @pytest.fixture
@@ -70,15 +71,23 @@ def trainer(node_agent, real_trainer):
     return real_trainer
 
 
-@pytest.fixture
-def tiny_task(s3_server, bucket, tmp_path):
-    """A tiny causal LM and train and validation splits in the test bucket."""
-    from kubetune_dev.demo_data import generic_texts, write_support_dataset
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny causal LM, made once for the module's tests (about 3 CPU-seconds)."""
+    from kubetune_dev.demo_data import generic_texts
     from kubetune_dev.tiny import make_tiny_base
 
+    return make_tiny_base(tmp_path_factory.mktemp("tiny"), generic_texts(50), vocab_size=512, hidden_size=32,
+                          layers=1, heads=2)
+
+
+@pytest.fixture
+def tiny_task(s3_server, bucket, tmp_path, tiny_base):
+    """The tiny causal LM and train and validation splits in the test bucket."""
+    from kubetune_dev.demo_data import write_support_dataset
+
     storage = Storage(StorageEndpoint(endpoint=s3_server.endpoint))
-    base = make_tiny_base(tmp_path / "tiny", generic_texts(50), vocab_size=512, hidden_size=32, layers=1, heads=2)
-    storage.upload_dir(base, f"s3://{bucket}/model/")
+    storage.upload_dir(tiny_base, f"s3://{bucket}/model/")
     data = write_support_dataset(tmp_path / "data", train=48, validation=8, test=1)
     for split in ("train", "validation"):
         storage.upload_file(data[split], f"s3://{bucket}/data/{split}.jsonl")
@@ -86,22 +95,48 @@ def tiny_task(s3_server, bucket, tmp_path):
             "storage": storage}
 
 
-def test_a_tpe_asha_sweep_runs_its_trials_to_the_best(control_plane, node_agent, namespace, operator, tiny_task,
-                                                      trainer):
-    """Four trials, one at a time (the node agent's pods share the host's ports), of 40 steps evaluated every 4; the
-    operator killed and restarted mid-sweep; the best trial promoted."""
-    e2e.credentials(control_plane, namespace)
+LR, RANK = "hyperparameters.learningRate", "method.lora.r"
+SEED = 4  # TPE starts with two random trials, seeded: lr-0's learning rate learns, lr-1's barely moves the loss
+
+
+def first_trials(doc: dict) -> list[dict]:
+    """The parameters of the sweep's first two trials, from the pure search (the operator's)."""
+    from kubetune_api import FineTuneSweepSpec
+    from kubetune_search import ask, study
+
+    spec = FineTuneSweepSpec.model_validate(doc["spec"])
+    s = study(spec)
+    return [ask(s, spec, n).params for n in range(2)]
+
+
+def lr_sweep(tiny_task: dict, trainer: str) -> dict:
+    """Six trials of 80 steps, evaluated every 4: ASHA's rungs at steps 4, 12 and 36. The tiny model trains them in
+    a second or two (about 10 ms a step); the operator's scrape (every second here) sees a trial's evaluations
+    while it trains or publishes (seconds more), and a trailing trial is pruned before its run ends."""
     d = tiny_task["data"]
-    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneSweep", "metadata": {"name": "lr"}, "spec": {
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneSweep", "metadata": {"name": "lr"}, "spec": {
         "template": {
             "baseModel": {"uri": tiny_task["model"]}, "image": trainer,
             "dataset": {"train": f"{d}train.jsonl", "validation": f"{d}validation.jsonl"},
-            "hyperparameters": {"maxSteps": 40, "batchSize": 2, "maxSeqLength": 128, "loggingSteps": 4},
+            "hyperparameters": {"maxSteps": 80, "batchSize": 2, "maxSeqLength": 128, "loggingSteps": 4},
             "evaluation": {"everySteps": 4, "baseline": False},
             "resources": {"workers": 1, "gpusPerWorker": 0}},
-        "parameters": [{"path": "hyperparameters.learningRate", "min": 1e-5, "max": 0.3, "log": True},
-                       {"path": "method.lora.r", "min": 2, "max": 8}],
-        "maxTrials": 4, "parallelTrials": 1, "promote": "best", "output": {"uri": tiny_task["output"]}}}
+        "parameters": [{"path": LR, "min": 1e-5, "max": 0.3, "log": True}, {"path": RANK, "min": 2, "max": 8}],
+        "algorithm": "tpe", "earlyStopping": "asha", "seed": SEED, "maxTrials": 6, "parallelTrials": 1,
+        "promote": "best", "output": {"uri": tiny_task["output"]}}}
+
+
+def test_a_tpe_asha_sweep_prunes_a_trailing_trial_and_promotes_the_best(control_plane, node_agent, namespace,
+                                                                         operator, tiny_task, trainer):
+    """Six trials, one at a time (the node agent's pods share the host's ports); the operator killed and restarted
+    mid-sweep; lr-1 (a learning rate too small to learn) pruned while it runs, the best trial promoted."""
+    doc = lr_sweep(tiny_task, trainer)
+    # The design: lr-0 learns (its validation loss 6.18 at step 4, under 6.15 from step 8 on), lr-1's learning
+    # rate is too small to (6.24 at step 4, still 6.22 at step 80): lr-1 trails at the first rung whichever of their
+    # evaluations the scrapes catch, and is pruned there.
+    first, second = first_trials(doc)
+    assert 0.01 <= first[LR] <= 0.1 and second[LR] <= 1e-4, (first, second)
+    e2e.credentials(control_plane, namespace)
     kubectl(control_plane, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(doc))
     wait_for("the first trial", lambda: kubectl(control_plane, "get", "ftj", "-n", namespace, "lr-0",
                                                 check=False).returncode == 0, timeout=60)
@@ -113,45 +148,60 @@ def test_a_tpe_asha_sweep_runs_its_trials_to_the_best(control_plane, node_agent,
         status = get_json(control_plane, "fts", "-n", namespace, "lr").get("status") or {}
         return status if status.get("phase") in ("Succeeded", "Failed") else None
 
-    status = wait_for("the sweep to end", ended, timeout=600)
-    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    status = wait_for("the sweep to end", ended, timeout=600, every=3)  # each look is a kubectl
     trials = status["trials"]
-    assert [t["name"] for t in trials] == ["lr-0", "lr-1", "lr-2", "lr-3"]
-    jobs = get_json(control_plane, "ftj", "-n", namespace, "-l", "kubetune.io/sweep=lr")["items"]
-    assert sorted(j["metadata"]["name"] for j in jobs) == ["lr-0", "lr-1", "lr-2", "lr-3"]  # no duplicate
-    assert next(j for j in jobs if j["metadata"]["name"] == "lr-0")["metadata"]["uid"] == first["metadata"]["uid"]
-    assert {t["phase"] for t in trials} <= {"Succeeded", "Pruned"}
+    print("trials:\n" + "\n".join(
+        f"{t['name']} {t['phase']:9} lr {t['parameters'][LR]:.3g} r {t['parameters'][RANK]} metric "
+        f"{t.get('metric')} step {t.get('step')} seen {[(p['step'], p['value']) for p in t.get('history') or []]}"
+        for t in trials))
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=1)
+    names = [f"lr-{n}" for n in range(6)]
+    assert [t["name"] for t in trials] == names
+    jobs = {j["metadata"]["name"]: j for j in get_json(control_plane, "ftj", "-n", namespace, "-l",
+                                                       "kubetune.io/sweep=lr")["items"]}
+    assert sorted(jobs) == names  # no duplicate
+    assert jobs["lr-0"]["metadata"]["uid"] == first["metadata"]["uid"]
+    # Pruned: lr-1 by design, maybe others; each one's FineTuneJob suspended (a checkpoint, then stopped) with
+    # why, and an Event naming it. The rest ran to the end.
+    pruned = [t["name"] for t in trials if t["phase"] == "Pruned"]
+    assert "lr-1" in pruned and all(t["phase"] == "Succeeded" for t in trials if t["name"] not in pruned)
+    events = e2e.events_of(control_plane, namespace, "lr")
+    pruned_events = sorted(e["message"].split(":")[0] for e in events if e["reason"] == "TrialPruned")
+    assert pruned_events == sorted(pruned)
+    for name in pruned:
+        job = jobs[name]
+        assert job["spec"]["runPolicy"]["suspend"] is True
+        assert job["metadata"]["annotations"]["kubetune.io/pruned"].startswith(f"{name}: ")
+        assert job["status"].get("phase") != "Succeeded" and job["status"].get("result") is None
+    # The best: the succeeded trial with the lowest validation loss, as each reported it in its result.
     succeeded = [t for t in trials if t["phase"] == "Succeeded"]
+    reported = {t["name"]: jobs[t["name"]]["status"]["result"]["metrics"]["validation"]["loss"] for t in succeeded}
+    assert {t["name"]: t["metric"] for t in succeeded} == reported
     best = min(succeeded, key=lambda t: t["metric"])
-    assert status["best"]["trial"] == best["name"] and status["best"]["metric"] == best["metric"]
-    assert status["best"]["parameters"] == best["parameters"] and 2 <= best["parameters"]["method.lora.r"] <= 8
-    # The best trial's reported value is its published model's validation loss, in its manifest too.
-    job = get_json(control_plane, "ftj", "-n", namespace, best["name"])
-    assert job["status"]["result"]["metrics"]["validation"]["loss"] == best["metric"]
+    assert status["best"]["trial"] == best["name"] and status["best"]["metric"] == min(reported.values())
+    assert status["best"]["parameters"] == best["parameters"] and 2 <= best["parameters"][RANK] <= 8
+    job = jobs[best["name"]]
     assert job["spec"]["output"]["uri"] == tiny_task["output"] + f"trials/{best['name']}/"
-    assert job["spec"]["method"]["lora"]["r"] == best["parameters"]["method.lora.r"]
+    assert job["spec"]["method"]["lora"]["r"] == best["parameters"][RANK]
+    assert job["spec"]["hyperparameters"]["learningRate"] == best["parameters"][LR]
     manifest = tiny_task["storage"].get_json(job["status"]["result"]["manifestUri"])
+    assert manifest["job"] == best["name"]
     assert manifest["metrics"]["validation"]["loss"] == pytest.approx(best["metric"], rel=1e-5)
-    # promote: best copied the winner to <output>best/, sweep.json naming the trial and its parameters
+    # promote: best copied the winner to <output>best/: its manifest (naming the trial) and sweep.json
     assert status["promotion"] == {"trial": best["name"], "uri": tiny_task["output"] + "best/", "phase": "Succeeded"}
     promoted = tiny_task["storage"].get_json(tiny_task["output"] + "best/sweep.json")
     assert (promoted["sweep"], promoted["trial"], promoted["parameters"]) == ("lr", best["name"], best["parameters"])
+    assert promoted["metric"] == {"loss": best["metric"]}
     assert tiny_task["storage"].get_json(tiny_task["output"] + "best/manifest.json") == manifest
     assert tiny_task["storage"].exists(tiny_task["output"] + "best/adapter_model.safetensors")
     # One data cache for the sweep: every trial's validation found or wrote it there.
-    caches = {get_json(control_plane, "ftj", "-n", namespace, t["name"])["status"]["dataset"]["cacheUri"]
-              for t in trials}
+    caches = {jobs[name]["status"]["dataset"]["cacheUri"] for name in names}
     assert len(caches) == 1 and caches.pop().startswith(tiny_task["output"] + "data-cache/")
-    reasons = [e["reason"] for e in e2e.events_of(control_plane, namespace, "lr")]
-    assert reasons.count("TrialCreated") == 4 and "NewBest" in reasons and "Promoting" in reasons
+    reasons = [e["reason"] for e in events]
+    assert reasons.count("TrialCreated") == 6 and "NewBest" in reasons and "Promoting" in reasons
     assert "SearchCompleted" in reasons
-    pruned = [t for t in trials if t["phase"] == "Pruned"]
-    assert reasons.count("TrialPruned") == len(pruned)
-    for t in pruned:
-        assert get_json(control_plane, "ftj", "-n", namespace, t["name"])["spec"]["runPolicy"]["suspend"] is True
-    print(f"trials: {[(t['name'], t['phase'], t.get('metric')) for t in trials]}")
     row = kubectl(control_plane, "get", "fts", "-n", namespace, "lr").stdout.splitlines()[1].split()
-    assert row[1:3] == ["Succeeded", "4/4"] and row[4] == "loss"
+    assert row[1:3] == ["Succeeded", "6/6"] and row[4] == "loss"
 
 
 def test_a_template_with_bad_data_ends_the_sweep_after_max_failed_trials(control_plane, node_agent, namespace,
@@ -172,7 +222,7 @@ def test_a_template_with_bad_data_ends_the_sweep_after_max_failed_trials(control
         status = get_json(control_plane, "fts", "-n", namespace, "search").get("status") or {}
         return status if status.get("phase") in ("Succeeded", "Failed") else None
 
-    status = wait_for("the sweep to fail", ended, timeout=240)
+    status = wait_for("the sweep to fail", ended, timeout=240, every=2)
     assert (status["phase"], status["reason"]) == ("Failed", "TooManyFailedTrials"), status
     assert "DatasetInvalid: " in status["message"] and "bad.jsonl:2: invalid JSON" in status["message"]
     assert [t["phase"] for t in status["trials"]] == ["Failed", "Failed"]
