@@ -33,7 +33,7 @@ CLUSTER_SECONDS = {
     "tests/operator_tests/test_e2e.py": 1610, "tests/operator_tests/test_kueue.py": 680,
     "tests/operator_tests/test_preemption.py": 470, "tests/operator_tests/test_control_loop.py": 390,
     "tests/chart/test_install.py": 380, "tests/operator_tests/test_dev_cluster.py": 300,
-    "tests/operator_tests/test_sweep_e2e.py": 290, "tests/security/test_namespace_deletion.py": 220,
+    "tests/operator_tests/test_sweep_e2e.py": 350, "tests/security/test_namespace_deletion.py": 220,
     "tests/operator_tests/test_failover.py": 210, "tests/operator_tests/test_kueue_live.py": 190,
     "tests/operator_tests/test_security.py": 190, "tests/security/test_inputs.py": 180,
     "tests/cluster/test_kueue.py": 130, "tests/operator_tests/test_node_loss.py": 120,
@@ -41,7 +41,7 @@ CLUSTER_SECONDS = {
     "tests/cluster/test_agent.py": 70, "tests/security/test_network.py": 60,
     "tests/operator_tests/test_policy.py": 60, "tests/security/test_storage_access.py": 50,
     "tests/security/test_scheduling.py": 50, "tests/cluster/test_controlplane.py": 20,
-    "tests/security/test_leader.py": 20,
+    "tests/security/test_leader.py": 20, "tests/operator_tests/test_outputs.py": 30,
 }
 DEFAULT_S = 90
 # Files that start Kueue share a shard: every Kueue binds its metrics certificate at one host path

@@ -403,6 +403,9 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
         reason, message = explain_failure(job, pods, children.TRAINER_CONTAINER)
         d.finish(Phase.Failed, reason, message)
         return
+    if deleting(job) and run.suspend:  # nothing to resume yet: once it is gone, a suspended Job replaces it
+        d.set_phase(Phase.Suspended, Reason.Suspended, "spec.runPolicy.suspend is true; workers stopped")
+        return
     if deleting(job):
         message = (f"training Job {job['metadata']['name']} was deleted before the run finished; it is "
                    "recreated once and resumes from the last checkpoint")

@@ -346,6 +346,19 @@ def test_suspend_and_resume():
     assert d.suspend_training is False and d.status["reason"] == "Resuming"
 
 
+def test_a_suspended_job_whose_training_job_is_deleted_stays_suspended():
+    """A pruned sweep trial, or a namespace torn down: not Queued, no TrainingJobDeleted, nothing recreated that
+    would run; once the Job is gone, a suspended one replaces it."""
+    body = validated(ftj({"runPolicy": {"suspend": True}}), phase="Suspended")
+    observed, tj = training_observed(body, suspend=True)
+    tj["metadata"]["deletionTimestamp"] = "2026-01-01T12:00:00Z"
+    d = run(body, observed)
+    assert (d.phase, d.status["reason"]) == ("Suspended", "Suspended") and not d.events and not d.create
+    observed.training_job = None
+    d = run(body, observed)
+    assert d.phase == "Suspended" and next(o for o in d.create if o["kind"] == "Job")["spec"]["suspend"] is True
+
+
 def test_suspended_at_creation_creates_a_suspended_job():
     body = validated(ftj({"runPolicy": {"suspend": True}}))
     d = run(body, Observed(config_map=desired(body)["cm"]))
