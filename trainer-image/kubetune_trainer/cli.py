@@ -399,10 +399,12 @@ def sweep_local(
     from rich.live import Live
 
     from .configfile import load_sweep
+    from .modeling import without_bitsandbytes
     from .sweep import leaderboard, run_sweep, trial_line
 
     try:
         sweep = load_sweep(manifest)
+        without_bitsandbytes(sweep.spec.template.method.type)  # every trial's: method.type is not tuned
         with Live(console=err, transient=True) as live:
 
             def show(run, row, event: dict) -> None:
