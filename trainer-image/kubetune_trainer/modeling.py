@@ -44,10 +44,11 @@ def resolve_precision(precision: Precision, fsdp: bool = False) -> str:
 
 
 def without_bitsandbytes(method: MethodType) -> None:
-    """For a process that trains one run, before peft is imported: unless the run is QLoRA, bitsandbytes is marked
-    absent, as if it were not installed. Importing peft imports bitsandbytes, whose import compiles its kernels
-    with torch.compile (torch's inductor included): about a CPU-second per process that only QLoRA needs."""
-    if method != MethodType.qlora and "bitsandbytes" not in sys.modules:
+    """For a process that trains one run: unless the run is QLoRA, bitsandbytes is marked absent, as if it were not
+    installed. Importing peft imports bitsandbytes, whose import compiles its kernels with torch.compile (torch's
+    inductor included): about a CPU-second per process that only QLoRA needs. Only before transformers and peft
+    are imported: they remember (lru_cache) whether it is installed."""
+    if method != MethodType.qlora and not {"bitsandbytes", "peft", "transformers"} & sys.modules.keys():
         sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError; find_spec finds nothing
 
 
