@@ -9,12 +9,15 @@
 #   make bench-operator BENCH_OPERATOR_ARGS="--mode burst,steady --jobs 1000 --live 1000 --new 100 --rate 2"
 # `make bench-sweep`: CPU-s and best validation loss of TPE + ASHA vs TPE without pruning vs random search (tiny task).
 # A quick try: make bench-sweep BENCH_SWEEP_ARGS="--trials 6 --seeds 0"
-.PHONY: bench-trainer bench-data bench-operator bench-sweep
+# `make bench-startup`: a trainer process's fixed cost per entry point (validation pod, training pod, kubetune run).
+# Against another checkout: make bench-startup BENCH_STARTUP_ARGS="--src /tmp/kt-before --src . --repeat 5"
+.PHONY: bench-trainer bench-data bench-operator bench-sweep bench-startup
 
 BENCH_ARGS ?= --device cpu --model tiny --steps 30
 BENCH_DATA_ARGS ?= --records 200000,1000000
 BENCH_OPERATOR_ARGS ?= --jobs 100,400,1000 --window 60
 BENCH_SWEEP_ARGS ?= --trials 12 --steps 27 --seeds 0,1
+BENCH_STARTUP_ARGS ?= --repeat 3
 
 bench-trainer: venv ## Trainer throughput vs HF Trainer + PEFT, as a markdown snippet (BENCH_ARGS=...)
 	$(PY) bench/bench_trainer.py $(BENCH_ARGS)
@@ -27,3 +30,6 @@ bench-operator: venv control-plane ## Operator latency, CPU, RSS, API requests a
 
 bench-sweep: venv ## Sweep compute to the best loss: TPE + ASHA vs no pruning vs random, on CPU (BENCH_SWEEP_ARGS=...)
 	$(PY) bench/bench_sweep.py $(BENCH_SWEEP_ARGS)
+
+bench-startup: venv ## A trainer process's fixed cost (wall, CPU-s, before the first and after the last step) per entry point (BENCH_STARTUP_ARGS=...)
+	$(PY) bench/bench_startup.py $(BENCH_STARTUP_ARGS)

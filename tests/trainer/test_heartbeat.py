@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -80,6 +81,30 @@ def test_evaluation_gauges_carry_scalars_only_and_drop_stale_ones():
     m.set_evaluation("validation", "finetuned", {"loss": 0.8, "accuracy": float("inf")})  # the next evaluation
     assert evaluation()[("validation", "finetuned", "loss")] == 0.8
     assert ("validation", "finetuned", "accuracy") not in evaluation()  # not the previous evaluation's value
+
+
+def test_lingering_ends_once_a_scrape_has_read_the_final_values(monkeypatch):
+    """KUBETUNE_METRICS_LINGER_SECONDS bounds the wait; a scrape after the run ends it (the image sets 30 s: a
+    sweep's trial, whose result is the pod's termination message, would wait them out otherwise)."""
+    m = TrainerMetrics("linger", "lora", "s3://models/tiny/")
+    port = m.serve(0)
+    m.set_phase("done")
+    monkeypatch.setenv(metrics_module.LINGER_ENV, "0.5")
+    started = time.monotonic()
+    m.linger()  # nobody scrapes: the whole time
+    assert 0.5 <= time.monotonic() - started < 0.5 + metrics_module.SEND_SECONDS
+    urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()  # a scrape during the run
+
+    monkeypatch.setenv(metrics_module.LINGER_ENV, "60")
+    bodies: list[str] = []
+    scraper = threading.Timer(0.5, lambda: bodies.append(
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()))
+    started = time.monotonic()
+    scraper.start()
+    m.linger()
+    assert time.monotonic() - started < 10
+    scraper.join()
+    assert 'kubetune_trainer_phase{finetunejob="linger",phase="done"} 1.0' in bodies[0]
 
 
 def test_storage_beats_per_file_and_while_bytes_move(s3, tmp_path):

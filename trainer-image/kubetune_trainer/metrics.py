@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from numbers import Real
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 LINGER_ENV = "KUBETUNE_METRICS_LINGER_SECONDS"
+SEND_SECONDS = 1.0  # after the last scrape's values were collected: ample time to send its response
 PHASES = ("downloading", "validating", "training", "evaluating", "uploading", "done", "failed")
 
 _GAUGES = {
@@ -38,6 +40,18 @@ _GAUGES = {
     "heartbeat_timestamp_seconds": "Unix time of the trainer's last sign of life (a step, an evaluation batch, "
                                    "a storage transfer making progress)",
 }
+
+
+class _Scrapes:
+    """A collector that exports nothing and notes each scrape: every scrape collects every collector of the
+    registry, in the order they were registered."""
+
+    def __init__(self):
+        self.seen = threading.Event()
+
+    def collect(self) -> list:
+        self.seen.set()
+        return []
 
 
 class TrainerMetrics:
@@ -90,6 +104,8 @@ class TrainerMetrics:
         self._last_beat = 0.0
         self.set_phase("downloading")
         self.port: int | None = None
+        self._scrapes = _Scrapes()
+        self.registry.register(self._scrapes)  # the last one: a scrape collects it after every value
 
     def serve(self, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port (useful with port 0)."""
@@ -98,11 +114,15 @@ class TrainerMetrics:
         return self.port
 
     def linger(self) -> None:
-        """Keep serving the final values for $KUBETUNE_METRICS_LINGER_SECONDS (the image sets 30) before the process
-        exits, so that Prometheus scrapes them (test results, phase done) at least once."""
+        """Keep serving the final values until a scrape has read them, for at most
+        $KUBETUNE_METRICS_LINGER_SECONDS (the image sets 30) before the process exits, so that Prometheus
+        scrapes them (test results, phase done) at least once; a scrape that comes early ends the wait early (a
+        sweep's trials wait for their results)."""
         seconds = float(os.environ.get(LINGER_ENV) or 0)
         if self.port is not None and seconds > 0:
-            time.sleep(seconds)
+            self._scrapes.seen.clear()  # every value is final: whoever collects from now on reads them
+            if self._scrapes.seen.wait(seconds):
+                time.sleep(SEND_SECONDS)  # the scrape's response, collected, goes out
 
     def set(self, **values: float | None) -> None:
         for name, value in values.items():

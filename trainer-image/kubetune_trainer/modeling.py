@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +41,15 @@ def resolve_precision(precision: Precision, fsdp: bool = False) -> str:
         if precision == Precision.fp16:
             raise ConfigError("hyperparameters.precision: fp16 needs a GPU; use auto, bf16 or fp32 on CPU")
     return {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision.value]
+
+
+def without_bitsandbytes(method: MethodType) -> None:
+    """For a process that trains one run: unless the run is QLoRA, bitsandbytes is marked absent, as if it were not
+    installed. Importing peft imports bitsandbytes, whose import compiles its kernels with torch.compile (torch's
+    inductor included): about a CPU-second per process that only QLoRA needs. Only before transformers and peft
+    are imported: they remember (lru_cache) whether it is installed."""
+    if method != MethodType.qlora and not {"bitsandbytes", "peft", "transformers"} & sys.modules.keys():
+        sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError; find_spec finds nothing
 
 
 def load_tokenizer(model_dir: Path, **kwargs):

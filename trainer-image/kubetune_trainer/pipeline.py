@@ -27,8 +27,6 @@ from .modeling import resolve_precision
 from .prepare import inputs_of, prepare
 from .publish import base_model_name, publish_output, save_output
 from .quality.report import compact
-from .record.card import CardContext
-from .record.files import write_record
 from .record.history import HISTORY, History, checkpoint_entry, checkpoint_table
 from .redact import redact
 from .sharding import full_trainable_state, is_sharded
@@ -55,6 +53,9 @@ def _run(config: TrainerConfig, report: Reporter, storage: Storage | None, stop:
     import torch
     from accelerate import Accelerator
     from torch.utils.data import ConcatDataset
+
+    from .record.card import CardContext  # huggingface_hub: not for kubetune validate
+    from .record.files import write_record
 
     started = time.time()
     storage = storage or Storage(config.storage)
@@ -223,7 +224,6 @@ def validate_only(config: TrainerConfig, storage: Storage | None = None) -> tupl
     claim(storage, config, identity, write=False)  # another run's output: refused before a GPU pod
     storage = storage.with_run(identity.uid)  # the cache it uploads says which run made it
     fetched = fetch(config, storage, weights=False)
-    task = task_for(config, fetched.model_dir, storage)
-    task.load_processor()
+    task = task_for(config, fetched.model_dir, storage)  # its processor: loaded by prepare if it reads records
     data = prepare(config, task, fetched, storage, inputs_of(fetched), examples=False)
     return data.reports, data_report(config, task, data.reports, fetched.model_dir, data.cache)

@@ -112,8 +112,13 @@ def prepare(config: TrainerConfig, task: Task, fetched: Fetched, storage: Storag
     build: this process may download or build the node's cache (the local main process; the others find it in
     place). upload: a cache built here is uploaded for whoever comes next. examples=False (kubetune validate):
     the reports only; a complete cache in object storage is not downloaded. Events: `data_cache` (reused,
-    downloaded, built, or found in storage by validation) and `data_cache_rebuilt` (a damaged one, named)."""
+    downloaded, built, or found in storage by validation) and `data_cache_rebuilt` (a damaged one, named).
+
+    The task's processor is loaded here where the caller has not (kubetune validate), and only to read records: a
+    cache found instead was made with this very tokenizer (its files' sha256 are in the key), and loading one
+    costs transformers' imports, over a CPU-second."""
     if not isinstance(task, CachesRows):
+        _load_processor(task)
         reports = validate_splits(config, task, fetched, beat=beat)
         splits = {s: task.examples(s, p, fetched.uris[s], reports["train"].format)
                   for s, p in fetched.splits.items()} if examples else {}
@@ -132,6 +137,7 @@ def prepare(config: TrainerConfig, task: Task, fetched: Fetched, storage: Storag
         if not build:  # the node's first process prepared it a moment ago (pipeline.run: local main first)
             raise DatasetError(uri, 0, f"this node's data cache is not usable ({data_cache.problem(local, key)})",
                                "restart the run")
+        _load_processor(task)
         cache = _build(config, task, fetched, local, key, parts, beat)
         how = "built"
         if upload:
@@ -139,6 +145,11 @@ def prepare(config: TrainerConfig, task: Task, fetched: Fetched, storage: Storag
     report({"event": "data_cache", "cache": how, "uri": uri, "key": key})
     splits = {s: task.load(s, cache) for s in fetched.splits} if examples else {}
     return Prepared(cache.reports(), splits, {"uri": uri, "key": key, "reused": how != "built"})
+
+
+def _load_processor(task: Task) -> None:
+    if task.processor is None:
+        task.load_processor()
 
 
 def _find(storage: Storage, uri: str, local: Path, key: str, report: Report,

@@ -6,6 +6,9 @@ all-gathers a layer's weights just before using it. Works on GPUs (NCCL) and on 
 
 Sharded tensors are DTensors; the functions below that gather them in full are collectives: every process
 calls them, in the same order, and gets the full tensors (on CPU) back.
+
+torch.distributed's checkpoint and tensor modules are imported by the functions that use them: importing them
+costs every trainer process, sharded or not, about a CPU-second (sympy included).
 """
 
 from __future__ import annotations
@@ -14,18 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from kubetune_api import Strategy
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.tensor import DTensor
 
 if TYPE_CHECKING:
     from kubetune_api import TrainerConfig
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def is_sharded(config: TrainerConfig, accelerator) -> bool:
@@ -56,28 +50,37 @@ def shard(model, device: torch.device, mixed_precision: str = "no"):
     return model
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A tensor in full: a DTensor's shards gathered (a collective), any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def full_trainable_state(model) -> dict[str, torch.Tensor]:
     """The trainable parameters in full, by their names in the unwrapped model (a collective)."""
-    state = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            t = p.detach()
-            state[name] = (t.full_tensor() if isinstance(t, DTensor) else t).cpu()
-    return state
+    return {name: full(p.detach()).cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def full_optimizer_state(model, optimizer) -> dict:
     """The optimizer state in full, keyed by parameter name (a collective; complete on rank 0 only)."""
-    return get_optimizer_state_dict(model, optimizer, options=FULL)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
 
 
 def load_full_weights(model, weights: dict[str, torch.Tensor]) -> None:
     """Load trainable weights saved by full_trainable_state into the sharded model (each process has them all)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def load_full_state(model, optimizer, weights: dict[str, torch.Tensor], optimizer_state: dict) -> None:
     """Load trainable weights and optimizer state saved by the two functions above into the sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     load_full_weights(model, weights)
     set_optimizer_state_dict(model, optimizer, optimizer_state,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -471,8 +471,8 @@ def _step(loop: Loop, t: Training, batches: StepBatches, step_units: torch.Tenso
         accelerator.backward(loss)
         window.add_loss(loss_sum, units)
     grad_norm = accelerator.clip_grad_norm_(t.trainable, loop.config.hyperparameters.max_grad_norm)
-    if isinstance(grad_norm, sharding.DTensor):
-        grad_norm = grad_norm.full_tensor()
+    if loop.sharded:  # FSDP2's norm is a DTensor
+        grad_norm = sharding.full(grad_norm)
     t.optimizer.step()
     t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import plots
 from .card import CardContext, model_card
 from .history import HISTORY
 
@@ -15,6 +14,8 @@ CARD = "README.md"
 def write_record(out: Path, doc: dict, records: list[dict], ctx: CardContext) -> dict:
     """Draw the plots and write the card(s) into `out` for the manifest document `doc`; returns the manifest's
     `record`: {"metrics", "card", "plots": {title: path}, and "mergedCard" with output.merged}."""
+    from . import plots  # matplotlib: for the process that publishes, not for every one that imports the pipeline
+
     ctx.plots = plots.draw(out, doc, records)
     model_card(doc, ctx).save(out / CARD)
     record = {"metrics": HISTORY, "card": CARD, "plots": ctx.plots}

@@ -1,0 +1,80 @@
+"""What a trainer process imports: every pod pays its imports before its first step and its first byte checked
+(issue 30, the fixed cost per trial), so a process imports what its work uses and no more.
+
+The validation pod of a run whose data cache is in object storage already (every trial of a sweep but the first)
+loads no tokenizer: no transformers, no peft. It still imports torch, which the trainer's modules import at
+their top (tasks, data, evaluation), and which a GPU run's estimate (data/report.py) builds the model with.
+A LoRA process does not import bitsandbytes (QLoRA's), which peft imports when it can.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from kubetune_api import MethodType
+from kubetune_trainer.modeling import without_bitsandbytes
+from kubetune_trainer.pipeline import validate_only
+
+# Runs the command line as `kubetune` does and writes the names of the modules it imported to $MODULES at exit.
+LISTING = """
+import atexit, json, os, sys
+atexit.register(lambda: open(os.environ["MODULES"], "w").write(json.dumps(sorted(sys.modules))))
+from kubetune_trainer.cli import app
+sys.argv = ["kubetune", *sys.argv[1:]]
+app()
+"""
+MODEL_LIBRARIES = ("transformers", "tokenizers", "peft", "bitsandbytes", "accelerate", "matplotlib", "sympy",
+                   "torch.distributed.checkpoint", "torch._dynamo")
+
+
+def imported(args: list[str], env: dict, tmp_path) -> set[str]:
+    modules = tmp_path / "modules.json"
+    done = subprocess.run([sys.executable, "-c", LISTING, *args], env={**env, "MODULES": str(modules)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return set(json.loads(modules.read_text()))
+
+
+def test_validation_with_its_data_cache_in_storage_loads_no_model_library(make_config, storage, trainer_env,
+                                                                         tmp_path):
+    config = make_config("imports-validate")
+    _, first = validate_only(config, storage)  # here: tokenizes and writes the cache
+    assert not first["cache"]["reused"]
+    path = tmp_path / "trainer.yaml"
+    path.write_text(config.to_yaml())
+    termination = tmp_path / "termination-log"
+    modules = imported(["validate", "--config", str(path)], {**trainer_env, "KUBETUNE_TERMINATION_LOG":
+                                                               str(termination)}, tmp_path)
+    report = json.loads(termination.read_text())
+    assert report["valid"] and report["cache"] == {**first["cache"], "reused": True}
+    assert report["splits"] == first["splits"]
+    assert [m for m in MODEL_LIBRARIES if m in modules] == []
+
+
+def test_qlora_keeps_bitsandbytes(monkeypatch):
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    without_bitsandbytes(MethodType.qlora)
+    assert "bitsandbytes" not in sys.modules
+
+
+@pytest.mark.slow
+def test_a_lora_process_trains_without_bitsandbytes(tmp_path):
+    """peft without bitsandbytes: LoRA layers as usual, and none of torch's compiler that bitsandbytes' import
+    pulls in."""
+    script = """
+import sys, torch
+from kubetune_api import MethodType
+from kubetune_trainer.modeling import without_bitsandbytes
+without_bitsandbytes(MethodType.lora)
+from peft import LoraConfig, get_peft_model
+model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(r=2, target_modules=["0"]))
+model(torch.ones(1, 4)).sum().backward()
+print(sum(p.grad is not None for p in model.parameters()), sys.modules["bitsandbytes"],
+      "torch._inductor.compile_fx" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["2", "None", "False"]  # lora_A and lora_B have gradients
