@@ -36,6 +36,11 @@ _HEAD = ("apiVersion", "kind", "jobName", "runId")  # first in the file, for who
 OPERATOR_ONLY = {"image", "resources", "run_policy", "scheduling", "validation"}
 
 
+# The User-Agent of the operator's scrapes of rank 0's /metrics (its progress): the trainer's linger after the run
+# waits for a scrape by anyone else (Prometheus), which the operator's, every few seconds, would otherwise end.
+OPERATOR_SCRAPER = "kubetune-operator"
+
+
 class MetricsSpec(Model):
     enabled: bool = True
     port: int = Field(9400, ge=0, le=65535, description="Prometheus endpoint on rank 0; 0 picks a free port")

@@ -8,6 +8,7 @@ import asyncio
 import time
 
 import aiohttp
+from kubetune_api import OPERATOR_SCRAPER
 
 from .progress import parse_trainer_metrics
 from .settings import SCRAPE_SECONDS
@@ -21,7 +22,8 @@ def _client() -> aiohttp.ClientSession:
     loop = asyncio.get_running_loop()
     session = _sessions.get(loop)
     if session is None or session.closed:
-        session = _sessions[loop] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT_SECONDS))
+        session = _sessions[loop] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT_SECONDS),
+                                                          headers={"User-Agent": OPERATOR_SCRAPER})
     return session
 
 

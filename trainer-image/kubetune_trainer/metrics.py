@@ -12,8 +12,11 @@ import os
 import threading
 import time
 from numbers import Real
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from kubetune_api import OPERATOR_SCRAPER
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
 
 LINGER_ENV = "KUBETUNE_METRICS_LINGER_SECONDS"
 SEND_SECONDS = 1.0  # after the last scrape's values were collected: ample time to send its response
@@ -42,16 +45,13 @@ _GAUGES = {
 }
 
 
-class _Scrapes:
-    """A collector that exports nothing and notes each scrape: every scrape collects every collector of the
-    registry, in the order they were registered."""
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress does not hold the process's exit
 
-    def __init__(self):
-        self.seen = threading.Event()
 
-    def collect(self) -> list:
-        self.seen.set()
-        return []
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, *args) -> None:  # no access log in the trainer's output
+        pass
 
 
 class TrainerMetrics:
@@ -104,12 +104,20 @@ class TrainerMetrics:
         self._last_beat = 0.0
         self.set_phase("downloading")
         self.port: int | None = None
-        self._scrapes = _Scrapes()
-        self.registry.register(self._scrapes)  # the last one: a scrape collects it after every value
+        self._scraped = threading.Event()  # a scrape (not the operator's) has read the values
 
     def serve(self, port: int) -> int:
         """Start the HTTP endpoint; returns the bound port (useful with port 0)."""
-        server, _ = start_http_server(port, registry=self.registry)
+        app = make_wsgi_app(self.registry)
+
+        def noted(environ, start_response):
+            body = app(environ, start_response)  # collected: the values as they are now
+            if not environ.get("HTTP_USER_AGENT", "").startswith(OPERATOR_SCRAPER):
+                self._scraped.set()
+            return body
+
+        server = make_server("0.0.0.0", port, noted, _Server, handler_class=_Quiet)
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self.port = server.server_address[1]
         return self.port
 
@@ -117,11 +125,11 @@ class TrainerMetrics:
         """Keep serving the final values until a scrape has read them, for at most
         $KUBETUNE_METRICS_LINGER_SECONDS (the image sets 30) before the process exits, so that Prometheus
         scrapes them (test results, phase done) at least once; a scrape that comes early ends the wait early (a
-        sweep's trials wait for their results)."""
+        sweep's trials wait for their results). The operator's own scrapes (OPERATOR_SCRAPER) do not count."""
         seconds = float(os.environ.get(LINGER_ENV) or 0)
         if self.port is not None and seconds > 0:
-            self._scrapes.seen.clear()  # every value is final: whoever collects from now on reads them
-            if self._scrapes.seen.wait(seconds):
+            self._scraped.clear()  # every value is final: whoever collects from now on reads them
+            if self._scraped.wait(seconds):
                 time.sleep(SEND_SECONDS)  # the scrape's response, collected, goes out
 
     def set(self, **values: float | None) -> None:
