@@ -18,6 +18,7 @@ import logging
 from datetime import UTC, datetime
 
 import kopf
+from kubetune_api import TERMINAL
 
 from . import GROUP, PLURAL, SWEEPS, VERSION, kube, metrics, policy, sweep
 from .settings import OperatorSettings
@@ -83,9 +84,7 @@ def prune(api: kube.Kube, trial: dict, why: str, tries: int = 3) -> bool:
     patch carries the resourceVersion it was judged at: a trial that succeeded between the read and the patch
     (its trainer publishing as the scrape saw its last evaluation) is not marked pruned, nor given a TrialPruned
     Event. A newer version that has not ended (a progress update) is patched again."""
-    meta = trial["metadata"]
-    path = kube.object_path({"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
-                             "metadata": {"namespace": meta["namespace"], "name": meta["name"]}})
+    path = kube.object_path(trial)  # a FineTuneJob as listed: its apiVersion and kind are in it
     for _ in range(tries):
         patch = {"metadata": {"resourceVersion": trial["metadata"]["resourceVersion"],
                               "annotations": {sweep.PRUNED: why}}, "spec": {"runPolicy": {"suspend": True}}}
@@ -96,7 +95,7 @@ def prune(api: kube.Kube, trial: dict, why: str, tries: int = 3) -> bool:
             if e.status != 409:
                 raise
         trial = api.get(path)
-        if trial is None or (trial.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        if trial is None or (trial.get("status") or {}).get("phase") in TERMINAL:
             return False
     return False
 
