@@ -9,7 +9,7 @@ from functools import partial
 import pytest
 from kubetune_dev.cluster.controlplane import pinned_version
 
-from tests.kube import kubectl, wait_for
+from tests.kube import Reader, get_json, kubectl, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -101,3 +101,33 @@ def test_service_account_tokens_are_issued(control_plane, namespace):
     ca = wait_for("kube-root-ca.crt", lambda: k(
         "get", "configmap", "kube-root-ca.crt", "-o", "json", check=False).stdout)
     assert "BEGIN CERTIFICATE" in ca
+
+
+def test_get_json_reads_what_kubectl_prints(control_plane, namespace):
+    """tests.kube.get_json reads objects in-process (the tests poll thousands of times): for every form it reads
+    (short, singular and plural names, a name, -n, -A, -l, --field-selector, a CRD installed a moment ago), it
+    returns what `kubectl get -o json` prints, and a missing object fails as kubectl does."""
+    k = partial(kubectl, control_plane)
+    k("create", "configmap", "c1", "-n", namespace, "--from-literal=a=b")
+    k("label", "configmap", "c1", "-n", namespace, "tier=one")
+    k("apply", "-f", "-", stdin=json.dumps(CRD))
+    k("wait", "--for=condition=Established", "crd/widgets.test.kubetune.io", "--timeout=60s")
+    wait_for("the widget resource", lambda: k(
+        "apply", "-n", namespace, "-f", "-", stdin=widget("w1", 1, 2), check=False).returncode == 0)
+    forms = [("configmap", "-n", namespace), ("cm", "-n", namespace, "c1"), ("configmaps", "-A", "-l", "tier=one"),
+             ("namespace", namespace), ("crd",), ("widget", "-n", namespace), ("widgets", "-n", namespace, "w1"),
+             ("events", "-n", namespace, "--field-selector", "involvedObject.name=c1"), ("nodes",),
+             ("roles", "-A", "-l", "tier=none")]
+
+    def shown(out: dict) -> object:  # a list's order is the server's in both; compare as sets of objects
+        items = out.get("items")
+        return sorted(json.dumps(i, sort_keys=True) for i in items) if items is not None else out
+
+    reader = Reader.of(control_plane)
+    for form in forms:
+        read = reader.get(form)
+        assert read is not None, f"{form} went to kubectl"
+        assert shown(read) == shown(json.loads(k("get", *form, "-o", "json").stdout)), form
+    with pytest.raises(AssertionError, match=r"\(NotFound\).*\"missing\" not found"):
+        get_json(control_plane, "configmap", "-n", namespace, "missing")
+    assert reader.get(("configmap", "-n", namespace, "-o", "yaml")) is None  # not a form it reads: kubectl

@@ -39,6 +39,8 @@ crd, s3_inputs = e2e.crd, e2e.s3_inputs  # the e2e fixtures
 RELEASE = "kubetune-nsdel"
 RBAC_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
 GONE_WITHIN_S = 120  # the namespace controller's own pace: a few passes of a few seconds
+# kopf's log line when the API server refuses its finalizer removal (the PATCH of the FineTuneJob)
+REFUSED = 'APIForbiddenError(\'finetunejobs.kubetune.io "doomed" is forbidden'
 
 
 def chart_rbac(operator_ns: str, tenant: str) -> list[dict]:
@@ -77,7 +79,7 @@ def tenant(request, control_plane, crd, s3_inputs, tmp_path):
     with log.open("a") as out:
         proc = subprocess.Popen([sys.executable, "-m", "kubetune_operator", "--namespace", tenant_ns, "--standalone",
                                  "-v"], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=e2e.ROOT)
-    request.node.operator_pid = proc.pid
+    request.node.operator_pid, request.node.operator_log = proc.pid, log
     try:
         yield tenant_ns
     finally:
@@ -139,7 +141,9 @@ def test_without_the_cluster_wide_finalizer_removals_the_namespace_sticks(contro
     cp = control_plane
     doomed_job(cp, tenant, s3_inputs)
     delete_namespace(cp, tenant, request.node.operator_pid)
-    time.sleep(45)
+    wait_for("the operator's finalizer removal to be refused", lambda: REFUSED in request.node.operator_log.read_text(),
+             timeout=90, every=1)
+    time.sleep(5)  # a pass of the namespace controller after it: nobody left who may remove the finalizers
     assert not gone(cp, tenant)
     left = left_in(cp, tenant)
     assert not left["rolebinding"], "the operator's RoleBinding went first"
