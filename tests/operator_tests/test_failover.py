@@ -26,6 +26,7 @@ from kubetune_operator.leader import LOST_EXIT_CODE
 
 from tests.kube import free_port, get_json, http_get, kubectl, stop_process, wait_for
 from tests.operator_tests import test_e2e as e2e
+from tests.operator_tests.fake_trainer import release
 from tests.operator_tests.test_e2e import credentials, submit, training_spec, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
@@ -206,12 +207,13 @@ def test_the_standby_takes_over_from_a_killed_replica_and_finishes_its_job(
         control_plane, node_agent, replicas, lease, namespace, s3_inputs, fake_trainer):
     older, younger = replicas
     credentials(control_plane, namespace)
-    spec = training_spec(s3_inputs, fake_trainer, hyperparameters={"maxSteps": 40})
+    # held after its second step until released: it runs through the takeover however slow the machine
+    spec = training_spec(s3_inputs, fake_trainer, hyperparameters={"maxSteps": 6})
     spec["resources"] = {"workers": 1, "gpusPerWorker": 1}
-    submit(control_plane, namespace, "failover", spec)
-    running = wait_phase(control_plane, namespace, "failover", ("Running", "Failed"))
+    submit(control_plane, namespace, "failover-held", spec)
+    running = wait_phase(control_plane, namespace, "failover-held", ("Running", "Failed"))
     assert running["status"]["phase"] == "Running", running["status"]
-    train_uid = get_json(control_plane, "job", "-n", namespace, "failover-train-1")["metadata"]["uid"]
+    train_uid = get_json(control_plane, "job", "-n", namespace, "failover-held-train-1")["metadata"]["uid"]
     assert not younger.handled(), "the standby ran a handler"
 
     older.stop(kill=True)  # SIGKILL: the Lease is not released
@@ -223,11 +225,12 @@ def test_the_standby_takes_over_from_a_killed_replica_and_finishes_its_job(
     spec = lease_of(control_plane, *lease)["spec"]
     assert spec["holderIdentity"] == younger.identity() and spec["leaseTransitions"] == 1
 
-    status = wait_phase(control_plane, namespace, "failover", ("Succeeded", "Failed"), timeout=120)["status"]
+    release(get_json(control_plane, "ftj", "-n", namespace, "failover-held")["metadata"]["uid"])
+    status = wait_phase(control_plane, namespace, "failover-held", ("Succeeded", "Failed"), timeout=120)["status"]
     assert status["phase"] == "Succeeded", status
     assert status["result"]["adapterUri"] == s3_inputs["output"]
     assert younger.handled()
-    train = get_json(control_plane, "job", "-n", namespace, "failover-train-1")
+    train = get_json(control_plane, "job", "-n", namespace, "failover-held-train-1")
     assert train["metadata"]["uid"] == train_uid, "the standby took over the training Job, no new one"
 
     # A restarted replica finds the Lease held and renewed: it stands by, no flapping.

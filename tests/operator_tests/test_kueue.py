@@ -141,37 +141,40 @@ def test_a_suspend_holds_and_resume_requeues(control_plane, node_agent, namespac
     (no flapping); resuming puts it back in the queue and it runs to the end."""
     credentials(control_plane, namespace)
     q = queue({GPU: 1})
-    submit(control_plane, namespace, "pausable", fake_job(s3_inputs, fake_trainer, q, steps=30))
-    wait_phase(control_plane, namespace, "pausable", ("Running",), timeout=120)
-    kubectl(control_plane, "patch", "ftj", "pausable", "-n", namespace, "--type=merge",
+    # held after its second step until released (each time it starts): running when suspended, however slow the
+    # machine, and done soon after it is released
+    submit(control_plane, namespace, "pausable-held", fake_job(s3_inputs, fake_trainer, q, steps=6))
+    wait_phase(control_plane, namespace, "pausable-held", ("Running",), timeout=120)
+    kubectl(control_plane, "patch", "ftj", "pausable-held", "-n", namespace, "--type=merge",
             "-p", '{"spec": {"runPolicy": {"suspend": true}}}')
     wait_for("the workers to stop", lambda: not [
-        p for p in training_job_pods(control_plane, namespace, "pausable")
+        p for p in training_job_pods(control_plane, namespace, "pausable-held")
         if p["status"].get("phase") in ("Pending", "Running")], timeout=90)
     # Kueue releases the quota once the pods are gone and the operator mirrors it at its next reconcile
-    wait_for("the quota to be released", lambda: not status_of(control_plane, namespace, "pausable")["queue"][
+    wait_for("the quota to be released", lambda: not status_of(control_plane, namespace, "pausable-held")["queue"][
         "admitted"], timeout=60)
     for _ in range(8):  # Kueue and the operator leave it alone
-        s = status_of(control_plane, namespace, "pausable")
-        job = get_json(control_plane, "job", "-n", namespace, "pausable-train-1")
-        workload = workload_of(control_plane, namespace, "pausable")
+        s = status_of(control_plane, namespace, "pausable-held")
+        job = get_json(control_plane, "job", "-n", namespace, "pausable-held-train-1")
+        workload = workload_of(control_plane, namespace, "pausable-held")
         assert s["phase"] == "Suspended" and job["spec"]["suspend"] is True, (s, job["spec"])
         assert workload["spec"]["active"] is False and not s["queue"]["admitted"], workload
-        assert not [p for p in training_job_pods(control_plane, namespace, "pausable")
+        assert not [p for p in training_job_pods(control_plane, namespace, "pausable-held")
                     if p["status"].get("phase") in ("Pending", "Running")]
         time.sleep(1)
     assert workload["metadata"]["annotations"]["kubetune.io/deactivated"] == "suspend"
     assert "no quota held" in s["message"], s["message"]
 
-    kubectl(control_plane, "patch", "ftj", "pausable", "-n", namespace, "--type=merge",
+    kubectl(control_plane, "patch", "ftj", "pausable-held", "-n", namespace, "--type=merge",
             "-p", '{"spec": {"runPolicy": {"suspend": false}}}')
-    wait_phase(control_plane, namespace, "pausable", ("Running",), timeout=120)
-    workload = workload_of(control_plane, namespace, "pausable")
+    wait_phase(control_plane, namespace, "pausable-held", ("Running",), timeout=120)
+    workload = workload_of(control_plane, namespace, "pausable-held")
     assert workload["spec"]["active"] is True and "kubetune.io/deactivated" not in (
         workload["metadata"].get("annotations") or {})
-    done = wait_phase(control_plane, namespace, "pausable", ("Succeeded", "Failed"), timeout=180)["status"]
+    release(get_json(control_plane, "ftj", "-n", namespace, "pausable-held")["metadata"]["uid"])
+    done = wait_phase(control_plane, namespace, "pausable-held", ("Succeeded", "Failed"), timeout=180)["status"]
     assert done["phase"] == "Succeeded" and done["attempts"]["current"] == 1, done  # a suspend is no incident
-    assert not get_json(control_plane, "job", "-n", namespace, "pausable-train-1")["status"].get("failed")
+    assert not get_json(control_plane, "job", "-n", namespace, "pausable-held-train-1")["status"].get("failed")
 
 
 def test_a_job_without_a_queue_name_is_left_to_the_operator(control_plane, node_agent, namespace, operator, kueue,
