@@ -345,19 +345,25 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             stop.set()
             agent.stop()
-    print(report(results, sweeps, args, cp.version))
+    print(report(results, sweeps, environment(args, cp.version)))
     return 0
 
 
-def report(results: dict[str, list[tuple[str, dict]]], sweeps: dict, args, version: dict) -> str:
+def environment(args, version: dict) -> str:
     import torch
     import transformers
 
-    lines = [f"`python bench/bench_trial_cost.py --trials {args.trials} --steps {args.steps}`: "
-             f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch "
-             f"{torch.__version__}, transformers {transformers.__version__}, Kubernetes "
-             f"{version.get('gitVersion', '?')}; seconds, one run. The first trial of each mode builds the data "
-             "cache; the others reuse it.", ""]
+    return (f"`python bench/bench_trial_cost.py --trials {args.trials} --steps {args.steps}`: "
+            f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch "
+            f"{torch.__version__}, transformers {transformers.__version__}, Kubernetes "
+            f"{version.get('gitVersion', '?')}; seconds, one run. The first trial of each mode builds the data "
+            "cache; the others reuse it.")
+
+
+def report(results: dict[str, list[tuple[str, dict]]], sweeps: dict[str, float | None], header: str) -> str:
+    """The table (a row per trial, and per mode the mean of the trials that reuse the cache) and the summary: each
+    mode's fixed cost and whole sweep, and podmonitor-off's over image's."""
+    lines = [header, ""]
     headers = [h for h, _, _ in HEADLINE] + [GAP] + [h for h, _, _ in SPANS]
     lines += ["| mode | trial | " + " | ".join(headers) + " |", "|---|---|" + "---:|" * len(headers)]
     means = {}  # mode -> each column's mean over the trials that reuse the cache
