@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.environ.update(FAKE_CREDENTIALS)
     work = Path(tempfile.mkdtemp(prefix="kubetune-bench-trial-"))
-    log(f"the operator's and the pods' logs: {work}")
+    log(f"the operator's and the pods' logs: {work} (removed after a run that ends well)")
     venv_bin = Path(sys.executable).parent
     rule = ImageRule(match=IMAGE, path=[str(venv_bin)], working_dir=str(ROOT),
                      entrypoint=[str(venv_bin / "kubetune"), "launch"],
@@ -346,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             stop.set()
             agent.stop()
     print(report(results, sweeps, environment(args, cp.version)))
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
