@@ -11,13 +11,16 @@
 # A quick try: make bench-sweep BENCH_SWEEP_ARGS="--trials 6 --seeds 0"
 # `make bench-startup`: a trainer process's fixed cost per entry point (validation pod, training pod, kubetune run).
 # Against another checkout: make bench-startup BENCH_STARTUP_ARGS="--src /tmp/kt-before --src . --repeat 5"
-.PHONY: bench-trainer bench-data bench-operator bench-sweep bench-startup
+# `make bench-trial-cost`: a sweep trial's fixed cost on the local control plane (the real trainer), with the image's
+# metrics linger (30 s) and with the operator's 0 (the chart's PodMonitor off). Quick: BENCH_TRIAL_COST_ARGS="--trials 2"
+.PHONY: bench-trainer bench-data bench-operator bench-sweep bench-startup bench-trial-cost
 
 BENCH_ARGS ?= --device cpu --model tiny --steps 30
 BENCH_DATA_ARGS ?= --records 200000,1000000
 BENCH_OPERATOR_ARGS ?= --jobs 100,400,1000 --window 60
 BENCH_SWEEP_ARGS ?= --trials 12 --steps 27 --seeds 0,1
 BENCH_STARTUP_ARGS ?= --repeat 3
+BENCH_TRIAL_COST_ARGS ?= --trials 4 --steps 30
 
 bench-trainer: venv ## Trainer throughput vs HF Trainer + PEFT, as a markdown snippet (BENCH_ARGS=...)
 	$(PY) bench/bench_trainer.py $(BENCH_ARGS)
@@ -33,3 +36,6 @@ bench-sweep: venv ## Sweep compute to the best loss: TPE + ASHA vs no pruning vs
 
 bench-startup: venv ## A trainer process's fixed cost (wall, CPU-s, before the first and after the last step) per entry point (BENCH_STARTUP_ARGS=...)
 	$(PY) bench/bench_startup.py $(BENCH_STARTUP_ARGS)
+
+bench-trial-cost: venv control-plane ## A sweep trial's fixed cost on the local control plane, image linger vs 0 (BENCH_TRIAL_COST_ARGS=...)
+	$(PY) bench/bench_trial_cost.py $(BENCH_TRIAL_COST_ARGS)

@@ -128,6 +128,7 @@ from .sweep import (
 from .trainer_config import (
     CONFIG_VERSION,
     DEFAULT_GPU_TFLOPS,
+    METRICS_LINGER_ENV,
     OPERATOR_SCRAPER,
     WORK_DIR,
     Hardware,
@@ -159,7 +160,8 @@ __all__ = [
     "Progress", "QualityAction", "QualitySpec", "QueueStatus", "Reason", "ResourcesSpec", "Result", "ResultMetrics",
     "RunPolicy", "Scheduler",
     "SchedulingSpec", "SecretRef", "Select", "StorageEndpoint", "StorageSpec", "Strategy", "TaskType", "Toleration",
-    "OPERATOR_SCRAPER", "TrackingSpec", "TrainerConfig", "ValidationSpec", "fields_problem", "format_problem",
+    "METRICS_LINGER_ENV", "OPERATOR_SCRAPER", "TrackingSpec", "TrainerConfig", "ValidationSpec", "fields_problem",
+    "format_problem",
     "join_uri", "metric_key",
     "mappable_fields", "task_problem", "uri_allowed",
 ]

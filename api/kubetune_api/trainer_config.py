@@ -39,6 +39,9 @@ OPERATOR_ONLY = {"image", "resources", "run_policy", "scheduling", "validation"}
 # The User-Agent of the operator's scrapes of rank 0's /metrics (its progress): the trainer's linger after the run
 # waits for a scrape by anyone else (Prometheus), which the operator's, every few seconds, would otherwise end.
 OPERATOR_SCRAPER = "kubetune-operator"
+# How long rank 0 keeps serving its final values after the run for such a scrape (seconds; unset: 0, the trainer
+# image sets 30). The operator sets it in the training pods when it knows better (0: nothing else scrapes them).
+METRICS_LINGER_ENV = "KUBETUNE_METRICS_LINGER_SECONDS"
 
 
 class MetricsSpec(Model):

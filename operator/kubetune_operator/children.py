@@ -16,6 +16,7 @@ from kubetune_api import (
     API_VERSION,
     DEFAULT_GPU_TFLOPS,
     KIND,
+    METRICS_LINGER_ENV,
     MLFLOW_SECRET_KEYS,
     PERMANENT_EXIT_CODES,
     WORK_DIR,
@@ -333,6 +334,9 @@ def training_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings, 
     ]
     if res.gpus_per_worker == 0 and res.workers > 1:  # torchrun sets these itself for GPU workers
         env += [{"name": "RANK", "value": "$(JOB_COMPLETION_INDEX)"}, {"name": "LOCAL_RANK", "value": "0"}]
+    linger = settings.trainer_metrics_linger_seconds
+    if linger is not None:  # else the image's own (30 s): rank 0 waits for Prometheus to read its final values
+        env.append({"name": METRICS_LINGER_ENV, "value": f"{linger:g}"})
     if res.cpu:  # torch starts a thread per core of the node, not of the pod's share: its CPUs per process
         threads = max(1, cpus(res.cpu) // max(res.gpus_per_worker, 1))
         env.append({"name": "OMP_NUM_THREADS", "value": str(threads)})

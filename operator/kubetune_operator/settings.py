@@ -43,6 +43,10 @@ class OperatorSettings:
     trainer_image: str = DEFAULT_TRAINER_IMAGE  # KUBETUNE_TRAINER_IMAGE: for jobs without spec.image
     rendezvous_port: int = RENDEZVOUS_PORT  # KUBETUNE_RENDEZVOUS_PORT (see children.service)
     trainer_metrics_port: int = TRAINER_METRICS_PORT  # KUBETUNE_TRAINER_METRICS_PORT: rank 0's /metrics
+    # KUBETUNE_TRAINER_METRICS_LINGER_SECONDS: the training pods' KUBETUNE_METRICS_LINGER_SECONDS, how long rank 0
+    # waits after the run for a scrape of its final values; None (unset or empty): the image's own (30 s). The
+    # chart sets 0 when its PodMonitor is off: nothing would scrape, and each job's result would wait for nothing.
+    trainer_metrics_linger_seconds: float | None = None
     gpu_tflops: float = DEFAULT_GPU_TFLOPS  # KUBETUNE_ESTIMATE_GPU_TFLOPS: the data report's GPU-hours estimate
     # KUBETUNE_STORAGE_{ENDPOINT,REGION,SECRET_NAME}: the storage defaults ("" : none)
     storage_endpoint: str = ""
@@ -105,6 +109,8 @@ class OperatorSettings:
             trainer_image=image,
             rendezvous_port=int(env("KUBETUNE_RENDEZVOUS_PORT") or RENDEZVOUS_PORT),
             trainer_metrics_port=int(env("KUBETUNE_TRAINER_METRICS_PORT") or TRAINER_METRICS_PORT),
+            trainer_metrics_linger_seconds=_seconds(env("KUBETUNE_TRAINER_METRICS_LINGER_SECONDS"),
+                                                    "KUBETUNE_TRAINER_METRICS_LINGER_SECONDS"),
             gpu_tflops=float(env("KUBETUNE_ESTIMATE_GPU_TFLOPS") or DEFAULT_GPU_TFLOPS),
             storage_endpoint=endpoint,
             storage_region=env("KUBETUNE_STORAGE_REGION") or "",
@@ -138,6 +144,20 @@ class OperatorSettings:
                                                or LEASE_RENEW_DEADLINE_SECONDS),
             lease_retry_period_seconds=float(env("KUBETUNE_LEASE_RETRY_PERIOD_SECONDS") or LEASE_RETRY_PERIOD_SECONDS),
         )
+
+
+def _seconds(value: str | None, var: str) -> float | None:
+    """A duration that may be left to someone else's default: unset or empty, None; else seconds >= 0 (an error
+    naming the variable otherwise)."""
+    if not (value or "").strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # NaN too
+        raise ValueError(f"{var}: {value!r} is not a number of seconds >= 0")
+    return seconds
 
 
 def _scheduling(env) -> Scheduling:

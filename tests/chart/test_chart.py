@@ -182,6 +182,28 @@ def test_the_operator_estimates_with_the_gpu_tflops_the_chart_sets(monkeypatch):
         assert (hardware.gpu_tflops, hardware.gpus, hardware.processes) == (tflops, 8, 8)
 
 
+def test_the_training_pods_linger_only_when_something_scrapes_them(monkeypatch):
+    """podMonitor.enabled=false (the default): nothing scrapes the pods, so rank 0 must not wait for a scrape (the
+    image's 30 s would hold every job's result); with the PodMonitor the image's own; trainer.metricsLingerSeconds
+    wins either way (a scrape config of one's own)."""
+    from kubetune_api import FineTuneJobSpec
+    from kubetune_operator.children import training_job
+
+    spec = FineTuneJobSpec.model_validate({
+        "baseModel": {"uri": "s3://models/m/"}, "dataset": {"train": "s3://data/train.jsonl"},
+        "output": {"uri": "s3://out/"}})
+    for values, linger in (({}, "0"), ({"podMonitor.enabled": "true"}, None),
+                           ({"trainer.metricsLingerSeconds": "20"}, "20"),
+                           ({"podMonitor.enabled": "true", "trainer.metricsLingerSeconds": "0"}, "0"),
+                           ({"podMonitor.enabled": "true", "trainer.metricsLingerSeconds": "7.5"}, "7.5")):
+        settings = deployment_settings(render(values), monkeypatch)
+        monkeypatch.delenv("KUBETUNE_TRAINER_METRICS_LINGER_SECONDS", raising=False)  # for the next render's
+        (container,) = training_job({"name": "demo", "uid": "u"}, spec, settings)["spec"]["template"]["spec"][
+            "containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env.get("KUBETUNE_METRICS_LINGER_SECONDS") == linger, values
+
+
 def test_the_probes_ask_the_ports_the_operator_serves():
     (deploy,) = find(render({"healthPort": "9001", "readyPort": "9002"}), "Deployment")
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
@@ -491,6 +513,8 @@ def test_the_admission_policy_can_be_left_out():
     ({"validation.gpu": "1"}, "gpu"),
     ({"estimate.gpuTflops": "0"}, "gpuTflops"),
     ({"estimate.gpuTflops": "fast"}, "gpuTflops"),
+    ({"trainer.metricsLingerSeconds": "-1"}, "metricsLingerSeconds"),
+    ({"trainer.metricsLingerSeconds": "soon"}, "metricsLingerSeconds"),
     ({"image.pullPolicy": "Sometimes"}, "pullPolicy"),
     ({"watchNamespaces": "{Team_A}"}, "watchNamespaces"),
     ({"prometheusRule.trainingStalledFor": "fifteen minutes"}, "trainingStalledFor"),

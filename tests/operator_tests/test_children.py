@@ -226,6 +226,18 @@ def test_the_trainers_metrics_port_can_be_moved():
     assert yaml.safe_load(cm["data"][children.CONFIG_FILE])["metrics"]["port"] == 31235
 
 
+def test_the_metrics_linger_is_the_images_unless_the_settings_say():
+    """Unset (a PodMonitor scrapes the pods): no variable, the image's 30 s, so Prometheus reads the final values.
+    The chart's PodMonitor off sets 0: nothing would scrape, so rank 0 exits once it has published."""
+    meta, spec = build()
+    assert "KUBETUNE_METRICS_LINGER_SECONDS" not in env(children.training_job(meta, spec, SETTINGS))
+    for value, rendered in (("0", "0"), ("7.5", "7.5"), ("30", "30")):
+        settings = OperatorSettings.from_env({"KUBETUNE_TRAINER_IMAGE": IMAGE,
+                                              "KUBETUNE_TRAINER_METRICS_LINGER_SECONDS": value})
+        assert env(children.training_job(meta, spec, settings))["KUBETUNE_METRICS_LINGER_SECONDS"] == rendered
+        assert "KUBETUNE_METRICS_LINGER_SECONDS" not in env(children.validation_job(meta, spec, settings))
+
+
 def test_accelerate_args():
     args = children.accelerate_args("demo", build()[1], SETTINGS)
     assert args[:4] == ["--num_machines", "2", "--num_processes", "2"]

@@ -35,7 +35,8 @@ def test_the_defaults_are_those_of_an_empty_environment():
 def test_every_variable_takes_effect():
     s = OperatorSettings.from_env({
         "KUBETUNE_TRAINER_IMAGE": "registry.local/trainer:1", "KUBETUNE_RENDEZVOUS_PORT": "31234",
-        "KUBETUNE_TRAINER_METRICS_PORT": "31235", "KUBETUNE_ESTIMATE_GPU_TFLOPS": "125", "KUBETUNE_STORAGE_ENDPOINT": "http://minio:9000",
+        "KUBETUNE_TRAINER_METRICS_PORT": "31235", "KUBETUNE_TRAINER_METRICS_LINGER_SECONDS": "0",
+        "KUBETUNE_ESTIMATE_GPU_TFLOPS": "125", "KUBETUNE_STORAGE_ENDPOINT": "http://minio:9000",
         "KUBETUNE_STORAGE_REGION": "eu-west-1", "KUBETUNE_STORAGE_SECRET_NAME": "platform-s3",
         "KUBETUNE_VALIDATION_CPU": "2", "KUBETUNE_VALIDATION_MEMORY": "2Gi",
         "KUBETUNE_VALIDATION_EPHEMERAL_STORAGE": "20Gi", "KUBETUNE_VALIDATION_DEADLINE_SECONDS": "600",
@@ -48,7 +49,8 @@ def test_every_variable_takes_effect():
         "KUBETUNE_POLICY_STORAGE_ENDPOINTS": "https://s3.example.com",
     })
     assert s == OperatorSettings(
-        trainer_image="registry.local/trainer:1", rendezvous_port=31234, trainer_metrics_port=31235, gpu_tflops=125.0,
+        trainer_image="registry.local/trainer:1", rendezvous_port=31234, trainer_metrics_port=31235,
+        trainer_metrics_linger_seconds=0.0, gpu_tflops=125.0,
         storage_endpoint="http://minio:9000", storage_region="eu-west-1", storage_secret_name="platform-s3",
         validation_cpu="2", validation_memory="2Gi", validation_ephemeral_storage="20Gi",
         validation_deadline_seconds=600, validation_max_attempts=2,
@@ -67,6 +69,14 @@ def test_empty_values_keep_the_defaults_as_before():
     assert (s.rendezvous_port, s.gpu_tflops, s.validation_memory, s.validation_deadline_seconds) == (
         29500, 400.0, "1Gi", 3600)
     assert s.policy.image_prefixes == ("my/trainer",)  # the trainer image's repository
+    assert OperatorSettings.from_env({"KUBETUNE_TRAINER_METRICS_LINGER_SECONDS": ""}).trainer_metrics_linger_seconds \
+        is None  # the image's own linger
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "nan"])
+def test_a_bad_linger_is_refused_naming_the_variable(value):
+    with pytest.raises(ValueError, match="KUBETUNE_TRAINER_METRICS_LINGER_SECONDS"):
+        OperatorSettings.from_env({"KUBETUNE_TRAINER_METRICS_LINGER_SECONDS": value})
     assert OperatorSettings(trainer_image="my/trainer:2").policy.image_prefixes == ("my/trainer",)
 
 

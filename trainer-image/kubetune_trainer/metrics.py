@@ -15,10 +15,10 @@ from numbers import Real
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from kubetune_api import OPERATOR_SCRAPER
+from kubetune_api import METRICS_LINGER_ENV, OPERATOR_SCRAPER
 from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
 
-LINGER_ENV = "KUBETUNE_METRICS_LINGER_SECONDS"
+LINGER_ENV = METRICS_LINGER_ENV
 SEND_SECONDS = 1.0  # after the last scrape's values were collected: ample time to send its response
 PHASES = ("downloading", "validating", "training", "evaluating", "uploading", "done", "failed")
 
