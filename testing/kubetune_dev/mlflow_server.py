@@ -30,6 +30,10 @@ from .cluster.controlplane import cache_dir
 
 VERSION = "3.17.2"  # the newest whose pins resolve beside the index's packages (3.18 is not served)
 START_SECONDS = 120  # a cold start imports mlflow, runs the sqlite migrations and starts uvicorn on 2 cores
+# The tracking API only. MLflow 3's server also starts a job runner and seven huey consumers by default (GenAI
+# evaluation jobs, periodic tasks): eight more interpreters importing mlflow, 20 CPU-seconds in the first 20 s
+# beside the tests on 2 cores (6 CPU-s for the server without them). Telemetry: nothing leaves this machine.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 def home() -> Path:
@@ -85,7 +89,8 @@ class MlflowServer:
             [str(python), "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1", "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
              "--artifacts-destination", str(self.workdir / "artifacts")],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir,
+            env={**os.environ, **SERVER_ENV})
         deadline = time.monotonic() + START_SECONDS
         while not self._healthy():
             if self.process.poll() is not None or time.monotonic() > deadline:
