@@ -17,11 +17,13 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 from filelock import FileLock
@@ -84,10 +86,15 @@ class MlflowServer:
 
     def start(self) -> MlflowServer:
         python = install()
+        # A new server's database as the first server on this version made it, copied rather than created again:
+        # its tables and the Default experiment, nothing else (about 3 s and 1.5 CPU-s of the start on 2 cores).
+        seed, db = home().with_name(f"{home().name}-empty.db"), self.workdir / "mlflow.db"
+        if seed.is_file():
+            shutil.copyfile(seed, db)
         log = (self.workdir / "server.log").open("wb")
         self.process = subprocess.Popen(
             [str(python), "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.workdir / 'mlflow.db'}",
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{db}",
              "--artifacts-destination", str(self.workdir / "artifacts")],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir,
             env={**os.environ, **SERVER_ENV})
@@ -97,7 +104,14 @@ class MlflowServer:
                 log = self.log()
                 self.stop()
                 raise RuntimeError(f"mlflow server did not start; its log:\n{log[-3000:]}")
-            time.sleep(0.5)
+            time.sleep(0.2)
+        if not seed.is_file():  # healthy: the server has made its database; nobody has used it yet
+            with FileLock(f"{seed}.lock"):
+                if not seed.is_file():
+                    partial = seed.with_name(f"{seed.name}.{os.getpid()}")
+                    with closing(sqlite3.connect(db)) as source, closing(sqlite3.connect(partial)) as copy:
+                        source.backup(copy)  # consistent while the server has it open
+                    partial.replace(seed)
         return self
 
     def _healthy(self) -> bool:
