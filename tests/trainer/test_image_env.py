@@ -159,7 +159,7 @@ def test_the_locked_versions_train_together(tmp_path, venv):
     assert not {n: v for n, v in installed.items() if n in locked and v != locked[n]}
 
     site = Path(sh(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
-    assert link_bytecode(site, Path(sysconfig.get_paths()["purelib"])) > 1000  # torch's, transformers', peft's
+    link_bytecode(site, Path(sysconfig.get_paths()["purelib"]))  # none where uv copied rather than linked
 
     (tmp_path / "train.py").write_text(TRAIN)
     done = sh(python, "train.py", tmp_path, ROOT / "testing", timeout=600)
