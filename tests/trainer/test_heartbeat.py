@@ -93,7 +93,7 @@ def test_lingering_ends_once_a_scrape_has_read_the_final_values(monkeypatch):
     monkeypatch.setenv(metrics_module.LINGER_ENV, "0.5")
     started = time.monotonic()
     m.linger()  # nobody scrapes: the whole time
-    assert 0.5 <= time.monotonic() - started < 0.5 + metrics_module.SEND_SECONDS
+    assert 0.5 <= time.monotonic() - started < 1.5
     urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()  # a scrape during the run
 
     # the operator's scrapes (its progress, every few seconds) do not end it: Prometheus would miss the values
@@ -112,10 +112,33 @@ def test_lingering_ends_once_a_scrape_has_read_the_final_values(monkeypatch):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()))
     started = time.monotonic()
     scraper.start()
-    m.linger()
+    m.linger()  # until the scrape's response has gone out, then the process may exit
     assert time.monotonic() - started < 10
     scraper.join()
     assert 'kubetune_trainer_phase{finetunejob="linger",phase="done"} 1.0' in bodies[0]
+
+
+def test_lingering_ends_when_the_final_values_have_been_sent_not_before():
+    """The wait ends when the server has written a final scrape's response (it closes the body then, PEP 3333), not
+    when the values were collected (the process would exit while the response is still being written) nor after a
+    fixed time; a scrape that collected before the values were final does not end it, nor does the operator's."""
+    m = TrainerMetrics("sent", "lora", "s3://models/tiny/")
+    app = m.wsgi_app()
+
+    def scrape(agent: str = "Prometheus/3.0"):
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": "", "HTTP_USER_AGENT": agent}
+        return app(environ, lambda status, headers: None)
+
+    early = scrape()  # collected while training
+    m._final = True  # what linger() sets first
+    operators, final = scrape(OPERATOR_SCRAPER), scrape()
+    assert b'kubetune_trainer_phase{finetunejob="sent",phase="downloading"} 1.0' in b"".join(final)
+    assert len(final) == 1 and not m._scraped.is_set()  # collected (one block: Content-Length), not yet sent
+    for body in (early, operators):
+        getattr(body, "close", lambda: None)()
+    assert not m._scraped.is_set()
+    final.close()  # the server has written the body
+    assert m._scraped.is_set()
 
 
 def test_storage_beats_per_file_and_while_bytes_move(s3, tmp_path):

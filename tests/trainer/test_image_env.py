@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -89,6 +90,32 @@ def test_every_requirement_is_pinned_within_its_bounds():
         assert req.specifier.contains(locked[name], prereleases=True), f"{name}=={locked[name]} outside {req}"
 
 
+def link_bytecode(site: Path, ours: Path) -> int:
+    """Give the venv at `site` the bytecode the image's `pip install` compiles at install time (the Dockerfile's
+    pip writes .pyc files; uv does not unless asked, and compiling every file of torch would cost more than the
+    run). Where one of its sources is the very file (a hard link into uv's cache) that the tests' venv `ours`
+    compiled, the venv gets a hard link to that .pyc; any other source compiles at import, as before. Python
+    checks every .pyc against its source's mtime and size. Returns the number linked."""
+    tag, linked = f".{sys.implementation.cache_tag}.pyc", 0
+    for cache, _, names in os.walk(ours):
+        if not cache.endswith("__pycache__"):
+            continue
+        there = site / Path(cache).parent.relative_to(ours)
+        for name in names:
+            if not name.endswith(tag):
+                continue
+            source, theirs = there / f"{name[:-len(tag)]}.py", Path(cache).parent / f"{name[:-len(tag)]}.py"
+            try:
+                if not os.path.samefile(source, theirs):
+                    continue
+                (there / "__pycache__").mkdir(exist_ok=True)
+                os.link(Path(cache) / name, there / "__pycache__" / name)
+            except FileNotFoundError:
+                continue
+            linked += 1
+    return linked
+
+
 @pytest.fixture
 def venv(tmp_path):
     """A place for a fresh venv, removed afterwards: its files are hard links into uv's cache, or copies (GiBs)
@@ -131,8 +158,11 @@ def test_the_locked_versions_train_together(tmp_path, venv):
     assert not unpinned, f"installed but not in {CONSTRAINTS.name}: {sorted(unpinned)}"
     assert not {n: v for n, v in installed.items() if n in locked and v != locked[n]}
 
+    site = Path(sh(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])").stdout.strip())
+    link_bytecode(site, Path(sysconfig.get_paths()["purelib"]))  # none where uv copied rather than linked
+
     (tmp_path / "train.py").write_text(TRAIN)
-    done = sh(python, "train.py", tmp_path, ROOT / "testing", timeout=600)  # imports compile: no .pyc in a new venv
+    done = sh(python, "train.py", tmp_path, ROOT / "testing", timeout=600)
     assert f"published {tmp_path / 'out'} (4 steps, test loss" in done.stdout, done.stdout
     published = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert published["steps"] == 4 and (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -24,7 +24,7 @@ def test_child_exit_code():
     assert child_exit_code([EXIT_PEER_LOST, EXIT_OUTPUT_IN_USE]) == EXIT_OUTPUT_IN_USE
 
 
-@pytest.mark.parametrize("code", [0, EXIT_DATA_INVALID, EXIT_RETRYABLE])
+@pytest.mark.parametrize("code", [0, EXIT_DATA_INVALID])  # EXIT_RETRYABLE: the SIGTERM test below
 def test_launch_passes_the_child_exit_code_through(tmp_path, code):
     script = tmp_path / "child.py"
     script.write_text(f"import sys\nsys.exit({code})\n")
@@ -36,7 +36,9 @@ def test_launch_passes_the_child_exit_code_through(tmp_path, code):
 
 def test_sigterm_reaches_the_trainer_which_decides_the_exit_code(tmp_path):
     """Kubernetes signals only the container's first process (the launcher): the trainer must get it too, and
-    the pod must exit with the trainer's code (75 after its checkpoint), not die with the launcher."""
+    the pod must exit with the trainer's code (75 after its checkpoint), not die with the launcher. It is also the
+    exit code test's EXIT_RETRYABLE case: the trainer's sys.exit(75), passed through (one launcher less, each
+    importing torch and accelerate)."""
     import signal
     import time
 
@@ -90,26 +92,6 @@ def test_one_process_runs_in_the_launchers_process_with_accelerates_environment(
     assert seen == {"pid": launcher.pid, "argv": [str(script)], "cpu": "True", "precision": "no"}
 
 
-def test_sigterm_before_the_trainer_has_a_handler_still_ends_the_pod(tmp_path):
-    """The container's first process ignores signals it has no handler for: until the trainer installs its own
-    (once training starts), the launcher's handler ends the process with 143, as a signalled child would."""
-    import signal
-
-    script = tmp_path / "child.py"
-    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(3600)\n")
-    launcher = _launch_cpu(script)
-    try:
-        assert launcher.stdout.readline().strip() == "ready"
-        launcher.send_signal(signal.SIGTERM)
-        try:
-            code = launcher.wait(timeout=120)  # generous: CI runs this beside the cluster tests
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"SIGTERM did not end the launcher; its threads:\n{_threads(launcher.pid)}")
-        assert code == 128 + signal.SIGTERM
-    finally:
-        launcher.kill()
-
-
 def _threads(pid: int) -> str:
     """Each thread's state, blocked and pending signals and where it sleeps: what a hang needs explained."""
     lines = []
@@ -122,14 +104,18 @@ def _threads(pid: int) -> str:
     return "\n".join(lines)
 
 
-def test_only_the_main_thread_can_receive_sigterm(tmp_path):
+def test_only_the_main_thread_takes_sigterm_which_ends_the_pod_before_the_trainer_has_a_handler(tmp_path):
     """The kernel gives a process's signal to any thread that does not block it, and only the main thread runs
     Python's handlers: a SIGTERM taken by torch's thread would wait until the main thread's sleep or read returned
-    (the test above, once in a while, without this). Every other thread blocks it."""
+    (the SIGTERM below, once in a while, without this). Every other thread blocks it.
+
+    And the container's first process ignores signals it has no handler for: until the trainer installs its own
+    (once training starts), the launcher's handler ends the process with 143, as a signalled child would. (One
+    launcher for both: with torch's second thread, the case the mask is for.)"""
     import signal
 
     script = tmp_path / "child.py"
-    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(3600)\n")
     launcher = _launch_cpu(script, threads=2)  # torch's pool: a thread besides the main one (the suite sets 1)
     try:
         assert launcher.stdout.readline().strip() == "ready"
@@ -141,5 +127,12 @@ def test_only_the_main_thread_can_receive_sigterm(tmp_path):
         assert len(masks) > 1, "torch starts a thread at import: the test no longer shows what it is about"
         assert not masks.pop(launcher.pid) & sigterm
         assert all(mask & sigterm for mask in masks.values()), masks
+
+        launcher.send_signal(signal.SIGTERM)
+        try:
+            code = launcher.wait(timeout=120)  # generous: CI runs this beside the cluster tests
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"SIGTERM did not end the launcher; its threads:\n{_threads(launcher.pid)}")
+        assert code == 128 + signal.SIGTERM
     finally:
         launcher.kill()

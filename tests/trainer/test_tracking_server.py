@@ -77,3 +77,21 @@ def test_an_unreachable_server_costs_a_warning_not_the_run(make_config, unreacha
     assert "unreachable" in warnings[0] and "training goes on" in warnings[0], warnings
     assert len([w for w in warnings if "unreachable" in w and "still" not in w]) == 1
     assert not [w for w in warnings if TOKEN in w]
+
+
+def test_the_test_server_runs_the_tracking_api_only(mlflow_server):
+    """The kit's server runs without MLflow's job runner and its huey consumers (eight interpreters more, about
+    20 CPU-s at each start beside the tests): were MLflow to rename MLFLOW_SERVER_ENABLE_JOB_EXECUTION, this says so
+    rather than the suite's time."""
+    from pathlib import Path
+
+    group = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) == \
+                    mlflow_server.process.pid:
+                group.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:  # ended meanwhile
+            continue
+    assert any(" mlflow server " in c for c in group) and any("uvicorn" in c for c in group), group
+    assert not [c for c in group if "huey" in c or "job_runner" in c], group

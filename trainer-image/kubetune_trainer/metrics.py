@@ -19,7 +19,6 @@ from kubetune_api import METRICS_LINGER_ENV, OPERATOR_SCRAPER
 from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
 
 LINGER_ENV = METRICS_LINGER_ENV
-SEND_SECONDS = 1.0  # after the last scrape's values were collected: ample time to send its response
 PHASES = ("downloading", "validating", "training", "evaluating", "uploading", "done", "failed")
 
 _GAUGES = {
@@ -52,6 +51,23 @@ class _Server(ThreadingMixIn, WSGIServer):
 class _Quiet(WSGIRequestHandler):
     def log_message(self, *args) -> None:  # no access log in the trainer's output
         pass
+
+
+class _Sent:
+    """A response's body that calls `sent` when the WSGI server closes it, which it does once it has written the
+    whole body to the socket (PEP 3333): the wait for a scrape's response ends on that, not after a fixed time."""
+
+    def __init__(self, body: list[bytes], sent) -> None:
+        self.body, self.sent = body, sent
+
+    def __iter__(self):
+        return iter(self.body)
+
+    def __len__(self) -> int:  # a list's length: wsgiref sets Content-Length from it, as for the list itself
+        return len(self.body)
+
+    def close(self) -> None:
+        self.sent()
 
 
 class TrainerMetrics:
@@ -104,19 +120,26 @@ class TrainerMetrics:
         self._last_beat = 0.0
         self.set_phase("downloading")
         self.port: int | None = None
-        self._scraped = threading.Event()  # a scrape (not the operator's) has read the values
+        self._final = False  # linger() has begun: a scrape collected from now on reads the final values
+        self._scraped = threading.Event()  # such a scrape (not the operator's) has been answered
 
-    def serve(self, port: int) -> int:
-        """Start the HTTP endpoint; returns the bound port (useful with port 0)."""
+    def wsgi_app(self):
+        """prometheus_client's app for the registry, noting when a scrape (not the operator's) of the final
+        values has been answered (linger)."""
         app = make_wsgi_app(self.registry)
 
         def noted(environ, start_response):
+            final = self._final  # before collecting: a scrape begun earlier may read older values
             body = app(environ, start_response)  # collected: the values as they are now
-            if not environ.get("HTTP_USER_AGENT", "").startswith(OPERATOR_SCRAPER):
-                self._scraped.set()
+            if final and not environ.get("HTTP_USER_AGENT", "").startswith(OPERATOR_SCRAPER):
+                return _Sent(body, self._scraped.set)
             return body
 
-        server = make_server("0.0.0.0", port, noted, _Server, handler_class=_Quiet)
+        return noted
+
+    def serve(self, port: int) -> int:
+        """Start the HTTP endpoint; returns the bound port (useful with port 0)."""
+        server = make_server("0.0.0.0", port, self.wsgi_app(), _Server, handler_class=_Quiet)
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self.port = server.server_address[1]
         return self.port
@@ -128,9 +151,9 @@ class TrainerMetrics:
         sweep's trials wait for their results). The operator's own scrapes (OPERATOR_SCRAPER) do not count."""
         seconds = float(os.environ.get(LINGER_ENV) or 0)
         if self.port is not None and seconds > 0:
-            self._scraped.clear()  # every value is final: whoever collects from now on reads them
-            if self._scraped.wait(seconds):
-                time.sleep(SEND_SECONDS)  # the scrape's response, collected, goes out
+            self._scraped.clear()
+            self._final = True  # every value is final: whoever collects from now on reads them
+            self._scraped.wait(seconds)  # ends once such a scrape's response has gone out
 
     def set(self, **values: float | None) -> None:
         for name, value in values.items():
