@@ -270,7 +270,7 @@ def validation_job(meta: dict, spec: FineTuneJobSpec, settings: OperatorSettings
             volume["emptyDir"] = {"sizeLimit": v["ephemeral_storage"]}
     return {"apiVersion": "batch/v1", "kind": "Job",
             "metadata": child_meta(meta, Names(name).validation, "validation"),
-            "spec": {"backoffLimit": 0, "activeDeadlineSeconds": v["active_deadline_seconds"],
+            "spec": {"completions": 1, "backoffLimit": 0, "activeDeadlineSeconds": v["active_deadline_seconds"],
                      "podFailurePolicy": _failure_policy(VALIDATE_CONTAINER, "Ignore"),
                      "template": {"metadata": {"labels": labels(name, "validation")}, "spec": pod}}}
 

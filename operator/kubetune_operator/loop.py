@@ -147,7 +147,8 @@ def _earlier(obj: dict, current: int) -> bool:
 
 
 def trim(body: kopf.Body) -> dict:
-    """What the reconcile reads of a child: metadata, spec (Jobs: suspend and the mutable fields), status."""
+    """What the reconcile reads of a child: metadata, spec (Jobs: suspend, the mutable fields and completions,
+    observe.completed), status."""
     meta = body.get("metadata", {})
     keep = ("name", "namespace", "uid", "labels", "annotations", "ownerReferences", "finalizers",
             "creationTimestamp", "deletionTimestamp", "resourceVersion")
@@ -156,7 +157,7 @@ def trim(body: kopf.Body) -> dict:
            "status": copy.deepcopy(dict(body.get("status") or {}))}
     if body.get("kind") == "Job":
         out["spec"] = {k: body["spec"].get(k) for k in
-                       ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished")}
+                       ("suspend", "backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "completions")}
     if body.get("kind") == "Workload":
         out["spec"] = {k: body["spec"].get(k) for k in ("active", "queueName", "priority")}
     if body.get("kind") == "ConfigMap":

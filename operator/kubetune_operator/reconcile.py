@@ -34,6 +34,7 @@ from .observe import (
     PREEMPTION,
     Incident,
     attempt_end,
+    completed,
     completion_index,
     disrupted,
     disruption,
@@ -310,7 +311,7 @@ def _validate(d: Decision, meta, spec, observed: Observed, settings: OperatorSet
             d.set_phase(Phase.Pending, Reason.Accepted, f"validating the dataset on CPU{again}")
             d.condition("Validated", None, Reason.Pending, "validation Job created")
         return False
-    done = job_finished(job)
+    done = completed(job, observed.validation_pods)
     if done is None:
         problem = pod_problem(observed.validation_pods, children.VALIDATE_CONTAINER)
         if problem:
@@ -380,7 +381,7 @@ def _train(d: Decision, old: dict, meta, spec: FineTuneJobSpec, observed: Observ
         return
     d.training_job = job["metadata"]["name"]
     pods = observed.training_pods
-    done = job_finished(job)
+    done = completed(job, pods)
     if done and done["type"] == "Complete":
         _succeed(d, pods, spec.output.uri)
         return

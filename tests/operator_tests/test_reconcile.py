@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import pytest
 from kubetune_api import FineTuneJobSpec, FineTuneJobStatus
-from kubetune_operator import children
+from kubetune_operator import children, loop
 from kubetune_operator.conditions import get_condition
 from kubetune_operator.reconcile import Decision, Observed, decide, output_of
 from kubetune_operator.settings import OperatorSettings
@@ -216,6 +216,50 @@ def test_valid_dataset_starts_training():
     assert kinds(d) == ["demo-ingress", "demo-workers", "demo-train-1"]  # the NetworkPolicy before any worker
     assert get_condition(d.status, "Validated")["message"] == "dataset valid: train 100 samples"
     assert d.phase == "Queued"
+
+
+def test_a_succeeded_validation_pod_starts_training_before_its_job_says_complete():
+    """The Job controller marks a Job Complete about a second after its pod succeeded (it batches its syncs):
+    the succeeded pod is enough, and a pod of another Job does not count."""
+    body = ftj()
+    c = desired(body)
+    vj = job(c["validation"], active=1)  # no condition yet
+    done = pod(vj, phase="Succeeded", exit_code=0, container="validate", message="dataset valid: train 100 samples")
+    d = run(body, Observed(config_map=c["cm"], validation_job=vj, validation_pods=[done]))
+    assert kinds(d) == ["demo-ingress", "demo-workers", "demo-train-1"]
+    assert get_condition(d.status, "Validated")["message"] == "dataset valid: train 100 samples"
+
+    stranger = {**done, "metadata": {**done["metadata"], "ownerReferences": [{"uid": "another-job"}]}}
+    d = run(body, Observed(config_map=c["cm"], validation_job=vj, validation_pods=[stranger]))
+    assert kinds(d) == [] and d.phase == "Validating"
+
+
+def test_every_worker_succeeded_is_success_before_the_job_says_complete():
+    body = validated(ftj({"resources": {"workers": 2, "gpusPerWorker": 1}}), phase="Running")
+    observed, tj = training_observed(body, active=1)
+    rank0 = pod(tj, 0, phase="Succeeded", exit_code=0, message='{"manifestSha256": "ab12"}')
+    observed.training_pods = [rank0, pod(tj, 1)]  # worker 1 still running: not yet
+    assert run(body, observed).phase == "Running"
+    observed.training_pods = [rank0, pod(tj, 1, phase="Succeeded", exit_code=0)]
+    d = run(body, observed)
+    assert d.phase == "Succeeded" and d.status["result"]["sha256"] == "ab12"
+    worker1_first = [pod(tj, 1, phase="Succeeded", exit_code=0), pod(tj, 0)]
+    assert run(body, Observed(**{**vars(observed), "training_pods": worker1_first})).phase == "Running"
+
+
+def test_a_job_copy_without_completions_or_a_stopped_job_waits_for_the_jobs_own_word():
+    """The operator's index keeps a trimmed Job (loop.trim): without spec.completions, pods prove nothing; nor do
+    they for a Job being stopped."""
+    body = validated(ftj(), phase="Running")
+    observed, tj = training_observed(body, active=1)
+    del tj["spec"]["completions"]
+    observed.training_pods = [pod(tj, 0, phase="Succeeded", exit_code=0, message='{"manifestSha256": "ab12"}')]
+    assert run(body, observed).phase != "Succeeded"
+    tj["spec"]["completions"], tj["spec"]["suspend"] = 1, True  # stopped (suspended, pruned): the Job decides
+    assert run(body, observed).phase != "Succeeded"
+    trimmed = loop.trim({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"},
+                         "spec": {"completions": 2, "parallelism": 2, "template": {}}})
+    assert trimmed["spec"]["completions"] == 2
 
 
 def test_validation_is_not_rerun_once_passed():
