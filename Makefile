@@ -11,9 +11,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # shards, each on a worker with its own control plane (they mostly wait on it), the other files spread over the
 # workers. Five workers keep both cores busy on a 2-core machine; TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 5
-# --no-loadscope-reorder: the workers take the groups in tests/conftest.py's order (the longest files first), not
-# xdist's (the most tests first).
-PARALLEL = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
+PARALLEL = $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'

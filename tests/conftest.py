@@ -46,23 +46,6 @@ CLUSTER_SECONDS = {
     "tests/operator_tests/test_outputs.py": 8,
 }
 DEFAULT_S = 60
-# The same for the other files (the same run, under the whole suite's load; those over 8 s): the workers take them
-# longest first (`--no-loadscope-reorder` keeps this order), so that the run does not end on one long file begun
-# late. Their order among files of equal weight stays pytest-randomly's. A file not listed counts REST_DEFAULT_S.
-REST_SECONDS = {
-    "tests/trainer/test_train.py": 286, "tests/trainer/test_preference.py": 189,
-    "tests/trainer/test_resume.py": 168, "tests/trainer/test_launch.py": 124, "tests/trainer/test_image_env.py": 108,
-    "tests/trainer/test_generation.py": 77, "tests/trainer/test_precision.py": 76,
-    "tests/trainer/test_identity.py": 62, "tests/test_examples.py": 62, "tests/trainer/test_tracking_server.py": 56,
-    "tests/trainer/test_report.py": 53, "tests/trainer/test_select.py": 50, "tests/trainer/test_data_cache.py": 43,
-    "tests/security/test_pvc.py": 35, "tests/trainer/test_imports.py": 34, "tests/security/test_inputs.py": 34,
-    "tests/trainer/test_storage.py": 30, "tests/operator_tests/test_cel.py": 27,
-    "tests/trainer/test_image_classification.py": 23, "tests/trainer/test_classification.py": 23,
-    "tests/chart/test_chart.py": 22, "tests/trainer/test_heartbeat.py": 20, "tests/trainer/test_layer_kernels.py": 15,
-    "tests/security/test_paths.py": 13, "tests/trainer/test_merge.py": 12, "tests/trainer/test_quality_checks.py": 11,
-    "tests/trainer/test_task_contract.py": 10, "tests/operator_tests/test_sweep_api.py": 9,
-}
-REST_DEFAULT_S = 2
 # Files that start Kueue share a shard: every Kueue binds its metrics certificate at one host path
 # (kubetune_dev.cluster.kueue.METRICS_CERTS), made and removed by whichever Kueue found it missing.
 ONE_SHARD = ("tests/cluster/test_kueue.py", "tests/operator_tests/test_kueue.py",
@@ -89,8 +72,7 @@ def _file(item) -> str:
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Around every reordering (pytest-randomly's is a wrapper too; this one is registered later, so outside it):
-    name each test's xdist group and remember the order, then put the cluster tests back in file order, first (the
-    shards start at once), and the other files after them, longest first (REST_SECONDS)."""
+    name each test's xdist group and remember the order, then put the cluster tests back in file order."""
     order = {item.nodeid: i for i, item in enumerate(items)}
     shard_of = cluster_shards(sorted({_file(i) for i in items if i.get_closest_marker("cluster")}))
     for item in items:
@@ -99,8 +81,7 @@ def pytest_collection_modifyitems(config, items):
     yield
     cluster = [i for i in items if i.get_closest_marker("cluster")]
     rest = [i for i in items if not i.get_closest_marker("cluster")]
-    items[:] = sorted(cluster, key=lambda i: order[i.nodeid.split("@", 1)[0]]) + sorted(
-        rest, key=lambda i: -REST_SECONDS.get(_file(i), REST_DEFAULT_S))
+    items[:] = sorted(cluster, key=lambda i: order[i.nodeid.split("@", 1)[0]]) + rest
 
 
 def _cpu_seconds() -> float:

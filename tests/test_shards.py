@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from tests.conftest import CLUSTER_SECONDS, DEFAULT_S, ONE_SHARD, REST_SECONDS, cluster_shards
+from tests.conftest import CLUSTER_SECONDS, DEFAULT_S, ONE_SHARD, cluster_shards
 
 
 def test_the_files_that_start_kueue_share_a_shard_and_the_shards_are_balanced():
@@ -19,9 +17,3 @@ def test_the_files_that_start_kueue_share_a_shard_and_the_shards_are_balanced():
 def test_one_shard_takes_everything():
     files = sorted(CLUSTER_SECONDS)
     assert set(cluster_shards(files, shards=1).values()) == {0}
-
-
-def test_the_tables_name_files_that_exist():
-    """A renamed file would fall back to the default weight without a word: the tables must follow renames."""
-    root = Path(__file__).resolve().parents[1]
-    assert [f for f in [*CLUSTER_SECONDS, *REST_SECONDS] if not (root / f).is_file()] == []
