@@ -27,23 +27,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 pytest_plugins = ["tests.s3fixtures"]  # one S3 server per pytest process, for the trainer and the cluster tests
 
 CLUSTER_SHARDS = int(os.environ.get("KUBETUNE_CLUSTER_SHARDS", "3"))
-# Seconds each cluster file took in one parallel run of `make test` (KUBETUNE_TEST_CPU's wall column, 2026-12-06,
-# a clean clone on a quiet machine, 5909449 + the trainer's start-up cuts): only their ratios matter. A new file
-# counts DEFAULT_S.
+# Seconds each cluster file took in one parallel run of `make test` (KUBETUNE_TEST_CPU's wall column, 2026-12-07,
+# a clean clone on a quiet machine, 38bce14): only their ratios matter. A new file counts DEFAULT_S.
 CLUSTER_SECONDS = {
-    "tests/operator_tests/test_e2e.py": 616, "tests/operator_tests/test_kueue.py": 288,
-    "tests/operator_tests/test_dev_cluster.py": 184, "tests/operator_tests/test_control_loop.py": 180,
-    "tests/chart/test_install.py": 167, "tests/operator_tests/test_preemption.py": 156,
-    "tests/operator_tests/test_failover.py": 113, "tests/operator_tests/test_security.py": 111,
-    "tests/operator_tests/test_sweep_e2e.py": 108, "tests/operator_tests/test_node_loss.py": 97,
-    "tests/security/test_namespace_deletion.py": 93, "tests/operator_tests/test_kueue_live.py": 62,
-    "tests/security/test_inputs.py": 54, "tests/operator_tests/test_policy.py": 52,
-    "tests/operator_tests/test_admission.py": 49, "tests/cluster/test_agent.py": 47,
-    "tests/security/test_leader.py": 35, "tests/cluster/test_kueue.py": 30, "tests/security/test_pvc.py": 24,
-    "tests/security/test_network.py": 18, "tests/cluster/test_controlplane.py": 17,
-    "tests/security/test_storage_access.py": 14, "tests/security/test_scheduling.py": 14,
-    "tests/security/test_claims.py": 10, "tests/security/test_sweep_admission.py": 8,
-    "tests/operator_tests/test_outputs.py": 8,
+    "tests/operator_tests/test_e2e.py": 699, "tests/operator_tests/test_kueue.py": 280,
+    "tests/operator_tests/test_dev_cluster.py": 229, "tests/chart/test_install.py": 222,
+    "tests/operator_tests/test_sweep_e2e.py": 219, "tests/operator_tests/test_control_loop.py": 178,
+    "tests/operator_tests/test_preemption.py": 152, "tests/operator_tests/test_security.py": 126,
+    "tests/operator_tests/test_node_loss.py": 112, "tests/operator_tests/test_failover.py": 88,
+    "tests/operator_tests/test_kueue_live.py": 74, "tests/security/test_namespace_deletion.py": 68,
+    "tests/operator_tests/test_admission.py": 67, "tests/security/test_inputs.py": 59,
+    "tests/operator_tests/test_policy.py": 53, "tests/cluster/test_agent.py": 53, "tests/cluster/test_kueue.py": 51,
+    "tests/security/test_pvc.py": 26, "tests/security/test_network.py": 25, "tests/security/test_scheduling.py": 20,
+    "tests/security/test_leader.py": 20, "tests/security/test_storage_access.py": 18,
+    "tests/security/test_claims.py": 18, "tests/cluster/test_controlplane.py": 14,
+    "tests/security/test_sweep_admission.py": 11, "tests/operator_tests/test_outputs.py": 11,
 }
 DEFAULT_S = 60
 # Files that start Kueue share a shard: every Kueue binds its metrics certificate at one host path

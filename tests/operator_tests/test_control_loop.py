@@ -81,8 +81,11 @@ def test_a_training_job_deleted_mid_run_is_recreated_once(control_plane, node_ag
     status = wait_phase(control_plane, namespace, "lost-job", ("Succeeded", "Failed"), timeout=180)["status"]
     assert status["phase"] == "Succeeded", status
     assert status["trainingJob"]["recreations"] == 1
-    reasons = [e["reason"] for e in events_of(control_plane, namespace, "lost-job")]
+    reasons = [e["reason"] for e in events_of(control_plane, namespace, "lost-job",
+                                              {"TrainingJobDeleted": 1, "TrainingJobRecreated": 1})]
     assert "TrainingJobDeleted" in reasons and "TrainingJobRecreated" in reasons
+    wait_for("the second Created event", lambda: created_jobs(
+        control_plane, namespace, "lost-job", "lost-job-train-1") >= 2, timeout=60)
     assert created_jobs(control_plane, namespace, "lost-job", "lost-job-train-1") == 2
 
 
@@ -105,7 +108,7 @@ def test_a_child_the_api_refuses_fails_the_job_with_the_api_message(control_plan
     assert status["reason"] == "InvalidChildSpec", status
     assert "Job bad-child-train-1" in status["message"] and "tolerationSeconds" in status["message"]
     assert any(e["reason"] == "InvalidChildSpec" and e["type"] == "Warning"
-               for e in events_of(control_plane, namespace, "bad-child"))
+               for e in events_of(control_plane, namespace, "bad-child", {"InvalidChildSpec": 1}))
 
 
 def test_a_foreign_namesake_is_reported(control_plane, node_agent, namespace, operator):
@@ -138,7 +141,8 @@ def test_a_transient_validation_failure_is_retried_and_the_job_succeeds(control_
         proxy.clear()  # storage back
         status = wait_phase(control_plane, namespace, "flaky-storage", ("Succeeded", "Failed"),
                             timeout=240)["status"]
-    events = [(e["reason"], e["message"]) for e in events_of(control_plane, namespace, "flaky-storage")]
+    events = [(e["reason"], e["message"]) for e in events_of(control_plane, namespace, "flaky-storage",
+                                                             {"ValidationRetrying": 1})]
     assert status["phase"] == "Succeeded", status
     assert status["validationAttempts"] >= 2, (status, events)
     assert "ValidationRetrying" in [reason for reason, _ in events]
@@ -180,7 +184,7 @@ def test_a_quota_refusal_is_shown_and_retried_until_the_quota_allows(control_pla
     condition = next(c for c in status["conditions"] if c["type"] == "Blocked")
     assert condition["status"] == "True" and "count/jobs.batch" in condition["message"]
     assert any(e["reason"] == "QuotaExceeded" and e["type"] == "Warning"
-               for e in events_of(control_plane, namespace, "over-quota"))
+               for e in events_of(control_plane, namespace, "over-quota", {"QuotaExceeded": 1}))
     kubectl(control_plane, "delete", "resourcequota", "-n", namespace, "no-jobs")
     wait_for("the validation Job once the quota allows it", lambda: "over-quota-validate" in
              job_names(control_plane, namespace), timeout=120)

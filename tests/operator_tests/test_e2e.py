@@ -142,9 +142,19 @@ def submit(cp, namespace: str, name: str, spec: dict) -> None:
     kubectl(cp, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(doc))
 
 
-def events_of(cp, namespace: str, name: str) -> list[dict]:
-    """The Kubernetes Events about the object called `name`."""
-    return get_json(cp, "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")["items"]
+def events_of(cp, namespace: str, name: str, expect: dict[str, int] | None = None, timeout: float = 60) -> list[dict]:
+    """The Kubernetes Events about the object called `name`. With `expect` (reason -> at least how many), once they
+    have all arrived: the operator posts its events after the status it writes (kopf, from a queue), so a test that
+    has just seen a phase may look before they are there."""
+    def read() -> list[dict]:
+        return get_json(cp, "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")["items"]
+
+    def arrived() -> list[dict] | None:
+        items = read()
+        reasons = [e["reason"] for e in items]
+        return items if all(reasons.count(reason) >= n for reason, n in expect.items()) else None
+
+    return wait_for(f"the events {expect} about {name}", arrived, timeout=timeout) if expect else read()
 
 
 def wait_phase(cp, namespace: str, name: str, phases: tuple[str, ...], timeout: float = 240) -> dict:
@@ -234,7 +244,7 @@ def test_bad_dataset_fails_on_cpu_without_a_gpu_job(control_plane, node_agent, n
     assert jobs() == []
 
     assert any(e["reason"] == "DatasetInvalid" and e["type"] == "Warning"
-               for e in events_of(control_plane, namespace, "bad-data"))
+               for e in events_of(control_plane, namespace, "bad-data", {"DatasetInvalid": 1}))
     cm = get_json(control_plane, "configmap", "-n", namespace, "bad-data-config")
     assert FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(cm)
     assert FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"] not in json.dumps(ftj)
@@ -398,7 +408,8 @@ def test_training_runs_reports_progress_and_succeeds(control_plane, node_agent, 
     start = json.loads(logs.splitlines()[0])
     assert start["rank"] == 1 and start["env"]["MASTER_ADDR"] == "train-ok-train-1-0.train-ok-workers"
     assert start["env"]["NODE_RANK"] == "1" and start["env"]["AWS_ACCESS_KEY_ID"] == "kubetune-local"
-    reasons = {e["reason"] for e in events_of(control_plane, namespace, "train-ok")}
+    reasons = {e["reason"] for e in events_of(control_plane, namespace, "train-ok",
+                                              {"Created": 1, "Training": 1, "Completed": 1})}
     assert {"Created", "Training", "Completed"} <= reasons
 
 
@@ -435,7 +446,7 @@ def test_hung_workers_are_restarted_once_then_the_job_fails(control_plane, node_
     assert (status["phase"], status["reason"], status["hangRestarts"]) == ("Failed", "Hung", 1), status
     job = get_json(control_plane, "job", "-n", namespace, "hang-twice-train-1")
     assert job["spec"]["suspend"] is True and not job["status"].get("failed")  # not counted as failures
-    reasons = [e["reason"] for e in events_of(control_plane, namespace, "hang-twice")]
+    reasons = [e["reason"] for e in events_of(control_plane, namespace, "hang-twice", {"WorkersHung": 1, "Hung": 1})]
     assert "WorkersHung" in reasons and "Hung" in reasons
 
 

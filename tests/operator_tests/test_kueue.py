@@ -252,5 +252,5 @@ def test_a_preempted_job_resumes_from_its_checkpoint(control_plane, node_agent, 
     assert resumed["step"] >= 3 and f"step-{resumed['step']:08d}" in resumed["checkpoint"], resumed
     manifest = Storage(StorageEndpoint(endpoint=tiny_model["endpoint"])).get_json(done["result"]["manifestUri"])
     assert [e["step"] for e in manifest["history"]] == list(range(1, steps + 1)), "every step once, none twice"
-    reasons = [e["reason"] for e in events_of(control_plane, namespace, "low")]
+    reasons = [e["reason"] for e in events_of(control_plane, namespace, "low", {"WorkerPreempted": preemptions})]
     assert reasons.count("WorkerPreempted") == preemptions and "WorkerFailed" not in reasons, reasons

@@ -72,5 +72,5 @@ def test_a_lost_node_ends_the_attempt_as_the_infrastructures(control_plane, node
     assert done["phase"] == "Succeeded", done
     assert done["attempts"]["current"] == 2 and done["attempts"]["infrastructure"] == 1, done["attempts"]
     assert "failures" not in done["attempts"] and done["attempts"]["lastIncident"].startswith("infrastructure: ")
-    assert [e["type"] for e in events_of(control_plane, namespace, "node-held")
+    assert [e["type"] for e in events_of(control_plane, namespace, "node-held", {"InfrastructureFailed": 1})
             if e["reason"] == "InfrastructureFailed"] == ["Warning"]

@@ -147,5 +147,5 @@ def test_three_preemptions_each_end_an_attempt_and_the_next_starts_at_once(contr
         assert events(node_agent, namespace, rank0, "train")[0]["step"] == step + 1
     manifest = Storage(StorageEndpoint(endpoint=tiny_model["endpoint"])).get_json(status["result"]["manifestUri"])
     assert [e["step"] for e in manifest["history"]] == list(range(1, STEPS + 1)), "one loss curve, no step twice"
-    reasons = [e["reason"] for e in events_of(control_plane, namespace, "preempted")]
+    reasons = [e["reason"] for e in events_of(control_plane, namespace, "preempted", {"WorkerPreempted": ROUNDS})]
     assert reasons.count("WorkerPreempted") >= ROUNDS and "WorkerFailed" not in reasons, reasons

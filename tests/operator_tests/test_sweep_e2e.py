@@ -165,7 +165,8 @@ def test_a_tpe_asha_sweep_prunes_a_trailing_trial_and_promotes_the_best(control_
     # why, and an Event naming it. The rest ran to the end.
     pruned = [t["name"] for t in trials if t["phase"] == "Pruned"]
     assert "lr-1" in pruned and all(t["phase"] == "Succeeded" for t in trials if t["name"] not in pruned)
-    events = e2e.events_of(control_plane, namespace, "lr")
+    events = e2e.events_of(control_plane, namespace, "lr", {"TrialCreated": 6, "TrialPruned": len(pruned), "NewBest": 1,
+                                                           "Promoting": 1, "SearchCompleted": 1})
     pruned_events = sorted(e["message"].split(":")[0] for e in events if e["reason"] == "TrialPruned")
     assert pruned_events == sorted(pruned)
     for name in pruned:

@@ -248,7 +248,8 @@ def test_validation_that_fails_every_time_ends_failed_not_retried_forever(contro
     assert status["message"].startswith("validation failed 2 times, as many as the operator tries "
                                         "(validation.maxAttempts); the last: "), status["message"]
     assert "StorageUnavailable" in status["message"], status["message"]
-    reasons = [e["reason"] for e in e2e.events_of(control_plane, namespace, "storage-down")]
+    reasons = [e["reason"] for e in e2e.events_of(control_plane, namespace, "storage-down",
+                                                  {"ValidationRetrying": 1, "ValidationFailed": 1})]
     assert reasons.count("ValidationRetrying") == 1 and reasons.count("ValidationFailed") == 1, reasons
     jobs = [j["metadata"]["name"] for j in get_json(control_plane, "jobs", "-n", namespace)["items"]]
     assert "storage-down-train" not in jobs
