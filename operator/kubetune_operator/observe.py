@@ -20,6 +20,11 @@ def job_finished(job: dict | None) -> dict | None:
     return None
 
 
+def kube_owned(pod: dict, job: dict) -> bool:
+    """`pod` is one of `job`'s."""
+    return any(r.get("uid") == job["metadata"].get("uid") for r in pod["metadata"].get("ownerReferences") or [])
+
+
 def completed(job: dict | None, pods: list[dict]) -> dict | None:
     """job_finished, or a Complete condition as soon as every completion of the Job has a Succeeded pod (an
     index each for an Indexed Job): the Job controller writes the same a second later (it batches its syncs), and
@@ -31,10 +36,8 @@ def completed(job: dict | None, pods: list[dict]) -> dict | None:
         # no Job, one whose completions this copy lacks, or one being stopped (a suspend, a prune, a delete: its
         # workers may still finish, and the Job controller decides what that makes it): the Job's word only
         return done
-    uid = job["metadata"].get("uid")
     succeeded = {completion_index(p) or p["metadata"].get("name") for p in pods
-                 if (p.get("status") or {}).get("phase") == "Succeeded"
-                 and any(r.get("uid") == uid for r in p["metadata"].get("ownerReferences") or [])}
+                 if (p.get("status") or {}).get("phase") == "Succeeded" and kube_owned(p, job)}
     if len(succeeded) < want:
         return None
     return {"type": "Complete", "status": "True", "reason": "PodsSucceeded",

@@ -40,6 +40,7 @@ from .observe import (
     disruption,
     explain_failure,
     job_finished,
+    kube_owned,
     permanent_failure,
     pod_problem,
     success_report,
@@ -142,11 +143,6 @@ class Decision:
 def stopped(pods: list[dict]) -> bool:
     """No pod of `pods` runs any more (each has ended, or is gone)."""
     return all(p.get("status", {}).get("phase") in ("Succeeded", "Failed") for p in pods)
-
-
-def kube_owned(pod: dict, job: dict) -> bool:
-    """`pod` is one of `job`'s."""
-    return any(r.get("uid") == job["metadata"].get("uid") for r in pod["metadata"].get("ownerReferences") or [])
 
 
 def running_pods(pods: list[dict]) -> list[dict]:

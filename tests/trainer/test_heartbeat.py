@@ -12,7 +12,7 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
-from kubetune_api import OPERATOR_SCRAPER, StorageEndpoint
+from kubetune_api import METRICS_LINGER_ENV, OPERATOR_SCRAPER, StorageEndpoint
 from kubetune_dev.s3server import FAKE_CREDENTIALS
 from kubetune_trainer import metrics as metrics_module
 from kubetune_trainer.errors import TransientError
@@ -90,14 +90,14 @@ def test_lingering_ends_once_a_scrape_has_read_the_final_values(monkeypatch):
     m = TrainerMetrics("linger", "lora", "s3://models/tiny/")
     port = m.serve(0)
     m.set_phase("done")
-    monkeypatch.setenv(metrics_module.LINGER_ENV, "0.5")
+    monkeypatch.setenv(METRICS_LINGER_ENV, "0.5")
     started = time.monotonic()
     m.linger()  # nobody scrapes: the whole time
     assert 0.5 <= time.monotonic() - started < 1.5
     urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()  # a scrape during the run
 
     # the operator's scrapes (its progress, every few seconds) do not end it: Prometheus would miss the values
-    monkeypatch.setenv(metrics_module.LINGER_ENV, "1.5")
+    monkeypatch.setenv(METRICS_LINGER_ENV, "1.5")
     operator = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"User-Agent": OPERATOR_SCRAPER})
     by_operator = threading.Timer(0.3, lambda: urllib.request.urlopen(operator, timeout=5).read())
     started = time.monotonic()
@@ -106,7 +106,7 @@ def test_lingering_ends_once_a_scrape_has_read_the_final_values(monkeypatch):
     assert time.monotonic() - started >= 1.5
     by_operator.join()
 
-    monkeypatch.setenv(metrics_module.LINGER_ENV, "60")
+    monkeypatch.setenv(METRICS_LINGER_ENV, "60")
     bodies: list[str] = []
     scraper = threading.Timer(0.5, lambda: bodies.append(
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()))

@@ -18,7 +18,6 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from kubetune_api import METRICS_LINGER_ENV, OPERATOR_SCRAPER
 from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
 
-LINGER_ENV = METRICS_LINGER_ENV
 PHASES = ("downloading", "validating", "training", "evaluating", "uploading", "done", "failed")
 
 _GAUGES = {
@@ -149,7 +148,7 @@ class TrainerMetrics:
         $KUBETUNE_METRICS_LINGER_SECONDS (the image sets 30) before the process exits, so that Prometheus
         scrapes them (test results, phase done) at least once; a scrape that comes early ends the wait early (a
         sweep's trials wait for their results). The operator's own scrapes (OPERATOR_SCRAPER) do not count."""
-        seconds = float(os.environ.get(LINGER_ENV) or 0)
+        seconds = float(os.environ.get(METRICS_LINGER_ENV) or 0)
         if self.port is not None and seconds > 0:
             self._scraped.clear()
             self._final = True  # every value is final: whoever collects from now on reads them
