@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
 import socket
-import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import yaml
+import kubernetes
+import urllib3
 
 KUBECTL = shutil.which("kubectl", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
 
@@ -40,7 +37,7 @@ def get_json(cp, *args: str) -> dict:
 
 
 class Reader:
-    """GETs against the API server a kubeconfig names (its current context; a bearer token), resolving resource
+    """GETs against the API server a kubeconfig names (its current context, kubernetes' client), resolving resource
     names as kubectl does: plural, singular or short name, the core group first, then the groups in the server's
     order, each at its preferred version (aggregated discovery, re-read when a name is new: a CRD installed since)."""
 
@@ -53,25 +50,17 @@ class Reader:
         stat = path.stat()
         key = (str(path), stat.st_mtime_ns, stat.st_size)
         if key not in cls._readers:
-            cls._readers[key] = cls(yaml.safe_load(path.read_text()))
+            cls._readers[key] = cls(str(path))
         return cls._readers[key]
 
-    def __init__(self, config: dict):
-        def named(kind: str, name: str) -> dict:
-            return next((e.get(kind[:-1]) or {} for e in config.get(kind) or [] if e.get("name") == name), {})
-
-        context = named("contexts", config.get("current-context"))
-        cluster, user = named("clusters", context.get("cluster")), named("users", context.get("user"))
-        self.server, self.token = (cluster.get("server") or "").rstrip("/"), user.get("token")
-        self.namespace = context.get("namespace") or "default"
-        ca = cluster.get("certificate-authority-data")
-        self.tls = ssl.create_default_context(cadata=base64.b64decode(ca).decode()) if ca else None
+    def __init__(self, kubeconfig: str):
+        self.api = kubernetes.config.new_client_from_config(config_file=kubeconfig)  # its current context
+        _, active = kubernetes.config.list_kube_config_contexts(kubeconfig)
+        self.namespace = active["context"].get("namespace") or "default"
         self.resources: dict[str, tuple[str, str, str, bool]] | None = None
 
     def get(self, args: tuple[str, ...]) -> dict | None:
-        """The object or list, or None where kubectl must answer (a form or a credential this does not read)."""
-        if not self.token or not self.server.startswith("https://"):
-            return None
+        """The object or list, or None where kubectl must answer (a form this does not read)."""
         words, query, namespace, every_namespace = [], {}, self.namespace, False
         flags = {"-n": "namespace", "--namespace": "namespace", "-l": "labelSelector",
                  "--selector": "labelSelector", "--field-selector": "fieldSelector"}
@@ -101,7 +90,7 @@ class Reader:
         if namespaced and not (every_namespace and len(words) == 1):
             path += f"/namespaces/{namespace}"
         path += f"/{plural}" + (f"/{words[1]}" if len(words) == 2 else "")
-        body = self.read(path + ("?" + urllib.parse.urlencode(query) if query else ""), args)
+        body = self.read(path, args, query)
         if len(words) == 2:
             return _shown(body)
         api_version = base.removeprefix("/api/").removeprefix("/apis/")
@@ -129,22 +118,25 @@ class Reader:
                             names.setdefault(alias, found)
         return names
 
-    def read(self, path: str, args: tuple[str, ...], accept: str = "application/json") -> dict:
+    def read(self, path: str, args: tuple[str, ...], query: dict | None = None,
+             accept: str = "application/json") -> dict:
         """The decoded answer; a 429 (a CRD's storage starting, say) is retried after its Retry-After, as
         kubectl's client does; any other error raises as kubectl(check=True) would."""
-        request = urllib.request.Request(self.server + path, headers={
-            "Authorization": f"Bearer {self.token}", "Accept": accept})
+        _, url, headers, _, _ = self.api.param_serialize(
+            method="GET", resource_path=path, query_params=list((query or {}).items()),
+            header_params={"Accept": accept}, auth_settings=["BearerToken"])
         for _ in range(10):
             try:
-                with urllib.request.urlopen(request, timeout=30, context=self.tls) as resp:
-                    return json.loads(resp.read())
-            except urllib.error.HTTPError as e:
-                status = json.loads(e.read() or b"{}")
-                if e.code != 429:
-                    break
-                time.sleep(float(e.headers.get("Retry-After") or 1))
-            except OSError as e:  # nothing answers: kubectl fails too
+                resp = self.api.call_api("GET", url, headers, _request_timeout=30)
+            except urllib3.exceptions.HTTPError as e:  # nothing answers: kubectl fails too
                 raise AssertionError(f"kubectl get {' '.join(args)}: {e}") from None
+            data = resp.read()
+            if resp.status < 400:
+                return json.loads(data)
+            status = json.loads(data or b"{}")
+            if resp.status != 429:
+                break
+            time.sleep(float(resp.getheader("Retry-After") or 1))
         raise AssertionError(f"kubectl get {' '.join(args)}: Error from server ({status.get('reason')}): "
                              f"{status.get('message')}")
 
