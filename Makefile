@@ -3,6 +3,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST := $(PY) -m pytest
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Python writes the bytecode of what it imports (into .venv and __pycache__/, both ignored by git). This machine's
+# shell sets PYTHONDONTWRITEBYTECODE=1, under which every test process, pod and trainer subprocess compiled what it
+# imported from source again (python -m kubetune_dev.bytecode, docs/testing.md).
+unexport PYTHONDONTWRITEBYTECODE
 
 .DEFAULT_GOAL := help
 .PHONY: help venv test test-unit test-fast lint fmt clean system-deps
@@ -21,9 +25,9 @@ venv: $(VENV)/.installed ## Create .venv: the project with every extra (the trai
 $(VENV)/.installed: pyproject.toml testing/pyproject.toml trainer-image/constraints.txt
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check uv
-	@# --compile-bytecode: every test process imports torch and transformers from .pyc files, written once here,
-	@# even where PYTHONDONTWRITEBYTECODE keeps the interpreter from writing them (about 15 CPU-s per process)
-	$(VENV)/bin/uv pip install --python $(PY) --compile-bytecode -c trainer-image/constraints.txt -e '.[dev]' -e ./testing
+	$(VENV)/bin/uv pip install --python $(PY) -c trainer-image/constraints.txt -e '.[dev]' -e ./testing
+	@# the bytecode of what the tests import first (torch, transformers, ...), once, before five workers import it
+	$(PY) -m kubetune_dev.bytecode
 	@touch $@
 
 test-unit: venv ## The unit tests: no control plane, nothing slow (under 3 minutes), in random order
