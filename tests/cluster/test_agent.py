@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from kubetune_dev.cluster import agent_fixtures
 from kubetune_dev.cluster.agent_fixtures import NODE_GPUS, NODE_NAME
 from kubetune_dev.cluster.agent_pod import expand, load_image_map, resolve_image
 
@@ -17,7 +16,7 @@ from tests import kube
 from tests.kube import free_port, wait_for
 
 pytestmark = pytest.mark.cluster
-node_agent = agent_fixtures.node_agent  # the session fixture, used by name below
+pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures"]
 
 IMAGE = "ghcr.io/kubetune/trainer:test"
 

@@ -12,6 +12,7 @@ from kubetune_dev.cluster.controlplane import pinned_version
 from tests.kube import Reader, get_json, kubectl, wait_for
 
 pytestmark = pytest.mark.cluster
+pytest_plugins = ["kubetune_dev.cluster.pytest_plugin"]
 
 
 

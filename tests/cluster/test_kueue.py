@@ -13,6 +13,7 @@ from kubetune_dev.cluster import kueue as kueue_setup
 from tests.kube import get_json, kubectl, wait_for
 
 pytestmark = pytest.mark.cluster
+pytest_plugins = ["kubetune_dev.cluster.pytest_plugin"]
 
 URL, CA = "https://127.0.0.1:9443", b"-----BEGIN CERTIFICATE-----\n"
 
@@ -75,10 +76,13 @@ def test_kueue_admits_what_the_quota_holds_and_stops_without_a_trace(control_pla
             return jobs if sorted(jobs.values()) == [False, True] else None
 
         wait_for("Kueue to admit one of the two Jobs", admitted, timeout=60)
-        waiting = [w for w in get_json(control_plane, "workloads", "-n", namespace)["items"]
-                   if not any(c["type"] == "QuotaReserved" and c["status"] == "True"
-                              for c in w["status"].get("conditions") or [])]
-        [reserved] = [c for c in waiting[0]["status"]["conditions"] if c["type"] == "QuotaReserved"]
+
+        def waiting() -> list[dict]:  # the other Job's Workload, once Kueue has written why it waits
+            return [c for w in get_json(control_plane, "workloads", "-n", namespace)["items"]
+                    for c in (w.get("status") or {}).get("conditions") or []
+                    if c["type"] == "QuotaReserved" and c["status"] == "False"]
+
+        [reserved] = wait_for("the waiting Workload's QuotaReserved condition", waiting, timeout=60)
         assert "insufficient unused quota for cpu" in reserved["message"], reserved
     finally:
         k.stop()
