@@ -16,7 +16,7 @@ import sys
 import pytest
 from kubetune_api import MethodType
 from kubetune_trainer.modeling import without_bitsandbytes
-from kubetune_trainer.pipeline import validate_only
+from kubetune_trainer.validation import validate_only
 
 # Runs the command line as `kubetune` does and writes the names of the modules it imported to $MODULES at exit.
 LISTING = """
