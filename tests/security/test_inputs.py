@@ -139,7 +139,7 @@ def test_a_decompression_bomb_is_refused_naming_the_image_and_line(tmp_path, vit
     the image is refused on open, before a pixel is decoded: DatasetError naming the record's line and the image,
     and what to do."""
     from kubetune_trainer.images import MAX_IMAGE_PIXELS, decode_problem
-    from kubetune_trainer.pipeline import validate_only
+    from kubetune_trainer.validation import validate_only
     from PIL import Image
 
     (tmp_path / "images").mkdir()

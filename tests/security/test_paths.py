@@ -182,8 +182,8 @@ def _image_config(tmp_path: Path, model: Path, train: str, endpoint: str | None 
 
 
 def _validate(config: TrainerConfig, storage: Storage | None = None):
-    """`kubetune validate` as the validation Job runs it (pipeline.validate_only)."""
-    from kubetune_trainer.pipeline import validate_only
+    """`kubetune validate` as the validation Job runs it (validation.validate_only)."""
+    from kubetune_trainer.validation import validate_only
 
     return validate_only(config, storage or Storage(config.storage))
 

@@ -104,14 +104,14 @@ def test_the_keys_of_watched_boto3_credentials_are_removed_without_refreshing_th
 
 def test_an_unexpected_exception_holding_the_secret_is_redacted_on_stderr_and_in_the_termination_message(
         credentials, monkeypatch, tmp_path):
-    import kubetune_trainer.pipeline as pipeline
+    import kubetune_trainer.validation as validation
 
     url = presigned("s3v4", aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET, aws_session_token=TOKEN)
 
     def crash(config):
         raise RuntimeError(f"GET {url} failed; client built with key {SECRET} and token {TOKEN}")
 
-    monkeypatch.setattr(pipeline, "validate_only", crash)
+    monkeypatch.setattr(validation, "validate_only", crash)
     config = tmp_path / "job.yaml"
     config.write_text(json.dumps({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
                                   "metadata": {"name": "leaky"},

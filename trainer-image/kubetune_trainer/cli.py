@@ -91,8 +91,8 @@ def validate(config: ConfigOption,
     """Check the datasets against the config, on CPU, without downloading model weights; within the pod's memory
     limit (memory.py: a clear error, exit 78, rather than an out-of-memory kill)."""
     from .memory import stop_now, watch
-    from .pipeline import validate_only
     from .quality.report import compact
+    from .validation import validate_only
 
     watch(stop_now(lambda message: report_failure(f"{ConfigError.reason}: {message}")))
     try:

@@ -12,9 +12,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
+
     from .metrics import TrainerMetrics
     from .tasks.base import Task
 
@@ -42,20 +42,22 @@ def eval_batches(task: Task, examples: Sequence, rank: int, processes: int, batc
         yield task.collate(list(mine[i : i + batch_size])) if i < len(mine) else task.blank(examples[0])
 
 
-@torch.no_grad()
 def evaluate(task: Task, model, examples: Sequence, split: str, accelerator, batch_size: int,
              metrics: TrainerMetrics | None = None) -> dict[str, Any]:
     """The task's metrics of `model` on `examples` (this process's share of them), combined over processes."""
+    import torch  # torch: not for kubetune validate
+
     was_training = model.training
     model.eval()
     evaluation = task.evaluation(split)
-    for batch in eval_batches(task, examples, accelerator.process_index, accelerator.num_processes, batch_size):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        with accelerator.autocast():
-            evaluation.add(model, batch)
-        if metrics:
-            metrics.beat()
-    result = evaluation.result(accelerator)
+    with torch.no_grad():
+        for batch in eval_batches(task, examples, accelerator.process_index, accelerator.num_processes, batch_size):
+            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+            with accelerator.autocast():
+                evaluation.add(model, batch)
+            if metrics:
+                metrics.beat()
+        result = evaluation.result(accelerator)
     model.train(was_training)
     return result
 

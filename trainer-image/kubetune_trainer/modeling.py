@@ -6,8 +6,8 @@ import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from kubetune_api import (
     AdapterDtype,
     AttentionKernel,
@@ -22,15 +22,22 @@ from .errors import ConfigError
 from .kernels import attention as attention_kernels
 from .kernels import layers as layer_kernels
 
+if TYPE_CHECKING:
+    import torch
+
 
 def device_type() -> str:
     """The device type the trainer computes on: cuda where a GPU is visible, else cpu."""
+    import torch  # torch: not for kubetune validate
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def resolve_precision(precision: Precision, fsdp: bool = False) -> str:
     """accelerate's mixed_precision value: bf16 where the GPU has it, fp16 on older GPUs (fp32 with FSDP, which
     has no sharded gradient scaler here), fp32 on CPU."""
+    import torch  # torch: not for kubetune validate
+
     if precision == Precision.fp16 and fsdp:
         raise ConfigError(FSDP_FP16)
     if precision == Precision.auto:
@@ -70,6 +77,8 @@ def adapter_dtype(choice: AdapterDtype, mixed_precision: str) -> torch.dtype:
     computes in bf16: the adapter then matches the bf16 base and peft casts nothing (AdamW on bf16 parameters, as
     torchtune's LoRA recipes do); fp32 otherwise. An explicit bf16 is honoured without bf16 mixed precision too
     (CPUs compute in bf16), but not under fp16, whose gradient scaler wants fp32 weights."""
+    import torch  # torch: not for kubetune validate
+
     if choice == AdapterDtype.bf16:
         if mixed_precision == "fp16":
             raise ConfigError("hyperparameters.performance.adapterDtype bf16 does not go with fp16 mixed "
@@ -95,6 +104,7 @@ def load_model(model_dir: Path, method: MethodSpec, mixed_precision: str, hp: Hy
     with LoRA, `task_type` is peft's and `modules_to_save` (a classification head) is trained in full.
 
     The returned model's `kubetune_choices` (a dict of plain strings) says what was chosen, for a log line."""
+    import torch  # torch: not for kubetune validate
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
@@ -181,6 +191,8 @@ def _from_pretrained(model_dir: Path, auto_class, attention: AttentionKernel, co
     """auto_class.from_pretrained with the attention implementation of `attention` (kernels/attention.py),
     unless the caller's kwargs name one (None: a model without attention). When auto picks a kernel that this
     model's class does not implement, sdpa it is. Records the choice in `choices`."""
+    import torch  # torch: not for kubetune validate
+
     if "attn_implementation" in kwargs:
         tries = [(kwargs.pop("attn_implementation"), "as the task needs")]
     else:
@@ -202,6 +214,8 @@ def _from_pretrained(model_dir: Path, auto_class, attention: AttentionKernel, co
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
+    import torch  # torch: not for kubetune validate
+
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
@@ -218,6 +232,8 @@ def checkpoint_layers_for_memory(model, hp: Hyperparameters, layers: int, sharde
     sharded) and ~4 bytes x 4 per trainable weight (fp32 gradient and AdamW's two moments, master copy), over
     ACTIVATION_BYTES_PER_TOKEN_HIDDEN x maxSeqLength x batchSize x hidden size per kept layer."""
     import os
+
+    import torch  # torch: not for kubetune validate
 
     free, _ = torch.cuda.mem_get_info()
     world = int(os.environ.get("WORLD_SIZE", "1")) if sharded else 1
@@ -236,6 +252,8 @@ def select_checkpointed_layers(model, hp: Hyperparameters, sharded: bool = False
     """With gradient checkpointing on (every decoder layer recomputes), switch it off again for all but
     performance.checkpointLayers of them, spread evenly over the stack; None: all on CPU, as few as the free
     memory allows on CUDA. Returns what it did ("2 of 4", "off") for kubetune_choices."""
+    import torch  # torch: not for kubetune validate
+
     layers = layer_kernels.decoder_layers(model)
     if not hp.gradient_checkpointing:
         return "off"
@@ -278,6 +296,7 @@ def load_reference(model_dir: Path, mixed_precision: str, attention: str = "sdpa
     """The frozen reference model of objective dpo with method full: the base model once more, for forward passes
     only, in the compute dtype (bf16 or fp16 under mixed precision; nothing of it trains, so also when sharded),
     with the policy's attention implementation."""
+    import torch  # torch: not for kubetune validate
     from transformers import AutoModelForCausalLM
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)

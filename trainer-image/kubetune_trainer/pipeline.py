@@ -3,6 +3,8 @@
 `run(config)` is what `accelerate launch -m kubetune_trainer train` and `kubetune run` execute in every
 process. Rank 0 (per machine for local files) downloads, serves metrics, checkpoints and publishes. What differs
 between tasks (causal-lm, sequence- and image-classification) is the `Task` of tasks/: the stages call it.
+The validation pod's `kubetune validate` runs the first stages only, from validation.py, without this module's
+imports (torch, the model code).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from pathlib import Path
 from kubetune_api import Select, Strategy, TrainerConfig, join_uri
 
 from . import checkpoint
-from .data import DatasetReport
 from .data.report import data_report
 from .evaluate import baseline_difference, evaluate
 from .fetch import fetch, tree_sha256
@@ -213,17 +214,3 @@ def _run(config: TrainerConfig, report: Reporter, storage: Storage | None, stop:
     if metrics:
         metrics.linger()
     return manifest
-
-
-def validate_only(config: TrainerConfig, storage: Storage | None = None) -> tuple[dict[str, DatasetReport], dict]:
-    """`kubetune validate`: the same checks, on CPU, without downloading the model weights; for a task that
-    caches, the same pass leaves the tokenized cache in object storage for the training pods. Returns the
-    reports and the data report (data/report.py)."""
-    storage = storage or Storage(config.storage)
-    identity = RunIdentity.of(config)
-    claim(storage, config, identity, write=False)  # another run's output: refused before a GPU pod
-    storage = storage.with_run(identity.uid)  # the cache it uploads says which run made it
-    fetched = fetch(config, storage, weights=False)
-    task = task_for(config, fetched.model_dir, storage)  # its processor: loaded by prepare if it reads records
-    data = prepare(config, task, fetched, storage, inputs_of(fetched), examples=False)
-    return data.reports, data_report(config, task, data.reports, fetched.model_dir, data.cache)

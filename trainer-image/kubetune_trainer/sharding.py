@@ -8,17 +8,18 @@ Sharded tensors are DTensors; the functions below that gather them in full are c
 calls them, in the same order, and gets the full tensors (on CPU) back.
 
 torch.distributed's checkpoint and tensor modules are imported by the functions that use them: importing them
-costs every trainer process, sharded or not, about a CPU-second (sympy included).
+costs every trainer process, sharded or not, about a CPU-second (sympy included). torch itself too: the tasks
+import `is_sharded`, and `kubetune validate` imports the tasks and no torch.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
 from kubetune_api import Strategy
 
 if TYPE_CHECKING:
+    import torch
     from kubetune_api import TrainerConfig
 
 
@@ -33,6 +34,7 @@ def shard(model, device: torch.device, mixed_precision: str = "no"):
     full fine-tuning stay fp32 in the shards) and gradients reduced in fp32; otherwise parameters compute in the
     dtype they have. FSDP2 needs one dtype for the trainable parameters of a group only: the frozen bf16 base
     of LoRA shards next to its adapter, whatever the adapter's dtype."""
+    import torch  # torch: not for kubetune validate
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -6,11 +6,14 @@ import bisect
 import heapq
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .tokenize import IGNORE, Example
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -97,6 +100,8 @@ def collate(batch: list[Example | PackedExample], pad_token_id: int) -> dict[str
     Packed: input_ids, labels, position_ids (padding counts from 0, as a sample of its own) and no
     attention_mask. Unpacked: input_ids, labels, attention_mask.
     """
+    import torch  # torch: not for kubetune validate
+
     packed = [isinstance(s, PackedExample) for s in batch]
     if any(packed) and not all(packed):
         raise ValueError("cannot collate packed and unpacked sequences together")

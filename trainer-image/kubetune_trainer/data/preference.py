@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from kubetune_api import DataFormat
 
 from .formats import Fields
@@ -25,6 +25,9 @@ from .packing import pack_examples, pack_sequence
 from .rows import Rows
 from .tokenize import IGNORE, Example
 from .validate import tokenize_dataset
+
+if TYPE_CHECKING:
+    import torch
 
 PAD_SEQUENCE = -1  # `sequence` of a padding token
 
@@ -95,6 +98,8 @@ def collate_pairs(items: list[PreferencePair | PackedPairs], pad_token_id: int) 
     """Right-pad a batch of pairs (see the module docstring): unpacked, rows chosen_0, rejected_0, chosen_1, ...
     with attention_mask; packed, one row per PackedPairs with position_ids (padding counts from 0) and no
     attention_mask."""
+    import torch  # torch: not for kubetune validate
+
     packed = [isinstance(item, PackedPairs) for item in items]
     if any(packed) and not all(packed):
         raise ValueError("cannot collate packed and unpacked pairs together")

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune_api import PREFERENCE_FORMATS, Objective
 
+from ..plan import Plan
 from ..quality import report as quality
-from ..train import Plan
 
 if TYPE_CHECKING:
     from kubetune_api import TrainerConfig

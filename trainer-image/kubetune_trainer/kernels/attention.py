@@ -25,10 +25,14 @@ position_ids: every implementation handles it the ordinary way.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
 from kubetune_api import AttentionKernel
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 FIELD = "hyperparameters.performance.attention"
 FLEX_TRAINING_DEVICES = ("cuda", "xpu", "hpu")  # torch's flex_attention has a backward pass on these only
@@ -36,6 +40,8 @@ FLEX_TRAINING_DEVICES = ("cuda", "xpu", "hpu")  # torch's flex_attention has a b
 
 def _flash_missing(device_type: str, dtype: torch.dtype) -> str | None:
     """Why FlashAttention 2 cannot run here, or None when it can."""
+    import torch  # torch: not for kubetune validate
+
     if device_type != "cuda":
         return f"flash-attn needs a CUDA GPU (the device is {device_type})"
     if dtype not in (torch.bfloat16, torch.float16):
@@ -49,6 +55,8 @@ def _flash_missing(device_type: str, dtype: torch.dtype) -> str | None:
 
 def _flex_missing(device_type: str) -> str | None:
     """Why flex_attention cannot train here, or None when it can."""
+    import torch  # torch: not for kubetune validate
+
     try:
         from torch.nn.attention import flex_attention  # noqa: F401
     except ImportError:
@@ -94,6 +102,8 @@ def flash_varlen_kwargs(position_ids: torch.Tensor) -> dict:
     A sample starts wherever position_ids is 0; cu_seq_lens are its start offsets in the flattened batch,
     then the batch's token count. Pass them to the model's forward with the batch (no attention_mask).
     """
+    import torch  # torch: not for kubetune validate
+
     flat = position_ids.reshape(-1)
     starts = (flat == 0).nonzero().view(-1)
     cu_seq_lens = torch.cat([starts, starts.new_tensor([flat.numel()])]).to(torch.int32)

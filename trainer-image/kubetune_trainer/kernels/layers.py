@@ -14,10 +14,12 @@ Each returns a sentence for the `kernels` log event. Both are checked against th
 from __future__ import annotations
 
 import importlib.util
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 FIELD = "hyperparameters.performance"
 

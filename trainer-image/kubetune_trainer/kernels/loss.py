@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
 from kubetune_api import LossKernel
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError
 from .attention import flash_varlen_kwargs
+
+if TYPE_CHECKING:
+    import torch
 
 FIELD = "hyperparameters.performance.loss"
 # Config attributes of models whose forward changes the logits after the output layer.
@@ -73,6 +75,8 @@ def _liger_loss():
 
 def choose(kernel: LossKernel, model, device_type: str) -> LossHead:
     """The loss head for `kernel` on this model and device, with the reason for the choice (for the log)."""
+    import torch  # torch: not for kubetune validate
+
     transform = _transforms_logits(model)
     if transform:
         if kernel in (LossKernel.chunked, LossKernel.fused):
@@ -117,6 +121,8 @@ class LossHead:
     def token_logps(self, model, inputs: dict[str, torch.Tensor], targets: torch.Tensor,
                     mask: torch.Tensor) -> torch.Tensor:
         """The targets' log-probabilities as [R, T-1] float32, 0 outside `mask`."""
+        import torch  # torch: not for kubetune validate
+
         logps = self.scores(model, inputs, targets, mask).logps
         return torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)
 
@@ -170,6 +176,8 @@ def _scores(logits: torch.Tensor, targets: torch.Tensor, correct: bool) -> Token
 def _chunk(forward, hidden: torch.Tensor, targets: torch.Tensor, correct: bool) -> torch.Tensor:
     """Each position's target log-probability, [n, 1], or with `correct` also whether the argmax was the
     target, [n, 2], from one chunk."""
+    import torch  # torch: not for kubetune validate
+
     scores = _scores(forward(hidden), targets, correct)
     if not correct:
         return scores.logps.unsqueeze(-1)
@@ -177,6 +185,9 @@ def _chunk(forward, hidden: torch.Tensor, targets: torch.Tensor, correct: bool) 
 
 
 def _chunked(forward, hidden: torch.Tensor, targets: torch.Tensor, correct: bool) -> torch.Tensor:
+    import torch  # torch: not for kubetune validate
+    from torch.utils.checkpoint import checkpoint
+
     vocabulary = forward.__self__.weight.shape[0]  # the output layer's (a peft LoRA layer's is its base's)
     size = max(64, CHUNK_ELEMENTS // max(vocabulary, 1))
     if hidden.shape[0] == 0:  # a blank batch: still a graph through the layer, so every process's backward agrees

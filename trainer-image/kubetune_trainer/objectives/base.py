@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from kubetune_api import DataFormat, Objective
 
 from ..errors import ConfigError
@@ -24,6 +23,8 @@ from ..modeling import device_type
 from ..registry import Registry
 
 if TYPE_CHECKING:
+    import torch
+
     from ..data import Example
     from ..evaluate import Evaluation
     from ..tasks.base import Task

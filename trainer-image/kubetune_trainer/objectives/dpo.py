@@ -9,12 +9,15 @@ which tests/trainer/test_objectives.py checks them against.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
+
 from kubetune_api import DpoLoss, Objective
 
 from .base import register
 from .preference import Logps, PairObjective, rewards
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register(Objective.dpo)
@@ -24,6 +27,8 @@ class DPO(PairObjective):
         return not self.params.reference_free
 
     def pair_losses(self, policy: Logps, reference: Logps | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        import torch.nn.functional as F  # torch: not for kubetune validate
+
         beta = self.params.beta
         chosen_ratio = policy.chosen - (reference.chosen if reference is not None else 0)
         rejected_ratio = policy.rejected - (reference.rejected if reference is not None else 0)

@@ -8,18 +8,23 @@ against), the likelihood term is the token mean over the whole chosen sequence, 
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
+
 from kubetune_api import Objective
 
 from .base import register
 from .preference import Logps, PairObjective, rewards
+
+if TYPE_CHECKING:
+    import torch
 
 LN_HALF = -0.6931471805599453
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, without cancellation on either side of -ln 2."""
+    import torch  # torch: not for kubetune validate
+
     return torch.where(x < LN_HALF, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
@@ -28,6 +33,8 @@ class ORPO(PairObjective):
     metrics = (*PairObjective.metrics, "nll_loss", "log_odds_ratio", "log_odds_chosen")
 
     def pair_losses(self, policy: Logps, reference: Logps | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        import torch.nn.functional as F  # torch: not for kubetune validate
+
         beta = self.params.beta
         chosen = policy.chosen / policy.chosen_tokens.clamp(min=1)
         rejected = policy.rejected / policy.rejected_tokens.clamp(min=1)

@@ -25,9 +25,8 @@ from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from kubetune_api import DataFormat, MethodType
 
 from .. import sharding
@@ -36,6 +35,9 @@ from ..evaluate import Evaluation
 from ..kernels.loss import LossHead, unwrapped
 from ..modeling import load_reference
 from .base import CausalObjective
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -118,6 +120,8 @@ class PairObjective(CausalObjective):
                                             **self.task.weight_formats)
 
     def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch  # torch: not for kubetune validate
+
         losses, metrics = self.scored_pairs(model, batch)
         row = _row(losses, metrics, self.metrics)
         self._window = row if self._window is None else self._window + row
@@ -129,6 +133,8 @@ class PairObjective(CausalObjective):
         return self.pair_losses(_logps(self.head, model, batch), reference)
 
     def _reference_logps(self, model, batch: dict[str, torch.Tensor]) -> Logps:
+        import torch  # torch: not for kubetune validate
+
         with torch.no_grad():
             if self.config.method.type != MethodType.full:
                 with unwrapped(model).disable_adapter():
@@ -141,6 +147,8 @@ class PairObjective(CausalObjective):
             return _logps(self.head, self.reference, batch)
 
     def window_metrics(self, accelerator) -> dict[str, float]:
+        import torch  # torch: not for kubetune validate
+
         window = self._window if self._window is not None else torch.zeros(
             len(self.metrics) + 2, dtype=torch.float64, device=accelerator.device)
         self._window = None
@@ -156,6 +164,8 @@ class PairObjective(CausalObjective):
 def prediction_targets(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """[R, T-1] each: the token that position t predicts (token t + 1) and whether it is scored: predicted from a
     token of the same sequence (a packed row's next sequence starts a new one)."""
+    import torch  # torch: not for kubetune validate
+
     sequence = batch["sequence"]
     inner = (sequence[:, 1:] >= 0) & (sequence[:, 1:] == sequence[:, :-1])
     return torch.where(inner, batch["input_ids"][:, 1:], 0), inner
@@ -166,6 +176,8 @@ def sequence_logps(per_token: torch.Tensor, batch: dict[str, torch.Tensor]) -> L
     scored; kernels/loss.LossHead.token_logps). Padding positions add their 0 to one slot past the pairs, dropped:
     a blank batch (no pairs) gives empty Logps that are still part of the graph, so its backward pass joins the
     other processes'."""
+    import torch  # torch: not for kubetune validate
+
     sequence = batch["sequence"]
     pairs = max(int(sequence.max()) + 1, 0) // 2
     labels, target_seq = batch["labels"][:, 1:], sequence[:, 1:]
@@ -200,6 +212,8 @@ def _logps(head: LossHead, model, batch: dict[str, torch.Tensor]) -> Logps:
 
 def _row(losses: torch.Tensor, metrics: dict[str, torch.Tensor], names: tuple[str, ...]) -> torch.Tensor:
     """[loss sum, each metric's sum, pairs] of a batch, float64, detached."""
+    import torch  # torch: not for kubetune validate
+
     sums = [losses.detach().sum()] + [metrics[name].sum() for name in names]
     return torch.stack([s.double() for s in sums] + [torch.tensor(float(losses.shape[0]), dtype=torch.float64,
                                                                   device=losses.device)])
@@ -226,6 +240,8 @@ class PairEvaluation(Evaluation):
         self.totals = row if self.totals is None else self.totals + row
 
     def result(self, accelerator) -> dict[str, Any]:
+        import torch  # torch: not for kubetune validate
+
         names = self.objective.metrics
         totals = self.totals if self.totals is not None else torch.zeros(len(names) + 2, dtype=torch.float64,
                                                                          device=accelerator.device)

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from kubetune_api import DataFormat, Objective
 
 from ..data import IGNORE, PackedExample, collate, pack_examples, tokenize_dataset
 from ..evaluate import Evaluation
 from ..kernels.loss import LossHead
 from .base import CausalObjective, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register(Objective.sft)
@@ -65,12 +67,16 @@ class TokenEvaluation(Evaluation):
         self.head, self.totals = head, None
 
     def add(self, model, batch: dict[str, torch.Tensor]) -> None:
+        import torch  # torch: not for kubetune validate
+
         inputs, labels, trained = targets(batch)
         scores = self.head.scores(model, inputs, labels, trained, correct=True)
         row = torch.stack([-scores.logps.double().sum(), trained.sum().double(), scores.correct.sum().double()])
         self.totals = row if self.totals is None else self.totals + row
 
     def result(self, accelerator) -> dict[str, Any]:
+        import torch  # torch: not for kubetune validate
+
         totals = self.totals if self.totals is not None else torch.zeros(3, dtype=torch.float64,
                                                                          device=accelerator.device)
         loss_sum, tokens, correct = accelerator.reduce(totals, reduction="sum").tolist()

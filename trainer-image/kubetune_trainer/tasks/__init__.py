@@ -2,6 +2,10 @@
 its spec.TaskType: causal-lm (causal_lm.py, whose objectives are in objectives/), sequence-classification and
 image-classification (classification.py holds what they share). A new task is one more module here, imported
 below: docs/adding-a-task.md.
+
+`kubetune validate` imports them all (validation.py), and for a data cache found in object storage uses no model:
+the task modules, the objectives and what they import (modeling.py, kernels/, evaluate.py) import torch inside
+the functions that use it, so that such a validation imports none (tests/trainer/test_imports.py).
 """
 
 from __future__ import annotations

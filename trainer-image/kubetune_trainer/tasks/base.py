@@ -23,12 +23,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from kubetune_api import TASK_FORMATS, DataFormat, EvalMetric, TaskType
 
 from ..registry import Registry
 
 if TYPE_CHECKING:
+    import torch
     from kubetune_api import TrainerConfig
 
     from ..data import DatasetReport

@@ -9,9 +9,8 @@ What a record is, the batches, the loss and the metrics are the objective's.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from kubetune_api import DataFormat, TaskType
 
 from ..data import validate_dataset
@@ -22,6 +21,9 @@ from ..objectives import objective_for
 from ..sharding import is_sharded
 from . import generation
 from .base import Beat, CachesRows, GeneratesText, Task, WindowMetrics, register
+
+if TYPE_CHECKING:
+    import torch
 
 
 @register(TaskType.causal_lm)

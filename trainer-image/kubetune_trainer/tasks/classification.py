@@ -15,10 +15,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
-import torch
-import torch.nn.functional as F
 from kubetune_api import DataFormat, QualityAction
 
 from ..data import DatasetReport, label_studio
@@ -30,6 +28,9 @@ from ..errors import ConfigError, DatasetError
 from ..evaluate import Evaluation
 from ..modeling import quiet_transformers
 from .base import Task
+
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100  # the target of a blank row
 SUM_TOLERANCE = 1e-3  # how far from 1 the probabilities of a soft label may sum
@@ -239,6 +240,8 @@ class ClassificationTask(Task):
 
     def collate_targets(self, examples: list[ClassExample]) -> torch.Tensor:
         """batch["labels"]: LongTensor [B] of class indices, or FloatTensor [B, C] when any target is soft."""
+        import torch  # torch: not for kubetune validate
+
         targets = [e.target for e in examples]
         if not any(isinstance(t, list) for t in targets):
             return torch.tensor(targets, dtype=torch.long)
@@ -253,6 +256,8 @@ class ClassificationTask(Task):
     @staticmethod
     def blank_targets(labels: torch.Tensor) -> torch.Tensor:
         """Targets like `labels` that score nothing: IGNORE indices, or all-zero probabilities."""
+        import torch  # torch: not for kubetune validate
+
         return torch.zeros_like(labels) if labels.is_floating_point() else torch.full_like(labels, IGNORE)
 
     @staticmethod
@@ -274,6 +279,8 @@ class ClassificationTask(Task):
     def loss(self, model, batch):
         """Summed cross-entropy (soft-target where the targets are probabilities) over non-blank rows, and their
         number."""
+        import torch.nn.functional as F  # torch: not for kubetune validate
+
         labels = batch["labels"]
         logits = self.logits(model, batch)
         if labels.is_floating_point():  # an all-zero (blank) row adds 0
@@ -333,6 +340,8 @@ class ClassificationEvaluation(Evaluation):
         self.rows: list[tuple[int, int, float]] = []
 
     def add(self, model, batch: dict[str, torch.Tensor]) -> None:
+        import torch.nn.functional as F  # torch: not for kubetune validate
+
         labels = batch["labels"]
         logits = ClassificationTask.logits(model, batch)
         if labels.is_floating_point():

@@ -16,12 +16,13 @@ import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..data.tokenize import IGNORE, Example, bos_prefix
 from .base import Beat
+
+if TYPE_CHECKING:
+    import torch
 
 BATCH_SIZE = 8  # prompts per generate call
 SAMPLES = 3  # (prompt, reference, prediction) triples kept for the manifest
@@ -136,17 +137,20 @@ def stop_ids(tokenizer, model=None) -> list[int]:
 def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask of a batch padded on the left, so every prompt ends where generation starts
     (whatever the tokenizer's padding_side)."""
+    import torch  # torch: not for kubetune validate
+
     width = max(len(s) for s in sequences)
     ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences], dtype=torch.long, device=device)
     mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], dtype=torch.long, device=device)
     return ids, mask
 
 
-@torch.no_grad()
 def generate(model, tokenizer, sequences: list[list[int]], max_new_tokens: int, accelerator=None,
              beat: Beat | None = None, synced: bool = False) -> list[str]:
     """Greedy answers to the prompts (token ids), decoded up to the first stop token, without special tokens,
     stripped; in eval mode, under the accelerator's autocast. `synced`: see answer_share."""
+    import torch  # torch: not for kubetune validate
+
     if not sequences:  # more processes than prompts (not sharded: nobody waits for this one)
         return []
     stops = stop_ids(tokenizer, model)
@@ -157,7 +161,7 @@ def generate(model, tokenizer, sequences: list[list[int]], max_new_tokens: int, 
     model.eval()
     answers: list[str] = []
     try:
-        with _root_gathered(model, sequences[0][:1], device), autocast:
+        with torch.no_grad(), _root_gathered(model, sequences[0][:1], device), autocast:
             answers = _generate_all(model, tokenizer, sequences, max_new_tokens, stops, pad_id, device, beat, synced)
     finally:
         model.train(was_training)
@@ -185,6 +189,7 @@ def _root_gathered(model, first: list[int], device):
     group) calls the inner model, never the root's forward: the root group's weights (embeddings, final norm,
     head) are gathered around it by hand. One forward through the root first: FSDP2 makes the first module to
     run forward its root, which must be the wrapper (generation may come before any training step)."""
+    import torch  # torch: not for kubetune validate
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):

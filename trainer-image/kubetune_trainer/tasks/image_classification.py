@@ -12,9 +12,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from kubetune_api import DataFormat, MethodType, QualityAction, TaskType
 
 from ..data import DatasetReport, label_studio
@@ -33,6 +32,9 @@ from ..images import (
 from ..modeling import load_model, quiet_transformers
 from .base import register
 from .classification import ClassExample, ClassificationTask, Split, at_record, head_modules
+
+if TYPE_CHECKING:
+    import torch
 
 PROCESSOR_FILE = "preprocessor_config.json"
 KEYS = ("image",)  # what a record holds beside its label
@@ -253,6 +255,7 @@ class ImageClassification(ClassificationTask):
 
     def _skeleton(self):
         """The model with its new head, without weights (on the meta device): its class and module names."""
+        import torch  # torch: not for kubetune validate
         from transformers import AutoConfig, AutoModelForImageClassification
 
         try:
@@ -267,6 +270,8 @@ class ImageClassification(ClassificationTask):
     def _method(self, skeleton, heads: list[str]):
         """config.method, with the default targetModules all-linear made convolutions for a base without linear
         layers (outside the head)."""
+        import torch  # torch: not for kubetune validate
+
         method = self.config.method
         if method.type == MethodType.full or method.lora.target_modules != ["all-linear"]:
             return method

@@ -10,9 +10,8 @@ not apply (one text, one prediction).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from kubetune_api import DataFormat, MethodType, TaskType
 
 from ..data import DatasetReport
@@ -22,6 +21,9 @@ from ..data.validate import truncation_warning
 from ..modeling import load_model, load_tokenizer
 from .base import register
 from .classification import IGNORE, ClassExample, ClassificationTask, Split, TextClassifier, at_record, head_modules
+
+if TYPE_CHECKING:
+    import torch
 
 KEYS = ("text", "text_pair")
 
@@ -86,6 +88,8 @@ class SequenceClassification(ClassificationTask, TextClassifier):
     def collate(self, examples: list[ClassExample]) -> dict[str, torch.Tensor]:
         """Right-padded input_ids (with token_type_ids where there are any), attention_mask and labels. A causal
         model's head reads the last token that is not padding (config.pad_token_id)."""
+        import torch  # torch: not for kubetune validate
+
         width = max(len(e.inputs["input_ids"]) for e in examples)
         batch = {"input_ids": torch.full((len(examples), width), self.processor.pad_token_id, dtype=torch.long),
                  "attention_mask": torch.zeros(len(examples), width, dtype=torch.long)}
