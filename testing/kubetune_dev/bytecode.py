@@ -20,9 +20,9 @@ import time
 
 GROUPS = (
     # a trainer process (every pod, the trainer's tests) and the peers its tests compare against
-    ("kubetune_trainer.cli", "kubetune_trainer.pipeline", "kubetune_trainer.launch", "accelerate.commands.launch",
-     "peft", "transformers.models.llama.modeling_llama", "transformers.models.vit.modeling_vit",
-     "transformers.models.resnet.modeling_resnet", "trl", "datasets"),
+    ("kubetune_trainer.cli", "kubetune_trainer.pipeline", "kubetune_trainer.validation", "kubetune_trainer.launch",
+     "accelerate.commands.launch", "peft", "transformers.models.llama.modeling_llama",
+     "transformers.models.vit.modeling_vit", "transformers.models.resnet.modeling_resnet", "trl", "datasets"),
     # the operator, the test kit (control plane, node agent, S3 server), the search and the test runner
     ("kubetune_operator.handlers", "kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures",
      "kubetune_dev.s3server", "kubetune_search", "sklearn.metrics", "cleanlab.filter", "pytest", "xdist"),
