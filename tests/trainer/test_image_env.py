@@ -110,7 +110,7 @@ def link_bytecode(site: Path, ours: Path) -> int:
                     continue
                 (there / "__pycache__").mkdir(exist_ok=True)
                 os.link(Path(cache) / name, there / "__pycache__" / name)
-            except FileNotFoundError:
+            except (FileNotFoundError, FileExistsError):  # exists: the venv's interpreter wrote it (a .pth import)
                 continue
             linked += 1
     return linked
