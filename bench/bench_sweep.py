@@ -21,7 +21,14 @@ that seed. The goal (issue 30): TPE + ASHA's sweep reaches the same best loss (t
 with at most 60% of the CPU-s of the whole sweep without pruning (a user runs the whole sweep: which trial will be
 the best is not known while it runs). The result is a markdown snippet on stdout; progress on stderr.
 
-    python bench/bench_sweep.py                      # 12 trials x 3 sweeps x 2 seeds
+Short horizon: every trial's validation losses are kept, and over the trials of TPE without pruning (which all run
+to the end) the report gives, at each evaluation step, Spearman's rank correlation between the loss there and the
+final loss, over all trials and over the best third: how far a rung at that step ranks the trials as their end
+does (Wu et al. 2018, short-horizon bias). `--asha FIRST:ETA` swaps the asha sweeps' pruner for a
+SuccessiveHalvingPruner with that first rung and reduction factor (in this process, for exploring; the default is
+the product's, kubetune_search.pruner).
+
+    python bench/bench_sweep.py                      # 12 trials x 3 sweeps x 4 seeds
     python bench/bench_sweep.py --trials 6 --steps 12 --seeds 0 --algorithms tpe+asha,tpe+none
 """
 
@@ -39,7 +46,7 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 GOAL = 0.60  # issue 30: ASHA spends at most this share of the no-pruning compute for the same best metric
@@ -60,6 +67,7 @@ class TrialCost:
     wall_s: float
     steps: int
     parameters: dict
+    evaluations: dict[int, float] = field(default_factory=dict)  # validation loss by step
 
 
 # -- the summary: pure functions of the trials ------------------------------------------------------------------------
@@ -109,6 +117,41 @@ def goal_met(row: dict, tolerance: float) -> bool:
     most GOAL of the baseline's CPU-s."""
     return (row["target"] is not None and reached(row["best"], row["target"], tolerance)
             and row["total_ratio"] is not None and row["total_ratio"] <= GOAL)
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Each value's rank (1 = lowest), ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            out[k] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation (Pearson's on the ranks); None under 3 pairs or where one side is constant."""
+    if len(xs) < 3:
+        return None
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return cov / math.sqrt(vx * vy) if vx and vy else None
+
+
+def rung_agreement(trials: list[TrialCost], step: int, share: float = 1.0) -> tuple[float | None, int]:
+    """How the loss at `step` ranks the trials that ran to the end as their final loss does: Spearman's rho over
+    the best `share` of them by final loss, and how many that is."""
+    done = sorted((t for t in trials if t.phase == "Succeeded" and t.metric is not None and step in t.evaluations),
+                  key=lambda t: t.metric)
+    kept = done[:math.ceil(len(done) * share)]
+    return spearman([t.evaluations[step] for t in kept], [t.metric for t in kept]), len(kept)
 
 
 # -- running the sweeps -----------------------------------------------------------------------------------------------
@@ -171,18 +214,21 @@ def run_one(args, base: Path, data: dict[str, Path], work: Path, name: str, seed
     costs: list[dict] = []
 
     def timed(config, report, stop):  # pipeline.run, measured
-        steps = [0]
+        steps, losses = [0], {}
 
         def counting(event: dict) -> None:  # train events come per logging window: the last step of any event
             if event["event"] in ("train", "validation", "stopped"):
                 steps[0] = max(steps[0], event["step"])
+            if event["event"] == "validation" and isinstance(event.get("loss"), float):
+                losses[event["step"]] = event["loss"]
             report(event)
 
         cpu, wall = cpu_seconds(), time.monotonic()
         try:
             return run_pipeline(config, report=counting, stop=stop)
         finally:
-            costs.append({"cpu_s": cpu_seconds() - cpu, "wall_s": time.monotonic() - wall, "steps": steps[0]})
+            costs.append({"cpu_s": cpu_seconds() - cpu, "wall_s": time.monotonic() - wall, "steps": steps[0],
+                          "evaluations": losses})
 
     def show(run, row, event) -> None:
         if event["event"] == "trial_ended":
@@ -195,6 +241,23 @@ def run_one(args, base: Path, data: dict[str, Path], work: Path, name: str, seed
                       parameters=r.parameters) for r, c in zip(run.trials, costs, strict=True)]
 
 
+def swap_asha(first: int, eta: int) -> None:
+    """--asha: the asha sweeps' pruner becomes SuccessiveHalvingPruner(first, eta) (kubetune_search.study looks
+    `pruner` up when it makes each sweep's study); the other sweeps keep theirs."""
+    import kubetune_search
+    import optuna
+    from kubetune_api import Pruning
+
+    product = kubetune_search.pruner
+
+    def pruner(spec):
+        if spec.early_stopping != Pruning.asha:
+            return product(spec)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=first, reduction_factor=eta)
+
+    kubetune_search.pruner = pruner
+
+
 # -- the report -------------------------------------------------------------------------------------------------------
 
 
@@ -202,7 +265,21 @@ def _num(value, fmt: str = "{:.1f}", none: str = "not reached") -> str:
     return none if value is None else fmt.format(value)
 
 
-def markdown(args, seeds: dict[int, dict[str, dict]], facts: dict) -> str:
+def agreement(args, trials: dict[int, dict[str, list[TrialCost]]]) -> list[str]:
+    """The short-horizon table: at each evaluation step, Spearman's rho between the loss there and the final loss
+    over every seed's tpe+none trials (all of them run to the end), all and the best third."""
+    pooled = [t for runs in trials.values() for t in runs.get(BASELINE, [])]
+    lines = [f"How the loss at each evaluation step ranks {BASELINE}'s {len(pooled)} trials (every seed) as their "
+             "final loss does (Spearman's rho; the best third: the trials a sweep must tell apart):", "",
+             "| step | rho, all trials | rho, best third |", "|---:|---:|---:|"]
+    for step in range(args.every, args.steps, args.every):
+        (every, _), (best, n) = rung_agreement(pooled, step), rung_agreement(pooled, step, 1 / 3)
+        lines.append(f"| {step} | {_num(every, '{:.2f}', '-')} | {_num(best, '{:.2f}', '-')} ({n}) |")
+    return lines
+
+
+def markdown(args, seeds: dict[int, dict[str, dict]], facts: dict,
+             trials: dict[int, dict[str, list[TrialCost]]]) -> str:
     lines = [f"### TPE + ASHA vs no pruning vs random search: {args.trials} trials of {args.steps} steps", "",
              f"Tiny Llama ({facts['params'] / 1e6:.2f}M parameters, pre-trained {args.pretrain} steps), LoRA on "
              f"{args.train} support chats (validation {args.validation}), batch 8, validation every {args.every} "
@@ -219,6 +296,9 @@ def markdown(args, seeds: dict[int, dict[str, dict]], facts: dict) -> str:
                          f"{_num(r['best'], '{:.4f}', 'none')} | {_num(r['cpu_to_target'])} | "
                          f"{_num(r['ratio'], '{:.0%}', '-')} | {_num(r['total_ratio'], '{:.0%}', '-')} |")
     lines.append("")
+    if args.asha:
+        lines += [f"{ASHA}: SuccessiveHalvingPruner(min_resource={args.asha[0]}, reduction_factor={args.asha[1]}) "
+                  "(--asha), not the product's.", ""]
     verdicts = [goal_met(rows[ASHA], args.tolerance) for rows in seeds.values() if ASHA in rows]
     if verdicts:
         shown = ", ".join(f"seed {seed}: {_num(rows[ASHA]['total_ratio'], '{:.0%}')} of the CPU-s, best "
@@ -226,7 +306,9 @@ def markdown(args, seeds: dict[int, dict[str, dict]], facts: dict) -> str:
                           for seed, rows in seeds.items() if ASHA in rows)
         lines.append(f"Goal: {ASHA} reaches {BASELINE}'s best loss (within {args.tolerance:.0%}) with at most "
                      f"{GOAL:.0%} of its CPU-s: {shown}: **{'met' if all(verdicts) else 'not met'}**"
-                     f"{'' if all(verdicts) or not any(verdicts) else ' for every seed'}.")
+                     f"{'' if all(verdicts) or not any(verdicts) else ' for every seed'} "
+                     f"({sum(verdicts)} of {len(verdicts)} seeds).")
+    lines += ["", *agreement(args, trials), ""]
     lines.append(f"Python {platform.python_version()}, torch {facts['torch']}, transformers {facts['transformers']}, "
                  f"peft {facts['peft']}, optuna {facts['optuna']}; {facts['machine']}.")
     return "\n".join(lines)
@@ -251,7 +333,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=12, help="maxTrials of every sweep")
     parser.add_argument("--steps", type=int, default=27, help="hyperparameters.maxSteps of every trial")
     parser.add_argument("--every", type=int, default=3, help="evaluation.everySteps (ASHA's first rung)")
-    parser.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], default=[0, 1])
+    parser.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], default=[0, 1, 2, 3])
     parser.add_argument("--algorithms", type=lambda v: v.split(","), default=[ASHA, BASELINE, "random+none"],
                         help="comma-separated <tpe|random>+<asha|median|none>[@trials]; must include tpe+none; "
                         "@trials: this sweep's maxTrials, e.g. tpe+asha@36 for the no-pruning sweep's compute")
@@ -259,6 +341,9 @@ def main() -> None:
     parser.add_argument("--pretrain", type=int, default=150, help="pre-training steps of the tiny base")
     parser.add_argument("--train", type=int, default=96, help="training records")
     parser.add_argument("--validation", type=int, default=16, help="validation records")
+    parser.add_argument("--asha", type=lambda v: tuple(int(x) for x in v.split(":")), metavar="FIRST:ETA",
+                        help="explore: the asha sweeps' SuccessiveHalvingPruner with this first rung (steps) and "
+                        "reduction factor instead of the product's")
     parser.add_argument("--work-dir", help="keep files here, with trials.json (default: a temporary folder)")
     args = parser.parse_args()
     if BASELINE not in args.algorithms:
@@ -269,6 +354,8 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
+    if args.asha:
+        swap_asha(*args.asha)
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-sweep-") as tmp:
         work = Path(args.work_dir or tmp).resolve()
         print(f"preparing the tiny model and data in {work}", file=sys.stderr, flush=True)
@@ -286,7 +373,7 @@ def main() -> None:
         (work / "trials.json").write_text(json.dumps(
             {seed: {n: [asdict(t) for t in ts] for n, ts in runs.items()} for seed, runs in trials.items()}, indent=1))
         summaries = {seed: summarize(runs, args.tolerance) for seed, runs in trials.items()}
-        print(markdown(args, summaries, facts(base)))
+        print(markdown(args, summaries, facts(base), trials))
 
 
 if __name__ == "__main__":

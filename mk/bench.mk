@@ -18,7 +18,7 @@
 BENCH_ARGS ?= --device cpu --model tiny --steps 30
 BENCH_DATA_ARGS ?= --records 200000,1000000
 BENCH_OPERATOR_ARGS ?= --jobs 100,400,1000 --window 60
-BENCH_SWEEP_ARGS ?= --trials 12 --steps 27 --seeds 0,1
+BENCH_SWEEP_ARGS ?= --trials 12 --steps 27 --seeds 0,1,2,3
 BENCH_STARTUP_ARGS ?= --repeat 3
 BENCH_TRIAL_COST_ARGS ?= --trials 4 --steps 30
 

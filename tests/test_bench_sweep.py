@@ -4,11 +4,23 @@ trials."""
 
 from __future__ import annotations
 
-from bench.bench_sweep import TrialCost, best_metric, cpu_to_target, goal_met, parse_sweep, summarize
+from bench.bench_sweep import (
+    TrialCost,
+    best_metric,
+    cpu_to_target,
+    goal_met,
+    parse_sweep,
+    ranks,
+    rung_agreement,
+    spearman,
+    summarize,
+)
 
 
-def trial(number: int, phase: str, metric: float | None, cpu_s: float, steps: int = 27) -> TrialCost:
-    return TrialCost(number, phase, metric, cpu_s, wall_s=cpu_s, steps=steps, parameters={})
+def trial(number: int, phase: str, metric: float | None, cpu_s: float, steps: int = 27,
+          evaluations: dict | None = None) -> TrialCost:
+    return TrialCost(number, phase, metric, cpu_s, wall_s=cpu_s, steps=steps, parameters={},
+                     evaluations=evaluations or {})
 
 
 NONE = [trial(0, "Succeeded", 2.0, 10), trial(1, "Succeeded", 1.5, 10), trial(2, "Succeeded", 1.8, 10)]
@@ -48,3 +60,23 @@ def test_the_goal_is_the_same_best_loss_for_at_most_60_percent_of_the_cpu():
 def test_a_sweep_is_named_algorithm_plus_pruning_with_an_optional_trial_count():
     assert parse_sweep("tpe+asha") == ("tpe", "asha", None) and parse_sweep("tpe+asha@36") == ("tpe", "asha", 36)
     assert parse_sweep("grid+none") is parse_sweep("tpe+hyperband") is parse_sweep("tpe+asha@x") is None
+
+
+def test_spearman_is_pearson_on_ranks_with_ties_sharing_their_mean_rank():
+    assert ranks([3.0, 1.0, 2.0, 1.0]) == [4.0, 1.5, 3.0, 1.5]
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == 1.0  # any increasing relation
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_rung_agreement_ranks_the_trials_that_ran_to_the_end_by_a_step_against_their_final_loss():
+    # at step 3 the order is reversed among the best two (a short-horizon bias), at step 9 it is the final one
+    trials = [trial(0, "Succeeded", 1.3, 2, evaluations={3: 2.1, 9: 1.6}),
+              trial(1, "Succeeded", 1.4, 2, evaluations={3: 2.0, 9: 1.7}),
+              trial(2, "Succeeded", 2.0, 2, evaluations={3: 2.3, 9: 2.2}),
+              trial(3, "Succeeded", 2.2, 2, evaluations={3: 2.4, 9: 2.3}),
+              trial(4, "Pruned", None, 1, steps=3, evaluations={3: 2.5})]  # never ran to the end: not ranked
+    assert rung_agreement(trials, 9) == (1.0, 4)
+    rho, n = rung_agreement(trials, 3)
+    assert n == 4 and 0 < rho < 1
+    assert rung_agreement(trials, 3, share=3 / 4) == (0.5, 3)  # the best three: 2.1, 2.0, 2.3 against 1.3, 1.4, 2.0
