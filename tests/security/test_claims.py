@@ -7,6 +7,7 @@ the trainer answers. Against the project's own S3 server (moto, over HTTP) and l
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from pathlib import Path
@@ -188,13 +189,20 @@ def test_a_second_unfinished_finetunejob_on_the_same_output_is_refused(control_p
     first's output (with overwrite it would move first's files aside mid-run). Answer: the operator reads the
     other FineTuneJobs from the API server before creating any child of `second`, and fails it OutputInUse,
     naming `first`; `first` goes on."""
-    from tests.kube import get_json
+    from tests.kube import get_json, kubectl, wait_for
     from tests.operator_tests.test_e2e import submit, wait_phase
 
+    # No pod may start in the namespace, so `first` stays unfinished (its validation Job waits for its pod) whether
+    # or not the worker's node agent runs; Jobs may still be created, so `second` could make children if it were let.
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-pods"},
+             "spec": {"hard": {"pods": "0"}}}
+    kubectl(control_plane, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(quota))
+    wait_for("the quota to be counted", lambda: get_json(control_plane, "resourcequota", "-n", namespace,
+                                                         "no-pods").get("status", {}).get("hard"), timeout=60)
     spec = {"baseModel": {"uri": "s3://nowhere/model/"}, "dataset": {"train": "s3://nowhere/train.jsonl"},
             "output": {"uri": "s3://shared-outputs/team/"}}
     submit(control_plane, namespace, "first", spec)
-    wait_phase(control_plane, namespace, "first", ("Pending", "Validating"), timeout=60)  # no node: stays unfinished
+    wait_phase(control_plane, namespace, "first", ("Pending", "Validating"), timeout=60)
     submit(control_plane, namespace, "second", {**spec, "output": {"uri": "s3://shared-outputs/team/v2",
                                                                    "overwrite": True}})
     status = wait_phase(control_plane, namespace, "second", ("Failed",), timeout=60)["status"]

@@ -1,6 +1,8 @@
 """Pytest fixture: a process node agent attached to the session's local control plane.
 
-Use it from a test module with `from kubetune_dev.cluster.agent_fixtures import node_agent  # noqa: F401`.
+Use it from a test module with `pytest_plugins = ["kubetune_dev.cluster.pytest_plugin",
+"kubetune_dev.cluster.agent_fixtures"]`. Not by importing `node_agent`: that defines a second session fixture of
+the name, so a second node agent for that module.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Pytest fixtures for the local control plane.
 
-Register them from a conftest.py:  `from kubetune_dev.cluster.pytest_plugin import control_plane, namespace`.
+Register them in a test module: `pytest_plugins = ["kubetune_dev.cluster.pytest_plugin"]`. Not by importing
+the fixtures: an imported `control_plane` is a second session fixture of that name, and so a second control
+plane, running beside the first until the session ends.
 """
 
 from __future__ import annotations
