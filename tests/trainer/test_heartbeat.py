@@ -86,17 +86,23 @@ def test_evaluation_gauges_carry_scalars_only_and_drop_stale_ones():
 def test_lingering_ends_once_a_scrape_has_read_the_final_values(monkeypatch):
     """KUBETUNE_METRICS_LINGER_SECONDS bounds the wait; a scrape after the run ends it (the image sets 30 s: a
     sweep's trial, whose result is the pod's termination message, would wait them out otherwise), but not the
-    operator's."""
-    m = TrainerMetrics("linger", "lora", "s3://models/tiny/")
-    port = m.serve(0)
-    m.set_phase("done")
+    operator's. A process lingers once, at its end: each case has its own metrics (a scrape answered after one
+    linger began would otherwise end the next one whenever the server closes it)."""
+    def finished(name: str) -> tuple[TrainerMetrics, int]:
+        m = TrainerMetrics(name, "lora", "s3://models/tiny/")
+        port = m.serve(0)
+        m.set_phase("done")
+        return m, port
+
+    m, port = finished("linger")
     monkeypatch.setenv(METRICS_LINGER_ENV, "0.5")
     started = time.monotonic()
     m.linger()  # nobody scrapes: the whole time
     assert 0.5 <= time.monotonic() - started < 1.5
-    urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()  # a scrape during the run
+    urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()  # still served afterwards
 
     # the operator's scrapes (its progress, every few seconds) do not end it: Prometheus would miss the values
+    m, port = finished("by-operator")
     monkeypatch.setenv(METRICS_LINGER_ENV, "1.5")
     operator = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"User-Agent": OPERATOR_SCRAPER})
     by_operator = threading.Timer(0.3, lambda: urllib.request.urlopen(operator, timeout=5).read())
@@ -106,6 +112,7 @@ def test_lingering_ends_once_a_scrape_has_read_the_final_values(monkeypatch):
     assert time.monotonic() - started >= 1.5
     by_operator.join()
 
+    m, port = finished("scraped")
     monkeypatch.setenv(METRICS_LINGER_ENV, "60")
     bodies: list[str] = []
     scraper = threading.Timer(0.5, lambda: bodies.append(
@@ -115,7 +122,7 @@ def test_lingering_ends_once_a_scrape_has_read_the_final_values(monkeypatch):
     m.linger()  # until the scrape's response has gone out, then the process may exit
     assert time.monotonic() - started < 10
     scraper.join()
-    assert 'kubetune_trainer_phase{finetunejob="linger",phase="done"} 1.0' in bodies[0]
+    assert 'kubetune_trainer_phase{finetunejob="scraped",phase="done"} 1.0' in bodies[0]
 
 
 def test_lingering_ends_when_the_final_values_have_been_sent_not_before():
