@@ -57,6 +57,31 @@ def kubectl(kubeconfig: str | Path, *args: str, stdin: str | None = None) -> str
     return out.stdout
 
 
+def wait_served(kubeconfig: str | Path, definitions: list[dict], timeout: float = 60) -> None:
+    """Until every CRD in `definitions` is Established and its resource is in the API server's discovery at each
+    served version. Kueue maps its kinds through discovery when it starts and exits if one is missing ("no matches
+    for kind Workload in version kueue.x-k8s.io/v1beta2"): the API server publishes a new CRD's discovery a moment
+    after Established."""
+    deadline = time.monotonic() + timeout
+    wait_established(kubeconfig, [c["metadata"]["name"] for c in definitions], timeout)
+    wanted = {(f"{c['spec']['group']}/{v['name']}", c["spec"]["names"]["plural"])
+              for c in definitions for v in c["spec"]["versions"] if v.get("served", True)}
+    while True:
+        listed: dict[str, set[str]] = {}
+        for group_version in {gv for gv, _ in wanted}:
+            try:
+                found = json.loads(kubectl(kubeconfig, "get", "--raw", f"/apis/{group_version}"))["resources"]
+            except ControlPlaneError:  # 404: the group's version is not served yet
+                found = []
+            listed[group_version] = {r["name"] for r in found}
+        missing = sorted(f"{plural} in {gv}" for gv, plural in wanted if plural not in listed[gv])
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise ControlPlaneError(f"not in the API server's discovery after {timeout:.0f} s: {', '.join(missing)}")
+        time.sleep(0.2)
+
+
 def wait_established(kubeconfig: str | Path, names: list[str], timeout: float = 60) -> None:
     """Until every named CRD is Established. Polled rather than `kubectl wait --for=condition=Established`: that
     fails at once ("accessor error") on a CRD whose status the API server has not filled in yet."""
@@ -209,7 +234,7 @@ class Kueue:
         self.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
         definitions = crds(self.home / "config" / "crd", url, ca)
         self.apply(*definitions)
-        wait_established(self.kubeconfig, [c["metadata"]["name"] for c in definitions])
+        wait_served(self.kubeconfig, definitions)
         args = [str(self.home / "bin" / "kueue"), f"--config={config}", "--feature-gates=VisibilityOnDemand=false",
                 "--zap-log-level=info"]
         args = self._with_metrics_certs(args)
