@@ -119,30 +119,14 @@ def goal_met(row: dict, tolerance: float) -> bool:
             and row["total_ratio"] is not None and row["total_ratio"] <= GOAL)
 
 
-def ranks(values: list[float]) -> list[float]:
-    """Each value's rank (1 = lowest), ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in order[i:j + 1]:
-            out[k] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
 def spearman(xs: list[float], ys: list[float]) -> float | None:
-    """Spearman's rank correlation (Pearson's on the ranks); None under 3 pairs or where one side is constant."""
-    if len(xs) < 3:
+    """Spearman's rank correlation (scipy's: Pearson's on the ranks, ties sharing their mean rank); None under 3
+    pairs or where one side is constant."""
+    from scipy.stats import spearmanr
+
+    if len(xs) < 3 or len(set(xs)) < 2 or len(set(ys)) < 2:
         return None
-    rx, ry = ranks(xs), ranks(ys)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    vx, vy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return cov / math.sqrt(vx * vy) if vx and vy else None
+    return float(spearmanr(xs, ys).statistic)
 
 
 def rung_agreement(trials: list[TrialCost], step: int, share: float = 1.0) -> tuple[float | None, int]:
