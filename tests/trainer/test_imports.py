@@ -3,8 +3,10 @@
 
 The validation pod of a run whose data cache is in object storage already (every trial of a sweep but the first)
 loads no tokenizer and no model library: no transformers, no peft, no torch (about 1.5 CPU-s of imports). The
-modules it reads import torch inside the functions that use it (validation.py, not pipeline.py, runs it). A GPU
-run's estimate (data/report.py) still builds the model on the meta device, with torch and transformers.
+modules it reads import torch inside the functions that use it (validation.py, not pipeline.py, runs it). One that
+tokenizes loads the tokenizer without torch (validation.without_torch), and writes the cache a process with torch
+writes. A GPU run's estimate (data/report.py) still builds the model on the meta device, with torch and
+transformers.
 A LoRA process does not import bitsandbytes (QLoRA's), which peft imports when it can.
 """
 
@@ -17,12 +19,13 @@ import sys
 import pytest
 from kubetune_api import MethodType
 from kubetune_trainer.modeling import without_bitsandbytes
-from kubetune_trainer.validation import validate_only
+from kubetune_trainer.validation import validate_only, validates_without_torch, without_torch
 
 # Runs the command line as `kubetune` does and writes the names of the modules it imported to $MODULES at exit.
 LISTING = """
 import atexit, json, os, sys
-atexit.register(lambda: open(os.environ["MODULES"], "w").write(json.dumps(sorted(sys.modules))))
+atexit.register(lambda: open(os.environ["MODULES"], "w").write(json.dumps(sorted(
+    name for name, module in sys.modules.items() if module is not None))))  # None: marked absent
 from kubetune_trainer.cli import app
 sys.argv = ["kubetune", *sys.argv[1:]]
 app()
@@ -36,6 +39,7 @@ def imported(args: list[str], env: dict, tmp_path) -> set[str]:
     done = subprocess.run([sys.executable, "-c", LISTING, *args], env={**env, "MODULES": str(modules)},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "PyTorch" not in done.stderr, done.stderr[-3000:]  # no advice about a torch hidden on purpose
     return set(json.loads(modules.read_text()))
 
 
@@ -53,6 +57,42 @@ def test_validation_with_its_data_cache_in_storage_loads_no_model_library(make_c
     assert report["valid"] and report["cache"] == {**first["cache"], "reused": True}
     assert report["splits"] == first["splits"]
     assert [m for m in MODEL_LIBRARIES if m in modules] == []
+
+
+def test_a_validation_that_tokenizes_writes_without_torch_the_cache_it_writes_with_torch(make_config, storage,
+                                                                                       trainer_env, tmp_path):
+    """Cold (no cache anywhere yet): the command line hides torch from transformers, says nothing about it, and
+    its cache and report are those of a validation in this process, which has torch."""
+    with_torch = make_config("imports-tokenize-torch", dataset={"cacheUri": "s3://data/cache-with-torch/"})
+    without = make_config("imports-tokenize", dataset={"cacheUri": "s3://data/cache-without-torch/"})
+    path = tmp_path / "trainer.yaml"
+    path.write_text(without.to_yaml())
+    termination = tmp_path / "termination-log"
+    modules = imported(["validate", "--config", str(path)], {**trainer_env, "KUBETUNE_TERMINATION_LOG":
+                                                               str(termination)}, tmp_path)
+    report = json.loads(termination.read_text())
+    assert "torch" not in modules and {"transformers", "tokenizers"} <= modules
+    assert not report["cache"]["reused"]
+
+    _, expected = validate_only(with_torch, storage)  # this process has torch
+    assert (report["splits"], report["cache"]["key"]) == (expected["splits"], expected["cache"]["key"])
+    written = {uri.removeprefix(report["cache"]["uri"]) for uri in storage.list(report["cache"]["uri"])}
+    assert written == {uri.removeprefix(expected["cache"]["uri"]) for uri in storage.list(expected["cache"]["uri"])}
+    for name in written - {"meta.json"}:  # the arrays, byte for byte (meta.json names the run that wrote it)
+        ours, theirs = (storage.download_to(cache["uri"] + name, tmp_path / side / name).read_bytes()
+                        for side, cache in (("without", report["cache"]), ("with", expected["cache"])))
+        assert ours == theirs, name
+
+
+@pytest.mark.parametrize("sections", [{}, {"task": "sequence-classification"}, {"task": "image-classification"},
+                                      {"hardware": {"gpus": 1}}, {"baseModel": {"trustRemoteCode": True}}],
+                         ids=["causal-lm", "text-classification", "image-task", "gpus", "remote-code"])
+def test_torch_stays_where_the_validation_may_need_it(make_config, sections):
+    """An image task (transformers' fast image processors compute with torch), a GPU estimate (the model on the
+    meta device) and code from the model folder keep torch; and a process that imported it already keeps it."""
+    config = make_config("imports-keep", **sections)
+    assert validates_without_torch(config) == (sections in ({}, {"task": "sequence-classification"}))
+    assert not without_torch(config) and sys.modules["torch"] is not None  # this process has imported torch
 
 
 def test_qlora_keeps_bitsandbytes(monkeypatch):

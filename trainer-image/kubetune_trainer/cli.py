@@ -92,11 +92,13 @@ def validate(config: ConfigOption,
     limit (memory.py: a clear error, exit 78, rather than an out-of-memory kill)."""
     from .memory import stop_now, watch
     from .quality.report import compact
-    from .validation import validate_only
+    from .validation import validate_only, without_torch
 
     watch(stop_now(lambda message: report_failure(f"{ConfigError.reason}: {message}")))
     try:
-        reports, data = validate_only(load_config(config))
+        cfg = load_config(config)
+        without_torch(cfg)
+        reports, data = validate_only(cfg)
     except Exception as e:  # noqa: BLE001 - every failure becomes a clear message and exit code
         fail(e)
     # The operator turns this into status.dataset (kubetune_operator.observe.validation_report): counts, no lines.

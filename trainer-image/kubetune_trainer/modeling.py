@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from contextlib import contextmanager
@@ -59,8 +60,39 @@ def without_bitsandbytes(method: MethodType) -> None:
         sys.modules["bitsandbytes"] = None  # `import bitsandbytes` raises ImportError; find_spec finds nothing
 
 
+_torch_hidden = False  # from the transformers that load_tokenizer imports (hide_torch_from_transformers)
+NO_TORCH_ADVICE = "PyTorch was not found"  # what transformers logs at its import when torch is absent
+
+
+def hide_torch_from_transformers() -> bool:
+    """For a process that loads a tokenizer and no model (`kubetune validate`, validation.without_torch): the
+    transformers that load_tokenizer imports believes torch is not installed. Its configuration module, which
+    AutoTokenizer imports, imports torch whenever it is (about 1.3 CPU-s, and as much again in what torch's import
+    pulls in). Only before transformers or torch is imported; returns whether torch is hidden."""
+    if {"torch", "transformers"} & sys.modules.keys():
+        return False
+    global _torch_hidden
+    _torch_hidden = True
+    logging.getLogger("transformers").addFilter(lambda record: NO_TORCH_ADVICE not in record.getMessage())
+    return True
+
+
+def _import_transformers() -> None:
+    """transformers decides once, at its import, whether torch is installed (its is_torch_available is cached),
+    and imports torch nowhere after that when it is not. So torch is marked absent for that import alone: other
+    libraries (scipy's array API helpers) take whatever sys.modules holds for a module."""
+    if not _torch_hidden or "transformers" in sys.modules:
+        return
+    sys.modules["torch"] = None  # `import torch` raises ImportError; find_spec finds nothing
+    try:
+        import transformers  # noqa: F401
+    finally:
+        del sys.modules["torch"]
+
+
 def load_tokenizer(model_dir: Path, **kwargs):
     """The model folder's tokenizer; `kwargs` for from_pretrained (trust_remote_code)."""
+    _import_transformers()
     from transformers import AutoTokenizer
 
     try:

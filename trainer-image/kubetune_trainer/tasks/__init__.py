@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING
 from ..errors import ConfigError
 from ..evaluate import Evaluation
 from . import causal_lm, image_classification, sequence_classification
-from .base import TASKS, CachesRows, GeneratesText, Task, WindowMetrics, register
+from .base import TASKS, CachesRows, GeneratesText, Task, TokenizesText, WindowMetrics, register
 
 if TYPE_CHECKING:
     from kubetune_api import TrainerConfig
 
     from ..storage import Storage
 
-__all__ = ["TASKS", "CachesRows", "Evaluation", "GeneratesText", "Task", "WindowMetrics", "causal_lm",
-           "image_classification", "register", "sequence_classification", "task_for"]
+__all__ = ["TASKS", "CachesRows", "Evaluation", "GeneratesText", "Task", "TokenizesText", "WindowMetrics",
+           "causal_lm", "image_classification", "register", "sequence_classification", "task_for"]
 
 
 def task_for(config: TrainerConfig, model_dir: Path, storage: Storage | None = None) -> Task:

@@ -9,6 +9,7 @@ capability, a mixin the shared code finds by type (`isinstance(task, CachesRows)
 - `CachesRows`: validates and tokenizes in one pass into the shared memory-mapped cache (data/cache.py).
 - `GeneratesText`: scores generated answers on the test split (evaluation.generation).
 - `WindowMetrics`: training metrics of its own beside the loss, on each log line.
+- `TokenizesText`: its processor is a tokenizer, which validates without torch (`kubetune validate` hides it).
 
 A task registers itself for its spec.TaskType with `@register(TaskType.x)`; its record formats are
 spec.TASK_FORMATS[x], nothing else. A Task is made once per process for a run (`tasks.task_for`); it may keep
@@ -180,6 +181,12 @@ class WindowMetrics(ABC):
     @abstractmethod
     def window_metrics(self, accelerator) -> dict[str, float]:
         """The metrics since the last call, over every process (a collective when there are any); {} when none."""
+
+
+class TokenizesText:
+    """The task's processor is a tokenizer, and nothing its validation does needs torch: `kubetune validate`
+    hides torch from transformers for it (validation.without_torch). Not an image task: transformers' fast image
+    processors compute with torch, and the slow ones it would fall back to give other pixel values."""
 
 
 # -- the registry -------------------------------------------------------------------------------------------------

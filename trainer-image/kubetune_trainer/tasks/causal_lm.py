@@ -20,14 +20,14 @@ from ..modeling import load_model, load_tokenizer, quiet_transformers
 from ..objectives import objective_for
 from ..sharding import is_sharded
 from . import generation
-from .base import Beat, CachesRows, GeneratesText, Task, WindowMetrics, register
+from .base import Beat, CachesRows, GeneratesText, Task, TokenizesText, WindowMetrics, register
 
 if TYPE_CHECKING:
     import torch
 
 
 @register(TaskType.causal_lm)
-class CausalLM(Task, CachesRows, GeneratesText, WindowMetrics):
+class CausalLM(Task, CachesRows, GeneratesText, WindowMetrics, TokenizesText):
     headline = "loss"
 
     def __init__(self, config, model_dir: Path, storage=None):

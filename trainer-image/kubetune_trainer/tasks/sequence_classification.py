@@ -19,7 +19,7 @@ from ..data.formats import RecordError, kind_of
 from ..data.stream import where
 from ..data.validate import truncation_warning
 from ..modeling import load_model, load_tokenizer
-from .base import register
+from .base import TokenizesText, register
 from .classification import IGNORE, ClassExample, ClassificationTask, Split, TextClassifier, at_record, head_modules
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ KEYS = ("text", "text_pair")
 
 
 @register(TaskType.sequence_classification)
-class SequenceClassification(ClassificationTask, TextClassifier):
+class SequenceClassification(ClassificationTask, TextClassifier, TokenizesText):
     auto_class = "AutoModelForSequenceClassification"
 
     def load_processor(self):
