@@ -43,17 +43,22 @@ def imported(args: list[str], env: dict, tmp_path) -> set[str]:
     return set(json.loads(modules.read_text()))
 
 
+def validated(config, env: dict, tmp_path) -> tuple[dict, set[str]]:
+    """`kubetune validate` of `config` in a fresh process: its report (the termination message) and its modules."""
+    path = tmp_path / "trainer.yaml"
+    path.write_text(config.to_yaml())
+    termination = tmp_path / "termination-log"
+    modules = imported(["validate", "--config", str(path)], {**env, "KUBETUNE_TERMINATION_LOG": str(termination)},
+                       tmp_path)
+    return json.loads(termination.read_text()), modules
+
+
 def test_validation_with_its_data_cache_in_storage_loads_no_model_library(make_config, storage, trainer_env,
                                                                          tmp_path):
     config = make_config("imports-validate")
     _, first = validate_only(config, storage)  # here: tokenizes and writes the cache
     assert not first["cache"]["reused"]
-    path = tmp_path / "trainer.yaml"
-    path.write_text(config.to_yaml())
-    termination = tmp_path / "termination-log"
-    modules = imported(["validate", "--config", str(path)], {**trainer_env, "KUBETUNE_TERMINATION_LOG":
-                                                               str(termination)}, tmp_path)
-    report = json.loads(termination.read_text())
+    report, modules = validated(config, trainer_env, tmp_path)
     assert report["valid"] and report["cache"] == {**first["cache"], "reused": True}
     assert report["splits"] == first["splits"]
     assert [m for m in MODEL_LIBRARIES if m in modules] == []
@@ -65,12 +70,7 @@ def test_a_validation_that_tokenizes_writes_without_torch_the_cache_it_writes_wi
     its cache and report are those of a validation in this process, which has torch."""
     with_torch = make_config("imports-tokenize-torch", dataset={"cacheUri": "s3://data/cache-with-torch/"})
     without = make_config("imports-tokenize", dataset={"cacheUri": "s3://data/cache-without-torch/"})
-    path = tmp_path / "trainer.yaml"
-    path.write_text(without.to_yaml())
-    termination = tmp_path / "termination-log"
-    modules = imported(["validate", "--config", str(path)], {**trainer_env, "KUBETUNE_TERMINATION_LOG":
-                                                               str(termination)}, tmp_path)
-    report = json.loads(termination.read_text())
+    report, modules = validated(without, trainer_env, tmp_path)
     assert "torch" not in modules and {"transformers", "tokenizers"} <= modules
     assert not report["cache"]["reused"]
 
