@@ -106,51 +106,57 @@ def test_bf16_adapter_is_bf16_and_trains_as_fp32_does_to_bf16_tolerance(llama):
         assert error < 5e-2, (key, float(error))
 
 
+ADAPTERS = ("bf16", "fp32")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("adapter", ["bf16", "fp32"])
-def test_fsdp2_bf16_param_dtype_over_two_processes_gives_the_result_of_one(llama, tmp_path, adapter):
+def test_fsdp2_bf16_param_dtype_over_two_processes_gives_the_result_of_one(llama, tmp_path):
     """FSDP2 with param_dtype bf16 over gloo: a bf16 frozen base next to a bf16 or an fp32 adapter in one shard
     group (FSDP2 wants one dtype for a group's trainable parameters only) gives the loss and gradients of one
-    unsharded process computing in bf16."""
-    model = load_model(llama, METHOD, "bf16", hp(adapterDtype=adapter))
-    lora_b_random(model)
-    if adapter == "fp32":  # one process: the compute FSDP's param_dtype does, bf16 weights
-        model = model.to(torch.bfloat16)
-    loss, grads = loss_and_grads(model)
+    unsharded process computing in bf16. One launch shards both adapters in turn (a launch of two processes costs
+    about 12 CPU-s before its first step)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           __file__, str(llama), str(tmp_path), adapter], cwd=ROOT, env=env, capture_output=True,
+                           __file__, str(llama), str(tmp_path), *ADAPTERS], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for rank in (0, 1):
-        result = json.loads((tmp_path / f"{rank}.json").read_text())
-        assert result["dtypes"] == [adapter]
-        assert result["loss"] == pytest.approx(loss, rel=1e-2)
-        for key, value in result["grads"].items():
-            got = torch.tensor(value)
-            error = (got - grads[key].reshape(-1)).norm() / grads[key].norm().clamp_min(1e-12)
-            assert error < 5e-2, (key, float(error))
+    for adapter in ADAPTERS:
+        model = load_model(llama, METHOD, "bf16", hp(adapterDtype=adapter))
+        lora_b_random(model)
+        if adapter == "fp32":  # one process: the compute FSDP's param_dtype does, bf16 weights
+            model = model.to(torch.bfloat16)
+        loss, grads = loss_and_grads(model)
+        for rank in (0, 1):
+            result = json.loads((tmp_path / f"{adapter}-{rank}.json").read_text())
+            assert result["dtypes"] == [adapter]
+            assert result["loss"] == pytest.approx(loss, rel=1e-2), (adapter, rank)
+            for key, value in result["grads"].items():
+                got = torch.tensor(value)
+                error = (got - grads[key].reshape(-1)).norm() / grads[key].norm().clamp_min(1e-12)
+                assert error < 5e-2, (adapter, rank, key, float(error))
 
 
-def _worker(folder: Path, out: Path, adapter: str) -> None:
+def _worker(folder: Path, out: Path, adapters: list[str]) -> None:
     from kubetune_trainer import sharding
     from torch.distributed.tensor import DTensor
 
     torch.distributed.init_process_group("gloo")
-    model = load_model(folder, METHOD, "bf16", hp(adapterDtype=adapter))
-    lora_b_random(model)
-    model = sharding.shard(model, torch.device("cpu"), "bf16")
-    loss, _ = loss_and_grads(model)
-    grads = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-            grads[name] = g.float().reshape(-1).tolist()
-    dtypes = sorted({"bf16" if p.dtype == torch.bfloat16 else "fp32" for p in model.parameters() if p.requires_grad})
     rank = torch.distributed.get_rank()
-    (out / f"{rank}.json").write_text(json.dumps({"loss": loss, "grads": grads, "dtypes": dtypes}))
+    for adapter in adapters:
+        model = load_model(folder, METHOD, "bf16", hp(adapterDtype=adapter))
+        lora_b_random(model)
+        model = sharding.shard(model, torch.device("cpu"), "bf16")
+        loss, _ = loss_and_grads(model)
+        grads = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+                grads[name] = g.float().reshape(-1).tolist()
+        dtypes = sorted({"bf16" if p.dtype == torch.bfloat16 else "fp32"
+                         for p in model.parameters() if p.requires_grad})
+        (out / f"{adapter}-{rank}.json").write_text(json.dumps({"loss": loss, "grads": grads, "dtypes": dtypes}))
     torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
+    _worker(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:])
