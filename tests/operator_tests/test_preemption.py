@@ -33,9 +33,10 @@ author_policy = e2e.author_policy  # the operator's (it trusts the API server fo
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e, pytest.mark.slow]
 pytest_plugins = ["kubetune_dev.cluster.pytest_plugin", "kubetune_dev.cluster.agent_fixtures", "tests.s3fixtures"]
 
-# Three workers, three evictions: the Job controller's back-off this replaces would wait 40 s after the first
-# (10 s x 2^(failed pods - 1)), 5 min 20 s after the second and 10 minutes after the third.
-WORKERS, STEPS, VICTIM, ROUNDS = 3, 60, "1", 3
+# Two workers (the evicted one and a peer that checkpoints), three evictions: the Job controller's back-off this
+# replaces would wait 20 s after the first (10 s x 2^(failed pods - 1)), 80 s after the second and 5 min 20 s after
+# the third.
+WORKERS, STEPS, VICTIM, ROUNDS = 2, 60, "1", 3
 GAP_LIMIT = 30  # seconds from the last old worker's end to all the new ones running, on a loaded 2-core machine
 
 

@@ -141,6 +141,9 @@ def test_a_tpe_asha_sweep_prunes_a_trailing_trial_and_promotes_the_best(control_
     wait_for("the first trial", lambda: kubectl(control_plane, "get", "ftj", "-n", namespace, "lr-0",
                                                 check=False).returncode == 0, timeout=60)
     first = get_json(control_plane, "ftj", "-n", namespace, "lr-0")
+    # and its Event, which the operator posts after the trial and the status: a kill between them loses it (Events
+    # are best effort), and the events counted below would then be one short.
+    e2e.events_of(control_plane, namespace, "lr", {"TrialCreated": 1})
     operator.stop(kill=True)  # mid-sweep, no goodbye: the next one rebuilds the search from the API
     operator.start()
 
