@@ -62,7 +62,8 @@ def left_over(pids: set[int], state_dir: Path) -> dict[int, str]:
 def test_dev_cluster_runs_the_example_it_prints(tmp_path, monkeypatch):
     """With --kueue (make dev-cluster KUEUE=1), which adds the real Kueue and its queues beside the example."""
     state_dir = tmp_path / "dev-cluster"
-    up = cluster_cli(state_dir, "up", "--dev", "--kueue", "--pretrain-steps", "20", timeout=900)
+    up = cluster_cli(state_dir, "up", "--dev", "--kueue", "--pretrain-steps", "20", "--train-records", "96",
+                     timeout=900)  # a smaller demo: the example as printed, on fewer records
     try:
         daemon_log = (state_dir / "daemon.log").read_text() if (state_dir / "daemon.log").exists() else ""
         assert up.returncode == 0, f"{up.stdout}\n{up.stderr}\n{daemon_log[-3000:]}"

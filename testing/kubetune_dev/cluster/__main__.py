@@ -77,7 +77,8 @@ def up(args) -> int:
     if args.no_agent:
         cmd.append("--no-agent")
     if args.dev:
-        cmd += ["--dev", "--pretrain-steps", str(args.pretrain_steps), *(["--kueue"] if args.kueue else [])]
+        cmd += ["--dev", "--pretrain-steps", str(args.pretrain_steps), "--train-records", str(args.train_records),
+                *(["--kueue"] if args.kueue else [])]
         print("# starting the control plane, node agent, S3 server and operator, and building the demo model "
               "(a minute or two)", flush=True)
     with open(sd / "daemon.log", "ab") as log:
@@ -141,7 +142,7 @@ def serve(args) -> int:
                  "node": agent and agent.node_name}
         if args.dev:
             extras = dev.DevCluster(sd, sd / "kubeconfig", kueue_gpus=args.gpus if args.kueue else None)
-            state["dev"] = extras.start(args.pretrain_steps)
+            state["dev"] = extras.start(dev.DemoSize(args.pretrain_steps, args.train_records))
         (sd / "state.tmp").write_text(json.dumps(state))
         (sd / "state.tmp").chmod(0o600)  # it holds the admin token
         (sd / "state.tmp").rename(sd / "state.json")
@@ -188,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--no-agent", action="store_true", help="control plane only (no Node)")
             sp.add_argument("--dev", action="store_true",
                             help="also the CRD, a seeded S3 server and the operator (make dev-cluster)")
-            sp.add_argument("--pretrain-steps", type=int, default=300,
+            sp.add_argument("--pretrain-steps", type=int, default=dev.DemoSize.pretrain_steps,
                             help="--dev: pre-training steps of the demo base model (as make demo)")
+            sp.add_argument("--train-records", type=int, default=dev.DemoSize.train_records,
+                            help="--dev: records of the demo's training split (as make demo)")
             sp.add_argument("--kueue", action="store_true",
                             help="--dev: also the real Kueue, with a ClusterQueue of the node's GPUs and the "
                                  "LocalQueue user-queue in default (make dev-cluster KUEUE=1; needs make kueue)")

@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -61,7 +62,16 @@ def example_spec() -> dict:
     return yaml.safe_load(EXAMPLE.read_text())["spec"]
 
 
-def seed(endpoint: str, work: Path, pretrain_steps: int) -> None:
+@dataclass(frozen=True)
+class DemoSize:
+    """How much the seeded demo is: its base model's pre-training steps and its training split's records (as
+    `make demo`: 300 and 480). Tests make it smaller; the example's FineTuneJob stays as printed."""
+
+    pretrain_steps: int = 300
+    train_records: int = 480
+
+
+def seed(endpoint: str, work: Path, size: DemoSize) -> None:
     """Upload the demo's tiny base model and support-bot splits to the URIs the example names (creating its
     buckets). The server takes any credentials; this process (the daemon) uses the placeholder ones."""
     from kubetune_api import StorageEndpoint
@@ -72,12 +82,12 @@ def seed(endpoint: str, work: Path, pretrain_steps: int) -> None:
 
     os.environ.update(FAKE_CREDENTIALS)
     spec, storage = example_spec(), Storage(StorageEndpoint(endpoint=endpoint))
-    splits = write_support_dataset(work / "data")
+    splits = write_support_dataset(work / "data", train=size.train_records)
     uris = [spec["baseModel"]["uri"], spec["output"]["uri"], *(spec["dataset"][s] for s in splits)]
     for bucket in sorted({uri.removeprefix("s3://").split("/")[0] for uri in uris}):
         storage.client.create_bucket(Bucket=bucket)
-    print(f"building the demo base model ({pretrain_steps} pre-training steps)", flush=True)
-    base = make_tiny_base(work / "base", demo_base_texts(), pretrain_steps=pretrain_steps, log=print)
+    print(f"building the demo base model ({size.pretrain_steps} pre-training steps)", flush=True)
+    base = make_tiny_base(work / "base", demo_base_texts(), pretrain_steps=size.pretrain_steps, log=print)
     storage.upload_dir(base, spec["baseModel"]["uri"])
     for split, path in splits.items():
         storage.upload_file(path, spec["dataset"][split])
@@ -95,7 +105,7 @@ class DevCluster:
     def kubectl(self, *args: str) -> str:
         return kubectl(self.kubeconfig, *args)
 
-    def start(self, pretrain_steps: int) -> dict:
+    def start(self, size: DemoSize) -> dict:
         for path in (CRD, SWEEP_CRD):
             self.kubectl("apply", "--server-side", "-f", str(path))
         wait_established(self.kubeconfig, ["finetunejobs.kubetune.io", "finetunesweeps.kubetune.io"])
@@ -103,7 +113,7 @@ class DevCluster:
         keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
         self.kubectl("create", "secret", "generic", SECRET, "-n", "default",
                      *(f"--from-literal={k}={FAKE_CREDENTIALS[k]}" for k in keys))
-        seed(endpoint, self.state_dir / "seed", pretrain_steps)
+        seed(endpoint, self.state_dir / "seed", size)
         state = {"s3": endpoint, "example": str(EXAMPLE)}
         if self.kueue_gpus is not None:
             state["kueue"] = self.start_kueue(self.kueue_gpus)
