@@ -28,20 +28,21 @@ pytest_plugins = ["tests.s3fixtures"]  # one S3 server per pytest process, for t
 
 CLUSTER_SHARDS = int(os.environ.get("KUBETUNE_CLUSTER_SHARDS", "3"))
 # Seconds each cluster file took in one parallel run of `make test` (KUBETUNE_TEST_CPU's wall column, 2026-12-07,
-# a clean clone on a quiet machine, 38bce14): only their ratios matter. A new file counts DEFAULT_S.
+# a clean clone on a quiet machine, 1b9c075; test_dev_cluster's since its smaller demo, 4d56e81, estimated): only
+# their ratios matter. A new file counts DEFAULT_S.
 CLUSTER_SECONDS = {
-    "tests/operator_tests/test_e2e.py": 699, "tests/operator_tests/test_kueue.py": 280,
-    "tests/operator_tests/test_dev_cluster.py": 229, "tests/chart/test_install.py": 222,
-    "tests/operator_tests/test_sweep_e2e.py": 219, "tests/operator_tests/test_control_loop.py": 178,
-    "tests/operator_tests/test_preemption.py": 152, "tests/operator_tests/test_security.py": 126,
-    "tests/operator_tests/test_node_loss.py": 112, "tests/operator_tests/test_failover.py": 88,
-    "tests/operator_tests/test_kueue_live.py": 74, "tests/security/test_namespace_deletion.py": 68,
-    "tests/operator_tests/test_admission.py": 67, "tests/security/test_inputs.py": 59,
-    "tests/operator_tests/test_policy.py": 53, "tests/cluster/test_agent.py": 53, "tests/cluster/test_kueue.py": 51,
-    "tests/security/test_pvc.py": 26, "tests/security/test_network.py": 25, "tests/security/test_scheduling.py": 20,
-    "tests/security/test_leader.py": 20, "tests/security/test_storage_access.py": 18,
-    "tests/security/test_claims.py": 18, "tests/cluster/test_controlplane.py": 14,
-    "tests/security/test_sweep_admission.py": 11, "tests/operator_tests/test_outputs.py": 11,
+    "tests/operator_tests/test_e2e.py": 578, "tests/operator_tests/test_sweep_e2e.py": 257,
+    "tests/operator_tests/test_kueue.py": 216, "tests/chart/test_install.py": 170,
+    "tests/operator_tests/test_control_loop.py": 162, "tests/operator_tests/test_preemption.py": 155,
+    "tests/operator_tests/test_dev_cluster.py": 110, "tests/operator_tests/test_node_loss.py": 106,
+    "tests/operator_tests/test_security.py": 102, "tests/operator_tests/test_failover.py": 83,
+    "tests/operator_tests/test_kueue_live.py": 64, "tests/security/test_namespace_deletion.py": 59,
+    "tests/cluster/test_agent.py": 53, "tests/operator_tests/test_policy.py": 47,
+    "tests/operator_tests/test_admission.py": 44, "tests/security/test_inputs.py": 42,
+    "tests/cluster/test_kueue.py": 41, "tests/security/test_leader.py": 32, "tests/cluster/test_controlplane.py": 27,
+    "tests/security/test_scheduling.py": 23, "tests/security/test_pvc.py": 21, "tests/security/test_network.py": 19,
+    "tests/security/test_storage_access.py": 16, "tests/security/test_sweep_admission.py": 15,
+    "tests/security/test_claims.py": 11, "tests/operator_tests/test_outputs.py": 9,
 }
 DEFAULT_S = 60
 # Files that start Kueue share a shard: every Kueue binds its metrics certificate at one host path
