@@ -48,7 +48,7 @@ DEFAULT_S = 60
 # Files that start Kueue share a shard: every Kueue binds its metrics certificate at one host path
 # (kubetune_dev.cluster.kueue.METRICS_CERTS), made and removed by whichever Kueue found it missing.
 ONE_SHARD = ("tests/cluster/test_kueue.py", "tests/operator_tests/test_kueue.py",
-             "tests/operator_tests/test_dev_cluster.py")
+             "tests/operator_tests/test_kueue_live.py", "tests/operator_tests/test_dev_cluster.py")
 
 
 def cluster_shards(files: list[str], shards: int = CLUSTER_SHARDS) -> dict[str, int]:

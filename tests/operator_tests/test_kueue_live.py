@@ -31,8 +31,17 @@ def served_namespace(control_plane):
 
 @pytest.fixture(scope="module")
 def without_kueue(control_plane):
-    """No Kueue CRDs (a module that ran Kueue earlier leaves them): the operator starts without Kueue."""
+    """No Kueue CRDs (a module that ran Kueue earlier leaves them): the operator starts without Kueue. That Kueue
+    is gone, so the finalizers it put on its objects (ClusterQueues, LocalQueues, Workloads, ...) are taken off
+    first: a CRD is deleted only once its objects are."""
     names = [c["metadata"]["name"] for c in get_json(control_plane, "crd")["items"] if c["spec"]["group"] == GROUP]
+    for resource in names:
+        for obj in get_json(control_plane, resource, "-A")["items"]:
+            meta = obj["metadata"]
+            if meta.get("finalizers"):
+                kubectl(control_plane, "patch", resource, meta["name"],
+                        *(["-n", meta["namespace"]] if meta.get("namespace") else []),
+                        "--type=merge", "-p", '{"metadata": {"finalizers": null}}')
     if names:
         kubectl(control_plane, "delete", "crd", *names, "--wait=true", "--timeout=120s")
 
