@@ -1,7 +1,8 @@
 """The fixed cost of a trainer process, per entry point a pod runs (issue 30, section 5; issue 25): what a trial pays
 beside its training steps, from its process's start to its first step and from its last step to its end.
 
-Entry points, each a fresh process as in a pod: `validate` (`kubetune validate`, the validation pod), `launch`
+Entry points, each a fresh process as in a pod: `validate` (`kubetune validate`, the validation pod, its data cache
+in storage already), `validate-cold` (the same with no cache anywhere: it loads the tokenizer and tokenizes), `launch`
 (`kubetune launch ... -m kubetune_trainer train`, the training pod's entrypoint, one CPU process), `train`
 (`python -m kubetune_trainer train`, what each process of a multi-process launch runs) and `run` (`kubetune run`,
 on this machine). One tiny Llama and a support-chat data set are made once and put in an embedded S3 server on
@@ -35,7 +36,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRIES = ("validate", "launch", "train", "run")
+ENTRIES = ("validate", "validate-cold", "launch", "train", "run")
 PACKAGES = ("api", "search", "operator", "trainer-image", "testing", "")  # a checkout's import roots
 
 
@@ -60,16 +61,17 @@ def prepare(work: Path, endpoint: str) -> dict[str, str]:
     return {s: f"s3://data/support/{s}.jsonl" for s in data}
 
 
-def config_file(work: Path, name: str, endpoint: str, data: dict[str, str], steps: int) -> Path:
-    """A TrainerConfig: LoRA, `steps` steps logged one by one, validation at the end, test and baseline on."""
+def config_file(work: Path, name: str, endpoint: str, data: dict[str, str], steps: int, cold: bool = False) -> Path:
+    """A TrainerConfig: LoRA, `steps` steps logged one by one, validation at the end, test and baseline on. `cold`:
+    a data cache of its own (prefix and work folder), so that nothing is found cached."""
     doc = {"jobName": name, "baseModel": {"uri": "s3://models/tiny/"},
-           "dataset": {**data, "cacheUri": "s3://data/cache/"},
+           "dataset": {**data, "cacheUri": f"s3://data/cache-{name}/" if cold else "s3://data/cache/"},
            "method": {"type": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
            "hyperparameters": {"maxSteps": steps, "batchSize": 4, "learningRate": 5e-3, "maxSeqLength": 128,
                                "loggingSteps": 1, "warmupRatio": 0.0},
            "evaluation": {"everySteps": steps}, "checkpoint": {"everySteps": 10_000},
            "output": {"uri": f"s3://adapters/{name}/"}, "storage": {"endpoint": endpoint},
-           "metrics": {"port": 0}, "workDir": str(work / "jobs")}
+           "metrics": {"port": 0}, "workDir": str(work / ("jobs-" + name if cold else "jobs"))}
     path = work / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(doc))
@@ -79,6 +81,7 @@ def config_file(work: Path, name: str, endpoint: str, data: dict[str, str], step
 def command(entry: str, config: Path, work: Path) -> list[str]:
     trainer = [sys.executable, "-m", "kubetune_trainer"]
     return {"validate": [*trainer, "validate", "--config", str(config)],
+            "validate-cold": [*trainer, "validate", "--config", str(config)],
             "launch": [*trainer, "launch", "--num_machines", "1", "--num_processes", "1", "--cpu",
                        "-m", "kubetune_trainer", "train", "--config", str(config)],
             "train": [*trainer, "train", "--config", str(config)],
@@ -160,7 +163,7 @@ def main() -> None:
             for entry in args.entries:
                 for src in sources:
                     n += 1
-                    config = config_file(work, f"job-{n}", s3.endpoint, data, args.steps)
+                    config = config_file(work, f"job-{n}", s3.endpoint, data, args.steps, cold=entry == "validate-cold")
                     m = measure(command(entry, config, work), {**env, "PYTHONPATH": pythonpath(src)})
                     rows.append({"entry": entry, "src": str(src), "repeat": r, **m})
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
