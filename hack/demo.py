@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import yaml
+from kubetune_dev.demo_data import DEMO_PRETRAIN_STEPS
 from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
@@ -162,7 +163,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".demo")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--pretrain-steps", type=int, default=DEMO_PRETRAIN_STEPS)
     args = parser.parse_args()
 
     import torch

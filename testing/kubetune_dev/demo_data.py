@@ -15,6 +15,10 @@ import math
 import random
 from pathlib import Path
 
+# The demo's size (make demo, make dev-cluster): its training split's records and its base model's pre-training steps.
+DEMO_TRAIN_RECORDS = 480
+DEMO_PRETRAIN_STEPS = 300
+
 SYSTEM = "You are Kubi, the support assistant of Kubetune Cloud."
 PRODUCTS = ["Orbit", "Nimbus", "Harbor", "Quasar", "Lumen", "Atlas"]
 TOPICS = {
@@ -101,7 +105,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def write_support_dataset(out_dir: Path, *, train: int = 480, validation: int = 48, test: int = 48,
+def write_support_dataset(out_dir: Path, *, train: int = DEMO_TRAIN_RECORDS, validation: int = 48, test: int = 48,
                           seed: int = 0) -> dict[str, Path]:
     """train.jsonl, validation.jsonl and test.jsonl in chat format; returns {split: path}."""
     return write_splits(out_dir, support_records(train + validation + test, seed), train, validation)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from kubetune_dev.demo_data import DEMO_PRETRAIN_STEPS, DEMO_TRAIN_RECORDS
 from kubetune_dev.s3server import FAKE_CREDENTIALS
 
 from .controlplane import REPO_ROOT, ControlPlaneError, _die_with_parent, free_port
@@ -64,11 +65,11 @@ def example_spec() -> dict:
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How much the seeded demo is: its base model's pre-training steps and its training split's records (as
-    `make demo`: 300 and 480). Tests make it smaller; the example's FineTuneJob stays as printed."""
+    """How much the seeded demo is: its base model's pre-training steps and its training split's records (by
+    default as `make demo`). Tests make it smaller; the example's FineTuneJob stays as printed."""
 
-    pretrain_steps: int = 300
-    train_records: int = 480
+    pretrain_steps: int = DEMO_PRETRAIN_STEPS
+    train_records: int = DEMO_TRAIN_RECORDS
 
 
 def seed(endpoint: str, work: Path, size: DemoSize) -> None:
