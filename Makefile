@@ -54,8 +54,9 @@ system-deps: ## Debian packages the tests need (prometheus, chromium, etcd fallb
 
 test: ## Everything: lint, unit, trainer, control-plane and end-to-end tests
 	@# On a fresh machine the Go builds keep both cores busy for about 9 minutes, while the venv, the Debian packages
-	@# and MLflow's venv mostly download: they run side by side (docs/testing.md, "A fresh machine").
-	$(MAKE) --no-print-directory -j3 test-setup
+	@# and MLflow's venv mostly download: they run side by side (docs/testing.md, "A fresh machine"). `make -jN test`
+	@# passes its own -j down instead.
+	$(MAKE) --no-print-directory $(if $(filter -j%,$(MAKEFLAGS)),,-j3) test-setup
 	$(VENV)/bin/ruff check .
 	$(PYTEST) $(PARALLEL) --durations=25
 
