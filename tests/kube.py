@@ -36,6 +36,16 @@ def get_json(cp, *args: str) -> dict:
     return got if got is not None else json.loads(kubectl(cp, "get", *args, "-o", "json").stdout)
 
 
+
+def drop_finalizers(cp, resource: str, *scope: str, check: bool = True) -> None:
+    """Take the finalizers off every `resource` object in `scope` (`-n NAMESPACE` or `-A`) that has any: those of a
+    controller no longer running, which would keep the object, and its namespace or CRD, from going."""
+    for obj in get_json(cp, resource, *scope)["items"]:
+        meta = obj["metadata"]
+        if meta.get("finalizers"):
+            kubectl(cp, "patch", resource, meta["name"], *(["-n", meta["namespace"]] if meta.get("namespace") else []),
+                    "--type=merge", "-p", '{"metadata": {"finalizers": null}}', check=check)
+
 class Reader:
     """GETs against the API server a kubeconfig names (its current context, kubernetes' client), resolving resource
     names as kubectl does: plural, singular or short name, the core group first, then the groups in the server's

@@ -10,7 +10,7 @@ import pytest
 from kubetune_dev.cluster.kueue import Kueue
 from kubetune_operator.kueue import GROUP
 
-from tests.kube import get_json, kubectl, wait_for
+from tests.kube import drop_finalizers, get_json, kubectl, wait_for
 from tests.operator_tests import test_e2e as e2e
 from tests.operator_tests.test_e2e import credentials, submit, wait_phase
 from tests.operator_tests.test_kueue import GPU, fake_job
@@ -36,12 +36,7 @@ def without_kueue(control_plane):
     first: a CRD is deleted only once its objects are."""
     names = [c["metadata"]["name"] for c in get_json(control_plane, "crd")["items"] if c["spec"]["group"] == GROUP]
     for resource in names:
-        for obj in get_json(control_plane, resource, "-A")["items"]:
-            meta = obj["metadata"]
-            if meta.get("finalizers"):
-                kubectl(control_plane, "patch", resource, meta["name"],
-                        *(["-n", meta["namespace"]] if meta.get("namespace") else []),
-                        "--type=merge", "-p", '{"metadata": {"finalizers": null}}')
+        drop_finalizers(control_plane, resource, "-A")
     if names:
         kubectl(control_plane, "delete", "crd", *names, "--wait=true", "--timeout=120s")
 

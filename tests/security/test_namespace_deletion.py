@@ -29,7 +29,7 @@ import pytest
 import yaml
 
 from tests.chart.conftest import CHART, tool
-from tests.kube import get_json, kubectl, wait_for
+from tests.kube import drop_finalizers, get_json, kubectl, wait_for
 from tests.operator_tests import test_e2e as e2e
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
@@ -89,9 +89,7 @@ def tenant(request, control_plane, crd, s3_inputs, tmp_path):
         # A namespace the test left stuck: release it by hand (as the admin), then delete what the chart made.
         if kubectl(cp, "get", "namespace", tenant_ns, check=False).returncode == 0:
             for kind in ("ftj", "job"):
-                for obj in get_json(cp, kind, "-n", tenant_ns)["items"]:
-                    kubectl(cp, "patch", kind, obj["metadata"]["name"], "-n", tenant_ns, "--type=merge",
-                            "-p", '{"metadata":{"finalizers":null}}', check=False)
+                drop_finalizers(cp, kind, "-n", tenant_ns, check=False)
         kubectl(cp, "delete", "namespace", operator_ns, tenant_ns, "--wait=false", "--ignore-not-found", check=False)
         for o in objects:
             if o["kind"] in ("ClusterRole", "ClusterRoleBinding"):
